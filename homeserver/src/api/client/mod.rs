@@ -1,0 +1,20 @@
+//! The client-server API, one file per spec area.
+
+mod account;
+mod device;
+mod discovery;
+mod register;
+mod session;
+
+use crate::ruma_wrapper::Router;
+
+/// Every client-server endpoint Hearth serves.
+pub fn router() -> Router {
+    let mut router = Router::default();
+    discovery::routes(&mut router);
+    session::routes(&mut router);
+    register::routes(&mut router);
+    account::routes(&mut router);
+    device::routes(&mut router);
+    router
+}

@@ -1,0 +1,224 @@
+//! Registration: `register` (behind User-Interactive Auth), `register/available`, and the
+//! registration-token validity check.
+
+use actix_web::{http::StatusCode, web};
+use ruma::{
+    OwnedUserId, UserId,
+    api::client::account::{
+        check_registration_token_validity, get_username_availability,
+        register::{self, RegistrationKind},
+    },
+};
+
+use super::session::complete_login;
+use crate::{
+    auth::{
+        self, password,
+        ratelimit::Action,
+        tokens,
+        uia::{self, Stage, UiaRequest},
+    },
+    config::RegistrationMode,
+    error::{Error, ErrorKind, Result},
+    ruma_wrapper::{Router, Ruma},
+    state::AppState,
+    storage::now_ms,
+};
+
+/// Longest password accepted, in bytes: argon2 hashes anything, but nobody needs more and an
+/// unbounded input is an easy way to burn CPU.
+pub(super) const MAX_PASSWORD_BYTES: usize = 512;
+
+pub(super) fn routes(router: &mut Router) {
+    router
+        .add(register)
+        .add(get_username_availability)
+        .add(check_registration_token_validity);
+}
+
+fn invalid_username(message: impl Into<String>) -> Error {
+    Error::new(StatusCode::BAD_REQUEST, ErrorKind::InvalidUsername, message)
+}
+
+/// Applies the spec's user-id grammar to a requested username (a localpart or a full id here).
+fn parse_username(state: &AppState, username: &str) -> Result<OwnedUserId> {
+    let user_id = if username.starts_with('@') {
+        UserId::parse(username).map_err(|e| invalid_username(format!("invalid user id: {e}")))?
+    } else {
+        if username.is_empty() {
+            return Err(invalid_username("username must not be empty"));
+        }
+        UserId::parse_with_server_name(username, &state.server_name)
+            .map_err(|e| invalid_username(format!("invalid username: {e}")))?
+    };
+    if user_id.server_name() != state.server_name {
+        return Err(invalid_username(format!(
+            "user ids here end in :{}",
+            state.server_name
+        )));
+    }
+    user_id.validate_strict().map_err(|_| {
+        invalid_username("usernames may contain only lower-case letters a-z, digits 0-9 and . _ = - / +")
+    })?;
+    Ok(user_id)
+}
+
+fn user_in_use() -> Error {
+    Error::new(
+        StatusCode::BAD_REQUEST,
+        ErrorKind::UserInUse,
+        "that user id is already taken",
+    )
+}
+
+/// Checks a new password against the configured policy.
+pub(super) fn check_new_password(state: &AppState, password: &str) -> Result<()> {
+    let min = usize::try_from(state.config.registration.min_password_length).unwrap_or(usize::MAX);
+    if password.chars().count() < min {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::WeakPassword,
+            format!("password must be at least {min} characters"),
+        ));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(Error::invalid_param(format!(
+            "password longer than {MAX_PASSWORD_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// A random localpart for registrations that name none.
+fn generated_localpart() -> String {
+    tokens::random_token(9)
+        .to_ascii_lowercase()
+        .replace(['_', '-'], "x")
+}
+
+/// The UIA flows registration offers under the configured policy.
+fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
+    match state.config.registration.mode {
+        RegistrationMode::Open => Ok(vec![vec![Stage::Dummy]]),
+        RegistrationMode::Token => Ok(vec![vec![Stage::RegistrationToken]]),
+        RegistrationMode::Closed => Err(Error::forbidden("registration is closed on this server")),
+    }
+}
+
+/// POST /_matrix/client/v3/register
+async fn register(
+    state: web::Data<AppState>,
+    request: Ruma<register::v3::Request>,
+) -> Result<register::v3::Response> {
+    state.limiter.check(Action::Register, request.client_ip)?;
+    let body = request.body;
+    if body.kind == RegistrationKind::Guest {
+        return Err(Error::new(
+            StatusCode::FORBIDDEN,
+            ErrorKind::GuestAccessForbidden,
+            "guest access is disabled",
+        ));
+    }
+    let flows = registration_flows(&state)?;
+    // Check what can be checked before the client goes through UIA.
+    let requested = body
+        .username
+        .as_deref()
+        .map(|u| parse_username(&state, u))
+        .transpose()?;
+    if let Some(user_id) = &requested
+        && state.store.get_user(user_id).await?.is_some()
+    {
+        return Err(user_in_use());
+    }
+    if let Some(password) = &body.password {
+        check_new_password(&state, password)?;
+    }
+    if let Some(name) = &body.initial_device_display_name
+        && name.chars().count() > super::device::MAX_DISPLAY_NAME
+    {
+        return Err(Error::invalid_param("initial_device_display_name is too long"));
+    }
+
+    uia::authenticate(
+        &state,
+        body.auth.as_ref(),
+        UiaRequest {
+            operation: "register",
+            user: None,
+            flows,
+        },
+    )
+    .await?;
+
+    let password = body
+        .password
+        .as_deref()
+        .ok_or_else(|| Error::missing_param("password is required"))?;
+    let hash = password::hash(password).await?;
+    let user_id = match requested {
+        Some(user_id) => {
+            if !state.store.create_user(&user_id, Some(&hash), false).await? {
+                return Err(user_in_use());
+            }
+            user_id
+        }
+        None => loop {
+            let user_id = UserId::parse_with_server_name(generated_localpart(), &state.server_name)
+                .map_err(Error::internal)?;
+            if state.store.create_user(&user_id, Some(&hash), false).await? {
+                break user_id;
+            }
+        },
+    };
+    tracing::info!(user_id = %user_id, "registered");
+
+    let mut response = register::v3::Response::new(user_id.clone());
+    if !body.inhibit_login {
+        let device_id = complete_login(
+            &state,
+            &user_id,
+            body.device_id,
+            body.initial_device_display_name,
+            request.client_ip,
+        )
+        .await?;
+        let tokens = auth::open_session(&state, &user_id, &device_id, body.refresh_token).await?;
+        response.device_id = Some(device_id);
+        response.access_token = Some(tokens.access_token);
+        response.refresh_token = tokens.refresh_token;
+        response.expires_in = tokens.expires_in;
+    }
+    Ok(response)
+}
+
+/// GET /_matrix/client/v3/register/available
+async fn get_username_availability(
+    state: web::Data<AppState>,
+    request: Ruma<get_username_availability::v3::Request>,
+) -> Result<get_username_availability::v3::Response> {
+    state.limiter.check(Action::Register, request.client_ip)?;
+    let user_id = parse_username(&state, &request.body.username)?;
+    if state.store.get_user(&user_id).await?.is_some() {
+        return Err(user_in_use());
+    }
+    Ok(get_username_availability::v3::Response::new(true))
+}
+
+/// GET /_matrix/client/v1/register/m.login.registration_token/validity
+async fn check_registration_token_validity(
+    state: web::Data<AppState>,
+    request: Ruma<check_registration_token_validity::v1::Request>,
+) -> Result<check_registration_token_validity::v1::Response> {
+    state.limiter.check(Action::Register, request.client_ip)?;
+    if state.config.registration.mode != RegistrationMode::Token {
+        return Err(Error::forbidden(
+            "registration tokens are not in use on this server",
+        ));
+    }
+    let valid = state
+        .store
+        .registration_token_valid(&tokens::sha256_hex(&request.body.token), now_ms())
+        .await?;
+    Ok(check_registration_token_validity::v1::Response::new(valid))
+}

@@ -1,0 +1,3 @@
+//! HTTP APIs. `client` is the client-server API; federation comes with its own module.
+
+pub mod client;

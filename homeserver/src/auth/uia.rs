@@ -1,0 +1,242 @@
+//! User-Interactive Authentication (spec: client-server API, "User-interactive authentication API").
+//!
+//! An endpoint that needs UIA names the operation, the user it acts for (if any) and the flows
+//! it accepts, and calls [`authenticate`]. The first call (or one without `auth`) starts a
+//! session and answers 401 with `flows`, `params` and `session`; each call with `auth` runs one
+//! stage. When the completed stages cover a whole flow, the session is consumed and the endpoint
+//! proceeds. Sessions live in the database, so a client may continue on any worker.
+//!
+//! Stages are plain functions of [`Stage`]; the email and SMS stages of the one-time-code issue
+//! slot in here beside the others.
+
+use std::collections::BTreeMap;
+
+use actix_web::http::StatusCode;
+use ruma::{
+    UserId,
+    api::{
+        client::uiaa::{AuthData, AuthFlow, AuthType, UiaaInfo, UserIdentifier},
+        error::StandardErrorBody,
+    },
+};
+use serde_json::value::to_raw_value;
+
+use super::{password, tokens};
+use crate::{
+    error::{Error, ErrorKind, Result},
+    state::AppState,
+    storage::{UiaSessionRecord, now_ms},
+};
+
+/// A stage Hearth can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Dummy,
+    Password,
+    RegistrationToken,
+}
+
+impl Stage {
+    fn auth_type(self) -> AuthType {
+        match self {
+            Stage::Dummy => AuthType::Dummy,
+            Stage::Password => AuthType::Password,
+            Stage::RegistrationToken => AuthType::RegistrationToken,
+        }
+    }
+
+    fn name(self) -> String {
+        self.auth_type().as_str().to_owned()
+    }
+}
+
+/// What an endpoint asks of UIA.
+#[derive(Debug)]
+pub struct UiaRequest<'a> {
+    /// Names the operation; a session started for one cannot complete another.
+    pub operation: &'a str,
+    /// The account acting; `None` for registration.
+    pub user: Option<&'a UserId>,
+    /// Accepted flows, each a list of stages.
+    pub flows: Vec<Vec<Stage>>,
+}
+
+/// Runs one step of UIA. `Ok(())` means a flow is complete and the operation may proceed.
+pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: UiaRequest<'_>) -> Result<()> {
+    let lifetime_ms =
+        i64::try_from(state.config.auth.uia_session_lifetime_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    // Housekeeping that needs no timer: old sessions go when new ones are asked for.
+    state
+        .store
+        .delete_uia_sessions_before(now_ms().saturating_sub(lifetime_ms))
+        .await?;
+
+    let mut session = match auth.and_then(AuthData::session) {
+        Some(id) => {
+            let session = state
+                .store
+                .get_uia_session(id)
+                .await?
+                .filter(|s| s.created_ts > now_ms().saturating_sub(lifetime_ms))
+                .ok_or_else(|| {
+                    Error::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorKind::Unknown,
+                        "unknown or expired UIA session",
+                    )
+                })?;
+            if session.operation != request.operation || session.user_id.as_deref() != request.user {
+                return Err(Error::forbidden(
+                    "this UIA session was started for a different request",
+                ));
+            }
+            session
+        }
+        None => {
+            let session = UiaSessionRecord {
+                session_id: tokens::random_token(18),
+                operation: request.operation.to_owned(),
+                user_id: request.user.map(ToOwned::to_owned),
+                completed: Vec::new(),
+                created_ts: now_ms(),
+            };
+            state.store.create_uia_session(&session).await?;
+            session
+        }
+    };
+
+    let Some(auth) = auth else {
+        return Err(challenge(&request, &session, None));
+    };
+    if let Err(error) = run_stage(state, auth, &request).await {
+        return Err(challenge(&request, &session, Some(error)));
+    }
+    if let Some(stage) = stage_of(auth) {
+        let name = stage.name();
+        if !session.completed.contains(&name) {
+            session.completed.push(name);
+        }
+    }
+    let done = request
+        .flows
+        .iter()
+        .any(|flow| flow.iter().all(|s| session.completed.contains(&s.name())));
+    if done {
+        state.store.delete_uia_session(&session.session_id).await?;
+        Ok(())
+    } else {
+        state
+            .store
+            .set_uia_completed(&session.session_id, &session.completed)
+            .await?;
+        Err(challenge(&request, &session, None))
+    }
+}
+
+fn stage_of(auth: &AuthData) -> Option<Stage> {
+    match auth {
+        AuthData::Dummy(_) => Some(Stage::Dummy),
+        AuthData::Password(_) => Some(Stage::Password),
+        AuthData::RegistrationToken(_) => Some(Stage::RegistrationToken),
+        _ => None,
+    }
+}
+
+/// Checks the data of one stage. The error becomes the `errcode`/`error` of the 401 body.
+async fn run_stage(
+    state: &AppState,
+    auth: &AuthData,
+    request: &UiaRequest<'_>,
+) -> Result<(), StandardErrorBody> {
+    let stage = stage_of(auth).ok_or_else(|| {
+        let kind = auth.auth_type().map(|t| t.to_string()).unwrap_or_default();
+        StandardErrorBody::new(
+            ErrorKind::Unrecognized,
+            format!("authentication type `{kind}` is not supported"),
+        )
+    })?;
+    if !request.flows.iter().flatten().any(|s| *s == stage) {
+        return Err(StandardErrorBody::new(
+            ErrorKind::Forbidden,
+            format!(
+                "authentication type `{}` is not offered for this request",
+                stage.name()
+            ),
+        ));
+    }
+    let internal = |e: Error| {
+        tracing::error!(error = %e, "UIA stage failed internally");
+        StandardErrorBody::new(ErrorKind::Unknown, "internal error".to_owned())
+    };
+    match auth {
+        AuthData::Dummy(_) => Ok(()),
+        AuthData::Password(data) => {
+            let user = request.user.ok_or_else(|| {
+                StandardErrorBody::new(
+                    ErrorKind::Forbidden,
+                    "no account to check a password for".to_owned(),
+                )
+            })?;
+            let names_user = match &data.identifier {
+                UserIdentifier::Matrix(id) => id.user == user.as_str() || id.user == user.localpart(),
+                _ => false,
+            };
+            let record = state.store.get_user(user).await.map_err(|e| internal(e.into()))?;
+            let hash = record.and_then(|r| r.password_hash);
+            let ok = password::verify(&data.password, hash.as_deref())
+                .await
+                .map_err(internal)?;
+            if names_user && ok {
+                Ok(())
+            } else {
+                Err(StandardErrorBody::new(
+                    ErrorKind::Forbidden,
+                    "invalid password".to_owned(),
+                ))
+            }
+        }
+        AuthData::RegistrationToken(data) => {
+            // A use of the token is taken when this stage completes.
+            let hash = tokens::sha256_hex(&data.token);
+            if state
+                .store
+                .use_registration_token(&hash, now_ms())
+                .await
+                .map_err(|e| internal(e.into()))?
+            {
+                Ok(())
+            } else {
+                Err(StandardErrorBody::new(
+                    ErrorKind::Forbidden,
+                    "invalid registration token".to_owned(),
+                ))
+            }
+        }
+        _ => Err(StandardErrorBody::new(
+            ErrorKind::Unrecognized,
+            "unsupported stage".to_owned(),
+        )),
+    }
+}
+
+fn challenge(
+    request: &UiaRequest<'_>,
+    session: &UiaSessionRecord,
+    error: Option<StandardErrorBody>,
+) -> Error {
+    let flows = request
+        .flows
+        .iter()
+        .map(|flow| AuthFlow::new(flow.iter().map(|s| s.auth_type()).collect()))
+        .collect();
+    let mut info = UiaaInfo::new(flows);
+    info.session = Some(session.session_id.clone());
+    info.completed = session
+        .completed
+        .iter()
+        .map(|s| AuthType::from(s.as_str()))
+        .collect();
+    info.params = to_raw_value(&BTreeMap::<String, serde_json::Value>::new()).ok();
+    info.auth_error = error.map(Box::new);
+    Error::Uia(Box::new(info))
+}

@@ -1,0 +1,566 @@
+//! Hearth's configuration: a typed struct read from TOML, with `HEARTH_` environment overrides.
+//!
+//! Every setting has a default, so `hearth serve` with no file is a local development server. An
+//! environment variable `HEARTH_<KEY>` overrides a top-level key and `HEARTH_<SECTION>__<KEY>` a key
+//! in a section (`HEARTH_LISTEN__CLIENT=0.0.0.0:8008`). The value is read as the type the key has,
+//! so an override can never change a string into a number by accident. Unknown keys, in the file
+//! or the environment, are refused by name: a typo must not silently fall back to a default.
+//!
+//! `config/hearth.example.toml` documents every key; a test keeps it and this struct in step.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ruma::ServerName;
+use serde::{Deserialize, Serialize};
+
+/// The commented example configuration shipped in `config/`, printed by `hearth generate-config`.
+pub const EXAMPLE: &str = include_str!("../../config/hearth.example.toml");
+
+/// Environment variables with the `HEARTH_` prefix that are not configuration keys.
+const RESERVED_ENV: &[&str] = &["HEARTH_CONFIG", "HEARTH_LOG"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The domain in every user id (`@alice:<server_name>`). Cannot change once users exist.
+    pub server_name: String,
+    /// Where the embedded database, keys and other local state live.
+    pub data_dir: PathBuf,
+    /// The URL clients reach this server at, announced in `/.well-known/matrix/client`.
+    /// Empty: derived from the client listener.
+    pub public_baseurl: String,
+    pub listen: ListenConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub registration: RegistrationConfig,
+    pub auth: AuthConfig,
+    pub rate_limits: RateLimitConfig,
+    pub limits: LimitsConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Address of the client-server API listener.
+    pub client: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://path` or `postgres://user@host/db`. Empty: SQLite at `<data_dir>/hearth.db`.
+    pub url: String,
+    /// Upper bound of the connection pool.
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`. Empty: the embedded queue in the database.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistrationMode {
+    /// Anyone may register (`m.login.dummy`).
+    Open,
+    /// Registration needs a registration token (`m.login.registration_token`).
+    Token,
+    /// Only `hearth create-user` and the admin API create accounts.
+    Closed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    pub mode: RegistrationMode,
+    /// Minimum password length for new passwords.
+    pub min_password_length: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Secret that signs access tokens (HS256). Every worker of one deployment needs the same.
+    /// Empty: generated on first start and kept in `<data_dir>/token.key`.
+    pub token_secret: String,
+    /// Lifetime of access tokens issued with a refresh token, in seconds.
+    pub access_token_lifetime_secs: u64,
+    /// How long a User-Interactive Auth session stays usable, in seconds.
+    pub uia_session_lifetime_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Master switch for every limit below.
+    pub enabled: bool,
+    /// Login attempts per second and client IP, sustained.
+    pub login_per_second: f64,
+    /// Login attempts a client IP may make in a burst.
+    pub login_burst: u32,
+    /// Registration requests per second and client IP, sustained.
+    pub register_per_second: f64,
+    /// Registration requests a client IP may make in a burst.
+    pub register_burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body the client API accepts, in bytes.
+    pub max_request_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `pretty` for people, `json` for log collectors.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `homeserver=debug,info`). `HEARTH_LOG` takes precedence.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".to_owned(),
+            data_dir: PathBuf::from("./hearth-data"),
+            public_baseurl: String::new(),
+            listen: ListenConfig::default(),
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            registration: RegistrationConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limits: RateLimitConfig::default(),
+            limits: LimitsConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            client: "127.0.0.1:8008".to_owned(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            max_connections: 16,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: String::new() }
+    }
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            mode: RegistrationMode::Open,
+            min_password_length: 8,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            token_secret: String::new(),
+            access_token_lifetime_secs: 300,
+            uia_session_lifetime_secs: 900,
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            login_per_second: 0.5,
+            login_burst: 10,
+            register_per_second: 0.2,
+            register_burst: 5,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key at fault and what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Toml { path: PathBuf, source: toml::de::Error },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Where the database lives, once the configuration has been resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseKind {
+    Sqlite,
+    Postgres,
+}
+
+impl Config {
+    /// Reads the file (if any), applies the process environment and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests use this).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>().map_err(|source| ConfigError::Toml {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        Self::from_table(table)
+    }
+
+    /// Deserialises and validates a TOML table.
+    pub fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().to_string();
+            invalid(&key, message.trim_end_matches('\n'))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        ServerName::parse(&self.server_name).map_err(|e| {
+            invalid(
+                "server_name",
+                format!("{e}; allowed: a host name or IP, optionally with :port"),
+            )
+        })?;
+        self.client_listen_addr()?;
+        self.database_kind()?;
+        if !(self.redis.url.is_empty()
+            || self.redis.url.starts_with("redis://")
+            || self.redis.url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "redis.url",
+                "must be empty (embedded queue) or start with redis:// or rediss://",
+            ));
+        }
+        if !self.public_baseurl.is_empty()
+            && !(self.public_baseurl.starts_with("http://") || self.public_baseurl.starts_with("https://"))
+        {
+            return Err(invalid(
+                "public_baseurl",
+                "must be empty or an http:// or https:// URL",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if self.auth.access_token_lifetime_secs < 10 {
+            return Err(invalid("auth.access_token_lifetime_secs", "must be at least 10"));
+        }
+        if !self.auth.token_secret.is_empty() && self.auth.token_secret.len() < 32 {
+            return Err(invalid(
+                "auth.token_secret",
+                "must be empty (generated) or at least 32 characters",
+            ));
+        }
+        if self.rate_limits.login_per_second <= 0.0 || self.rate_limits.register_per_second <= 0.0 {
+            return Err(invalid(
+                "rate_limits",
+                "rates must be greater than 0 (use enabled = false to turn limits off)",
+            ));
+        }
+        if self.rate_limits.login_burst == 0 || self.rate_limits.register_burst == 0 {
+            return Err(invalid("rate_limits", "bursts must be at least 1"));
+        }
+        if self.limits.max_request_bytes < 1024 {
+            return Err(invalid("limits.max_request_bytes", "must be at least 1024"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.logging.level)
+            .map_err(|e| invalid("logging.level", format!("not a tracing filter: {e}")))?;
+        Ok(())
+    }
+
+    pub fn client_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.client.parse().map_err(|_| {
+            invalid(
+                "listen.client",
+                format!("`{}` is not an IP:port address", self.listen.client),
+            )
+        })
+    }
+
+    pub fn database_kind(&self) -> Result<DatabaseKind, ConfigError> {
+        let url = &self.database.url;
+        if url.is_empty() || url.starts_with("sqlite:") {
+            Ok(DatabaseKind::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseKind::Postgres)
+        } else {
+            Err(invalid(
+                "database.url",
+                "must be empty (SQLite in data_dir), sqlite://… or postgres://…",
+            ))
+        }
+    }
+
+    /// The database URL with the embedded default filled in.
+    pub fn database_url(&self) -> String {
+        if self.database.url.is_empty() {
+            format!("sqlite://{}?mode=rwc", self.data_dir.join("hearth.db").display())
+        } else {
+            self.database.url.clone()
+        }
+    }
+
+    /// Whether this is the zero-setup development shape (embedded database and queue).
+    pub fn is_embedded(&self) -> bool {
+        self.database.url.is_empty() && self.redis.url.is_empty()
+    }
+
+    /// The base URL clients are told to use.
+    pub fn base_url(&self) -> String {
+        if self.public_baseurl.is_empty() {
+            format!("http://{}", self.listen.client)
+        } else {
+            self.public_baseurl.trim_end_matches('/').to_owned()
+        }
+    }
+}
+
+/// Applies `HEARTH_*` variables to the TOML table, typed by the key's default value.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).map_err(|e| invalid("", e.to_string()))?;
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("HEARTH_") && !RESERVED_ENV.contains(&k.as_str()))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var["HEARTH_".len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let env_err = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let (last, sections) = path.split_last().ok_or_else(|| env_err("empty key".to_owned()))?;
+        let mut default_table = &defaults;
+        let mut target = &mut *table;
+        for section in sections {
+            default_table = default_table
+                .get(section)
+                .and_then(toml::Value::as_table)
+                .ok_or_else(|| env_err(format!("there is no config section `{section}`")))?;
+            target = target
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| env_err(format!("`{section}` is not a section")))?;
+        }
+        let default = default_table
+            .get(last)
+            .ok_or_else(|| env_err(format!("there is no config key `{}`", path.join("."))))?;
+        let value = typed_value(default, &raw).map_err(env_err)?;
+        target.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+fn typed_value(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    Ok(match default {
+        toml::Value::String(_) => toml::Value::String(raw.to_owned()),
+        toml::Value::Boolean(_) => toml::Value::Boolean(match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => return Err(format!("`{raw}` is not a boolean (true/false)")),
+        }),
+        toml::Value::Integer(_) => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("`{raw}` is not an integer"))?,
+        ),
+        toml::Value::Float(_) => toml::Value::Float(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("`{raw}` is not a number"))?,
+        ),
+        toml::Value::Table(_) => return Err("names a section, not a key".to_owned()),
+        other => {
+            let wrapped = format!("v = {raw}");
+            let mut parsed: toml::Table = wrapped
+                .parse()
+                .map_err(|e| format!("not a valid TOML {}: {e}", other.type_str()))?;
+            parsed.remove("v").ok_or("missing value")?
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_the_development_server() {
+        let config = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(config.server_name, "localhost");
+        assert_eq!(config.listen.client, "127.0.0.1:8008");
+        assert_eq!(config.database_kind().unwrap(), DatabaseKind::Sqlite);
+        assert!(config.database_url().contains("hearth-data"));
+        assert!(config.is_embedded());
+        assert_eq!(config.registration.mode, RegistrationMode::Open);
+    }
+
+    #[test]
+    fn env_overrides_are_typed() {
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("HEARTH_SERVER_NAME", "example.org"),
+                ("HEARTH_LISTEN__CLIENT", "127.0.0.1:9000"),
+                ("HEARTH_RATE_LIMITS__ENABLED", "false"),
+                ("HEARTH_DATABASE__URL", "postgres://u@127.0.0.1/db"),
+                ("HEARTH_REDIS__URL", "redis://127.0.0.1:6379"),
+                ("HEARTH_DATABASE__MAX_CONNECTIONS", "4"),
+                ("HEARTH_DATA_DIR", "/tmp/x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server_name, "example.org");
+        assert_eq!(config.client_listen_addr().unwrap().port(), 9000);
+        assert!(!config.rate_limits.enabled);
+        assert_eq!(config.database_kind().unwrap(), DatabaseKind::Postgres);
+        assert_eq!(config.database.max_connections, 4);
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert!(!config.is_embedded());
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::load_with_env(None, env(&[("HEARTH_RATE_LIMITS__ENABLED", "maybe")])).unwrap_err();
+        assert!(err.to_string().contains("HEARTH_RATE_LIMITS__ENABLED"), "{err}");
+        let err = Config::load_with_env(None, env(&[("HEARTH_NO_SUCH_KEY", "1")])).unwrap_err();
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+        let err =
+            Config::load_with_env(None, env(&[("HEARTH_REGISTRATION__MODE", "sometimes")])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("registration.mode") && text.contains("open"),
+            "{text}"
+        );
+        let err = Config::load_with_env(None, env(&[("HEARTH_DATABASE__URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("database.url"), "{err}");
+        let err = Config::load_with_env(None, env(&[("HEARTH_SERVER_NAME", "bad name!")])).unwrap_err();
+        assert!(err.to_string().contains("server_name"), "{err}");
+        let err = Config::load_with_env(None, env(&[("HEARTH_LISTEN__CLIENT", "nowhere")])).unwrap_err();
+        assert!(err.to_string().contains("listen.client"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let table: toml::Table = "[listen]\nclinet = \"127.0.0.1:1\"\n".parse().unwrap();
+        let err = Config::from_table(table).unwrap_err().to_string();
+        assert!(err.contains("clinet") && err.contains("listen"), "{err}");
+    }
+
+    /// The example documents every key the struct has, with valid values, and nothing else.
+    #[test]
+    fn example_matches_the_struct() {
+        let example: toml::Table = EXAMPLE.parse().unwrap();
+        Config::from_table(example.clone()).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        fn keys(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in table {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(t) => keys(&name, t, out),
+                    _ => out.push(name),
+                }
+            }
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        keys("", &example, &mut a);
+        keys("", &defaults, &mut b);
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "config/hearth.example.toml and Config have different keys");
+    }
+}

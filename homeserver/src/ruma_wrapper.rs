@@ -1,0 +1,320 @@
+//! The bridge between actix-web and ruma's endpoint types.
+//!
+//! - [`Router`] registers a handler for a ruma request type under every path in the type's
+//!   metadata, so no path is typed by hand; a known path with the wrong method answers 405
+//!   `M_UNRECOGNIZED`.
+//! - [`Ruma<T>`] is the extractor: it bounds and reads the body, tells malformed JSON
+//!   (`M_NOT_JSON`) from JSON of the wrong shape (`M_BAD_JSON`, `M_MISSING_PARAM`), authenticates
+//!   as the endpoint's ruma auth scheme demands and parses the request. For endpoints that need an
+//!   access token, `sender` *is* the user: no handler ever unwraps an optional user.
+//! - [`RumaResponse<T>`] serialises a ruma response.
+
+use std::{collections::BTreeMap, future::Future, net::IpAddr, pin::Pin};
+
+use actix_web::{
+    FromRequest, HttpRequest, HttpResponse, Responder, body::BoxBody, dev::Payload, http::StatusCode, web,
+};
+use ruma::api::{
+    IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
+    auth_scheme::{
+        AccessToken, AccessTokenOptional, AppserviceTokenOptional, NoAccessToken, NoAuthentication,
+    },
+    error::{DeserializationError, FromHttpRequestError},
+    path_builder::PathBuilder,
+};
+
+use crate::{
+    auth::{AuthedUser, authenticate_token},
+    error::{Error, Result},
+    state::AppState,
+};
+
+type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Maps a ruma authentication scheme to what the handler receives as `sender`.
+pub trait ServerAuth {
+    type Sender: 'static;
+    fn authenticate<'a>(
+        state: &'a AppState,
+        token: Option<String>,
+        ip: IpAddr,
+    ) -> LocalFuture<'a, Result<Self::Sender>>;
+}
+
+impl ServerAuth for AccessToken {
+    type Sender = AuthedUser;
+    fn authenticate<'a>(
+        state: &'a AppState,
+        token: Option<String>,
+        ip: IpAddr,
+    ) -> LocalFuture<'a, Result<AuthedUser>> {
+        Box::pin(async move {
+            let token = token.ok_or_else(Error::missing_token)?;
+            let user = authenticate_token(state, &token).await?;
+            if state.last_seen_due(&user.user_id, &user.device_id) {
+                state
+                    .store
+                    .touch_device(&user.user_id, &user.device_id, &ip.to_string())
+                    .await?;
+            }
+            Ok(user)
+        })
+    }
+}
+
+impl ServerAuth for AccessTokenOptional {
+    type Sender = Option<AuthedUser>;
+    fn authenticate<'a>(
+        state: &'a AppState,
+        token: Option<String>,
+        _ip: IpAddr,
+    ) -> LocalFuture<'a, Result<Self::Sender>> {
+        Box::pin(async move {
+            match token {
+                Some(token) => authenticate_token(state, &token).await.map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+}
+
+macro_rules! unauthenticated {
+    ($($scheme:ty),*) => {$(
+        impl ServerAuth for $scheme {
+            type Sender = ();
+            fn authenticate<'a>(_: &'a AppState, _: Option<String>, _: IpAddr) -> LocalFuture<'a, Result<()>> {
+                Box::pin(async { Ok(()) })
+            }
+        }
+    )*};
+}
+// Application services are not supported yet: their optional token on `register` and `login` is
+// ignored, and those endpoints behave as for any client.
+unauthenticated!(NoAuthentication, NoAccessToken, AppserviceTokenOptional);
+
+/// A parsed, authenticated request.
+pub struct Ruma<T: IncomingRequest>
+where
+    T::Authentication: ServerAuth,
+{
+    pub body: T,
+    pub sender: <T::Authentication as ServerAuth>::Sender,
+    pub client_ip: IpAddr,
+}
+
+/// The path template a resource was registered under, so the extractor can find path arguments.
+#[derive(Debug, Clone, Copy)]
+struct PathTemplate(&'static str);
+
+/// The access token from `Authorization: Bearer …` or the deprecated `access_token` query param.
+fn access_token(req: &HttpRequest) -> Result<Option<String>> {
+    if let Some(header) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
+        let value = header.to_str().unwrap_or_default();
+        return match value.strip_prefix("Bearer ") {
+            Some(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_owned())),
+            _ => Err(Error::new(
+                StatusCode::UNAUTHORIZED,
+                crate::error::ErrorKind::MissingToken,
+                "the Authorization header must be `Bearer <access token>`",
+            )),
+        };
+    }
+    Ok(
+        web::Query::<BTreeMap<String, String>>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.get("access_token").cloned()),
+    )
+}
+
+/// Path arguments in template order, percent-decoded from the raw path.
+fn path_args(req: &HttpRequest) -> Result<Vec<String>> {
+    let template = req
+        .app_data::<PathTemplate>()
+        .ok_or_else(|| Error::internal("route without template"))?;
+    let raw: Vec<&str> = req.uri().path().split('/').collect();
+    let mut args = Vec::new();
+    for (i, segment) in template.0.split('/').enumerate() {
+        if segment.starts_with('{') {
+            let raw = raw
+                .get(i)
+                .ok_or_else(|| Error::internal("path shorter than its template"))?;
+            let decoded = percent_encoding::percent_decode_str(raw)
+                .decode_utf8()
+                .map_err(|_| Error::invalid_param("path segment is not valid UTF-8"))?;
+            args.push(decoded.into_owned());
+        }
+    }
+    Ok(args)
+}
+
+/// Converts an actix (http 0.2) request into the http 1.x request ruma parses.
+fn to_http_request<'b>(req: &HttpRequest, body: &'b [u8]) -> Result<http::Request<&'b [u8]>> {
+    let mut builder = http::Request::builder()
+        .method(http::Method::from_bytes(req.method().as_str().as_bytes()).map_err(Error::internal)?)
+        .uri(req.uri().to_string());
+    for (name, value) in req.headers() {
+        builder = builder.header(name.as_str(), value.as_bytes());
+    }
+    builder
+        .body(body)
+        .map_err(|e| Error::bad_json(format!("malformed request: {e}")))
+}
+
+fn map_parse_error(error: FromHttpRequestError) -> Error {
+    match error {
+        FromHttpRequestError::Deserialization(DeserializationError::Json(e)) => {
+            let text = e.to_string();
+            if text.starts_with("missing field") {
+                Error::missing_param(text)
+            } else {
+                Error::bad_json(text)
+            }
+        }
+        FromHttpRequestError::Deserialization(DeserializationError::Query(e)) => {
+            let text = e.to_string();
+            if text.starts_with("missing field") {
+                Error::missing_param(format!("query: {text}"))
+            } else {
+                Error::invalid_param(format!("query: {text}"))
+            }
+        }
+        FromHttpRequestError::Deserialization(DeserializationError::Ident(e)) => {
+            Error::invalid_param(format!("invalid identifier: {e}"))
+        }
+        FromHttpRequestError::MethodMismatch { .. } => Error::unrecognized(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed for this endpoint",
+        ),
+        other => Error::bad_json(other.to_string()),
+    }
+}
+
+impl<T> FromRequest for Ruma<T>
+where
+    T: IncomingRequest + 'static,
+    T::Authentication: ServerAuth,
+{
+    type Error = Error;
+    type Future = LocalFuture<'static, Result<Self>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let payload = payload.take();
+        Box::pin(async move {
+            let state = req
+                .app_data::<web::Data<AppState>>()
+                .cloned()
+                .ok_or_else(|| Error::internal("no app state"))?;
+            let limit = state.config.limits.max_request_bytes;
+            let declared = req
+                .headers()
+                .get(actix_web::http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok());
+            if declared.is_some_and(|len| len > limit) {
+                return Err(Error::too_large(limit));
+            }
+            let body = actix_web::body::to_bytes_limited(actix_web::body::BodyStream::new(payload), limit)
+                .await
+                .map_err(|_| Error::too_large(limit))?
+                .map_err(|e| Error::bad_json(format!("could not read the request body: {e}")))?;
+            // Clients send JSON under any content type (or none), so the body itself decides.
+            if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                return Err(Error::not_json("request body is not valid JSON"));
+            }
+
+            let token = access_token(&req)?;
+            let client_ip = req.peer_addr().map_or(IpAddr::from([127, 0, 0, 1]), |a| a.ip());
+            let sender = <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip).await?;
+            let args = path_args(&req)?;
+            let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let http_request = to_http_request(&req, &body)?;
+            let parsed = T::try_from_http_request(http_request, &arg_refs).map_err(map_parse_error)?;
+            Ok(Ruma {
+                body: parsed,
+                sender,
+                client_ip,
+            })
+        })
+    }
+}
+
+/// A ruma response, serialised for actix.
+pub struct RumaResponse<T>(pub T);
+
+impl<T: OutgoingResponse> Responder for RumaResponse<T> {
+    type Body = BoxBody;
+
+    fn respond_to(self, _req: &HttpRequest) -> HttpResponse {
+        let response = match self.0.try_into_http_response::<Vec<u8>>() {
+            Ok(response) => response,
+            Err(e) => return actix_web::ResponseError::error_response(&Error::internal(e)),
+        };
+        let (parts, body) = response.into_parts();
+        let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut builder = HttpResponse::build(status);
+        for (name, value) in &parts.headers {
+            builder.append_header((name.as_str(), value.as_bytes()));
+        }
+        builder.body(body)
+    }
+}
+
+type RouteFactory = Box<dyn Fn() -> actix_web::Route>;
+
+/// Collects ruma endpoints and registers them as actix resources.
+#[derive(Default)]
+pub struct Router {
+    resources: BTreeMap<&'static str, Vec<RouteFactory>>,
+}
+
+impl Router {
+    /// Registers `handler` for every path of the ruma request type `T`.
+    pub fn add<T, F, Fut>(&mut self, handler: F) -> &mut Self
+    where
+        T: IncomingRequest + 'static,
+        T::Authentication: ServerAuth,
+        F: Fn(web::Data<AppState>, Ruma<T>) -> Fut + Clone + 'static,
+        Fut: Future<Output = Result<T::OutgoingResponse>> + 'static,
+    {
+        let method = actix_web::http::Method::from_bytes(T::METHOD.as_str().as_bytes())
+            .unwrap_or(actix_web::http::Method::GET);
+        for path in T::PATH_BUILDER.all_paths() {
+            let handler = handler.clone();
+            let method = method.clone();
+            self.resources.entry(path).or_default().push(Box::new(move || {
+                let handler = handler.clone();
+                web::method(method.clone()).to(move |state: web::Data<AppState>, request: Ruma<T>| {
+                    let handler = handler.clone();
+                    async move { handler(state, request).await.map(RumaResponse) }
+                })
+            }));
+        }
+        self
+    }
+
+    pub fn configure(self, config: &mut web::ServiceConfig) {
+        for (path, routes) in self.resources {
+            let mut resource = web::resource(path).app_data(PathTemplate(path));
+            for route in routes {
+                resource = resource.route(route());
+            }
+            config.service(resource.default_service(web::to(method_not_allowed)));
+        }
+    }
+}
+
+async fn method_not_allowed() -> HttpResponse {
+    actix_web::ResponseError::error_response(&Error::unrecognized(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed for this endpoint",
+    ))
+}
+
+/// The fallback for paths no endpoint serves.
+pub async fn unrecognized() -> HttpResponse {
+    actix_web::ResponseError::error_response(&Error::unrecognized(
+        StatusCode::NOT_FOUND,
+        "unrecognized request",
+    ))
+}

@@ -1,0 +1,108 @@
+//! Builds the HTTP server from a configuration and runs it.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use actix_web::{
+    App, HttpResponse, HttpServer,
+    dev::{Service, ServiceResponse},
+    http::Method,
+    middleware::DefaultHeaders,
+    web,
+};
+use anyhow::Context;
+use futures_util::future::{Either, ready};
+
+use crate::{api, config::Config, ruma_wrapper::unrecognized, state::AppState, storage::SqlStore};
+
+/// A server that is accepting connections.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub state: web::Data<AppState>,
+    handle: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Waits until the server stops (a signal, or [`RunningServer::stop`]).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task")?.context("server")
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        let _ = self.task.await;
+    }
+}
+
+/// Opens the database named by the config, creating the data directory for SQLite.
+pub async fn open_store(config: &Config) -> anyhow::Result<SqlStore> {
+    if config.database.url.is_empty() {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    }
+    let store = SqlStore::connect(&config.database_url(), config.database.max_connections)
+        .await
+        .context("connecting to the database")?;
+    Ok(store)
+}
+
+/// Connects storage, applies migrations, binds the client listener and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let store = open_store(&config).await?;
+    store.migrate().await.context("running database migrations")?;
+    let addr = config.client_listen_addr()?;
+    let state = web::Data::new(AppState::new(config, Arc::new(store))?);
+    let app_state = state.clone();
+    let server = HttpServer::new(move || {
+        let router = api::client::router();
+        App::new()
+            .app_data(app_state.clone())
+            .wrap_fn(|req, srv| {
+                // CORS preflight: the spec asks every endpoint to answer OPTIONS.
+                if req.method() == Method::OPTIONS {
+                    return Either::Left(ready(Ok(req.into_response(HttpResponse::NoContent().finish()))));
+                }
+                let started = Instant::now();
+                let (method, path) = (req.method().clone(), req.path().to_owned());
+                let call = srv.call(req);
+                Either::Right(async move {
+                    let response: ServiceResponse = call.await?;
+                    // The path only: query strings may carry access tokens.
+                    tracing::debug!(
+                        %method, %path, status = response.status().as_u16(),
+                        ms = started.elapsed().as_secs_f64() * 1000.0, "request"
+                    );
+                    Ok(response)
+                })
+            })
+            .wrap(
+                DefaultHeaders::new()
+                    .add(("Access-Control-Allow-Origin", "*"))
+                    .add(("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"))
+                    .add((
+                        "Access-Control-Allow-Headers",
+                        "X-Requested-With, Content-Type, Authorization",
+                    ))
+                    .add(("Cross-Origin-Resource-Policy", "cross-origin")),
+            )
+            .configure(|cfg| router.configure(cfg))
+            .route(
+                "/health",
+                web::get().to(|| async { HttpResponse::Ok().body("OK") }),
+            )
+            .default_service(web::to(unrecognized))
+    })
+    .disable_signals()
+    .bind(addr)
+    .with_context(|| format!("binding the client listener to {addr}"))?;
+    let addr = server.addrs().first().copied().context("no listening address")?;
+    let server = server.run();
+    let handle = server.handle();
+    let task = tokio::spawn(server);
+    Ok(RunningServer {
+        addr,
+        state,
+        handle,
+        task,
+    })
+}

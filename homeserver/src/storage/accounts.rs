@@ -1,0 +1,105 @@
+//! Accounts: user ids, password hashes, admin and deactivation flags.
+
+use async_trait::async_trait;
+use ruma::{OwnedUserId, UserId};
+use sqlx::Row;
+
+use super::{SqlStore, StoreResult, now_ms, parse_id};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub user_id: OwnedUserId,
+    /// argon2id PHC string; `None` for accounts that cannot log in with a password.
+    pub password_hash: Option<String>,
+    pub is_admin: bool,
+    pub deactivated: bool,
+    pub created_ts: i64,
+}
+
+#[async_trait]
+pub trait AccountStore: Send + Sync {
+    /// Creates the account. Returns `false` when the id is taken, by a live or deactivated user:
+    /// ids are never reused.
+    async fn create_user(
+        &self,
+        user_id: &UserId,
+        password_hash: Option<&str>,
+        is_admin: bool,
+    ) -> StoreResult<bool>;
+    async fn get_user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>>;
+    async fn set_password_hash(&self, user_id: &UserId, password_hash: Option<&str>) -> StoreResult<()>;
+    /// Marks the account deactivated, forgets its password and deletes its devices and sessions,
+    /// in one transaction.
+    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()>;
+}
+
+fn user_from_row(row: &sqlx::any::AnyRow) -> StoreResult<UserRecord> {
+    Ok(UserRecord {
+        user_id: parse_id(row.try_get("user_id")?)?,
+        password_hash: row.try_get("password_hash")?,
+        is_admin: row.try_get::<i16, _>("is_admin")? != 0,
+        deactivated: row.try_get::<i16, _>("deactivated")? != 0,
+        created_ts: row.try_get("created_ts")?,
+    })
+}
+
+#[async_trait]
+impl AccountStore for SqlStore {
+    async fn create_user(
+        &self,
+        user_id: &UserId,
+        password_hash: Option<&str>,
+        is_admin: bool,
+    ) -> StoreResult<bool> {
+        let created = sqlx::query(
+            "INSERT INTO users (user_id, password_hash, is_admin, deactivated, created_ts)
+             VALUES ($1, $2, $3, 0, $4) ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+        )
+        .bind(user_id.as_str())
+        .bind(password_hash)
+        .bind(i16::from(is_admin))
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(created.is_some())
+    }
+
+    async fn get_user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>> {
+        sqlx::query(
+            "SELECT user_id, password_hash, is_admin, deactivated, created_ts FROM users WHERE user_id = $1",
+        )
+        .bind(user_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(user_from_row)
+        .transpose()
+    }
+
+    async fn set_password_hash(&self, user_id: &UserId, password_hash: Option<&str>) -> StoreResult<()> {
+        sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .bind(password_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM devices WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! Storage: one async trait per data area, implemented once over sqlx's `Any` driver for both
+//! Postgres and SQLite.
+//!
+//! Both dialects accept `$n` placeholders, `ON CONFLICT` and `RETURNING`, so almost all SQL is
+//! shared; where they differ the statement is chosen by [`Backend`] side by side in the same
+//! function. Types crossing the `Any` driver are limited to integers, text and bytes: flags are
+//! SMALLINT 0/1, timestamps BIGINT milliseconds, JSON is TEXT. Migrations are per backend in
+//! `homeserver/migrations/{postgres,sqlite}/` and are compiled into the binary.
+//!
+//! The conformance suite (`tests/it/storage.rs`) runs every trait against both backends.
+
+mod accounts;
+mod devices;
+mod registration_tokens;
+mod sessions;
+mod uia;
+
+use std::{borrow::Cow, time::Duration};
+
+use futures_util::future::BoxFuture;
+use sqlx::{
+    AnyPool, Executor, SqlSafeStr,
+    any::AnyPoolOptions,
+    migrate::{Migration, MigrationSource, MigrationType, Migrator},
+};
+
+pub use self::{
+    accounts::{AccountStore, UserRecord},
+    devices::{DeviceRecord, DeviceStore},
+    registration_tokens::RegistrationTokenStore,
+    sessions::{SessionRecord, SessionStore},
+    uia::{UiaSessionRecord, UiaStore},
+};
+
+/// Every data area; what the server holds as `Arc<dyn Storage>`.
+pub trait Storage: AccountStore + DeviceStore + SessionStore + UiaStore + RegistrationTokenStore {}
+
+impl<T: AccountStore + DeviceStore + SessionStore + UiaStore + RegistrationTokenStore> Storage for T {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<StoreError> for crate::error::Error {
+    fn from(error: StoreError) -> Self {
+        Self::internal(error)
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// The SQL database behind every storage trait.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// Embedded migrations: (version, description, postgres SQL, sqlite SQL).
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
+    1,
+    "accounts",
+    include_str!("../../migrations/postgres/0001_accounts.sql"),
+    include_str!("../../migrations/sqlite/0001_accounts.sql"),
+)];
+
+#[derive(Debug)]
+struct EmbeddedMigrations(Backend);
+
+impl<'s> MigrationSource<'s> for EmbeddedMigrations {
+    fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|&(version, description, postgres, sqlite)| {
+                    let sql = if self.0 == Backend::Postgres {
+                        postgres
+                    } else {
+                        sqlite
+                    };
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(description),
+                        MigrationType::Simple,
+                        sql.into_sql_str(),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+impl SqlStore {
+    /// Connects to `sqlite://…` or `postgres://…`. SQLite gets WAL and a busy timeout so that
+    /// concurrent requests wait for the writer instead of failing.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let mut options = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30));
+        if backend == Backend::Sqlite {
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(url).await?;
+        Ok(Self { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Brings the schema up to date. Safe to run from several workers at once (sqlx takes a lock).
+    pub async fn migrate(&self) -> StoreResult<()> {
+        let migrator = Migrator::new(EmbeddedMigrations(self.backend)).await?;
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every stored timestamp.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn parse_id<T>(raw: String) -> StoreResult<T>
+where
+    T: TryFrom<String>,
+    T::Error: std::fmt::Display,
+{
+    T::try_from(raw.clone()).map_err(|e| StoreError::Corrupt(format!("`{raw}`: {e}")))
+}

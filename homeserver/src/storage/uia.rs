@@ -1,0 +1,100 @@
+//! User-Interactive Auth sessions, kept in the database so any worker can continue one.
+
+use async_trait::async_trait;
+use ruma::OwnedUserId;
+use sqlx::Row;
+
+use super::{SqlStore, StoreError, StoreResult, parse_id};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UiaSessionRecord {
+    pub session_id: String,
+    /// What the session authorises (`register`, `delete_devices`, …); a session started for one
+    /// operation cannot complete another.
+    pub operation: String,
+    /// The user it was started for; `None` for registration.
+    pub user_id: Option<OwnedUserId>,
+    /// Stage types completed so far, in order.
+    pub completed: Vec<String>,
+    pub created_ts: i64,
+}
+
+#[async_trait]
+pub trait UiaStore: Send + Sync {
+    async fn create_uia_session(&self, session: &UiaSessionRecord) -> StoreResult<()>;
+    async fn get_uia_session(&self, session_id: &str) -> StoreResult<Option<UiaSessionRecord>>;
+    async fn set_uia_completed(&self, session_id: &str, completed: &[String]) -> StoreResult<()>;
+    async fn delete_uia_session(&self, session_id: &str) -> StoreResult<()>;
+    /// Removes sessions created before `before_ts`; returns how many.
+    async fn delete_uia_sessions_before(&self, before_ts: i64) -> StoreResult<u64>;
+}
+
+#[async_trait]
+impl UiaStore for SqlStore {
+    async fn create_uia_session(&self, session: &UiaSessionRecord) -> StoreResult<()> {
+        let completed =
+            serde_json::to_string(&session.completed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO uia_sessions (session_id, operation, user_id, completed, created_ts)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&session.session_id)
+        .bind(&session.operation)
+        .bind(session.user_id.as_ref().map(|u| u.as_str()))
+        .bind(completed)
+        .bind(session.created_ts)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_uia_session(&self, session_id: &str) -> StoreResult<Option<UiaSessionRecord>> {
+        let row = sqlx::query(
+            "SELECT operation, user_id, completed, created_ts FROM uia_sessions WHERE session_id = $1",
+        )
+        .bind(session_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            let completed: String = row.try_get("completed")?;
+            Ok(UiaSessionRecord {
+                session_id: session_id.to_owned(),
+                operation: row.try_get("operation")?,
+                user_id: row
+                    .try_get::<Option<String>, _>("user_id")?
+                    .map(parse_id)
+                    .transpose()?,
+                completed: serde_json::from_str(&completed)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                created_ts: row.try_get("created_ts")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn set_uia_completed(&self, session_id: &str, completed: &[String]) -> StoreResult<()> {
+        let completed = serde_json::to_string(completed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query("UPDATE uia_sessions SET completed = $2 WHERE session_id = $1")
+            .bind(session_id)
+            .bind(completed)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_uia_session(&self, session_id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM uia_sessions WHERE session_id = $1")
+            .bind(session_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_uia_sessions_before(&self, before_ts: i64) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM uia_sessions WHERE created_ts < $1")
+            .bind(before_ts)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}

@@ -1,0 +1,322 @@
+//! Accounts and devices over HTTP: registration, login, devices, logout, refresh, password.
+
+use serde_json::json;
+
+use crate::common::{Db, TestServer, assert_error, session_of};
+
+const PW: &str = "correct horse battery";
+
+fn password_auth(user: &str, password: &str, session: &str) -> serde_json::Value {
+    json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user},
+           "password": password, "session": session})
+}
+
+crate::on_both_backends! {
+    async fn register_through_uia_and_use_devices(db: Db) {
+        let server = TestServer::start(db).await;
+        // First call: the UIA challenge, with everything strict clients need.
+        let (status, challenge) = server
+            .post("/_matrix/client/v3/register", None, json!({"username": "alice", "password": PW}))
+            .await;
+        assert_eq!(status, 401);
+        assert_eq!(challenge["flows"], json!([{"stages": ["m.login.dummy"]}]));
+        assert!(challenge["params"].is_object());
+        let session = challenge["session"].as_str().unwrap();
+        let (status, body) = server
+            .post("/_matrix/client/v3/register", None, json!({
+                "username": "alice", "password": PW, "initial_device_display_name": "first",
+                "auth": {"type": "m.login.dummy", "session": session}}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let first = session_of(&body);
+        assert_eq!(first.user_id, "@alice:localhost");
+
+        let (status, me) = server.get("/_matrix/client/v3/account/whoami", Some(&first.token)).await;
+        assert_eq!(status, 200);
+        assert_eq!(me["user_id"], "@alice:localhost");
+        assert_eq!(me["device_id"], first.device_id.as_str());
+
+        // A second device, by full user id, named by the client.
+        let (status, body) = server
+            .login("@alice:localhost", PW, json!({"device_id": "SECOND", "initial_device_display_name": "laptop"}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let second = session_of(&body);
+        assert_eq!(second.device_id, "SECOND");
+        assert_eq!(body["well_known"]["m.homeserver"]["base_url"].as_str().map(|u| u.starts_with("http://")), Some(true));
+
+        let (status, devices) = server.get("/_matrix/client/v3/devices", Some(&second.token)).await;
+        assert_eq!(status, 200);
+        let devices = devices["devices"].as_array().unwrap().clone();
+        assert_eq!(devices.len(), 2);
+        for device in &devices {
+            for key in ["device_id", "display_name", "last_seen_ip", "last_seen_ts"] {
+                assert!(device.get(key).is_some(), "{key} missing from {device}");
+            }
+        }
+        assert!(devices.iter().any(|d| d["device_id"] == "SECOND" && d["display_name"] == "laptop"));
+
+        let (status, _) = server
+            .request("PUT", &format!("/_matrix/client/v3/devices/{}", first.device_id), Some(&second.token),
+                Some(json!({"display_name": "renamed"})))
+            .await;
+        assert_eq!(status, 200);
+        let (status, device) = server.get(&format!("/_matrix/client/v3/devices/{}", first.device_id), Some(&second.token)).await;
+        assert_eq!(status, 200);
+        assert_eq!(device["display_name"], "renamed");
+
+        // Deleting a device: challenge, a wrong password (same session, error in the body), then right.
+        let path = format!("/_matrix/client/v3/devices/{}", first.device_id);
+        let (status, challenge) = server.request("DELETE", &path, Some(&second.token), Some(json!({}))).await;
+        assert_eq!(status, 401);
+        assert_eq!(challenge["flows"], json!([{"stages": ["m.login.password"]}]));
+        let session = challenge["session"].as_str().unwrap().to_owned();
+        let (status, retry) = server
+            .request("DELETE", &path, Some(&second.token), Some(json!({"auth": password_auth("alice", "wrong password", &session)})))
+            .await;
+        assert_eq!(status, 401);
+        assert_eq!(retry["errcode"], "M_FORBIDDEN");
+        assert_eq!(retry["session"], session.as_str());
+        let (status, body) = server
+            .request("DELETE", &path, Some(&second.token), Some(json!({"auth": password_auth("alice", PW, &session)})))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let gone = server.get("/_matrix/client/v3/account/whoami", Some(&first.token)).await;
+        assert_error(&gone, 401, "M_UNKNOWN_TOKEN");
+        assert_eq!(gone.1["soft_logout"], false);
+        assert_error(&server.get(&path, Some(&second.token)).await, 404, "M_NOT_FOUND");
+
+        // Logout revokes the token and removes the device.
+        assert_eq!(server.post("/_matrix/client/v3/logout", Some(&second.token), json!({})).await.0, 200);
+        assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(&second.token)).await, 401, "M_UNKNOWN_TOKEN");
+        let (_, body) = server.login("alice", PW, json!({})).await;
+        let third = session_of(&body);
+        let (_, devices) = server.get("/_matrix/client/v3/devices", Some(&third.token)).await;
+        assert_eq!(devices["devices"].as_array().unwrap().len(), 1);
+        server.stop().await;
+    }
+
+    async fn delete_devices_in_bulk_and_logout_all(db: Db) {
+        let server = TestServer::start(db).await;
+        let a = server.register("bob", PW).await;
+        let b = session_of(&server.login("bob", PW, json!({})).await.1);
+        let c = session_of(&server.login("bob", PW, json!({})).await.1);
+        let (status, challenge) = server
+            .post("/_matrix/client/v3/delete_devices", Some(&a.token), json!({"devices": [b.device_id, c.device_id]}))
+            .await;
+        assert_eq!(status, 401);
+        let session = challenge["session"].as_str().unwrap();
+        let (status, _) = server
+            .post("/_matrix/client/v3/delete_devices", Some(&a.token),
+                json!({"devices": [b.device_id, c.device_id], "auth": password_auth("bob", PW, session)}))
+            .await;
+        assert_eq!(status, 200);
+        assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(&b.token)).await, 401, "M_UNKNOWN_TOKEN");
+        assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(&c.token)).await, 401, "M_UNKNOWN_TOKEN");
+        assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&a.token)).await.0, 200);
+
+        let d = session_of(&server.login("bob", PW, json!({})).await.1);
+        assert_eq!(server.post("/_matrix/client/v3/logout/all", Some(&d.token), json!({})).await.0, 200);
+        for token in [&a.token, &d.token] {
+            assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(token)).await, 401, "M_UNKNOWN_TOKEN");
+        }
+        server.stop().await;
+    }
+
+    async fn reusing_a_device_id_revokes_its_old_token(db: Db) {
+        let server = TestServer::start(db).await;
+        server.register("carol", PW).await;
+        let first = session_of(&server.login("carol", PW, json!({"device_id": "PHONE"})).await.1);
+        let again = session_of(&server.login("carol", PW, json!({"device_id": "PHONE"})).await.1);
+        assert_eq!(again.device_id, "PHONE");
+        assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(&first.token)).await, 401, "M_UNKNOWN_TOKEN");
+        assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&again.token)).await.0, 200);
+        server.stop().await;
+    }
+
+    async fn change_password_and_deactivate(db: Db) {
+        let server = TestServer::start(db).await;
+        let main = server.register("dave", PW).await;
+        let other = session_of(&server.login("dave", PW, json!({})).await.1);
+        let new_pw = "a much better password";
+        let weak = server.post("/_matrix/client/v3/account/password", Some(&main.token), json!({"new_password": "short"})).await;
+        assert_error(&weak, 400, "M_WEAK_PASSWORD");
+        let (status, challenge) = server
+            .post("/_matrix/client/v3/account/password", Some(&main.token), json!({"new_password": new_pw}))
+            .await;
+        assert_eq!(status, 401);
+        let session = challenge["session"].as_str().unwrap();
+        let (status, body) = server
+            .post("/_matrix/client/v3/account/password", Some(&main.token),
+                json!({"new_password": new_pw, "auth": password_auth("dave", PW, session)}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(&other.token)).await, 401, "M_UNKNOWN_TOKEN");
+        assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&main.token)).await.0, 200, "the caller stays logged in");
+        assert_error(&server.login("dave", PW, json!({})).await, 403, "M_FORBIDDEN");
+        assert_eq!(server.login("dave", new_pw, json!({})).await.0, 200);
+
+        // Keeping other devices logged in when asked to.
+        let kept = session_of(&server.login("dave", new_pw, json!({})).await.1);
+        let (_, challenge) = server.post("/_matrix/client/v3/account/password", Some(&main.token), json!({"new_password": PW})).await;
+        let session = challenge["session"].as_str().unwrap();
+        let (status, _) = server
+            .post("/_matrix/client/v3/account/password", Some(&main.token),
+                json!({"new_password": PW, "logout_devices": false, "auth": password_auth("dave", new_pw, session)}))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&kept.token)).await.0, 200);
+
+        let (_, challenge) = server.post("/_matrix/client/v3/account/deactivate", Some(&main.token), json!({})).await;
+        let session = challenge["session"].as_str().unwrap();
+        let (status, body) = server
+            .post("/_matrix/client/v3/account/deactivate", Some(&main.token), json!({"auth": password_auth("dave", PW, session)}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["id_server_unbind_result"], "no-support");
+        assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(&main.token)).await, 401, "M_UNKNOWN_TOKEN");
+        assert_error(&server.login("dave", PW, json!({})).await, 403, "M_USER_DEACTIVATED");
+        let taken = server.post("/_matrix/client/v3/register", None, json!({"username": "dave", "password": PW, "auth": {"type": "m.login.dummy"}})).await;
+        assert_error(&taken, 400, "M_USER_IN_USE");
+        server.stop().await;
+    }
+
+    async fn refresh_tokens_rotate(db: Db) {
+        let server = TestServer::start(db).await;
+        server.register("erin", PW).await;
+        let (status, body) = server.login("erin", PW, json!({"refresh_token": true})).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["expires_in_ms"], 300_000);
+        let access = body["access_token"].as_str().unwrap().to_owned();
+        let refresh = body["refresh_token"].as_str().unwrap().to_owned();
+        assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&access)).await.0, 200);
+
+        let (status, body) = server.post("/_matrix/client/v3/refresh", None, json!({"refresh_token": refresh})).await;
+        assert_eq!(status, 200, "{body}");
+        let new_access = body["access_token"].as_str().unwrap();
+        assert!(body["refresh_token"].is_string() && body["refresh_token"] != refresh.as_str());
+        assert_eq!(body["expires_in_ms"], 300_000);
+        assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(new_access)).await.0, 200);
+        assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(&access)).await, 401, "M_UNKNOWN_TOKEN");
+        let reused = server.post("/_matrix/client/v3/refresh", None, json!({"refresh_token": refresh})).await;
+        assert_error(&reused, 401, "M_UNKNOWN_TOKEN");
+        server.stop().await;
+    }
+
+    async fn registration_by_token(db: Db) {
+        let server = TestServer::start_with(db, |c| c.registration.mode = homeserver::config::RegistrationMode::Token).await;
+        let token = "a-registration-token";
+        server.server.state.store
+            .create_registration_token(&homeserver::auth::tokens::sha256_hex(token), Some(1), None)
+            .await
+            .unwrap();
+        let validity = "/_matrix/client/v1/register/m.login.registration_token/validity";
+        let (status, body) = server.get(&format!("{validity}?token={token}"), None).await;
+        assert_eq!((status, body["valid"].as_bool()), (200, Some(true)));
+        assert_eq!(server.get(&format!("{validity}?token=nope"), None).await.1["valid"], false);
+
+        let (status, challenge) = server.post("/_matrix/client/v3/register", None, json!({"username": "frank", "password": PW})).await;
+        assert_eq!(status, 401);
+        assert_eq!(challenge["flows"], json!([{"stages": ["m.login.registration_token"]}]));
+        let session = challenge["session"].as_str().unwrap();
+        let (status, wrong) = server
+            .post("/_matrix/client/v3/register", None, json!({"username": "frank", "password": PW,
+                "auth": {"type": "m.login.registration_token", "token": "wrong", "session": session}}))
+            .await;
+        assert_eq!((status, wrong["errcode"].as_str()), (401, Some("M_FORBIDDEN")));
+        let dummy = server.post("/_matrix/client/v3/register", None, json!({"username": "frank", "password": PW,
+                "auth": {"type": "m.login.dummy", "session": session}})).await;
+        assert_eq!(dummy.0, 401, "a stage not offered does not complete registration");
+        let (status, body) = server
+            .post("/_matrix/client/v3/register", None, json!({"username": "frank", "password": PW,
+                "auth": {"type": "m.login.registration_token", "token": token, "session": session}}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(server.get(&format!("{validity}?token={token}"), None).await.1["valid"], false, "single use");
+        let (status, wrong) = server
+            .post("/_matrix/client/v3/register", None, json!({"username": "grace", "password": PW,
+                "auth": {"type": "m.login.registration_token", "token": token}}))
+            .await;
+        assert_eq!((status, wrong["errcode"].as_str()), (401, Some("M_FORBIDDEN")));
+        server.stop().await;
+    }
+
+    async fn closed_registration_and_availability(db: Db) {
+        let server = TestServer::start(db).await;
+        server.register("heidi", PW).await;
+        let (status, body) = server.get("/_matrix/client/v3/register/available?username=ivan", None).await;
+        assert_eq!((status, body["available"].as_bool()), (200, Some(true)));
+        assert_error(&server.get("/_matrix/client/v3/register/available?username=heidi", None).await, 400, "M_USER_IN_USE");
+        assert_error(&server.get("/_matrix/client/v3/register/available?username=Heidi!", None).await, 400, "M_INVALID_USERNAME");
+        server.stop().await;
+
+        let closed = TestServer::start_with(db, |c| c.registration.mode = homeserver::config::RegistrationMode::Closed).await;
+        let result = closed.post("/_matrix/client/v3/register", None, json!({"username": "x", "password": PW, "auth": {"type": "m.login.dummy"}})).await;
+        assert_error(&result, 403, "M_FORBIDDEN");
+        closed.stop().await;
+    }
+
+    async fn registration_without_username_generates_one(db: Db) {
+        let server = TestServer::start(db).await;
+        let (status, body) = server
+            .post("/_matrix/client/v3/register", None, json!({"password": PW, "auth": {"type": "m.login.dummy"}}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let user_id = body["user_id"].as_str().unwrap();
+        assert!(user_id.starts_with('@') && user_id.ends_with(":localhost"));
+        let (status, body) = server
+            .post("/_matrix/client/v3/register", None,
+                json!({"username": "judy", "password": PW, "inhibit_login": true, "auth": {"type": "m.login.dummy"}}))
+            .await;
+        assert_eq!(status, 200);
+        assert!(body.get("access_token").is_none());
+        assert!(body.get("device_id").is_none_or(serde_json::Value::is_null));
+        server.stop().await;
+    }
+
+    async fn login_and_registration_are_rate_limited(db: Db) {
+        let server = TestServer::start_with(db, |c| {
+            c.rate_limits.enabled = true;
+            c.rate_limits.login_burst = 2;
+            c.rate_limits.login_per_second = 0.01;
+        })
+        .await;
+        server.register("kim", PW).await;
+        for _ in 0..2 {
+            assert_error(&server.login("kim", "wrong password", json!({})).await, 403, "M_FORBIDDEN");
+        }
+        let limited = server.login("kim", PW, json!({})).await;
+        assert_error(&limited, 429, "M_LIMIT_EXCEEDED");
+        assert!(limited.1["retry_after_ms"].as_u64().unwrap() > 1000);
+        server.stop().await;
+    }
+
+    async fn discovery_endpoints(db: Db) {
+        let server = TestServer::start(db).await;
+        let (status, versions) = server.get("/_matrix/client/versions", None).await;
+        assert_eq!(status, 200);
+        assert!(versions["versions"].as_array().unwrap().iter().any(|v| v == "v1.1"));
+        let (status, well_known) = server.get("/.well-known/matrix/client", None).await;
+        assert_eq!(status, 200);
+        assert!(well_known["m.homeserver"]["base_url"].is_string());
+        let session = server.register("liam", PW).await;
+        let (status, caps) = server.get("/_matrix/client/v3/capabilities", Some(&session.token)).await;
+        assert_eq!(status, 200);
+        assert_eq!(caps["capabilities"]["m.room_versions"]["default"], "10");
+        // ruma leaves out a capability at its default (enabled).
+        assert_ne!(caps["capabilities"]["m.change_password"]["enabled"], false);
+        let (status, flows) = server.get("/_matrix/client/v3/login", None).await;
+        assert_eq!(status, 200);
+        assert_eq!(flows["flows"][0]["type"], "m.login.password");
+        assert_eq!(server.get("/health", None).await.0, 200);
+
+        // CORS on every response and for preflight.
+        let response = server.http.get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
+        assert_eq!(response.headers()["access-control-allow-origin"], "*");
+        let preflight = server.http.request(reqwest::Method::OPTIONS, format!("{}/_matrix/client/v3/login", server.base))
+            .send().await.unwrap();
+        assert!(preflight.status().is_success());
+        assert!(preflight.headers()["access-control-allow-headers"].to_str().unwrap().contains("Authorization"));
+        server.stop().await;
+    }
+}

@@ -1,0 +1,247 @@
+//! The test harness: a real database per test (a SQLite file, or a fresh Postgres database) and
+//! the real server on an ephemeral loopback port, driven over HTTP.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use homeserver::{config::Config, server::RunningServer};
+use serde_json::{Value, json};
+use sqlx::{Connection, Executor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// Postgres server the tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A fresh, empty database and a scratch directory, removed when the test is done.
+pub struct TestDb {
+    pub url: String,
+    pub dir: PathBuf,
+    pg_name: Option<String>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique_name() -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("hearth_t_{}_{n}_{nanos}", std::process::id())
+}
+
+impl TestDb {
+    pub async fn new(db: Db) -> Self {
+        let name = unique_name();
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        match db {
+            Db::Sqlite => {
+                let url = format!("sqlite://{}?mode=rwc", dir.join("hearth.db").display());
+                Self {
+                    url,
+                    dir,
+                    pg_name: None,
+                }
+            }
+            Db::Postgres => {
+                let admin = postgres_admin_url();
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .expect("connect to Postgres for tests");
+                conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .await
+                    .expect("create db");
+                let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+                Self {
+                    url: format!("{base}/{name}"),
+                    dir,
+                    pg_name: Some(name),
+                }
+            }
+        }
+    }
+
+    /// Removes the database and the scratch directory.
+    pub async fn remove(self) {
+        if let Some(name) = &self.pg_name
+            && let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_admin_url()).await
+        {
+            let _ = conn
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Secret the test servers sign tokens with, so tests can mint tokens as the server would.
+pub const TOKEN_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+
+pub fn test_config(db: &TestDb) -> Config {
+    let mut config = Config::default();
+    config.data_dir = db.dir.clone();
+    config.listen.client = "127.0.0.1:0".to_owned();
+    config.database.url = db.url.clone();
+    config.database.max_connections = 4;
+    config.rate_limits.enabled = false;
+    config.auth.token_secret = TOKEN_SECRET.to_owned();
+    config
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub server: RunningServer,
+    db: TestDb,
+}
+
+/// A logged-in client.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user_id: String,
+    pub device_id: String,
+    pub token: String,
+}
+
+impl TestServer {
+    pub async fn start(db: Db) -> Self {
+        Self::start_with(db, |_| {}).await
+    }
+
+    pub async fn start_with(db: Db, tweak: impl FnOnce(&mut Config)) -> Self {
+        let db = TestDb::new(db).await;
+        let mut config = test_config(&db);
+        tweak(&mut config);
+        let server = homeserver::server::start(config).await.expect("server starts");
+        let base = format!("http://{}", server.addr);
+        Self {
+            base,
+            http: reqwest::Client::new(),
+            server,
+            db,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.server.stop().await;
+        self.db.remove().await;
+    }
+
+    /// Sends a request; `body` of `None` sends no body. Returns status and JSON body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    /// Sends raw bytes with a content type.
+    pub async fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("Content-Type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let json = response.json().await.unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        self.request("GET", path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        self.request("POST", path, token, Some(body)).await
+    }
+
+    /// Registers through UIA (`m.login.dummy`) and returns the new session.
+    pub async fn register(&self, username: &str, password: &str) -> Session {
+        let (status, body) = self
+            .post(
+                "/_matrix/client/v3/register",
+                None,
+                json!({"username": username, "password": password, "auth": {"type": "m.login.dummy"}}),
+            )
+            .await;
+        assert_eq!(status, 200, "register {username}: {body}");
+        session_of(&body)
+    }
+
+    pub async fn login(&self, username: &str, password: &str, extra: Value) -> (u16, Value) {
+        let mut body = json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": username},
+            "password": password,
+        });
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        self.post("/_matrix/client/v3/login", None, body).await
+    }
+}
+
+pub fn session_of(body: &Value) -> Session {
+    Session {
+        user_id: body["user_id"].as_str().expect("user_id").to_owned(),
+        device_id: body["device_id"].as_str().expect("device_id").to_owned(),
+        token: body["access_token"].as_str().expect("access_token").to_owned(),
+    }
+}
+
+/// Asserts a Matrix error with this status and errcode.
+#[track_caller]
+pub fn assert_error(result: &(u16, Value), status: u16, errcode: &str) {
+    assert_eq!(result.0, status, "status of {}", result.1);
+    assert_eq!(result.1["errcode"], errcode, "errcode of {}", result.1);
+    assert!(result.1["error"].is_string(), "error message in {}", result.1);
+}
+
+/// Defines each `async fn name(db: Db)` once and runs it as a test on SQLite and on Postgres.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($(async fn $name:ident($db:ident: $ty:ty) $body:block)*) => {
+        $(async fn $name($db: $ty) $body)*
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::common::Db::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::common::Db::Postgres).await })*
+        }
+    };
+}

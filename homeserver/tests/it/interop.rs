@@ -1,0 +1,143 @@
+//! Interop: matrix-nio (from PyPI), a client nobody here wrote, drives the real `hearth` binary
+//! started the way the README starts it, on SQLite (the zero-setup default) and on Postgres.
+//!
+//! The Python environment comes from `scripts/test` (`interop/.venv`); `TEST_PYTHON` may point
+//! elsewhere. A missing environment fails the test: interop is never silently skipped.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tokio::process::{Child, Command};
+
+use crate::common::{Db, TestDb};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+fn python() -> PathBuf {
+    let python = std::env::var_os("TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("interop/.venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: run `scripts/test` (it installs matrix-nio into interop/.venv) or set TEST_PYTHON",
+        python.display()
+    );
+    python
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// `hearth serve` as a separate process, configured only through `HEARTH_` variables.
+pub struct HearthProcess {
+    pub base: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl HearthProcess {
+    pub async fn start(db: &TestDb, backend: Db) -> Self {
+        let port = free_port();
+        let log = db.dir.join("hearth.log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        command.arg("serve").current_dir(&db.dir);
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEARTH_")) {
+            command.env_remove(key);
+        }
+        command
+            .env("HEARTH_LISTEN__CLIENT", format!("127.0.0.1:{port}"))
+            .env("HEARTH_RATE_LIMITS__ENABLED", "false")
+            .env("HEARTH_LOG", "info,homeserver=debug");
+        // SQLite runs on the defaults alone: ./hearth-data under the working directory.
+        if backend == Db::Postgres {
+            command.env("HEARTH_DATABASE__URL", &db.url);
+        }
+        let log_file = std::fs::File::create(&log).expect("log file");
+        command
+            .stdout(Stdio::null())
+            .stderr(log_file.try_clone().expect("log"))
+            .kill_on_drop(true);
+        let child = command.spawn().expect("spawn hearth");
+        let process = Self {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+        };
+        process.wait_healthy().await;
+        process
+    }
+
+    async fn wait_healthy(&self) {
+        let started = Instant::now();
+        let client = reqwest::Client::new();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(response) = client.get(format!("{}/health", self.base)).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "hearth did not become healthy; log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Runs one harness script from `interop/` against the server; panics with its output on failure.
+pub async fn run_harness(script: &str, hearth: &HearthProcess) {
+    let output = Command::new(python())
+        .arg(workspace_root().join("interop").join(script))
+        .arg(&hearth.base)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("harness finished in time")
+        .expect("harness ran");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed ({})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- hearth log\n{}",
+        output.status,
+        hearth.log()
+    );
+    assert!(
+        stdout.contains("ALL CHECKS PASSED"),
+        "{script} did not finish its checks:\n{stdout}"
+    );
+}
+
+crate::on_both_backends! {
+    async fn matrix_nio_accounts_and_devices(db: Db) {
+        let test_db = TestDb::new(db).await;
+        let hearth = HearthProcess::start(&test_db, db).await;
+        run_harness("nio/accounts.py", &hearth).await;
+        if db == Db::Sqlite {
+            assert!(test_db.dir.join("hearth-data/hearth.db").exists(), "the default keeps its database in ./hearth-data");
+        }
+        hearth.stop().await;
+        test_db.remove().await;
+    }
+}

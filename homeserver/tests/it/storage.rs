@@ -1,0 +1,177 @@
+//! The storage conformance suite: every trait, against both backends.
+
+use homeserver::storage::{
+    AccountStore, DeviceStore, RegistrationTokenStore, SessionRecord, SessionStore, SqlStore,
+    UiaSessionRecord, UiaStore, now_ms,
+};
+use ruma::{OwnedDeviceId, OwnedUserId};
+
+use crate::common::{Db, TestDb};
+
+async fn store(db: Db) -> (SqlStore, TestDb) {
+    let test_db = TestDb::new(db).await;
+    let store = SqlStore::connect(&test_db.url, 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrating twice is a no-op");
+    (store, test_db)
+}
+
+fn user(name: &str) -> OwnedUserId {
+    format!("@{name}:localhost").try_into().expect("user id")
+}
+
+fn device(id: &str) -> OwnedDeviceId {
+    id.into()
+}
+
+crate::on_both_backends! {
+    async fn accounts(db: Db) {
+        let (store, test_db) = store(db).await;
+        let alice = user("alice");
+        assert!(store.create_user(&alice, Some("hash1"), false).await.unwrap());
+        assert!(!store.create_user(&alice, Some("other"), true).await.unwrap(), "ids are unique");
+        let record = store.get_user(&alice).await.unwrap().unwrap();
+        assert_eq!(record.password_hash.as_deref(), Some("hash1"));
+        assert!(!record.is_admin && !record.deactivated);
+        assert!(record.created_ts > 0);
+        store.set_password_hash(&alice, Some("hash2")).await.unwrap();
+        assert_eq!(store.get_user(&alice).await.unwrap().unwrap().password_hash.as_deref(), Some("hash2"));
+        assert!(store.get_user(&user("nobody")).await.unwrap().is_none());
+
+        store.upsert_device(&alice, &device("D1"), Some("phone"), Some("127.0.0.1")).await.unwrap();
+        let session = SessionRecord { session_id: "s1".into(), user_id: alice.clone(), device_id: device("D1"), generation: 0 };
+        store.create_session(&session, None).await.unwrap();
+        store.deactivate_user(&alice).await.unwrap();
+        let record = store.get_user(&alice).await.unwrap().unwrap();
+        assert!(record.deactivated);
+        assert_eq!(record.password_hash, None);
+        assert!(store.list_devices(&alice).await.unwrap().is_empty());
+        assert!(store.get_session("s1").await.unwrap().is_none());
+        assert!(!store.create_user(&alice, None, false).await.unwrap(), "deactivated ids are never reused");
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn devices(db: Db) {
+        let (store, test_db) = store(db).await;
+        let alice = user("alice");
+        store.upsert_device(&alice, &device("D1"), Some("phone"), Some("10.0.0.1")).await.unwrap();
+        store.upsert_device(&alice, &device("D2"), None, None).await.unwrap();
+        // Re-login on D1 without a name keeps the name.
+        store.upsert_device(&alice, &device("D1"), None, Some("10.0.0.2")).await.unwrap();
+        let d1 = store.get_device(&alice, &device("D1")).await.unwrap().unwrap();
+        assert_eq!(d1.display_name.as_deref(), Some("phone"));
+        assert_eq!(d1.last_seen_ip.as_deref(), Some("10.0.0.2"));
+        assert!(d1.last_seen_ts.is_some());
+        let all = store.list_devices(&alice).await.unwrap();
+        assert_eq!(all.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), ["D1", "D2"]);
+        assert!(store.list_devices(&user("bob")).await.unwrap().is_empty());
+
+        assert!(store.set_device_display_name(&alice, &device("D2"), Some("laptop")).await.unwrap());
+        assert!(!store.set_device_display_name(&alice, &device("NOPE"), Some("x")).await.unwrap());
+        assert!(!store.set_device_display_name(&user("bob"), &device("D2"), Some("x")).await.unwrap(), "devices belong to their user");
+        store.touch_device(&alice, &device("D2"), "192.0.2.1").await.unwrap();
+        assert_eq!(store.get_device(&alice, &device("D2")).await.unwrap().unwrap().last_seen_ip.as_deref(), Some("192.0.2.1"));
+
+        for (sid, dev) in [("s1", "D1"), ("s2", "D2")] {
+            let session = SessionRecord { session_id: sid.into(), user_id: alice.clone(), device_id: device(dev), generation: 0 };
+            store.create_session(&session, None).await.unwrap();
+        }
+        store.delete_devices(&alice, &[device("D2"), device("UNKNOWN")]).await.unwrap();
+        assert!(store.get_device(&alice, &device("D2")).await.unwrap().is_none());
+        assert!(store.get_session("s2").await.unwrap().is_none(), "a deleted device's sessions go with it");
+        assert!(store.get_session("s1").await.unwrap().is_some());
+
+        store.upsert_device(&alice, &device("D3"), None, None).await.unwrap();
+        store.delete_devices_except(&alice, Some(&device("D3"))).await.unwrap();
+        assert_eq!(store.list_devices(&alice).await.unwrap().len(), 1);
+        assert!(store.get_session("s1").await.unwrap().is_none());
+        store.delete_devices_except(&alice, None).await.unwrap();
+        assert!(store.list_devices(&alice).await.unwrap().is_empty());
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn sessions(db: Db) {
+        let (store, test_db) = store(db).await;
+        let alice = user("alice");
+        let session = SessionRecord { session_id: "s1".into(), user_id: alice.clone(), device_id: device("D1"), generation: 0 };
+        store.create_session(&session, Some("r1")).await.unwrap();
+        assert_eq!(store.get_session("s1").await.unwrap().unwrap(), session);
+
+        let refreshed = store.refresh_session("r1", "r2").await.unwrap().unwrap();
+        assert_eq!(refreshed.generation, 1);
+        assert_eq!(refreshed.session_id, "s1");
+        assert!(store.refresh_session("r1", "r3").await.unwrap().is_none(), "a refresh token works once");
+        assert_eq!(store.refresh_session("r2", "r3").await.unwrap().unwrap().generation, 2);
+
+        store.delete_device_sessions(&alice, &device("D1")).await.unwrap();
+        assert!(store.get_session("s1").await.unwrap().is_none());
+        store.create_session(&SessionRecord { session_id: "s2".into(), ..session }, None).await.unwrap();
+        store.delete_session("s2").await.unwrap();
+        assert!(store.get_session("s2").await.unwrap().is_none());
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn uia_sessions(db: Db) {
+        let (store, test_db) = store(db).await;
+        let record = UiaSessionRecord {
+            session_id: "u1".into(),
+            operation: "delete_devices:x".into(),
+            user_id: Some(user("alice")),
+            completed: vec![],
+            created_ts: now_ms(),
+        };
+        store.create_uia_session(&record).await.unwrap();
+        assert_eq!(store.get_uia_session("u1").await.unwrap().unwrap(), record);
+        store.set_uia_completed("u1", &["m.login.password".to_owned()]).await.unwrap();
+        assert_eq!(store.get_uia_session("u1").await.unwrap().unwrap().completed, ["m.login.password"]);
+        let old = UiaSessionRecord { session_id: "u0".into(), user_id: None, created_ts: 1, ..record };
+        store.create_uia_session(&old).await.unwrap();
+        assert_eq!(store.delete_uia_sessions_before(now_ms() - 60_000).await.unwrap(), 1);
+        assert!(store.get_uia_session("u0").await.unwrap().is_none());
+        store.delete_uia_session("u1").await.unwrap();
+        assert!(store.get_uia_session("u1").await.unwrap().is_none());
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn registration_tokens(db: Db) {
+        let (store, test_db) = store(db).await;
+        let now = now_ms();
+        store.create_registration_token("twice", Some(2), None).await.unwrap();
+        store.create_registration_token("expired", None, Some(now - 1)).await.unwrap();
+        store.create_registration_token("forever", None, None).await.unwrap();
+        assert!(store.registration_token_valid("twice", now).await.unwrap());
+        assert!(store.use_registration_token("twice", now).await.unwrap());
+        assert!(store.use_registration_token("twice", now).await.unwrap());
+        assert!(!store.use_registration_token("twice", now).await.unwrap(), "uses run out");
+        assert!(!store.registration_token_valid("twice", now).await.unwrap());
+        assert!(!store.registration_token_valid("expired", now).await.unwrap());
+        assert!(!store.use_registration_token("expired", now).await.unwrap());
+        assert!(!store.registration_token_valid("missing", now).await.unwrap());
+        for _ in 0..3 {
+            assert!(store.use_registration_token("forever", now).await.unwrap());
+        }
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn concurrent_registration_token_use_is_atomic(db: Db) {
+        let (store, test_db) = store(db).await;
+        store.create_registration_token("once", Some(1), None).await.unwrap();
+        let now = now_ms();
+        let attempts = (0..8).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.use_registration_token("once", now).await.unwrap() })
+        });
+        let mut wins = 0;
+        for attempt in attempts {
+            wins += usize::from(attempt.await.unwrap());
+        }
+        assert_eq!(wins, 1, "a single-use token is used once, however many race for it");
+        store.close().await;
+        test_db.remove().await;
+    }
+}
