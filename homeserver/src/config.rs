@@ -58,7 +58,7 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://host:port/db`. Empty: the embedded queue in the database.
@@ -166,12 +166,6 @@ impl Default for DatabaseConfig {
             url: String::new(),
             max_connections: 16,
         }
-    }
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self { url: String::new() }
     }
 }
 
@@ -307,9 +301,8 @@ impl Config {
                 "must be empty (embedded queue) or start with redis:// or rediss://",
             ));
         }
-        if !self.public_baseurl.is_empty()
-            && !(self.public_baseurl.starts_with("http://") || self.public_baseurl.starts_with("https://"))
-        {
+        let url = &self.public_baseurl;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid(
                 "public_baseurl",
                 "must be empty or an http:// or https:// URL",

@@ -91,8 +91,10 @@ impl TestDb {
 pub const TOKEN_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
 
 pub fn test_config(db: &TestDb) -> Config {
-    let mut config = Config::default();
-    config.data_dir = db.dir.clone();
+    let mut config = Config {
+        data_dir: db.dir.clone(),
+        ..Config::default()
+    };
     config.listen.client = "127.0.0.1:0".to_owned();
     config.database.url = db.url.clone();
     config.database.max_connections = 4;

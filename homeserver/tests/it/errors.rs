@@ -134,7 +134,7 @@ crate::on_both_backends! {
         let bob_session = challenge["session"].as_str().unwrap();
         let stolen = server.request("DELETE", &delete(&alice.device_id), Some(&alice.token), Some(auth("alice", bob_session))).await;
         assert_error(&stolen, 403, "M_FORBIDDEN");
-        let second = format!("{}", server.login("bob", PW, json!({})).await.1["device_id"].as_str().unwrap());
+        let second = server.login("bob", PW, json!({})).await.1["device_id"].as_str().unwrap().to_owned();
         let swapped = server.request("DELETE", &delete(&second), Some(&bob.token), Some(auth("bob", bob_session))).await;
         assert_error(&swapped, 403, "M_FORBIDDEN");
 

@@ -1,5 +1,8 @@
 //! Hearth's integration tests: the real server on a loopback port, on SQLite and on Postgres.
 
+// A panic is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 mod accounts;
 mod common;
 mod errors;
