@@ -24,6 +24,7 @@ pub struct AppState {
     pub tokens: TokenService,
     pub limiter: RateLimiter,
     last_seen: Mutex<HashMap<(OwnedUserId, OwnedDeviceId), Instant>>,
+    uia_cleaned: Mutex<Option<Instant>>,
 }
 
 /// A device's "last seen" is written at most this often.
@@ -69,6 +70,7 @@ impl AppState {
             tokens,
             limiter,
             last_seen: Mutex::new(HashMap::new()),
+            uia_cleaned: Mutex::new(None),
         })
     }
 
@@ -86,6 +88,22 @@ impl AppState {
             Some(at) if now.duration_since(*at) < LAST_SEEN_EVERY => false,
             _ => {
                 seen.insert((user_id.clone(), device_id.clone()), now);
+                true
+            }
+        }
+    }
+
+    /// Whether expired UIA sessions are due to be swept (at most once a minute per process).
+    pub fn uia_cleanup_due(&self) -> bool {
+        let now = Instant::now();
+        let mut last = self
+            .uia_cleaned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *last {
+            Some(at) if now.duration_since(at) < Duration::from_secs(60) => false,
+            _ => {
+                *last = Some(now);
                 true
             }
         }

@@ -49,30 +49,63 @@ pub struct IssuedTokens {
     pub expires_in: Option<std::time::Duration>,
 }
 
-/// Opens a session for a device that has just been created or reused, and issues its tokens.
-/// With `refreshable` the access token expires and a refresh token comes with it.
-pub async fn open_session(
+/// Longest device id a client may choose, in bytes.
+const MAX_DEVICE_ID: usize = 255;
+
+/// A fresh device id: ten upper-case letters, as other homeservers make them.
+fn new_device_id() -> ruma::OwnedDeviceId {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..10)
+        .map(|_| char::from(rng.gen_range(b'A'..=b'Z')))
+        .collect::<String>()
+        .into()
+}
+
+/// Logs a device in after its user proved who they are (login or registration): creates the
+/// device, or reuses the one the client named (its old tokens die), opens a session and issues
+/// its tokens. With `refreshable` the access token expires and a refresh token comes with it.
+pub async fn log_in(
     state: &AppState,
     user_id: &ruma::UserId,
-    device_id: &ruma::DeviceId,
+    device_id: Option<ruma::OwnedDeviceId>,
+    display_name: Option<&str>,
+    ip: std::net::IpAddr,
     refreshable: bool,
-) -> Result<IssuedTokens> {
+) -> Result<(ruma::OwnedDeviceId, IssuedTokens)> {
+    let device_id = match device_id {
+        Some(id) if id.as_str().is_empty() || id.as_str().len() > MAX_DEVICE_ID => {
+            return Err(Error::invalid_param(format!(
+                "device_id must be 1 to {MAX_DEVICE_ID} bytes"
+            )));
+        }
+        Some(id) => id,
+        None => new_device_id(),
+    };
     let session = crate::storage::SessionRecord {
         session_id: tokens::random_token(18),
         user_id: user_id.to_owned(),
-        device_id: device_id.to_owned(),
+        device_id: device_id.clone(),
         generation: 0,
     };
     let refresh_token = refreshable.then(|| format!("hrt_{}", tokens::random_token(32)));
     let refresh_hash = refresh_token.as_deref().map(tokens::sha256_hex);
     state
         .store
-        .create_session(&session, refresh_hash.as_deref())
+        .login_device(
+            &session,
+            refresh_hash.as_deref(),
+            display_name,
+            Some(&ip.to_string()),
+        )
         .await?;
     let (access_token, expires_in) = state.tokens.issue(&session, refreshable)?;
-    Ok(IssuedTokens {
-        access_token,
-        refresh_token,
-        expires_in,
-    })
+    Ok((
+        device_id,
+        IssuedTokens {
+            access_token,
+            refresh_token,
+            expires_in,
+        },
+    ))
 }

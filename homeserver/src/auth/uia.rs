@@ -65,13 +65,7 @@ pub struct UiaRequest<'a> {
 pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: UiaRequest<'_>) -> Result<()> {
     let lifetime_ms =
         i64::try_from(state.config.auth.uia_session_lifetime_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    // Housekeeping that needs no timer: old sessions go when new ones are asked for.
-    state
-        .store
-        .delete_uia_sessions_before(now_ms().saturating_sub(lifetime_ms))
-        .await?;
-
-    let mut session = match auth.and_then(AuthData::session) {
+    let (mut session, stored) = match auth.and_then(AuthData::session) {
         Some(id) => {
             let session = state
                 .store
@@ -90,8 +84,10 @@ pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: Ui
                     "this UIA session was started for a different request",
                 ));
             }
-            session
+            (session, true)
         }
+        // A new session stays in memory until it has to outlive this request: a flow finished in
+        // one step (`m.login.dummy` sent straight away) costs no writes.
         None => {
             let session = UiaSessionRecord {
                 session_id: tokens::random_token(18),
@@ -100,37 +96,51 @@ pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: Ui
                 completed: Vec::new(),
                 created_ts: now_ms(),
             };
-            state.store.create_uia_session(&session).await?;
-            session
+            (session, false)
         }
     };
 
-    let Some(auth) = auth else {
-        return Err(challenge(&request, &session, None));
+    let stage_error = match auth {
+        None => None,
+        Some(auth) => match run_stage(state, auth, &request).await {
+            Ok(stage) => {
+                let name = stage.name();
+                if !session.completed.contains(&name) {
+                    session.completed.push(name);
+                }
+                None
+            }
+            Err(error) => Some(error),
+        },
     };
-    if let Err(error) = run_stage(state, auth, &request).await {
-        return Err(challenge(&request, &session, Some(error)));
-    }
-    if let Some(stage) = stage_of(auth) {
-        let name = stage.name();
-        if !session.completed.contains(&name) {
-            session.completed.push(name);
-        }
-    }
     let done = request
         .flows
         .iter()
         .any(|flow| flow.iter().all(|s| session.completed.contains(&s.name())));
     if done {
-        state.store.delete_uia_session(&session.session_id).await?;
-        Ok(())
-    } else {
-        state
-            .store
-            .set_uia_completed(&session.session_id, &session.completed)
-            .await?;
-        Err(challenge(&request, &session, None))
+        if stored {
+            state.store.delete_uia_session(&session.session_id).await?;
+        }
+        return Ok(());
     }
+    if stored {
+        if stage_error.is_none() && auth.is_some() {
+            state
+                .store
+                .set_uia_completed(&session.session_id, &session.completed)
+                .await?;
+        }
+    } else {
+        if state.uia_cleanup_due() {
+            // Housekeeping without a timer: expired sessions go when new ones are made.
+            state
+                .store
+                .delete_uia_sessions_before(now_ms().saturating_sub(lifetime_ms))
+                .await?;
+        }
+        state.store.create_uia_session(&session).await?;
+    }
+    Err(challenge(&request, &session, stage_error))
 }
 
 fn stage_of(auth: &AuthData) -> Option<Stage> {
@@ -147,7 +157,7 @@ async fn run_stage(
     state: &AppState,
     auth: &AuthData,
     request: &UiaRequest<'_>,
-) -> Result<(), StandardErrorBody> {
+) -> Result<Stage, StandardErrorBody> {
     let stage = stage_of(auth).ok_or_else(|| {
         let kind = auth.auth_type().map(|t| t.to_string()).unwrap_or_default();
         StandardErrorBody::new(
@@ -169,7 +179,7 @@ async fn run_stage(
         StandardErrorBody::new(ErrorKind::Unknown, "internal error".to_owned())
     };
     match auth {
-        AuthData::Dummy(_) => Ok(()),
+        AuthData::Dummy(_) => Ok(stage),
         AuthData::Password(data) => {
             let user = request.user.ok_or_else(|| {
                 StandardErrorBody::new(
@@ -187,7 +197,7 @@ async fn run_stage(
                 .await
                 .map_err(internal)?;
             if names_user && ok {
-                Ok(())
+                Ok(stage)
             } else {
                 Err(StandardErrorBody::new(
                     ErrorKind::Forbidden,
@@ -204,7 +214,7 @@ async fn run_stage(
                 .await
                 .map_err(|e| internal(e.into()))?
             {
-                Ok(())
+                Ok(stage)
             } else {
                 Err(StandardErrorBody::new(
                     ErrorKind::Forbidden,

@@ -9,6 +9,16 @@ use sqlx::Row;
 
 use super::{SqlStore, StoreResult, now_ms, parse_id};
 
+/// Creates a device or marks it seen: ($1 user, $2 device, $3 display name or NULL to keep,
+/// $4 IP or NULL to keep, $5 now).
+pub(super) const UPSERT_DEVICE: &str = "INSERT INTO devices
+        (user_id, device_id, display_name, last_seen_ip, last_seen_ts, created_ts)
+    VALUES ($1, $2, $3, $4, $5, $5)
+    ON CONFLICT (user_id, device_id) DO UPDATE SET
+        display_name = COALESCE(excluded.display_name, devices.display_name),
+        last_seen_ip = COALESCE(excluded.last_seen_ip, devices.last_seen_ip),
+        last_seen_ts = excluded.last_seen_ts";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRecord {
     pub device_id: OwnedDeviceId,
@@ -63,22 +73,14 @@ impl DeviceStore for SqlStore {
         display_name: Option<&str>,
         ip: Option<&str>,
     ) -> StoreResult<()> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO devices (user_id, device_id, display_name, last_seen_ip, last_seen_ts, created_ts)
-             VALUES ($1, $2, $3, $4, $5, $5)
-             ON CONFLICT (user_id, device_id) DO UPDATE SET
-                 display_name = COALESCE(excluded.display_name, devices.display_name),
-                 last_seen_ip = COALESCE(excluded.last_seen_ip, devices.last_seen_ip),
-                 last_seen_ts = excluded.last_seen_ts",
-        )
-        .bind(user_id.as_str())
-        .bind(device_id.as_str())
-        .bind(display_name)
-        .bind(ip)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(UPSERT_DEVICE)
+            .bind(user_id.as_str())
+            .bind(device_id.as_str())
+            .bind(display_name)
+            .bind(ip)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -31,16 +31,6 @@ pub(super) fn routes(router: &mut Router) {
         .add(delete_devices);
 }
 
-/// A fresh device id: ten upper-case letters, as other homeservers make them.
-pub(super) fn new_device_id() -> OwnedDeviceId {
-    use rand::Rng;
-    let mut rng = rand::thread_rng();
-    (0..10)
-        .map(|_| char::from(rng.gen_range(b'A'..=b'Z')))
-        .collect::<String>()
-        .into()
-}
-
 fn to_ruma(record: DeviceRecord) -> device::Device {
     let mut device = device::Device::new(record.device_id);
     device.display_name = record.display_name;

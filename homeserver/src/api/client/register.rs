@@ -10,7 +10,6 @@ use ruma::{
     },
 };
 
-use super::session::complete_login;
 use crate::{
     auth::{
         self, password,
@@ -175,15 +174,15 @@ async fn register(
 
     let mut response = register::v3::Response::new(user_id.clone());
     if !body.inhibit_login {
-        let device_id = complete_login(
+        let (device_id, tokens) = auth::log_in(
             &state,
             &user_id,
             body.device_id,
-            body.initial_device_display_name,
+            body.initial_device_display_name.as_deref(),
             request.client_ip,
+            body.refresh_token,
         )
         .await?;
-        let tokens = auth::open_session(&state, &user_id, &device_id, body.refresh_token).await?;
         response.device_id = Some(device_id);
         response.access_token = Some(tokens.access_token);
         response.refresh_token = tokens.refresh_token;

@@ -2,7 +2,7 @@
 
 use actix_web::web;
 use ruma::{
-    OwnedDeviceId, OwnedUserId, UserId,
+    OwnedUserId, UserId,
     api::client::{
         session::{
             get_login_types::{
@@ -19,7 +19,7 @@ use ruma::{
     },
 };
 
-use super::device::{MAX_DISPLAY_NAME, new_device_id};
+use super::device::MAX_DISPLAY_NAME;
 use crate::{
     auth::{self, password, ratelimit::Action, tokens},
     error::{Error, ErrorKind, Result},
@@ -109,51 +109,20 @@ async fn login(state: web::Data<AppState>, request: Ruma<login::v3::Request>) ->
             "display name longer than {MAX_DISPLAY_NAME} characters"
         )));
     }
-    let device_id = complete_login(
+    let (device_id, tokens) = auth::log_in(
         &state,
         &record.user_id,
         body.device_id,
-        body.initial_device_display_name,
+        body.initial_device_display_name.as_deref(),
         request.client_ip,
+        body.refresh_token,
     )
     .await?;
-    let tokens = auth::open_session(&state, &record.user_id, &device_id, body.refresh_token).await?;
     let mut response = login::v3::Response::new(record.user_id, tokens.access_token, device_id);
     response.refresh_token = tokens.refresh_token;
     response.expires_in = tokens.expires_in;
     response.well_known = Some(DiscoveryInfo::new(HomeserverInfo::new(state.config.base_url())));
     Ok(response)
-}
-
-/// Creates the device, or reuses the one the client named; a reused device's old tokens die,
-/// as the spec requires.
-pub(super) async fn complete_login(
-    state: &AppState,
-    user_id: &UserId,
-    device_id: Option<OwnedDeviceId>,
-    display_name: Option<String>,
-    ip: std::net::IpAddr,
-) -> Result<OwnedDeviceId> {
-    let device_id = match device_id {
-        Some(id) => {
-            if id.as_str().is_empty() || id.as_str().len() > 255 {
-                return Err(Error::invalid_param("device_id must be 1 to 255 bytes"));
-            }
-            state.store.delete_device_sessions(user_id, &id).await?;
-            id
-        }
-        None => new_device_id(),
-    };
-    state
-        .store
-        .upsert_device(
-            user_id,
-            &device_id,
-            display_name.as_deref(),
-            Some(&ip.to_string()),
-        )
-        .await?;
-    Ok(device_id)
 }
 
 /// POST /_matrix/client/v3/logout
