@@ -112,12 +112,7 @@ where
             })
         })
         .collect();
-    let mut phase = Phase {
-        name,
-        latencies: Vec::new(),
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
+    let mut phase = Phase { name, latencies: Vec::new(), errors: 0, elapsed: Duration::ZERO };
     for worker in workers {
         if let Ok((latencies, errors)) = worker.await {
             phase.latencies.extend(latencies);
@@ -148,9 +143,7 @@ async fn post(
 }
 
 async fn accounts(base: &str, args: &Args) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
-        .build()?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
     let run = format!("b{}", std::process::id());
     let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
 
@@ -175,9 +168,7 @@ async fn accounts(base: &str, args: &Args) -> anyhow::Result<()> {
         async move {
             let body = json!({"type": "m.login.password", "password": PASSWORD,
                 "identifier": {"type": "m.id.user", "user": format!("{r}u{}", i % users)}});
-            post(&h, format!("{b}/_matrix/client/v3/login"), None, body)
-                .await
-                .map(drop)
+            post(&h, format!("{b}/_matrix/client/v3/login"), None, body).await.map(drop)
         }
     })
     .await;
@@ -192,11 +183,8 @@ async fn accounts(base: &str, args: &Args) -> anyhow::Result<()> {
         let (h, b, tokens) = (h.clone(), b.clone(), tokens.clone());
         async move {
             let token = &tokens[i % tokens.len()];
-            let response = h
-                .get(format!("{b}/_matrix/client/v3/account/whoami"))
-                .bearer_auth(token)
-                .send()
-                .await?;
+            let response =
+                h.get(format!("{b}/_matrix/client/v3/account/whoami")).bearer_auth(token).send().await?;
             if !response.status().is_success() {
                 bail!("{}", response.status());
             }
@@ -215,10 +203,7 @@ async fn start_server(
 ) -> anyhow::Result<(String, homeserver::server::RunningServer, std::path::PathBuf)> {
     let dir = std::env::temp_dir().join(format!("hearth-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut config = homeserver::config::Config {
-        data_dir: dir.clone(),
-        ..Default::default()
-    };
+    let mut config = homeserver::config::Config { data_dir: dir.clone(), ..Default::default() };
     config.listen.client = "127.0.0.1:0".to_owned();
     config.rate_limits.enabled = false;
     config.database.max_connections = 16;
@@ -262,11 +247,7 @@ async fn main() -> anyhow::Result<()> {
         args.users,
         args.requests,
         args.concurrency,
-        if args.url.is_some() {
-            "external".to_owned()
-        } else {
-            format!("in-process, {}", args.database)
-        },
+        if args.url.is_some() { "external".to_owned() } else { format!("in-process, {}", args.database) },
     );
     let result = match args.profile {
         Profile::Accounts => accounts(&base, &args).await,

@@ -65,9 +65,8 @@ pub fn password_login_request(
     password: &str,
     device_name: Option<&str>,
 ) -> Result<http::Request<Vec<u8>>, ClientError> {
-    let identifier = UserIdentifier::Matrix(ruma::api::client::uiaa::MatrixUserIdentifier::new(
-        user.to_owned(),
-    ));
+    let identifier =
+        UserIdentifier::Matrix(ruma::api::client::uiaa::MatrixUserIdentifier::new(user.to_owned()));
     let mut request = login::v3::Request::new(LoginInfo::Password(login::v3::Password::new(
         identifier,
         password.to_owned(),

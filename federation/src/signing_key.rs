@@ -20,9 +20,7 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey")
-            .field("key_id", &self.key_id())
-            .finish_non_exhaustive()
+        f.debug_struct("SigningKey").field("key_id", &self.key_id()).finish_non_exhaustive()
     }
 }
 
@@ -59,9 +57,7 @@ impl SigningKey {
         let (Some("ed25519"), Some(version), Some(der), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(SigningKeyError::Malformed(
-                "expected `ed25519 <version> <key>`".to_owned(),
-            ));
+            return Err(SigningKeyError::Malformed("expected `ed25519 <version> <key>`".to_owned()));
         };
         let der = STANDARD_NO_PAD
             .decode(der.trim_end_matches('='))

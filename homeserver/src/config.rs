@@ -47,6 +47,10 @@ pub struct Config {
 pub struct ListenConfig {
     /// Address of the client-server API listener.
     pub client: String,
+    /// Take the client's IP (for rate limits and "last seen") from the last `X-Forwarded-For`
+    /// entry, which the reverse proxy in front of Hearth appends. Only for deployments behind
+    /// such a proxy: otherwise clients could pick their own IP.
+    pub trust_x_forwarded_for: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,37 +158,25 @@ impl Default for Config {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self {
-            client: "127.0.0.1:8008".to_owned(),
-        }
+        Self { client: "127.0.0.1:8008".to_owned(), trust_x_forwarded_for: false }
     }
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self {
-            url: String::new(),
-            max_connections: 16,
-        }
+        Self { url: String::new(), max_connections: 16 }
     }
 }
 
 impl Default for RegistrationConfig {
     fn default() -> Self {
-        Self {
-            mode: RegistrationMode::Open,
-            min_password_length: 8,
-        }
+        Self { mode: RegistrationMode::Open, min_password_length: 8 }
     }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self {
-            token_secret: String::new(),
-            access_token_lifetime_secs: 300,
-            uia_session_lifetime_secs: 900,
-        }
+        Self { token_secret: String::new(), access_token_lifetime_secs: 300, uia_session_lifetime_secs: 900 }
     }
 }
 
@@ -202,18 +194,13 @@ impl Default for RateLimitConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self {
-            max_request_bytes: 1024 * 1024,
-        }
+        Self { max_request_bytes: 1024 * 1024 }
     }
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Pretty,
-            level: "info".to_owned(),
-        }
+        Self { format: LogFormat::Pretty, level: "info".to_owned() }
     }
 }
 
@@ -231,10 +218,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_owned(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { key: key.to_owned(), message: message.into() }
 }
 
 /// Where the database lives, once the configuration has been resolved.
@@ -257,14 +241,10 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut table = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                text.parse::<toml::Table>().map_err(|source| ConfigError::Toml {
-                    path: path.to_owned(),
-                    source,
-                })?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|source| ConfigError::Toml { path: path.to_owned(), source })?
             }
             None => toml::Table::new(),
         };
@@ -285,10 +265,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         ServerName::parse(&self.server_name).map_err(|e| {
-            invalid(
-                "server_name",
-                format!("{e}; allowed: a host name or IP, optionally with :port"),
-            )
+            invalid("server_name", format!("{e}; allowed: a host name or IP, optionally with :port"))
         })?;
         self.client_listen_addr()?;
         self.database_kind()?;
@@ -303,10 +280,7 @@ impl Config {
         }
         let url = &self.public_baseurl;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(invalid(
-                "public_baseurl",
-                "must be empty or an http:// or https:// URL",
-            ));
+            return Err(invalid("public_baseurl", "must be empty or an http:// or https:// URL"));
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -315,10 +289,7 @@ impl Config {
             return Err(invalid("auth.access_token_lifetime_secs", "must be at least 10"));
         }
         if !self.auth.token_secret.is_empty() && self.auth.token_secret.len() < 32 {
-            return Err(invalid(
-                "auth.token_secret",
-                "must be empty (generated) or at least 32 characters",
-            ));
+            return Err(invalid("auth.token_secret", "must be empty (generated) or at least 32 characters"));
         }
         if self.rate_limits.login_per_second <= 0.0 || self.rate_limits.register_per_second <= 0.0 {
             return Err(invalid(
@@ -339,10 +310,7 @@ impl Config {
 
     pub fn client_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.listen.client.parse().map_err(|_| {
-            invalid(
-                "listen.client",
-                format!("`{}` is not an IP:port address", self.listen.client),
-            )
+            invalid("listen.client", format!("`{}` is not an IP:port address", self.listen.client))
         })
     }
 
@@ -353,10 +321,7 @@ impl Config {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(DatabaseKind::Postgres)
         } else {
-            Err(invalid(
-                "database.url",
-                "must be empty (SQLite in data_dir), sqlite://… or postgres://…",
-            ))
+            Err(invalid("database.url", "must be empty (SQLite in data_dir), sqlite://… or postgres://…"))
         }
     }
 
@@ -396,14 +361,8 @@ fn apply_env(
         .collect();
     vars.sort();
     for (var, raw) in vars {
-        let path: Vec<String> = var["HEARTH_".len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
-        let env_err = |message: String| ConfigError::Env {
-            var: var.clone(),
-            message,
-        };
+        let path: Vec<String> = var["HEARTH_".len()..].split("__").map(str::to_ascii_lowercase).collect();
+        let env_err = |message: String| ConfigError::Env { var: var.clone(), message };
         let (last, sections) = path.split_last().ok_or_else(|| env_err("empty key".to_owned()))?;
         let mut default_table = &defaults;
         let mut target = &mut *table;
@@ -435,22 +394,17 @@ fn typed_value(default: &toml::Value, raw: &str) -> Result<toml::Value, String> 
             "false" | "0" | "no" | "off" => false,
             _ => return Err(format!("`{raw}` is not a boolean (true/false)")),
         }),
-        toml::Value::Integer(_) => toml::Value::Integer(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("`{raw}` is not an integer"))?,
-        ),
-        toml::Value::Float(_) => toml::Value::Float(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("`{raw}` is not a number"))?,
-        ),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(raw.trim().parse().map_err(|_| format!("`{raw}` is not an integer"))?)
+        }
+        toml::Value::Float(_) => {
+            toml::Value::Float(raw.trim().parse().map_err(|_| format!("`{raw}` is not a number"))?)
+        }
         toml::Value::Table(_) => return Err("names a section, not a key".to_owned()),
         other => {
             let wrapped = format!("v = {raw}");
-            let mut parsed: toml::Table = wrapped
-                .parse()
-                .map_err(|e| format!("not a valid TOML {}: {e}", other.type_str()))?;
+            let mut parsed: toml::Table =
+                wrapped.parse().map_err(|e| format!("not a valid TOML {}: {e}", other.type_str()))?;
             parsed.remove("v").ok_or("missing value")?
         }
     })
@@ -461,10 +415,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -511,10 +462,7 @@ mod tests {
         let err =
             Config::load_with_env(None, env(&[("HEARTH_REGISTRATION__MODE", "sometimes")])).unwrap_err();
         let text = err.to_string();
-        assert!(
-            text.contains("registration.mode") && text.contains("open"),
-            "{text}"
-        );
+        assert!(text.contains("registration.mode") && text.contains("open"), "{text}");
         let err = Config::load_with_env(None, env(&[("HEARTH_DATABASE__URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("database.url"), "{err}");
         let err = Config::load_with_env(None, env(&[("HEARTH_SERVER_NAME", "bad name!")])).unwrap_err();
@@ -538,11 +486,7 @@ mod tests {
         let defaults = toml::Table::try_from(Config::default()).unwrap();
         fn keys(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
             for (k, v) in table {
-                let name = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
+                let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                 match v {
                     toml::Value::Table(t) => keys(&name, t, out),
                     _ => out.push(name),

@@ -23,11 +23,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{status} {}: {message}", kind.errcode())]
-    Matrix {
-        status: StatusCode,
-        kind: ErrorKind,
-        message: String,
-    },
+    Matrix { status: StatusCode, kind: ErrorKind, message: String },
     #[error("user-interactive authentication required")]
     Uia(Box<UiaaInfo>),
     #[error("internal error: {0}")]
@@ -36,11 +32,7 @@ pub enum Error {
 
 impl Error {
     pub fn new(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self::Matrix {
-            status,
-            kind,
-            message: message.into(),
-        }
+        Self::Matrix { status, kind, message: message.into() }
     }
 
     pub fn bad_json(message: impl Into<String>) -> Self {
@@ -72,11 +64,7 @@ impl Error {
     }
 
     pub fn missing_token() -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorKind::MissingToken,
-            "missing access token",
-        )
+        Self::new(StatusCode::UNAUTHORIZED, ErrorKind::MissingToken, "missing access token")
     }
 
     /// `soft_logout` tells the client its session can be refreshed or re-logged-in without
@@ -90,11 +78,7 @@ impl Error {
     pub fn limit_exceeded(retry_after: Duration) -> Self {
         let mut data = LimitExceededErrorData::new();
         data.retry_after = Some(RetryAfter::Delay(retry_after));
-        Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::LimitExceeded(data),
-            "too many requests",
-        )
+        Self::new(StatusCode::TOO_MANY_REQUESTS, ErrorKind::LimitExceeded(data), "too many requests")
     }
 
     pub fn too_large(limit: usize) -> Self {

@@ -64,9 +64,7 @@ enum Command {
 fn init_logging(config: &Config) {
     let filter = std::env::var("HEARTH_LOG").unwrap_or_else(|_| config.logging.level.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.logging.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
@@ -104,12 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("database is up to date");
             Ok(())
         }
-        Command::CreateUser {
-            config,
-            username,
-            password_stdin,
-            admin,
-        } => {
+        Command::CreateUser { config, username, password_stdin, admin } => {
             let config = load(&config)?;
             let store = server::open_store(&config).await?;
             store.migrate().await?;
@@ -121,9 +114,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     <&ruma::ServerName>::try_from(config.server_name.as_str())?,
                 )?
             };
-            user_id
-                .validate_strict()
-                .context("usernames may contain only a-z, 0-9 and . _ = - / +")?;
+            user_id.validate_strict().context("usernames may contain only a-z, 0-9 and . _ = - / +")?;
             let (password, generated) = if password_stdin {
                 let mut line = String::new();
                 std::io::stdin().lock().read_line(&mut line)?;
@@ -144,11 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::CreateRegistrationToken {
-            config,
-            uses,
-            expires_in,
-        } => {
+        Command::CreateRegistrationToken { config, uses, expires_in } => {
             let config = load(&config)?;
             let store = server::open_store(&config).await?;
             store.migrate().await?;
@@ -156,9 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let expiry = expires_in.map(|secs| {
                 now_ms().saturating_add(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX))
             });
-            store
-                .create_registration_token(&tokens::sha256_hex(&token), uses.map(i64::from), expiry)
-                .await?;
+            store.create_registration_token(&tokens::sha256_hex(&token), uses.map(i64::from), expiry).await?;
             println!("{token}");
             Ok(())
         }

@@ -52,10 +52,7 @@ impl ServerAuth for AccessToken {
             let token = token.ok_or_else(Error::missing_token)?;
             let user = authenticate_token(state, &token).await?;
             if state.last_seen_due(&user.user_id, &user.device_id) {
-                state
-                    .store
-                    .touch_device(&user.user_id, &user.device_id, &ip.to_string())
-                    .await?;
+                state.store.touch_device(&user.user_id, &user.device_id, &ip.to_string()).await?;
             }
             Ok(user)
         })
@@ -119,25 +116,30 @@ fn access_token(req: &HttpRequest) -> Result<Option<String>> {
             )),
         };
     }
-    Ok(
-        web::Query::<BTreeMap<String, String>>::from_query(req.query_string())
-            .ok()
-            .and_then(|q| q.get("access_token").cloned()),
-    )
+    Ok(web::Query::<BTreeMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get("access_token").cloned()))
+}
+
+/// The client's address: the peer, or behind a trusted proxy the last `X-Forwarded-For` entry.
+fn client_ip(req: &HttpRequest, trust_forwarded: bool) -> IpAddr {
+    let forwarded = trust_forwarded
+        .then(|| req.headers().get("X-Forwarded-For"))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|ip| ip.trim().parse().ok());
+    forwarded.unwrap_or_else(|| req.peer_addr().map_or(IpAddr::from([127, 0, 0, 1]), |a| a.ip()))
 }
 
 /// Path arguments in template order, percent-decoded from the raw path.
 fn path_args(req: &HttpRequest) -> Result<Vec<String>> {
-    let template = req
-        .app_data::<PathTemplate>()
-        .ok_or_else(|| Error::internal("route without template"))?;
+    let template = req.app_data::<PathTemplate>().ok_or_else(|| Error::internal("route without template"))?;
     let raw: Vec<&str> = req.uri().path().split('/').collect();
     let mut args = Vec::new();
     for (i, segment) in template.0.split('/').enumerate() {
         if segment.starts_with('{') {
-            let raw = raw
-                .get(i)
-                .ok_or_else(|| Error::internal("path shorter than its template"))?;
+            let raw = raw.get(i).ok_or_else(|| Error::internal("path shorter than its template"))?;
             let decoded = percent_encoding::percent_decode_str(raw)
                 .decode_utf8()
                 .map_err(|_| Error::invalid_param("path segment is not valid UTF-8"))?;
@@ -155,20 +157,14 @@ fn to_http_request<'b>(req: &HttpRequest, body: &'b [u8]) -> Result<http::Reques
     for (name, value) in req.headers() {
         builder = builder.header(name.as_str(), value.as_bytes());
     }
-    builder
-        .body(body)
-        .map_err(|e| Error::bad_json(format!("malformed request: {e}")))
+    builder.body(body).map_err(|e| Error::bad_json(format!("malformed request: {e}")))
 }
 
 fn map_parse_error(error: FromHttpRequestError) -> Error {
     match error {
         FromHttpRequestError::Deserialization(DeserializationError::Json(e)) => {
             let text = e.to_string();
-            if text.starts_with("missing field") {
-                Error::missing_param(text)
-            } else {
-                Error::bad_json(text)
-            }
+            if text.starts_with("missing field") { Error::missing_param(text) } else { Error::bad_json(text) }
         }
         FromHttpRequestError::Deserialization(DeserializationError::Query(e)) => {
             let text = e.to_string();
@@ -181,10 +177,9 @@ fn map_parse_error(error: FromHttpRequestError) -> Error {
         FromHttpRequestError::Deserialization(DeserializationError::Ident(e)) => {
             Error::invalid_param(format!("invalid identifier: {e}"))
         }
-        FromHttpRequestError::MethodMismatch { .. } => Error::unrecognized(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed for this endpoint",
-        ),
+        FromHttpRequestError::MethodMismatch { .. } => {
+            Error::unrecognized(StatusCode::METHOD_NOT_ALLOWED, "method not allowed for this endpoint")
+        }
         other => Error::bad_json(other.to_string()),
     }
 }
@@ -224,17 +219,13 @@ where
             }
 
             let token = access_token(&req)?;
-            let client_ip = req.peer_addr().map_or(IpAddr::from([127, 0, 0, 1]), |a| a.ip());
+            let client_ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
             let sender = <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip).await?;
             let args = path_args(&req)?;
             let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
             let http_request = to_http_request(&req, &body)?;
             let parsed = T::try_from_http_request(http_request, &arg_refs).map_err(map_parse_error)?;
-            Ok(Ruma {
-                body: parsed,
-                sender,
-                client_ip,
-            })
+            Ok(Ruma { body: parsed, sender, client_ip })
         })
     }
 }

@@ -79,17 +79,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 DefaultHeaders::new()
                     .add(("Access-Control-Allow-Origin", "*"))
                     .add(("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"))
-                    .add((
-                        "Access-Control-Allow-Headers",
-                        "X-Requested-With, Content-Type, Authorization",
-                    ))
+                    .add(("Access-Control-Allow-Headers", "X-Requested-With, Content-Type, Authorization"))
                     .add(("Cross-Origin-Resource-Policy", "cross-origin")),
             )
             .configure(|cfg| router.configure(cfg))
-            .route(
-                "/health",
-                web::get().to(|| async { HttpResponse::Ok().body("OK") }),
-            )
+            .route("/health", web::get().to(|| async { HttpResponse::Ok().body("OK") }))
             .default_service(web::to(unrecognized))
     })
     .disable_signals()
@@ -99,10 +93,5 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let server = server.run();
     let handle = server.handle();
     let task = tokio::spawn(server);
-    Ok(RunningServer {
-        addr,
-        state,
-        handle,
-        task,
-    })
+    Ok(RunningServer { addr, state, handle, task })
 }

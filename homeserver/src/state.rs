@@ -47,19 +47,10 @@ impl AppState {
         let limiter = RateLimiter::new(
             limits.enabled,
             [
-                (
-                    Action::Login,
-                    Rate {
-                        per_second: limits.login_per_second,
-                        burst: limits.login_burst,
-                    },
-                ),
+                (Action::Login, Rate { per_second: limits.login_per_second, burst: limits.login_burst }),
                 (
                     Action::Register,
-                    Rate {
-                        per_second: limits.register_per_second,
-                        burst: limits.register_burst,
-                    },
+                    Rate { per_second: limits.register_per_second, burst: limits.register_burst },
                 ),
             ],
         );
@@ -77,10 +68,7 @@ impl AppState {
     /// Whether the device's last-seen record is due for a write (and, if so, marks it written).
     pub fn last_seen_due(&self, user_id: &OwnedUserId, device_id: &OwnedDeviceId) -> bool {
         let now = Instant::now();
-        let mut seen = self
-            .last_seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = self.last_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if seen.len() > 100_000 {
             seen.retain(|_, at| now.duration_since(*at) < LAST_SEEN_EVERY);
         }
@@ -96,10 +84,7 @@ impl AppState {
     /// Whether expired UIA sessions are due to be swept (at most once a minute per process).
     pub fn uia_cleanup_due(&self) -> bool {
         let now = Instant::now();
-        let mut last = self
-            .uia_cleaned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.uia_cleaned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match *last {
             Some(at) if now.duration_since(at) < Duration::from_secs(60) => false,
             _ => {

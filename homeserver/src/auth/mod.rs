@@ -31,11 +31,7 @@ pub async fn authenticate_token(state: &AppState, token: &str) -> Result<AuthedU
                 && s.user_id.as_str() == claims.user_id
                 && s.device_id.as_str() == claims.device_id =>
         {
-            Ok(AuthedUser {
-                user_id: s.user_id,
-                device_id: s.device_id,
-                session_id: s.session_id,
-            })
+            Ok(AuthedUser { user_id: s.user_id, device_id: s.device_id, session_id: s.session_id })
         }
         _ => Err(Error::unknown_token(false, "access token has been revoked")),
     }
@@ -56,10 +52,7 @@ const MAX_DEVICE_ID: usize = 255;
 fn new_device_id() -> ruma::OwnedDeviceId {
     use rand::Rng;
     let mut rng = rand::thread_rng();
-    (0..10)
-        .map(|_| char::from(rng.gen_range(b'A'..=b'Z')))
-        .collect::<String>()
-        .into()
+    (0..10).map(|_| char::from(rng.gen_range(b'A'..=b'Z'))).collect::<String>().into()
 }
 
 /// Logs a device in after its user proved who they are (login or registration): creates the
@@ -75,9 +68,7 @@ pub async fn log_in(
 ) -> Result<(ruma::OwnedDeviceId, IssuedTokens)> {
     let device_id = match device_id {
         Some(id) if id.as_str().is_empty() || id.as_str().len() > MAX_DEVICE_ID => {
-            return Err(Error::invalid_param(format!(
-                "device_id must be 1 to {MAX_DEVICE_ID} bytes"
-            )));
+            return Err(Error::invalid_param(format!("device_id must be 1 to {MAX_DEVICE_ID} bytes")));
         }
         Some(id) => id,
         None => new_device_id(),
@@ -90,22 +81,7 @@ pub async fn log_in(
     };
     let refresh_token = refreshable.then(|| format!("hrt_{}", tokens::random_token(32)));
     let refresh_hash = refresh_token.as_deref().map(tokens::sha256_hex);
-    state
-        .store
-        .login_device(
-            &session,
-            refresh_hash.as_deref(),
-            display_name,
-            Some(&ip.to_string()),
-        )
-        .await?;
+    state.store.login_device(&session, refresh_hash.as_deref(), display_name, Some(&ip.to_string())).await?;
     let (access_token, expires_in) = state.tokens.issue(&session, refreshable)?;
-    Ok((
-        device_id,
-        IssuedTokens {
-            access_token,
-            refresh_token,
-            expires_in,
-        },
-    ))
+    Ok((device_id, IssuedTokens { access_token, refresh_token, expires_in }))
 }

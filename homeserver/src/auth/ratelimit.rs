@@ -42,11 +42,7 @@ const SWEEP_AT: usize = 100_000;
 
 impl RateLimiter {
     pub fn new(enabled: bool, rates: impl IntoIterator<Item = (Action, Rate)>) -> Self {
-        Self {
-            enabled,
-            rates: rates.into_iter().collect(),
-            buckets: Mutex::new(HashMap::new()),
-        }
+        Self { enabled, rates: rates.into_iter().collect(), buckets: Mutex::new(HashMap::new()) }
     }
 
     /// Takes one request from the client's bucket, or says how long to wait.
@@ -56,20 +52,14 @@ impl RateLimiter {
         };
         let now = Instant::now();
         let burst = f64::from(rate.burst);
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if buckets.len() >= SWEEP_AT {
             buckets.retain(|(a, _), b| {
                 let per_second = self.rates.get(a).map_or(1.0, |r| r.per_second);
                 b.tokens + now.duration_since(b.updated).as_secs_f64() * per_second < burst
             });
         }
-        let bucket = buckets.entry((action, ip)).or_insert(Bucket {
-            tokens: burst,
-            updated: now,
-        });
+        let bucket = buckets.entry((action, ip)).or_insert(Bucket { tokens: burst, updated: now });
         bucket.tokens =
             (bucket.tokens + now.duration_since(bucket.updated).as_secs_f64() * rate.per_second).min(burst);
         bucket.updated = now;
@@ -89,39 +79,15 @@ mod tests {
 
     #[test]
     fn burst_then_limited_per_ip() {
-        let limiter = RateLimiter::new(
-            true,
-            [(
-                Action::Login,
-                Rate {
-                    per_second: 0.001,
-                    burst: 2,
-                },
-            )],
-        );
+        let limiter = RateLimiter::new(true, [(Action::Login, Rate { per_second: 0.001, burst: 2 })]);
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
         assert!(limiter.check(Action::Login, a).is_ok());
         assert!(limiter.check(Action::Login, a).is_ok());
         assert!(limiter.check(Action::Login, a).is_err());
-        assert!(
-            limiter.check(Action::Login, b).is_ok(),
-            "another IP has its own bucket"
-        );
-        assert!(
-            limiter.check(Action::Register, a).is_ok(),
-            "unconfigured actions are not limited"
-        );
-        let off = RateLimiter::new(
-            false,
-            [(
-                Action::Login,
-                Rate {
-                    per_second: 0.001,
-                    burst: 1,
-                },
-            )],
-        );
+        assert!(limiter.check(Action::Login, b).is_ok(), "another IP has its own bucket");
+        assert!(limiter.check(Action::Register, a).is_ok(), "unconfigured actions are not limited");
+        let off = RateLimiter::new(false, [(Action::Login, Rate { per_second: 0.001, burst: 1 })]);
         for _ in 0..5 {
             assert!(off.check(Action::Login, a).is_ok());
         }

@@ -55,17 +55,12 @@ pub struct TokenService {
 
 impl std::fmt::Debug for TokenService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenService")
-            .field("issuer", &self.issuer)
-            .finish_non_exhaustive()
+        f.debug_struct("TokenService").field("issuer", &self.issuer).finish_non_exhaustive()
     }
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl TokenService {
@@ -111,12 +106,7 @@ impl TokenService {
             }
         })?;
         let c = data.claims;
-        Ok(TokenClaims {
-            user_id: c.sub,
-            device_id: c.dev,
-            session_id: c.sid,
-            generation: c.generation,
-        })
+        Ok(TokenClaims { user_id: c.sub, device_id: c.dev, session_id: c.sid, generation: c.generation })
     }
 }
 
@@ -154,10 +144,7 @@ pub fn random_token(bytes: usize) -> String {
 /// SHA-256, hex: how refresh and registration tokens are stored. They are long random strings, so
 /// a fast hash is enough (there is nothing to brute-force).
 pub fn sha256_hex(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -182,15 +169,9 @@ mod tests {
         assert_eq!((claims.user_id.as_str(), claims.generation), ("@a:localhost", 3));
 
         let other = TokenService::new(&[8u8; 32], "localhost", Duration::from_secs(60));
-        assert!(
-            other.verify(&token).is_err(),
-            "a token signed with another secret must fail"
-        );
+        assert!(other.verify(&token).is_err(), "a token signed with another secret must fail");
         let foreign = TokenService::new(&[7u8; 32], "elsewhere", Duration::from_secs(60));
-        assert!(
-            foreign.verify(&token).is_err(),
-            "a token for another server must fail"
-        );
+        assert!(foreign.verify(&token).is_err(), "a token for another server must fail");
         assert!(service.verify("garbage").is_err());
     }
 
@@ -200,10 +181,7 @@ mod tests {
         let (token, _) = service.issue(&session(), true).unwrap();
         std::thread::sleep(Duration::from_millis(1100));
         match service.verify(&token) {
-            Err(Error::Matrix {
-                kind: crate::error::ErrorKind::UnknownToken(data),
-                ..
-            }) => {
+            Err(Error::Matrix { kind: crate::error::ErrorKind::UnknownToken(data), .. }) => {
                 assert!(data.soft_logout)
             }
             other => panic!("expected soft logout, got {other:?}"),

@@ -73,16 +73,10 @@ pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: Ui
                 .await?
                 .filter(|s| s.created_ts > now_ms().saturating_sub(lifetime_ms))
                 .ok_or_else(|| {
-                    Error::new(
-                        StatusCode::BAD_REQUEST,
-                        ErrorKind::Unknown,
-                        "unknown or expired UIA session",
-                    )
+                    Error::new(StatusCode::BAD_REQUEST, ErrorKind::Unknown, "unknown or expired UIA session")
                 })?;
             if session.operation != request.operation || session.user_id.as_deref() != request.user {
-                return Err(Error::forbidden(
-                    "this UIA session was started for a different request",
-                ));
+                return Err(Error::forbidden("this UIA session was started for a different request"));
             }
             (session, true)
         }
@@ -113,10 +107,7 @@ pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: Ui
             Err(error) => Some(error),
         },
     };
-    let done = request
-        .flows
-        .iter()
-        .any(|flow| flow.iter().all(|s| session.completed.contains(&s.name())));
+    let done = request.flows.iter().any(|flow| flow.iter().all(|s| session.completed.contains(&s.name())));
     if done {
         if stored {
             state.store.delete_uia_session(&session.session_id).await?;
@@ -125,18 +116,12 @@ pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: Ui
     }
     if stored {
         if stage_error.is_none() && auth.is_some() {
-            state
-                .store
-                .set_uia_completed(&session.session_id, &session.completed)
-                .await?;
+            state.store.set_uia_completed(&session.session_id, &session.completed).await?;
         }
     } else {
         if state.uia_cleanup_due() {
             // Housekeeping without a timer: expired sessions go when new ones are made.
-            state
-                .store
-                .delete_uia_sessions_before(now_ms().saturating_sub(lifetime_ms))
-                .await?;
+            state.store.delete_uia_sessions_before(now_ms().saturating_sub(lifetime_ms)).await?;
         }
         state.store.create_uia_session(&session).await?;
     }
@@ -168,10 +153,7 @@ async fn run_stage(
     if !request.flows.iter().flatten().any(|s| *s == stage) {
         return Err(StandardErrorBody::new(
             ErrorKind::Forbidden,
-            format!(
-                "authentication type `{}` is not offered for this request",
-                stage.name()
-            ),
+            format!("authentication type `{}` is not offered for this request", stage.name()),
         ));
     }
     let internal = |e: Error| {
@@ -182,10 +164,7 @@ async fn run_stage(
         AuthData::Dummy(_) => Ok(stage),
         AuthData::Password(data) => {
             let user = request.user.ok_or_else(|| {
-                StandardErrorBody::new(
-                    ErrorKind::Forbidden,
-                    "no account to check a password for".to_owned(),
-                )
+                StandardErrorBody::new(ErrorKind::Forbidden, "no account to check a password for".to_owned())
             })?;
             let names_user = match &data.identifier {
                 UserIdentifier::Matrix(id) => id.user == user.as_str() || id.user == user.localpart(),
@@ -193,39 +172,23 @@ async fn run_stage(
             };
             let record = state.store.get_user(user).await.map_err(|e| internal(e.into()))?;
             let hash = record.and_then(|r| r.password_hash);
-            let ok = password::verify(&data.password, hash.as_deref())
-                .await
-                .map_err(internal)?;
+            let ok = password::verify(&data.password, hash.as_deref()).await.map_err(internal)?;
             if names_user && ok {
                 Ok(stage)
             } else {
-                Err(StandardErrorBody::new(
-                    ErrorKind::Forbidden,
-                    "invalid password".to_owned(),
-                ))
+                Err(StandardErrorBody::new(ErrorKind::Forbidden, "invalid password".to_owned()))
             }
         }
         AuthData::RegistrationToken(data) => {
             // A use of the token is taken when this stage completes.
             let hash = tokens::sha256_hex(&data.token);
-            if state
-                .store
-                .use_registration_token(&hash, now_ms())
-                .await
-                .map_err(|e| internal(e.into()))?
-            {
+            if state.store.use_registration_token(&hash, now_ms()).await.map_err(|e| internal(e.into()))? {
                 Ok(stage)
             } else {
-                Err(StandardErrorBody::new(
-                    ErrorKind::Forbidden,
-                    "invalid registration token".to_owned(),
-                ))
+                Err(StandardErrorBody::new(ErrorKind::Forbidden, "invalid registration token".to_owned()))
             }
         }
-        _ => Err(StandardErrorBody::new(
-            ErrorKind::Unrecognized,
-            "unsupported stage".to_owned(),
-        )),
+        _ => Err(StandardErrorBody::new(ErrorKind::Unrecognized, "unsupported stage".to_owned())),
     }
 }
 
@@ -241,11 +204,7 @@ fn challenge(
         .collect();
     let mut info = UiaaInfo::new(flows);
     info.session = Some(session.session_id.clone());
-    info.completed = session
-        .completed
-        .iter()
-        .map(|s| AuthType::from(s.as_str()))
-        .collect();
+    info.completed = session.completed.iter().map(|s| AuthType::from(s.as_str())).collect();
     info.params = to_raw_value(&BTreeMap::<String, serde_json::Value>::new()).ok();
     info.auth_error = error.map(Box::new);
     Error::Uia(Box::new(info))

@@ -147,11 +147,7 @@ impl DeviceStore for SqlStore {
                 "DELETE FROM sessions WHERE user_id = $1 AND device_id = $2",
                 "DELETE FROM devices WHERE user_id = $1 AND device_id = $2",
             ] {
-                sqlx::query(table)
-                    .bind(user_id.as_str())
-                    .bind(device_id.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(table).bind(user_id.as_str()).bind(device_id.as_str()).execute(&mut *tx).await?;
             }
         }
         tx.commit().await?;
@@ -166,11 +162,7 @@ impl DeviceStore for SqlStore {
             "DELETE FROM sessions WHERE user_id = $1 AND device_id <> $2",
             "DELETE FROM devices WHERE user_id = $1 AND device_id <> $2",
         ] {
-            sqlx::query(table)
-                .bind(user_id.as_str())
-                .bind(keep)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(table).bind(user_id.as_str()).bind(keep).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

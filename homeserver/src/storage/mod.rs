@@ -85,11 +85,7 @@ impl<'s> MigrationSource<'s> for EmbeddedMigrations {
             Ok(MIGRATIONS
                 .iter()
                 .map(|&(version, description, postgres, sqlite)| {
-                    let sql = if self.0 == Backend::Postgres {
-                        postgres
-                    } else {
-                        sqlite
-                    };
+                    let sql = if self.0 == Backend::Postgres { postgres } else { sqlite };
                     Migration::new(
                         version,
                         Cow::Borrowed(description),
@@ -108,14 +104,9 @@ impl SqlStore {
     /// concurrent requests wait for the writer instead of failing.
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("postgres") {
-            Backend::Postgres
-        } else {
-            Backend::Sqlite
-        };
-        let mut options = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(30));
+        let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
+        let mut options =
+            AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(30));
         if backend == Backend::Sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {

@@ -43,14 +43,8 @@ impl RegistrationTokenStore for SqlStore {
     }
 
     async fn registration_token_valid(&self, token_hash: &str, now_ts: i64) -> StoreResult<bool> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT token_hash FROM registration_tokens WHERE {VALID}"
-        ));
-        let row = sqlx::query(sql)
-            .bind(token_hash)
-            .bind(now_ts)
-            .fetch_optional(&self.pool)
-            .await?;
+        let sql = sqlx::AssertSqlSafe(format!("SELECT token_hash FROM registration_tokens WHERE {VALID}"));
+        let row = sqlx::query(sql).bind(token_hash).bind(now_ts).fetch_optional(&self.pool).await?;
         Ok(row.is_some())
     }
 
@@ -58,11 +52,7 @@ impl RegistrationTokenStore for SqlStore {
         let sql = sqlx::AssertSqlSafe(format!(
             "UPDATE registration_tokens SET completed = completed + 1 WHERE {VALID} RETURNING token_hash"
         ));
-        let row = sqlx::query(sql)
-            .bind(token_hash)
-            .bind(now_ts)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(sql).bind(token_hash).bind(now_ts).fetch_optional(&self.pool).await?;
         Ok(row.is_some())
     }
 }

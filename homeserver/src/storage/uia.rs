@@ -60,10 +60,7 @@ impl UiaStore for SqlStore {
             Ok(UiaSessionRecord {
                 session_id: session_id.to_owned(),
                 operation: row.try_get("operation")?,
-                user_id: row
-                    .try_get::<Option<String>, _>("user_id")?
-                    .map(parse_id)
-                    .transpose()?,
+                user_id: row.try_get::<Option<String>, _>("user_id")?.map(parse_id).transpose()?,
                 completed: serde_json::from_str(&completed)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 created_ts: row.try_get("created_ts")?,

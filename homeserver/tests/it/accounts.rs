@@ -291,6 +291,44 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn workers_share_sessions_and_revocation(db: Db) {
+        let a = TestServer::start(db).await;
+        let b = a.another_worker().await;
+        let alice = a.register("maria", PW).await;
+        assert_eq!(b.get("/_matrix/client/v3/account/whoami", Some(&alice.token)).await.0, 200);
+        // A UIA session started on one worker finishes on the other.
+        let other = session_of(&b.login("maria", PW, json!({})).await.1);
+        let path = format!("/_matrix/client/v3/devices/{}", other.device_id);
+        let (status, challenge) = a.request("DELETE", &path, Some(&alice.token), Some(json!({}))).await;
+        assert_eq!(status, 401);
+        let session = challenge["session"].as_str().unwrap();
+        let (status, body) = b.request("DELETE", &path, Some(&alice.token),
+            Some(json!({"auth": password_auth("maria", PW, session)}))).await;
+        assert_eq!(status, 200, "{body}");
+        // Revocation on one worker is seen by the other at once.
+        assert_error(&a.get("/_matrix/client/v3/account/whoami", Some(&other.token)).await, 401, "M_UNKNOWN_TOKEN");
+        assert_eq!(b.post("/_matrix/client/v3/logout", Some(&alice.token), json!({})).await.0, 200);
+        assert_error(&a.get("/_matrix/client/v3/account/whoami", Some(&alice.token)).await, 401, "M_UNKNOWN_TOKEN");
+        b.stop().await;
+        a.stop().await;
+    }
+
+    async fn client_ip_behind_a_trusted_proxy(db: Db) {
+        let server = TestServer::start_with(db, |c| c.listen.trust_x_forwarded_for = true).await;
+        let alice = server.register("nina", PW).await;
+        let proxied = server.http.post(format!("{}/_matrix/client/v3/login", server.base))
+            .header("X-Forwarded-For", "198.51.100.7, 203.0.113.9")
+            .json(&json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "nina"},
+                "password": PW, "device_id": "PROXIED"}))
+            .send().await.unwrap();
+        assert_eq!(proxied.status().as_u16(), 200);
+        let (_, devices) = server.get("/_matrix/client/v3/devices", Some(&alice.token)).await;
+        let devices = devices["devices"].as_array().unwrap().clone();
+        let device = devices.iter().find(|d| d["device_id"] == "PROXIED").unwrap();
+        assert_eq!(device["last_seen_ip"], "203.0.113.9", "the entry the proxy appended");
+        server.stop().await;
+    }
+
     async fn discovery_endpoints(db: Db) {
         let server = TestServer::start(db).await;
         let (status, versions) = server.get("/_matrix/client/versions", None).await;

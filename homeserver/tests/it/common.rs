@@ -48,26 +48,17 @@ impl TestDb {
         match db {
             Db::Sqlite => {
                 let url = format!("sqlite://{}?mode=rwc", dir.join("hearth.db").display());
-                Self {
-                    url,
-                    dir,
-                    pg_name: None,
-                }
+                Self { url, dir, pg_name: None }
             }
             Db::Postgres => {
                 let admin = postgres_admin_url();
-                let mut conn = sqlx::PgConnection::connect(&admin)
-                    .await
-                    .expect("connect to Postgres for tests");
+                let mut conn =
+                    sqlx::PgConnection::connect(&admin).await.expect("connect to Postgres for tests");
                 conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .await
                     .expect("create db");
                 let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
-                Self {
-                    url: format!("{base}/{name}"),
-                    dir,
-                    pg_name: Some(name),
-                }
+                Self { url: format!("{base}/{name}"), dir, pg_name: Some(name) }
             }
         }
     }
@@ -78,9 +69,7 @@ impl TestDb {
             && let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_admin_url()).await
         {
             let _ = conn
-                .execute(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
+                .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
                 .await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -91,10 +80,7 @@ impl TestDb {
 pub const TOKEN_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
 
 pub fn test_config(db: &TestDb) -> Config {
-    let mut config = Config {
-        data_dir: db.dir.clone(),
-        ..Config::default()
-    };
+    let mut config = Config { data_dir: db.dir.clone(), ..Config::default() };
     config.listen.client = "127.0.0.1:0".to_owned();
     config.database.url = db.url.clone();
     config.database.max_connections = 4;
@@ -107,7 +93,8 @@ pub struct TestServer {
     pub base: String,
     pub http: reqwest::Client,
     pub server: RunningServer,
-    db: TestDb,
+    /// The database, owned by the first server started on it.
+    db: Option<TestDb>,
 }
 
 /// A logged-in client.
@@ -129,17 +116,23 @@ impl TestServer {
         tweak(&mut config);
         let server = homeserver::server::start(config).await.expect("server starts");
         let base = format!("http://{}", server.addr);
-        Self {
-            base,
-            http: reqwest::Client::new(),
-            server,
-            db,
-        }
+        Self { base, http: reqwest::Client::new(), server, db: Some(db) }
+    }
+
+    /// Another worker on the same database and token secret, as in a scaled-out deployment.
+    pub async fn another_worker(&self) -> Self {
+        let mut config = self.server.state.config.clone();
+        config.listen.client = "127.0.0.1:0".to_owned();
+        let server = homeserver::server::start(config).await.expect("second worker starts");
+        let base = format!("http://{}", server.addr);
+        Self { base, http: reqwest::Client::new(), server, db: None }
     }
 
     pub async fn stop(self) {
         self.server.stop().await;
-        self.db.remove().await;
+        if let Some(db) = self.db {
+            db.remove().await;
+        }
     }
 
     /// Sends a request; `body` of `None` sends no body. Returns status and JSON body.

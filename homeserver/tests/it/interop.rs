@@ -15,10 +15,7 @@ use tokio::process::{Child, Command};
 use crate::common::{Db, TestDb};
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
 }
 
 fn python() -> PathBuf {
@@ -65,16 +62,9 @@ impl HearthProcess {
             command.env("HEARTH_DATABASE__URL", &db.url);
         }
         let log_file = std::fs::File::create(&log).expect("log file");
-        command
-            .stdout(Stdio::null())
-            .stderr(log_file.try_clone().expect("log"))
-            .kill_on_drop(true);
+        command.stdout(Stdio::null()).stderr(log_file.try_clone().expect("log")).kill_on_drop(true);
         let child = command.spawn().expect("spawn hearth");
-        let process = Self {
-            base: format!("http://127.0.0.1:{port}"),
-            child,
-            log,
-        };
+        let process = Self { base: format!("http://127.0.0.1:{port}"), child, log };
         process.wait_healthy().await;
         process
     }
@@ -107,10 +97,8 @@ impl HearthProcess {
 
 /// Runs one harness script from `interop/` against the server; panics with its output on failure.
 pub async fn run_harness(script: &str, hearth: &HearthProcess) {
-    let output = Command::new(python())
-        .arg(workspace_root().join("interop").join(script))
-        .arg(&hearth.base)
-        .output();
+    let output =
+        Command::new(python()).arg(workspace_root().join("interop").join(script)).arg(&hearth.base).output();
     let output = tokio::time::timeout(Duration::from_secs(120), output)
         .await
         .expect("harness finished in time")
@@ -123,10 +111,7 @@ pub async fn run_harness(script: &str, hearth: &HearthProcess) {
         output.status,
         hearth.log()
     );
-    assert!(
-        stdout.contains("ALL CHECKS PASSED"),
-        "{script} did not finish its checks:\n{stdout}"
-    );
+    assert!(stdout.contains("ALL CHECKS PASSED"), "{script} did not finish its checks:\n{stdout}");
 }
 
 crate::on_both_backends! {

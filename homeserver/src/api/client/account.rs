@@ -40,20 +40,13 @@ async fn change_password(
     uia::authenticate(
         &state,
         body.auth.as_ref(),
-        UiaRequest {
-            operation: "change_password",
-            user: Some(&user.user_id),
-            flows,
-        },
+        UiaRequest { operation: "change_password", user: Some(&user.user_id), flows },
     )
     .await?;
     let hash = password::hash(&body.new_password).await?;
     state.store.set_password_hash(&user.user_id, Some(&hash)).await?;
     if body.logout_devices {
-        state
-            .store
-            .delete_devices_except(&user.user_id, Some(&user.device_id))
-            .await?;
+        state.store.delete_devices_except(&user.user_id, Some(&user.device_id)).await?;
     }
     Ok(change_password::v3::Response::new())
 }
@@ -68,16 +61,10 @@ async fn deactivate(
     uia::authenticate(
         &state,
         request.body.auth.as_ref(),
-        UiaRequest {
-            operation: "deactivate",
-            user: Some(&user.user_id),
-            flows,
-        },
+        UiaRequest { operation: "deactivate", user: Some(&user.user_id), flows },
     )
     .await?;
     state.store.deactivate_user(&user.user_id).await?;
     tracing::info!(user_id = %user.user_id, "deactivated");
-    Ok(deactivate::v3::Response::new(
-        ThirdPartyIdRemovalStatus::NoSupport,
-    ))
+    Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
 }

@@ -23,22 +23,15 @@ pub(super) const MAX_DISPLAY_NAME: usize = 256;
 const MAX_DELETE: usize = 1000;
 
 pub(super) fn routes(router: &mut Router) {
-    router
-        .add(get_devices)
-        .add(get_device)
-        .add(update_device)
-        .add(delete_device)
-        .add(delete_devices);
+    router.add(get_devices).add(get_device).add(update_device).add(delete_device).add(delete_devices);
 }
 
 fn to_ruma(record: DeviceRecord) -> device::Device {
     let mut device = device::Device::new(record.device_id);
     device.display_name = record.display_name;
     device.last_seen_ip = record.last_seen_ip;
-    device.last_seen_ts = record
-        .last_seen_ts
-        .and_then(|ts| UInt::try_from(ts).ok())
-        .map(MilliSecondsSinceUnixEpoch);
+    device.last_seen_ts =
+        record.last_seen_ts.and_then(|ts| UInt::try_from(ts).ok()).map(MilliSecondsSinceUnixEpoch);
     device
 }
 
@@ -48,9 +41,7 @@ async fn get_devices(
     request: Ruma<get_devices::v3::Request>,
 ) -> Result<get_devices::v3::Response> {
     let devices = state.store.list_devices(&request.sender.user_id).await?;
-    Ok(get_devices::v3::Response::new(
-        devices.into_iter().map(to_ruma).collect(),
-    ))
+    Ok(get_devices::v3::Response::new(devices.into_iter().map(to_ruma).collect()))
 }
 
 /// GET /_matrix/client/v3/devices/{deviceId}
@@ -73,14 +64,10 @@ async fn update_device(
 ) -> Result<update_device::v3::Response> {
     let name = request.body.display_name.as_deref();
     if name.is_some_and(|n| n.chars().count() > MAX_DISPLAY_NAME) {
-        return Err(Error::invalid_param(format!(
-            "display_name longer than {MAX_DISPLAY_NAME} characters"
-        )));
+        return Err(Error::invalid_param(format!("display_name longer than {MAX_DISPLAY_NAME} characters")));
     }
-    let found = state
-        .store
-        .set_device_display_name(&request.sender.user_id, &request.body.device_id, name)
-        .await?;
+    let found =
+        state.store.set_device_display_name(&request.sender.user_id, &request.body.device_id, name).await?;
     if !found {
         return Err(Error::not_found("no such device"));
     }
@@ -101,11 +88,7 @@ async fn authorize_deletion(
     uia::authenticate(
         state,
         auth,
-        UiaRequest {
-            operation: &operation,
-            user: Some(&user.user_id),
-            flows: vec![vec![Stage::Password]],
-        },
+        UiaRequest { operation: &operation, user: Some(&user.user_id), flows: vec![vec![Stage::Password]] },
     )
     .await
 }
@@ -117,12 +100,7 @@ async fn delete_device(
 ) -> Result<delete_device::v3::Response> {
     let user = &request.sender;
     let body = request.body;
-    if state
-        .store
-        .get_device(&user.user_id, &body.device_id)
-        .await?
-        .is_none()
-    {
+    if state.store.get_device(&user.user_id, &body.device_id).await?.is_none() {
         return Err(Error::not_found("no such device"));
     }
     let devices = [body.device_id];
@@ -139,9 +117,7 @@ async fn delete_devices(
     let user = &request.sender;
     let body = request.body;
     if body.devices.len() > MAX_DELETE {
-        return Err(Error::invalid_param(format!(
-            "at most {MAX_DELETE} devices per request"
-        )));
+        return Err(Error::invalid_param(format!("at most {MAX_DELETE} devices per request")));
     }
     authorize_deletion(&state, user, &body.devices, body.auth.as_ref()).await?;
     state.store.delete_devices(&user.user_id, &body.devices).await?;

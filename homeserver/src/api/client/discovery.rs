@@ -22,15 +22,11 @@ use crate::{
 };
 
 /// Spec versions whose client-server API Hearth serves.
-const VERSIONS: &[&str] = &[
-    "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11",
-];
+const VERSIONS: &[&str] =
+    &["v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];
 
 pub(super) fn routes(router: &mut Router) {
-    router
-        .add(get_supported_versions)
-        .add(discover_client)
-        .add(get_capabilities);
+    router.add(get_supported_versions).add(discover_client).add(get_capabilities);
 }
 
 /// GET /_matrix/client/versions
@@ -49,9 +45,7 @@ async fn discover_client(
     state: web::Data<AppState>,
     _: Ruma<discover_homeserver::Request>,
 ) -> Result<discover_homeserver::Response> {
-    Ok(discover_homeserver::Response::new(HomeserverInfo::new(
-        state.config.base_url(),
-    )))
+    Ok(discover_homeserver::Response::new(HomeserverInfo::new(state.config.base_url())))
 }
 
 /// GET /_matrix/client/v3/capabilities

@@ -29,10 +29,7 @@ use crate::{
 pub(super) const MAX_PASSWORD_BYTES: usize = 512;
 
 pub(super) fn routes(router: &mut Router) {
-    router
-        .add(register)
-        .add(get_username_availability)
-        .add(check_registration_token_validity);
+    router.add(register).add(get_username_availability).add(check_registration_token_validity);
 }
 
 fn invalid_username(message: impl Into<String>) -> Error {
@@ -51,10 +48,7 @@ fn parse_username(state: &AppState, username: &str) -> Result<OwnedUserId> {
             .map_err(|e| invalid_username(format!("invalid username: {e}")))?
     };
     if user_id.server_name() != state.server_name {
-        return Err(invalid_username(format!(
-            "user ids here end in :{}",
-            state.server_name
-        )));
+        return Err(invalid_username(format!("user ids here end in :{}", state.server_name)));
     }
     user_id.validate_strict().map_err(|_| {
         invalid_username("usernames may contain only lower-case letters a-z, digits 0-9 and . _ = - / +")
@@ -63,11 +57,7 @@ fn parse_username(state: &AppState, username: &str) -> Result<OwnedUserId> {
 }
 
 fn user_in_use() -> Error {
-    Error::new(
-        StatusCode::BAD_REQUEST,
-        ErrorKind::UserInUse,
-        "that user id is already taken",
-    )
+    Error::new(StatusCode::BAD_REQUEST, ErrorKind::UserInUse, "that user id is already taken")
 }
 
 /// Checks a new password against the configured policy.
@@ -81,18 +71,14 @@ pub(super) fn check_new_password(state: &AppState, password: &str) -> Result<()>
         ));
     }
     if password.len() > MAX_PASSWORD_BYTES {
-        return Err(Error::invalid_param(format!(
-            "password longer than {MAX_PASSWORD_BYTES} bytes"
-        )));
+        return Err(Error::invalid_param(format!("password longer than {MAX_PASSWORD_BYTES} bytes")));
     }
     Ok(())
 }
 
 /// A random localpart for registrations that name none.
 fn generated_localpart() -> String {
-    tokens::random_token(9)
-        .to_ascii_lowercase()
-        .replace(['_', '-'], "x")
+    tokens::random_token(9).to_ascii_lowercase().replace(['_', '-'], "x")
 }
 
 /// The UIA flows registration offers under the configured policy.
@@ -120,11 +106,7 @@ async fn register(
     }
     let flows = registration_flows(&state)?;
     // Check what can be checked before the client goes through UIA.
-    let requested = body
-        .username
-        .as_deref()
-        .map(|u| parse_username(&state, u))
-        .transpose()?;
+    let requested = body.username.as_deref().map(|u| parse_username(&state, u)).transpose()?;
     if let Some(user_id) = &requested
         && state.store.get_user(user_id).await?.is_some()
     {
@@ -139,21 +121,10 @@ async fn register(
         return Err(Error::invalid_param("initial_device_display_name is too long"));
     }
 
-    uia::authenticate(
-        &state,
-        body.auth.as_ref(),
-        UiaRequest {
-            operation: "register",
-            user: None,
-            flows,
-        },
-    )
-    .await?;
+    uia::authenticate(&state, body.auth.as_ref(), UiaRequest { operation: "register", user: None, flows })
+        .await?;
 
-    let password = body
-        .password
-        .as_deref()
-        .ok_or_else(|| Error::missing_param("password is required"))?;
+    let password = body.password.as_deref().ok_or_else(|| Error::missing_param("password is required"))?;
     let hash = password::hash(password).await?;
     let user_id = match requested {
         Some(user_id) => {
@@ -211,13 +182,9 @@ async fn check_registration_token_validity(
 ) -> Result<check_registration_token_validity::v1::Response> {
     state.limiter.check(Action::Register, request.client_ip)?;
     if state.config.registration.mode != RegistrationMode::Token {
-        return Err(Error::forbidden(
-            "registration tokens are not in use on this server",
-        ));
+        return Err(Error::forbidden("registration tokens are not in use on this server"));
     }
-    let valid = state
-        .store
-        .registration_token_valid(&tokens::sha256_hex(&request.body.token), now_ms())
-        .await?;
+    let valid =
+        state.store.registration_token_valid(&tokens::sha256_hex(&request.body.token), now_ms()).await?;
     Ok(check_registration_token_validity::v1::Response::new(valid))
 }

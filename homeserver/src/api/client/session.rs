@@ -28,12 +28,7 @@ use crate::{
 };
 
 pub(super) fn routes(router: &mut Router) {
-    router
-        .add(get_login_types)
-        .add(login)
-        .add(logout)
-        .add(logout_all)
-        .add(refresh);
+    router.add(get_login_types).add(login).add(logout).add(logout_all).add(refresh);
 }
 
 /// GET /_matrix/client/v3/login
@@ -41,9 +36,7 @@ async fn get_login_types(
     _: web::Data<AppState>,
     _: Ruma<get_login_types::v3::Request>,
 ) -> Result<get_login_types::v3::Response> {
-    Ok(get_login_types::v3::Response::new(vec![LoginType::Password(
-        PasswordLoginType::new(),
-    )]))
+    Ok(get_login_types::v3::Response::new(vec![LoginType::Password(PasswordLoginType::new())]))
 }
 
 /// Resolves `m.id.user` (a localpart or a full id on this server) to a user id.
@@ -86,11 +79,8 @@ async fn login(state: web::Data<AppState>, request: Ruma<login::v3::Request>) ->
     };
     let user_id = user_from_identifier(&state, &name)?;
     let record = state.store.get_user(&user_id).await?;
-    let valid = password::verify(
-        &info.password,
-        record.as_ref().and_then(|r| r.password_hash.as_deref()),
-    )
-    .await?;
+    let valid =
+        password::verify(&info.password, record.as_ref().and_then(|r| r.password_hash.as_deref())).await?;
     let record = match record {
         Some(record) if valid => record,
         Some(record) if record.deactivated => {
@@ -105,9 +95,7 @@ async fn login(state: web::Data<AppState>, request: Ruma<login::v3::Request>) ->
     if let Some(name) = &body.initial_device_display_name
         && name.chars().count() > MAX_DISPLAY_NAME
     {
-        return Err(Error::invalid_param(format!(
-            "display name longer than {MAX_DISPLAY_NAME} characters"
-        )));
+        return Err(Error::invalid_param(format!("display name longer than {MAX_DISPLAY_NAME} characters")));
     }
     let (device_id, tokens) = auth::log_in(
         &state,
@@ -131,10 +119,7 @@ async fn logout(
     request: Ruma<logout::v3::Request>,
 ) -> Result<logout::v3::Response> {
     let user = request.sender;
-    state
-        .store
-        .delete_devices(&user.user_id, &[user.device_id])
-        .await?;
+    state.store.delete_devices(&user.user_id, &[user.device_id]).await?;
     Ok(logout::v3::Response::new())
 }
 
@@ -143,10 +128,7 @@ async fn logout_all(
     state: web::Data<AppState>,
     request: Ruma<logout_all::v3::Request>,
 ) -> Result<logout_all::v3::Response> {
-    state
-        .store
-        .delete_devices_except(&request.sender.user_id, None)
-        .await?;
+    state.store.delete_devices_except(&request.sender.user_id, None).await?;
     Ok(logout_all::v3::Response::new())
 }
 
@@ -158,10 +140,7 @@ async fn refresh(
     let new_refresh = format!("hrt_{}", tokens::random_token(32));
     let session = state
         .store
-        .refresh_session(
-            &tokens::sha256_hex(&request.body.refresh_token),
-            &tokens::sha256_hex(&new_refresh),
-        )
+        .refresh_session(&tokens::sha256_hex(&request.body.refresh_token), &tokens::sha256_hex(&new_refresh))
         .await?
         .ok_or_else(|| Error::unknown_token(false, "unknown or already used refresh token"))?;
     let (access_token, expires_in) = state.tokens.issue(&session, true)?;
