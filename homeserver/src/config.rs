@@ -88,7 +88,7 @@ pub struct RegistrationConfig {
     pub min_password_length: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Secret that signs access tokens (HS256). Every worker of one deployment needs the same.
@@ -171,6 +171,17 @@ impl Default for DatabaseConfig {
 impl Default for RegistrationConfig {
     fn default() -> Self {
         Self { mode: RegistrationMode::Open, min_password_length: 8 }
+    }
+}
+
+/// The secret never reaches a log line through `Debug`.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("token_secret", &if self.token_secret.is_empty() { "" } else { "<redacted>" })
+            .field("access_token_lifetime_secs", &self.access_token_lifetime_secs)
+            .field("uia_session_lifetime_secs", &self.uia_session_lifetime_secs)
+            .finish()
     }
 }
 
@@ -469,6 +480,13 @@ mod tests {
         assert!(err.to_string().contains("server_name"), "{err}");
         let err = Config::load_with_env(None, env(&[("HEARTH_LISTEN__CLIENT", "nowhere")])).unwrap_err();
         assert!(err.to_string().contains("listen.client"), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_the_token_secret() {
+        let config =
+            Config::load_with_env(None, env(&[("HEARTH_AUTH__TOKEN_SECRET", &"s".repeat(40))])).unwrap();
+        assert!(!format!("{config:?}").contains(&"s".repeat(40)));
     }
 
     #[test]

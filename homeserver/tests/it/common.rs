@@ -47,7 +47,10 @@ impl TestDb {
         std::fs::create_dir_all(&dir).expect("scratch dir");
         match db {
             Db::Sqlite => {
-                let url = format!("sqlite://{}?mode=rwc", dir.join("hearth.db").display());
+                // Where `hearth serve` keeps it by default when run in `dir`.
+                let data = dir.join("hearth-data");
+                std::fs::create_dir_all(&data).expect("data dir");
+                let url = format!("sqlite://{}?mode=rwc", data.join("hearth.db").display());
                 Self { url, dir, pg_name: None }
             }
             Db::Postgres => {
@@ -110,13 +113,21 @@ impl TestServer {
         Self::start_with(db, |_| {}).await
     }
 
+    /// A server on a fresh database, which it removes when stopped.
     pub async fn start_with(db: Db, tweak: impl FnOnce(&mut Config)) -> Self {
         let db = TestDb::new(db).await;
-        let mut config = test_config(&db);
+        let mut server = Self::start_on(&db, tweak).await;
+        server.db = Some(db);
+        server
+    }
+
+    /// A server on a database the caller keeps.
+    pub async fn start_on(db: &TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config(db);
         tweak(&mut config);
         let server = homeserver::server::start(config).await.expect("server starts");
         let base = format!("http://{}", server.addr);
-        Self { base, http: reqwest::Client::new(), server, db: Some(db) }
+        Self { base, http: reqwest::Client::new(), server, db: None }
     }
 
     /// Another worker on the same database and token secret, as in a scaled-out deployment.

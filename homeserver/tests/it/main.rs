@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod accounts;
+mod cli;
 mod common;
 mod errors;
 mod interop;
