@@ -234,6 +234,7 @@ async fn start_server(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    homeserver::install_crypto_provider();
     let args = Args::parse();
     let (base, server) = match &args.url {
         Some(url) => (url.trim_end_matches('/').to_owned(), None),

@@ -22,6 +22,27 @@ pub const EXAMPLE: &str = include_str!("../../config/hearth.example.toml");
 /// Environment variables with the `HEARTH_` prefix that are not configuration keys.
 const RESERVED_ENV: &[&str] = &["HEARTH_CONFIG", "HEARTH_LOG"];
 
+/// A configured secret: its `Debug` never shows it, so it cannot reach a log line by accident.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -39,6 +60,10 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limits: RateLimitConfig,
     pub limits: LimitsConfig,
+    pub threepid: ThreepidConfig,
+    pub email: EmailConfig,
+    pub sms: SmsConfig,
+    pub jwt_login: JwtLoginConfig,
     pub logging: LoggingConfig,
 }
 
@@ -84,16 +109,105 @@ pub enum RegistrationMode {
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrationConfig {
     pub mode: RegistrationMode,
+    /// Which verified address a new account must have.
+    pub require: RequiredThreepid,
+    /// Email domains that may be used (`example.org` also admits its subdomains). Empty: any.
+    pub allowed_email_domains: Vec<String>,
+    /// Country calling codes phone numbers may have (`"44"`, `"1"`). Empty: any.
+    pub allowed_phone_countries: Vec<String>,
     /// Minimum password length for new passwords.
     pub min_password_length: u32,
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequiredThreepid {
+    None,
+    Email,
+    Msisdn,
+    EmailOrMsisdn,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThreepidConfig {
+    /// How long a one-time code stays valid, in seconds.
+    pub code_lifetime_secs: u64,
+    /// Wrong codes accepted before the verification session is dead.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpTls {
+    /// Plain SMTP: only for a relay on the same host or network.
+    None,
+    /// Upgrade with STARTTLS (port 587).
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailConfig {
+    /// SMTP server. Empty: this server sends no email.
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub smtp_tls: SmtpTls,
+    /// SMTP credentials; leave empty for a relay without authentication.
+    pub smtp_username: String,
+    pub smtp_password: Secret,
+    /// The From of every message, `Name <address>` or `address`.
+    pub from: String,
+    /// Seconds to wait for the SMTP server.
+    pub timeout_secs: u64,
+    /// Directory with `verification.txt` and `verification.html` to replace the built-in
+    /// templates (see `config/templates/`). Empty: built-in.
+    pub templates_dir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmsConfig {
+    /// Base URL of a Twilio-compatible Messages API.
+    pub base_url: String,
+    /// Account SID. Empty: this server sends no SMS.
+    pub account_sid: String,
+    pub auth_token: Secret,
+    /// Sender number (E.164) or sender id.
+    pub from: String,
+    /// Seconds to wait for the provider.
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtLoginConfig {
+    /// Accept `org.matrix.login.jwt` logins signed by the organisation's identity provider.
+    pub enabled: bool,
+    /// `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, `ES256`, `ES384` or `EdDSA`.
+    pub algorithm: String,
+    /// Shared secret for the HS algorithms.
+    pub secret: Secret,
+    /// PEM file with the public key for the RS, ES and EdDSA algorithms.
+    pub public_key_file: String,
+    /// Required `iss`; empty: not checked.
+    pub issuer: String,
+    /// Required `aud`; empty: not checked.
+    pub audience: String,
+    /// Claim that holds the user's localpart.
+    pub subject_claim: String,
+    /// Create the account on its first JWT login.
+    pub create_users: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Secret that signs access tokens (HS256). Every worker of one deployment needs the same.
     /// Empty: generated on first start and kept in `<data_dir>/token.key`.
-    pub token_secret: String,
+    pub token_secret: Secret,
     /// Lifetime of access tokens issued with a refresh token, in seconds.
     pub access_token_lifetime_secs: u64,
     /// How long a User-Interactive Auth session stays usable, in seconds.
@@ -113,6 +227,12 @@ pub struct RateLimitConfig {
     pub register_per_second: f64,
     /// Registration requests a client IP may make in a burst.
     pub register_burst: u32,
+    /// One-time codes sent to one address per second, sustained, and in a burst.
+    pub code_per_address_per_second: f64,
+    pub code_per_address_burst: u32,
+    /// One-time codes one client IP may have sent per second, sustained, and in a burst.
+    pub code_per_ip_per_second: f64,
+    pub code_per_ip_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +271,10 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limits: RateLimitConfig::default(),
             limits: LimitsConfig::default(),
+            threepid: ThreepidConfig::default(),
+            email: EmailConfig::default(),
+            sms: SmsConfig::default(),
+            jwt_login: JwtLoginConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -170,24 +294,23 @@ impl Default for DatabaseConfig {
 
 impl Default for RegistrationConfig {
     fn default() -> Self {
-        Self { mode: RegistrationMode::Open, min_password_length: 8 }
-    }
-}
-
-/// The secret never reaches a log line through `Debug`.
-impl std::fmt::Debug for AuthConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthConfig")
-            .field("token_secret", &if self.token_secret.is_empty() { "" } else { "<redacted>" })
-            .field("access_token_lifetime_secs", &self.access_token_lifetime_secs)
-            .field("uia_session_lifetime_secs", &self.uia_session_lifetime_secs)
-            .finish()
+        Self {
+            mode: RegistrationMode::Open,
+            require: RequiredThreepid::None,
+            allowed_email_domains: Vec::new(),
+            allowed_phone_countries: Vec::new(),
+            min_password_length: 8,
+        }
     }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { token_secret: String::new(), access_token_lifetime_secs: 300, uia_session_lifetime_secs: 900 }
+        Self {
+            token_secret: Secret::default(),
+            access_token_lifetime_secs: 300,
+            uia_session_lifetime_secs: 900,
+        }
     }
 }
 
@@ -199,6 +322,58 @@ impl Default for RateLimitConfig {
             login_burst: 10,
             register_per_second: 0.2,
             register_burst: 5,
+            code_per_address_per_second: 1.0 / 300.0,
+            code_per_address_burst: 3,
+            code_per_ip_per_second: 1.0 / 60.0,
+            code_per_ip_burst: 10,
+        }
+    }
+}
+
+impl Default for ThreepidConfig {
+    fn default() -> Self {
+        Self { code_lifetime_secs: 600, max_attempts: 5 }
+    }
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_host: String::new(),
+            smtp_port: 587,
+            smtp_tls: SmtpTls::Starttls,
+            smtp_username: String::new(),
+            smtp_password: Secret::default(),
+            from: "Hearth <noreply@localhost>".to_owned(),
+            timeout_secs: 10,
+            templates_dir: String::new(),
+        }
+    }
+}
+
+impl Default for SmsConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.twilio.com".to_owned(),
+            account_sid: String::new(),
+            auth_token: Secret::default(),
+            from: String::new(),
+            timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for JwtLoginConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            algorithm: "HS256".to_owned(),
+            secret: Secret::default(),
+            public_key_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            subject_claim: "sub".to_owned(),
+            create_users: false,
         }
     }
 }
@@ -299,24 +474,115 @@ impl Config {
         if self.auth.access_token_lifetime_secs < 10 {
             return Err(invalid("auth.access_token_lifetime_secs", "must be at least 10"));
         }
-        if !self.auth.token_secret.is_empty() && self.auth.token_secret.len() < 32 {
+        if !self.auth.token_secret.0.is_empty() && self.auth.token_secret.0.len() < 32 {
             return Err(invalid("auth.token_secret", "must be empty (generated) or at least 32 characters"));
         }
-        if self.rate_limits.login_per_second <= 0.0 || self.rate_limits.register_per_second <= 0.0 {
+        let rl = &self.rate_limits;
+        if [
+            rl.login_per_second,
+            rl.register_per_second,
+            rl.code_per_address_per_second,
+            rl.code_per_ip_per_second,
+        ]
+        .iter()
+        .any(|rate| *rate <= 0.0)
+        {
             return Err(invalid(
                 "rate_limits",
                 "rates must be greater than 0 (use enabled = false to turn limits off)",
             ));
         }
-        if self.rate_limits.login_burst == 0 || self.rate_limits.register_burst == 0 {
+        if [rl.login_burst, rl.register_burst, rl.code_per_address_burst, rl.code_per_ip_burst].contains(&0) {
             return Err(invalid("rate_limits", "bursts must be at least 1"));
         }
         if self.limits.max_request_bytes < 1024 {
             return Err(invalid("limits.max_request_bytes", "must be at least 1024"));
         }
+        self.validate_threepids()?;
+        self.validate_jwt_login()?;
         tracing_subscriber::EnvFilter::try_new(&self.logging.level)
             .map_err(|e| invalid("logging.level", format!("not a tracing filter: {e}")))?;
         Ok(())
+    }
+
+    fn validate_threepids(&self) -> Result<(), ConfigError> {
+        let require = self.registration.require;
+        if matches!(require, RequiredThreepid::Email | RequiredThreepid::EmailOrMsisdn) && !self.sends_email()
+        {
+            return Err(invalid("registration.require", "needs email: set email.smtp_host"));
+        }
+        if matches!(require, RequiredThreepid::Msisdn | RequiredThreepid::EmailOrMsisdn) && !self.sends_sms()
+        {
+            return Err(invalid("registration.require", "needs SMS: set sms.account_sid"));
+        }
+        if self.sends_email() {
+            self.email.from.parse::<lettre::message::Mailbox>().map_err(|e| {
+                invalid("email.from", format!("not a mailbox (`Name <a@b.c>` or `a@b.c`): {e}"))
+            })?;
+        }
+        if self.sends_sms() {
+            if !(self.sms.base_url.starts_with("https://") || self.sms.base_url.starts_with("http://")) {
+                return Err(invalid("sms.base_url", "must be an http:// or https:// URL"));
+            }
+            if self.sms.auth_token.is_empty() || self.sms.from.is_empty() {
+                return Err(invalid("sms", "account_sid, auth_token and from must all be set"));
+            }
+        }
+        for code in &self.registration.allowed_phone_countries {
+            if code.is_empty() || code.len() > 3 || !code.chars().all(|c| c.is_ascii_digit()) {
+                return Err(invalid(
+                    "registration.allowed_phone_countries",
+                    format!("`{code}` is not a country calling code (1 to 3 digits, like \"44\")"),
+                ));
+            }
+        }
+        if self.threepid.code_lifetime_secs == 0 {
+            return Err(invalid("threepid.code_lifetime_secs", "must be at least 1"));
+        }
+        if self.threepid.max_attempts == 0 {
+            return Err(invalid("threepid.max_attempts", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_jwt_login(&self) -> Result<(), ConfigError> {
+        let jwt = &self.jwt_login;
+        if !jwt.enabled {
+            return Ok(());
+        }
+        let algorithm: jsonwebtoken::Algorithm = jwt.algorithm.parse().map_err(|_| {
+            invalid(
+                "jwt_login.algorithm",
+                "one of HS256, HS384, HS512, RS256, RS384, RS512, ES256, ES384, EdDSA",
+            )
+        })?;
+        let symmetric = matches!(
+            algorithm,
+            jsonwebtoken::Algorithm::HS256 | jsonwebtoken::Algorithm::HS384 | jsonwebtoken::Algorithm::HS512
+        );
+        if symmetric && jwt.secret.0.len() < 32 {
+            return Err(invalid(
+                "jwt_login.secret",
+                "the HS algorithms need a secret of at least 32 characters",
+            ));
+        }
+        if !symmetric && jwt.public_key_file.is_empty() {
+            return Err(invalid("jwt_login.public_key_file", "needed for the RS, ES and EdDSA algorithms"));
+        }
+        if jwt.subject_claim.is_empty() {
+            return Err(invalid("jwt_login.subject_claim", "must name a claim"));
+        }
+        Ok(())
+    }
+
+    /// Whether email delivery is configured.
+    pub fn sends_email(&self) -> bool {
+        !self.email.smtp_host.is_empty()
+    }
+
+    /// Whether SMS delivery is configured.
+    pub fn sends_sms(&self) -> bool {
+        !self.sms.account_sid.is_empty()
     }
 
     pub fn client_listen_addr(&self) -> Result<SocketAddr, ConfigError> {

@@ -79,6 +79,7 @@ fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    homeserver::install_crypto_provider();
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

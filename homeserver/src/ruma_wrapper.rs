@@ -122,7 +122,7 @@ fn access_token(req: &HttpRequest) -> Result<Option<String>> {
 }
 
 /// The client's address: the peer, or behind a trusted proxy the last `X-Forwarded-For` entry.
-fn client_ip(req: &HttpRequest, trust_forwarded: bool) -> IpAddr {
+pub fn client_ip(req: &HttpRequest, trust_forwarded: bool) -> IpAddr {
     let forwarded = trust_forwarded
         .then(|| req.headers().get("X-Forwarded-For"))
         .flatten()
@@ -147,6 +147,16 @@ fn path_args(req: &HttpRequest) -> Result<Vec<String>> {
         }
     }
     Ok(args)
+}
+
+/// Parses a JSON body for the few endpoints outside ruma's types, with the same errors.
+pub fn parse_json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| Error::not_json("request body is not valid JSON"))?;
+    serde_json::from_value(value).map_err(|e| {
+        let text = e.to_string();
+        if text.starts_with("missing field") { Error::missing_param(text) } else { Error::bad_json(text) }
+    })
 }
 
 /// Converts an actix (http 0.2) request into the http 1.x request ruma parses.

@@ -48,6 +48,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<SqlStore> {
 
 /// Connects storage, applies migrations, binds the client listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    crate::install_crypto_provider();
     let store = open_store(&config).await?;
     store.migrate().await.context("running database migrations")?;
     let addr = config.client_listen_addr()?;
@@ -83,6 +84,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                     .add(("Cross-Origin-Resource-Policy", "cross-origin")),
             )
             .configure(|cfg| router.configure(cfg))
+            .configure(api::client::configure_custom)
             .route("/health", web::get().to(|| async { HttpResponse::Ok().body("OK") }))
             .default_service(web::to(unrecognized))
     })

@@ -10,11 +10,16 @@ use ruma::{OwnedDeviceId, OwnedServerName, OwnedUserId};
 
 use crate::{
     auth::{
+        jwt_login::JwtLogin,
         ratelimit::{Action, Rate, RateLimiter},
         tokens::{self, TokenService},
     },
     config::Config,
     storage::Storage,
+    threepid::{
+        delivery::{EmailSender, SmsSender, SmtpSender, TwilioSender},
+        templates::Templates,
+    },
 };
 
 pub struct AppState {
@@ -23,8 +28,16 @@ pub struct AppState {
     pub store: Arc<dyn Storage>,
     pub tokens: TokenService,
     pub limiter: RateLimiter,
-    last_seen: Mutex<HashMap<(OwnedUserId, OwnedDeviceId), Instant>>,
+    /// Delivery of one-time codes, when configured.
+    pub email: Option<Arc<dyn EmailSender>>,
+    pub sms: Option<Arc<dyn SmsSender>>,
+    pub templates: Templates,
+    pub jwt_login: Option<JwtLogin>,
+    /// Keys the HMAC that one-time codes are stored as.
+    code_key: Vec<u8>,
+    code_swept: Mutex<Option<Instant>>,
     uia_cleaned: Mutex<Option<Instant>>,
+    last_seen: Mutex<HashMap<(OwnedUserId, OwnedDeviceId), Instant>>,
 }
 
 /// A device's "last seen" is written at most this often.
@@ -36,7 +49,7 @@ impl AppState {
         let secret = if config.auth.token_secret.is_empty() {
             tokens::load_or_create_secret(&config.data_dir)?
         } else {
-            config.auth.token_secret.as_bytes().to_vec()
+            config.auth.token_secret.expose().as_bytes().to_vec()
         };
         let tokens = TokenService::new(
             &secret,
@@ -44,24 +57,46 @@ impl AppState {
             Duration::from_secs(config.auth.access_token_lifetime_secs),
         );
         let limits = &config.rate_limits;
+        let rate = |per_second, burst| Rate { per_second, burst };
         let limiter = RateLimiter::new(
             limits.enabled,
             [
-                (Action::Login, Rate { per_second: limits.login_per_second, burst: limits.login_burst }),
+                (Action::Login, rate(limits.login_per_second, limits.login_burst)),
+                (Action::Register, rate(limits.register_per_second, limits.register_burst)),
+                (Action::CodeFromIp, rate(limits.code_per_ip_per_second, limits.code_per_ip_burst)),
                 (
-                    Action::Register,
-                    Rate { per_second: limits.register_per_second, burst: limits.register_burst },
+                    Action::CodeToAddress,
+                    rate(limits.code_per_address_per_second, limits.code_per_address_burst),
                 ),
             ],
         );
+        let email: Option<Arc<dyn EmailSender>> = match config.sends_email() {
+            true => Some(Arc::new(SmtpSender::new(&config.email)?)),
+            false => None,
+        };
+        let sms: Option<Arc<dyn SmsSender>> = match config.sends_sms() {
+            true => Some(Arc::new(TwilioSender::new(&config.sms)?)),
+            false => None,
+        };
+        let templates = Templates::load(&config.email.templates_dir)
+            .map_err(|e| anyhow::anyhow!("email.templates_dir: {e}"))?;
+        let jwt_login = JwtLogin::from_config(&config.jwt_login)?;
+        // Derived from the token secret, so every worker of a deployment agrees on it.
+        let code_key = [b"hearth one-time codes:".as_slice(), &secret].concat();
         Ok(Self {
             config,
             server_name,
             store,
             tokens,
             limiter,
-            last_seen: Mutex::new(HashMap::new()),
+            email,
+            sms,
+            templates,
+            jwt_login,
+            code_key,
+            code_swept: Mutex::new(None),
             uia_cleaned: Mutex::new(None),
+            last_seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -83,14 +118,28 @@ impl AppState {
 
     /// Whether expired UIA sessions are due to be swept (at most once a minute per process).
     pub fn uia_cleanup_due(&self) -> bool {
-        let now = Instant::now();
-        let mut last = self.uia_cleaned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match *last {
-            Some(at) if now.duration_since(at) < Duration::from_secs(60) => false,
-            _ => {
-                *last = Some(now);
-                true
-            }
+        once_a_minute(&self.uia_cleaned)
+    }
+
+    /// Whether stale verification sessions are due to be swept (at most once a minute).
+    pub fn code_sweep_due(&self) -> bool {
+        once_a_minute(&self.code_swept)
+    }
+
+    pub fn code_key(&self) -> &[u8] {
+        &self.code_key
+    }
+}
+
+/// True at most once a minute for one clock: housekeeping without timers.
+fn once_a_minute(last: &Mutex<Option<Instant>>) -> bool {
+    let now = Instant::now();
+    let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match *last {
+        Some(at) if now.duration_since(at) < Duration::from_secs(60) => false,
+        _ => {
+            *last = Some(now);
+            true
         }
     }
 }

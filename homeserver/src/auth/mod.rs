@@ -1,5 +1,6 @@
 //! Who is asking: passwords, tokens, User-Interactive Auth, rate limits.
 
+pub mod jwt_login;
 pub mod password;
 pub mod ratelimit;
 pub mod tokens;

@@ -1,4 +1,5 @@
-//! Per-client-IP token buckets for endpoints that invite abuse (login, registration).
+//! Token buckets for what invites abuse: logins and registrations per client IP, one-time codes
+//! per IP and per address.
 //!
 //! The buckets live in the process; with several workers each enforces its own share, which
 //! bounds abuse by (workers × limit). A shared Redis-backed limiter comes with the queue work.
@@ -16,6 +17,10 @@ use crate::error::{Error, Result};
 pub enum Action {
     Login,
     Register,
+    /// Codes a client IP has sent.
+    CodeFromIp,
+    /// Codes sent to one address.
+    CodeToAddress,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +39,7 @@ struct Bucket {
 pub struct RateLimiter {
     enabled: bool,
     rates: HashMap<Action, Rate>,
-    buckets: Mutex<HashMap<(Action, IpAddr), Bucket>>,
+    buckets: Mutex<HashMap<(Action, String), Bucket>>,
 }
 
 /// Buckets above this count trigger a sweep of full (idle) ones, bounding memory.
@@ -45,8 +50,13 @@ impl RateLimiter {
         Self { enabled, rates: rates.into_iter().collect(), buckets: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes one request from the client's bucket, or says how long to wait.
-    pub fn check(&self, action: Action, ip: IpAddr) -> Result<()> {
+    /// Takes one request from the client IP's bucket, or says how long to wait.
+    pub fn check_ip(&self, action: Action, ip: IpAddr) -> Result<()> {
+        self.check(action, &ip.to_string())
+    }
+
+    /// Takes one request from the bucket of `key` (an IP, an address), or says how long to wait.
+    pub fn check(&self, action: Action, key: &str) -> Result<()> {
         let Some(rate) = self.rates.get(&action).filter(|_| self.enabled) else {
             return Ok(());
         };
@@ -59,7 +69,8 @@ impl RateLimiter {
                 b.tokens + now.duration_since(b.updated).as_secs_f64() * per_second < burst
             });
         }
-        let bucket = buckets.entry((action, ip)).or_insert(Bucket { tokens: burst, updated: now });
+        let bucket =
+            buckets.entry((action, key.to_owned())).or_insert(Bucket { tokens: burst, updated: now });
         bucket.tokens =
             (bucket.tokens + now.duration_since(bucket.updated).as_secs_f64() * rate.per_second).min(burst);
         bucket.updated = now;
@@ -82,14 +93,14 @@ mod tests {
         let limiter = RateLimiter::new(true, [(Action::Login, Rate { per_second: 0.001, burst: 2 })]);
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(limiter.check(Action::Login, a).is_ok());
-        assert!(limiter.check(Action::Login, a).is_ok());
-        assert!(limiter.check(Action::Login, a).is_err());
-        assert!(limiter.check(Action::Login, b).is_ok(), "another IP has its own bucket");
-        assert!(limiter.check(Action::Register, a).is_ok(), "unconfigured actions are not limited");
+        assert!(limiter.check_ip(Action::Login, a).is_ok());
+        assert!(limiter.check_ip(Action::Login, a).is_ok());
+        assert!(limiter.check_ip(Action::Login, a).is_err());
+        assert!(limiter.check_ip(Action::Login, b).is_ok(), "another IP has its own bucket");
+        assert!(limiter.check_ip(Action::Register, a).is_ok(), "unconfigured actions are not limited");
         let off = RateLimiter::new(false, [(Action::Login, Rate { per_second: 0.001, burst: 1 })]);
         for _ in 0..5 {
-            assert!(off.check(Action::Login, a).is_ok());
+            assert!(off.check_ip(Action::Login, a).is_ok());
         }
     }
 }

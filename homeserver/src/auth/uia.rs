@@ -6,8 +6,9 @@
 //! stage. When the completed stages cover a whole flow, the session is consumed and the endpoint
 //! proceeds. Sessions live in the database, so a client may continue on any worker.
 //!
-//! Stages are plain functions of [`Stage`]; the email and SMS stages of the one-time-code issue
-//! slot in here beside the others.
+//! Stages are plain functions of [`Stage`]. The email and phone stages check a verification
+//! session (see [`crate::threepid`]) and remember its `sid`, so the endpoint can bind the proven
+//! address once the flow is complete.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +27,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     state::AppState,
     storage::{UiaSessionRecord, now_ms},
+    threepid::{self, Purpose},
 };
 
 /// A stage Hearth can run.
@@ -34,6 +36,8 @@ pub enum Stage {
     Dummy,
     Password,
     RegistrationToken,
+    EmailIdentity,
+    Msisdn,
 }
 
 impl Stage {
@@ -42,6 +46,8 @@ impl Stage {
             Stage::Dummy => AuthType::Dummy,
             Stage::Password => AuthType::Password,
             Stage::RegistrationToken => AuthType::RegistrationToken,
+            Stage::EmailIdentity => AuthType::EmailIdentity,
+            Stage::Msisdn => AuthType::Msisdn,
         }
     }
 
@@ -59,10 +65,24 @@ pub struct UiaRequest<'a> {
     pub user: Option<&'a UserId>,
     /// Accepted flows, each a list of stages.
     pub flows: Vec<Vec<Stage>>,
+    /// What the email and phone stages must have verified their address for; `None` when the
+    /// flows have no such stage.
+    pub threepid_purpose: Option<Purpose>,
 }
 
-/// Runs one step of UIA. `Ok(())` means a flow is complete and the operation may proceed.
-pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: UiaRequest<'_>) -> Result<()> {
+/// A completed flow.
+#[derive(Debug, Default)]
+pub struct UiaDone {
+    /// Verification sessions whose addresses the flow proved, for the endpoint to use up.
+    pub threepid_sids: Vec<String>,
+}
+
+/// Runs one step of UIA. `Ok` means a flow is complete and the operation may proceed.
+pub async fn authenticate(
+    state: &AppState,
+    auth: Option<&AuthData>,
+    request: UiaRequest<'_>,
+) -> Result<UiaDone> {
     let lifetime_ms =
         i64::try_from(state.config.auth.uia_session_lifetime_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let (mut session, stored) = match auth.and_then(AuthData::session) {
@@ -88,6 +108,7 @@ pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: Ui
                 operation: request.operation.to_owned(),
                 user_id: request.user.map(ToOwned::to_owned),
                 completed: Vec::new(),
+                threepid_sids: Vec::new(),
                 created_ts: now_ms(),
             };
             (session, false)
@@ -97,11 +118,12 @@ pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: Ui
     let stage_error = match auth {
         None => None,
         Some(auth) => match run_stage(state, auth, &request).await {
-            Ok(stage) => {
+            Ok((stage, sid)) => {
                 let name = stage.name();
                 if !session.completed.contains(&name) {
                     session.completed.push(name);
                 }
+                session.threepid_sids.extend(sid.filter(|sid| !session.threepid_sids.contains(sid)));
                 None
             }
             Err(error) => Some(error),
@@ -112,11 +134,14 @@ pub async fn authenticate(state: &AppState, auth: Option<&AuthData>, request: Ui
         if stored {
             state.store.delete_uia_session(&session.session_id).await?;
         }
-        return Ok(());
+        return Ok(UiaDone { threepid_sids: session.threepid_sids });
     }
     if stored {
         if stage_error.is_none() && auth.is_some() {
-            state.store.set_uia_completed(&session.session_id, &session.completed).await?;
+            state
+                .store
+                .set_uia_completed(&session.session_id, &session.completed, &session.threepid_sids)
+                .await?;
         }
     } else {
         if state.uia_cleanup_due() {
@@ -133,16 +158,19 @@ fn stage_of(auth: &AuthData) -> Option<Stage> {
         AuthData::Dummy(_) => Some(Stage::Dummy),
         AuthData::Password(_) => Some(Stage::Password),
         AuthData::RegistrationToken(_) => Some(Stage::RegistrationToken),
+        AuthData::EmailIdentity(_) => Some(Stage::EmailIdentity),
+        AuthData::Msisdn(_) => Some(Stage::Msisdn),
         _ => None,
     }
 }
 
-/// Checks the data of one stage. The error becomes the `errcode`/`error` of the 401 body.
+/// Checks the data of one stage; returns it and, for the email and phone stages, the `sid` of
+/// the verification it relied on. The error becomes the `errcode`/`error` of the 401 body.
 async fn run_stage(
     state: &AppState,
     auth: &AuthData,
     request: &UiaRequest<'_>,
-) -> Result<Stage, StandardErrorBody> {
+) -> Result<(Stage, Option<String>), StandardErrorBody> {
     let stage = stage_of(auth).ok_or_else(|| {
         let kind = auth.auth_type().map(|t| t.to_string()).unwrap_or_default();
         StandardErrorBody::new(
@@ -161,7 +189,7 @@ async fn run_stage(
         StandardErrorBody::new(ErrorKind::Unknown, "internal error".to_owned())
     };
     match auth {
-        AuthData::Dummy(_) => Ok(stage),
+        AuthData::Dummy(_) => Ok((stage, None)),
         AuthData::Password(data) => {
             let user = request.user.ok_or_else(|| {
                 StandardErrorBody::new(ErrorKind::Forbidden, "no account to check a password for".to_owned())
@@ -174,7 +202,7 @@ async fn run_stage(
             let hash = record.and_then(|r| r.password_hash);
             let ok = password::verify(&data.password, hash.as_deref()).await.map_err(internal)?;
             if names_user && ok {
-                Ok(stage)
+                Ok((stage, None))
             } else {
                 Err(StandardErrorBody::new(ErrorKind::Forbidden, "invalid password".to_owned()))
             }
@@ -183,10 +211,37 @@ async fn run_stage(
             // A use of the token is taken when this stage completes.
             let hash = tokens::sha256_hex(&data.token);
             if state.store.use_registration_token(&hash, now_ms()).await.map_err(|e| internal(e.into()))? {
-                Ok(stage)
+                Ok((stage, None))
             } else {
                 Err(StandardErrorBody::new(ErrorKind::Forbidden, "invalid registration token".to_owned()))
             }
+        }
+        AuthData::EmailIdentity(ruma::api::client::uiaa::EmailIdentity {
+            thirdparty_id_creds: creds,
+            ..
+        })
+        | AuthData::Msisdn(ruma::api::client::uiaa::Msisdn { thirdparty_id_creds: creds, .. }) => {
+            let medium = if stage == Stage::EmailIdentity { "email" } else { "msisdn" };
+            let purpose = request.threepid_purpose.ok_or_else(|| {
+                StandardErrorBody::new(
+                    ErrorKind::Forbidden,
+                    "no address to verify for this request".to_owned(),
+                )
+            })?;
+            let session =
+                threepid::verified_session(state, creds.sid.as_str(), creds.client_secret.as_str(), purpose)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Matrix { kind, message, .. } => StandardErrorBody::new(kind, message),
+                        other => internal(other),
+                    })?;
+            if session.medium != medium {
+                return Err(StandardErrorBody::new(
+                    ErrorKind::ThreepidAuthFailed,
+                    format!("that session verified a {}, not a {medium}", session.medium),
+                ));
+            }
+            Ok((stage, Some(session.sid)))
         }
         _ => Err(StandardErrorBody::new(ErrorKind::Unrecognized, "unsupported stage".to_owned())),
     }

@@ -28,8 +28,8 @@ pub trait AccountStore: Send + Sync {
     ) -> StoreResult<bool>;
     async fn get_user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>>;
     async fn set_password_hash(&self, user_id: &UserId, password_hash: Option<&str>) -> StoreResult<()>;
-    /// Marks the account deactivated, forgets its password and deletes its devices and sessions,
-    /// in one transaction.
+    /// Marks the account deactivated, forgets its password and deletes its devices, sessions and
+    /// verified addresses, in one transaction.
     async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()>;
 }
 
@@ -91,14 +91,14 @@ impl AccountStore for SqlStore {
             .bind(user_id.as_str())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM sessions WHERE user_id = $1")
-            .bind(user_id.as_str())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM devices WHERE user_id = $1")
-            .bind(user_id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        // The account's addresses are freed for others; its id never is.
+        for sql in [
+            "DELETE FROM sessions WHERE user_id = $1",
+            "DELETE FROM devices WHERE user_id = $1",
+            "DELETE FROM user_threepids WHERE user_id = $1",
+        ] {
+            sqlx::query(sql).bind(user_id.as_str()).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

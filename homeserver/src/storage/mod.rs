@@ -13,6 +13,7 @@ mod accounts;
 mod devices;
 mod registration_tokens;
 mod sessions;
+mod threepids;
 mod uia;
 
 use std::{borrow::Cow, time::Duration};
@@ -29,13 +30,20 @@ pub use self::{
     devices::{DeviceRecord, DeviceStore},
     registration_tokens::RegistrationTokenStore,
     sessions::{SessionRecord, SessionStore},
+    threepids::{ThreepidRecord, ThreepidSession, ThreepidStore},
     uia::{UiaSessionRecord, UiaStore},
 };
 
 /// Every data area; what the server holds as `Arc<dyn Storage>`.
-pub trait Storage: AccountStore + DeviceStore + SessionStore + UiaStore + RegistrationTokenStore {}
+pub trait Storage:
+    AccountStore + DeviceStore + SessionStore + UiaStore + RegistrationTokenStore + ThreepidStore
+{
+}
 
-impl<T: AccountStore + DeviceStore + SessionStore + UiaStore + RegistrationTokenStore> Storage for T {}
+impl<T> Storage for T where
+    T: AccountStore + DeviceStore + SessionStore + UiaStore + RegistrationTokenStore + ThreepidStore
+{
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -69,12 +77,20 @@ pub struct SqlStore {
 }
 
 /// Embedded migrations: (version, description, postgres SQL, sqlite SQL).
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "accounts",
-    include_str!("../../migrations/postgres/0001_accounts.sql"),
-    include_str!("../../migrations/sqlite/0001_accounts.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (
+        1,
+        "accounts",
+        include_str!("../../migrations/postgres/0001_accounts.sql"),
+        include_str!("../../migrations/sqlite/0001_accounts.sql"),
+    ),
+    (
+        2,
+        "threepids",
+        include_str!("../../migrations/postgres/0002_threepids.sql"),
+        include_str!("../../migrations/sqlite/0002_threepids.sql"),
+    ),
+];
 
 #[derive(Debug)]
 struct EmbeddedMigrations(Backend);

@@ -16,6 +16,8 @@ pub struct UiaSessionRecord {
     pub user_id: Option<OwnedUserId>,
     /// Stage types completed so far, in order.
     pub completed: Vec<String>,
+    /// Verification sessions (`sid`s) whose addresses the completed stages proved.
+    pub threepid_sids: Vec<String>,
     pub created_ts: i64,
 }
 
@@ -23,25 +25,38 @@ pub struct UiaSessionRecord {
 pub trait UiaStore: Send + Sync {
     async fn create_uia_session(&self, session: &UiaSessionRecord) -> StoreResult<()>;
     async fn get_uia_session(&self, session_id: &str) -> StoreResult<Option<UiaSessionRecord>>;
-    async fn set_uia_completed(&self, session_id: &str, completed: &[String]) -> StoreResult<()>;
+    /// Records the stages completed so far and the addresses they proved.
+    async fn set_uia_completed(
+        &self,
+        session_id: &str,
+        completed: &[String],
+        threepid_sids: &[String],
+    ) -> StoreResult<()>;
     async fn delete_uia_session(&self, session_id: &str) -> StoreResult<()>;
     /// Removes sessions created before `before_ts`; returns how many.
     async fn delete_uia_sessions_before(&self, before_ts: i64) -> StoreResult<u64>;
 }
 
+fn to_json(list: &[String]) -> StoreResult<String> {
+    serde_json::to_string(list).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json(text: &str) -> StoreResult<Vec<String>> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 #[async_trait]
 impl UiaStore for SqlStore {
     async fn create_uia_session(&self, session: &UiaSessionRecord) -> StoreResult<()> {
-        let completed =
-            serde_json::to_string(&session.completed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query(
-            "INSERT INTO uia_sessions (session_id, operation, user_id, completed, created_ts)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO uia_sessions (session_id, operation, user_id, completed, threepid_sids, created_ts)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&session.session_id)
         .bind(&session.operation)
         .bind(session.user_id.as_ref().map(|u| u.as_str()))
-        .bind(completed)
+        .bind(to_json(&session.completed)?)
+        .bind(to_json(&session.threepid_sids)?)
         .bind(session.created_ts)
         .execute(&self.pool)
         .await?;
@@ -50,30 +65,35 @@ impl UiaStore for SqlStore {
 
     async fn get_uia_session(&self, session_id: &str) -> StoreResult<Option<UiaSessionRecord>> {
         let row = sqlx::query(
-            "SELECT operation, user_id, completed, created_ts FROM uia_sessions WHERE session_id = $1",
+            "SELECT operation, user_id, completed, threepid_sids, created_ts FROM uia_sessions
+             WHERE session_id = $1",
         )
         .bind(session_id)
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| {
-            let completed: String = row.try_get("completed")?;
             Ok(UiaSessionRecord {
                 session_id: session_id.to_owned(),
                 operation: row.try_get("operation")?,
                 user_id: row.try_get::<Option<String>, _>("user_id")?.map(parse_id).transpose()?,
-                completed: serde_json::from_str(&completed)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                completed: from_json(&row.try_get::<String, _>("completed")?)?,
+                threepid_sids: from_json(&row.try_get::<String, _>("threepid_sids")?)?,
                 created_ts: row.try_get("created_ts")?,
             })
         })
         .transpose()
     }
 
-    async fn set_uia_completed(&self, session_id: &str, completed: &[String]) -> StoreResult<()> {
-        let completed = serde_json::to_string(completed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        sqlx::query("UPDATE uia_sessions SET completed = $2 WHERE session_id = $1")
+    async fn set_uia_completed(
+        &self,
+        session_id: &str,
+        completed: &[String],
+        threepid_sids: &[String],
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE uia_sessions SET completed = $2, threepid_sids = $3 WHERE session_id = $1")
             .bind(session_id)
-            .bind(completed)
+            .bind(to_json(completed)?)
+            .bind(to_json(threepid_sids)?)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -42,6 +42,7 @@ fn unique_name() -> String {
 
 impl TestDb {
     pub async fn new(db: Db) -> Self {
+        homeserver::install_crypto_provider();
         let name = unique_name();
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -88,7 +89,7 @@ pub fn test_config(db: &TestDb) -> Config {
     config.database.url = db.url.clone();
     config.database.max_connections = 4;
     config.rate_limits.enabled = false;
-    config.auth.token_secret = TOKEN_SECRET.to_owned();
+    config.auth.token_secret = homeserver::config::Secret(TOKEN_SECRET.to_owned());
     config
 }
 

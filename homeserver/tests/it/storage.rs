@@ -127,12 +127,15 @@ crate::on_both_backends! {
             operation: "delete_devices:x".into(),
             user_id: Some(user("alice")),
             completed: vec![],
+            threepid_sids: vec![],
             created_ts: now_ms(),
         };
         store.create_uia_session(&record).await.unwrap();
         assert_eq!(store.get_uia_session("u1").await.unwrap().unwrap(), record);
-        store.set_uia_completed("u1", &["m.login.password".to_owned()]).await.unwrap();
-        assert_eq!(store.get_uia_session("u1").await.unwrap().unwrap().completed, ["m.login.password"]);
+        store.set_uia_completed("u1", &["m.login.email.identity".to_owned()], &["sid1".to_owned()]).await.unwrap();
+        let stored = store.get_uia_session("u1").await.unwrap().unwrap();
+        assert_eq!(stored.completed, ["m.login.email.identity"]);
+        assert_eq!(stored.threepid_sids, ["sid1"]);
         let old = UiaSessionRecord { session_id: "u0".into(), user_id: None, created_ts: 1, ..record };
         store.create_uia_session(&old).await.unwrap();
         assert_eq!(store.delete_uia_sessions_before(now_ms() - 60_000).await.unwrap(), 1);

@@ -1,6 +1,7 @@
-//! The account: `account/whoami`, `account/password`, `account/deactivate`.
+//! The account: `account/whoami`, `account/password` (change, or reset by a verified address),
+//! `account/deactivate`.
 
-use actix_web::web;
+use actix_web::{http::StatusCode, web};
 use ruma::api::client::account::{ThirdPartyIdRemovalStatus, change_password, deactivate, whoami};
 
 use super::register::check_new_password;
@@ -9,9 +10,10 @@ use crate::{
         password,
         uia::{self, Stage, UiaRequest},
     },
-    error::{Error, Result},
+    error::{Error, ErrorKind, Result},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
+    threepid::Purpose,
 };
 
 pub(super) fn routes(router: &mut Router) {
@@ -26,29 +28,89 @@ async fn whoami(_: web::Data<AppState>, request: Ruma<whoami::v3::Request>) -> R
     Ok(response)
 }
 
+/// The flows that prove ownership of an account's address, for the media this server sends.
+pub(super) fn threepid_flows(state: &AppState) -> Vec<Vec<Stage>> {
+    let mut flows = Vec::new();
+    if state.email.is_some() {
+        flows.push(vec![Stage::EmailIdentity]);
+    }
+    if state.sms.is_some() {
+        flows.push(vec![Stage::Msisdn]);
+    }
+    flows
+}
+
 /// POST /_matrix/client/v3/account/password
+///
+/// With an access token: a password change, confirmed with the old password. Without one: a
+/// reset, confirmed by a code sent to an address bound to the account
+/// (`account/password/{email,msisdn}/requestToken`).
 async fn change_password(
     state: web::Data<AppState>,
     request: Ruma<change_password::v3::Request>,
 ) -> Result<change_password::v3::Response> {
-    // Optional by the spec so that a password reset can work without a session; that flow
-    // (proving an email address or phone number) comes with one-time codes.
-    let user = request.sender.as_ref().ok_or_else(Error::missing_token)?;
     let body = request.body;
     check_new_password(&state, &body.new_password)?;
-    let flows = vec![vec![Stage::Password]];
-    uia::authenticate(
-        &state,
-        body.auth.as_ref(),
-        UiaRequest { operation: "change_password", user: Some(&user.user_id), flows },
-    )
-    .await?;
+    let (user_id, keep_device) = match &request.sender {
+        Some(user) => {
+            let flows = vec![vec![Stage::Password]];
+            let operation = UiaRequest {
+                operation: "change_password",
+                user: Some(&user.user_id),
+                flows,
+                threepid_purpose: None,
+            };
+            uia::authenticate(&state, body.auth.as_ref(), operation).await?;
+            (user.user_id.clone(), Some(user.device_id.clone()))
+        }
+        None => {
+            let flows = threepid_flows(&state);
+            if flows.is_empty() {
+                return Err(Error::missing_token());
+            }
+            let operation = UiaRequest {
+                operation: "reset_password",
+                user: None,
+                flows,
+                threepid_purpose: Some(Purpose::Reset),
+            };
+            let done = uia::authenticate(&state, body.auth.as_ref(), operation).await?;
+            let sid =
+                done.threepid_sids.first().ok_or_else(|| Error::internal("reset without an address"))?;
+            let session = state
+                .store
+                .get_threepid_session(sid)
+                .await?
+                .ok_or_else(|| Error::internal("verification session vanished"))?;
+            let owner =
+                state.store.threepid_owner(&session.medium, &session.address).await?.ok_or_else(|| {
+                    Error::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorKind::ThreepidNotFound,
+                        "that address belongs to no account",
+                    )
+                })?;
+            if !state.store.consume_threepid_session(sid).await? {
+                return Err(threepid_used());
+            }
+            (owner, None)
+        }
+    };
     let hash = password::hash(&body.new_password).await?;
-    state.store.set_password_hash(&user.user_id, Some(&hash)).await?;
+    state.store.set_password_hash(&user_id, Some(&hash)).await?;
     if body.logout_devices {
-        state.store.delete_devices_except(&user.user_id, Some(&user.device_id)).await?;
+        state.store.delete_devices_except(&user_id, keep_device.as_deref()).await?;
     }
+    tracing::info!(user_id = %user_id, reset = keep_device.is_none(), "password changed");
     Ok(change_password::v3::Response::new())
+}
+
+pub(super) fn threepid_used() -> Error {
+    Error::new(
+        StatusCode::BAD_REQUEST,
+        ErrorKind::ThreepidAuthFailed,
+        "this verification has already been used",
+    )
 }
 
 /// POST /_matrix/client/v3/account/deactivate
@@ -56,14 +118,16 @@ async fn deactivate(
     state: web::Data<AppState>,
     request: Ruma<deactivate::v3::Request>,
 ) -> Result<deactivate::v3::Response> {
+    // Optional by the spec for servers that can identify the user from UIA alone; Hearth asks
+    // for the account's password, so it needs to know whose.
     let user = request.sender.as_ref().ok_or_else(Error::missing_token)?;
-    let flows = vec![vec![Stage::Password]];
-    uia::authenticate(
-        &state,
-        request.body.auth.as_ref(),
-        UiaRequest { operation: "deactivate", user: Some(&user.user_id), flows },
-    )
-    .await?;
+    let operation = UiaRequest {
+        operation: "deactivate",
+        user: Some(&user.user_id),
+        flows: vec![vec![Stage::Password]],
+        threepid_purpose: None,
+    };
+    uia::authenticate(&state, request.body.auth.as_ref(), operation).await?;
     state.store.deactivate_user(&user.user_id).await?;
     tracing::info!(user_id = %user.user_id, "deactivated");
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))

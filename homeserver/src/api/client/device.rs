@@ -88,9 +88,15 @@ async fn authorize_deletion(
     uia::authenticate(
         state,
         auth,
-        UiaRequest { operation: &operation, user: Some(&user.user_id), flows: vec![vec![Stage::Password]] },
+        UiaRequest {
+            operation: &operation,
+            user: Some(&user.user_id),
+            flows: vec![vec![Stage::Password]],
+            threepid_purpose: None,
+        },
     )
     .await
+    .map(drop)
 }
 
 /// DELETE /_matrix/client/v3/devices/{deviceId}

@@ -5,7 +5,9 @@ mod device;
 mod discovery;
 mod register;
 mod session;
+mod threepid;
 
+pub use self::threepid::configure as configure_custom;
 use crate::ruma_wrapper::Router;
 
 /// Every client-server endpoint Hearth serves.
@@ -16,5 +18,6 @@ pub fn router() -> Router {
     register::routes(&mut router);
     account::routes(&mut router);
     device::routes(&mut router);
+    threepid::routes(&mut router);
     router
 }

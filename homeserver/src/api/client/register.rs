@@ -17,11 +17,12 @@ use crate::{
         tokens,
         uia::{self, Stage, UiaRequest},
     },
-    config::RegistrationMode,
+    config::{RegistrationMode, RequiredThreepid},
     error::{Error, ErrorKind, Result},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
     storage::now_ms,
+    threepid::Purpose,
 };
 
 /// Longest password accepted, in bytes: argon2 hashes anything, but nobody needs more and an
@@ -82,12 +83,31 @@ fn generated_localpart() -> String {
 }
 
 /// The UIA flows registration offers under the configured policy.
-fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
-    match state.config.registration.mode {
-        RegistrationMode::Open => Ok(vec![vec![Stage::Dummy]]),
-        RegistrationMode::Token => Ok(vec![vec![Stage::RegistrationToken]]),
-        RegistrationMode::Closed => Err(Error::forbidden("registration is closed on this server")),
-    }
+/// The UIA flows registration offers: who may register (`registration.mode`) combined with the
+/// address they must prove (`registration.require`).
+pub(super) fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
+    let base = match state.config.registration.mode {
+        RegistrationMode::Open => vec![],
+        RegistrationMode::Token => vec![Stage::RegistrationToken],
+        RegistrationMode::Closed => return Err(Error::forbidden("registration is closed on this server")),
+    };
+    let proofs: &[Option<Stage>] = match state.config.registration.require {
+        RequiredThreepid::None => &[None],
+        RequiredThreepid::Email => &[Some(Stage::EmailIdentity)],
+        RequiredThreepid::Msisdn => &[Some(Stage::Msisdn)],
+        RequiredThreepid::EmailOrMsisdn => &[Some(Stage::EmailIdentity), Some(Stage::Msisdn)],
+    };
+    Ok(proofs
+        .iter()
+        .map(|proof| {
+            let mut flow = base.clone();
+            flow.extend(*proof);
+            if flow.is_empty() {
+                flow.push(Stage::Dummy);
+            }
+            flow
+        })
+        .collect())
 }
 
 /// POST /_matrix/client/v3/register
@@ -95,7 +115,7 @@ async fn register(
     state: web::Data<AppState>,
     request: Ruma<register::v3::Request>,
 ) -> Result<register::v3::Response> {
-    state.limiter.check(Action::Register, request.client_ip)?;
+    state.limiter.check_ip(Action::Register, request.client_ip)?;
     let body = request.body;
     if body.kind == RegistrationKind::Guest {
         return Err(Error::new(
@@ -121,8 +141,22 @@ async fn register(
         return Err(Error::invalid_param("initial_device_display_name is too long"));
     }
 
-    uia::authenticate(&state, body.auth.as_ref(), UiaRequest { operation: "register", user: None, flows })
-        .await?;
+    let operation =
+        UiaRequest { operation: "register", user: None, flows, threepid_purpose: Some(Purpose::Register) };
+    let done = uia::authenticate(&state, body.auth.as_ref(), operation).await?;
+    // The addresses the flow proved must still be free when the account is made.
+    let mut proven = Vec::new();
+    for sid in &done.threepid_sids {
+        let session = state
+            .store
+            .get_threepid_session(sid)
+            .await?
+            .ok_or_else(|| Error::internal("verification session vanished"))?;
+        if state.store.threepid_owner(&session.medium, &session.address).await?.is_some() {
+            return Err(threepid_in_use());
+        }
+        proven.push(session);
+    }
 
     let password = body.password.as_deref().ok_or_else(|| Error::missing_param("password is required"))?;
     let hash = password::hash(password).await?;
@@ -141,6 +175,15 @@ async fn register(
             }
         },
     };
+    for session in proven {
+        if !state.store.consume_threepid_session(&session.sid).await? {
+            return Err(super::account::threepid_used());
+        }
+        let validated = session.validated_ts.unwrap_or_else(now_ms);
+        if !state.store.bind_threepid(&user_id, &session.medium, &session.address, validated).await? {
+            return Err(threepid_in_use());
+        }
+    }
     tracing::info!(user_id = %user_id, "registered");
 
     let mut response = register::v3::Response::new(user_id.clone());
@@ -162,12 +205,20 @@ async fn register(
     Ok(response)
 }
 
+pub(super) fn threepid_in_use() -> Error {
+    Error::new(
+        StatusCode::BAD_REQUEST,
+        ErrorKind::ThreepidInUse,
+        "that address is already bound to an account",
+    )
+}
+
 /// GET /_matrix/client/v3/register/available
 async fn get_username_availability(
     state: web::Data<AppState>,
     request: Ruma<get_username_availability::v3::Request>,
 ) -> Result<get_username_availability::v3::Response> {
-    state.limiter.check(Action::Register, request.client_ip)?;
+    state.limiter.check_ip(Action::Register, request.client_ip)?;
     let user_id = parse_username(&state, &request.body.username)?;
     if state.store.get_user(&user_id).await?.is_some() {
         return Err(user_in_use());
@@ -180,7 +231,7 @@ async fn check_registration_token_validity(
     state: web::Data<AppState>,
     request: Ruma<check_registration_token_validity::v1::Request>,
 ) -> Result<check_registration_token_validity::v1::Response> {
-    state.limiter.check(Action::Register, request.client_ip)?;
+    state.limiter.check_ip(Action::Register, request.client_ip)?;
     if state.config.registration.mode != RegistrationMode::Token {
         return Err(Error::forbidden("registration tokens are not in use on this server"));
     }
