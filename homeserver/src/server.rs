@@ -51,7 +51,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     crate::install_crypto_provider();
     let store = open_store(&config).await?;
     store.migrate().await.context("running database migrations")?;
-    let addr = config.client_listen_addr()?;
+    let listener = std::net::TcpListener::bind(config.client_listen_addr()?)
+        .with_context(|| format!("binding the client listener to {}", config.listen.client))?;
+    let addr = listener.local_addr()?;
+    let mut config = config;
+    if config.public_baseurl.is_empty() {
+        // Links the server hands out (well-known, submit_url) name the port it really got.
+        config.public_baseurl = format!("http://{addr}");
+    }
     let state = web::Data::new(AppState::new(config, Arc::new(store))?);
     let app_state = state.clone();
     let server = HttpServer::new(move || {
@@ -89,9 +96,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .default_service(web::to(unrecognized))
     })
     .disable_signals()
-    .bind(addr)
-    .with_context(|| format!("binding the client listener to {addr}"))?;
-    let addr = server.addrs().first().copied().context("no listening address")?;
+    .listen(listener)?;
     let server = server.run();
     let handle = server.handle();
     let task = tokio::spawn(server);

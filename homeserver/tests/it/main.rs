@@ -8,4 +8,6 @@ mod cli;
 mod common;
 mod errors;
 mod interop;
+mod providers;
 mod storage;
+mod threepid;
