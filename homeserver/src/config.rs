@@ -730,6 +730,36 @@ mod tests {
         assert!(!config.is_embedded());
     }
 
+    /// The overrides operators' scripts rely on for one-time codes.
+    #[test]
+    fn delivery_overrides() {
+        let config = Config::load_with_env(
+            None,
+            env(&[
+                ("HEARTH_EMAIL__SMTP_HOST", "smtp.example.org"),
+                ("HEARTH_EMAIL__SMTP_PORT", "465"),
+                ("HEARTH_EMAIL__SMTP_TLS", "tls"),
+                ("HEARTH_EMAIL__FROM", "Chat <chat@example.org>"),
+                ("HEARTH_SMS__BASE_URL", "http://127.0.0.1:9999"),
+                ("HEARTH_SMS__ACCOUNT_SID", "AC123"),
+                ("HEARTH_SMS__AUTH_TOKEN", "token"),
+                ("HEARTH_SMS__FROM", "+15005550006"),
+                ("HEARTH_REGISTRATION__REQUIRE", "email_or_msisdn"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((config.email.smtp_host.as_str(), config.email.smtp_port), ("smtp.example.org", 465));
+        assert_eq!(config.email.smtp_tls, SmtpTls::Tls);
+        assert_eq!(config.sms.base_url, "http://127.0.0.1:9999");
+        assert_eq!(config.sms.auth_token.expose(), "token");
+        assert_eq!(config.registration.require, RequiredThreepid::EmailOrMsisdn);
+        assert!(!format!("{config:?}").contains("\"token\""), "secrets stay out of Debug");
+        let err = Config::load_with_env(None, env(&[("HEARTH_REGISTRATION__REQUIRE", "email")])).unwrap_err();
+        assert!(err.to_string().contains("email.smtp_host"), "{err}");
+        let err = Config::load_with_env(None, env(&[("HEARTH_EMAIL__SMTP_TLS", "ssl")])).unwrap_err();
+        assert!(err.to_string().contains("email.smtp_tls"), "{err}");
+    }
+
     #[test]
     fn bad_values_name_the_key() {
         let err = Config::load_with_env(None, env(&[("HEARTH_RATE_LIMITS__ENABLED", "maybe")])).unwrap_err();

@@ -456,3 +456,54 @@ crate::on_both_backends! {
         server.stop().await;
     }
 }
+
+/// JWT login with a public key (EdDSA): the identity provider keeps the private half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_login_with_a_public_key() {
+    use base64::Engine;
+    let der = ruma::signatures::Ed25519KeyPair::generate();
+    let public = ruma::signatures::Ed25519KeyPair::from_der(&der, "1".to_owned()).unwrap().public_key();
+    // SubjectPublicKeyInfo for an Ed25519 key: a fixed 12-byte prefix, then the key.
+    let mut spki = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+    spki.extend_from_slice(&public);
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&spki)
+    );
+    let key_dir = std::env::temp_dir().join(format!("hearth-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&key_dir).unwrap();
+    let key_file = key_dir.join("idp.pem");
+    std::fs::write(&key_file, pem).unwrap();
+    let server = TestServer::start_with(Db::Sqlite, |config| {
+        config.jwt_login.enabled = true;
+        config.jwt_login.algorithm = "EdDSA".to_owned();
+        config.jwt_login.public_key_file = key_file.display().to_string();
+        config.jwt_login.subject_claim = "preferred_username".to_owned();
+    })
+    .await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = json!({"preferred_username": "kai", "exp": now + 60});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ed_der(&der),
+    )
+    .unwrap();
+    let login = |token: String| {
+        server.post("/_matrix/client/v3/login", None, json!({"type": "org.matrix.login.jwt", "token": token}))
+    };
+    // Accounts are not created unless configured.
+    assert_error(&login(token.clone()).await, 403, "M_FORBIDDEN");
+    server.register("kai", PW).await;
+    let (status, body) = login(token).await;
+    assert_eq!((status, body["user_id"].as_str()), (200, Some("@kai:localhost")), "{body}");
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"guessing-the-algorithm-does-not-work"),
+    )
+    .unwrap();
+    assert_error(&login(forged).await, 403, "M_FORBIDDEN");
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(key_dir);
+}
