@@ -317,6 +317,17 @@ async fn deliver(state: &AppState, request: &CodeRequest<'_>, sid: &str, code: &
     })
 }
 
+/// The session `sid`, if `client_secret` is the one it was requested with. Without the secret a
+/// session does not exist, so nobody can guess codes for another client's session.
+async fn client_session(state: &AppState, sid: &str, client_secret: &str) -> Result<ThreepidSession> {
+    state
+        .store
+        .get_threepid_session(sid)
+        .await?
+        .filter(|s| s.client_secret_hash == tokens::sha256_hex(client_secret))
+        .ok_or_else(|| auth_failed("unknown verification session"))
+}
+
 /// Checks a submitted code. On success the session's address is verified.
 pub async fn submit_code(
     state: &AppState,
@@ -324,12 +335,7 @@ pub async fn submit_code(
     client_secret: &str,
     code: &str,
 ) -> Result<ThreepidSession> {
-    let session = state
-        .store
-        .get_threepid_session(sid)
-        .await?
-        .filter(|s| s.client_secret_hash == tokens::sha256_hex(client_secret))
-        .ok_or_else(|| auth_failed("unknown verification session"))?;
+    let session = client_session(state, sid, client_secret).await?;
     if session.consumed {
         return Err(auth_failed("this code has already been used; request a new one"));
     }
@@ -363,12 +369,7 @@ pub async fn verified_session(
     client_secret: &str,
     purpose: Purpose,
 ) -> Result<ThreepidSession> {
-    let session = state
-        .store
-        .get_threepid_session(sid)
-        .await?
-        .filter(|s| s.client_secret_hash == tokens::sha256_hex(client_secret))
-        .ok_or_else(|| auth_failed("unknown verification session"))?;
+    let session = client_session(state, sid, client_secret).await?;
     if session.purpose != purpose.as_str() {
         return Err(auth_failed(format!("this session did not verify the address {}", purpose.words())));
     }
