@@ -13,6 +13,7 @@ mod accounts;
 mod devices;
 mod registration_tokens;
 mod sessions;
+pub mod stream;
 mod threepids;
 mod uia;
 
@@ -89,6 +90,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "threepids",
         include_str!("../../migrations/postgres/0002_threepids.sql"),
         include_str!("../../migrations/sqlite/0002_threepids.sql"),
+    ),
+    (
+        3,
+        "streams",
+        include_str!("../../migrations/postgres/0003_streams.sql"),
+        include_str!("../../migrations/sqlite/0003_streams.sql"),
     ),
 ];
 

@@ -10,4 +10,5 @@ mod errors;
 mod interop;
 mod providers;
 mod storage;
+mod stream;
 mod threepid;

@@ -1,0 +1,146 @@
+//! Stream positions under out-of-order commits: no reader misses or repeats a position.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use homeserver::storage::{
+    SqlStore,
+    stream::{StreamWriter, persisted_upto},
+};
+use rand::Rng;
+use sqlx::Executor;
+
+use crate::common::{Db, TestDb};
+
+async fn store(db: Db) -> (SqlStore, TestDb) {
+    let test_db = TestDb::new(db).await;
+    let store = SqlStore::connect(&test_db.url, 12).await.unwrap();
+    store.migrate().await.unwrap();
+    // Stands in for the events table: a row per committed position.
+    store.pool().execute("CREATE TABLE stream_probe (position BIGINT PRIMARY KEY)").await.unwrap();
+    (store, test_db)
+}
+
+/// Commits a row at `position`, holding the transaction open for `hold` first.
+async fn commit_at(store: &SqlStore, position: i64, hold: Duration) {
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query("INSERT INTO stream_probe (position) VALUES ($1)")
+        .bind(position)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tokio::time::sleep(hold).await;
+    tx.commit().await.unwrap();
+}
+
+async fn wait_for_upto(store: &SqlStore, at_least: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let upto = persisted_upto(store).await.unwrap();
+        if upto >= at_least {
+            return upto;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stuck at {upto}, waiting for {at_least}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+crate::on_both_backends! {
+    async fn a_late_commit_holds_readers_back(db: Db) {
+        let (store, test_db) = store(db).await;
+        let a = StreamWriter::start(&store).await.unwrap();
+        let b = StreamWriter::start(&store).await.unwrap();
+        let early = a.allocate().await.unwrap();
+        let late = b.allocate().await.unwrap();
+        assert!(late.position > early.position);
+        // The higher position commits first.
+        let late_position = late.position;
+        commit_at(&store, late_position, Duration::ZERO).await;
+        drop(late);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let upto = persisted_upto(&store).await.unwrap();
+        assert!(upto < early.position, "a reader may not pass {} while it is in flight (got {upto})", early.position);
+        let visible: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM stream_probe WHERE position <= $1")
+            .bind(upto)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(visible, 0);
+        // Once the lower one commits, readers move past both.
+        commit_at(&store, early.position, Duration::ZERO).await;
+        drop(early);
+        wait_for_upto(&store, late_position).await;
+        let visible: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM stream_probe WHERE position <= $1")
+            .bind(persisted_upto(&store).await.unwrap())
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(visible, 2);
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn readers_never_miss_or_repeat(db: Db) {
+        let (store, test_db) = store(db).await;
+        let writers = [StreamWriter::start(&store).await.unwrap(), StreamWriter::start(&store).await.unwrap()];
+        const WRITES: usize = 240;
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let (store, writer) = (store.clone(), writers[t % 2].clone());
+            tasks.push(tokio::spawn(async move {
+                let mut written = Vec::new();
+                for _ in 0..WRITES / 8 {
+                    let guard = writer.allocate().await.unwrap();
+                    let hold = Duration::from_millis(rand::thread_rng().gen_range(0..6));
+                    commit_at(&store, guard.position, hold).await;
+                    written.push(guard.position);
+                }
+                written
+            }));
+        }
+        // The reader: advance to the safe position, read what is newly visible, repeat.
+        let reader = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let (mut last, mut seen, mut out_of_order) = (0i64, BTreeSet::new(), 0usize);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while seen.len() < WRITES {
+                    assert!(tokio::time::Instant::now() < deadline, "reader saw {} of {WRITES}", seen.len());
+                    let upto = persisted_upto(&store).await.unwrap();
+                    let max_committed: Option<i64> = sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(position) FROM stream_probe")
+                        .fetch_one(store.pool()).await.unwrap();
+                    if max_committed.is_some_and(|m| m > upto) {
+                        out_of_order += 1;
+                    }
+                    let rows: Vec<i64> = sqlx::query_scalar::<_, i64>(
+                        "SELECT position FROM stream_probe WHERE position > $1 AND position <= $2 ORDER BY position",
+                    )
+                    .bind(last)
+                    .bind(upto)
+                    .fetch_all(store.pool())
+                    .await
+                    .unwrap();
+                    for row in rows {
+                        assert!(seen.insert(row), "position {row} delivered twice");
+                    }
+                    last = last.max(upto);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                (seen, out_of_order)
+            })
+        };
+        let mut written = BTreeSet::new();
+        for task in tasks {
+            written.extend(task.await.unwrap());
+        }
+        let (seen, out_of_order) = reader.await.unwrap();
+        assert_eq!(seen, written, "every committed position reached the reader exactly once");
+        assert!(out_of_order > 0, "the test must actually see commits land out of order");
+        for writer in &writers {
+            writer.stop().await.unwrap();
+        }
+        store.close().await;
+        test_db.remove().await;
+    }
+}
