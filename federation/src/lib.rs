@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
 
+pub mod auth;
 pub mod pdu;
 pub mod signing_key;

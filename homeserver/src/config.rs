@@ -53,6 +53,8 @@ pub struct Config {
     /// The URL clients reach this server at, announced in `/.well-known/matrix/client`.
     /// Empty: derived from the client listener.
     pub public_baseurl: String,
+    /// The server's ed25519 signing key. Empty: `<data_dir>/signing.key`, created on first start.
+    pub signing_key_file: String,
     pub listen: ListenConfig,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
@@ -264,6 +266,7 @@ impl Default for Config {
             server_name: "localhost".to_owned(),
             data_dir: PathBuf::from("./hearth-data"),
             public_baseurl: String::new(),
+            signing_key_file: String::new(),
             listen: ListenConfig::default(),
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),

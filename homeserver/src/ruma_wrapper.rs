@@ -296,7 +296,17 @@ impl Router {
 
     pub fn configure(self, config: &mut web::ServiceConfig) {
         for (path, routes) in self.resources {
-            let mut resource = web::resource(path).app_data(PathTemplate(path));
+            // Path variables may be empty: an empty state key is the common case
+            // (`/state/m.room.name/`).
+            let pattern = path
+                .split('/')
+                .map(|segment| match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(name) => format!("{{{name}:[^/]*}}"),
+                    None => segment.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("/");
+            let mut resource = web::resource(pattern).app_data(PathTemplate(path));
             for route in routes {
                 resource = resource.route(route());
             }

@@ -31,6 +31,9 @@ impl RunningServer {
     pub async fn stop(self) {
         self.handle.stop(true).await;
         let _ = self.task.await;
+        if let Err(error) = self.state.stream.stop().await {
+            tracing::warn!(%error, "could not retire the stream writer");
+        }
     }
 }
 
@@ -59,7 +62,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         // Links the server hands out (well-known, submit_url) name the port it really got.
         config.public_baseurl = format!("http://{addr}");
     }
-    let state = web::Data::new(AppState::new(config, Arc::new(store))?);
+    let stream = crate::storage::stream::StreamWriter::start(&store).await?;
+    let state = web::Data::new(AppState::new(config, Arc::new(store), stream)?);
     let app_state = state.clone();
     let server = HttpServer::new(move || {
         let router = api::client::router();

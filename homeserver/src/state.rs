@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use federation::signing_key::SigningKey;
 use ruma::{OwnedDeviceId, OwnedServerName, OwnedUserId};
 
 use crate::{
@@ -15,7 +16,7 @@ use crate::{
         tokens::{self, TokenService},
     },
     config::Config,
-    storage::Storage,
+    storage::{Storage, stream::StreamWriter},
     threepid::{
         delivery::{EmailSender, SmsSender, SmtpSender, TwilioSender},
         templates::Templates,
@@ -24,6 +25,12 @@ use crate::{
 
 pub struct AppState {
     pub config: Config,
+    /// Signs this server's events (and later its federation requests).
+    pub signing_key: SigningKey,
+    /// This process's writer of stream positions.
+    pub stream: Arc<StreamWriter>,
+    /// The newest stream position this process wrote; `/sync` long-polls wait on it.
+    notifier: tokio::sync::watch::Sender<i64>,
     pub server_name: OwnedServerName,
     pub store: Arc<dyn Storage>,
     pub tokens: TokenService,
@@ -44,7 +51,7 @@ pub struct AppState {
 const LAST_SEEN_EVERY: Duration = Duration::from_secs(60);
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<dyn Storage>) -> anyhow::Result<Self> {
+    pub fn new(config: Config, store: Arc<dyn Storage>, stream: Arc<StreamWriter>) -> anyhow::Result<Self> {
         let server_name = OwnedServerName::try_from(config.server_name.as_str())?;
         let secret = if config.auth.token_secret.is_empty() {
             tokens::load_or_create_secret(&config.data_dir)?
@@ -83,8 +90,18 @@ impl AppState {
         let jwt_login = JwtLogin::from_config(&config.jwt_login)?;
         // Derived from the token secret, so every worker of a deployment agrees on it.
         let code_key = [b"hearth one-time codes:".as_slice(), &secret].concat();
+        let key_file = if config.signing_key_file.is_empty() {
+            config.data_dir.join("signing.key")
+        } else {
+            std::path::PathBuf::from(&config.signing_key_file)
+        };
+        let signing_key = SigningKey::load_or_generate(&key_file)
+            .map_err(|e| anyhow::anyhow!("signing key {}: {e}", key_file.display()))?;
         Ok(Self {
             config,
+            signing_key,
+            stream,
+            notifier: tokio::sync::watch::channel(0).0,
             server_name,
             store,
             tokens,
@@ -128,6 +145,16 @@ impl AppState {
 
     pub fn code_key(&self) -> &[u8] {
         &self.code_key
+    }
+
+    /// Tells waiting syncs that the stream reached `position`.
+    pub fn notify(&self, position: i64) {
+        self.notifier.send_modify(|newest| *newest = (*newest).max(position));
+    }
+
+    /// A receiver that wakes when this process writes to the stream.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.notifier.subscribe()
     }
 }
 

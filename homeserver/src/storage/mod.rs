@@ -12,6 +12,7 @@
 mod accounts;
 mod devices;
 mod registration_tokens;
+pub mod rooms;
 mod sessions;
 pub mod stream;
 mod threepids;
@@ -30,6 +31,7 @@ pub use self::{
     accounts::{AccountStore, UserRecord},
     devices::{DeviceRecord, DeviceStore},
     registration_tokens::RegistrationTokenStore,
+    rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent},
     sessions::{SessionRecord, SessionStore},
     threepids::{ThreepidRecord, ThreepidSession, ThreepidStore},
     uia::{UiaSessionRecord, UiaStore},
@@ -37,12 +39,40 @@ pub use self::{
 
 /// Every data area; what the server holds as `Arc<dyn Storage>`.
 pub trait Storage:
-    AccountStore + DeviceStore + SessionStore + UiaStore + RegistrationTokenStore + ThreepidStore
+    AccountStore
+    + DeviceStore
+    + SessionStore
+    + UiaStore
+    + RegistrationTokenStore
+    + ThreepidStore
+    + RoomStore
+    + StreamStore
 {
 }
 
+/// Reading the stream's safe position (see `stream.rs`).
+#[async_trait::async_trait]
+pub trait StreamStore: Send + Sync {
+    /// The highest position every reader may go up to.
+    async fn persisted_upto(&self) -> StoreResult<i64>;
+}
+
+#[async_trait::async_trait]
+impl StreamStore for SqlStore {
+    async fn persisted_upto(&self) -> StoreResult<i64> {
+        stream::persisted_upto(self).await
+    }
+}
+
 impl<T> Storage for T where
-    T: AccountStore + DeviceStore + SessionStore + UiaStore + RegistrationTokenStore + ThreepidStore
+    T: AccountStore
+        + DeviceStore
+        + SessionStore
+        + UiaStore
+        + RegistrationTokenStore
+        + ThreepidStore
+        + RoomStore
+        + StreamStore
 {
 }
 
@@ -96,6 +126,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "streams",
         include_str!("../../migrations/postgres/0003_streams.sql"),
         include_str!("../../migrations/sqlite/0003_streams.sql"),
+    ),
+    (
+        4,
+        "rooms",
+        include_str!("../../migrations/postgres/0004_rooms.sql"),
+        include_str!("../../migrations/sqlite/0004_rooms.sql"),
     ),
 ];
 

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use super::{SqlStore, StoreResult, now_ms};
 
 /// Positions a writer reserves at once.
-const BLOCK: i64 = 32;
+const BLOCK: i64 = 8;
 /// A writer whose heartbeat is older than this is presumed dead.
 pub const WRITER_TIMEOUT_MS: i64 = 30_000;
 /// A busy writer refreshes its heartbeat at least this often.

@@ -4,7 +4,9 @@ mod account;
 mod device;
 mod discovery;
 mod register;
+mod room;
 mod session;
+mod sync;
 mod threepid;
 
 pub use self::threepid::configure as configure_custom;
@@ -19,5 +21,7 @@ pub fn router() -> Router {
     account::routes(&mut router);
     device::routes(&mut router);
     threepid::routes(&mut router);
+    room::routes(&mut router);
+    sync::routes(&mut router);
     router
 }

@@ -1,0 +1,675 @@
+//! Rooms: `createRoom`, membership (join, invite, leave, kick, ban, unban, forget), sending
+//! events, state, redaction, and reading history (`messages`, `event`, `members`).
+
+use std::collections::BTreeMap;
+
+use actix_web::{http::StatusCode, web};
+use ruma::{
+    OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    api::{
+        Direction,
+        client::{
+            membership::{
+                ban_user, forget_room, get_member_events, invite_user, join_room_by_id,
+                join_room_by_id_or_alias, joined_members, joined_rooms, kick_user, leave_room, unban_user,
+            },
+            message::{get_message_events, send_message_event},
+            redact::redact_event,
+            room::{Visibility, create_room, get_room_event},
+            state::{get_state_event_for_key, get_state_events, send_state_event},
+        },
+    },
+};
+use serde_json::{Map, Value, json, value::to_raw_value};
+
+use crate::{
+    auth::tokens,
+    error::{Error, ErrorKind, Result},
+    rooms::{
+        self, Draft,
+        client_event::{raw, raws, to_client},
+    },
+    ruma_wrapper::{Router, Ruma},
+    state::AppState,
+    storage::StoredEvent,
+};
+
+/// Longest `limit` a client may ask `/messages` for.
+const MAX_PAGE: i64 = 1000;
+
+pub(super) fn routes(router: &mut Router) {
+    router
+        .add(create_room)
+        .add(join_by_id)
+        .add(join_by_id_or_alias)
+        .add(invite)
+        .add(leave)
+        .add(kick)
+        .add(ban)
+        .add(unban)
+        .add(forget)
+        .add(joined_rooms)
+        .add(joined_members)
+        .add(members)
+        .add(send_message)
+        .add(send_state)
+        .add(get_state_for_key)
+        .add(get_state)
+        .add(messages)
+        .add(get_event)
+        .add(redact);
+}
+
+fn raw_json(value: &Value) -> Result<Box<serde_json::value::RawValue>> {
+    to_raw_value(value).map_err(Error::internal)
+}
+
+async fn append_json(
+    state: &AppState,
+    room_id: &RoomId,
+    sender: &UserId,
+    event_type: &str,
+    state_key: Option<&str>,
+    content: &Value,
+) -> Result<StoredEvent> {
+    let content = raw_json(content)?;
+    let draft = Draft {
+        sender,
+        event_type,
+        state_key,
+        content: &content,
+        redacts: None,
+        redacted_json: None,
+        txn: None,
+    };
+    rooms::append(state, room_id, draft).await
+}
+
+/// Merges `overrides` (a JSON object) into `base`, key by key.
+fn merge(base: &mut Value, overrides: &serde_json::value::RawValue) -> Result<()> {
+    let overrides: Map<String, Value> = serde_json::from_str(overrides.get())
+        .map_err(|_| Error::bad_json("power_level_content_override must be an object"))?;
+    if let Some(base) = base.as_object_mut() {
+        base.extend(overrides);
+    }
+    Ok(())
+}
+
+/// POST /_matrix/client/v3/createRoom
+async fn create_room(
+    state: web::Data<AppState>,
+    request: Ruma<create_room::v3::Request>,
+) -> Result<create_room::v3::Response> {
+    let creator = &request.sender.user_id;
+    let body = request.body;
+    let version = body.room_version.clone().unwrap_or(RoomVersionId::V10);
+    if !federation::pdu::SUPPORTED_ROOM_VERSIONS.contains(&version) {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::UnsupportedRoomVersion,
+            format!("room version {version} is not supported; supported: 10, 11"),
+        ));
+    }
+    if body.room_alias_name.is_some() {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::Unknown,
+            "room aliases are not supported yet",
+        ));
+    }
+    for user in &body.invite {
+        if user == creator {
+            return Err(Error::invalid_param("you cannot invite yourself"));
+        }
+    }
+    let mut creation = match &body.creation_content {
+        Some(raw) => serde_json::from_str::<Map<String, Value>>(raw.json().get())
+            .map_err(|_| Error::bad_json("creation_content must be an object"))?,
+        None => Map::new(),
+    };
+    creation.remove("room_version");
+    if version == RoomVersionId::V10 {
+        creation.insert("creator".into(), creator.as_str().into());
+    } else {
+        creation.remove("creator");
+    }
+    creation.insert("room_version".into(), version.as_str().into());
+    if creation.get("type").is_some_and(|t| !t.is_string()) {
+        return Err(Error::bad_json("creation_content.type must be a string"));
+    }
+
+    let room_id = OwnedRoomId::try_from(format!("!{}:{}", tokens::random_token(18), state.server_name))
+        .map_err(Error::internal)?;
+    if !state.store.create_room(&room_id, version.as_str(), creator).await? {
+        return Err(Error::internal("room id collision"));
+    }
+    append_json(&state, &room_id, creator, "m.room.create", Some(""), &Value::Object(creation)).await?;
+    append_json(
+        &state,
+        &room_id,
+        creator,
+        "m.room.member",
+        Some(creator.as_str()),
+        &json!({"membership": "join"}),
+    )
+    .await?;
+
+    use create_room::v3::RoomPreset;
+    let preset = body.preset.clone().unwrap_or(match body.visibility {
+        Visibility::Public => RoomPreset::PublicChat,
+        _ => RoomPreset::PrivateChat,
+    });
+    let mut users = Map::from_iter([(creator.to_string(), json!(100))]);
+    if preset == RoomPreset::TrustedPrivateChat {
+        users.extend(body.invite.iter().map(|u| (u.to_string(), json!(100))));
+    }
+    let mut power = json!({
+        "users": users, "users_default": 0, "events_default": 0, "state_default": 50,
+        "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+        "events": {
+            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+            "m.room.server_acl": 100, "m.room.encryption": 100
+        },
+        "notifications": {"room": 50}
+    });
+    if let Some(overrides) = &body.power_level_content_override {
+        merge(&mut power, overrides.json())?;
+    }
+    append_json(&state, &room_id, creator, "m.room.power_levels", Some(""), &power).await?;
+
+    let join_rule = if preset == RoomPreset::PublicChat { "public" } else { "invite" };
+    let mut initial: Vec<(String, String, Value)> = vec![
+        ("m.room.join_rules".into(), String::new(), json!({"join_rule": join_rule})),
+        ("m.room.history_visibility".into(), String::new(), json!({"history_visibility": "shared"})),
+    ];
+    if preset != RoomPreset::PublicChat {
+        initial.push(("m.room.guest_access".into(), String::new(), json!({"guest_access": "can_join"})));
+    }
+    for event in &body.initial_state {
+        let event: Map<String, Value> = serde_json::from_str(event.json().get())
+            .map_err(|_| Error::bad_json("initial_state entries must be objects"))?;
+        let event_type = event
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::bad_json("initial_state entry without type"))?;
+        if matches!(event_type, "m.room.create" | "m.room.member" | "m.room.power_levels") {
+            return Err(Error::bad_json(format!("initial_state may not set {event_type}")));
+        }
+        let key = event.get("state_key").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let content = event.get("content").cloned().unwrap_or_else(|| json!({}));
+        initial.retain(|(t, k, _)| !(t == event_type && *k == key));
+        initial.push((event_type.to_owned(), key, content));
+    }
+    if let Some(name) = &body.name {
+        initial.push(("m.room.name".into(), String::new(), json!({"name": name})));
+    }
+    if let Some(topic) = &body.topic {
+        initial.push(("m.room.topic".into(), String::new(), json!({"topic": topic})));
+    }
+    for (event_type, key, content) in &initial {
+        append_json(&state, &room_id, creator, event_type, Some(key), content).await?;
+    }
+    for user in &body.invite {
+        let mut content = json!({"membership": "invite"});
+        if body.is_direct {
+            content["is_direct"] = true.into();
+        }
+        append_json(&state, &room_id, creator, "m.room.member", Some(user.as_str()), &content).await?;
+    }
+    if body.visibility == Visibility::Public {
+        state.store.set_room_public(&room_id, true).await?;
+    }
+    tracing::info!(%room_id, %version, "room created");
+    Ok(create_room::v3::Response::new(room_id))
+}
+
+/// Sets `target`'s membership in a room, as `sender`.
+async fn set_membership(
+    state: &AppState,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    membership: &str,
+    reason: Option<&str>,
+) -> Result<()> {
+    let mut content = json!({"membership": membership});
+    if let Some(reason) = reason {
+        if reason.len() > 1024 {
+            return Err(Error::invalid_param("reason longer than 1024 bytes"));
+        }
+        content["reason"] = reason.into();
+    }
+    append_json(state, room_id, sender, "m.room.member", Some(target.as_str()), &content).await.map(drop)
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/join
+async fn join_by_id(
+    state: web::Data<AppState>,
+    request: Ruma<join_room_by_id::v3::Request>,
+) -> Result<join_room_by_id::v3::Response> {
+    let user = &request.sender.user_id;
+    let room_id = request.body.room_id;
+    set_membership(&state, &room_id, user, user, "join", request.body.reason.as_deref()).await?;
+    Ok(join_room_by_id::v3::Response::new(room_id))
+}
+
+/// POST /_matrix/client/v3/join/{roomIdOrAlias}
+async fn join_by_id_or_alias(
+    state: web::Data<AppState>,
+    request: Ruma<join_room_by_id_or_alias::v3::Request>,
+) -> Result<join_room_by_id_or_alias::v3::Response> {
+    let user = &request.sender.user_id;
+    let room_id = OwnedRoomId::try_from(request.body.room_id_or_alias.as_str())
+        .map_err(|_| Error::not_found("room alias not found"))?;
+    set_membership(&state, &room_id, user, user, "join", request.body.reason.as_deref()).await?;
+    Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/invite
+async fn invite(
+    state: web::Data<AppState>,
+    request: Ruma<invite_user::v3::Request>,
+) -> Result<invite_user::v3::Response> {
+    let body = &request.body;
+    let target = match &body.recipient {
+        invite_user::v3::InvitationRecipient::UserId(recipient) => recipient.user_id.clone(),
+        _ => {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::Unknown,
+                "third-party invites are not supported",
+            ));
+        }
+    };
+    set_membership(&state, &body.room_id, &request.sender.user_id, &target, "invite", None).await?;
+    Ok(invite_user::v3::Response::new())
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/leave
+async fn leave(
+    state: web::Data<AppState>,
+    request: Ruma<leave_room::v3::Request>,
+) -> Result<leave_room::v3::Response> {
+    let user = &request.sender.user_id;
+    set_membership(&state, &request.body.room_id, user, user, "leave", request.body.reason.as_deref())
+        .await?;
+    Ok(leave_room::v3::Response::new())
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/kick
+async fn kick(
+    state: web::Data<AppState>,
+    request: Ruma<kick_user::v3::Request>,
+) -> Result<kick_user::v3::Response> {
+    let body = &request.body;
+    match state.store.membership(&body.room_id, &body.user_id).await?.as_deref() {
+        Some("join" | "invite" | "knock") => {}
+        _ => return Err(Error::forbidden("that user is not in the room")),
+    }
+    set_membership(
+        &state,
+        &body.room_id,
+        &request.sender.user_id,
+        &body.user_id,
+        "leave",
+        body.reason.as_deref(),
+    )
+    .await?;
+    Ok(kick_user::v3::Response::new())
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/ban
+async fn ban(
+    state: web::Data<AppState>,
+    request: Ruma<ban_user::v3::Request>,
+) -> Result<ban_user::v3::Response> {
+    let body = &request.body;
+    set_membership(
+        &state,
+        &body.room_id,
+        &request.sender.user_id,
+        &body.user_id,
+        "ban",
+        body.reason.as_deref(),
+    )
+    .await?;
+    Ok(ban_user::v3::Response::new())
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/unban
+async fn unban(
+    state: web::Data<AppState>,
+    request: Ruma<unban_user::v3::Request>,
+) -> Result<unban_user::v3::Response> {
+    let body = &request.body;
+    if state.store.membership(&body.room_id, &body.user_id).await?.as_deref() != Some("ban") {
+        return Err(Error::forbidden("that user is not banned"));
+    }
+    set_membership(
+        &state,
+        &body.room_id,
+        &request.sender.user_id,
+        &body.user_id,
+        "leave",
+        body.reason.as_deref(),
+    )
+    .await?;
+    Ok(unban_user::v3::Response::new())
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/forget
+async fn forget(
+    state: web::Data<AppState>,
+    request: Ruma<forget_room::v3::Request>,
+) -> Result<forget_room::v3::Response> {
+    match state.store.membership(&request.body.room_id, &request.sender.user_id).await?.as_deref() {
+        Some("join" | "invite" | "knock") => Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::Unknown,
+            "leave the room before forgetting it",
+        )),
+        // Forgetting hides nothing yet: left rooms are not sent in initial syncs anyway.
+        _ => Ok(forget_room::v3::Response::new()),
+    }
+}
+
+/// GET /_matrix/client/v3/joined_rooms
+async fn joined_rooms(
+    state: web::Data<AppState>,
+    request: Ruma<joined_rooms::v3::Request>,
+) -> Result<joined_rooms::v3::Response> {
+    let rooms = state.store.user_rooms(&request.sender.user_id).await?;
+    let joined = rooms
+        .into_iter()
+        .filter(|(_, membership, _)| membership == "join")
+        .filter_map(|(room, _, _)| OwnedRoomId::try_from(room).ok())
+        .collect();
+    Ok(joined_rooms::v3::Response::new(joined))
+}
+
+/// Member events of a room's current state.
+async fn member_events(state: &AppState, room_id: &RoomId, at: Option<i64>) -> Result<Vec<StoredEvent>> {
+    let events = match at {
+        Some(at) => state.store.state_at(room_id, at).await?,
+        None => state.store.current_state(room_id).await?,
+    };
+    Ok(events.into_iter().filter(|e| e.json.contains("\"type\":\"m.room.member\"")).collect())
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/joined_members
+async fn joined_members(
+    state: web::Data<AppState>,
+    request: Ruma<joined_members::v3::Request>,
+) -> Result<joined_members::v3::Response> {
+    let room_id = &request.body.room_id;
+    rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
+    let mut joined = BTreeMap::new();
+    for event in member_events(&state, room_id, None).await? {
+        let event = to_client(&event)?;
+        if event["content"]["membership"] != "join" {
+            continue;
+        }
+        let Some(user) = event["state_key"].as_str().and_then(|u| OwnedUserId::try_from(u).ok()) else {
+            continue;
+        };
+        let mut member = joined_members::v3::RoomMember::new();
+        member.display_name = event["content"]["displayname"].as_str().map(str::to_owned);
+        joined.insert(user, member);
+    }
+    Ok(joined_members::v3::Response::new(joined))
+}
+
+/// Parses a pagination token (`s<position>`).
+pub(super) fn parse_token(token: &str) -> Result<i64> {
+    token
+        .strip_prefix('s')
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| Error::invalid_param(format!("`{token}` is not a token this server issued")))
+}
+
+pub(super) fn token(position: i64) -> String {
+    format!("s{position}")
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/members
+async fn members(
+    state: web::Data<AppState>,
+    request: Ruma<get_member_events::v3::Request>,
+) -> Result<get_member_events::v3::Response> {
+    let body = &request.body;
+    rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
+    let at = body.at.as_deref().map(parse_token).transpose()?;
+    let mut chunk = Vec::new();
+    for event in member_events(&state, &body.room_id, at).await? {
+        let client = to_client(&event)?;
+        let membership = client["content"]["membership"].as_str().unwrap_or_default();
+        if body.membership.as_ref().is_some_and(|m| m.as_str() != membership)
+            || body.not_membership.as_ref().is_some_and(|m| m.as_str() == membership)
+        {
+            continue;
+        }
+        chunk.push(raw(&client)?);
+    }
+    Ok(get_member_events::v3::Response::new(chunk))
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}
+async fn send_message(
+    state: web::Data<AppState>,
+    request: Ruma<send_message_event::v3::Request>,
+) -> Result<send_message_event::v3::Response> {
+    let user = &request.sender;
+    let body = &request.body;
+    if let Some(event_id) =
+        state.store.event_by_txn(&user.user_id, user.device_id.as_str(), body.txn_id.as_str()).await?
+    {
+        return Ok(send_message_event::v3::Response::new(event_id.try_into().map_err(Error::internal)?));
+    }
+    let event_type = body.event_type.to_string();
+    if event_type == "m.room.redaction" {
+        return Err(Error::bad_json("use the redact endpoint to redact events"));
+    }
+    let content = body.body.json();
+    serde_json::from_str::<Map<String, Value>>(content.get())
+        .map_err(|_| Error::bad_json("content must be an object"))?;
+    let draft = Draft {
+        sender: &user.user_id,
+        event_type: &event_type,
+        state_key: None,
+        content,
+        redacts: None,
+        redacted_json: None,
+        txn: Some((user.device_id.as_str(), body.txn_id.as_str())),
+    };
+    let stored = rooms::append(&state, &body.room_id, draft).await?;
+    Ok(send_message_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
+async fn send_state(
+    state: web::Data<AppState>,
+    request: Ruma<send_state_event::v3::Request>,
+) -> Result<send_state_event::v3::Response> {
+    let body = &request.body;
+    let event_type = body.event_type.to_string();
+    if matches!(event_type.as_str(), "m.room.create" | "m.room.member") {
+        return Err(Error::forbidden(format!("{event_type} cannot be set through the state endpoint")));
+    }
+    let content = body.body.json();
+    serde_json::from_str::<Map<String, Value>>(content.get())
+        .map_err(|_| Error::bad_json("content must be an object"))?;
+    let draft = Draft {
+        sender: &request.sender.user_id,
+        event_type: &event_type,
+        state_key: Some(&body.state_key),
+        content,
+        redacts: None,
+        redacted_json: None,
+        txn: None,
+    };
+    let stored = rooms::append(&state, &body.room_id, draft).await?;
+    Ok(send_state_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
+async fn get_state_for_key(
+    state: web::Data<AppState>,
+    request: Ruma<get_state_event_for_key::v3::Request>,
+) -> Result<get_state_event_for_key::v3::Response> {
+    let body = &request.body;
+    rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
+    let event_type = body.event_type.to_string();
+    for event in state.store.current_state(&body.room_id).await? {
+        let client = to_client(&event)?;
+        if client["type"] == event_type.as_str() && client["state_key"] == body.state_key.as_str() {
+            let value = match body.format {
+                get_state_event_for_key::v3::StateEventFormat::Event => client,
+                _ => client["content"].clone(),
+            };
+            return Ok(get_state_event_for_key::v3::Response::new(raw_json(&value)?));
+        }
+    }
+    Err(Error::not_found("no such state event"))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/state
+async fn get_state(
+    state: web::Data<AppState>,
+    request: Ruma<get_state_events::v3::Request>,
+) -> Result<get_state_events::v3::Response> {
+    let room_id = &request.body.room_id;
+    rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
+    let events = state.store.current_state(room_id).await?;
+    Ok(get_state_events::v3::Response::new(raws(&events)?))
+}
+
+/// The newest position a user may read in a room: now if joined, the moment they left otherwise.
+async fn readable_upto(state: &AppState, room_id: &RoomId, user_id: &UserId) -> Result<i64> {
+    let upto = state.store.persisted_upto().await?;
+    let rooms = state.store.user_rooms(user_id).await?;
+    match rooms.iter().find(|(room, _, _)| room == room_id.as_str()) {
+        Some((_, membership, _)) if membership == "join" => Ok(upto),
+        Some((_, membership, at)) if membership == "leave" || membership == "ban" => Ok((*at).min(upto)),
+        _ => {
+            rooms::room_version(state, room_id).await?;
+            Err(Error::forbidden("you are not a member of this room"))
+        }
+    }
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/messages
+async fn messages(
+    state: web::Data<AppState>,
+    request: Ruma<get_message_events::v3::Request>,
+) -> Result<get_message_events::v3::Response> {
+    let body = &request.body;
+    let upto = readable_upto(&state, &body.room_id, &request.sender.user_id).await?;
+    let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let to = body.to.as_deref().map(parse_token).transpose()?;
+    let (events, start, end) = match body.dir {
+        Direction::Backward => {
+            let from = body.from.as_deref().map(parse_token).transpose()?.unwrap_or(upto).min(upto);
+            let floor = to.unwrap_or(0);
+            let mut events = state.store.room_events(&body.room_id, floor, from, limit, true).await?;
+            events.reverse();
+            let end = (events.len() as i64 == limit)
+                .then(|| events.last().map(|e| token(e.stream_ordering - 1)))
+                .flatten();
+            (events, token(from), end)
+        }
+        Direction::Forward => {
+            let from = body.from.as_deref().map(parse_token).transpose()?.unwrap_or(0);
+            let ceiling = to.unwrap_or(upto).min(upto);
+            let events = state.store.room_events(&body.room_id, from, ceiling, limit, false).await?;
+            let end = events.last().map(|e| token(e.stream_ordering));
+            (events, token(from), end)
+        }
+    };
+    let mut response = get_message_events::v3::Response::new();
+    response.start = start;
+    response.end = end;
+    response.chunk = raws(&events)?;
+    Ok(response)
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}
+async fn get_event(
+    state: web::Data<AppState>,
+    request: Ruma<get_room_event::v3::Request>,
+) -> Result<get_room_event::v3::Response> {
+    let body = &request.body;
+    let upto = readable_upto(&state, &body.room_id, &request.sender.user_id).await?;
+    let event = state
+        .store
+        .get_event(body.event_id.as_str())
+        .await?
+        .filter(|e| e.room_id == body.room_id.as_str() && e.stream_ordering <= upto)
+        .ok_or_else(|| Error::not_found("no such event"))?;
+    Ok(get_room_event::v3::Response::new(raw(&to_client(&event)?)?))
+}
+
+/// The power a user has in a room, and the level a redaction of others' events needs.
+fn redact_powers(power_levels: Option<&Value>, user: &UserId) -> (i64, i64) {
+    let Some(content) = power_levels.map(|e| &e["content"]) else { return (0, 50) };
+    let level = |v: &Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+    let user_level =
+        level(&content["users"][user.as_str()]).or_else(|| level(&content["users_default"])).unwrap_or(0);
+    (user_level, level(&content["redact"]).unwrap_or(50))
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}
+async fn redact(
+    state: web::Data<AppState>,
+    request: Ruma<redact_event::v3::Request>,
+) -> Result<redact_event::v3::Response> {
+    let user = &request.sender;
+    let body = &request.body;
+    if let Some(event_id) =
+        state.store.event_by_txn(&user.user_id, user.device_id.as_str(), body.txn_id.as_str()).await?
+    {
+        return Ok(redact_event::v3::Response::new(event_id.try_into().map_err(Error::internal)?));
+    }
+    let version = rooms::room_version(&state, &body.room_id).await?;
+    rooms::require_joined(&state, &body.room_id, &user.user_id).await?;
+    let target = state
+        .store
+        .get_event(body.event_id.as_str())
+        .await?
+        .filter(|e| e.room_id == body.room_id.as_str())
+        .ok_or_else(|| Error::not_found("no such event in this room"))?;
+    let target_client = to_client(&target)?;
+    if target_client["sender"] != user.user_id.as_str() {
+        let power = state.store.current_state(&body.room_id).await?;
+        let power = power
+            .iter()
+            .map(to_client)
+            .find(|e| e.as_ref().is_ok_and(|e| e["type"] == "m.room.power_levels"));
+        let power = power.transpose()?;
+        let (have, need) = redact_powers(power.as_ref(), &user.user_id);
+        if have < need {
+            return Err(Error::forbidden(format!(
+                "redacting others' events needs power level {need}; you have {have}"
+            )));
+        }
+    }
+    let object: ruma::CanonicalJsonObject = serde_json::from_str(&target.json).map_err(Error::internal)?;
+    let redacted = federation::pdu::redacted(object, &version, None).map_err(Error::internal)?;
+    let mut content = json!({});
+    if let Some(reason) = &body.reason {
+        content["reason"] = reason.as_str().into();
+    }
+    let content = raw_json(&content)?;
+    let draft = Draft {
+        sender: &user.user_id,
+        event_type: "m.room.redaction",
+        state_key: None,
+        content: &content,
+        redacts: Some(&body.event_id),
+        redacted_json: Some(ruma::CanonicalJsonValue::Object(redacted).to_string()),
+        txn: Some((user.device_id.as_str(), body.txn_id.as_str())),
+    };
+    let stored = rooms::append(&state, &body.room_id, draft).await?;
+    Ok(redact_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
+}

@@ -1,0 +1,195 @@
+//! `/sync`: initial and incremental, with long-polling woken by the notifier.
+//!
+//! Tokens are stream positions (`s<n>`). A response covers `(since, upto]` where `upto` is the
+//! stream's safe position ([`crate::storage::stream`]), so no event is skipped or repeated
+//! however writes commit.
+
+use std::time::Duration;
+
+use actix_web::web;
+use ruma::{
+    OwnedRoomId, RoomId,
+    api::client::sync::sync_events::{
+        self,
+        v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
+    },
+};
+use serde_json::{Value, json};
+
+use super::room::{parse_token, token};
+use crate::{
+    error::Result,
+    rooms::client_event::{raw, raws, to_client},
+    ruma_wrapper::{Router, Ruma},
+    state::AppState,
+    storage::StoredEvent,
+};
+
+/// Timeline events per room when the filter does not say.
+const DEFAULT_TIMELINE_LIMIT: i64 = 10;
+/// Most timeline events per room a filter may ask for.
+const MAX_TIMELINE_LIMIT: i64 = 100;
+/// Longest long-poll honoured.
+const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait for a position this process wrote to become safe to read.
+const PUBLISH_WAIT: Duration = Duration::from_millis(250);
+/// State event types shown to invitees (the spec's recommended stripped state).
+const INVITE_STATE: &[&str] = &[
+    "m.room.create",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.topic",
+    "m.room.join_rules",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+];
+
+pub(super) fn routes(router: &mut Router) {
+    router.add(sync);
+}
+
+fn timeline_limit(filter: Option<&Filter>) -> i64 {
+    match filter {
+        Some(Filter::FilterDefinition(definition)) => definition
+            .room
+            .timeline
+            .limit
+            .map_or(DEFAULT_TIMELINE_LIMIT, |l| i64::try_from(u64::from(l)).unwrap_or(MAX_TIMELINE_LIMIT)),
+        _ => DEFAULT_TIMELINE_LIMIT,
+    }
+    .clamp(1, MAX_TIMELINE_LIMIT)
+}
+
+/// GET /_matrix/client/v3/sync
+async fn sync(
+    state: web::Data<AppState>,
+    request: Ruma<sync_events::v3::Request>,
+) -> Result<sync_events::v3::Response> {
+    let body = &request.body;
+    let user = &request.sender.user_id;
+    let since = body.since.as_deref().map(parse_token).transpose()?;
+    let limit = timeline_limit(body.filter.as_ref());
+    let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut notifications = state.subscribe();
+    loop {
+        let upto = state.store.persisted_upto().await?;
+        let response = build(&state, user, since, upto, body.full_state, limit).await?;
+        let has_news = !response.rooms.is_empty();
+        if has_news || since.is_none() || body.full_state || tokio::time::Instant::now() >= deadline {
+            return Ok(response);
+        }
+        // Sleep until this process writes something new, then until it is safe to read.
+        match tokio::time::timeout_at(deadline, notifications.changed()).await {
+            Ok(Ok(())) => {
+                let target = *notifications.borrow_and_update();
+                let waited = tokio::time::Instant::now();
+                while state.store.persisted_upto().await? < target && waited.elapsed() < PUBLISH_WAIT {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
+                let upto = state.store.persisted_upto().await?;
+                return build(&state, user, since, upto, body.full_state, limit).await;
+            }
+        }
+    }
+}
+
+fn stripped(event: &Value) -> Value {
+    json!({
+        "type": event["type"],
+        "state_key": event["state_key"],
+        "content": event["content"],
+        "sender": event["sender"],
+    })
+}
+
+async fn build(
+    state: &AppState,
+    user: &ruma::UserId,
+    since: Option<i64>,
+    upto: i64,
+    full_state: bool,
+    limit: i64,
+) -> Result<sync_events::v3::Response> {
+    let mut response = sync_events::v3::Response::new(token(upto));
+    for (room, membership, at) in state.store.user_rooms(user).await? {
+        let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
+        if at > upto {
+            continue;
+        }
+        let changed_since = since.is_none_or(|since| at > since);
+        match membership.as_str() {
+            "join" => {
+                let fresh = changed_since || full_state;
+                let after = if fresh { 0 } else { since.unwrap_or(0) };
+                if let Some(joined) = joined_room(state, &room_id, after, upto, limit, fresh).await? {
+                    response.rooms.join.insert(room_id, joined);
+                }
+            }
+            "invite" if changed_since || full_state => {
+                let mut events = Vec::new();
+                for event in state.store.current_state(&room_id).await? {
+                    let client = to_client(&event)?;
+                    let is_invite = client["type"] == "m.room.member" && client["state_key"] == user.as_str();
+                    if is_invite || INVITE_STATE.contains(&client["type"].as_str().unwrap_or_default()) {
+                        events.push(raw(&stripped(&client))?);
+                    }
+                }
+                let mut invite_state = InviteState::new();
+                invite_state.events = events;
+                response.rooms.invite.insert(room_id, InvitedRoom::from(invite_state));
+            }
+            "leave" | "ban" if since.is_some() && changed_since => {
+                let after = since.unwrap_or(0);
+                let events = state.store.room_events(&room_id, after, at, limit, true).await?;
+                let mut left = LeftRoom::new();
+                left.timeline = timeline(&events, limit)?;
+                response.rooms.leave.insert(room_id, left);
+            }
+            _ => {}
+        }
+    }
+    Ok(response)
+}
+
+fn timeline(events: &[StoredEvent], limit: i64) -> Result<Timeline> {
+    let mut timeline = Timeline::new();
+    timeline.limited = events.len() as i64 >= limit;
+    timeline.prev_batch = Some(token(events.first().map_or(0, |e| e.stream_ordering - 1)));
+    timeline.events = raws(events)?;
+    Ok(timeline)
+}
+
+/// A joined room's part of the response; `None` when nothing changed in it.
+async fn joined_room(
+    state: &AppState,
+    room_id: &RoomId,
+    after: i64,
+    upto: i64,
+    limit: i64,
+    fresh: bool,
+) -> Result<Option<JoinedRoom>> {
+    // One more than the limit tells whether the timeline is complete.
+    let mut events = state.store.room_events(room_id, after, upto, limit + 1, true).await?;
+    let limited = events.len() as i64 > limit;
+    if limited {
+        events.remove(0);
+    }
+    if events.is_empty() && !fresh {
+        return Ok(None);
+    }
+    let start = events.first().map_or(upto, |e| e.stream_ordering - 1);
+    let mut room = JoinedRoom::new();
+    room.timeline = Timeline::new();
+    room.timeline.limited = limited;
+    room.timeline.prev_batch = Some(token(start));
+    room.timeline.events = raws(&events)?;
+    if fresh || limited {
+        // The state before the timeline: complete for a new room, a superset of the change otherwise.
+        let before = state.store.state_at(room_id, start).await?;
+        room.state = State::Before(StateEvents::from(raws(&before)?));
+    }
+    Ok(Some(room))
+}

@@ -1,0 +1,167 @@
+//! The room service: turns what a local user does into signed, authorised events.
+//!
+//! Every write goes through [`append`]: under the room's lock it takes the room's head, builds the
+//! PDU (`federation::pdu`), checks it against the auth rules (`federation::auth`, ruma's
+//! state-res), stores it with its stream position, and wakes the syncs waiting on the notifier.
+
+pub mod client_event;
+
+use std::collections::HashMap;
+
+use actix_web::http::StatusCode;
+use federation::{
+    auth::{self, Pdu},
+    pdu::{PduBuilder, SignedPdu},
+};
+use ruma::{
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, RoomId, RoomVersionId, UserId,
+    events::{StateEventType, TimelineEventType},
+};
+use serde_json::value::RawValue;
+
+use crate::{
+    error::{Error, ErrorKind, Result},
+    state::AppState,
+    storage::{AppendError, NewEvent, RoomHead, StoredEvent},
+};
+
+/// Largest event a client may send (the spec's PDU limit).
+pub const MAX_EVENT_BYTES: usize = federation::pdu::MAX_PDU_BYTES;
+
+/// What a local user wants to add to a room.
+#[derive(Debug, Clone)]
+pub struct Draft<'a> {
+    pub sender: &'a UserId,
+    pub event_type: &'a str,
+    pub state_key: Option<&'a str>,
+    pub content: &'a RawValue,
+    pub redacts: Option<&'a EventId>,
+    /// The redacted JSON of the event a redaction removes, prepared by the caller.
+    pub redacted_json: Option<String>,
+    /// The client transaction the event answers: (device, txn id).
+    pub txn: Option<(&'a str, &'a str)>,
+}
+
+fn forbidden(message: impl Into<String>) -> Error {
+    Error::forbidden(message)
+}
+
+fn parse_pdu(event_id: &str, json: &str) -> std::result::Result<Pdu, AppendError> {
+    let id = OwnedEventId::try_from(event_id).map_err(|e| AppendError::Invalid(e.to_string()))?;
+    let object: ruma::CanonicalJsonObject =
+        serde_json::from_str(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
+    Pdu::from_json(id, &object).map_err(|e| AppendError::Invalid(e.to_string()))
+}
+
+/// Builds, signs and authorises `draft` against the room's head.
+fn build(
+    state: &AppState,
+    room_id: &RoomId,
+    draft: &Draft<'_>,
+    head: &RoomHead,
+) -> std::result::Result<NewEvent, AppendError> {
+    let version = RoomVersionId::try_from(head.room_version.as_str())
+        .map_err(|e| AppendError::Invalid(e.to_string()))?;
+    let kind = TimelineEventType::from(draft.event_type);
+    let auth_keys = auth::auth_types(&version, &kind, draft.sender, draft.state_key, draft.content)
+        .map_err(|e| AppendError::Invalid(e.to_string()))?;
+    let mut state_pdus: HashMap<(StateEventType, String), Pdu> = HashMap::new();
+    for ((event_type, state_key), (event_id, json)) in &head.state {
+        state_pdus.insert(
+            (StateEventType::from(event_type.as_str()), state_key.clone()),
+            parse_pdu(event_id, json)?,
+        );
+    }
+    let mut auth_events = HashMap::new();
+    let mut auth_ids = Vec::new();
+    for key in &auth_keys {
+        if let Some(pdu) = state_pdus.get(key) {
+            auth_ids.push(pdu.event_id.clone());
+            auth_events.insert(pdu.event_id.clone(), pdu.clone());
+        }
+    }
+    let depth = u64::try_from(head.depth + 1).unwrap_or(1);
+    let now = MilliSecondsSinceUnixEpoch::now();
+    let builder = PduBuilder {
+        room_id,
+        room_version: &version,
+        sender: draft.sender,
+        event_type: draft.event_type,
+        state_key: draft.state_key,
+        content: draft.content,
+        prev_events: &head.extremities,
+        auth_events: &auth_ids,
+        depth,
+        origin_server_ts: now,
+        redacts: draft.redacts,
+    };
+    let SignedPdu { event_id, json } = builder
+        .sign(&state.server_name, &state.signing_key)
+        .map_err(|e| AppendError::Invalid(e.to_string()))?;
+    let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| AppendError::Invalid(e.to_string()))?;
+    auth::check(&version, &pdu, &auth_events, &state_pdus).map_err(AppendError::Refused)?;
+
+    let membership = (kind == TimelineEventType::RoomMember)
+        .then(|| serde_json::from_str::<serde_json::Value>(draft.content.get()).ok())
+        .flatten()
+        .and_then(|c| c.get("membership").and_then(|m| m.as_str()).map(str::to_owned));
+    Ok(NewEvent {
+        event_id,
+        json: ruma::CanonicalJsonValue::Object(json).to_string(),
+        sender: draft.sender.to_string(),
+        event_type: draft.event_type.to_owned(),
+        state_key: draft.state_key.map(str::to_owned),
+        depth: i64::try_from(depth).unwrap_or(i64::MAX),
+        origin_server_ts: i64::try_from(u64::from(now.0)).unwrap_or(i64::MAX),
+        membership,
+        redaction: draft.redacts.zip(draft.redacted_json.clone()).map(|(id, json)| (id.to_string(), json)),
+        txn: draft.txn.map(|(device, txn)| (draft.sender.to_string(), device.to_owned(), txn.to_owned())),
+    })
+}
+
+/// Appends an event to a room, returning it as stored.
+pub async fn append(state: &AppState, room_id: &RoomId, draft: Draft<'_>) -> Result<StoredEvent> {
+    if draft.content.get().len() > MAX_EVENT_BYTES {
+        return Err(Error::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::TooLarge,
+            "event larger than 65536 bytes",
+        ));
+    }
+    let builder = |head: &RoomHead| build(state, room_id, &draft, head);
+    match state.store.append_event(room_id, &state.stream, &builder).await? {
+        Ok(stored) => {
+            state.notify(stored.stream_ordering);
+            Ok(stored)
+        }
+        Err(AppendError::NoRoom) => Err(Error::not_found("no such room")),
+        Err(AppendError::Refused(why)) => Err(forbidden(why)),
+        Err(AppendError::Invalid(why)) => {
+            if why.contains("larger than") {
+                Err(Error::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::TooLarge, why))
+            } else {
+                Err(Error::bad_json(why))
+            }
+        }
+    }
+}
+
+/// The sender's membership, or M_FORBIDDEN if they are not joined.
+pub async fn require_joined(state: &AppState, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+    match state.store.membership(room_id, user_id).await?.as_deref() {
+        Some("join") => Ok(()),
+        _ => {
+            if state.store.room_version(room_id).await?.is_none() {
+                Err(Error::not_found("no such room"))
+            } else {
+                Err(forbidden("you are not a member of this room"))
+            }
+        }
+    }
+}
+
+/// Checks a room id from a request names a room here (M_NOT_FOUND otherwise).
+pub async fn room_version(state: &AppState, room_id: &RoomId) -> Result<RoomVersionId> {
+    let version = state.store.room_version(room_id).await?.ok_or_else(|| Error::not_found("no such room"))?;
+    RoomVersionId::try_from(version.as_str()).map_err(Error::internal)
+}

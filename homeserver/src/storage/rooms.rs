@@ -1,0 +1,455 @@
+//! Rooms, their events and state.
+//!
+//! Appending an event happens in one transaction that first locks the room (an UPDATE of its
+//! row: a row lock on Postgres, the write lock on SQLite), reads the room's head (extremities,
+//! depth, current state), lets the caller build, sign and authorise the event against that head,
+//! and writes everything the event changes. Its stream position is held from before the
+//! transaction to its end, so readers never skip it (see `stream.rs`); a refused event leaves a
+//! gap, which readers do not mind.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use async_trait::async_trait;
+use ruma::{OwnedEventId, RoomId, UserId};
+use sqlx::{Row, any::AnyRow};
+
+use super::{SqlStore, StoreError, StoreResult, now_ms, stream::StreamWriter};
+
+/// `(event_type, state_key)` → event id.
+pub type StateMap = BTreeMap<(String, String), String>;
+
+/// A room as a writer sees it, under its lock.
+#[derive(Debug, Clone)]
+pub struct RoomHead {
+    pub room_version: String,
+    pub extremities: Vec<OwnedEventId>,
+    pub depth: i64,
+    /// Current state, with each event's canonical JSON.
+    pub state: BTreeMap<(String, String), (String, String)>,
+}
+
+/// A built and authorised event, ready to store.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: OwnedEventId,
+    pub json: String,
+    pub sender: String,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    /// For `m.room.member` events: the membership it sets for `state_key`.
+    pub membership: Option<String>,
+    /// For redactions: the event redacted, and its redacted JSON to store in its place.
+    pub redaction: Option<(String, String)>,
+    /// The client transaction it answers: (user, device, txn id).
+    pub txn: Option<(String, String, String)>,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub stream_ordering: i64,
+    pub event_id: String,
+    pub room_id: String,
+    pub json: String,
+    pub redacted_by: Option<String>,
+}
+
+/// Why an append did not happen (the room's own rules, not the database).
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("no such room")]
+    NoRoom,
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[async_trait]
+pub trait RoomStore: Send + Sync {
+    /// Creates an empty room (its create event is appended next).
+    async fn create_room(&self, room_id: &RoomId, version: &str, creator: &UserId) -> StoreResult<bool>;
+    async fn room_version(&self, room_id: &RoomId) -> StoreResult<Option<String>>;
+    async fn set_room_public(&self, room_id: &RoomId, public: bool) -> StoreResult<()>;
+    /// Appends one event; `build` makes it from the room's head, or refuses.
+    async fn append_event(
+        &self,
+        room_id: &RoomId,
+        writer: &Arc<StreamWriter>,
+        build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
+    ) -> StoreResult<Result<StoredEvent, AppendError>>;
+    async fn event_by_txn(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        txn_id: &str,
+    ) -> StoreResult<Option<String>>;
+    async fn get_event(&self, event_id: &str) -> StoreResult<Option<StoredEvent>>;
+    /// A room's events with positions in `(after, upto]`, oldest first (`limit` newest of them
+    /// when `newest` is set).
+    async fn room_events(
+        &self,
+        room_id: &RoomId,
+        after: i64,
+        upto: i64,
+        limit: i64,
+        newest: bool,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// The room state just after position `at` (the current state if `at` is the newest).
+    async fn state_at(&self, room_id: &RoomId, at: i64) -> StoreResult<Vec<StoredEvent>>;
+    async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>>;
+    /// The user's rooms: (room id, membership, position of that membership).
+    async fn user_rooms(&self, user_id: &UserId) -> StoreResult<Vec<(String, String, i64)>>;
+    async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Option<String>>;
+    /// Members of a room: (user id, membership).
+    async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<(String, String)>>;
+    /// Public rooms (room ids).
+    async fn public_rooms(&self) -> StoreResult<Vec<String>>;
+}
+
+const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, json, redacted_by";
+
+fn event_from_row(row: &AnyRow) -> StoreResult<StoredEvent> {
+    Ok(StoredEvent {
+        stream_ordering: row.try_get("stream_ordering")?,
+        event_id: row.try_get("event_id")?,
+        room_id: row.try_get("room_id")?,
+        json: row.try_get("json")?,
+        redacted_by: row.try_get("redacted_by")?,
+    })
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn snapshot_to_json(state: &StateMap) -> StoreResult<String> {
+    let list: Vec<[&str; 3]> =
+        state.iter().map(|((t, k), id)| [t.as_str(), k.as_str(), id.as_str()]).collect();
+    serde_json::to_string(&list).map_err(corrupt)
+}
+
+fn snapshot_from_json(text: &str) -> StoreResult<StateMap> {
+    let list: Vec<[String; 3]> = serde_json::from_str(text).map_err(corrupt)?;
+    Ok(list.into_iter().map(|[t, k, id]| ((t, k), id)).collect())
+}
+
+impl SqlStore {
+    async fn events_by_ids(&self, ids: &[String]) -> StoreResult<Vec<StoredEvent>> {
+        let mut events = Vec::with_capacity(ids.len());
+        // One query per id keeps the SQL portable; state maps are small for now.
+        for id in ids {
+            if let Some(event) = self.get_event(id).await? {
+                events.push(event);
+            }
+        }
+        Ok(events)
+    }
+}
+
+#[async_trait]
+impl RoomStore for SqlStore {
+    async fn create_room(&self, room_id: &RoomId, version: &str, creator: &UserId) -> StoreResult<bool> {
+        let row = sqlx::query(
+            "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts, extremities, depth)
+             VALUES ($1, $2, $3, 0, $4, '[]', 0) ON CONFLICT (room_id) DO NOTHING RETURNING room_id",
+        )
+        .bind(room_id.as_str())
+        .bind(version)
+        .bind(creator.as_str())
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    async fn room_version(&self, room_id: &RoomId) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT room_version FROM rooms WHERE room_id = $1")
+            .bind(room_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get("room_version").map_err(Into::into)).transpose()
+    }
+
+    async fn set_room_public(&self, room_id: &RoomId, public: bool) -> StoreResult<()> {
+        sqlx::query("UPDATE rooms SET is_public = $2 WHERE room_id = $1")
+            .bind(room_id.as_str())
+            .bind(i16::from(public))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn append_event(
+        &self,
+        room_id: &RoomId,
+        writer: &Arc<StreamWriter>,
+        build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
+    ) -> StoreResult<Result<StoredEvent, AppendError>> {
+        // The position is taken before the transaction: allocation writes through another
+        // connection, which SQLite would make wait behind this transaction's write lock.
+        let position = writer.allocate().await?;
+        let mut tx = self.pool.begin().await?;
+        // Lock the room first: the write comes before any read, so two writers cannot both read
+        // the same head (and SQLite takes its write lock up front instead of deadlocking).
+        let row = sqlx::query(
+            "UPDATE rooms SET depth = depth WHERE room_id = $1
+             RETURNING room_version, extremities, depth, current_snapshot",
+        )
+        .bind(room_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(Err(AppendError::NoRoom)) };
+        let room_version: String = row.try_get("room_version")?;
+        let extremities: Vec<OwnedEventId> =
+            serde_json::from_str(&row.try_get::<String, _>("extremities")?).map_err(corrupt)?;
+        let depth: i64 = row.try_get("depth")?;
+        let snapshot: Option<i64> = row.try_get("current_snapshot")?;
+
+        let mut state_map = StateMap::new();
+        if let Some(snapshot) = snapshot {
+            let row = sqlx::query("SELECT state FROM state_snapshots WHERE snapshot_id = $1")
+                .bind(snapshot)
+                .fetch_one(&mut *tx)
+                .await?;
+            state_map = snapshot_from_json(&row.try_get::<String, _>("state")?)?;
+        }
+        let mut state = BTreeMap::new();
+        for (key, event_id) in &state_map {
+            let row = sqlx::query("SELECT json FROM events WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            state.insert(key.clone(), (event_id.clone(), row.try_get::<String, _>("json")?));
+        }
+        let head = RoomHead { room_version, extremities, depth, state };
+        let event = match build(&head) {
+            Ok(event) => event,
+            Err(refused) => return Ok(Err(refused)),
+        };
+
+        let snapshot_id = match &event.state_key {
+            Some(key) => {
+                state_map.insert((event.event_type.clone(), key.clone()), event.event_id.to_string());
+                sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
+                    .bind(position.position)
+                    .bind(room_id.as_str())
+                    .bind(snapshot_to_json(&state_map)?)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
+                )
+                .bind(room_id.as_str())
+                .bind(&event.event_type)
+                .bind(key)
+                .bind(event.event_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+                position.position
+            }
+            None => snapshot.ok_or_else(|| corrupt("a non-state event in a room without state"))?,
+        };
+        sqlx::query(
+            "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
+                 origin_server_ts, json, state_snapshot)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(position.position)
+        .bind(event.event_id.as_str())
+        .bind(room_id.as_str())
+        .bind(&event.sender)
+        .bind(&event.event_type)
+        .bind(event.state_key.as_deref())
+        .bind(event.depth)
+        .bind(event.origin_server_ts)
+        .bind(&event.json)
+        .bind(snapshot_id)
+        .execute(&mut *tx)
+        .await?;
+        if let (Some(membership), Some(user)) = (&event.membership, &event.state_key) {
+            sqlx::query(
+                "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+                     event_id = excluded.event_id, stream_ordering = excluded.stream_ordering",
+            )
+            .bind(room_id.as_str())
+            .bind(user)
+            .bind(membership)
+            .bind(event.event_id.as_str())
+            .bind(position.position)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some((redacted, redacted_json)) = &event.redaction {
+            sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND room_id = $4")
+                .bind(redacted)
+                .bind(redacted_json)
+                .bind(event.event_id.as_str())
+                .bind(room_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let extremities = serde_json::to_string(&[event.event_id.as_str()]).map_err(corrupt)?;
+        sqlx::query(
+            "UPDATE rooms SET extremities = $2, depth = $3, current_snapshot = $4 WHERE room_id = $1",
+        )
+        .bind(room_id.as_str())
+        .bind(extremities)
+        .bind(event.depth)
+        .bind(snapshot_id)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((user, device, txn)) = &event.txn {
+            sqlx::query(
+                "INSERT INTO event_txns (user_id, device_id, txn_id, event_id, created_ts) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(user)
+            .bind(device)
+            .bind(txn)
+            .bind(event.event_id.as_str())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let stored = StoredEvent {
+            stream_ordering: position.position,
+            event_id: event.event_id.to_string(),
+            room_id: room_id.to_string(),
+            json: event.json,
+            redacted_by: None,
+        };
+        drop(position);
+        Ok(Ok(stored))
+    }
+
+    async fn event_by_txn(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        txn_id: &str,
+    ) -> StoreResult<Option<String>> {
+        let row = sqlx::query(
+            "SELECT event_id FROM event_txns WHERE user_id = $1 AND device_id = $2 AND txn_id = $3",
+        )
+        .bind(user_id.as_str())
+        .bind(device_id)
+        .bind(txn_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.try_get("event_id").map_err(Into::into)).transpose()
+    }
+
+    async fn get_event(&self, event_id: &str) -> StoreResult<Option<StoredEvent>> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"));
+        sqlx::query(sql)
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(event_from_row)
+            .transpose()
+    }
+
+    async fn room_events(
+        &self,
+        room_id: &RoomId,
+        after: i64,
+        upto: i64,
+        limit: i64,
+        newest: bool,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let order = if newest { "DESC" } else { "ASC" };
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3
+             ORDER BY stream_ordering {order} LIMIT $4"
+        ));
+        let mut events: Vec<StoredEvent> = sqlx::query(sql)
+            .bind(room_id.as_str())
+            .bind(after)
+            .bind(upto)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(event_from_row)
+            .collect::<StoreResult<_>>()?;
+        if newest {
+            events.reverse();
+        }
+        Ok(events)
+    }
+
+    async fn state_at(&self, room_id: &RoomId, at: i64) -> StoreResult<Vec<StoredEvent>> {
+        let row = sqlx::query(
+            "SELECT s.state FROM events e JOIN state_snapshots s ON s.snapshot_id = e.state_snapshot
+             WHERE e.room_id = $1 AND e.stream_ordering <= $2 ORDER BY e.stream_ordering DESC LIMIT 1",
+        )
+        .bind(room_id.as_str())
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(Vec::new()) };
+        let map = snapshot_from_json(&row.try_get::<String, _>("state")?)?;
+        let ids: Vec<String> = map.into_values().collect();
+        self.events_by_ids(&ids).await
+    }
+
+    async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM events e JOIN current_state c ON c.event_id = e.event_id WHERE c.room_id = $1
+             ORDER BY e.stream_ordering",
+            EVENT_COLUMNS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
+        ));
+        sqlx::query(sql)
+            .bind(room_id.as_str())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(event_from_row)
+            .collect()
+    }
+
+    async fn user_rooms(&self, user_id: &UserId) -> StoreResult<Vec<(String, String, i64)>> {
+        sqlx::query("SELECT room_id, membership, stream_ordering FROM memberships WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("room_id")?, r.try_get("membership")?, r.try_get("stream_ordering")?)))
+            .collect()
+    }
+
+    async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT membership FROM memberships WHERE room_id = $1 AND user_id = $2")
+            .bind(room_id.as_str())
+            .bind(user_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get("membership").map_err(Into::into)).transpose()
+    }
+
+    async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<(String, String)>> {
+        sqlx::query("SELECT user_id, membership FROM memberships WHERE room_id = $1 ORDER BY user_id")
+            .bind(room_id.as_str())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("user_id")?, r.try_get("membership")?)))
+            .collect()
+    }
+
+    async fn public_rooms(&self) -> StoreResult<Vec<String>> {
+        sqlx::query("SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY created_ts")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get("room_id").map_err(Into::into))
+            .collect()
+    }
+}
