@@ -131,6 +131,8 @@ pub async fn append(state: &AppState, room_id: &RoomId, draft: Draft<'_>) -> Res
     let builder = |head: &RoomHead| build(state, room_id, &draft, head);
     match state.store.append_event(room_id, &state.stream, &builder).await? {
         Ok(stored) => {
+            // Make the event readable before answering, so the sender's next sync has it.
+            state.stream.flush().await?;
             state.notify(stored.stream_ordering);
             Ok(stored)
         }

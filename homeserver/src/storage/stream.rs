@@ -189,6 +189,12 @@ impl StreamWriter {
         Ok(())
     }
 
+    /// Publishes this writer's bound now if it moved: after a write, so that the writer's own
+    /// clients read what they just wrote. Concurrent callers coalesce into one write.
+    pub async fn flush(&self) -> StoreResult<()> {
+        self.publish(false).await
+    }
+
     /// Publishes what is left and removes this writer's row (graceful shutdown).
     pub async fn stop(&self) -> StoreResult<()> {
         self.lock().stopped = true;

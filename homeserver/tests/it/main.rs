@@ -9,6 +9,7 @@ mod common;
 mod errors;
 mod interop;
 mod providers;
+mod rooms;
 mod storage;
 mod stream;
 mod threepid;

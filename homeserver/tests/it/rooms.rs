@@ -1,0 +1,234 @@
+//! Rooms over HTTP: creating, joining, chatting, permissions, history and sync.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::common::{Db, Session, TestServer, assert_error};
+
+const PW: &str = "correct horse battery";
+
+fn room_path(room: &str, rest: &str) -> String {
+    format!("/_matrix/client/v3/rooms/{}/{rest}", percent(room))
+}
+
+fn percent(s: &str) -> String {
+    s.replace('!', "%21").replace(':', "%3A").replace('$', "%24").replace('@', "%40")
+}
+
+async fn create(server: &TestServer, who: &Session, body: Value) -> String {
+    let (status, created) = server.post("/_matrix/client/v3/createRoom", Some(&who.token), body).await;
+    assert_eq!(status, 200, "{created}");
+    created["room_id"].as_str().unwrap().to_owned()
+}
+
+async fn send(server: &TestServer, who: &Session, room: &str, txn: &str, body: &str) -> (u16, Value) {
+    server
+        .request(
+            "PUT",
+            &room_path(room, &format!("send/m.room.message/{txn}")),
+            Some(&who.token),
+            Some(json!({"msgtype": "m.text", "body": body})),
+        )
+        .await
+}
+
+async fn sync(server: &TestServer, who: &Session, since: Option<&str>, timeout_ms: u64) -> Value {
+    let path = match since {
+        Some(since) => format!("/_matrix/client/v3/sync?since={since}&timeout={timeout_ms}"),
+        None => "/_matrix/client/v3/sync".to_owned(),
+    };
+    let (status, body) = server.get(&path, Some(&who.token)).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
+    sync["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| e["type"] == "m.room.message")
+                .map(|e| e["content"]["body"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+crate::on_both_backends! {
+    async fn two_users_chat(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = create(&server, &alice, json!({"name": "Tea", "topic": "brewing", "invite": [bob.user_id]})).await;
+
+        let first = sync(&server, &bob, None, 0).await;
+        let invite = &first["rooms"]["invite"][&room]["invite_state"]["events"];
+        assert!(invite.as_array().unwrap().iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Tea"));
+        let since = first["next_batch"].as_str().unwrap().to_owned();
+
+        assert_eq!(server.post(&room_path(&room, "join"), Some(&bob.token), json!({})).await.0, 200);
+        let (status, sent) = send(&server, &alice, &room, "t1", "hello bob").await;
+        assert_eq!(status, 200);
+        let again = send(&server, &alice, &room, "t1", "hello bob").await;
+        assert_eq!(again.1["event_id"], sent["event_id"], "a retried transaction is the same event");
+        assert_eq!(send(&server, &bob, &room, "t1", "hi alice").await.0, 200);
+
+        let update = sync(&server, &bob, Some(&since), 0).await;
+        let joined = &update["rooms"]["join"][&room];
+        assert_eq!(timeline_bodies(&update, &room), ["hello bob", "hi alice"]);
+        assert!(joined["state"]["events"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.create"), "a newly joined room comes with its state");
+
+        // Alice sees Bob's message in an incremental sync.
+        let alice_first = sync(&server, &alice, None, 0).await;
+        assert_eq!(timeline_bodies(&alice_first, &room), ["hello bob", "hi alice"]);
+        let alice_since = alice_first["next_batch"].as_str().unwrap().to_owned();
+        assert_eq!(send(&server, &bob, &room, "t2", "more").await.0, 200);
+        let next = sync(&server, &alice, Some(&alice_since), 0).await;
+        assert_eq!(timeline_bodies(&next, &room), ["more"]);
+        let nothing = sync(&server, &alice, next["next_batch"].as_str(), 0).await;
+        assert!(nothing["rooms"]["join"].get(&room).is_none(), "nothing new, nothing sent: {nothing}");
+
+        // Paginate back through all of it.
+        let (status, page) = server.get(&format!("{}?dir=b&limit=2", room_path(&room, "messages")), Some(&bob.token)).await;
+        assert_eq!(status, 200, "{page}");
+        let bodies: Vec<&str> = page["chunk"].as_array().unwrap().iter().map(|e| e["content"]["body"].as_str().unwrap_or("")).collect();
+        assert_eq!(bodies, ["more", "hi alice"]);
+        let mut all = Vec::new();
+        let mut from = page["start"].as_str().unwrap().to_owned();
+        loop {
+            let (_, page) = server.get(&format!("{}?dir=b&limit=3&from={from}", room_path(&room, "messages")), Some(&bob.token)).await;
+            all.extend(page["chunk"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()));
+            match page["end"].as_str() {
+                Some(end) => from = end.to_owned(),
+                None => break,
+            }
+        }
+        assert_eq!(all.first().map(String::as_str), Some("m.room.message"));
+        assert_eq!(all.last().map(String::as_str), Some("m.room.create"), "back to the start of the room");
+        let (_, members) = server.get(&room_path(&room, "joined_members"), Some(&bob.token)).await;
+        let joined: BTreeMap<String, Value> = serde_json::from_value(members["joined"].clone()).unwrap();
+        assert_eq!(joined.keys().cloned().collect::<Vec<_>>(), ["@alice:localhost", "@bob:localhost"]);
+        let (_, rooms) = server.get("/_matrix/client/v3/joined_rooms", Some(&bob.token)).await;
+        assert_eq!(rooms["joined_rooms"], json!([room]));
+        server.stop().await;
+    }
+
+    async fn long_poll_wakes_on_new_events(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let room = create(&server, &alice, json!({})).await;
+        let since = sync(&server, &alice, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let waiting = {
+            let (base, token, since) = (server.base.clone(), alice.token.clone(), since.clone());
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=60000"))
+                    .bearer_auth(token)
+                    .send().await.unwrap().json::<Value>().await.unwrap()
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the sync waits while nothing happens");
+        assert_eq!(send(&server, &alice, &room, "t1", "ping").await.0, 200);
+        let woken = waiting.await.unwrap();
+        assert_eq!(timeline_bodies(&woken, &room), ["ping"], "woken by the new event, long before the timeout");
+        server.stop().await;
+    }
+
+    async fn power_and_membership_rules(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let carol = server.register("carol", PW).await;
+        let room = create(&server, &alice, json!({"invite": [bob.user_id]})).await;
+        assert_eq!(server.post(&room_path(&room, "join"), Some(&bob.token), json!({})).await.0, 200);
+
+        let name = server.request("PUT", &room_path(&room, "state/m.room.name/"), Some(&bob.token), Some(json!({"name": "mine"}))).await;
+        assert_error(&name, 403, "M_FORBIDDEN");
+        let forged = server.request("PUT", &room_path(&room, "state/org.example.status/@alice:localhost"), Some(&bob.token), Some(json!({"busy": true}))).await;
+        assert_error(&forged, 403, "M_FORBIDDEN");
+        assert_eq!(server.request("PUT", &room_path(&room, "state/org.example.status/@bob:localhost"), Some(&bob.token),
+            Some(json!({"busy": true}))).await.0, 403, "state_default is 50");
+        assert_error(&server.post(&room_path(&room, "join"), Some(&carol.token), json!({})).await, 403, "M_FORBIDDEN");
+        assert_error(&send(&server, &carol, &room, "t1", "let me in").await, 403, "M_FORBIDDEN");
+        assert_error(&server.post(&room_path(&room, "kick"), Some(&bob.token), json!({"user_id": alice.user_id})).await, 403, "M_FORBIDDEN");
+        assert_error(&server.post(&room_path(&room, "invite"), Some(&carol.token), json!({"user_id": bob.user_id})).await, 403, "M_FORBIDDEN");
+
+        // Redaction: own events yes, others' only with power.
+        let (_, mine) = send(&server, &bob, &room, "m1", "oops").await;
+        let (_, hers) = send(&server, &alice, &room, "m2", "important").await;
+        let redact_path = |event: &Value, txn: &str| {
+            room_path(&room, &format!("redact/{}/{txn}", percent(event["event_id"].as_str().unwrap())))
+        };
+        let reason = Some(json!({"reason": "test"}));
+        let refused = server.request("PUT", &redact_path(&hers, "r1"), Some(&bob.token), reason.clone()).await;
+        assert_error(&refused, 403, "M_FORBIDDEN");
+        assert_eq!(server.request("PUT", &redact_path(&mine, "r2"), Some(&bob.token), reason.clone()).await.0, 200);
+        let by_power = server.request("PUT", &redact_path(&hers, "r3"), Some(&alice.token), reason).await;
+        assert_eq!(by_power.0, 200, "the creator has the power");
+        let path = room_path(&room, &format!("event/{}", percent(mine["event_id"].as_str().unwrap())));
+        let (status, redacted) = server.get(&path, Some(&alice.token)).await;
+        assert_eq!(status, 200);
+        assert_eq!(redacted["content"], json!({}), "redacted content is gone: {redacted}");
+
+        // Alice kicks Bob, then bans and unbans him.
+        assert_eq!(server.post(&room_path(&room, "kick"), Some(&alice.token), json!({"user_id": bob.user_id, "reason": "bye"})).await.0, 200);
+        assert_error(&send(&server, &bob, &room, "t9", "still here?").await, 403, "M_FORBIDDEN");
+        assert_eq!(server.post(&room_path(&room, "ban"), Some(&alice.token), json!({"user_id": bob.user_id})).await.0, 200);
+        assert_error(&server.post(&room_path(&room, "invite"), Some(&alice.token), json!({"user_id": bob.user_id})).await, 403, "M_FORBIDDEN");
+        assert_eq!(server.post(&room_path(&room, "unban"), Some(&alice.token), json!({"user_id": bob.user_id})).await.0, 200);
+        assert_eq!(server.post(&room_path(&room, "invite"), Some(&alice.token), json!({"user_id": bob.user_id})).await.0, 200);
+        server.stop().await;
+    }
+
+    async fn public_rooms_leave_and_errors(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let dave = server.register("dave", PW).await;
+        let room = create(&server, &alice, json!({"preset": "public_chat", "room_version": "11"})).await;
+        let since = sync(&server, &dave, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let (status, _) = server.post(&format!("/_matrix/client/v3/join/{}", percent(&room)), Some(&dave.token), json!({})).await;
+        assert_eq!(status, 200);
+        assert_eq!(server.post(&room_path(&room, "leave"), Some(&dave.token), json!({})).await.0, 200);
+        let update = sync(&server, &dave, Some(&since), 0).await;
+        assert!(update["rooms"]["leave"].get(&room).is_some(), "{update}");
+        assert_error(&server.post(&room_path(&room, "forget"), Some(&alice.token), json!({})).await, 400, "M_UNKNOWN");
+        assert_eq!(server.post(&room_path(&room, "forget"), Some(&dave.token), json!({})).await.0, 200);
+
+        // Bad input.
+        assert_error(&send(&server, &alice, "!nosuchroom:localhost", "t1", "x").await, 404, "M_NOT_FOUND");
+        assert_error(&server.request("PUT", "/_matrix/client/v3/rooms/not-a-room/send/m.room.message/t1", Some(&alice.token),
+            Some(json!({"body": "x"}))).await, 400, "M_INVALID_PARAM");
+        let big = server.request("PUT", &room_path(&room, "send/m.room.message/big"), Some(&alice.token),
+            Some(json!({"msgtype": "m.text", "body": "x".repeat(70_000)}))).await;
+        assert_error(&big, 413, "M_TOO_LARGE");
+        let not_object = server.request("PUT", &room_path(&room, "send/m.room.message/arr"), Some(&alice.token), Some(json!([1]))).await;
+        assert_error(&not_object, 400, "M_BAD_JSON");
+        let version = server.post("/_matrix/client/v3/createRoom", Some(&alice.token), json!({"room_version": "1"})).await;
+        assert_error(&version, 400, "M_UNSUPPORTED_ROOM_VERSION");
+        assert_error(&server.get(&room_path(&room, "messages?dir=b&from=garbage"), Some(&alice.token)).await, 400, "M_INVALID_PARAM");
+        let (status, history) = server.get(&room_path(&room, "messages?dir=b"), Some(&dave.token)).await;
+        assert_eq!(status, 200, "a former member reads up to their leave: {history}");
+        server.stop().await;
+    }
+
+    async fn events_are_signed_pdus(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let room = create(&server, &alice, json!({})).await;
+        let (_, sent) = send(&server, &alice, &room, "t1", "signed").await;
+        let event_id = sent["event_id"].as_str().unwrap();
+        let stored = server.server.state.store.get_event(event_id).await.unwrap().unwrap();
+        let json: ruma::CanonicalJsonObject = serde_json::from_str(&stored.json).unwrap();
+        let version = ruma::RoomVersionId::V10;
+        assert_eq!(federation::pdu::event_id_of(&json, &version).unwrap().as_str(), event_id, "the id is the reference hash");
+        let key = &server.server.state.signing_key;
+        let keys = BTreeMap::from([("localhost".to_owned(), BTreeMap::from([(key.key_id(), key.public_key_base64())]))]);
+        assert!(federation::pdu::verify(&json, &version, &keys).unwrap(), "signed by this server, content hash intact");
+        // create, creator's join, power levels, join rules, history visibility, guest access.
+        assert_eq!(json["depth"], ruma::CanonicalJsonValue::Integer(ruma::Int::from(7u32)), "after the room's 6 creation events");
+        server.stop().await;
+    }
+}
