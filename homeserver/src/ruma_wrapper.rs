@@ -139,7 +139,8 @@ fn path_args(req: &HttpRequest) -> Result<Vec<String>> {
     let mut args = Vec::new();
     for (i, segment) in template.0.split('/').enumerate() {
         if segment.starts_with('{') {
-            let raw = raw.get(i).ok_or_else(|| Error::internal("path shorter than its template"))?;
+            // Only a trailing state key may be left out (see `Router::configure`).
+            let raw = raw.get(i).copied().unwrap_or_default();
             let decoded = percent_encoding::percent_decode_str(raw)
                 .decode_utf8()
                 .map_err(|_| Error::invalid_param("path segment is not valid UTF-8"))?;
@@ -233,7 +234,10 @@ where
             let sender = <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip).await?;
             let args = path_args(&req)?;
             let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            let http_request = to_http_request(&req, &body)?;
+            // Clients (matrix-nio among them) send POSTs with no body where the spec's body has
+            // only optional fields; read that as `{}`, as other homeservers do.
+            let body: &[u8] = if body.is_empty() && T::METHOD != http::Method::GET { b"{}" } else { &body };
+            let http_request = to_http_request(&req, body)?;
             let parsed = T::try_from_http_request(http_request, &arg_refs).map_err(map_parse_error)?;
             Ok(Ruma { body: parsed, sender, client_ip })
         })
@@ -306,11 +310,18 @@ impl Router {
                 })
                 .collect::<Vec<_>>()
                 .join("/");
-            let mut resource = web::resource(pattern).app_data(PathTemplate(path));
-            for route in routes {
-                resource = resource.route(route());
+            // `/state/{eventType}` with no state key at all means the empty key too.
+            let mut patterns = vec![pattern.clone()];
+            if let Some(without) = pattern.strip_suffix("/{state_key:[^/]*}") {
+                patterns.push(without.to_owned());
             }
-            config.service(resource.default_service(web::to(method_not_allowed)));
+            for pattern in patterns {
+                let mut resource = web::resource(pattern).app_data(PathTemplate(path));
+                for route in &routes {
+                    resource = resource.route(route());
+                }
+                config.service(resource.default_service(web::to(method_not_allowed)));
+            }
         }
     }
 }

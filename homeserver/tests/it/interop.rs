@@ -115,6 +115,14 @@ pub async fn run_harness(script: &str, hearth: &HearthProcess) {
 }
 
 crate::on_both_backends! {
+    async fn matrix_nio_rooms(db: Db) {
+        let test_db = TestDb::new(db).await;
+        let hearth = HearthProcess::start(&test_db, db).await;
+        run_harness("nio/rooms.py", &hearth).await;
+        hearth.stop().await;
+        test_db.remove().await;
+    }
+
     async fn matrix_nio_accounts_and_devices(db: Db) {
         let test_db = TestDb::new(db).await;
         let hearth = HearthProcess::start(&test_db, db).await;

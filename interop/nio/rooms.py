@@ -1,0 +1,134 @@
+"""matrix-nio drives Hearth's rooms: create, invite, join, chat both ways, paginate back,
+change the room's name, redact.
+
+Usage: rooms.py BASE_URL. Prints "ALL CHECKS PASSED" when every check held.
+"""
+
+import asyncio
+import secrets
+import sys
+
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    JoinResponse,
+    RegisterResponse,
+    RoomCreateResponse,
+    RoomMessagesResponse,
+    RoomMessageText,
+    RoomRedactResponse,
+    RoomSendResponse,
+    SyncResponse,
+)
+
+BASE = sys.argv[1]
+PASSWORD = "nio-password-" + secrets.token_hex(4)
+
+
+def check(condition: bool, what: str) -> None:
+    if not condition:
+        print(f"FAILED: {what}", flush=True)
+        raise SystemExit(1)
+    print(f"ok: {what}", flush=True)
+
+
+async def new_user(name: str) -> AsyncClient:
+    config = AsyncClientConfig(max_limit_exceeded=0, max_timeouts=2, request_timeout=30)
+    client = AsyncClient(BASE, name, config=config)
+    registered = await client.register(name, PASSWORD, device_name=f"{name}'s nio")
+    check(isinstance(registered, RegisterResponse), f"register {name}: {registered}")
+    client.access_token, client.user_id, client.device_id = (
+        registered.access_token,
+        registered.user_id,
+        registered.device_id,
+    )
+    return client
+
+
+async def texts_until(client: AsyncClient, room_id: str, wanted: str, rounds: int = 10) -> list:
+    """Syncs until a text message with body `wanted` arrives in the room; returns the bodies seen."""
+    seen = []
+    for _ in range(rounds):
+        response = await client.sync(timeout=5000)
+        check(isinstance(response, SyncResponse), f"{client.user_id} syncs: {type(response).__name__}")
+        room = response.rooms.join.get(room_id)
+        if room:
+            seen += [e.body for e in room.timeline.events if isinstance(e, RoomMessageText)]
+        if wanted in seen:
+            return seen
+    return seen
+
+
+async def main() -> None:
+    suffix = secrets.token_hex(3)
+    alice = await new_user(f"alice{suffix}")
+    bob = await new_user(f"bob{suffix}")
+    try:
+        first = await bob.sync(timeout=0)
+        check(isinstance(first, SyncResponse), "bob's first sync")
+        await alice.sync(timeout=0)
+
+        created = await alice.room_create(name="Tea room", topic="brewing", invite=[bob.user_id])
+        check(isinstance(created, RoomCreateResponse), f"alice creates a room: {created}")
+        room_id = created.room_id
+
+        invited = None
+        for _ in range(5):
+            response = await bob.sync(timeout=5000)
+            if room_id in response.rooms.invite:
+                invited = response.rooms.invite[room_id]
+                break
+        check(invited is not None, "bob sees the invite in /sync")
+
+        joined = await bob.join(room_id)
+        check(isinstance(joined, JoinResponse), f"bob joins: {joined}")
+        await alice.sync(timeout=0)
+        await bob.sync(timeout=0)
+
+        sent = await alice.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "hello bob"})
+        check(isinstance(sent, RoomSendResponse), f"alice sends: {sent}")
+        seen = await texts_until(bob, room_id, "hello bob")
+        check("hello bob" in seen, f"bob receives alice's message: {seen}")
+
+        reply = await bob.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "hi alice"})
+        check(isinstance(reply, RoomSendResponse), f"bob replies: {reply}")
+        seen = await texts_until(alice, room_id, "hi alice")
+        check("hi alice" in seen, f"alice receives bob's reply: {seen}")
+
+        for n in range(5):
+            await alice.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": f"line {n}"})
+        await texts_until(bob, room_id, "line 4")
+        start = bob.next_batch
+        collected = []
+        token = start
+        for _ in range(10):
+            page = await bob.room_messages(room_id, token, limit=3)
+            check(isinstance(page, RoomMessagesResponse), f"bob paginates back: {type(page).__name__}")
+            collected += [e.body for e in page.chunk if isinstance(e, RoomMessageText)]
+            if not page.end or not page.chunk:
+                break
+            token = page.end
+        check(collected[:3] == ["line 4", "line 3", "line 2"], f"newest first: {collected[:3]}")
+        check("hello bob" in collected and "hi alice" in collected, f"all the history: {collected}")
+
+        renamed = await alice.room_put_state(room_id, "m.room.name", {"name": "Coffee room"})
+        check(not hasattr(renamed, "status_code") or renamed.status_code is None, f"alice renames: {renamed}")
+        name = None
+        for _ in range(5):
+            await bob.sync(timeout=3000)
+            name = bob.rooms[room_id].name if room_id in bob.rooms else None
+            if name == "Coffee room":
+                break
+        check(name == "Coffee room", f"bob sees the new name: {name}")
+
+        redacted = await alice.room_redact(room_id, sent.event_id, reason="typo")
+        check(isinstance(redacted, RoomRedactResponse), f"alice redacts her message: {redacted}")
+        denied = await bob.room_put_state(room_id, "m.room.name", {"name": "Bob's room"})
+        check(getattr(denied, "status_code", None) == "M_FORBIDDEN", f"bob may not rename: {denied}")
+        print("ALL CHECKS PASSED", flush=True)
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+asyncio.run(main())
