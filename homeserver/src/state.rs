@@ -29,6 +29,8 @@ pub struct AppState {
     pub signing_key: SigningKey,
     /// This process's writer of stream positions.
     pub stream: Arc<StreamWriter>,
+    /// Typing and presence.
+    pub ephemeral: crate::rooms::ephemeral::Ephemeral,
     /// The newest stream position this process wrote; `/sync` long-polls wait on it.
     notifier: tokio::sync::watch::Sender<i64>,
     pub server_name: OwnedServerName,
@@ -101,6 +103,7 @@ impl AppState {
             config,
             signing_key,
             stream,
+            ephemeral: Default::default(),
             notifier: tokio::sync::watch::channel(0).0,
             server_name,
             store,

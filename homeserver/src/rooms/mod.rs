@@ -5,6 +5,7 @@
 //! state-res), stores it with its stream position, and wakes the syncs waiting on the notifier.
 
 pub mod client_event;
+pub mod ephemeral;
 
 use std::collections::HashMap;
 
@@ -166,4 +167,20 @@ pub async fn require_joined(state: &AppState, room_id: &RoomId, user_id: &UserId
 pub async fn room_version(state: &AppState, room_id: &RoomId) -> Result<RoomVersionId> {
     let version = state.store.room_version(room_id).await?.ok_or_else(|| Error::not_found("no such room"))?;
     RoomVersionId::try_from(version.as_str()).map_err(Error::internal)
+}
+
+/// Takes a stream position for something that is not a room event (a receipt, account data,
+/// typing), runs `write` with it, and makes it readable and announced.
+pub async fn at_new_position<F, Fut>(state: &AppState, write: F) -> Result<i64>
+where
+    F: FnOnce(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let guard = state.stream.allocate().await?;
+    let position = guard.position;
+    write(position).await?;
+    drop(guard);
+    state.stream.flush().await?;
+    state.notify(position);
+    Ok(position)
 }

@@ -17,6 +17,7 @@ mod sessions;
 pub mod stream;
 mod threepids;
 mod uia;
+mod user_data;
 
 use std::{borrow::Cow, time::Duration};
 
@@ -35,6 +36,7 @@ pub use self::{
     sessions::{SessionRecord, SessionStore},
     threepids::{ThreepidRecord, ThreepidSession, ThreepidStore},
     uia::{UiaSessionRecord, UiaStore},
+    user_data::{AccountDataRecord, ReceiptRecord, UserDataStore},
 };
 
 /// Every data area; what the server holds as `Arc<dyn Storage>`.
@@ -47,6 +49,7 @@ pub trait Storage:
     + ThreepidStore
     + RoomStore
     + StreamStore
+    + UserDataStore
 {
 }
 
@@ -73,6 +76,7 @@ impl<T> Storage for T where
         + ThreepidStore
         + RoomStore
         + StreamStore
+        + UserDataStore
 {
 }
 
@@ -132,6 +136,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "rooms",
         include_str!("../../migrations/postgres/0004_rooms.sql"),
         include_str!("../../migrations/sqlite/0004_rooms.sql"),
+    ),
+    (
+        5,
+        "user_data",
+        include_str!("../../migrations/postgres/0005_user_data.sql"),
+        include_str!("../../migrations/sqlite/0005_user_data.sql"),
     ),
 ];
 

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod accounts;
+mod around;
 mod cli;
 mod common;
 mod errors;

@@ -3,11 +3,14 @@
 mod account;
 mod device;
 mod discovery;
+mod ephemeral;
+mod profile;
 mod register;
 mod room;
 mod session;
 mod sync;
 mod threepid;
+mod user_data;
 
 pub use self::threepid::configure as configure_custom;
 use crate::ruma_wrapper::Router;
@@ -23,5 +26,8 @@ pub fn router() -> Router {
     threepid::routes(&mut router);
     room::routes(&mut router);
     sync::routes(&mut router);
+    profile::routes(&mut router);
+    user_data::routes(&mut router);
+    ephemeral::routes(&mut router);
     router
 }

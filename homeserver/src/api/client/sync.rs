@@ -4,11 +4,11 @@
 //! stream's safe position ([`crate::storage::stream`]), so no event is skipped or repeated
 //! however writes commit.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use actix_web::web;
 use ruma::{
-    OwnedRoomId, RoomId,
+    OwnedRoomId, RoomId, UserId,
     api::client::sync::sync_events::{
         self,
         v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
@@ -48,16 +48,21 @@ pub(super) fn routes(router: &mut Router) {
     router.add(sync);
 }
 
-fn timeline_limit(filter: Option<&Filter>) -> i64 {
-    match filter {
-        Some(Filter::FilterDefinition(definition)) => definition
-            .room
-            .timeline
-            .limit
-            .map_or(DEFAULT_TIMELINE_LIMIT, |l| i64::try_from(u64::from(l)).unwrap_or(MAX_TIMELINE_LIMIT)),
-        _ => DEFAULT_TIMELINE_LIMIT,
-    }
-    .clamp(1, MAX_TIMELINE_LIMIT)
+/// The timeline limit a filter (given inline or by id) asks for.
+async fn timeline_limit(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Result<i64> {
+    let stored;
+    let definition = match filter {
+        Some(Filter::FilterDefinition(definition)) => Some(definition),
+        Some(Filter::FilterId(id)) => {
+            stored = super::user_data::load_filter(state, user, id).await?;
+            Some(&stored)
+        }
+        _ => None,
+    };
+    let limit = definition
+        .and_then(|d| d.room.timeline.limit)
+        .map_or(DEFAULT_TIMELINE_LIMIT, |l| i64::try_from(u64::from(l)).unwrap_or(MAX_TIMELINE_LIMIT));
+    Ok(limit.clamp(1, MAX_TIMELINE_LIMIT))
 }
 
 /// GET /_matrix/client/v3/sync
@@ -68,7 +73,7 @@ async fn sync(
     let body = &request.body;
     let user = &request.sender.user_id;
     let since = body.since.as_deref().map(parse_token).transpose()?;
-    let limit = timeline_limit(body.filter.as_ref());
+    let limit = timeline_limit(&state, user, body.filter.as_ref()).await?;
     let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut notifications = state.subscribe();
@@ -114,6 +119,15 @@ async fn build(
     limit: i64,
 ) -> Result<sync_events::v3::Response> {
     let mut response = sync_events::v3::Response::new(token(upto));
+    let mut room_account_data: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for change in state.store.account_data_changes(user, since.unwrap_or(0), upto).await? {
+        let content: Value = serde_json::from_str(&change.content).unwrap_or_else(|_| json!({}));
+        let event = json!({"type": change.data_type, "content": content});
+        match change.room_id {
+            Some(room) => room_account_data.entry(room).or_default().push(event),
+            None => response.account_data.events.push(raw(&event)?),
+        }
+    }
     for (room, membership, at) in state.store.user_rooms(user).await? {
         let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
         if at > upto {
@@ -124,7 +138,15 @@ async fn build(
             "join" => {
                 let fresh = changed_since || full_state;
                 let after = if fresh { 0 } else { since.unwrap_or(0) };
-                if let Some(joined) = joined_room(state, &room_id, after, upto, limit, fresh).await? {
+                let mut joined = joined_room(state, &room_id, after, upto, limit, fresh).await?;
+                let account_data = room_account_data.remove(room_id.as_str()).unwrap_or_default();
+                let ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
+                if joined.is_none() && (!account_data.is_empty() || !ephemeral.is_empty()) {
+                    joined = Some(JoinedRoom::new());
+                }
+                if let Some(mut joined) = joined {
+                    joined.account_data.events = account_data.iter().map(raw).collect::<Result<_>>()?;
+                    joined.ephemeral.events = ephemeral.iter().map(raw).collect::<Result<_>>()?;
                     response.rooms.join.insert(room_id, joined);
                 }
             }
@@ -152,6 +174,41 @@ async fn build(
         }
     }
     Ok(response)
+}
+
+/// Typing and receipts that changed in `(after, upto]`, as ephemeral events.
+async fn ephemeral_events(
+    state: &AppState,
+    user: &UserId,
+    room_id: &RoomId,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<Value>> {
+    let mut events = Vec::new();
+    if let Some(typing) = state.ephemeral.typing_since(room_id, after, upto) {
+        events.push(json!({"type": "m.typing", "content": {"user_ids": typing}}));
+    }
+    let mut receipts: BTreeMap<String, BTreeMap<String, BTreeMap<String, Value>>> = BTreeMap::new();
+    for receipt in state.store.receipt_changes(room_id.as_str(), after, upto).await? {
+        // Private receipts are only ever shown to their owner.
+        if receipt.receipt_type == "m.read.private" && receipt.user_id != user.as_str() {
+            continue;
+        }
+        let mut data = json!({"ts": receipt.ts});
+        if let Some(thread) = &receipt.thread_id {
+            data["thread_id"] = thread.as_str().into();
+        }
+        receipts
+            .entry(receipt.event_id)
+            .or_default()
+            .entry(receipt.receipt_type)
+            .or_default()
+            .insert(receipt.user_id, data);
+    }
+    if !receipts.is_empty() {
+        events.push(json!({"type": "m.receipt", "content": receipts}));
+    }
+    Ok(events)
 }
 
 fn timeline(events: &[StoredEvent], limit: i64) -> Result<Timeline> {

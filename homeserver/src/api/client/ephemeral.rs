@@ -1,0 +1,193 @@
+//! Receipts, read markers, typing and presence.
+
+use std::time::Duration;
+
+use actix_web::web;
+use ruma::{
+    api::client::{
+        presence::{get_presence, set_presence},
+        read_marker::set_read_marker,
+        receipt::create_receipt::{self, v3::ReceiptType},
+        typing::create_typing_event::{self, v3::Typing},
+    },
+    events::receipt::ReceiptThread,
+    presence::PresenceState,
+};
+
+use crate::{
+    error::{Error, Result},
+    rooms,
+    ruma_wrapper::{Router, Ruma},
+    state::AppState,
+    storage::ReceiptRecord,
+};
+
+pub(super) fn routes(router: &mut Router) {
+    router.add(receipt).add(read_markers).add(typing).add(set_presence).add(get_presence);
+}
+
+/// Stores a receipt for an event of the room.
+async fn put_receipt(
+    state: &AppState,
+    room_id: &ruma::RoomId,
+    user: &ruma::UserId,
+    receipt_type: &str,
+    event_id: &ruma::EventId,
+    thread: Option<String>,
+) -> Result<()> {
+    rooms::require_joined(state, room_id, user).await?;
+    let event = state.store.get_event(event_id.as_str()).await?;
+    if event.is_none_or(|e| e.room_id != room_id.as_str()) {
+        return Err(Error::not_found("no such event in this room"));
+    }
+    rooms::at_new_position(state, |position| async move {
+        let record = ReceiptRecord {
+            room_id: room_id.to_string(),
+            user_id: user.to_string(),
+            receipt_type: receipt_type.to_owned(),
+            thread_id: thread,
+            event_id: event_id.to_string(),
+            ts: 0,
+            stream_ordering: position,
+        };
+        state.store.put_receipt(&record).await.map_err(Into::into)
+    })
+    .await
+    .map(drop)
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}
+async fn receipt(
+    state: web::Data<AppState>,
+    request: Ruma<create_receipt::v3::Request>,
+) -> Result<create_receipt::v3::Response> {
+    let body = &request.body;
+    let user = &request.sender.user_id;
+    let thread = match &body.thread {
+        ReceiptThread::Unthreaded => None,
+        ReceiptThread::Main => Some("main".to_owned()),
+        ReceiptThread::Thread(id) => Some(id.to_string()),
+        _ => None,
+    };
+    match body.receipt_type {
+        ReceiptType::FullyRead => {
+            let content = serde_json::json!({"event_id": body.event_id});
+            let content = content.to_string();
+            rooms::require_joined(&state, &body.room_id, user).await?;
+            rooms::at_new_position(&state, |position| {
+                let state = &state;
+                async move {
+                    state
+                        .store
+                        .put_account_data(
+                            user,
+                            Some(body.room_id.as_str()),
+                            "m.fully_read",
+                            &content,
+                            position,
+                        )
+                        .await
+                        .map_err(Into::into)
+                }
+            })
+            .await?;
+        }
+        ref kind => put_receipt(&state, &body.room_id, user, kind.as_str(), &body.event_id, thread).await?,
+    }
+    Ok(create_receipt::v3::Response::new())
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/read_markers
+async fn read_markers(
+    state: web::Data<AppState>,
+    request: Ruma<set_read_marker::v3::Request>,
+) -> Result<set_read_marker::v3::Response> {
+    let body = &request.body;
+    let user = &request.sender.user_id;
+    if let Some(event_id) = &body.fully_read {
+        rooms::require_joined(&state, &body.room_id, user).await?;
+        let content = serde_json::json!({"event_id": event_id}).to_string();
+        rooms::at_new_position(&state, |position| {
+            let (state, content) = (&state, &content);
+            async move {
+                state
+                    .store
+                    .put_account_data(user, Some(body.room_id.as_str()), "m.fully_read", content, position)
+                    .await
+                    .map_err(Into::into)
+            }
+        })
+        .await?;
+    }
+    if let Some(event_id) = &body.read_receipt {
+        put_receipt(&state, &body.room_id, user, "m.read", event_id, None).await?;
+    }
+    if let Some(event_id) = &body.private_read_receipt {
+        put_receipt(&state, &body.room_id, user, "m.read.private", event_id, None).await?;
+    }
+    Ok(set_read_marker::v3::Response::new())
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}
+async fn typing(
+    state: web::Data<AppState>,
+    request: Ruma<create_typing_event::v3::Request>,
+) -> Result<create_typing_event::v3::Response> {
+    let body = &request.body;
+    let user = &request.sender.user_id;
+    if *user != body.user_id {
+        return Err(Error::forbidden("you can only say that you are typing"));
+    }
+    rooms::require_joined(&state, &body.room_id, user).await?;
+    let timeout = match body.state {
+        Typing::Yes(ref typing) => Some(typing.timeout),
+        _ => None,
+    };
+    let ephemeral = &state.ephemeral;
+    rooms::at_new_position(&state, |position| async move {
+        ephemeral.set_typing(&body.room_id, user, timeout, position);
+        Ok(())
+    })
+    .await?;
+    Ok(create_typing_event::v3::Response::new())
+}
+
+/// PUT /_matrix/client/v3/presence/{userId}/status
+async fn set_presence(
+    state: web::Data<AppState>,
+    request: Ruma<set_presence::v3::Request>,
+) -> Result<set_presence::v3::Response> {
+    let body = &request.body;
+    if request.sender.user_id != body.user_id {
+        return Err(Error::forbidden("you can only set your own presence"));
+    }
+    if body.status_msg.as_ref().is_some_and(|m| m.len() > 1024) {
+        return Err(Error::invalid_param("status_msg longer than 1024 bytes"));
+    }
+    let ephemeral = &state.ephemeral;
+    rooms::at_new_position(&state, |position| async move {
+        ephemeral.set_presence(&body.user_id, body.presence.as_str(), body.status_msg.clone(), position);
+        Ok(())
+    })
+    .await?;
+    Ok(set_presence::v3::Response::new())
+}
+
+/// GET /_matrix/client/v3/presence/{userId}/status
+async fn get_presence(
+    state: web::Data<AppState>,
+    request: Ruma<get_presence::v3::Request>,
+) -> Result<get_presence::v3::Response> {
+    let user = &request.body.user_id;
+    if state.store.get_user(user).await?.is_none() {
+        return Err(Error::not_found("no such user"));
+    }
+    let Some(presence) = state.ephemeral.presence(user) else {
+        return Ok(get_presence::v3::Response::new(PresenceState::Offline));
+    };
+    let mut response = get_presence::v3::Response::new(PresenceState::from(presence.state.as_str()));
+    response.status_msg = presence.status_msg;
+    response.last_active_ago = Some(presence.last_active.elapsed().max(Duration::ZERO));
+    response.currently_active = Some(presence.state == "online");
+    Ok(response)
+}

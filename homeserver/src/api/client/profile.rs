@@ -1,0 +1,141 @@
+//! Profiles: `profile/{userId}`, its `displayname` and `avatar_url`. A change is also sent as a
+//! new member event in every room the user is in, so other members see it.
+
+use actix_web::web;
+use ruma::{
+    OwnedMxcUri, OwnedUserId, UserId,
+    api::client::profile::{get_avatar_url, get_display_name, get_profile, set_avatar_url, set_display_name},
+};
+use serde_json::Value;
+
+use crate::{
+    error::{Error, Result},
+    rooms::{self, Draft, client_event::to_client},
+    ruma_wrapper::{Router, Ruma},
+    state::AppState,
+};
+
+/// Longest display name, in characters.
+const MAX_DISPLAYNAME: usize = 256;
+
+pub(super) fn routes(router: &mut Router) {
+    router.add(get_profile).add(get_displayname).add(set_displayname).add(get_avatar).add(set_avatar);
+}
+
+async fn known_user(state: &AppState, user_id: &UserId) -> Result<()> {
+    match state.store.get_user(user_id).await? {
+        Some(user) if !user.deactivated => Ok(()),
+        _ => Err(Error::not_found("no such user")),
+    }
+}
+
+/// GET /_matrix/client/v3/profile/{userId}
+async fn get_profile(
+    state: web::Data<AppState>,
+    request: Ruma<get_profile::v3::Request>,
+) -> Result<get_profile::v3::Response> {
+    let user_id = &request.body.user_id;
+    known_user(&state, user_id).await?;
+    let (name, avatar) = state.store.profile(user_id).await?;
+    let mut response = get_profile::v3::Response::new();
+    if let Some(name) = name {
+        response.data.set("displayname".to_owned(), name.into());
+    }
+    if let Some(avatar) = avatar {
+        response.data.set("avatar_url".to_owned(), avatar.into());
+    }
+    Ok(response)
+}
+
+/// GET /_matrix/client/v3/profile/{userId}/displayname
+async fn get_displayname(
+    state: web::Data<AppState>,
+    request: Ruma<get_display_name::v3::Request>,
+) -> Result<get_display_name::v3::Response> {
+    known_user(&state, &request.body.user_id).await?;
+    Ok(get_display_name::v3::Response::new(state.store.profile(&request.body.user_id).await?.0))
+}
+
+/// GET /_matrix/client/v3/profile/{userId}/avatar_url
+async fn get_avatar(
+    state: web::Data<AppState>,
+    request: Ruma<get_avatar_url::v3::Request>,
+) -> Result<get_avatar_url::v3::Response> {
+    known_user(&state, &request.body.user_id).await?;
+    let avatar = state.store.profile(&request.body.user_id).await?.1.map(OwnedMxcUri::from);
+    Ok(get_avatar_url::v3::Response::new(avatar))
+}
+
+fn own(sender: &UserId, target: &OwnedUserId) -> Result<()> {
+    if sender == target { Ok(()) } else { Err(Error::forbidden("you can only change your own profile")) }
+}
+
+/// Sends the user's new profile into each room they are in.
+async fn propagate(state: &AppState, user_id: &UserId, field: &str, value: Option<&str>) -> Result<()> {
+    for (room, membership, _) in state.store.user_rooms(user_id).await? {
+        if membership != "join" {
+            continue;
+        }
+        let Ok(room_id) = ruma::OwnedRoomId::try_from(room) else { continue };
+        let current = state.store.current_state(&room_id).await?;
+        let member = current.iter().map(to_client).find(|e| {
+            e.as_ref().is_ok_and(|e| e["type"] == "m.room.member" && e["state_key"] == user_id.as_str())
+        });
+        let mut content = match member.transpose()? {
+            Some(event) => event["content"].clone(),
+            None => continue,
+        };
+        match value {
+            Some(value) => content[field] = Value::from(value),
+            None => {
+                content.as_object_mut().map(|c| c.remove(field));
+            }
+        }
+        let content = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
+        let draft = Draft {
+            sender: user_id,
+            event_type: "m.room.member",
+            state_key: Some(user_id.as_str()),
+            content: &content,
+            redacts: None,
+            redacted_json: None,
+            txn: None,
+        };
+        if let Err(error) = rooms::append(state, &room_id, draft).await {
+            tracing::warn!(%room_id, %error, "could not update the member event");
+        }
+    }
+    Ok(())
+}
+
+/// PUT /_matrix/client/v3/profile/{userId}/displayname
+async fn set_displayname(
+    state: web::Data<AppState>,
+    request: Ruma<set_display_name::v3::Request>,
+) -> Result<set_display_name::v3::Response> {
+    let user = &request.sender.user_id;
+    own(user, &request.body.user_id)?;
+    let name = request.body.displayname.as_deref().filter(|n| !n.is_empty());
+    if name.is_some_and(|n| n.chars().count() > MAX_DISPLAYNAME) {
+        return Err(Error::invalid_param(format!("displayname longer than {MAX_DISPLAYNAME} characters")));
+    }
+    state.store.set_displayname(user, name).await?;
+    propagate(&state, user, "displayname", name).await?;
+    Ok(set_display_name::v3::Response::new())
+}
+
+/// PUT /_matrix/client/v3/profile/{userId}/avatar_url
+async fn set_avatar(
+    state: web::Data<AppState>,
+    request: Ruma<set_avatar_url::v3::Request>,
+) -> Result<set_avatar_url::v3::Response> {
+    let user = &request.sender.user_id;
+    own(user, &request.body.user_id)?;
+    let url = request.body.avatar_url.as_ref().map(|u| u.as_str()).filter(|u| !u.is_empty());
+    if url.is_some_and(|u| !u.starts_with("mxc://") || u.len() > 512) {
+        return Err(Error::invalid_param("avatar_url must be an mxc:// URI of at most 512 bytes"));
+    }
+    state.store.set_avatar_url(user, url).await?;
+    propagate(&state, user, "avatar_url", url).await?;
+    Ok(set_avatar_url::v3::Response::new())
+}

@@ -1,0 +1,76 @@
+//! Typing notifications and presence: state that lives in memory and is never stored.
+//!
+//! Each change takes a stream position, so `/sync` sends it exactly when it is news. With
+//! several workers this state moves to Redis (pub/sub) with the queue work; for now it is per
+//! process.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+
+/// Longest a client may say it is typing for without saying it again.
+pub const MAX_TYPING: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct RoomTyping {
+    users: BTreeMap<OwnedUserId, Instant>,
+    position: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Presence {
+    pub state: String,
+    pub status_msg: Option<String>,
+    pub last_active: Instant,
+    pub position: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct Ephemeral {
+    typing: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
+    presence: Mutex<HashMap<OwnedUserId, Presence>>,
+}
+
+impl Ephemeral {
+    /// Records that `user` started (with a timeout) or stopped typing, at `position`.
+    pub fn set_typing(&self, room_id: &RoomId, user: &UserId, timeout: Option<Duration>, position: i64) {
+        let mut typing = self.typing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let room = typing.entry(room_id.to_owned()).or_default();
+        match timeout {
+            Some(timeout) => {
+                room.users.insert(user.to_owned(), Instant::now() + timeout.min(MAX_TYPING));
+            }
+            None => {
+                room.users.remove(user);
+            }
+        }
+        room.position = position;
+    }
+
+    /// Who is typing in a room, if that changed in `(after, upto]`.
+    pub fn typing_since(&self, room_id: &RoomId, after: i64, upto: i64) -> Option<Vec<OwnedUserId>> {
+        let typing = self.typing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let room = typing.get(room_id)?;
+        if room.position <= after || room.position > upto {
+            return None;
+        }
+        let now = Instant::now();
+        Some(room.users.iter().filter(|(_, until)| **until > now).map(|(user, _)| user.clone()).collect())
+    }
+
+    pub fn set_presence(&self, user: &UserId, state: &str, status_msg: Option<String>, position: i64) {
+        let mut presence = self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        presence.insert(
+            user.to_owned(),
+            Presence { state: state.to_owned(), status_msg, last_active: Instant::now(), position },
+        );
+    }
+
+    pub fn presence(&self, user: &UserId) -> Option<Presence> {
+        self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(user).cloned()
+    }
+}

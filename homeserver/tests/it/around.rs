@@ -1,0 +1,138 @@
+//! Around the room: profiles, typing, receipts, account data, filters, push rules, presence.
+
+use serde_json::{Value, json};
+
+use crate::common::{Db, Session, TestServer, assert_error};
+
+const PW: &str = "correct horse battery";
+
+fn enc(s: &str) -> String {
+    s.replace('!', "%21").replace(':', "%3A").replace('$', "%24").replace('@', "%40")
+}
+
+async fn shared_room(server: &TestServer, alice: &Session, bob: &Session) -> String {
+    let (_, created) = server
+        .post("/_matrix/client/v3/createRoom", Some(&alice.token), json!({"invite": [bob.user_id]}))
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        server
+            .post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(&bob.token), json!({}))
+            .await
+            .0,
+        200
+    );
+    room
+}
+
+async fn sync(server: &TestServer, who: &Session, since: Option<&str>) -> Value {
+    let path = match since {
+        Some(since) => format!("/_matrix/client/v3/sync?since={since}&timeout=0"),
+        None => "/_matrix/client/v3/sync".to_owned(),
+    };
+    server.get(&path, Some(&who.token)).await.1
+}
+
+fn ephemeral<'a>(sync: &'a Value, room: &str, kind: &str) -> Option<&'a Value> {
+    sync["rooms"]["join"][room]["ephemeral"]["events"].as_array()?.iter().find(|e| e["type"] == kind)
+}
+
+crate::on_both_backends! {
+    async fn profiles_typing_receipts(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = shared_room(&server, &alice, &bob).await;
+        let since = sync(&server, &bob, None).await["next_batch"].as_str().unwrap().to_owned();
+
+        // A new display name reaches the room as a member event.
+        let path = format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id));
+        assert_eq!(server.request("PUT", &path, Some(&alice.token), Some(json!({"displayname": "Alice A."}))).await.0, 200);
+        assert_eq!(server.get(&path, None).await.1["displayname"], "Alice A.");
+        let profile = server.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await.1;
+        assert_eq!(profile["displayname"], "Alice A.");
+        let update = sync(&server, &bob, Some(&since)).await;
+        let events = update["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
+        assert!(events.iter().any(|e| e["type"] == "m.room.member" && e["content"]["displayname"] == "Alice A."), "{update}");
+        let since = update["next_batch"].as_str().unwrap().to_owned();
+        assert_error(&server.request("PUT", &path, Some(&bob.token), Some(json!({"displayname": "x"}))).await, 403, "M_FORBIDDEN");
+        assert_error(&server.request("PUT", &path, Some(&alice.token), Some(json!({"displayname": "x".repeat(300)}))).await, 400, "M_INVALID_PARAM");
+        assert_error(&server.get("/_matrix/client/v3/profile/%40nobody%3Alocalhost", None).await, 404, "M_NOT_FOUND");
+
+        // Typing.
+        let typing = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&alice.user_id));
+        assert_eq!(server.request("PUT", &typing, Some(&alice.token), Some(json!({"typing": true, "timeout": 10000}))).await.0, 200);
+        let update = sync(&server, &bob, Some(&since)).await;
+        assert_eq!(ephemeral(&update, &room, "m.typing").unwrap()["content"]["user_ids"], json!([alice.user_id]));
+        let since = update["next_batch"].as_str().unwrap().to_owned();
+        assert_eq!(server.request("PUT", &typing, Some(&alice.token), Some(json!({"typing": false}))).await.0, 200);
+        let update = sync(&server, &bob, Some(&since)).await;
+        assert_eq!(ephemeral(&update, &room, "m.typing").unwrap()["content"]["user_ids"], json!([]));
+        let since = update["next_batch"].as_str().unwrap().to_owned();
+        assert_error(&server.request("PUT", &typing, Some(&bob.token), Some(json!({"typing": true, "timeout": 1000}))).await, 403, "M_FORBIDDEN");
+
+        // Receipts: public ones reach others, private ones only their owner.
+        let (_, sent) = server.request("PUT", &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t1", enc(&room)),
+            Some(&bob.token), Some(json!({"msgtype": "m.text", "body": "read me"}))).await;
+        let event = sent["event_id"].as_str().unwrap();
+        let receipt = |kind: &str| format!("/_matrix/client/v3/rooms/{}/receipt/{kind}/{}", enc(&room), enc(event));
+        assert_eq!(server.post(&receipt("m.read"), Some(&alice.token), json!({})).await.0, 200);
+        assert_eq!(server.post(&receipt("m.read.private"), Some(&alice.token), json!({})).await.0, 200);
+        let update = sync(&server, &bob, Some(&since)).await;
+        let receipts = &ephemeral(&update, &room, "m.receipt").unwrap()["content"][event];
+        assert!(receipts["m.read"][&alice.user_id]["ts"].is_i64(), "{update}");
+        assert!(receipts.get("m.read.private").is_none(), "private receipts stay private");
+        let mine = sync(&server, &alice, None).await;
+        assert!(ephemeral(&mine, &room, "m.receipt").unwrap()["content"][event]["m.read.private"][&alice.user_id].is_object());
+        let markers = format!("/_matrix/client/v3/rooms/{}/read_markers", enc(&room));
+        assert_eq!(server.post(&markers, Some(&alice.token), json!({"m.fully_read": event, "m.read": event})).await.0, 200);
+        let bogus = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc("$nope"));
+        assert_error(&server.post(&bogus, Some(&alice.token), json!({})).await, 404, "M_NOT_FOUND");
+        server.stop().await;
+    }
+
+    async fn account_data_filters_push_presence(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = shared_room(&server, &alice, &bob).await;
+        let since = sync(&server, &alice, None).await["next_batch"].as_str().unwrap().to_owned();
+        let global = format!("/_matrix/client/v3/user/{}/account_data/org.example.settings", enc(&alice.user_id));
+        assert_eq!(server.request("PUT", &global, Some(&alice.token), Some(json!({"theme": "dark"}))).await.0, 200);
+        assert_eq!(server.get(&global, Some(&alice.token)).await.1, json!({"theme": "dark"}));
+        let tags = format!("/_matrix/client/v3/user/{}/rooms/{}/account_data/m.tag", enc(&alice.user_id), enc(&room));
+        assert_eq!(server.request("PUT", &tags, Some(&alice.token), Some(json!({"tags": {"m.favourite": {}}}))).await.0, 200);
+        let update = sync(&server, &alice, Some(&since)).await;
+        assert!(update["account_data"]["events"].as_array().unwrap().iter().any(|e| e["type"] == "org.example.settings" && e["content"]["theme"] == "dark"));
+        assert!(update["rooms"]["join"][&room]["account_data"]["events"].as_array().unwrap().iter().any(|e| e["type"] == "m.tag"));
+        assert_error(&server.get(&global, Some(&bob.token)).await, 403, "M_FORBIDDEN");
+        let missing = format!("/_matrix/client/v3/user/{}/account_data/org.example.none", enc(&alice.user_id));
+        assert_error(&server.get(&missing, Some(&alice.token)).await, 404, "M_NOT_FOUND");
+
+        // Filters, used by id.
+        let filters = format!("/_matrix/client/v3/user/{}/filter", enc(&alice.user_id));
+        let (status, created) = server.post(&filters, Some(&alice.token), json!({"room": {"timeline": {"limit": 2}}})).await;
+        assert_eq!(status, 200, "{created}");
+        let id = created["filter_id"].as_str().unwrap().to_owned();
+        assert_eq!(server.get(&format!("{filters}/{id}"), Some(&alice.token)).await.1["room"]["timeline"]["limit"], 2);
+        let (_, limited) = server.get(&format!("/_matrix/client/v3/sync?filter={id}"), Some(&alice.token)).await;
+        let timeline = &limited["rooms"]["join"][&room]["timeline"];
+        assert_eq!(timeline["events"].as_array().unwrap().len(), 2);
+        assert_eq!(timeline["limited"], true);
+        assert_error(&server.get(&format!("{filters}/999"), Some(&alice.token)).await, 404, "M_NOT_FOUND");
+
+        // Push rules: the server's default ruleset.
+        let (status, rules) = server.get("/_matrix/client/v3/pushrules/", Some(&alice.token)).await;
+        assert_eq!(status, 200);
+        assert!(rules["global"]["override"].as_array().unwrap().iter().any(|r| r["rule_id"] == ".m.rule.master"));
+
+        // Presence.
+        let presence = format!("/_matrix/client/v3/presence/{}/status", enc(&alice.user_id));
+        assert_eq!(server.get(&presence, Some(&bob.token)).await.1["presence"], "offline");
+        assert_eq!(server.request("PUT", &presence, Some(&alice.token), Some(json!({"presence": "online", "status_msg": "here"}))).await.0, 200);
+        let (_, seen) = server.get(&presence, Some(&bob.token)).await;
+        assert_eq!((seen["presence"].as_str(), seen["status_msg"].as_str()), (Some("online"), Some("here")));
+        assert_error(&server.request("PUT", &presence, Some(&bob.token), Some(json!({"presence": "online"}))).await, 403, "M_FORBIDDEN");
+        server.stop().await;
+    }
+}
