@@ -1,5 +1,5 @@
 """matrix-nio drives Hearth's rooms: create, invite, join, chat both ways, paginate back,
-change the room's name, redact.
+change the room's name, see typing, receipts, presence and display names, redact.
 
 Usage: rooms.py BASE_URL. Prints "ALL CHECKS PASSED" when every check held.
 """
@@ -120,6 +120,43 @@ async def main() -> None:
             if name == "Coffee room":
                 break
         check(name == "Coffee room", f"bob sees the new name: {name}")
+
+        # Typing, receipts, presence and display names, as nio sees them through /sync.
+        typing = await alice.room_typing(room_id, typing_state=True, timeout=10000)
+        check(not getattr(typing, "status_code", None), f"alice types: {typing}")
+        users = []
+        for _ in range(5):
+            await bob.sync(timeout=3000)
+            users = list(bob.rooms[room_id].typing_users)
+            if alice.user_id in users:
+                break
+        check(alice.user_id in users, f"bob sees alice typing: {users}")
+
+        marked = await alice.room_read_markers(room_id, reply.event_id, reply.event_id)
+        check(not getattr(marked, "status_code", None), f"alice marks bob's reply read: {marked}")
+        receipts = {}
+        for _ in range(5):
+            await bob.sync(timeout=3000)
+            receipts = {r.user_id: r.event_id for r in bob.rooms[room_id].read_receipts.values()} if hasattr(
+                bob.rooms[room_id], "read_receipts") else {}
+            if receipts.get(alice.user_id) == reply.event_id:
+                break
+        check(receipts.get(alice.user_id) == reply.event_id, f"bob sees alice's read receipt: {receipts}")
+
+        status = await alice.set_presence("online", "brewing tea")
+        check(not getattr(status, "status_code", None), f"alice sets presence: {status}")
+        seen = await bob.get_presence(alice.user_id)
+        check(getattr(seen, "presence", None) == "online" and seen.status_msg == "brewing tea", f"bob reads it: {seen}")
+
+        renamed_user = await alice.set_displayname("Alice the Brewer")
+        check(not getattr(renamed_user, "status_code", None), f"alice changes her name: {renamed_user}")
+        shown = None
+        for _ in range(5):
+            await bob.sync(timeout=3000)
+            shown = bob.rooms[room_id].user_name(alice.user_id)
+            if shown == "Alice the Brewer":
+                break
+        check(shown == "Alice the Brewer", f"bob sees alice's new name: {shown}")
 
         redacted = await alice.room_redact(room_id, sent.event_id, reason="typo")
         check(isinstance(redacted, RoomRedactResponse), f"alice redacts her message: {redacted}")
