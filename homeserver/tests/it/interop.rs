@@ -95,10 +95,21 @@ impl HearthProcess {
     }
 }
 
-/// Runs one harness script from `interop/` against the server; panics with its output on failure.
+/// Runs one harness script from `interop/` against the server (Python for `.py`, Node for
+/// `.mjs`); panics with its output on failure.
 pub async fn run_harness(script: &str, hearth: &HearthProcess) {
+    let program = if script.ends_with(".mjs") {
+        let modules = workspace_root().join("interop/js/node_modules/matrix-js-sdk");
+        assert!(
+            modules.exists(),
+            "matrix-js-sdk is not installed: run `scripts/test` (npm ci in interop/js)"
+        );
+        PathBuf::from("node")
+    } else {
+        python()
+    };
     let output =
-        Command::new(python()).arg(workspace_root().join("interop").join(script)).arg(&hearth.base).output();
+        Command::new(program).arg(workspace_root().join("interop").join(script)).arg(&hearth.base).output();
     let output = tokio::time::timeout(Duration::from_secs(120), output)
         .await
         .expect("harness finished in time")
@@ -115,6 +126,14 @@ pub async fn run_harness(script: &str, hearth: &HearthProcess) {
 }
 
 crate::on_both_backends! {
+    async fn matrix_js_sdk_rooms(db: Db) {
+        let test_db = TestDb::new(db).await;
+        let hearth = HearthProcess::start(&test_db, db).await;
+        run_harness("js/rooms.mjs", &hearth).await;
+        hearth.stop().await;
+        test_db.remove().await;
+    }
+
     async fn matrix_nio_rooms(db: Db) {
         let test_db = TestDb::new(db).await;
         let hearth = HearthProcess::start(&test_db, db).await;

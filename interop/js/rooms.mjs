@@ -1,0 +1,158 @@
+// matrix-js-sdk drives Hearth's rooms: register, sync, create, invite, join, chat both ways,
+// paginate back, typing, receipts, presence, display names, redaction.
+//
+// Usage: node rooms.mjs BASE_URL. Prints "ALL CHECKS PASSED" when every check held.
+
+import * as sdk from "matrix-js-sdk";
+import { logger } from "matrix-js-sdk/lib/logger.js";
+
+logger.disableAll();
+const base = process.argv[2];
+const password = "js-password-" + Math.random().toString(36).slice(2);
+
+function check(condition, what) {
+  if (!condition) {
+    console.log(`FAILED: ${what}`);
+    process.exit(1);
+  }
+  console.log(`ok: ${what}`);
+}
+
+/** Resolves when `predicate` holds for an event `name` of `emitter`, or fails after `ms`. */
+function waitFor(emitter, name, predicate, what, ms = 15000) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => check(false, `${what} (timed out)`), ms);
+    const listener = (...args) => {
+      if (predicate(...args)) {
+        clearTimeout(timer);
+        emitter.removeListener(name, listener);
+        resolve(args);
+      }
+    };
+    emitter.on(name, listener);
+  });
+}
+
+async function user(name) {
+  const anonymous = sdk.createClient({ baseUrl: base });
+  const registered = await anonymous.registerRequest({
+    username: name,
+    password,
+    auth: { type: "m.login.dummy" },
+    initial_device_display_name: `${name}'s js-sdk`,
+  });
+  check(registered.user_id === `@${name}:localhost`, `register ${name}`);
+  const client = sdk.createClient({
+    baseUrl: base,
+    accessToken: registered.access_token,
+    userId: registered.user_id,
+    deviceId: registered.device_id,
+  });
+  const prepared = waitFor(client, sdk.ClientEvent.Sync, (state) => state === "PREPARED", `${name} syncs`);
+  await client.startClient({ initialSyncLimit: 20 });
+  await prepared;
+  check(true, `${name}'s client is prepared`);
+  return client;
+}
+
+const suffix = Math.random().toString(36).slice(2, 8);
+const alice = await user(`jsalice${suffix}`);
+const bob = await user(`jsbob${suffix}`);
+
+const bobInvited = waitFor(
+  bob,
+  sdk.RoomMemberEvent.Membership,
+  (_event, member) => member.userId === bob.getUserId() && member.membership === "invite",
+  "bob sees the invite",
+);
+const { room_id: roomId } = await alice.createRoom({ name: "JS room", invite: [bob.getUserId()] });
+check(roomId.startsWith("!"), "alice creates a room");
+await bobInvited;
+await bob.joinRoom(roomId);
+check(true, "bob joins");
+
+const bobHears = waitFor(
+  bob,
+  sdk.RoomEvent.Timeline,
+  (event, room) => room?.roomId === roomId && event.getContent().body === "hello from js",
+  "bob receives alice's message",
+);
+await alice.sendTextMessage(roomId, "hello from js");
+await bobHears;
+check(true, "bob receives alice's message");
+
+const aliceHears = waitFor(
+  alice,
+  sdk.RoomEvent.Timeline,
+  (event, room) => room?.roomId === roomId && event.getContent().body === "hi from bob",
+  "alice receives bob's reply",
+);
+const reply = await bob.sendTextMessage(roomId, "hi from bob");
+await aliceHears;
+check(true, "alice receives bob's reply");
+
+// Typing, receipts, presence, names.
+const typing = waitFor(
+  bob,
+  sdk.RoomMemberEvent.Typing,
+  (_event, member) => member.userId === alice.getUserId() && member.typing,
+  "bob sees alice typing",
+);
+await alice.sendTyping(roomId, true, 10000);
+await typing;
+check(true, "bob sees alice typing");
+
+const receipt = waitFor(
+  bob,
+  sdk.RoomEvent.Receipt,
+  (event) => JSON.stringify(event.getContent()).includes(alice.getUserId()),
+  "bob sees alice's read receipt",
+);
+const aliceRoom = alice.getRoom(roomId);
+const replyEvent = aliceRoom.findEventById(reply.event_id);
+await alice.sendReadReceipt(replyEvent);
+await receipt;
+check(true, "bob sees alice's read receipt");
+
+await alice.setPresence({ presence: "online", status_msg: "scripting" });
+const presence = await bob.getPresence(alice.getUserId());
+check(presence.presence === "online" && presence.status_msg === "scripting", "bob reads alice's presence");
+
+const renamed = waitFor(
+  bob,
+  sdk.RoomMemberEvent.Name,
+  (_event, member) => member.userId === alice.getUserId() && member.name === "Alice in JS",
+  "bob sees alice's new name",
+);
+await alice.setDisplayName("Alice in JS");
+await renamed;
+check(true, "bob sees alice's new name");
+
+// History: a fresh client of bob's pages back through the room.
+const messages = await bob.createMessagesRequest(roomId, null, 50, sdk.Direction.Backward);
+const bodies = messages.chunk.filter((e) => e.type === "m.room.message").map((e) => e.content.body);
+check(bodies[0] === "hi from bob" && bodies.includes("hello from js"), `bob pages back: ${bodies}`);
+check(messages.chunk.some((e) => e.type === "m.room.create"), "back to the room's creation");
+
+const redacted = waitFor(
+  bob,
+  sdk.RoomEvent.Redaction,
+  (event) => event.getAssociatedId?.() === reply.event_id || event.event?.redacts === reply.event_id,
+  "alice sees bob's redaction",
+);
+await bob.redactEvent(roomId, reply.event_id);
+await redacted;
+check(true, "bob redacts his reply");
+
+let denied = null;
+try {
+  await bob.setRoomName(roomId, "Bob's room");
+} catch (error) {
+  denied = error.errcode;
+}
+check(denied === "M_FORBIDDEN", `bob may not rename the room: ${denied}`);
+
+alice.stopClient();
+bob.stopClient();
+console.log("ALL CHECKS PASSED");
+process.exit(0);
