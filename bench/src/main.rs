@@ -7,6 +7,11 @@
 //! Profiles:
 //! - `accounts`: registrations, password logins and `whoami` calls, each with `--concurrency`
 //!   requests in flight.
+//! - `rooms`: `--users` users in `--rooms` rooms (everyone in every room), each long-polling
+//!   `/sync`, while `--senders` tasks send `--messages` messages; reports messages/s, send
+//!   latency, and send→delivery latency to every member.
+//! - `idle-syncs`: `--connections` long-polling `/sync` requests held open at once; reports the
+//!   server's memory per connection (`--url` and `--server-pid` of a separately started server).
 
 use std::{
     sync::{
@@ -16,13 +21,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod rooms;
+
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
 #[command(about = "Load and latency benchmarks for Hearth")]
-struct Args {
+pub(crate) struct Args {
     /// What to measure.
     #[arg(long, value_enum, default_value = "accounts")]
     profile: Profile,
@@ -41,17 +48,34 @@ struct Args {
     /// `whoami` requests to send.
     #[arg(long, default_value_t = 20_000)]
     requests: usize,
+    /// Rooms for the `rooms` profile.
+    #[arg(long, default_value_t = 5)]
+    rooms: usize,
+    /// Concurrent senders for the `rooms` profile.
+    #[arg(long, default_value_t = 8)]
+    senders: usize,
+    /// Messages to send in the `rooms` profile.
+    #[arg(long, default_value_t = 5_000)]
+    messages: usize,
+    /// Long-polls to hold open in the `idle-syncs` profile.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Process id of the server, to read its memory (default: this process).
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Profile {
     Accounts,
+    Rooms,
+    IdleSyncs,
 }
 
 const PASSWORD: &str = "benchmark-password";
 
 /// Latencies of one phase.
-struct Phase {
+pub(crate) struct Phase {
     name: &'static str,
     latencies: Vec<Duration>,
     errors: usize,
@@ -59,7 +83,7 @@ struct Phase {
 }
 
 impl Phase {
-    fn report(&mut self) {
+    pub(crate) fn report(&mut self) {
         self.latencies.sort_unstable();
         let pct = |p: f64| {
             let idx = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
@@ -79,7 +103,7 @@ impl Phase {
 }
 
 /// Runs `count` requests, `concurrency` at a time; `make(i)` performs request `i`.
-async fn run_phase<F, Fut>(name: &'static str, count: usize, concurrency: usize, make: F) -> Phase
+pub(crate) async fn run_phase<F, Fut>(name: &'static str, count: usize, concurrency: usize, make: F) -> Phase
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -123,7 +147,7 @@ where
     phase
 }
 
-async fn post(
+pub(crate) async fn post(
     http: &reqwest::Client,
     url: String,
     token: Option<&str>,
@@ -244,14 +268,13 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     println!(
-        "hearth-bench: profile accounts, {} users, {} whoami requests, concurrency {}, server {base} ({})",
-        args.users,
-        args.requests,
-        args.concurrency,
+        "hearth-bench: server {base} ({})",
         if args.url.is_some() { "external".to_owned() } else { format!("in-process, {}", args.database) },
     );
     let result = match args.profile {
         Profile::Accounts => accounts(&base, &args).await,
+        Profile::Rooms => rooms::run(&base, &args).await,
+        Profile::IdleSyncs => rooms::idle_syncs(&base, &args).await,
     };
     if let Some((server, dir)) = server {
         server.stop().await;

@@ -129,8 +129,16 @@ pub async fn append(state: &AppState, room_id: &RoomId, draft: Draft<'_>) -> Res
             "event larger than 65536 bytes",
         ));
     }
+    let version = room_version(state, room_id).await?;
+    let kind = TimelineEventType::from(draft.event_type);
+    let auth_keys: Vec<(String, String)> =
+        auth::auth_types(&version, &kind, draft.sender, draft.state_key, draft.content)
+            .map_err(|e| Error::bad_json(e.to_string()))?
+            .into_iter()
+            .map(|(kind, key)| (kind.to_string(), key))
+            .collect();
     let builder = |head: &RoomHead| build(state, room_id, &draft, head);
-    match state.store.append_event(room_id, &state.stream, &builder).await? {
+    match state.store.append_event(room_id, &state.stream, &auth_keys, &builder).await? {
         Ok(stored) => {
             // Make the event readable before answering, so the sender's next sync has it.
             state.stream.flush().await?;

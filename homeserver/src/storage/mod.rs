@@ -143,6 +143,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0005_user_data.sql"),
         include_str!("../../migrations/sqlite/0005_user_data.sql"),
     ),
+    (
+        6,
+        "receipt_stream",
+        include_str!("../../migrations/postgres/0006_receipt_stream.sql"),
+        include_str!("../../migrations/sqlite/0006_receipt_stream.sql"),
+    ),
 ];
 
 #[derive(Debug)]

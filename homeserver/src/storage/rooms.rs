@@ -24,7 +24,8 @@ pub struct RoomHead {
     pub room_version: String,
     pub extremities: Vec<OwnedEventId>,
     pub depth: i64,
-    /// Current state, with each event's canonical JSON.
+    /// The current state the new event's auth rules need (the keys the caller asked for), with
+    /// each event's canonical JSON.
     pub state: BTreeMap<(String, String), (String, String)>,
 }
 
@@ -73,11 +74,13 @@ pub trait RoomStore: Send + Sync {
     async fn create_room(&self, room_id: &RoomId, version: &str, creator: &UserId) -> StoreResult<bool>;
     async fn room_version(&self, room_id: &RoomId) -> StoreResult<Option<String>>;
     async fn set_room_public(&self, room_id: &RoomId, public: bool) -> StoreResult<()>;
-    /// Appends one event; `build` makes it from the room's head, or refuses.
+    /// Appends one event; `build` makes it from the room's head (with the state under
+    /// `auth_keys`), or refuses.
     async fn append_event(
         &self,
         room_id: &RoomId,
         writer: &Arc<StreamWriter>,
+        auth_keys: &[(String, String)],
         build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
     ) -> StoreResult<Result<StoredEvent, AppendError>>;
     async fn event_by_txn(
@@ -107,6 +110,8 @@ pub trait RoomStore: Send + Sync {
     async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<(String, String)>>;
     /// Public rooms (room ids).
     async fn public_rooms(&self) -> StoreResult<Vec<String>>;
+    /// Rooms with new events or receipts in `(after, upto]`, so `/sync` can skip the others.
+    async fn rooms_changed(&self, after: i64, upto: i64) -> StoreResult<std::collections::HashSet<String>>;
 }
 
 const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, json, redacted_by";
@@ -186,6 +191,7 @@ impl RoomStore for SqlStore {
         &self,
         room_id: &RoomId,
         writer: &Arc<StreamWriter>,
+        auth_keys: &[(String, String)],
         build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
     ) -> StoreResult<Result<StoredEvent, AppendError>> {
         // The position is taken before the transaction: allocation writes through another
@@ -216,13 +222,31 @@ impl RoomStore for SqlStore {
                 .await?;
             state_map = snapshot_from_json(&row.try_get::<String, _>("state")?)?;
         }
+        // Only the state the auth rules will look at, in one query.
+        let wanted: Vec<(&(String, String), &String)> =
+            auth_keys.iter().filter_map(|key| state_map.get_key_value(key)).collect();
         let mut state = BTreeMap::new();
-        for (key, event_id) in &state_map {
-            let row = sqlx::query("SELECT json FROM events WHERE event_id = $1")
-                .bind(event_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            state.insert(key.clone(), (event_id.clone(), row.try_get::<String, _>("json")?));
+        if !wanted.is_empty() {
+            let placeholders: Vec<String> = (1..=wanted.len()).map(|n| format!("${n}")).collect();
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT event_id, json FROM events WHERE event_id IN ({})",
+                placeholders.join(", ")
+            ));
+            let mut query = sqlx::query(sql);
+            for (_, event_id) in &wanted {
+                query = query.bind(event_id.as_str());
+            }
+            let rows = query.fetch_all(&mut *tx).await?;
+            let mut json: BTreeMap<String, String> = BTreeMap::new();
+            for row in rows {
+                json.insert(row.try_get("event_id")?, row.try_get("json")?);
+            }
+            for (key, event_id) in wanted {
+                let text = json
+                    .remove(event_id.as_str())
+                    .ok_or_else(|| corrupt(format!("state event {event_id} missing")))?;
+                state.insert(key.clone(), (event_id.clone(), text));
+            }
         }
         let head = RoomHead { room_version, extremities, depth, state };
         let event = match build(&head) {
@@ -451,5 +475,17 @@ impl RoomStore for SqlStore {
             .iter()
             .map(|r| r.try_get("room_id").map_err(Into::into))
             .collect()
+    }
+
+    async fn rooms_changed(&self, after: i64, upto: i64) -> StoreResult<std::collections::HashSet<String>> {
+        let rows = sqlx::query(
+            "SELECT room_id FROM events WHERE stream_ordering > $1 AND stream_ordering <= $2
+             UNION SELECT room_id FROM receipts WHERE stream_ordering > $1 AND stream_ordering <= $2",
+        )
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| r.try_get("room_id").map_err(Into::into)).collect()
     }
 }

@@ -31,6 +31,8 @@ const DEFAULT_TIMELINE_LIMIT: i64 = 10;
 const MAX_TIMELINE_LIMIT: i64 = 100;
 /// Longest long-poll honoured.
 const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a woken long-poll waits for more writes before answering.
+const COALESCE: Duration = Duration::from_millis(5);
 /// How long to wait for a position this process wrote to become safe to read.
 const PUBLISH_WAIT: Duration = Duration::from_millis(250);
 /// State event types shown to invitees (the spec's recommended stripped state).
@@ -77,9 +79,11 @@ async fn sync(
     let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut notifications = state.subscribe();
+    // The response is built in boxed futures: a long-poll spends its life waiting, and should
+    // hold only the small state of the wait, not room for the whole build.
     loop {
         let upto = state.store.persisted_upto().await?;
-        let response = build(&state, user, since, upto, body.full_state, limit).await?;
+        let response = Box::pin(build(&state, user, since, upto, body.full_state, limit)).await?;
         let has_news = !response.rooms.is_empty();
         if has_news || since.is_none() || body.full_state || tokio::time::Instant::now() >= deadline {
             return Ok(response);
@@ -87,6 +91,9 @@ async fn sync(
         // Sleep until this process writes something new, then until it is safe to read.
         match tokio::time::timeout_at(deadline, notifications.changed()).await {
             Ok(Ok(())) => {
+                // Let a burst of writes land together: one response for many events is far
+                // cheaper than one per event, and costs the client a few milliseconds.
+                tokio::time::sleep(COALESCE).await;
                 let target = *notifications.borrow_and_update();
                 let waited = tokio::time::Instant::now();
                 while state.store.persisted_upto().await? < target && waited.elapsed() < PUBLISH_WAIT {
@@ -95,7 +102,7 @@ async fn sync(
             }
             Ok(Err(_)) | Err(_) => {
                 let upto = state.store.persisted_upto().await?;
-                return build(&state, user, since, upto, body.full_state, limit).await;
+                return Box::pin(build(&state, user, since, upto, body.full_state, limit)).await;
             }
         }
     }
@@ -128,8 +135,21 @@ async fn build(
             None => response.account_data.events.push(raw(&event)?),
         }
     }
+    // An incremental sync reads only the rooms that changed.
+    let changed = match since {
+        Some(since) if !full_state => Some(state.store.rooms_changed(since, upto).await?),
+        _ => None,
+    };
     for (room, membership, at) in state.store.user_rooms(user).await? {
         let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
+        if let (Some(changed), Some(since)) = (&changed, since)
+            && at <= since
+            && !changed.contains(room_id.as_str())
+            && !room_account_data.contains_key(room_id.as_str())
+            && state.ephemeral.typing_since(&room_id, since, upto).is_none()
+        {
+            continue;
+        }
         if at > upto {
             continue;
         }
