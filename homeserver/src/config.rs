@@ -66,6 +66,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub sms: SmsConfig,
     pub jwt_login: JwtLoginConfig,
+    pub turn: TurnConfig,
     pub logging: LoggingConfig,
 }
 
@@ -244,6 +245,25 @@ pub struct LimitsConfig {
     pub max_request_bytes: usize,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// TURN server URIs handed to clients (`turn:turn.example.org:3478?transport=udp`). Empty:
+    /// no TURN server.
+    pub uris: Vec<String>,
+    /// The secret shared with the TURN server (coturn's `static-auth-secret`), from which
+    /// time-limited credentials are made.
+    pub shared_secret: Secret,
+    /// How long those credentials last, in seconds.
+    pub user_lifetime_secs: u64,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self { uris: Vec::new(), shared_secret: Secret::default(), user_lifetime_secs: 86_400 }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -278,6 +298,7 @@ impl Default for Config {
             email: EmailConfig::default(),
             sms: SmsConfig::default(),
             jwt_login: JwtLoginConfig::default(),
+            turn: TurnConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -503,6 +524,9 @@ impl Config {
         }
         self.validate_threepids()?;
         self.validate_jwt_login()?;
+        if !self.turn.uris.is_empty() && self.turn.shared_secret.is_empty() {
+            return Err(invalid("turn.shared_secret", "needed when turn.uris is set"));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.logging.level)
             .map_err(|e| invalid("logging.level", format!("not a tracing filter: {e}")))?;
         Ok(())

@@ -192,3 +192,18 @@ where
     state.notify(position);
     Ok(position)
 }
+
+/// A user's power level in a room, and the room's power levels content (`{}` if none).
+pub async fn power(state: &AppState, room_id: &RoomId, user: &UserId) -> Result<(i64, serde_json::Value)> {
+    let mut content = serde_json::json!({});
+    for event in state.store.current_state(room_id).await? {
+        let event = client_event::to_client(&event)?;
+        if event["type"] == "m.room.power_levels" {
+            content = event["content"].clone();
+        }
+    }
+    let level = |v: &serde_json::Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+    let user_level =
+        level(&content["users"][user.as_str()]).or_else(|| level(&content["users_default"])).unwrap_or(0);
+    Ok((user_level, content))
+}

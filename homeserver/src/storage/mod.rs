@@ -149,6 +149,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0006_receipt_stream.sql"),
         include_str!("../../migrations/sqlite/0006_receipt_stream.sql"),
     ),
+    (
+        7,
+        "aliases",
+        include_str!("../../migrations/postgres/0007_aliases.sql"),
+        include_str!("../../migrations/sqlite/0007_aliases.sql"),
+    ),
 ];
 
 #[derive(Debug)]

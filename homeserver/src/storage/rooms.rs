@@ -110,6 +110,19 @@ pub trait RoomStore: Send + Sync {
     async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<(String, String)>>;
     /// Public rooms (room ids).
     async fn public_rooms(&self) -> StoreResult<Vec<String>>;
+    /// Creates an alias; `false` if it exists.
+    async fn create_alias(&self, alias: &str, room_id: &RoomId, creator: &UserId) -> StoreResult<bool>;
+    /// (room id, creator) of an alias.
+    async fn resolve_alias(&self, alias: &str) -> StoreResult<Option<(String, String)>>;
+    async fn delete_alias(&self, alias: &str) -> StoreResult<bool>;
+    async fn room_aliases(&self, room_id: &RoomId) -> StoreResult<Vec<String>>;
+    async fn room_is_public(&self, room_id: &RoomId) -> StoreResult<bool>;
+    /// Users whose id or display name contains `term` (lower-cased), at most `limit`.
+    async fn search_users(
+        &self,
+        term: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<(String, Option<String>, Option<String>)>>;
     /// Rooms with new events or receipts in `(after, upto]`, so `/sync` can skip the others.
     async fn rooms_changed(&self, after: i64, upto: i64) -> StoreResult<std::collections::HashSet<String>>;
 }
@@ -487,5 +500,74 @@ impl RoomStore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| r.try_get("room_id").map_err(Into::into)).collect()
+    }
+
+    async fn create_alias(&self, alias: &str, room_id: &RoomId, creator: &UserId) -> StoreResult<bool> {
+        let row = sqlx::query(
+            "INSERT INTO room_aliases (alias, room_id, creator, created_ts) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (alias) DO NOTHING RETURNING alias",
+        )
+        .bind(alias)
+        .bind(room_id.as_str())
+        .bind(creator.as_str())
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    async fn resolve_alias(&self, alias: &str) -> StoreResult<Option<(String, String)>> {
+        let row = sqlx::query("SELECT room_id, creator FROM room_aliases WHERE alias = $1")
+            .bind(alias)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("room_id")?, r.try_get("creator")?))).transpose()
+    }
+
+    async fn delete_alias(&self, alias: &str) -> StoreResult<bool> {
+        let done =
+            sqlx::query("DELETE FROM room_aliases WHERE alias = $1").bind(alias).execute(&self.pool).await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn room_aliases(&self, room_id: &RoomId) -> StoreResult<Vec<String>> {
+        sqlx::query("SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias")
+            .bind(room_id.as_str())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get("alias").map_err(Into::into))
+            .collect()
+    }
+
+    async fn room_is_public(&self, room_id: &RoomId) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT is_public FROM rooms WHERE room_id = $1")
+            .bind(room_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get::<i16, _>("is_public")).transpose()?.unwrap_or(0) != 0)
+    }
+
+    async fn search_users(
+        &self,
+        term: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<(String, Option<String>, Option<String>)>> {
+        // LIKE wildcards in the term are escaped so they match literally.
+        let escaped = term.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let pattern = format!("%{escaped}%");
+        sqlx::query(
+            "SELECT u.user_id, p.displayname, p.avatar_url FROM users u LEFT JOIN profiles p ON p.user_id = u.user_id
+             WHERE u.deactivated = 0
+               AND (LOWER(u.user_id) LIKE $1 ESCAPE '\\' OR LOWER(COALESCE(p.displayname, '')) LIKE $1 ESCAPE '\\')
+             ORDER BY u.user_id LIMIT $2",
+        )
+        .bind(pattern)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("user_id")?, r.try_get("displayname")?, r.try_get("avatar_url")?)))
+        .collect()
     }
 }

@@ -7,6 +7,7 @@ mod accounts;
 mod around;
 mod cli;
 mod common;
+mod directory;
 mod errors;
 mod interop;
 mod providers;

@@ -2,6 +2,7 @@
 
 mod account;
 mod device;
+mod directory;
 mod discovery;
 mod ephemeral;
 mod profile;
@@ -29,5 +30,6 @@ pub fn router() -> Router {
     profile::routes(&mut router);
     user_data::routes(&mut router);
     ephemeral::routes(&mut router);
+    directory::routes(&mut router);
     router
 }

@@ -110,13 +110,18 @@ async fn create_room(
             format!("room version {version} is not supported; supported: 10, 11"),
         ));
     }
-    if body.room_alias_name.is_some() {
-        return Err(Error::new(
-            StatusCode::BAD_REQUEST,
-            ErrorKind::Unknown,
-            "room aliases are not supported yet",
-        ));
-    }
+    let alias = match &body.room_alias_name {
+        Some(name) => {
+            let alias = ruma::OwnedRoomAliasId::try_from(format!("#{name}:{}", state.server_name))
+                .map_err(|e| Error::invalid_param(format!("room_alias_name: {e}")))?;
+            super::directory::local_alias(&state, &alias)?;
+            if state.store.resolve_alias(alias.as_str()).await?.is_some() {
+                return Err(Error::new(StatusCode::BAD_REQUEST, ErrorKind::RoomInUse, "that alias is taken"));
+            }
+            Some(alias)
+        }
+        None => None,
+    };
     for user in &body.invite {
         if user == creator {
             return Err(Error::invalid_param("you cannot invite yourself"));
@@ -178,6 +183,11 @@ async fn create_room(
     }
     append_json(&state, &room_id, creator, "m.room.power_levels", Some(""), &power).await?;
 
+    if let Some(alias) = &alias {
+        super::directory::add_alias(&state, alias, &room_id, creator).await?;
+        append_json(&state, &room_id, creator, "m.room.canonical_alias", Some(""), &json!({"alias": alias}))
+            .await?;
+    }
     let join_rule = if preset == RoomPreset::PublicChat { "public" } else { "invite" };
     let mut initial: Vec<(String, String, Value)> = vec![
         ("m.room.join_rules".into(), String::new(), json!({"join_rule": join_rule})),
@@ -260,8 +270,12 @@ async fn join_by_id_or_alias(
     request: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<join_room_by_id_or_alias::v3::Response> {
     let user = &request.sender.user_id;
-    let room_id = OwnedRoomId::try_from(request.body.room_id_or_alias.as_str())
-        .map_err(|_| Error::not_found("room alias not found"))?;
+    let target = &request.body.room_id_or_alias;
+    let room_id = match <&ruma::RoomAliasId>::try_from(target.as_str()) {
+        Ok(alias) => super::directory::resolve(&state, alias).await?,
+        Err(_) => OwnedRoomId::try_from(target.as_str())
+            .map_err(|_| Error::invalid_param("not a room id or alias"))?,
+    };
     set_membership(&state, &room_id, user, user, "join", request.body.reason.as_deref()).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
@@ -610,15 +624,6 @@ async fn get_event(
     Ok(get_room_event::v3::Response::new(raw(&to_client(&event)?)?))
 }
 
-/// The power a user has in a room, and the level a redaction of others' events needs.
-fn redact_powers(power_levels: Option<&Value>, user: &UserId) -> (i64, i64) {
-    let Some(content) = power_levels.map(|e| &e["content"]) else { return (0, 50) };
-    let level = |v: &Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
-    let user_level =
-        level(&content["users"][user.as_str()]).or_else(|| level(&content["users_default"])).unwrap_or(0);
-    (user_level, level(&content["redact"]).unwrap_or(50))
-}
-
 /// PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}
 async fn redact(
     state: web::Data<AppState>,
@@ -641,13 +646,8 @@ async fn redact(
         .ok_or_else(|| Error::not_found("no such event in this room"))?;
     let target_client = to_client(&target)?;
     if target_client["sender"] != user.user_id.as_str() {
-        let power = state.store.current_state(&body.room_id).await?;
-        let power = power
-            .iter()
-            .map(to_client)
-            .find(|e| e.as_ref().is_ok_and(|e| e["type"] == "m.room.power_levels"));
-        let power = power.transpose()?;
-        let (have, need) = redact_powers(power.as_ref(), &user.user_id);
+        let (have, levels) = rooms::power(&state, &body.room_id, &user.user_id).await?;
+        let need = levels["redact"].as_i64().unwrap_or(50);
         if have < need {
             return Err(Error::forbidden(format!(
                 "redacting others' events needs power level {need}; you have {have}"

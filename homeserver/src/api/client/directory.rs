@@ -1,0 +1,326 @@
+//! Finding rooms and people: aliases, the public room directory, the user directory, and the
+//! TURN servers calls go through.
+
+use std::time::Duration;
+
+use actix_web::{http::StatusCode, web};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use ruma::{
+    OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, UInt,
+    api::client::{
+        alias::{create_alias, delete_alias, get_alias},
+        directory::{get_public_rooms, get_public_rooms_filtered, get_room_visibility, set_room_visibility},
+        room::{Visibility, aliases},
+        user_directory::search_users,
+        voip::get_turn_server_info,
+    },
+    directory::{PublicRoomsChunk, PublicRoomsChunkInit},
+    room::JoinRuleKind,
+};
+
+use crate::{
+    error::{Error, ErrorKind, Result},
+    rooms::{self, client_event::to_client},
+    ruma_wrapper::{Router, Ruma},
+    state::AppState,
+};
+
+/// Most rooms or users one directory page returns.
+const MAX_PAGE: usize = 500;
+
+pub(super) fn routes(router: &mut Router) {
+    router
+        .add(create_alias)
+        .add(get_alias)
+        .add(delete_alias)
+        .add(room_aliases)
+        .add(public_rooms)
+        .add(public_rooms_filtered)
+        .add(get_visibility)
+        .add(set_visibility)
+        .add(search_users)
+        .add(turn_server);
+}
+
+/// Checks an alias is one this server can hold.
+pub(super) fn local_alias(state: &AppState, alias: &RoomAliasId) -> Result<()> {
+    if alias.server_name() != state.server_name {
+        return Err(Error::invalid_param(format!("aliases here end in :{}", state.server_name)));
+    }
+    if alias.as_str().len() > 255 {
+        return Err(Error::invalid_param("alias longer than 255 bytes"));
+    }
+    Ok(())
+}
+
+/// The room an alias names, or M_NOT_FOUND.
+pub(super) async fn resolve(state: &AppState, alias: &RoomAliasId) -> Result<OwnedRoomId> {
+    let (room, _) = state
+        .store
+        .resolve_alias(alias.as_str())
+        .await?
+        .ok_or_else(|| Error::not_found("no such room alias"))?;
+    OwnedRoomId::try_from(room).map_err(Error::internal)
+}
+
+fn room_in_use() -> Error {
+    Error::new(StatusCode::BAD_REQUEST, ErrorKind::RoomInUse, "that alias is taken")
+}
+
+/// Creates an alias for a room (the caller has checked who may).
+pub(super) async fn add_alias(
+    state: &AppState,
+    alias: &RoomAliasId,
+    room_id: &ruma::RoomId,
+    creator: &ruma::UserId,
+) -> Result<()> {
+    local_alias(state, alias)?;
+    if state.store.create_alias(alias.as_str(), room_id, creator).await? {
+        Ok(())
+    } else {
+        Err(room_in_use())
+    }
+}
+
+/// PUT /_matrix/client/v3/directory/room/{roomAlias}
+async fn create_alias(
+    state: web::Data<AppState>,
+    request: Ruma<create_alias::v3::Request>,
+) -> Result<create_alias::v3::Response> {
+    let body = &request.body;
+    rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
+    add_alias(&state, &body.room_alias, &body.room_id, &request.sender.user_id).await?;
+    Ok(create_alias::v3::Response::new())
+}
+
+/// GET /_matrix/client/v3/directory/room/{roomAlias}
+async fn get_alias(
+    state: web::Data<AppState>,
+    request: Ruma<get_alias::v3::Request>,
+) -> Result<get_alias::v3::Response> {
+    let room = resolve(&state, &request.body.room_alias).await?;
+    Ok(get_alias::v3::Response::new(room, vec![state.server_name.clone()]))
+}
+
+/// DELETE /_matrix/client/v3/directory/room/{roomAlias}
+async fn delete_alias(
+    state: web::Data<AppState>,
+    request: Ruma<delete_alias::v3::Request>,
+) -> Result<delete_alias::v3::Response> {
+    let alias = request.body.room_alias.as_str();
+    let (room, creator) =
+        state.store.resolve_alias(alias).await?.ok_or_else(|| Error::not_found("no such room alias"))?;
+    let user = &request.sender.user_id;
+    if creator != user.as_str() {
+        let room_id = OwnedRoomId::try_from(room).map_err(Error::internal)?;
+        let (power, _) = rooms::power(&state, &room_id, user).await?;
+        if power < 50 {
+            return Err(Error::forbidden("only the alias's creator or a room moderator may remove it"));
+        }
+    }
+    state.store.delete_alias(alias).await?;
+    Ok(delete_alias::v3::Response::new())
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/aliases
+async fn room_aliases(
+    state: web::Data<AppState>,
+    request: Ruma<aliases::v3::Request>,
+) -> Result<aliases::v3::Response> {
+    let room_id = &request.body.room_id;
+    if !state.store.room_is_public(room_id).await? {
+        rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
+    }
+    let list = state.store.room_aliases(room_id).await?;
+    Ok(aliases::v3::Response::new(
+        list.into_iter().filter_map(|a| OwnedRoomAliasId::try_from(a).ok()).collect(),
+    ))
+}
+
+/// A public room's directory entry, from its current state.
+async fn chunk(state: &AppState, room_id: &ruma::RoomId) -> Result<PublicRoomsChunk> {
+    let mut chunk: PublicRoomsChunk = PublicRoomsChunkInit {
+        num_joined_members: UInt::default(),
+        room_id: room_id.to_owned(),
+        world_readable: false,
+        guest_can_join: false,
+    }
+    .into();
+    for event in state.store.current_state(room_id).await? {
+        let event = to_client(&event)?;
+        let content = &event["content"];
+        match event["type"].as_str().unwrap_or_default() {
+            "m.room.name" => chunk.name = content["name"].as_str().map(str::to_owned),
+            "m.room.topic" => chunk.topic = content["topic"].as_str().map(str::to_owned),
+            "m.room.canonical_alias" => {
+                chunk.canonical_alias =
+                    content["alias"].as_str().and_then(|a| OwnedRoomAliasId::try_from(a).ok())
+            }
+            "m.room.avatar" => chunk.avatar_url = content["url"].as_str().map(Into::into),
+            "m.room.join_rules" => {
+                chunk.join_rule = JoinRuleKind::from(content["join_rule"].as_str().unwrap_or("invite"))
+            }
+            "m.room.guest_access" => chunk.guest_can_join = content["guest_access"] == "can_join",
+            "m.room.history_visibility" => {
+                chunk.world_readable = content["history_visibility"] == "world_readable"
+            }
+            _ => {}
+        }
+    }
+    let joined = state.store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count();
+    chunk.num_joined_members = UInt::try_from(joined as u64).unwrap_or_default();
+    Ok(chunk)
+}
+
+/// One page of the directory: rooms matching `term`, from offset `since` (`p<n>`).
+async fn directory_page(
+    state: &AppState,
+    limit: Option<UInt>,
+    since: Option<&str>,
+    term: Option<&str>,
+) -> Result<(Vec<PublicRoomsChunk>, Option<String>, Option<String>, usize)> {
+    let offset = match since {
+        Some(token) => token
+            .strip_prefix('p')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| Error::invalid_param("`since` is not a token this server issued"))?,
+        None => 0,
+    };
+    let limit =
+        limit.map_or(MAX_PAGE, |l| usize::try_from(u64::from(l)).unwrap_or(MAX_PAGE)).clamp(1, MAX_PAGE);
+    let term = term.map(str::to_lowercase).filter(|t| !t.is_empty());
+    let mut all = Vec::new();
+    for room in state.store.public_rooms().await? {
+        let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
+        let chunk = chunk(state, &room_id).await?;
+        let matches = term.as_ref().is_none_or(|term| {
+            [
+                chunk.name.as_deref(),
+                chunk.topic.as_deref(),
+                chunk.canonical_alias.as_ref().map(|a| a.as_str()),
+            ]
+            .into_iter()
+            .flatten()
+            .any(|text| text.to_lowercase().contains(term))
+        });
+        if matches {
+            all.push(chunk);
+        }
+    }
+    let total = all.len();
+    let page: Vec<_> = all.into_iter().skip(offset).take(limit).collect();
+    let next = (offset + page.len() < total).then(|| format!("p{}", offset + page.len()));
+    let prev = (offset > 0).then(|| format!("p{}", offset.saturating_sub(limit)));
+    Ok((page, next, prev, total))
+}
+
+/// GET /_matrix/client/v3/publicRooms
+async fn public_rooms(
+    state: web::Data<AppState>,
+    request: Ruma<get_public_rooms::v3::Request>,
+) -> Result<get_public_rooms::v3::Response> {
+    let body = &request.body;
+    let (chunk, next, prev, total) = directory_page(&state, body.limit, body.since.as_deref(), None).await?;
+    let mut response = get_public_rooms::v3::Response::new(chunk);
+    response.next_batch = next;
+    response.prev_batch = prev;
+    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
+    Ok(response)
+}
+
+/// POST /_matrix/client/v3/publicRooms
+async fn public_rooms_filtered(
+    state: web::Data<AppState>,
+    request: Ruma<get_public_rooms_filtered::v3::Request>,
+) -> Result<get_public_rooms_filtered::v3::Response> {
+    let body = &request.body;
+    let term = body.filter.generic_search_term.as_deref();
+    let (chunk, next, prev, total) = directory_page(&state, body.limit, body.since.as_deref(), term).await?;
+    let mut response = get_public_rooms_filtered::v3::Response::new();
+    response.chunk = chunk;
+    response.next_batch = next;
+    response.prev_batch = prev;
+    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
+    Ok(response)
+}
+
+/// GET /_matrix/client/v3/directory/list/room/{roomId}
+async fn get_visibility(
+    state: web::Data<AppState>,
+    request: Ruma<get_room_visibility::v3::Request>,
+) -> Result<get_room_visibility::v3::Response> {
+    rooms::room_version(&state, &request.body.room_id).await?;
+    let public = state.store.room_is_public(&request.body.room_id).await?;
+    Ok(get_room_visibility::v3::Response::new(if public { Visibility::Public } else { Visibility::Private }))
+}
+
+/// PUT /_matrix/client/v3/directory/list/room/{roomId}
+async fn set_visibility(
+    state: web::Data<AppState>,
+    request: Ruma<set_room_visibility::v3::Request>,
+) -> Result<set_room_visibility::v3::Response> {
+    let body = &request.body;
+    rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
+    let (power, _) = rooms::power(&state, &body.room_id, &request.sender.user_id).await?;
+    if power < 50 {
+        return Err(Error::forbidden("listing a room in the directory needs power level 50"));
+    }
+    state.store.set_room_public(&body.room_id, body.visibility == Visibility::Public).await?;
+    Ok(set_room_visibility::v3::Response::new())
+}
+
+/// POST /_matrix/client/v3/user_directory/search
+async fn search_users(
+    state: web::Data<AppState>,
+    request: Ruma<search_users::v3::Request>,
+) -> Result<search_users::v3::Response> {
+    let body = &request.body;
+    let term = body.search_term.trim().to_lowercase();
+    if term.is_empty() || term.len() > 256 {
+        return Err(Error::invalid_param("search_term must be 1 to 256 bytes"));
+    }
+    let limit = usize::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(1, 50);
+    let found = state.store.search_users(&term, (limit + 1) as i64).await?;
+    let limited = found.len() > limit;
+    let results = found
+        .into_iter()
+        .take(limit)
+        .filter_map(|(user, name, avatar)| {
+            let mut user = search_users::v3::User::new(OwnedUserId::try_from(user).ok()?);
+            user.display_name = name;
+            user.avatar_url = avatar.map(Into::into);
+            Some(user)
+        })
+        .collect();
+    Ok(search_users::v3::Response::new(results, limited))
+}
+
+/// GET /_matrix/client/v3/voip/turnServer
+async fn turn_server(
+    state: web::Data<AppState>,
+    request: Ruma<get_turn_server_info::v3::Request>,
+) -> Result<get_turn_server_info::v3::Response> {
+    let turn = &state.config.turn;
+    if turn.uris.is_empty() {
+        return Err(Error::not_found("no TURN server is configured"));
+    }
+    // The TURN REST API scheme coturn understands: username "<expiry>:<user>", password the
+    // HMAC-SHA1 of it under the shared secret.
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+        + turn.user_lifetime_secs;
+    let username = format!("{expiry}:{}", request.sender.user_id);
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(turn.shared_secret.expose().as_bytes())
+        .map_err(Error::internal)?;
+    mac.update(username.as_bytes());
+    let password = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    Ok(get_turn_server_info::v3::Response::new(
+        username,
+        password,
+        turn.uris.clone(),
+        Duration::from_secs(turn.user_lifetime_secs),
+    ))
+}

@@ -1,0 +1,100 @@
+//! Aliases, the public room directory, the user directory and TURN credentials.
+
+use serde_json::json;
+
+use crate::common::{Db, TestServer, assert_error};
+
+const PW: &str = "correct horse battery";
+
+fn enc(s: &str) -> String {
+    s.replace('!', "%21").replace(':', "%3A").replace('#', "%23").replace('@', "%40")
+}
+
+crate::on_both_backends! {
+    async fn aliases_and_public_rooms(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let (status, created) = server.post("/_matrix/client/v3/createRoom", Some(&alice.token),
+            json!({"preset": "public_chat", "visibility": "public", "room_alias_name": "tea", "name": "Tea house", "topic": "all things tea"})).await;
+        assert_eq!(status, 200, "{created}");
+        let room = created["room_id"].as_str().unwrap().to_owned();
+        let taken = server.post("/_matrix/client/v3/createRoom", Some(&alice.token), json!({"room_alias_name": "tea"})).await;
+        assert_error(&taken, 400, "M_ROOM_IN_USE");
+
+        let (status, resolved) = server.get(&format!("/_matrix/client/v3/directory/room/{}", enc("#tea:localhost")), None).await;
+        assert_eq!((status, resolved["room_id"].as_str()), (200, Some(room.as_str())));
+        // Bob joins by alias.
+        let (status, joined) = server.post(&format!("/_matrix/client/v3/join/{}", enc("#tea:localhost")), Some(&bob.token), json!({})).await;
+        assert_eq!((status, joined["room_id"].as_str()), (200, Some(room.as_str())), "{joined}");
+
+        // More aliases, listed and removed.
+        let second = format!("/_matrix/client/v3/directory/room/{}", enc("#chai:localhost"));
+        assert_eq!(server.request("PUT", &second, Some(&bob.token), Some(json!({"room_id": room}))).await.0, 200);
+        let (_, aliases) = server.get(&format!("/_matrix/client/v3/rooms/{}/aliases", enc(&room)), Some(&alice.token)).await;
+        assert_eq!(aliases["aliases"], json!(["#chai:localhost", "#tea:localhost"]));
+        assert_error(&server.request("PUT", &second, Some(&alice.token), Some(json!({"room_id": room}))).await, 400, "M_ROOM_IN_USE");
+        let foreign = format!("/_matrix/client/v3/directory/room/{}", enc("#x:elsewhere.org"));
+        assert_error(&server.request("PUT", &foreign, Some(&alice.token), Some(json!({"room_id": room}))).await, 400, "M_INVALID_PARAM");
+        let tea = format!("/_matrix/client/v3/directory/room/{}", enc("#tea:localhost"));
+        assert_error(&server.request("DELETE", &tea, Some(&bob.token), None).await, 403, "M_FORBIDDEN");
+        assert_eq!(server.request("DELETE", &second, Some(&bob.token), None).await.0, 200, "the creator may remove it");
+        assert_error(&server.get(&second, None).await, 404, "M_NOT_FOUND");
+
+        // The directory.
+        let (status, list) = server.get("/_matrix/client/v3/publicRooms", None).await;
+        assert_eq!(status, 200, "{list}");
+        let entry = &list["chunk"][0];
+        assert_eq!((entry["room_id"].as_str(), entry["name"].as_str()), (Some(room.as_str()), Some("Tea house")));
+        assert_eq!(entry["num_joined_members"], 2);
+        assert_eq!(entry["canonical_alias"], "#tea:localhost");
+        let (_, found) = server.post("/_matrix/client/v3/publicRooms", Some(&bob.token), json!({"filter": {"generic_search_term": "TEA"}})).await;
+        assert_eq!(found["chunk"].as_array().unwrap().len(), 1);
+        let (_, none) = server.post("/_matrix/client/v3/publicRooms", Some(&bob.token), json!({"filter": {"generic_search_term": "coffee"}})).await;
+        assert_eq!(none["chunk"].as_array().unwrap().len(), 0);
+        let listing = format!("/_matrix/client/v3/directory/list/room/{}", enc(&room));
+        assert_eq!(server.get(&listing, None).await.1["visibility"], "public");
+        assert_error(&server.request("PUT", &listing, Some(&bob.token), Some(json!({"visibility": "private"}))).await, 403, "M_FORBIDDEN");
+        assert_eq!(server.request("PUT", &listing, Some(&alice.token), Some(json!({"visibility": "private"}))).await.0, 200);
+        assert_eq!(server.get("/_matrix/client/v3/publicRooms", None).await.1["chunk"], json!([]));
+        assert_error(&server.get("/_matrix/client/v3/publicRooms?since=bogus", None).await, 400, "M_INVALID_PARAM");
+        server.stop().await;
+    }
+
+    async fn user_directory_and_turn(db: Db) {
+        let server = TestServer::start_with(db, |c| {
+            c.turn.uris = vec!["turn:turn.localhost:3478?transport=udp".to_owned()];
+            c.turn.shared_secret = homeserver::config::Secret("turn-secret".to_owned());
+        }).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bobby_tables", PW).await;
+        let name = format!("/_matrix/client/v3/profile/{}/displayname", enc(&bob.user_id));
+        assert_eq!(server.request("PUT", &name, Some(&bob.token), Some(json!({"displayname": "Robert"}))).await.0, 200);
+        let search = |term: &str| server.post("/_matrix/client/v3/user_directory/search", Some(&alice.token), json!({"search_term": term}));
+        let (status, found) = search("rob").await;
+        assert_eq!(status, 200, "{found}");
+        assert_eq!(found["results"][0]["user_id"], bob.user_id.as_str());
+        assert_eq!(found["results"][0]["display_name"], "Robert");
+        assert_eq!(search("by_t").await.1["results"].as_array().unwrap().len(), 1, "an underscore matches only itself");
+        assert_eq!(search("%").await.1["results"].as_array().unwrap().len(), 0, "wildcards match literally");
+        assert_error(&search("").await, 400, "M_INVALID_PARAM");
+
+        let (status, turn) = server.get("/_matrix/client/v3/voip/turnServer", Some(&alice.token)).await;
+        assert_eq!(status, 200, "{turn}");
+        let username = turn["username"].as_str().unwrap();
+        assert!(username.ends_with(":@alice:localhost"));
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(b"turn-secret").unwrap();
+        mac.update(username.as_bytes());
+        use base64::Engine;
+        let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        assert_eq!(turn["password"], expected.as_str(), "coturn's REST-API credential scheme");
+        assert_eq!(turn["ttl"], 86400);
+        server.stop().await;
+
+        let bare = TestServer::start(db).await;
+        let carol = bare.register("carol", PW).await;
+        assert_error(&bare.get("/_matrix/client/v3/voip/turnServer", Some(&carol.token)).await, 404, "M_NOT_FOUND");
+        bare.stop().await;
+    }
+}
