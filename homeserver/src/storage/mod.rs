@@ -155,6 +155,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0007_aliases.sql"),
         include_str!("../../migrations/sqlite/0007_aliases.sql"),
     ),
+    (
+        8,
+        "pushers",
+        include_str!("../../migrations/postgres/0008_pushers.sql"),
+        include_str!("../../migrations/sqlite/0008_pushers.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -135,4 +135,42 @@ crate::on_both_backends! {
         assert_error(&server.request("PUT", &presence, Some(&bob.token), Some(json!({"presence": "online"}))).await, 403, "M_FORBIDDEN");
         server.stop().await;
     }
+
+    async fn context_and_pushers(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = shared_room(&server, &alice, &bob).await;
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            let (_, sent) = server.request("PUT", &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/c{n}", enc(&room)),
+                Some(&alice.token), Some(json!({"msgtype": "m.text", "body": format!("m{n}")}))).await;
+            ids.push(sent["event_id"].as_str().unwrap().to_owned());
+        }
+        let path = format!("/_matrix/client/v3/rooms/{}/context/{}?limit=4", enc(&room), enc(&ids[2]));
+        let (status, context) = server.get(&path, Some(&bob.token)).await;
+        assert_eq!(status, 200, "{context}");
+        assert_eq!(context["event"]["content"]["body"], "m2");
+        let bodies = |list: &Value| list.as_array().unwrap().iter().map(|e| e["content"]["body"].as_str().unwrap_or("").to_owned()).collect::<Vec<_>>();
+        assert_eq!(bodies(&context["events_before"]), ["m1", "m0"]);
+        assert_eq!(bodies(&context["events_after"]), ["m3", "m4"]);
+        assert!(context["state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.create"));
+        let carol = server.register("carol", PW).await;
+        assert_error(&server.get(&path, Some(&carol.token)).await, 403, "M_FORBIDDEN");
+
+        let pusher = json!({"kind": "http", "app_id": "org.example.app", "pushkey": "key1", "app_display_name": "App",
+            "device_display_name": "Phone", "lang": "en", "data": {"url": "https://push.example.org/_matrix/push/v1/notify"}});
+        let (status, body) = server.post("/_matrix/client/v3/pushers/set", Some(&alice.token), pusher.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let (_, listed) = server.get("/_matrix/client/v3/pushers", Some(&alice.token)).await;
+        assert_eq!(listed["pushers"][0]["pushkey"], "key1");
+        assert_eq!(listed["pushers"][0]["data"]["url"], "https://push.example.org/_matrix/push/v1/notify");
+        // The same key registered by Bob replaces Alice's (append defaults to false).
+        assert_eq!(server.post("/_matrix/client/v3/pushers/set", Some(&bob.token), pusher).await.0, 200);
+        assert_eq!(server.get("/_matrix/client/v3/pushers", Some(&alice.token)).await.1["pushers"], json!([]));
+        let delete = json!({"kind": null, "app_id": "org.example.app", "pushkey": "key1"});
+        assert_eq!(server.post("/_matrix/client/v3/pushers/set", Some(&bob.token), delete).await.0, 200);
+        assert_eq!(server.get("/_matrix/client/v3/pushers", Some(&bob.token)).await.1["pushers"], json!([]));
+        server.stop().await;
+    }
 }

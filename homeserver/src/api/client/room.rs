@@ -9,6 +9,7 @@ use ruma::{
     api::{
         Direction,
         client::{
+            context::get_context,
             membership::{
                 ban_user, forget_room, get_member_events, invite_user, join_room_by_id,
                 join_room_by_id_or_alias, joined_members, joined_rooms, kick_user, leave_room, unban_user,
@@ -57,6 +58,7 @@ pub(super) fn routes(router: &mut Router) {
         .add(get_state)
         .add(messages)
         .add(get_event)
+        .add(context)
         .add(redact);
 }
 
@@ -672,4 +674,34 @@ async fn redact(
     };
     let stored = rooms::append(&state, &body.room_id, draft).await?;
     Ok(redact_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}
+async fn context(
+    state: web::Data<AppState>,
+    request: Ruma<get_context::v3::Request>,
+) -> Result<get_context::v3::Response> {
+    let body = &request.body;
+    let upto = readable_upto(&state, &body.room_id, &request.sender.user_id).await?;
+    let event = state
+        .store
+        .get_event(body.event_id.as_str())
+        .await?
+        .filter(|e| e.room_id == body.room_id.as_str() && e.stream_ordering <= upto)
+        .ok_or_else(|| Error::not_found("no such event"))?;
+    let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(0, MAX_PAGE);
+    let (before_count, after_count) = (limit / 2, limit - limit / 2);
+    let mut before =
+        state.store.room_events(&body.room_id, 0, event.stream_ordering - 1, before_count, true).await?;
+    before.reverse();
+    let after =
+        state.store.room_events(&body.room_id, event.stream_ordering, upto, after_count, false).await?;
+    let mut response = get_context::v3::Response::new();
+    response.start = Some(token(before.last().map_or(event.stream_ordering - 1, |e| e.stream_ordering - 1)));
+    response.end = Some(token(after.last().map_or(event.stream_ordering, |e| e.stream_ordering)));
+    response.events_before = raws(&before)?;
+    response.events_after = raws(&after)?;
+    response.event = Some(raw(&to_client(&event)?)?);
+    response.state = raws(&state.store.state_at(&body.room_id, event.stream_ordering).await?)?;
+    Ok(response)
 }

@@ -9,7 +9,7 @@ use ruma::{
             get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data,
         },
         filter::{FilterDefinition, create_filter, get_filter},
-        push::get_pushrules_all,
+        push::{get_pushers, get_pushrules_all, set_pusher},
     },
     push::Ruleset,
 };
@@ -33,7 +33,9 @@ pub(super) fn routes(router: &mut Router) {
         .add(get_room)
         .add(create_filter)
         .add(get_filter)
-        .add(get_pushrules);
+        .add(get_pushrules)
+        .add(get_pushers)
+        .add(set_pusher);
 }
 
 fn own(sender: &UserId, target: &UserId) -> Result<()> {
@@ -156,4 +158,37 @@ async fn get_pushrules(
     request: Ruma<get_pushrules_all::v3::Request>,
 ) -> Result<get_pushrules_all::v3::Response> {
     Ok(get_pushrules_all::v3::Response::new(Ruleset::server_default(&request.sender.user_id)))
+}
+
+/// GET /_matrix/client/v3/pushers
+async fn get_pushers(
+    state: web::Data<AppState>,
+    request: Ruma<get_pushers::v3::Request>,
+) -> Result<get_pushers::v3::Response> {
+    let stored = state.store.pushers(&request.sender.user_id).await?;
+    let pushers = stored.iter().filter_map(|data| serde_json::from_str(data).ok()).collect();
+    Ok(get_pushers::v3::Response::new(pushers))
+}
+
+/// POST /_matrix/client/v3/pushers/set
+async fn set_pusher(
+    state: web::Data<AppState>,
+    request: Ruma<set_pusher::v3::Request>,
+) -> Result<set_pusher::v3::Response> {
+    let user = &request.sender.user_id;
+    match &request.body.action {
+        set_pusher::v3::PusherAction::Post(post) => {
+            let ids = &post.pusher.ids;
+            if ids.pushkey.len() > 512 || ids.app_id.len() > 64 {
+                return Err(Error::invalid_param("pushkey is at most 512 bytes, app_id at most 64"));
+            }
+            let data = serde_json::to_string(&post.pusher).map_err(Error::internal)?;
+            state.store.put_pusher(user, &ids.app_id, &ids.pushkey, &data, !post.append).await?;
+        }
+        set_pusher::v3::PusherAction::Delete(ids) => {
+            state.store.delete_pusher(user, &ids.app_id, &ids.pushkey).await?;
+        }
+        _ => return Err(Error::bad_json("unknown pusher action")),
+    }
+    Ok(set_pusher::v3::Response::new())
 }
