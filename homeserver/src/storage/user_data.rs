@@ -66,6 +66,8 @@ pub trait UserDataStore: Send + Sync {
     /// Receipts in a room changed in `(after, upto]`.
     async fn receipt_changes(&self, room_id: &str, after: i64, upto: i64) -> StoreResult<Vec<ReceiptRecord>>;
 
+    /// The stream position of the event a user last marked read in a room (public or private).
+    async fn read_up_to(&self, room_id: &str, user_id: &UserId) -> StoreResult<Option<i64>>;
     /// Creates or replaces a pusher; with `exclusive`, the same app id and pushkey are removed
     /// from other users (the spec's `append: false`).
     async fn put_pusher(
@@ -302,5 +304,17 @@ impl UserDataStore for SqlStore {
             .iter()
             .map(|r| r.try_get("data").map_err(Into::into))
             .collect()
+    }
+
+    async fn read_up_to(&self, room_id: &str, user_id: &UserId) -> StoreResult<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT MAX(e.stream_ordering) AS position FROM receipts r JOIN events e ON e.event_id = r.event_id
+             WHERE r.room_id = $1 AND r.user_id = $2 AND r.receipt_type IN ('m.read', 'm.read.private')",
+        )
+        .bind(room_id)
+        .bind(user_id.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("position")?)
     }
 }

@@ -87,6 +87,21 @@ crate::on_both_backends! {
         assert_eq!(send(&server, &bob, &room, "t2", "more").await.0, 200);
         let next = sync(&server, &alice, Some(&alice_since), 0).await;
         assert_eq!(timeline_bodies(&next, &room), ["more"]);
+        // Notification counts follow the push rules and reset with a read receipt.
+        let counts = &next["rooms"]["join"][&room]["unread_notifications"];
+        assert_eq!(counts["notification_count"], 2, "bob's two messages since alice's last receipt: {counts}");
+        let (_, mention) = server
+            .request("PUT", &room_path(&room, "send/m.room.message/t3"), Some(&bob.token),
+                Some(json!({"msgtype": "m.text", "body": "hey alice, look", "m.mentions": {"user_ids": [alice.user_id]}})))
+            .await;
+        let mentioned = sync(&server, &alice, next["next_batch"].as_str(), 0).await;
+        let counts = &mentioned["rooms"]["join"][&room]["unread_notifications"];
+        assert_eq!((counts["notification_count"].as_u64(), counts["highlight_count"].as_u64()), (Some(3), Some(1)), "{counts}");
+        let receipt = format!("{}/{}", room_path(&room, "receipt/m.read"), mention["event_id"].as_str().unwrap().replace('$', "%24"));
+        assert_eq!(server.post(&receipt, Some(&alice.token), json!({})).await.0, 200);
+        let read = sync(&server, &alice, mentioned["next_batch"].as_str(), 0).await;
+        assert_eq!(read["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 0);
+        let next = read;
         let nothing = sync(&server, &alice, next["next_batch"].as_str(), 0).await;
         assert!(nothing["rooms"]["join"].get(&room).is_none(), "nothing new, nothing sent: {nothing}");
 
@@ -94,7 +109,7 @@ crate::on_both_backends! {
         let (status, page) = server.get(&format!("{}?dir=b&limit=2", room_path(&room, "messages")), Some(&bob.token)).await;
         assert_eq!(status, 200, "{page}");
         let bodies: Vec<&str> = page["chunk"].as_array().unwrap().iter().map(|e| e["content"]["body"].as_str().unwrap_or("")).collect();
-        assert_eq!(bodies, ["more", "hi alice"]);
+        assert_eq!(bodies, ["hey alice, look", "more"]);
         let mut all = Vec::new();
         let mut from = page["start"].as_str().unwrap().to_owned();
         loop {

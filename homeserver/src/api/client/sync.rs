@@ -8,11 +8,14 @@ use std::{collections::BTreeMap, time::Duration};
 
 use actix_web::web;
 use ruma::{
-    OwnedRoomId, RoomId, UserId,
+    OwnedRoomId, RoomId, UInt, UserId,
     api::client::sync::sync_events::{
         self,
         v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
     },
+    events::AnySyncTimelineEvent,
+    push::{PushConditionRoomCtx, Ruleset},
+    serde::Raw,
 };
 use serde_json::{Value, json};
 
@@ -165,6 +168,9 @@ async fn build(
                     joined = Some(JoinedRoom::new());
                 }
                 if let Some(mut joined) = joined {
+                    let (notifications, highlights) = unread_counts(state, user, &room_id, upto).await?;
+                    joined.unread_notifications.notification_count = Some(notifications);
+                    joined.unread_notifications.highlight_count = Some(highlights);
                     joined.account_data.events = account_data.iter().map(raw).collect::<Result<_>>()?;
                     joined.ephemeral.events = ephemeral.iter().map(raw).collect::<Result<_>>()?;
                     response.rooms.join.insert(room_id, joined);
@@ -194,6 +200,47 @@ async fn build(
         }
     }
     Ok(response)
+}
+
+/// Most unread events examined for notification counts.
+const MAX_UNREAD: i64 = 100;
+
+/// Notifying and highlighting events since the user's read receipt, by their push rules.
+async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: i64) -> Result<(UInt, UInt)> {
+    let read = state.store.read_up_to(room_id.as_str(), user).await?.unwrap_or(0);
+    let events = state.store.room_events(room_id, read, upto, MAX_UNREAD, true).await?;
+    let mut others = Vec::new();
+    for event in &events {
+        let event = to_client(event)?;
+        if event["sender"] != user.as_str() {
+            others.push(event);
+        }
+    }
+    if others.is_empty() {
+        return Ok((UInt::default(), UInt::default()));
+    }
+    let joined = state.store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count();
+    let name = state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
+    let context = PushConditionRoomCtx::new(
+        room_id.to_owned(),
+        UInt::try_from(joined as u64).unwrap_or_default(),
+        user.to_owned(),
+        name,
+    );
+    // Custom rules are not stored yet, so everyone has the server's default ruleset.
+    let rules = Ruleset::server_default(user);
+    let (mut notify, mut highlight) = (0u64, 0u64);
+    for event in &others {
+        let event: Raw<AnySyncTimelineEvent> = raw(event)?;
+        let actions = rules.get_actions(&event, &context).await;
+        if actions.iter().any(|a| a.should_notify()) {
+            notify += 1;
+        }
+        if actions.iter().any(|a| a.is_highlight()) {
+            highlight += 1;
+        }
+    }
+    Ok((UInt::try_from(notify).unwrap_or_default(), UInt::try_from(highlight).unwrap_or_default()))
 }
 
 /// Typing and receipts that changed in `(after, upto]`, as ephemeral events.
