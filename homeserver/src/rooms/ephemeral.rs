@@ -29,10 +29,23 @@ pub struct Presence {
     pub position: i64,
 }
 
+/// Notification counts already worked out for a user in a room: derived from the database, kept
+/// so that each sync evaluates push rules only for events it has not seen.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnreadCounts {
+    /// The read receipt's position the counts start from.
+    pub read: i64,
+    /// Events up to this position are counted.
+    pub counted_upto: i64,
+    pub notify: u64,
+    pub highlight: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Ephemeral {
     typing: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
     presence: Mutex<HashMap<OwnedUserId, Presence>>,
+    unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadCounts>>,
 }
 
 impl Ephemeral {
@@ -72,5 +85,15 @@ impl Ephemeral {
 
     pub fn presence(&self, user: &UserId) -> Option<Presence> {
         self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(user).cloned()
+    }
+
+    pub fn unread(&self, user: &UserId, room_id: &RoomId) -> Option<UnreadCounts> {
+        let unread = self.unread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        unread.get(&(user.to_owned(), room_id.to_owned())).copied()
+    }
+
+    pub fn set_unread(&self, user: &UserId, room_id: &RoomId, counts: UnreadCounts) {
+        let mut unread = self.unread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        unread.insert((user.to_owned(), room_id.to_owned()), counts);
     }
 }

@@ -22,7 +22,10 @@ use serde_json::{Value, json};
 use super::room::{parse_token, token};
 use crate::{
     error::Result,
-    rooms::client_event::{raw, raws, to_client},
+    rooms::{
+        client_event::{raw, raws, to_client},
+        ephemeral::UnreadCounts,
+    },
     ruma_wrapper::{Router, Ruma},
     state::AppState,
     storage::StoredEvent,
@@ -205,42 +208,53 @@ async fn build(
 /// Most unread events examined for notification counts.
 const MAX_UNREAD: i64 = 100;
 
-/// Notifying and highlighting events since the user's read receipt, by their push rules.
+/// Notifying and highlighting events since the user's read receipt, by their push rules. Counts
+/// are kept per process and extended with the events each sync has not seen yet.
 async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: i64) -> Result<(UInt, UInt)> {
     let read = state.store.read_up_to(room_id.as_str(), user).await?.unwrap_or(0);
-    let events = state.store.room_events(room_id, read, upto, MAX_UNREAD, true).await?;
-    let mut others = Vec::new();
-    for event in &events {
-        let event = to_client(event)?;
-        if event["sender"] != user.as_str() {
-            others.push(event);
+    let mut counts = match state.ephemeral.unread(user, room_id) {
+        Some(counts) if counts.read == read && counts.counted_upto <= upto => counts,
+        _ => UnreadCounts { read, counted_upto: read, notify: 0, highlight: 0 },
+    };
+    if counts.counted_upto < upto {
+        let events = state.store.room_events(room_id, counts.counted_upto, upto, MAX_UNREAD, false).await?;
+        let mut others = Vec::new();
+        for event in &events {
+            let client = to_client(event)?;
+            if client["sender"] != user.as_str() {
+                others.push(client);
+            }
         }
-    }
-    if others.is_empty() {
-        return Ok((UInt::default(), UInt::default()));
-    }
-    let joined = state.store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count();
-    let name = state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
-    let context = PushConditionRoomCtx::new(
-        room_id.to_owned(),
-        UInt::try_from(joined as u64).unwrap_or_default(),
-        user.to_owned(),
-        name,
-    );
-    // Custom rules are not stored yet, so everyone has the server's default ruleset.
-    let rules = Ruleset::server_default(user);
-    let (mut notify, mut highlight) = (0u64, 0u64);
-    for event in &others {
-        let event: Raw<AnySyncTimelineEvent> = raw(event)?;
-        let actions = rules.get_actions(&event, &context).await;
-        if actions.iter().any(|a| a.should_notify()) {
-            notify += 1;
+        if !others.is_empty() {
+            let joined = state.store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count();
+            let name = state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
+            let context = PushConditionRoomCtx::new(
+                room_id.to_owned(),
+                UInt::try_from(joined as u64).unwrap_or_default(),
+                user.to_owned(),
+                name,
+            );
+            // Custom rules are not stored yet, so everyone has the server's default ruleset.
+            let rules = Ruleset::server_default(user);
+            for event in &others {
+                let event: Raw<AnySyncTimelineEvent> = raw(event)?;
+                let actions = rules.get_actions(&event, &context).await;
+                counts.notify += u64::from(actions.iter().any(|a| a.should_notify()));
+                counts.highlight += u64::from(actions.iter().any(|a| a.is_highlight()));
+            }
         }
-        if actions.iter().any(|a| a.is_highlight()) {
-            highlight += 1;
-        }
+        // A backlog longer than one batch is counted over the following syncs.
+        counts.counted_upto = if events.len() as i64 == MAX_UNREAD {
+            events.last().map_or(upto, |e| e.stream_ordering)
+        } else {
+            upto
+        };
+        state.ephemeral.set_unread(user, room_id, counts);
     }
-    Ok((UInt::try_from(notify).unwrap_or_default(), UInt::try_from(highlight).unwrap_or_default()))
+    Ok((
+        UInt::try_from(counts.notify).unwrap_or_default(),
+        UInt::try_from(counts.highlight).unwrap_or_default(),
+    ))
 }
 
 /// Typing and receipts that changed in `(after, upto]`, as ephemeral events.
