@@ -121,10 +121,36 @@ crate::on_both_backends! {
         assert_eq!(timeline["limited"], true);
         assert_error(&server.get(&format!("{filters}/999"), Some(&alice.token)).await, 404, "M_NOT_FOUND");
 
-        // Push rules: the server's default ruleset.
+        // Push rules: the server's defaults, then the user's own changes.
         let (status, rules) = server.get("/_matrix/client/v3/pushrules/", Some(&alice.token)).await;
         assert_eq!(status, 200);
         assert!(rules["global"]["override"].as_array().unwrap().iter().any(|r| r["rule_id"] == ".m.rule.master"));
+        let initial = sync(&server, &alice, None).await;
+        assert!(initial["account_data"]["events"].as_array().unwrap().iter().any(|e| e["type"] == "m.push_rules"));
+        let rule = "/_matrix/client/v3/pushrules/global/content/tea";
+        let body = json!({"pattern": "tea", "actions": ["notify", {"set_tweak": "highlight"}]});
+        assert_eq!(server.request("PUT", rule, Some(&alice.token), Some(body)).await.0, 200);
+        assert_eq!(server.get(rule, Some(&alice.token)).await.1["pattern"], "tea");
+        assert_eq!(server.request("PUT", &format!("{rule}/enabled"), Some(&alice.token), Some(json!({"enabled": false}))).await.0, 200);
+        assert_eq!(server.get(&format!("{rule}/enabled"), Some(&alice.token)).await.1["enabled"], false);
+        assert_eq!(server.request("PUT", &format!("{rule}/actions"), Some(&alice.token), Some(json!({"actions": []}))).await.0, 200);
+        assert_eq!(server.get(&format!("{rule}/actions"), Some(&alice.token)).await.1["actions"], json!([]));
+        assert_eq!(server.request("DELETE", rule, Some(&alice.token), None).await.0, 200);
+        assert_error(&server.get(rule, Some(&alice.token)).await, 404, "M_NOT_FOUND");
+        let master = "/_matrix/client/v3/pushrules/global/override/.m.rule.master";
+        assert_error(&server.request("DELETE", master, Some(&alice.token), None).await, 403, "M_FORBIDDEN");
+        let raw_rules = format!("/_matrix/client/v3/user/{}/account_data/m.push_rules", enc(&alice.user_id));
+        assert_error(&server.request("PUT", &raw_rules, Some(&alice.token), Some(json!({}))).await, 400, "M_BAD_JSON");
+        // Muting ordinary messages changes what counts as unread.
+        for rule in [".m.rule.message", ".m.rule.room_one_to_one"] {
+            let path = format!("/_matrix/client/v3/pushrules/global/underride/{rule}/enabled");
+            assert_eq!(server.request("PUT", &path, Some(&alice.token), Some(json!({"enabled": false}))).await.0, 200);
+        }
+        let before = sync(&server, &alice, None).await["next_batch"].as_str().unwrap().to_owned();
+        server.request("PUT", &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/q1", enc(&room)), Some(&bob.token),
+            Some(json!({"msgtype": "m.text", "body": "quiet"}))).await;
+        let after = sync(&server, &alice, Some(&before)).await;
+        assert_eq!(after["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 0, "{after}");
 
         // Presence.
         let presence = format!("/_matrix/client/v3/presence/{}/status", enc(&alice.user_id));

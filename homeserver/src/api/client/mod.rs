@@ -6,6 +6,7 @@ mod directory;
 mod discovery;
 mod ephemeral;
 mod profile;
+pub mod push;
 mod register;
 mod room;
 mod session;
@@ -31,5 +32,6 @@ pub fn router() -> Router {
     user_data::routes(&mut router);
     ephemeral::routes(&mut router);
     directory::routes(&mut router);
+    push::routes(&mut router);
     router
 }

@@ -146,6 +146,12 @@ async fn build(
         Some(since) if !full_state => Some(state.store.rooms_changed(since, upto).await?),
         _ => None,
     };
+    if since.is_none() && state.store.account_data(user, None, "m.push_rules").await?.is_none() {
+        // Clients read their push rules from account data; until a user changes them, that is
+        // the server's defaults.
+        let rules = json!({"type": "m.push_rules", "content": {"global": Ruleset::server_default(user)}});
+        response.account_data.events.push(raw(&rules)?);
+    }
     for (room, membership, at) in state.store.user_rooms(user).await? {
         let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
         if let (Some(changed), Some(since)) = (&changed, since)
@@ -234,8 +240,7 @@ async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: 
                 user.to_owned(),
                 name,
             );
-            // Custom rules are not stored yet, so everyone has the server's default ruleset.
-            let rules = Ruleset::server_default(user);
+            let rules = super::push::ruleset(state, user).await?;
             for event in &others {
                 let event: Raw<AnySyncTimelineEvent> = raw(event)?;
                 let actions = rules.get_actions(&event, &context).await;

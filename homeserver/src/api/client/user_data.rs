@@ -1,5 +1,5 @@
 //! What users keep on the server for themselves: account data (global and per room), filters,
-//! push rules.
+//! pushers.
 
 use actix_web::web;
 use ruma::{
@@ -9,9 +9,8 @@ use ruma::{
             get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data,
         },
         filter::{FilterDefinition, create_filter, get_filter},
-        push::{get_pushers, get_pushrules_all, set_pusher},
+        push::{get_pushers, set_pusher},
     },
-    push::Ruleset,
 };
 use serde_json::value::RawValue;
 
@@ -33,7 +32,6 @@ pub(super) fn routes(router: &mut Router) {
         .add(get_room)
         .add(create_filter)
         .add(get_filter)
-        .add(get_pushrules)
         .add(get_pushers)
         .add(set_pusher);
 }
@@ -55,8 +53,8 @@ async fn put(
     if !content.get().trim_start().starts_with('{') {
         return Err(Error::bad_json("account data must be a JSON object"));
     }
-    if matches!(data_type, "m.fully_read" | "m.push_rules") && room.is_none() == (data_type == "m.fully_read")
-    {
+    // These two have endpoints of their own that check what they hold.
+    if (data_type == "m.push_rules" && room.is_none()) || (data_type == "m.fully_read" && room.is_some()) {
         return Err(Error::bad_json(format!("{data_type} is set through its own endpoint")));
     }
     let content = content.get().to_owned();
@@ -150,14 +148,6 @@ async fn get_filter(
     let body = &request.body;
     own(&request.sender.user_id, &body.user_id)?;
     Ok(get_filter::v3::Response::new(load_filter(&state, &body.user_id, &body.filter_id).await?))
-}
-
-/// GET /_matrix/client/v3/pushrules/
-async fn get_pushrules(
-    _: web::Data<AppState>,
-    request: Ruma<get_pushrules_all::v3::Request>,
-) -> Result<get_pushrules_all::v3::Response> {
-    Ok(get_pushrules_all::v3::Response::new(Ruleset::server_default(&request.sender.user_id)))
 }
 
 /// GET /_matrix/client/v3/pushers
