@@ -87,6 +87,29 @@ impl Ephemeral {
         self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(user).cloned()
     }
 
+    /// Users among `users` whose presence changed in `(after, upto]`.
+    pub fn presence_changes<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a UserId>,
+        after: i64,
+        upto: i64,
+    ) -> Vec<(OwnedUserId, Presence)> {
+        let presence = self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        users
+            .into_iter()
+            .filter_map(|user| {
+                let p = presence.get(user)?;
+                (p.position > after && p.position <= upto).then(|| (user.to_owned(), p.clone()))
+            })
+            .collect()
+    }
+
+    /// Whether anyone's presence changed in `(after, upto]` (a cheap first check).
+    pub fn any_presence_since(&self, after: i64, upto: i64) -> bool {
+        let presence = self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        presence.values().any(|p| p.position > after && p.position <= upto)
+    }
+
     pub fn unread(&self, user: &UserId, room_id: &RoomId) -> Option<UnreadCounts> {
         let unread = self.unread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         unread.get(&(user.to_owned(), room_id.to_owned())).copied()

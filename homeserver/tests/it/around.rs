@@ -154,8 +154,16 @@ crate::on_both_backends! {
 
         // Presence.
         let presence = format!("/_matrix/client/v3/presence/{}/status", enc(&alice.user_id));
-        assert_eq!(server.get(&presence, Some(&bob.token)).await.1["presence"], "offline");
+        assert_eq!(server.get(&presence, Some(&bob.token)).await.1["presence"], "online", "syncing marks a user online");
+        let quiet = server.register("quiet", PW).await;
+        let never = format!("/_matrix/client/v3/presence/{}/status", enc(&quiet.user_id));
+        assert_eq!(server.get(&never, Some(&bob.token)).await.1["presence"], "offline", "never seen: offline");
+        let bob_since = sync(&server, &bob, None).await["next_batch"].as_str().unwrap().to_owned();
         assert_eq!(server.request("PUT", &presence, Some(&alice.token), Some(json!({"presence": "online", "status_msg": "here"}))).await.0, 200);
+        let update = sync(&server, &bob, Some(&bob_since)).await;
+        let seen_in_sync = update["presence"]["events"].as_array().unwrap().iter()
+            .any(|e| e["sender"] == alice.user_id.as_str() && e["content"]["status_msg"] == "here");
+        assert!(seen_in_sync, "bob's sync carries alice's presence: {update}");
         let (_, seen) = server.get(&presence, Some(&bob.token)).await;
         assert_eq!((seen["presence"].as_str(), seen["status_msg"].as_str()), (Some("online"), Some("here")));
         assert_error(&server.request("PUT", &presence, Some(&bob.token), Some(json!({"presence": "online"}))).await, 403, "M_FORBIDDEN");

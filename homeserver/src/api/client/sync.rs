@@ -81,6 +81,18 @@ async fn sync(
     let body = &request.body;
     let user = &request.sender.user_id;
     let since = body.since.as_deref().map(parse_token).transpose()?;
+    // `set_presence` updates the user's presence, but only when it changes: a sync that wrote on
+    // every call would wake every other sync in turn.
+    let wanted = body.set_presence.as_str();
+    if state.ephemeral.presence(user).is_none_or(|p| p.state != wanted) && wanted != "offline" {
+        let ephemeral = &state.ephemeral;
+        crate::rooms::at_new_position(&state, |position| async move {
+            let status = ephemeral.presence(user).and_then(|p| p.status_msg);
+            ephemeral.set_presence(user, wanted, status, position);
+            Ok(())
+        })
+        .await?;
+    }
     let limit = timeline_limit(&state, user, body.filter.as_ref()).await?;
     let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
@@ -152,7 +164,41 @@ async fn build(
         let rules = json!({"type": "m.push_rules", "content": {"global": Ruleset::server_default(user)}});
         response.account_data.events.push(raw(&rules)?);
     }
-    for (room, membership, at) in state.store.user_rooms(user).await? {
+    let user_rooms = state.store.user_rooms(user).await?;
+    if state.ephemeral.any_presence_since(since.unwrap_or(0), upto) {
+        // Presence of everyone the user shares a joined room with.
+        let mut others = std::collections::BTreeSet::new();
+        for (room, membership, _) in &user_rooms {
+            if membership != "join" {
+                continue;
+            }
+            let Ok(room_id) = OwnedRoomId::try_from(room.as_str()) else { continue };
+            for (member, membership) in state.store.members(&room_id).await? {
+                if membership == "join"
+                    && let Ok(member) = ruma::OwnedUserId::try_from(member)
+                {
+                    others.insert(member);
+                }
+            }
+        }
+        for (member, presence) in
+            state.ephemeral.presence_changes(others.iter().map(|u| &**u), since.unwrap_or(0), upto)
+        {
+            let mut content = json!({
+                "presence": presence.state,
+                "last_active_ago": presence.last_active.elapsed().as_millis() as u64,
+                "currently_active": presence.state == "online",
+            });
+            if let Some(status) = &presence.status_msg {
+                content["status_msg"] = status.as_str().into();
+            }
+            response
+                .presence
+                .events
+                .push(raw(&json!({"type": "m.presence", "sender": member, "content": content}))?);
+        }
+    }
+    for (room, membership, at) in user_rooms {
         let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
         if let (Some(changed), Some(since)) = (&changed, since)
             && at <= since
