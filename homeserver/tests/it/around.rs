@@ -120,6 +120,19 @@ crate::on_both_backends! {
         assert_eq!(timeline["events"].as_array().unwrap().len(), 2);
         assert_eq!(timeline["limited"], true);
         assert_error(&server.get(&format!("{filters}/999"), Some(&alice.token)).await, 404, "M_NOT_FOUND");
+        // Lazy-loaded members: only the timeline's senders come with the state.
+        server.request("PUT", &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/lz", enc(&room)), Some(&alice.token),
+            Some(json!({"msgtype": "m.text", "body": "just me"}))).await;
+        let lazy = "%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A1%7D%2C%22state%22%3A%7B%22lazy_load_members%22%3Atrue%7D%7D%7D";
+        let (_, lazy_sync) = server.get(&format!("/_matrix/client/v3/sync?filter={lazy}"), Some(&alice.token)).await;
+        let members: Vec<&str> = lazy_sync["rooms"]["join"][&room]["state"]["events"].as_array().unwrap().iter()
+            .filter(|e| e["type"] == "m.room.member").filter_map(|e| e["state_key"].as_str()).collect();
+        assert_eq!(members, [alice.user_id.as_str()], "{lazy_sync}");
+        let eager = "%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A1%7D%7D%7D";
+        let (_, full_sync) = server.get(&format!("/_matrix/client/v3/sync?filter={eager}"), Some(&alice.token)).await;
+        let all_members = full_sync["rooms"]["join"][&room]["state"]["events"].as_array().unwrap().iter()
+            .filter(|e| e["type"] == "m.room.member").count();
+        assert_eq!(all_members, 2, "without lazy loading every member comes");
 
         // Push rules: the server's defaults, then the user's own changes.
         let (status, rules) = server.get("/_matrix/client/v3/pushrules/", Some(&alice.token)).await;

@@ -57,7 +57,16 @@ pub(super) fn routes(router: &mut Router) {
 }
 
 /// The timeline limit a filter (given inline or by id) asks for.
-async fn timeline_limit(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Result<i64> {
+/// What a sync's filter asks for.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    limit: i64,
+    /// Send only the member events of the timeline's senders (and the user's own).
+    lazy_members: bool,
+}
+
+/// Reads the filter (given inline or by id).
+async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Result<Options> {
     let stored;
     let definition = match filter {
         Some(Filter::FilterDefinition(definition)) => Some(definition),
@@ -70,7 +79,8 @@ async fn timeline_limit(state: &AppState, user: &UserId, filter: Option<&Filter>
     let limit = definition
         .and_then(|d| d.room.timeline.limit)
         .map_or(DEFAULT_TIMELINE_LIMIT, |l| i64::try_from(u64::from(l)).unwrap_or(MAX_TIMELINE_LIMIT));
-    Ok(limit.clamp(1, MAX_TIMELINE_LIMIT))
+    let lazy_members = definition.is_some_and(|d| !d.room.state.lazy_load_options.is_disabled());
+    Ok(Options { limit: limit.clamp(1, MAX_TIMELINE_LIMIT), lazy_members })
 }
 
 /// GET /_matrix/client/v3/sync
@@ -93,7 +103,7 @@ async fn sync(
         })
         .await?;
     }
-    let limit = timeline_limit(&state, user, body.filter.as_ref()).await?;
+    let options = options(&state, user, body.filter.as_ref()).await?;
     let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut notifications = state.subscribe();
@@ -101,7 +111,7 @@ async fn sync(
     // hold only the small state of the wait, not room for the whole build.
     loop {
         let upto = state.store.persisted_upto().await?;
-        let response = Box::pin(build(&state, user, since, upto, body.full_state, limit)).await?;
+        let response = Box::pin(build(&state, user, since, upto, body.full_state, options)).await?;
         let has_news = !response.rooms.is_empty();
         if has_news || since.is_none() || body.full_state || tokio::time::Instant::now() >= deadline {
             return Ok(response);
@@ -120,7 +130,7 @@ async fn sync(
             }
             Ok(Err(_)) | Err(_) => {
                 let upto = state.store.persisted_upto().await?;
-                return Box::pin(build(&state, user, since, upto, body.full_state, limit)).await;
+                return Box::pin(build(&state, user, since, upto, body.full_state, options)).await;
             }
         }
     }
@@ -141,7 +151,7 @@ async fn build(
     since: Option<i64>,
     upto: i64,
     full_state: bool,
-    limit: i64,
+    options: Options,
 ) -> Result<sync_events::v3::Response> {
     let mut response = sync_events::v3::Response::new(token(upto));
     let mut room_account_data: BTreeMap<String, Vec<Value>> = BTreeMap::new();
@@ -216,7 +226,7 @@ async fn build(
             "join" => {
                 let fresh = changed_since || full_state;
                 let after = if fresh { 0 } else { since.unwrap_or(0) };
-                let mut joined = joined_room(state, &room_id, after, upto, limit, fresh).await?;
+                let mut joined = joined_room(state, user, &room_id, after, upto, options, fresh).await?;
                 let account_data = room_account_data.remove(room_id.as_str()).unwrap_or_default();
                 let ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
                 if joined.is_none() && (!account_data.is_empty() || !ephemeral.is_empty()) {
@@ -246,9 +256,9 @@ async fn build(
             }
             "leave" | "ban" if since.is_some() && changed_since => {
                 let after = since.unwrap_or(0);
-                let events = state.store.room_events(&room_id, after, at, limit, true).await?;
+                let events = state.store.room_events(&room_id, after, at, options.limit, true).await?;
                 let mut left = LeftRoom::new();
-                left.timeline = timeline(&events, limit)?;
+                left.timeline = timeline(&events, options.limit)?;
                 response.rooms.leave.insert(room_id, left);
             }
             _ => {}
@@ -354,13 +364,15 @@ fn timeline(events: &[StoredEvent], limit: i64) -> Result<Timeline> {
 /// A joined room's part of the response; `None` when nothing changed in it.
 async fn joined_room(
     state: &AppState,
+    user: &UserId,
     room_id: &RoomId,
     after: i64,
     upto: i64,
-    limit: i64,
+    options: Options,
     fresh: bool,
 ) -> Result<Option<JoinedRoom>> {
     // One more than the limit tells whether the timeline is complete.
+    let limit = options.limit;
     let mut events = state.store.room_events(room_id, after, upto, limit + 1, true).await?;
     let limited = events.len() as i64 > limit;
     if limited {
@@ -377,7 +389,20 @@ async fn joined_room(
     room.timeline.events = raws(&events)?;
     if fresh || limited {
         // The state before the timeline: complete for a new room, a superset of the change otherwise.
-        let before = state.store.state_at(room_id, start).await?;
+        let mut before = state.store.state_at(room_id, start).await?;
+        if options.lazy_members {
+            let senders: std::collections::BTreeSet<String> = events
+                .iter()
+                .filter_map(|e| to_client(e).ok())
+                .filter_map(|e| e["sender"].as_str().map(str::to_owned))
+                .chain([user.to_string()])
+                .collect();
+            before.retain(|event| {
+                let Ok(client) = to_client(event) else { return false };
+                client["type"] != "m.room.member"
+                    || client["state_key"].as_str().is_some_and(|member| senders.contains(member))
+            });
+        }
         room.state = State::Before(StateEvents::from(raws(&before)?));
     }
     Ok(Some(room))
