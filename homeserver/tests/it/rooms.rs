@@ -122,6 +122,13 @@ crate::on_both_backends! {
         }
         assert_eq!(all.first().map(String::as_str), Some("m.room.message"));
         assert_eq!(all.last().map(String::as_str), Some("m.room.create"), "back to the start of the room");
+        // Filters narrow a page: only messages, only from bob.
+        let filter = "%7B%22types%22%3A%5B%22m.room.message%22%5D%2C%22senders%22%3A%5B%22%40bob%3Alocalhost%22%5D%7D";
+        let (status, filtered) = server.get(&format!("{}?dir=b&limit=50&filter={filter}", room_path(&room, "messages")), Some(&bob.token)).await;
+        assert_eq!(status, 200, "{filtered}");
+        let kinds: Vec<(&str, &str)> = filtered["chunk"].as_array().unwrap().iter()
+            .map(|e| (e["type"].as_str().unwrap(), e["sender"].as_str().unwrap())).collect();
+        assert!(!kinds.is_empty() && kinds.iter().all(|k| *k == ("m.room.message", "@bob:localhost")), "{kinds:?}");
         let (_, members) = server.get(&room_path(&room, "joined_members"), Some(&bob.token)).await;
         let joined: BTreeMap<String, Value> = serde_json::from_value(members["joined"].clone()).unwrap();
         assert_eq!(joined.keys().cloned().collect::<Vec<_>>(), ["@alice:localhost", "@bob:localhost"]);

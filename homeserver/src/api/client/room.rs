@@ -606,8 +606,31 @@ async fn messages(
     let mut response = get_message_events::v3::Response::new();
     response.start = start;
     response.end = end;
-    response.chunk = raws(&events)?;
+    // The filter narrows the page; `end` still moves past everything read, so paging on finds
+    // the rest.
+    let mut chunk = Vec::new();
+    for event in &events {
+        let client = to_client(event)?;
+        if matches_filter(&body.filter, &client) {
+            chunk.push(raw(&client)?);
+        }
+    }
+    response.chunk = chunk;
     Ok(response)
+}
+
+/// Whether an event passes a room event filter's type and sender rules (`*` ends a type prefix).
+fn matches_filter(filter: &ruma::api::client::filter::RoomEventFilter, event: &Value) -> bool {
+    let kind = event["type"].as_str().unwrap_or_default();
+    let sender = event["sender"].as_str().unwrap_or_default();
+    let type_matches = |pattern: &String| match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => kind == pattern,
+    };
+    filter.types.as_ref().is_none_or(|types| types.iter().any(type_matches))
+        && !filter.not_types.iter().any(type_matches)
+        && filter.senders.as_ref().is_none_or(|senders| senders.iter().any(|s| s.as_str() == sender))
+        && !filter.not_senders.iter().any(|s| s.as_str() == sender)
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}
