@@ -175,6 +175,7 @@ async fn build(
         response.account_data.events.push(raw(&rules)?);
     }
     let user_rooms = state.store.user_rooms(user).await?;
+    let mut push = PushContext::default();
     if state.ephemeral.any_presence_since(since.unwrap_or(0), upto) {
         // Presence of everyone the user shares a joined room with.
         let mut others = std::collections::BTreeSet::new();
@@ -233,7 +234,8 @@ async fn build(
                     joined = Some(JoinedRoom::new());
                 }
                 if let Some(mut joined) = joined {
-                    let (notifications, highlights) = unread_counts(state, user, &room_id, upto).await?;
+                    let (notifications, highlights) =
+                        unread_counts(state, user, &room_id, upto, &mut push).await?;
                     joined.unread_notifications.notification_count = Some(notifications);
                     joined.unread_notifications.highlight_count = Some(highlights);
                     joined.account_data.events = account_data.iter().map(raw).collect::<Result<_>>()?;
@@ -270,9 +272,33 @@ async fn build(
 /// Most unread events examined for notification counts.
 const MAX_UNREAD: i64 = 100;
 
+/// What push-rule evaluation needs to know about the syncing user, loaded once per sync and only
+/// if some room has unread events to evaluate.
+#[derive(Default)]
+struct PushContext {
+    loaded: Option<(Ruleset, String)>,
+}
+
+impl PushContext {
+    async fn get(&mut self, state: &AppState, user: &UserId) -> Result<&(Ruleset, String)> {
+        if self.loaded.is_none() {
+            let rules = super::push::ruleset(state, user).await?;
+            let name = state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
+            self.loaded = Some((rules, name));
+        }
+        self.loaded.as_ref().ok_or_else(|| crate::error::Error::internal("push context"))
+    }
+}
+
 /// Notifying and highlighting events since the user's read receipt, by their push rules. Counts
 /// are kept per process and extended with the events each sync has not seen yet.
-async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: i64) -> Result<(UInt, UInt)> {
+async fn unread_counts(
+    state: &AppState,
+    user: &UserId,
+    room_id: &RoomId,
+    upto: i64,
+    push: &mut PushContext,
+) -> Result<(UInt, UInt)> {
     let read = state.store.read_up_to(room_id.as_str(), user).await?.unwrap_or(0);
     let mut counts = match state.ephemeral.unread(user, room_id) {
         Some(counts) if counts.read == read && counts.counted_upto <= upto => counts,
@@ -289,14 +315,13 @@ async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: 
         }
         if !others.is_empty() {
             let joined = state.store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count();
-            let name = state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
+            let (rules, name) = push.get(state, user).await?;
             let context = PushConditionRoomCtx::new(
                 room_id.to_owned(),
                 UInt::try_from(joined as u64).unwrap_or_default(),
                 user.to_owned(),
-                name,
+                name.clone(),
             );
-            let rules = super::push::ruleset(state, user).await?;
             for event in &others {
                 let event: Raw<AnySyncTimelineEvent> = raw(event)?;
                 let actions = rules.get_actions(&event, &context).await;
