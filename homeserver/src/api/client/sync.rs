@@ -258,9 +258,9 @@ async fn build(
             }
             "leave" | "ban" if since.is_some() && changed_since => {
                 let after = since.unwrap_or(0);
-                let events = state.store.room_events(&room_id, after, at, options.limit, true).await?;
+                let (events, limited) = window(state, &room_id, after, at, options.limit).await?;
                 let mut left = LeftRoom::new();
-                left.timeline = timeline(&events, options.limit)?;
+                left.timeline = timeline(&events, limited, at)?;
                 response.rooms.leave.insert(room_id, left);
             }
             _ => {}
@@ -378,10 +378,28 @@ async fn ephemeral_events(
     Ok(events)
 }
 
-fn timeline(events: &[StoredEvent], limit: i64) -> Result<Timeline> {
+/// The newest `limit` events of a room in `(after, upto]`, and whether older ones were left out.
+async fn window(
+    state: &AppState,
+    room_id: &RoomId,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<(Vec<StoredEvent>, bool)> {
+    // One more than the limit tells whether the timeline is complete.
+    let mut events = state.store.room_events(room_id, after, upto, limit + 1, true).await?;
+    let limited = events.len() as i64 > limit;
+    if limited {
+        events.remove(0);
+    }
+    Ok((events, limited))
+}
+
+/// A timeline of `events`; `prev_batch` points just before the first (or at `upto` if none).
+fn timeline(events: &[StoredEvent], limited: bool, upto: i64) -> Result<Timeline> {
     let mut timeline = Timeline::new();
-    timeline.limited = events.len() as i64 >= limit;
-    timeline.prev_batch = Some(token(events.first().map_or(0, |e| e.stream_ordering - 1)));
+    timeline.limited = limited;
+    timeline.prev_batch = Some(token(events.first().map_or(upto, |e| e.stream_ordering - 1)));
     timeline.events = raws(events)?;
     Ok(timeline)
 }
@@ -396,22 +414,13 @@ async fn joined_room(
     options: Options,
     fresh: bool,
 ) -> Result<Option<JoinedRoom>> {
-    // One more than the limit tells whether the timeline is complete.
-    let limit = options.limit;
-    let mut events = state.store.room_events(room_id, after, upto, limit + 1, true).await?;
-    let limited = events.len() as i64 > limit;
-    if limited {
-        events.remove(0);
-    }
+    let (events, limited) = window(state, room_id, after, upto, options.limit).await?;
     if events.is_empty() && !fresh {
         return Ok(None);
     }
     let start = events.first().map_or(upto, |e| e.stream_ordering - 1);
     let mut room = JoinedRoom::new();
-    room.timeline = Timeline::new();
-    room.timeline.limited = limited;
-    room.timeline.prev_batch = Some(token(start));
-    room.timeline.events = raws(&events)?;
+    room.timeline = timeline(&events, limited, upto)?;
     if fresh || limited {
         // The state before the timeline: complete for a new room, a superset of the change otherwise.
         let mut before = state.store.state_at(room_id, start).await?;
