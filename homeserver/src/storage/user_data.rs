@@ -83,6 +83,19 @@ pub trait UserDataStore: Send + Sync {
     async fn pushers(&self, user_id: &UserId) -> StoreResult<Vec<String>>;
 }
 
+impl SqlStore {
+    /// Upserts one profile column (`sql` binds the user id and the value).
+    async fn set_profile_field(
+        &self,
+        sql: &'static str,
+        user_id: &UserId,
+        value: Option<&str>,
+    ) -> StoreResult<()> {
+        sqlx::query(sql).bind(user_id.as_str()).bind(value).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl UserDataStore for SqlStore {
     async fn profile(&self, user_id: &UserId) -> StoreResult<(Option<String>, Option<String>)> {
@@ -97,27 +110,23 @@ impl UserDataStore for SqlStore {
     }
 
     async fn set_displayname(&self, user_id: &UserId, name: Option<&str>) -> StoreResult<()> {
-        sqlx::query(
+        self.set_profile_field(
             "INSERT INTO profiles (user_id, displayname) VALUES ($1, $2)
              ON CONFLICT (user_id) DO UPDATE SET displayname = excluded.displayname",
+            user_id,
+            name,
         )
-        .bind(user_id.as_str())
-        .bind(name)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn set_avatar_url(&self, user_id: &UserId, url: Option<&str>) -> StoreResult<()> {
-        sqlx::query(
+        self.set_profile_field(
             "INSERT INTO profiles (user_id, avatar_url) VALUES ($1, $2)
              ON CONFLICT (user_id) DO UPDATE SET avatar_url = excluded.avatar_url",
+            user_id,
+            url,
         )
-        .bind(user_id.as_str())
-        .bind(url)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn put_account_data(

@@ -410,7 +410,13 @@ async fn member_events(state: &AppState, room_id: &RoomId, at: Option<i64>) -> R
         Some(at) => state.store.state_at(room_id, at).await?,
         None => state.store.current_state(room_id).await?,
     };
-    Ok(events.into_iter().filter(|e| e.json.contains("\"type\":\"m.room.member\"")).collect())
+    let mut members = Vec::new();
+    for event in events {
+        if to_client(&event)?["type"] == "m.room.member" {
+            members.push(event);
+        }
+    }
+    Ok(members)
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/joined_members
