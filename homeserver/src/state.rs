@@ -31,6 +31,8 @@ pub struct AppState {
     pub stream: Arc<StreamWriter>,
     /// Typing and presence.
     pub ephemeral: crate::rooms::ephemeral::Ephemeral,
+    /// Recent stream changes in memory, which `/sync` reads instead of the database.
+    pub recent: crate::rooms::recent::Recent,
     /// The newest stream position this process wrote; `/sync` long-polls wait on it.
     notifier: tokio::sync::watch::Sender<i64>,
     pub server_name: OwnedServerName,
@@ -104,6 +106,7 @@ impl AppState {
             signing_key,
             stream,
             ephemeral: Default::default(),
+            recent: Default::default(),
             notifier: tokio::sync::watch::channel(0).0,
             server_name,
             store,

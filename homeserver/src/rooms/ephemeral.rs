@@ -35,6 +35,8 @@ pub struct Presence {
 pub struct UnreadCounts {
     /// The read receipt's position the counts start from.
     pub read: i64,
+    /// The stream position `read` was last checked at.
+    pub read_checked: i64,
     /// Events up to this position are counted.
     pub counted_upto: i64,
     pub notify: u64,

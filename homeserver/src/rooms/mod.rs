@@ -6,6 +6,7 @@
 
 pub mod client_event;
 pub mod ephemeral;
+pub mod recent;
 
 use std::collections::HashMap;
 

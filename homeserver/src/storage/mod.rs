@@ -32,7 +32,7 @@ pub use self::{
     accounts::{AccountStore, UserRecord},
     devices::{DeviceRecord, DeviceStore},
     registration_tokens::RegistrationTokenStore,
-    rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent},
+    rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
     sessions::{SessionRecord, SessionStore},
     threepids::{ThreepidRecord, ThreepidSession, ThreepidStore},
     uia::{UiaSessionRecord, UiaStore},

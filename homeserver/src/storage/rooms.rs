@@ -125,6 +125,18 @@ pub trait RoomStore: Send + Sync {
     ) -> StoreResult<Vec<(String, Option<String>, Option<String>)>>;
     /// Rooms with new events or receipts in `(after, upto]`, so `/sync` can skip the others.
     async fn rooms_changed(&self, after: i64, upto: i64) -> StoreResult<std::collections::HashSet<String>>;
+
+    /// Every room's events in `(after, upto]`, oldest first, at most `limit`: what the in-memory
+    /// stream cache ([`crate::rooms::recent`]) loads.
+    async fn stream_events(&self, after: i64, upto: i64, limit: i64) -> StoreResult<Vec<StreamEvent>>;
+}
+
+/// An event with the columns the stream cache indexes it by.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    pub event: StoredEvent,
+    pub event_type: String,
+    pub state_key: Option<String>,
 }
 
 const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, json, redacted_by";
@@ -487,6 +499,28 @@ impl RoomStore for SqlStore {
             .await?
             .iter()
             .map(|r| r.try_get("room_id").map_err(Into::into))
+            .collect()
+    }
+
+    async fn stream_events(&self, after: i64, upto: i64, limit: i64) -> StoreResult<Vec<StreamEvent>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS}, event_type, state_key FROM events
+             WHERE stream_ordering > $1 AND stream_ordering <= $2 ORDER BY stream_ordering LIMIT $3"
+        ));
+        sqlx::query(sql)
+            .bind(after)
+            .bind(upto)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(StreamEvent {
+                    event: event_from_row(row)?,
+                    event_type: row.try_get("event_type")?,
+                    state_key: row.try_get("state_key")?,
+                })
+            })
             .collect()
     }
 

@@ -65,6 +65,10 @@ pub trait UserDataStore: Send + Sync {
     async fn put_receipt(&self, receipt: &ReceiptRecord) -> StoreResult<()>;
     /// Receipts in a room changed in `(after, upto]`.
     async fn receipt_changes(&self, room_id: &str, after: i64, upto: i64) -> StoreResult<Vec<ReceiptRecord>>;
+    /// Receipts changed in `(after, upto]` in every room, oldest first.
+    async fn stream_receipts(&self, after: i64, upto: i64) -> StoreResult<Vec<ReceiptRecord>>;
+    /// Users whose account data changed in `(after, upto]`, with the position of each change.
+    async fn stream_account_data(&self, after: i64, upto: i64) -> StoreResult<Vec<(String, i64)>>;
 
     /// The stream position of the event a user last marked read in a room (public or private).
     async fn read_up_to(&self, room_id: &str, user_id: &UserId) -> StoreResult<Option<i64>>;
@@ -84,6 +88,41 @@ pub trait UserDataStore: Send + Sync {
 }
 
 impl SqlStore {
+    /// Receipts changed in `(after, upto]`, in one room or all, oldest first.
+    async fn receipts_between(
+        &self,
+        room_id: Option<&str>,
+        after: i64,
+        upto: i64,
+    ) -> StoreResult<Vec<ReceiptRecord>> {
+        let in_room = if room_id.is_some() { "AND room_id = $3" } else { "" };
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts, stream_ordering FROM receipts
+             WHERE stream_ordering > $1 AND stream_ordering <= $2 {in_room} ORDER BY stream_ordering"
+        ));
+        let mut query = sqlx::query(sql).bind(after).bind(upto);
+        if let Some(room_id) = room_id {
+            query = query.bind(room_id);
+        }
+        query
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                let thread: String = row.try_get("thread_id")?;
+                Ok(ReceiptRecord {
+                    room_id: row.try_get("room_id")?,
+                    user_id: row.try_get("user_id")?,
+                    receipt_type: row.try_get("receipt_type")?,
+                    thread_id: (!thread.is_empty()).then_some(thread),
+                    event_id: row.try_get("event_id")?,
+                    ts: row.try_get("ts")?,
+                    stream_ordering: row.try_get("stream_ordering")?,
+                })
+            })
+            .collect()
+    }
+
     /// Upserts one profile column (`sql` binds the user id and the value).
     async fn set_profile_field(
         &self,
@@ -239,28 +278,24 @@ impl UserDataStore for SqlStore {
     }
 
     async fn receipt_changes(&self, room_id: &str, after: i64, upto: i64) -> StoreResult<Vec<ReceiptRecord>> {
+        self.receipts_between(Some(room_id), after, upto).await
+    }
+
+    async fn stream_receipts(&self, after: i64, upto: i64) -> StoreResult<Vec<ReceiptRecord>> {
+        self.receipts_between(None, after, upto).await
+    }
+
+    async fn stream_account_data(&self, after: i64, upto: i64) -> StoreResult<Vec<(String, i64)>> {
         sqlx::query(
-            "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts, stream_ordering FROM receipts
-             WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3 ORDER BY stream_ordering",
+            "SELECT user_id, stream_ordering FROM account_data
+             WHERE stream_ordering > $1 AND stream_ordering <= $2 ORDER BY stream_ordering",
         )
-        .bind(room_id)
         .bind(after)
         .bind(upto)
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|row| {
-            let thread: String = row.try_get("thread_id")?;
-            Ok(ReceiptRecord {
-                room_id: row.try_get("room_id")?,
-                user_id: row.try_get("user_id")?,
-                receipt_type: row.try_get("receipt_type")?,
-                thread_id: (!thread.is_empty()).then_some(thread),
-                event_id: row.try_get("event_id")?,
-                ts: row.try_get("ts")?,
-                stream_ordering: row.try_get("stream_ordering")?,
-            })
-        })
+        .map(|row| Ok((row.try_get("user_id")?, row.try_get("stream_ordering")?)))
         .collect()
     }
 

@@ -110,7 +110,7 @@ async fn sync(
     // The response is built in boxed futures: a long-poll spends its life waiting, and should
     // hold only the small state of the wait, not room for the whole build.
     loop {
-        let upto = state.store.persisted_upto().await?;
+        let upto = state.recent.catch_up(&*state.store).await?;
         let response = Box::pin(build(&state, user, since, upto, body.full_state, options)).await?;
         let has_news = !response.rooms.is_empty();
         if has_news || since.is_none() || body.full_state || tokio::time::Instant::now() >= deadline {
@@ -124,12 +124,13 @@ async fn sync(
                 tokio::time::sleep(COALESCE).await;
                 let target = *notifications.borrow_and_update();
                 let waited = tokio::time::Instant::now();
-                while state.store.persisted_upto().await? < target && waited.elapsed() < PUBLISH_WAIT {
+                while state.recent.catch_up(&*state.store).await? < target && waited.elapsed() < PUBLISH_WAIT
+                {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
             Ok(Err(_)) | Err(_) => {
-                let upto = state.store.persisted_upto().await?;
+                let upto = state.recent.catch_up(&*state.store).await?;
                 return Box::pin(build(&state, user, since, upto, body.full_state, options)).await;
             }
         }
@@ -155,7 +156,13 @@ async fn build(
 ) -> Result<sync_events::v3::Response> {
     let mut response = sync_events::v3::Response::new(token(upto));
     let mut room_account_data: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for change in state.store.account_data_changes(user, since.unwrap_or(0), upto).await? {
+    let account_data_changed =
+        since.and_then(|since| state.recent.account_data_changed(user, since, upto)).unwrap_or(true);
+    let account_data = match account_data_changed {
+        true => state.store.account_data_changes(user, since.unwrap_or(0), upto).await?,
+        false => Vec::new(),
+    };
+    for change in account_data {
         let content: Value = serde_json::from_str(&change.content).unwrap_or_else(|_| json!({}));
         let event = json!({"type": change.data_type, "content": content});
         match change.room_id {
@@ -164,22 +171,18 @@ async fn build(
         }
     }
     // An incremental sync reads only the rooms that changed.
-    let changed = match since {
-        Some(since) if !full_state => Some(state.store.rooms_changed(since, upto).await?),
-        _ => None,
-    };
+    let mut changed = RoomsChanged::default();
     if since.is_none() && state.store.account_data(user, None, "m.push_rules").await?.is_none() {
         // Clients read their push rules from account data; until a user changes them, that is
         // the server's defaults.
         let rules = json!({"type": "m.push_rules", "content": {"global": Ruleset::server_default(user)}});
         response.account_data.events.push(raw(&rules)?);
     }
-    let user_rooms = state.store.user_rooms(user).await?;
-    let mut push = PushContext::default();
+    let user_rooms = state.recent.user_rooms(&*state.store, user, upto).await?;
     if state.ephemeral.any_presence_since(since.unwrap_or(0), upto) {
         // Presence of everyone the user shares a joined room with.
         let mut others = std::collections::BTreeSet::new();
-        for (room, membership, _) in &user_rooms {
+        for (room, membership, _) in user_rooms.iter() {
             if membership != "join" {
                 continue;
             }
@@ -209,13 +212,15 @@ async fn build(
                 .push(raw(&json!({"type": "m.presence", "sender": member, "content": content}))?);
         }
     }
-    for (room, membership, at) in user_rooms {
-        let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
-        if let (Some(changed), Some(since)) = (&changed, since)
+    for (room, membership, at) in user_rooms.iter() {
+        let Ok(room_id) = OwnedRoomId::try_from(room.as_str()) else { continue };
+        let at = *at;
+        if let Some(since) = since
+            && !full_state
             && at <= since
-            && !changed.contains(room_id.as_str())
             && !room_account_data.contains_key(room_id.as_str())
             && state.ephemeral.typing_since(&room_id, since, upto).is_none()
+            && !changed.contains(state, room, since, upto).await?
         {
             continue;
         }
@@ -234,8 +239,7 @@ async fn build(
                     joined = Some(JoinedRoom::new());
                 }
                 if let Some(mut joined) = joined {
-                    let (notifications, highlights) =
-                        unread_counts(state, user, &room_id, upto, &mut push).await?;
+                    let (notifications, highlights) = unread_counts(state, user, &room_id, upto).await?;
                     joined.unread_notifications.notification_count = Some(notifications);
                     joined.unread_notifications.highlight_count = Some(highlights);
                     joined.account_data.events = account_data.iter().map(raw).collect::<Result<_>>()?;
@@ -272,40 +276,47 @@ async fn build(
 /// Most unread events examined for notification counts.
 const MAX_UNREAD: i64 = 100;
 
-/// What push-rule evaluation needs to know about the syncing user, loaded once per sync and only
-/// if some room has unread events to evaluate.
+/// Which rooms changed since the sync's token: from memory, or from the database (once per
+/// response) when the token is older than what memory holds.
 #[derive(Default)]
-struct PushContext {
-    loaded: Option<(Ruleset, String)>,
+struct RoomsChanged {
+    from_database: Option<std::collections::HashSet<String>>,
 }
 
-impl PushContext {
-    async fn get(&mut self, state: &AppState, user: &UserId) -> Result<&(Ruleset, String)> {
-        if self.loaded.is_none() {
-            let rules = super::push::ruleset(state, user).await?;
-            let name = state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
-            self.loaded = Some((rules, name));
+impl RoomsChanged {
+    async fn contains(&mut self, state: &AppState, room: &str, since: i64, upto: i64) -> Result<bool> {
+        if let Some(changed) = state.recent.room_changed(room, since, upto) {
+            return Ok(changed);
         }
-        self.loaded.as_ref().ok_or_else(|| crate::error::Error::internal("push context"))
+        if self.from_database.is_none() {
+            self.from_database = Some(state.store.rooms_changed(since, upto).await?);
+        }
+        Ok(self.from_database.as_ref().is_some_and(|rooms| rooms.contains(room)))
     }
 }
 
 /// Notifying and highlighting events since the user's read receipt, by their push rules. Counts
 /// are kept per process and extended with the events each sync has not seen yet.
-async fn unread_counts(
-    state: &AppState,
-    user: &UserId,
-    room_id: &RoomId,
-    upto: i64,
-    push: &mut PushContext,
-) -> Result<(UInt, UInt)> {
-    let read = state.store.read_up_to(room_id.as_str(), user).await?.unwrap_or(0);
-    let mut counts = match state.ephemeral.unread(user, room_id) {
-        Some(counts) if counts.read == read && counts.counted_upto <= upto => counts,
-        _ => UnreadCounts { read, counted_upto: read, notify: 0, highlight: 0 },
+async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: i64) -> Result<(UInt, UInt)> {
+    let known = state.ephemeral.unread(user, room_id).filter(|counts| counts.counted_upto <= upto);
+    // The read position is read again only when the user's receipts moved.
+    let read = match known {
+        Some(counts)
+            if state.recent.own_receipt_moved(room_id, user, counts.read_checked, upto) == Some(false) =>
+        {
+            counts.read
+        }
+        _ => state.store.read_up_to(room_id.as_str(), user).await?.unwrap_or(0),
+    };
+    let mut counts = match known {
+        Some(counts) if counts.read == read => UnreadCounts { read_checked: upto, ..counts },
+        _ => UnreadCounts { read, read_checked: upto, counted_upto: read, notify: 0, highlight: 0 },
     };
     if counts.counted_upto < upto {
-        let events = state.store.room_events(room_id, counts.counted_upto, upto, MAX_UNREAD, false).await?;
+        let events = state
+            .recent
+            .room_events(&*state.store, room_id, counts.counted_upto, upto, MAX_UNREAD, false)
+            .await?;
         let mut others = Vec::new();
         for event in &events {
             let client = to_client(event)?;
@@ -314,8 +325,17 @@ async fn unread_counts(
             }
         }
         if !others.is_empty() {
-            let joined = state.store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count();
-            let (rules, name) = push.get(state, user).await?;
+            let joined = state.recent.joined_members(&*state.store, room_id, upto).await?;
+            let context = state
+                .recent
+                .push_context(user, upto, || async {
+                    let rules = super::push::ruleset(state, user).await?;
+                    let name =
+                        state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
+                    Ok((rules, name))
+                })
+                .await?;
+            let (rules, name) = &*context;
             let context = PushConditionRoomCtx::new(
                 room_id.to_owned(),
                 UInt::try_from(joined as u64).unwrap_or_default(),
@@ -335,8 +355,8 @@ async fn unread_counts(
         } else {
             upto
         };
-        state.ephemeral.set_unread(user, room_id, counts);
     }
+    state.ephemeral.set_unread(user, room_id, counts);
     Ok((
         UInt::try_from(counts.notify).unwrap_or_default(),
         UInt::try_from(counts.highlight).unwrap_or_default(),
@@ -356,7 +376,7 @@ async fn ephemeral_events(
         events.push(json!({"type": "m.typing", "content": {"user_ids": typing}}));
     }
     let mut receipts: BTreeMap<String, BTreeMap<String, BTreeMap<String, Value>>> = BTreeMap::new();
-    for receipt in state.store.receipt_changes(room_id.as_str(), after, upto).await? {
+    for receipt in state.recent.receipts(&*state.store, room_id, after, upto).await? {
         // Private receipts are only ever shown to their owner.
         if receipt.receipt_type == "m.read.private" && receipt.user_id != user.as_str() {
             continue;
@@ -387,7 +407,7 @@ async fn window(
     limit: i64,
 ) -> Result<(Vec<StoredEvent>, bool)> {
     // One more than the limit tells whether the timeline is complete.
-    let mut events = state.store.room_events(room_id, after, upto, limit + 1, true).await?;
+    let mut events = state.recent.room_events(&*state.store, room_id, after, upto, limit + 1, true).await?;
     let limited = events.len() as i64 > limit;
     if limited {
         events.remove(0);

@@ -1,0 +1,424 @@
+//! Recent stream changes held in memory: the read side of `/sync`.
+//!
+//! One message wakes the long-poll of every member of its room. If each ran its own queries, the
+//! database would answer the same questions once per member per message. Instead the first woken
+//! sync reads what is new in the stream — events, receipts, whose account data changed — once
+//! ([`Recent::catch_up`]), and every sync answers from memory. A range that is no longer (or not
+//! yet) in memory, such as the token of a client that was away for long, falls back to the
+//! database: every accessor works either way.
+//!
+//! Values derived from the database that only a stream change can alter (a user's rooms, a room's
+//! joined members) are memoised with the position they were read at ([`Memo`]) and read again
+//! once the window shows a change that concerns them.
+//!
+//! Everything here is loaded from the database, never written by the request that made the
+//! change, so writes by other workers of a deployment are seen the same way as this process's.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
+};
+
+use ruma::{RoomId, UserId, push::Ruleset};
+
+use crate::storage::{ReceiptRecord, Storage, StoreResult, StoredEvent, StreamEvent};
+
+/// Changes (events, receipts, account data writes) kept in memory.
+const CAPACITY: usize = 20_000;
+/// A gap wider than this many positions is not loaded: the window restarts after it.
+const MAX_GAP: i64 = 8 * CAPACITY as i64;
+/// Memoised entries kept per memo before it is cleared.
+const MEMO_CAPACITY: usize = 100_000;
+
+#[derive(Debug, Clone)]
+enum Change {
+    Event(String),
+    Receipt(String),
+    AccountData(String),
+    Membership(String),
+}
+
+/// Everything that changed in `(start, upto]`.
+#[derive(Debug, Default)]
+struct Window {
+    start: i64,
+    upto: i64,
+    /// Every change in position order, to trim the oldest.
+    log: VecDeque<(i64, Change)>,
+    events: HashMap<String, VecDeque<Arc<StreamEvent>>>,
+    receipts: HashMap<String, VecDeque<ReceiptRecord>>,
+    /// Positions of account data changes, by user.
+    account_data: HashMap<String, VecDeque<i64>>,
+    /// Positions of membership events, by the user they are about.
+    memberships: HashMap<String, VecDeque<i64>>,
+}
+
+/// The part of a position-ordered deque that lies in `(after, upto]`.
+fn range<T>(items: &VecDeque<T>, position: impl Fn(&T) -> i64, after: i64, upto: i64) -> (usize, usize) {
+    (items.partition_point(|i| position(i) <= after), items.partition_point(|i| position(i) <= upto))
+}
+
+fn pop_front<T>(map: &mut HashMap<String, VecDeque<T>>, key: &str) {
+    if let Some(items) = map.get_mut(key) {
+        items.pop_front();
+        if items.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl Window {
+    fn covers(&self, after: i64, upto: i64) -> bool {
+        after >= self.start && upto <= self.upto
+    }
+
+    fn restart_at(&mut self, position: i64) {
+        *self = Window { start: position, upto: position, ..Window::default() };
+    }
+
+    fn push(&mut self, position: i64, change: Change) {
+        self.log.push_back((position, change));
+    }
+
+    fn trim(&mut self) {
+        while self.log.len() > CAPACITY {
+            let Some((position, change)) = self.log.pop_front() else { break };
+            self.start = self.start.max(position);
+            match change {
+                Change::Event(room) => pop_front(&mut self.events, &room),
+                Change::Receipt(room) => pop_front(&mut self.receipts, &room),
+                Change::AccountData(user) => pop_front(&mut self.account_data, &user),
+                Change::Membership(user) => pop_front(&mut self.memberships, &user),
+            }
+        }
+    }
+
+    /// Whether `key` has an entry in `(after, upto]` of one of the position maps.
+    fn any_in(map: &HashMap<String, VecDeque<i64>>, key: &str, after: i64, upto: i64) -> bool {
+        map.get(key).is_some_and(|positions| {
+            let (from, to) = range(positions, |p| *p, after, upto);
+            from < to
+        })
+    }
+}
+
+/// What changed in the stream lately, and values memoised against it.
+pub struct Recent {
+    /// When the latest refresh started; held while refreshing so that concurrent syncs share one.
+    refreshed: tokio::sync::Mutex<Instant>,
+    window: RwLock<Window>,
+    /// Each user's rooms: (room, membership, position of the membership).
+    user_rooms: Memo<Arc<Vec<(String, String, i64)>>>,
+    /// Each room's joined member count.
+    joined: Memo<usize>,
+    /// What push-rule evaluation needs about a user: their rules and display name.
+    push: Memo<Arc<(Ruleset, String)>>,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Self {
+            refreshed: tokio::sync::Mutex::new(Instant::now()),
+            window: RwLock::default(),
+            user_rooms: Memo::default(),
+            joined: Memo::default(),
+            push: Memo::default(),
+        }
+    }
+}
+
+impl Recent {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Window> {
+        self.window.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The stream's safe position ([`crate::storage::stream`]), with everything up to it loaded.
+    /// Callers that arrive while a refresh runs wait for the next one, which starts after they
+    /// asked and so sees their writes; a burst of woken syncs costs one round of queries.
+    pub async fn catch_up(&self, store: &dyn Storage) -> StoreResult<i64> {
+        let asked = Instant::now();
+        let mut refreshed = self.refreshed.lock().await;
+        if *refreshed >= asked {
+            return Ok(self.read().upto);
+        }
+        *refreshed = Instant::now();
+        let upto = store.persisted_upto().await?;
+        let from = self.read().upto;
+        if upto <= from {
+            return Ok(from);
+        }
+        if upto - from > MAX_GAP {
+            self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner).restart_at(upto);
+            return Ok(upto);
+        }
+        let events = store.stream_events(from, upto, CAPACITY as i64 + 1).await?;
+        if events.len() > CAPACITY {
+            self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner).restart_at(upto);
+            return Ok(upto);
+        }
+        let receipts = store.stream_receipts(from, upto).await?;
+        let account_data = store.stream_account_data(from, upto).await?;
+        // A redaction rewrites an older event in place: take the new text of the ones held here.
+        let mut redacted = Vec::new();
+        for event in events.iter().filter(|e| e.event_type == "m.room.redaction") {
+            if let Some(target) = redacts(&event.event.json)
+                && let Some(fresh) = store.get_event(&target).await?
+            {
+                redacted.push(fresh);
+            }
+        }
+
+        let mut changes: Vec<(i64, Change)> = Vec::with_capacity(events.len() + receipts.len());
+        let mut window = self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if window.upto != from {
+            // Restarted meanwhile (cannot happen under the refresh lock, but stay consistent).
+            return Ok(window.upto);
+        }
+        for fresh in redacted {
+            if let Some(held) = window.events.get_mut(&fresh.room_id)
+                && let Some(slot) = held.iter_mut().find(|e| e.event.event_id == fresh.event_id)
+            {
+                let mut updated = (**slot).clone();
+                updated.event = fresh;
+                *slot = Arc::new(updated);
+            }
+        }
+        for event in events {
+            let position = event.event.stream_ordering;
+            let room = event.event.room_id.clone();
+            if event.event_type == "m.room.member"
+                && let Some(user) = &event.state_key
+            {
+                window.memberships.entry(user.clone()).or_default().push_back(position);
+                changes.push((position, Change::Membership(user.clone())));
+            }
+            window.events.entry(room.clone()).or_default().push_back(Arc::new(event));
+            changes.push((position, Change::Event(room)));
+        }
+        for receipt in receipts {
+            let (position, room) = (receipt.stream_ordering, receipt.room_id.clone());
+            window.receipts.entry(room.clone()).or_default().push_back(receipt);
+            changes.push((position, Change::Receipt(room)));
+        }
+        for (user, position) in account_data {
+            window.account_data.entry(user.clone()).or_default().push_back(position);
+            changes.push((position, Change::AccountData(user)));
+        }
+        changes.sort_by_key(|(position, _)| *position);
+        for (position, change) in changes {
+            window.push(position, change);
+        }
+        window.upto = upto;
+        window.trim();
+        Ok(upto)
+    }
+
+    /// Whether a room had events or receipts in `(after, upto]`; `None` if not in memory.
+    pub fn room_changed(&self, room_id: &str, after: i64, upto: i64) -> Option<bool> {
+        let window = self.read();
+        if !window.covers(after, upto) {
+            return None;
+        }
+        let events = window.events.get(room_id).is_some_and(|events| {
+            let (from, to) = range(events, |e| e.event.stream_ordering, after, upto);
+            from < to
+        });
+        let receipts = window.receipts.get(room_id).is_some_and(|receipts| {
+            let (from, to) = range(receipts, |r| r.stream_ordering, after, upto);
+            from < to
+        });
+        Some(events || receipts)
+    }
+
+    /// Whether the user's account data changed in `(after, upto]`; `None` if not in memory.
+    pub fn account_data_changed(&self, user: &UserId, after: i64, upto: i64) -> Option<bool> {
+        let window = self.read();
+        window.covers(after, upto).then(|| Window::any_in(&window.account_data, user.as_str(), after, upto))
+    }
+
+    /// A room's events in `(after, upto]`: the oldest `limit`, or with `newest` the newest
+    /// `limit`, either way in stream order.
+    pub async fn room_events(
+        &self,
+        store: &dyn Storage,
+        room_id: &RoomId,
+        after: i64,
+        upto: i64,
+        limit: i64,
+        newest: bool,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        {
+            let window = self.read();
+            if window.covers(after, upto) {
+                let Some(events) = window.events.get(room_id.as_str()) else { return Ok(Vec::new()) };
+                let (from, to) = range(events, |e| e.event.stream_ordering, after, upto);
+                let limit = usize::try_from(limit).unwrap_or(0);
+                let (from, to) = if newest {
+                    (from.max(to.saturating_sub(limit)), to)
+                } else {
+                    (from, to.min(from.saturating_add(limit)))
+                };
+                return Ok(events.range(from..to).map(|e| e.event.clone()).collect());
+            }
+        }
+        store.room_events(room_id, after, upto, limit, newest).await
+    }
+
+    /// Receipts in a room that changed in `(after, upto]`, each receipt once, as it is now.
+    pub async fn receipts(
+        &self,
+        store: &dyn Storage,
+        room_id: &RoomId,
+        after: i64,
+        upto: i64,
+    ) -> StoreResult<Vec<ReceiptRecord>> {
+        {
+            let window = self.read();
+            if window.covers(after, upto) {
+                let Some(receipts) = window.receipts.get(room_id.as_str()) else { return Ok(Vec::new()) };
+                let (from, to) = range(receipts, |r| r.stream_ordering, after, upto);
+                // A receipt that moved twice is held twice; only its latest place counts.
+                let mut latest: HashMap<(&str, &str, Option<&str>), &ReceiptRecord> = HashMap::new();
+                for receipt in receipts.range(from..to) {
+                    let key = (
+                        receipt.user_id.as_str(),
+                        receipt.receipt_type.as_str(),
+                        receipt.thread_id.as_deref(),
+                    );
+                    latest.insert(key, receipt);
+                }
+                let mut list: Vec<ReceiptRecord> = latest.into_values().cloned().collect();
+                list.sort_by_key(|r| r.stream_ordering);
+                return Ok(list);
+            }
+        }
+        store.receipt_changes(room_id.as_str(), after, upto).await
+    }
+
+    /// Whether the user's own receipts in a room moved in `(after, upto]`; `None` if not in
+    /// memory.
+    pub fn own_receipt_moved(&self, room_id: &RoomId, user: &UserId, after: i64, upto: i64) -> Option<bool> {
+        let window = self.read();
+        if !window.covers(after, upto) {
+            return None;
+        }
+        Some(window.receipts.get(room_id.as_str()).is_some_and(|receipts| {
+            let (from, to) = range(receipts, |r| r.stream_ordering, after, upto);
+            receipts.range(from..to).any(|r| r.user_id == user.as_str())
+        }))
+    }
+
+    /// Whether the user's membership of any room changed in `(after, upto]`; `None` if not in
+    /// memory.
+    pub fn membership_changed(&self, user: &UserId, after: i64, upto: i64) -> Option<bool> {
+        let window = self.read();
+        window.covers(after, upto).then(|| Window::any_in(&window.memberships, user.as_str(), after, upto))
+    }
+
+    fn members_changed(&self, room_id: &RoomId, after: i64, upto: i64) -> Option<bool> {
+        let window = self.read();
+        if !window.covers(after, upto) {
+            return None;
+        }
+        Some(window.events.get(room_id.as_str()).is_some_and(|events| {
+            let (from, to) = range(events, |e| e.event.stream_ordering, after, upto);
+            events.range(from..to).any(|e| e.event_type == "m.room.member")
+        }))
+    }
+
+    /// The user's rooms, as of `upto` or later.
+    pub async fn user_rooms(
+        &self,
+        store: &dyn Storage,
+        user: &UserId,
+        upto: i64,
+    ) -> StoreResult<Arc<Vec<(String, String, i64)>>> {
+        let valid = |at| self.membership_changed(user, at, upto) == Some(false);
+        if let Some(rooms) = self.user_rooms.get(user.as_str(), upto, valid) {
+            return Ok(rooms);
+        }
+        let rooms = Arc::new(store.user_rooms(user).await?);
+        self.user_rooms.put(user.as_str(), upto, rooms.clone());
+        Ok(rooms)
+    }
+
+    /// How many members a room has joined, as of `upto` or later.
+    pub async fn joined_members(
+        &self,
+        store: &dyn Storage,
+        room_id: &RoomId,
+        upto: i64,
+    ) -> StoreResult<usize> {
+        let valid = |at| self.members_changed(room_id, at, upto) == Some(false);
+        if let Some(count) = self.joined.get(room_id.as_str(), upto, valid) {
+            return Ok(count);
+        }
+        let count = store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count();
+        self.joined.put(room_id.as_str(), upto, count);
+        Ok(count)
+    }
+}
+
+impl Recent {
+    /// The user's push rules and display name, as of `upto` or later; `load` reads them.
+    pub async fn push_context<F, Fut>(
+        &self,
+        user: &UserId,
+        upto: i64,
+        load: F,
+    ) -> crate::error::Result<Arc<(Ruleset, String)>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = crate::error::Result<(Ruleset, String)>>,
+    {
+        // Rules are account data; the display name changes with member events.
+        let valid = |at| {
+            self.account_data_changed(user, at, upto) == Some(false)
+                && self.membership_changed(user, at, upto) == Some(false)
+        };
+        if let Some(context) = self.push.get(user.as_str(), upto, valid) {
+            return Ok(context);
+        }
+        let context = Arc::new(load().await?);
+        self.push.put(user.as_str(), upto, context.clone());
+        Ok(context)
+    }
+}
+
+/// Values keyed by a user or room, each with the stream position it was read at.
+pub struct Memo<V> {
+    entries: Mutex<HashMap<String, (i64, V)>>,
+}
+
+impl<V> Default for Memo<V> {
+    fn default() -> Self {
+        Self { entries: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<V: Clone> Memo<V> {
+    /// The value for `key` if it was read at or after `upto`, or `still_valid(at)` says nothing
+    /// changed it since it was read at `at`.
+    pub fn get(&self, key: &str, upto: i64, still_valid: impl FnOnce(i64) -> bool) -> Option<V> {
+        let (at, value) =
+            self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()?;
+        (at >= upto || still_valid(at)).then_some(value)
+    }
+
+    /// Remembers `value`, read at `at` (a position taken before the read, so that any change
+    /// after it is noticed).
+    pub fn put(&self, key: &str, at: i64, value: V) {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= MEMO_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(key.to_owned(), (at, value));
+    }
+}
+
+/// The event a redaction removes (top level before room v11, in the content from v11).
+fn redacts(json: &str) -> Option<String> {
+    let event: serde_json::Value = serde_json::from_str(json).ok()?;
+    event.get("redacts").or_else(|| event["content"].get("redacts"))?.as_str().map(str::to_owned)
+}
