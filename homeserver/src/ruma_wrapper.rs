@@ -299,7 +299,13 @@ impl Router {
     }
 
     pub fn configure(self, config: &mut web::ServiceConfig) {
-        for (path, routes) in self.resources {
+        // actix tries resources in turn and matches each dynamic one with a regex, which costs
+        // a request a walk over every endpoint. So endpoints with path variables are grouped in
+        // scopes by their static prefix: a request compares prefixes, then tries a few regexes.
+        let mut scopes: BTreeMap<String, Vec<(String, &'static str)>> = BTreeMap::new();
+        let mut top = Vec::new();
+        let mut patterns = Vec::new();
+        for path in self.resources.keys() {
             // Path variables may be empty: an empty state key is the common case
             // (`/state/m.room.name/`).
             let pattern = path
@@ -311,17 +317,52 @@ impl Router {
                 .collect::<Vec<_>>()
                 .join("/");
             // `/state/{eventType}` with no state key at all means the empty key too.
-            let mut patterns = vec![pattern.clone()];
             if let Some(without) = pattern.strip_suffix("/{state_key:[^/]*}") {
-                patterns.push(without.to_owned());
+                patterns.push((without.to_owned(), *path));
             }
-            for pattern in patterns {
-                let mut resource = web::resource(pattern).app_data(PathTemplate(path));
-                for route in &routes {
-                    resource = resource.route(route());
+            patterns.push((pattern, *path));
+        }
+        for (pattern, _) in &patterns {
+            if let Some(dynamic) = pattern.find("/{") {
+                scopes.entry(pattern[..dynamic].to_owned()).or_default();
+            }
+        }
+        for (pattern, path) in patterns {
+            // The longest scope whose prefix is a whole-segment prefix of the pattern.
+            let scope = scopes
+                .keys()
+                .filter(|prefix| {
+                    pattern.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.starts_with('/'))
+                })
+                .max_by_key(|prefix| prefix.len())
+                .cloned();
+            match scope {
+                Some(prefix) => {
+                    let rest = pattern[prefix.len()..].to_owned();
+                    scopes.entry(prefix).or_default().push((rest, path));
                 }
-                config.service(resource.default_service(web::to(method_not_allowed)));
+                None => top.push((pattern, path)),
             }
+        }
+        let resource = |pattern: &str, path: &'static str| {
+            let mut resource = web::resource(pattern.to_owned()).app_data(PathTemplate(path));
+            for route in &self.resources[path] {
+                resource = resource.route(route());
+            }
+            resource.default_service(web::to(method_not_allowed))
+        };
+        for (pattern, path) in &top {
+            config.service(resource(pattern, path));
+        }
+        // Longer prefixes first, so that a scope nested in another's prefix is reached.
+        let mut scopes: Vec<_> = scopes.into_iter().collect();
+        scopes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        for (prefix, members) in scopes {
+            let mut scope = web::scope(&prefix).default_service(web::to(unrecognized));
+            for (pattern, path) in &members {
+                scope = scope.service(resource(pattern, path));
+            }
+            config.service(scope);
         }
     }
 }
