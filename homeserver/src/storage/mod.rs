@@ -19,7 +19,7 @@ mod threepids;
 mod uia;
 mod user_data;
 
-use std::{borrow::Cow, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 use sqlx::{
@@ -109,6 +109,22 @@ pub enum Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    immutable: Arc<ImmutableCache>,
+}
+
+/// Rows that never change once written, kept in memory after their first read. Safe with any
+/// number of workers, since no one can make them stale.
+#[derive(Debug, Default)]
+struct ImmutableCache {
+    /// Room id → room version.
+    room_versions: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Room id → its latest state snapshot read here (snapshots are written once, by id).
+    snapshots: std::sync::Mutex<std::collections::HashMap<String, (i64, Arc<rooms::StateMap>)>>,
+}
+
+impl ImmutableCache {
+    /// Entries kept per map before it is cleared.
+    const CAPACITY: usize = 50_000;
 }
 
 /// Embedded migrations: (version, description, postgres SQL, sqlite SQL).
@@ -207,7 +223,7 @@ impl SqlStore {
             });
         }
         let pool = options.connect(url).await?;
-        Ok(Self { pool, backend })
+        Ok(Self { pool, backend, immutable: Arc::default() })
     }
 
     pub fn backend(&self) -> Backend {

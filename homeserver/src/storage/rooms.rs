@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use ruma::{OwnedEventId, RoomId, UserId};
 use sqlx::{Row, any::AnyRow};
 
-use super::{SqlStore, StoreError, StoreResult, now_ms, stream::StreamWriter};
+use super::{ImmutableCache, SqlStore, StoreError, StoreResult, now_ms, stream::StreamWriter};
 
 /// `(event_type, state_key)` → event id.
 pub type StateMap = BTreeMap<(String, String), String>;
@@ -166,7 +166,41 @@ fn snapshot_from_json(text: &str) -> StoreResult<StateMap> {
     Ok(list.into_iter().map(|[t, k, id]| ((t, k), id)).collect())
 }
 
+/// Locks a cache, shrugging off poisoning (a cache holds no invariant a panic could break).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl SqlStore {
+    /// A state snapshot of a room, from memory when it is the one last read or written here.
+    async fn snapshot(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        room_id: &RoomId,
+        snapshot_id: i64,
+    ) -> StoreResult<Arc<StateMap>> {
+        if let Some((id, state)) = lock(&self.immutable.snapshots).get(room_id.as_str())
+            && *id == snapshot_id
+        {
+            return Ok(state.clone());
+        }
+        let row = sqlx::query("SELECT state FROM state_snapshots WHERE snapshot_id = $1")
+            .bind(snapshot_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        let state = Arc::new(snapshot_from_json(&row.try_get::<String, _>("state")?)?);
+        self.remember_snapshot(room_id, snapshot_id, state.clone());
+        Ok(state)
+    }
+
+    fn remember_snapshot(&self, room_id: &RoomId, snapshot_id: i64, state: Arc<StateMap>) {
+        let mut snapshots = lock(&self.immutable.snapshots);
+        if snapshots.len() >= ImmutableCache::CAPACITY {
+            snapshots.clear();
+        }
+        snapshots.insert(room_id.to_string(), (snapshot_id, state));
+    }
+
     async fn events_by_ids(&self, ids: &[String]) -> StoreResult<Vec<StoredEvent>> {
         let mut events = Vec::with_capacity(ids.len());
         // One query per id keeps the SQL portable; state maps are small for now.
@@ -196,11 +230,23 @@ impl RoomStore for SqlStore {
     }
 
     async fn room_version(&self, room_id: &RoomId) -> StoreResult<Option<String>> {
+        let cache = &self.immutable.room_versions;
+        if let Some(version) = lock(cache).get(room_id.as_str()) {
+            return Ok(Some(version.clone()));
+        }
         let row = sqlx::query("SELECT room_version FROM rooms WHERE room_id = $1")
             .bind(room_id.as_str())
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| r.try_get("room_version").map_err(Into::into)).transpose()
+        let version: Option<String> = row.map(|r| r.try_get("room_version")).transpose()?;
+        if let Some(version) = &version {
+            let mut versions = lock(cache);
+            if versions.len() >= ImmutableCache::CAPACITY {
+                versions.clear();
+            }
+            versions.insert(room_id.to_string(), version.clone());
+        }
+        Ok(version)
     }
 
     async fn set_room_public(&self, room_id: &RoomId, public: bool) -> StoreResult<()> {
@@ -239,14 +285,10 @@ impl RoomStore for SqlStore {
         let depth: i64 = row.try_get("depth")?;
         let snapshot: Option<i64> = row.try_get("current_snapshot")?;
 
-        let mut state_map = StateMap::new();
-        if let Some(snapshot) = snapshot {
-            let row = sqlx::query("SELECT state FROM state_snapshots WHERE snapshot_id = $1")
-                .bind(snapshot)
-                .fetch_one(&mut *tx)
-                .await?;
-            state_map = snapshot_from_json(&row.try_get::<String, _>("state")?)?;
-        }
+        let state_map = match snapshot {
+            Some(snapshot) => self.snapshot(&mut tx, room_id, snapshot).await?,
+            None => Arc::default(),
+        };
         // Only the state the auth rules will look at, in one query.
         let wanted: Vec<(&(String, String), &String)> =
             auth_keys.iter().filter_map(|key| state_map.get_key_value(key)).collect();
@@ -279,8 +321,10 @@ impl RoomStore for SqlStore {
             Err(refused) => return Ok(Err(refused)),
         };
 
+        let mut new_snapshot = None;
         let snapshot_id = match &event.state_key {
             Some(key) => {
+                let mut state_map = (*state_map).clone();
                 state_map.insert((event.event_type.clone(), key.clone()), event.event_id.to_string());
                 sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
                     .bind(position.position)
@@ -288,6 +332,7 @@ impl RoomStore for SqlStore {
                     .bind(snapshot_to_json(&state_map)?)
                     .execute(&mut *tx)
                     .await?;
+                new_snapshot = Some(Arc::new(state_map));
                 sqlx::query(
                     "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
@@ -366,6 +411,9 @@ impl RoomStore for SqlStore {
             .await?;
         }
         tx.commit().await?;
+        if let Some(state_map) = new_snapshot {
+            self.remember_snapshot(room_id, snapshot_id, state_map);
+        }
         let stored = StoredEvent {
             stream_ordering: position.position,
             event_id: event.event_id.to_string(),
