@@ -139,13 +139,24 @@ pub async fn append(state: &AppState, room_id: &RoomId, draft: Draft<'_>) -> Res
             .map(|(kind, key)| (kind.to_string(), key))
             .collect();
     let builder = |head: &RoomHead| build(state, room_id, &draft, head);
-    match state.store.append_event(room_id, &state.stream, &auth_keys, &builder).await? {
+    let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, &builder).await?;
+    if let (Err(_), Some((device, txn))) = (&outcome, draft.txn) {
+        // A retried transaction answers with its first event, even if sending again would now
+        // be refused (the sender left, say).
+        if let Some(event_id) = state.store.event_by_txn(draft.sender, device, txn).await?
+            && let Some(stored) = state.store.get_event(&event_id).await?
+        {
+            return Ok(stored);
+        }
+    }
+    match outcome {
         Ok(stored) => {
             // Make the event readable before answering, so the sender's next sync has it.
             state.stream.flush().await?;
             state.notify(stored.stream_ordering);
             Ok(stored)
         }
+        Err(AppendError::DuplicateTxn) => Err(Error::internal("transaction id used, but its event is gone")),
         Err(AppendError::NoRoom) => Err(Error::not_found("no such room")),
         Err(AppendError::Refused(why)) => Err(forbidden(why)),
         Err(AppendError::Invalid(why)) => {

@@ -208,8 +208,13 @@ impl SqlStore {
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
-        let mut options =
-            AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(30));
+        // No ping before each use: it would double the round trips of every query. A connection
+        // that died is dropped when its query fails, and idle ones are recycled.
+        let mut options = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .test_before_acquire(false)
+            .idle_timeout(Duration::from_secs(60));
         if backend == Backend::Sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {

@@ -66,6 +66,9 @@ pub enum AppendError {
     Refused(String),
     #[error("{0}")]
     Invalid(String),
+    /// The client transaction already produced an event (a retry raced the first send).
+    #[error("transaction already used")]
+    DuplicateTxn,
 }
 
 #[async_trait]
@@ -399,16 +402,22 @@ impl RoomStore for SqlStore {
         .execute(&mut *tx)
         .await?;
         if let Some((user, device, txn)) = &event.txn {
-            sqlx::query(
-                "INSERT INTO event_txns (user_id, device_id, txn_id, event_id, created_ts) VALUES ($1, $2, $3, $4, $5)",
+            // The key on the transaction id is what makes sends idempotent: a second use finds
+            // the first's row (waiting for it to commit if need be) and this event is dropped.
+            let inserted = sqlx::query(
+                "INSERT INTO event_txns (user_id, device_id, txn_id, event_id, created_ts) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id, device_id, txn_id) DO NOTHING RETURNING event_id",
             )
             .bind(user)
             .bind(device)
             .bind(txn)
             .bind(event.event_id.as_str())
             .bind(now_ms())
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+            if inserted.is_none() {
+                return Ok(Err(AppendError::DuplicateTxn));
+            }
         }
         tx.commit().await?;
         if let Some(state_map) = new_snapshot {

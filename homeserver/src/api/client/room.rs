@@ -484,11 +484,7 @@ async fn send_message(
 ) -> Result<send_message_event::v3::Response> {
     let user = &request.sender;
     let body = &request.body;
-    if let Some(event_id) =
-        state.store.event_by_txn(&user.user_id, user.device_id.as_str(), body.txn_id.as_str()).await?
-    {
-        return Ok(send_message_event::v3::Response::new(event_id.try_into().map_err(Error::internal)?));
-    }
+    // A retried transaction is recognised inside the append (see `rooms::append`).
     let event_type = body.event_type.to_string();
     if event_type == "m.room.redaction" {
         return Err(Error::bad_json("use the redact endpoint to redact events"));
