@@ -243,6 +243,9 @@ pub struct RateLimitConfig {
 pub struct LimitsConfig {
     /// Largest request body the client API accepts, in bytes.
     pub max_request_bytes: usize,
+    /// Recent stream changes (events, receipts, account data writes) each process keeps in
+    /// memory for `/sync`; older sync tokens are answered from the database.
+    pub recent_changes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -404,7 +407,7 @@ impl Default for JwtLoginConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_request_bytes: 1024 * 1024 }
+        Self { max_request_bytes: 1024 * 1024, recent_changes: 20_000 }
     }
 }
 

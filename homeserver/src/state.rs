@@ -101,12 +101,13 @@ impl AppState {
         };
         let signing_key = SigningKey::load_or_generate(&key_file)
             .map_err(|e| anyhow::anyhow!("signing key {}: {e}", key_file.display()))?;
+        let recent_changes = config.limits.recent_changes;
         Ok(Self {
             config,
             signing_key,
             stream,
             ephemeral: Default::default(),
-            recent: Default::default(),
+            recent: crate::rooms::recent::Recent::new(recent_changes),
             notifier: tokio::sync::watch::channel(0).0,
             server_name,
             store,

@@ -34,6 +34,20 @@ pub fn to_client(event: &StoredEvent) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// Whether an event passes a room event filter's type and sender rules (`*` ends a type prefix).
+pub fn matches_filter(filter: &ruma::api::client::filter::RoomEventFilter, event: &Value) -> bool {
+    let kind = event["type"].as_str().unwrap_or_default();
+    let sender = event["sender"].as_str().unwrap_or_default();
+    let type_matches = |pattern: &String| match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => kind == pattern,
+    };
+    filter.types.as_ref().is_none_or(|types| types.iter().any(type_matches))
+        && !filter.not_types.iter().any(type_matches)
+        && filter.senders.as_ref().is_none_or(|senders| senders.iter().any(|s| s.as_str() == sender))
+        && !filter.not_senders.iter().any(|s| s.as_str() == sender)
+}
+
 /// Any JSON value as one of ruma's raw event types.
 pub fn raw<T>(value: &Value) -> Result<Raw<T>> {
     serde_json::value::to_raw_value(value).map(Raw::from_json).map_err(Error::internal)

@@ -24,10 +24,6 @@ use ruma::{RoomId, UserId, push::Ruleset};
 
 use crate::storage::{ReceiptRecord, Storage, StoreResult, StoredEvent, StreamEvent};
 
-/// Changes (events, receipts, account data writes) kept in memory.
-const CAPACITY: usize = 20_000;
-/// A gap wider than this many positions is not loaded: the window restarts after it.
-const MAX_GAP: i64 = 8 * CAPACITY as i64;
 /// Memoised entries kept per memo before it is cleared.
 const MEMO_CAPACITY: usize = 100_000;
 
@@ -81,8 +77,8 @@ impl Window {
         self.log.push_back((position, change));
     }
 
-    fn trim(&mut self) {
-        while self.log.len() > CAPACITY {
+    fn trim(&mut self, capacity: usize) {
+        while self.log.len() > capacity {
             let Some((position, change)) = self.log.pop_front() else { break };
             self.start = self.start.max(position);
             match change {
@@ -105,6 +101,9 @@ impl Window {
 
 /// What changed in the stream lately, and values memoised against it.
 pub struct Recent {
+    /// Changes kept in memory; a gap wider than eight times this is not loaded at all (the
+    /// window restarts after it).
+    capacity: usize,
     /// When the latest refresh started; held while refreshing so that concurrent syncs share one.
     refreshed: tokio::sync::Mutex<Instant>,
     window: RwLock<Window>,
@@ -116,9 +115,10 @@ pub struct Recent {
     push: Memo<Arc<(Ruleset, String)>>,
 }
 
-impl Default for Recent {
-    fn default() -> Self {
+impl Recent {
+    pub fn new(capacity: usize) -> Self {
         Self {
+            capacity: capacity.max(1),
             refreshed: tokio::sync::Mutex::new(Instant::now()),
             window: RwLock::default(),
             user_rooms: Memo::default(),
@@ -148,12 +148,12 @@ impl Recent {
         if upto <= from {
             return Ok(from);
         }
-        if upto - from > MAX_GAP {
+        if upto - from > 8 * self.capacity as i64 {
             self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner).restart_at(upto);
             return Ok(upto);
         }
-        let events = store.stream_events(from, upto, CAPACITY as i64 + 1).await?;
-        if events.len() > CAPACITY {
+        let events = store.stream_events(from, upto, self.capacity as i64 + 1).await?;
+        if events.len() > self.capacity {
             self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner).restart_at(upto);
             return Ok(upto);
         }
@@ -210,7 +210,7 @@ impl Recent {
             window.push(position, change);
         }
         window.upto = upto;
-        window.trim();
+        window.trim(self.capacity);
         Ok(upto)
     }
 

@@ -56,7 +56,112 @@ fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Incremental syncs with a filter, on a server whose in-memory window holds `recent_changes`.
+async fn filtered_syncs(db: Db, recent_changes: usize) {
+    let server = TestServer::start_with(db, |config| config.limits.recent_changes = recent_changes).await;
+    let alice = server.register("alice", PW).await;
+    let bob = server.register("bob", PW).await;
+    let chat = create(&server, &alice, json!({"invite": [bob.user_id]})).await;
+    let other = create(&server, &alice, json!({"invite": [bob.user_id]})).await;
+    for room in [&chat, &other] {
+        assert_eq!(server.post(&room_path(room, "join"), Some(&bob.token), json!({})).await.0, 200);
+    }
+    let since = sync(&server, &bob, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    for n in 0..12 {
+        assert_eq!(send(&server, &alice, &chat, &format!("a{n}"), &format!("alice {n}")).await.0, 200);
+        if n % 4 == 0 {
+            let ping = room_path(&chat, &format!("send/org.example.ping/p{n}"));
+            assert_eq!(server.request("PUT", &ping, Some(&alice.token), Some(json!({"n": n}))).await.0, 200);
+            assert_eq!(send(&server, &bob, &chat, &format!("b{n}"), &format!("bob {n}")).await.0, 200);
+        }
+    }
+    assert_eq!(send(&server, &alice, &other, "o1", "elsewhere").await.0, 200);
+    let filtered = |filter: Value| {
+        let filter = percent_encode(&filter.to_string());
+        let (server, bob, since) = (&server, &bob, since.clone());
+        async move {
+            let (status, body) = server
+                .get(
+                    &format!("/_matrix/client/v3/sync?since={since}&timeout=0&filter={filter}"),
+                    Some(&bob.token),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+
+    // Only messages, not bob's own, only the chat room: the newest five, and more are left out.
+    let update = filtered(json!({"room": {"rooms": [chat], "timeline": {"limit": 5, "types": ["m.room.message"], "not_senders": [bob.user_id]}}})).await;
+    assert!(update["rooms"]["join"].get(&other).is_none(), "rooms outside the filter are left out: {update}");
+    let timeline = &update["rooms"]["join"][&chat]["timeline"];
+    assert_eq!(timeline_bodies(&update, &chat), ["alice 7", "alice 8", "alice 9", "alice 10", "alice 11"]);
+    assert_eq!(timeline["events"].as_array().unwrap().len(), 5, "{timeline}");
+    assert_eq!(timeline["limited"], true);
+    // Paging back from prev_batch with the same filter finds the rest.
+    let prev = timeline["prev_batch"].as_str().unwrap();
+    let page_filter =
+        percent_encode(&json!({"types": ["m.room.message"], "not_senders": [bob.user_id]}).to_string());
+    let (_, page) = server
+        .get(
+            &format!("{}?dir=b&from={prev}&limit=10&filter={page_filter}", room_path(&chat, "messages")),
+            Some(&bob.token),
+        )
+        .await;
+    let bodies: Vec<&str> =
+        page["chunk"].as_array().unwrap().iter().map(|e| e["content"]["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies[..3], ["alice 6", "alice 5", "alice 4"]);
+
+    // A type prefix: all three pings and nothing else, complete.
+    let pings = filtered(json!({"room": {"timeline": {"types": ["org.example.*"]}}})).await;
+    let timeline = &pings["rooms"]["join"][&chat]["timeline"];
+    let kinds: Vec<&str> =
+        timeline["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["org.example.ping"; 3], "{timeline}");
+    assert!(!timeline["limited"].as_bool().unwrap_or(false), "nothing left out (false may be omitted)");
+    assert!(
+        pings["rooms"]["join"].get(&other).is_none(),
+        "a room with nothing that passes is not sent: {pings}"
+    );
+
+    // Without a filter the default limit of ten applies to everything.
+    let plain = sync(&server, &bob, Some(&since), 0).await;
+    assert_eq!(plain["rooms"]["join"][&chat]["timeline"]["events"].as_array().unwrap().len(), 10);
+    assert_eq!(timeline_bodies(&plain, &other), ["elsewhere"]);
+
+    // A redaction reaches events a sync already read: the same range read again shows it redacted.
+    let last =
+        plain["rooms"]["join"][&chat]["timeline"]["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["content"]["body"], "alice 11");
+    let redact = room_path(&chat, &format!("redact/{}/r1", percent(last["event_id"].as_str().unwrap())));
+    assert_eq!(server.request("PUT", &redact, Some(&alice.token), Some(json!({}))).await.0, 200);
+    let again = sync(&server, &bob, Some(&since), 0).await;
+    let events = again["rooms"]["join"][&chat]["timeline"]["events"].as_array().unwrap().clone();
+    let redacted = events.iter().find(|e| e["event_id"] == last["event_id"]).expect("still in the timeline");
+    assert_eq!(redacted["content"], json!({}), "{redacted}");
+    assert_eq!(events.last().unwrap()["type"], "m.room.redaction");
+    server.stop().await;
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 crate::on_both_backends! {
+    async fn sync_filters_from_memory(db: Db) {
+        filtered_syncs(db, 20_000).await;
+    }
+
+    // A window of three changes cannot hold the range: every read falls back to the database.
+    async fn sync_filters_from_the_database(db: Db) {
+        filtered_syncs(db, 3).await;
+    }
+
     async fn two_users_chat(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

@@ -28,7 +28,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     rooms::{
         self, Draft,
-        client_event::{raw, raws, to_client},
+        client_event::{matches_filter, raw, raws, to_client},
     },
     ruma_wrapper::{Router, Ruma},
     state::AppState,
@@ -619,20 +619,6 @@ async fn messages(
     }
     response.chunk = chunk;
     Ok(response)
-}
-
-/// Whether an event passes a room event filter's type and sender rules (`*` ends a type prefix).
-fn matches_filter(filter: &ruma::api::client::filter::RoomEventFilter, event: &Value) -> bool {
-    let kind = event["type"].as_str().unwrap_or_default();
-    let sender = event["sender"].as_str().unwrap_or_default();
-    let type_matches = |pattern: &String| match pattern.strip_suffix('*') {
-        Some(prefix) => kind.starts_with(prefix),
-        None => kind == pattern,
-    };
-    filter.types.as_ref().is_none_or(|types| types.iter().any(type_matches))
-        && !filter.not_types.iter().any(type_matches)
-        && filter.senders.as_ref().is_none_or(|senders| senders.iter().any(|s| s.as_str() == sender))
-        && !filter.not_senders.iter().any(|s| s.as_str() == sender)
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}

@@ -9,9 +9,12 @@ use std::{collections::BTreeMap, time::Duration};
 use actix_web::web;
 use ruma::{
     OwnedRoomId, RoomId, UInt, UserId,
-    api::client::sync::sync_events::{
-        self,
-        v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
+    api::client::{
+        filter::RoomEventFilter,
+        sync::sync_events::{
+            self,
+            v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
+        },
     },
     events::AnySyncTimelineEvent,
     push::{PushConditionRoomCtx, Ruleset},
@@ -23,7 +26,7 @@ use super::room::{parse_token, token};
 use crate::{
     error::Result,
     rooms::{
-        client_event::{raw, raws, to_client},
+        client_event::{matches_filter, raw, raws, to_client},
         ephemeral::UnreadCounts,
     },
     ruma_wrapper::{Router, Ruma},
@@ -56,13 +59,30 @@ pub(super) fn routes(router: &mut Router) {
     router.add(sync);
 }
 
-/// The timeline limit a filter (given inline or by id) asks for.
+/// Events examined at a time when a timeline filter leaves some out.
+const FILTER_BATCH: i64 = 50;
+/// Batches examined before a filtered timeline gives up looking further back (and says it is
+/// limited, so the client can page on with the same filter).
+const MAX_FILTER_BATCHES: usize = 10;
+
 /// What a sync's filter asks for.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 struct Options {
     limit: i64,
     /// Send only the member events of the timeline's senders (and the user's own).
     lazy_members: bool,
+    /// Which timeline events to send, when the filter narrows them by type or sender.
+    timeline: Option<RoomEventFilter>,
+    /// Rooms to include (all if `None`) and to leave out.
+    rooms: Option<Vec<OwnedRoomId>>,
+    not_rooms: Vec<OwnedRoomId>,
+}
+
+impl Options {
+    fn wants_room(&self, room_id: &RoomId) -> bool {
+        self.rooms.as_ref().is_none_or(|rooms| rooms.iter().any(|r| r == room_id))
+            && !self.not_rooms.iter().any(|r| r == room_id)
+    }
 }
 
 /// Reads the filter (given inline or by id).
@@ -80,7 +100,16 @@ async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Re
         .and_then(|d| d.room.timeline.limit)
         .map_or(DEFAULT_TIMELINE_LIMIT, |l| i64::try_from(u64::from(l)).unwrap_or(MAX_TIMELINE_LIMIT));
     let lazy_members = definition.is_some_and(|d| !d.room.state.lazy_load_options.is_disabled());
-    Ok(Options { limit: limit.clamp(1, MAX_TIMELINE_LIMIT), lazy_members })
+    let timeline = definition.map(|d| &d.room.timeline).filter(|t| {
+        t.types.is_some() || t.senders.is_some() || !t.not_types.is_empty() || !t.not_senders.is_empty()
+    });
+    Ok(Options {
+        limit: limit.clamp(1, MAX_TIMELINE_LIMIT),
+        lazy_members,
+        timeline: timeline.cloned(),
+        rooms: definition.and_then(|d| d.room.rooms.clone()),
+        not_rooms: definition.map(|d| d.room.not_rooms.clone()).unwrap_or_default(),
+    })
 }
 
 /// GET /_matrix/client/v3/sync
@@ -111,7 +140,7 @@ async fn sync(
     // hold only the small state of the wait, not room for the whole build.
     loop {
         let upto = state.recent.catch_up(&*state.store).await?;
-        let response = Box::pin(build(&state, user, since, upto, body.full_state, options)).await?;
+        let response = Box::pin(build(&state, user, since, upto, body.full_state, &options)).await?;
         let has_news = !response.rooms.is_empty();
         if has_news || since.is_none() || body.full_state || tokio::time::Instant::now() >= deadline {
             return Ok(response);
@@ -131,7 +160,7 @@ async fn sync(
             }
             Ok(Err(_)) | Err(_) => {
                 let upto = state.recent.catch_up(&*state.store).await?;
-                return Box::pin(build(&state, user, since, upto, body.full_state, options)).await;
+                return Box::pin(build(&state, user, since, upto, body.full_state, &options)).await;
             }
         }
     }
@@ -152,7 +181,7 @@ async fn build(
     since: Option<i64>,
     upto: i64,
     full_state: bool,
-    options: Options,
+    options: &Options,
 ) -> Result<sync_events::v3::Response> {
     let mut response = sync_events::v3::Response::new(token(upto));
     let mut room_account_data: BTreeMap<String, Vec<Value>> = BTreeMap::new();
@@ -215,6 +244,9 @@ async fn build(
     for (room, membership, at) in user_rooms.iter() {
         let Ok(room_id) = OwnedRoomId::try_from(room.as_str()) else { continue };
         let at = *at;
+        if !options.wants_room(&room_id) {
+            continue;
+        }
         if let Some(since) = since
             && !full_state
             && at <= since
@@ -262,7 +294,7 @@ async fn build(
             }
             "leave" | "ban" if since.is_some() && changed_since => {
                 let after = since.unwrap_or(0);
-                let (events, limited) = window(state, &room_id, after, at, options.limit).await?;
+                let (events, limited) = window(state, &room_id, after, at, options).await?;
                 let mut left = LeftRoom::new();
                 left.timeline = timeline(&events, limited, at)?;
                 response.rooms.leave.insert(room_id, left);
@@ -398,21 +430,49 @@ async fn ephemeral_events(
     Ok(events)
 }
 
-/// The newest `limit` events of a room in `(after, upto]`, and whether older ones were left out.
+/// The newest events of a room in `(after, upto]` that the timeline filter lets through, at most
+/// the filter's limit, and whether older ones were left out.
 async fn window(
     state: &AppState,
     room_id: &RoomId,
     after: i64,
     upto: i64,
-    limit: i64,
+    options: &Options,
 ) -> Result<(Vec<StoredEvent>, bool)> {
-    // One more than the limit tells whether the timeline is complete.
-    let mut events = state.recent.room_events(&*state.store, room_id, after, upto, limit + 1, true).await?;
-    let limited = events.len() as i64 > limit;
-    if limited {
-        events.remove(0);
+    let limit = options.limit;
+    let Some(filter) = &options.timeline else {
+        // One more than the limit tells whether the timeline is complete.
+        let mut events =
+            state.recent.room_events(&*state.store, room_id, after, upto, limit + 1, true).await?;
+        let limited = events.len() as i64 > limit;
+        if limited {
+            events.remove(0);
+        }
+        return Ok((events, limited));
+    };
+    let mut kept = Vec::new();
+    let mut ceiling = upto;
+    for _ in 0..MAX_FILTER_BATCHES {
+        let batch =
+            state.recent.room_events(&*state.store, room_id, after, ceiling, FILTER_BATCH, true).await?;
+        let exhausted = (batch.len() as i64) < FILTER_BATCH;
+        ceiling = batch.first().map_or(after, |e| e.stream_ordering - 1);
+        for event in batch.into_iter().rev() {
+            if matches_filter(filter, &to_client(&event)?) {
+                if kept.len() as i64 == limit {
+                    kept.reverse();
+                    return Ok((kept, true));
+                }
+                kept.push(event);
+            }
+        }
+        if exhausted {
+            kept.reverse();
+            return Ok((kept, false));
+        }
     }
-    Ok((events, limited))
+    kept.reverse();
+    Ok((kept, true))
 }
 
 /// A timeline of `events`; `prev_batch` points just before the first (or at `upto` if none).
@@ -431,10 +491,10 @@ async fn joined_room(
     room_id: &RoomId,
     after: i64,
     upto: i64,
-    options: Options,
+    options: &Options,
     fresh: bool,
 ) -> Result<Option<JoinedRoom>> {
-    let (events, limited) = window(state, room_id, after, upto, options.limit).await?;
+    let (events, limited) = window(state, room_id, after, upto, options).await?;
     if events.is_empty() && !fresh {
         return Ok(None);
     }
