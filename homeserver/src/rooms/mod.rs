@@ -190,19 +190,19 @@ pub async fn room_version(state: &AppState, room_id: &RoomId) -> Result<RoomVers
 }
 
 /// Takes a stream position for something that is not a room event (a receipt, account data,
-/// typing), runs `write` with it, and makes it readable and announced.
-pub async fn at_new_position<F, Fut>(state: &AppState, write: F) -> Result<i64>
+/// typing, keys, a to-device message), runs `write` with it, and makes it readable and announced.
+pub async fn at_new_position<F, Fut, T>(state: &AppState, write: F) -> Result<T>
 where
     F: FnOnce(i64) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     let guard = state.stream.allocate().await?;
     let position = guard.position;
-    write(position).await?;
+    let written = write(position).await?;
     drop(guard);
     state.stream.flush().await?;
     state.notify(position);
-    Ok(position)
+    Ok(written)
 }
 
 /// A user's power level in a room, and the room's power levels content (`{}` if none).

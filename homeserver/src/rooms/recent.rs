@@ -15,24 +15,45 @@
 //! change, so writes by other workers of a deployment are seen the same way as this process's.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex, RwLock},
     time::Instant,
 };
 
-use ruma::{RoomId, UserId, push::Ruleset};
+use ruma::{OneTimeKeyAlgorithm, RoomId, UInt, UserId, push::Ruleset};
+
+use crate::error::Result;
 
 use crate::storage::{ReceiptRecord, Storage, StoreResult, StoredEvent, StreamEvent};
 
 /// Memoised entries kept per memo before it is cleared.
 const MEMO_CAPACITY: usize = 100_000;
 
+/// Changes known only by who they concern and where they are in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mark {
+    /// A user's account data (keyed by user).
+    AccountData,
+    /// A membership event about a user (keyed by user).
+    Membership,
+    /// A user's device list or keys (keyed by user).
+    DeviceList,
+    /// A device's one-time or fallback key counts (keyed by `user|device`).
+    KeyCounts,
+    /// A to-device message for a device (keyed by `user|device`).
+    ToDevice,
+}
+
+/// The key of a device in [`Mark::KeyCounts`] and [`Mark::ToDevice`].
+pub fn device_key(user: &str, device: &str) -> String {
+    format!("{user}|{device}")
+}
+
 #[derive(Debug, Clone)]
 enum Change {
     Event(String),
     Receipt(String),
-    AccountData(String),
-    Membership(String),
+    Mark(Mark, String),
 }
 
 /// Everything that changed in `(start, upto]`.
@@ -44,10 +65,8 @@ struct Window {
     log: VecDeque<(i64, Change)>,
     events: HashMap<String, VecDeque<Arc<StreamEvent>>>,
     receipts: HashMap<String, VecDeque<ReceiptRecord>>,
-    /// Positions of account data changes, by user.
-    account_data: HashMap<String, VecDeque<i64>>,
-    /// Positions of membership events, by the user they are about.
-    memberships: HashMap<String, VecDeque<i64>>,
+    /// Positions of the other changes, by kind and whom they concern.
+    marks: HashMap<(Mark, String), VecDeque<i64>>,
 }
 
 /// The part of a position-ordered deque that lies in `(after, upto]`.
@@ -55,7 +74,7 @@ fn range<T>(items: &VecDeque<T>, position: impl Fn(&T) -> i64, after: i64, upto:
     (items.partition_point(|i| position(i) <= after), items.partition_point(|i| position(i) <= upto))
 }
 
-fn pop_front<T>(map: &mut HashMap<String, VecDeque<T>>, key: &str) {
+fn pop_front<K: std::hash::Hash + Eq, T>(map: &mut HashMap<K, VecDeque<T>>, key: &K) {
     if let Some(items) = map.get_mut(key) {
         items.pop_front();
         if items.is_empty() {
@@ -84,15 +103,14 @@ impl Window {
             match change {
                 Change::Event(room) => pop_front(&mut self.events, &room),
                 Change::Receipt(room) => pop_front(&mut self.receipts, &room),
-                Change::AccountData(user) => pop_front(&mut self.account_data, &user),
-                Change::Membership(user) => pop_front(&mut self.memberships, &user),
+                Change::Mark(mark, key) => pop_front(&mut self.marks, &(mark, key)),
             }
         }
     }
 
-    /// Whether `key` has an entry in `(after, upto]` of one of the position maps.
-    fn any_in(map: &HashMap<String, VecDeque<i64>>, key: &str, after: i64, upto: i64) -> bool {
-        map.get(key).is_some_and(|positions| {
+    /// Whether a change of kind `mark` concerning `key` lies in `(after, upto]`.
+    fn marked(&self, mark: Mark, key: &str, after: i64, upto: i64) -> bool {
+        self.marks.get(&(mark, key.to_owned())).is_some_and(|positions| {
             let (from, to) = range(positions, |p| *p, after, upto);
             from < to
         })
@@ -113,6 +131,8 @@ pub struct Recent {
     joined: Memo<usize>,
     /// What push-rule evaluation needs about a user: their rules and display name.
     push: Memo<Arc<(Ruleset, String)>>,
+    /// Each device's key counts.
+    key_counts: Memo<Arc<KeyCounts>>,
 }
 
 impl Recent {
@@ -124,6 +144,7 @@ impl Recent {
             user_rooms: Memo::default(),
             joined: Memo::default(),
             push: Memo::default(),
+            key_counts: Memo::default(),
         }
     }
 }
@@ -159,6 +180,7 @@ impl Recent {
         }
         let receipts = store.stream_receipts(from, upto).await?;
         let account_data = store.stream_account_data(from, upto).await?;
+        let keys = store.stream_key_changes(from, upto).await?;
         // A redaction rewrites an older event in place: take the new text of the ones held here.
         let mut redacted = Vec::new();
         for event in events.iter().filter(|e| e.event_type == "m.room.redaction") {
@@ -190,8 +212,7 @@ impl Recent {
             if event.event_type == "m.room.member"
                 && let Some(user) = &event.state_key
             {
-                window.memberships.entry(user.clone()).or_default().push_back(position);
-                changes.push((position, Change::Membership(user.clone())));
+                changes.push((position, Change::Mark(Mark::Membership, user.clone())));
             }
             window.events.entry(room.clone()).or_default().push_back(Arc::new(event));
             changes.push((position, Change::Event(room)));
@@ -202,11 +223,21 @@ impl Recent {
             changes.push((position, Change::Receipt(room)));
         }
         for (user, position) in account_data {
-            window.account_data.entry(user.clone()).or_default().push_back(position);
-            changes.push((position, Change::AccountData(user)));
+            changes.push((position, Change::Mark(Mark::AccountData, user)));
+        }
+        for (kind, user, device, position) in keys {
+            let change = match kind.as_str() {
+                "d" => Change::Mark(Mark::DeviceList, user),
+                "k" => Change::Mark(Mark::KeyCounts, device_key(&user, &device)),
+                _ => Change::Mark(Mark::ToDevice, device_key(&user, &device)),
+            };
+            changes.push((position, change));
         }
         changes.sort_by_key(|(position, _)| *position);
         for (position, change) in changes {
+            if let Change::Mark(mark, key) = &change {
+                window.marks.entry((*mark, key.clone())).or_default().push_back(position);
+            }
             window.push(position, change);
         }
         window.upto = upto;
@@ -231,10 +262,35 @@ impl Recent {
         Some(events || receipts)
     }
 
+    /// Whether a change of kind `mark` concerning `key` lies in `(after, upto]`; `None` if that
+    /// range is not in memory.
+    pub fn marked(&self, mark: Mark, key: &str, after: i64, upto: i64) -> Option<bool> {
+        let window = self.read();
+        window.covers(after, upto).then(|| window.marked(mark, key, after, upto))
+    }
+
+    /// Every key with a change of kind `mark` in `(after, upto]`; `None` if not in memory.
+    pub fn all_marked(&self, mark: Mark, after: i64, upto: i64) -> Option<Vec<String>> {
+        let window = self.read();
+        if !window.covers(after, upto) {
+            return None;
+        }
+        Some(
+            window
+                .marks
+                .iter()
+                .filter(|((kind, _), positions)| {
+                    let (from, to) = range(positions, |p| *p, after, upto);
+                    *kind == mark && from < to
+                })
+                .map(|((_, key), _)| key.clone())
+                .collect(),
+        )
+    }
+
     /// Whether the user's account data changed in `(after, upto]`; `None` if not in memory.
     pub fn account_data_changed(&self, user: &UserId, after: i64, upto: i64) -> Option<bool> {
-        let window = self.read();
-        window.covers(after, upto).then(|| Window::any_in(&window.account_data, user.as_str(), after, upto))
+        self.marked(Mark::AccountData, user.as_str(), after, upto)
     }
 
     /// A room's events in `(after, upto]`: the oldest `limit`, or with `newest` the newest
@@ -312,8 +368,7 @@ impl Recent {
     /// Whether the user's membership of any room changed in `(after, upto]`; `None` if not in
     /// memory.
     pub fn membership_changed(&self, user: &UserId, after: i64, upto: i64) -> Option<bool> {
-        let window = self.read();
-        window.covers(after, upto).then(|| Window::any_in(&window.memberships, user.as_str(), after, upto))
+        self.marked(Mark::Membership, user.as_str(), after, upto)
     }
 
     fn members_changed(&self, room_id: &RoomId, after: i64, upto: i64) -> Option<bool> {
@@ -360,6 +415,9 @@ impl Recent {
     }
 }
 
+/// A device's one-time key counts and unused fallback key algorithms.
+pub type KeyCounts = (BTreeMap<OneTimeKeyAlgorithm, UInt>, Vec<OneTimeKeyAlgorithm>);
+
 impl Recent {
     /// The user's push rules and display name, as of `upto` or later; `load` reads them.
     pub async fn push_context<F, Fut>(
@@ -367,23 +425,49 @@ impl Recent {
         user: &UserId,
         upto: i64,
         load: F,
-    ) -> crate::error::Result<Arc<(Ruleset, String)>>
+    ) -> Result<Arc<(Ruleset, String)>>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = crate::error::Result<(Ruleset, String)>>,
+        Fut: std::future::Future<Output = Result<(Ruleset, String)>>,
     {
         // Rules are account data; the display name changes with member events.
         let valid = |at| {
             self.account_data_changed(user, at, upto) == Some(false)
                 && self.membership_changed(user, at, upto) == Some(false)
         };
-        if let Some(context) = self.push.get(user.as_str(), upto, valid) {
-            return Ok(context);
-        }
-        let context = Arc::new(load().await?);
-        self.push.put(user.as_str(), upto, context.clone());
-        Ok(context)
+        memoised(&self.push, user.as_str(), upto, valid, load).await
     }
+
+    /// A device's key counts (`key` from [`device_key`]), as of `upto` or later; `load` reads
+    /// them. Uploads and claims mark [`Mark::KeyCounts`], wherever they happen.
+    pub async fn key_counts<F, Fut>(&self, key: &str, upto: i64, load: F) -> Result<Arc<KeyCounts>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<KeyCounts>>,
+    {
+        let valid = |at| self.marked(Mark::KeyCounts, key, at, upto) == Some(false);
+        memoised(&self.key_counts, key, upto, valid, load).await
+    }
+}
+
+/// The memoised value for `key` if still valid, or what `load` reads (then remembered).
+async fn memoised<V, F, Fut>(
+    memo: &Memo<Arc<V>>,
+    key: &str,
+    upto: i64,
+    valid: impl FnOnce(i64) -> bool,
+    load: F,
+) -> Result<Arc<V>>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<V>>,
+{
+    if let Some(value) = memo.get(key, upto, valid) {
+        return Ok(value);
+    }
+    let value = Arc::new(load().await?);
+    memo.put(key, upto, value.clone());
+    Ok(value)
 }
 
 /// Values keyed by a user or room, each with the stream position it was read at.

@@ -146,6 +146,10 @@ impl DeviceStore for SqlStore {
             for table in [
                 "DELETE FROM sessions WHERE user_id = $1 AND device_id = $2",
                 "DELETE FROM devices WHERE user_id = $1 AND device_id = $2",
+                "DELETE FROM device_keys WHERE user_id = $1 AND device_id = $2",
+                "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id = $2",
+                "DELETE FROM fallback_keys WHERE user_id = $1 AND device_id = $2",
+                "DELETE FROM to_device WHERE user_id = $1 AND device_id = $2",
             ] {
                 sqlx::query(table).bind(user_id.as_str()).bind(device_id.as_str()).execute(&mut *tx).await?;
             }
@@ -161,6 +165,10 @@ impl DeviceStore for SqlStore {
         for table in [
             "DELETE FROM sessions WHERE user_id = $1 AND device_id <> $2",
             "DELETE FROM devices WHERE user_id = $1 AND device_id <> $2",
+            "DELETE FROM device_keys WHERE user_id = $1 AND device_id <> $2",
+            "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id <> $2",
+            "DELETE FROM fallback_keys WHERE user_id = $1 AND device_id <> $2",
+            "DELETE FROM to_device WHERE user_id = $1 AND device_id <> $2",
         ] {
             sqlx::query(table).bind(user_id.as_str()).bind(keep).execute(&mut *tx).await?;
         }

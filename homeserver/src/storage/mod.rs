@@ -11,6 +11,7 @@
 
 mod accounts;
 mod devices;
+pub mod keys;
 mod registration_tokens;
 pub mod rooms;
 mod sessions;
@@ -31,6 +32,7 @@ use sqlx::{
 pub use self::{
     accounts::{AccountStore, UserRecord},
     devices::{DeviceRecord, DeviceStore},
+    keys::{ClaimedKey, Envelope, KeyConflict, KeyStore},
     registration_tokens::RegistrationTokenStore,
     rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
     sessions::{SessionRecord, SessionStore},
@@ -50,6 +52,7 @@ pub trait Storage:
     + RoomStore
     + StreamStore
     + UserDataStore
+    + KeyStore
 {
 }
 
@@ -77,6 +80,7 @@ impl<T> Storage for T where
         + RoomStore
         + StreamStore
         + UserDataStore
+        + KeyStore
 {
 }
 
@@ -176,6 +180,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "pushers",
         include_str!("../../migrations/postgres/0008_pushers.sql"),
         include_str!("../../migrations/sqlite/0008_pushers.sql"),
+    ),
+    (
+        9,
+        "e2ee",
+        include_str!("../../migrations/postgres/0009_e2ee.sql"),
+        include_str!("../../migrations/sqlite/0009_e2ee.sql"),
     ),
 ];
 

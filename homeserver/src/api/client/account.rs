@@ -100,6 +100,7 @@ async fn change_password(
     state.store.set_password_hash(&user_id, Some(&hash)).await?;
     if body.logout_devices {
         state.store.delete_devices_except(&user_id, keep_device.as_deref()).await?;
+        super::keys::device_list_changed(&state, &user_id).await?;
     }
     tracing::info!(user_id = %user_id, reset = keep_device.is_none(), "password changed");
     Ok(change_password::v3::Response::new())

@@ -112,6 +112,7 @@ async fn delete_device(
     let devices = [body.device_id];
     authorize_deletion(&state, user, &devices, body.auth.as_ref()).await?;
     state.store.delete_devices(&user.user_id, &devices).await?;
+    super::keys::device_list_changed(&state, &user.user_id).await?;
     Ok(delete_device::v3::Response::new())
 }
 
@@ -127,5 +128,6 @@ async fn delete_devices(
     }
     authorize_deletion(&state, user, &body.devices, body.auth.as_ref()).await?;
     state.store.delete_devices(&user.user_id, &body.devices).await?;
+    super::keys::device_list_changed(&state, &user.user_id).await?;
     Ok(delete_devices::v3::Response::new())
 }

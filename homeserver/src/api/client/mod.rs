@@ -5,6 +5,7 @@ mod device;
 mod directory;
 mod discovery;
 mod ephemeral;
+mod keys;
 mod profile;
 pub mod push;
 mod register;
@@ -12,6 +13,7 @@ mod room;
 mod session;
 mod sync;
 mod threepid;
+mod to_device;
 mod user_data;
 
 pub use self::threepid::configure as configure_custom;
@@ -33,5 +35,7 @@ pub fn router() -> Router {
     ephemeral::routes(&mut router);
     directory::routes(&mut router);
     push::routes(&mut router);
+    keys::routes(&mut router);
+    to_device::routes(&mut router);
     router
 }

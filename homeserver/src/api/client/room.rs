@@ -444,7 +444,9 @@ async fn joined_members(
 
 /// Parses a pagination token (`s<position>`).
 pub(super) fn parse_token(token: &str) -> Result<i64> {
-    token
+    // A sync token may carry more after `_` (see `sync::parse_sync_token`); the position is first.
+    let position = token.split_once('_').map_or(token, |(position, _)| position);
+    position
         .strip_prefix('s')
         .and_then(|n| n.parse::<i64>().ok())
         .filter(|n| *n >= 0)

@@ -199,6 +199,7 @@ async fn logout(
 ) -> Result<logout::v3::Response> {
     let user = request.sender;
     state.store.delete_devices(&user.user_id, &[user.device_id]).await?;
+    super::keys::device_list_changed(&state, &user.user_id).await?;
     Ok(logout::v3::Response::new())
 }
 
@@ -208,6 +209,7 @@ async fn logout_all(
     request: Ruma<logout_all::v3::Request>,
 ) -> Result<logout_all::v3::Response> {
     state.store.delete_devices_except(&request.sender.user_id, None).await?;
+    super::keys::device_list_changed(&state, &request.sender.user_id).await?;
     Ok(logout_all::v3::Response::new())
 }
 

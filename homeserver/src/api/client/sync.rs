@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use actix_web::web;
 use ruma::{
-    OwnedRoomId, RoomId, UInt, UserId,
+    DeviceId, OwnedRoomId, RoomId, UInt, UserId,
     api::client::{
         filter::RoomEventFilter,
         sync::sync_events::{
@@ -23,8 +23,9 @@ use ruma::{
 use serde_json::{Value, json};
 
 use super::room::{parse_token, token};
+use crate::rooms::recent::{Mark, device_key};
 use crate::{
-    error::Result,
+    error::{Error, Result},
     rooms::{
         client_event::{matches_filter, raw, raws, to_client},
         ephemeral::UnreadCounts,
@@ -119,7 +120,7 @@ async fn sync(
 ) -> Result<sync_events::v3::Response> {
     let body = &request.body;
     let user = &request.sender.user_id;
-    let since = body.since.as_deref().map(parse_token).transpose()?;
+    let since = body.since.as_deref().map(parse_sync_token).transpose()?;
     // `set_presence` updates the user's presence, but only when it changes: a sync that wrote on
     // every call would wake every other sync in turn.
     let wanted = body.set_presence.as_str();
@@ -133,6 +134,18 @@ async fn sync(
         .await?;
     }
     let options = options(&state, user, body.filter.as_ref()).await?;
+    let query = Query {
+        user,
+        device: &request.sender.device_id,
+        since: since.map(|(position, _)| position),
+        to_device_after: since.map_or(0, |(position, to_device)| to_device.unwrap_or(position)),
+        full_state: body.full_state,
+        options,
+    };
+    if let Some((_, Some(seen))) = since {
+        // The token says the device received its to-device messages up to `seen`: they go.
+        state.store.remove_to_device(user, query.device, seen).await?;
+    }
     let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut notifications = state.subscribe();
@@ -140,8 +153,12 @@ async fn sync(
     // hold only the small state of the wait, not room for the whole build.
     loop {
         let upto = state.recent.catch_up(&*state.store).await?;
-        let response = Box::pin(build(&state, user, since, upto, body.full_state, &options)).await?;
-        let has_news = !response.rooms.is_empty();
+        let response = Box::pin(build(&state, &query, upto)).await?;
+        let has_news = !response.rooms.is_empty()
+            || !response.to_device.is_empty()
+            || !response.device_lists.is_empty()
+            || !response.account_data.is_empty()
+            || !response.presence.is_empty();
         if has_news || since.is_none() || body.full_state || tokio::time::Instant::now() >= deadline {
             return Ok(response);
         }
@@ -160,7 +177,7 @@ async fn sync(
             }
             Ok(Err(_)) | Err(_) => {
                 let upto = state.recent.catch_up(&*state.store).await?;
-                return Box::pin(build(&state, user, since, upto, body.full_state, &options)).await;
+                return Box::pin(build(&state, &query, upto)).await;
             }
         }
     }
@@ -175,15 +192,40 @@ fn stripped(event: &Value) -> Value {
     })
 }
 
-async fn build(
-    state: &AppState,
-    user: &ruma::UserId,
+/// What one `/sync` request asks for.
+struct Query<'a> {
+    user: &'a UserId,
+    device: &'a DeviceId,
+    /// The token's stream position.
     since: Option<i64>,
-    upto: i64,
+    /// The device has received its to-device messages up to here.
+    to_device_after: i64,
     full_state: bool,
-    options: &Options,
-) -> Result<sync_events::v3::Response> {
+    options: Options,
+}
+
+/// Parses a sync token: `s<position>`, or `s<position>_t<seen>` when the response that issued
+/// it sent to-device messages up to `seen` (which the next sync acknowledges).
+fn parse_sync_token(token: &str) -> Result<(i64, Option<i64>)> {
+    let position = parse_token(token)?;
+    let seen = match token.split_once('_') {
+        Some((_, seen)) => Some(
+            seen.strip_prefix('t')
+                .and_then(|n| n.parse::<i64>().ok())
+                .filter(|n| (0..=position).contains(n))
+                .ok_or_else(|| {
+                    Error::invalid_param(format!("`{token}` is not a token this server issued"))
+                })?,
+        ),
+        None => None,
+    };
+    Ok((position, seen))
+}
+
+async fn build(state: &AppState, query: &Query<'_>, upto: i64) -> Result<sync_events::v3::Response> {
+    let Query { user, since, full_state, ref options, .. } = *query;
     let mut response = sync_events::v3::Response::new(token(upto));
+    e2ee(state, query, upto, &mut response).await?;
     let mut room_account_data: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     let account_data_changed =
         since.and_then(|since| state.recent.account_data_changed(user, since, upto)).unwrap_or(true);
@@ -307,6 +349,42 @@ async fn build(
 
 /// Most unread events examined for notification counts.
 const MAX_UNREAD: i64 = 100;
+
+/// Most to-device messages one response carries; the rest come with the next.
+const MAX_TO_DEVICE: i64 = 100;
+
+/// The device's to-device messages, device list changes and key counts.
+async fn e2ee(
+    state: &AppState,
+    query: &Query<'_>,
+    upto: i64,
+    response: &mut sync_events::v3::Response,
+) -> Result<()> {
+    let (user, device) = (query.user, query.device);
+    let after = query.to_device_after;
+    let key = device_key(user.as_str(), device.as_str());
+    if state.recent.marked(Mark::ToDevice, &key, after, upto) != Some(false) {
+        let messages = state.store.to_device_messages(user, device, after, upto, MAX_TO_DEVICE).await?;
+        if let Some(last) = messages.last() {
+            // Until the device acknowledges them with this token, they stay queued.
+            response.next_batch = format!("{}_t{}", token(upto), last.stream_ordering);
+        }
+        response.to_device.events = messages
+            .iter()
+            .map(|m| serde_json::value::RawValue::from_string(m.json.clone()).map(Raw::from_json))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::internal)?;
+    }
+    if let Some(since) = query.since {
+        let (changed, left) = super::keys::device_list_updates(state, user, since, upto).await?;
+        response.device_lists.changed = changed;
+        response.device_lists.left = left;
+    }
+    let counts = super::keys::key_counts(state, user, device, upto).await?;
+    response.device_one_time_keys_count = counts.0.clone();
+    response.device_unused_fallback_key_types = Some(counts.1.clone());
+    Ok(())
+}
 
 /// Which rooms changed since the sync's token: from memory, or from the database (once per
 /// response) when the token is older than what memory holds.

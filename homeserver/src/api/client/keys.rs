@@ -1,0 +1,428 @@
+//! End-to-end encryption keys: `keys/upload`, `keys/query`, `keys/claim`, `keys/changes`, and
+//! the device-list and key-count parts of `/sync`.
+//!
+//! The server holds public keys only. It checks what it can — that a device's identity keys are
+//! signed by the device, that they never change, that one-time keys are signed by the device
+//! that uploaded them — and hands each one-time key to exactly one claimer.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use actix_web::{http::StatusCode, web};
+use ruma::{
+    CanonicalJsonObject, DeviceId, OneTimeKeyAlgorithm, OwnedUserId, RoomId, UInt, UserId,
+    api::client::keys::{claim_keys, get_key_changes, get_keys, upload_keys},
+    serde::{Base64, Raw},
+    signatures::{to_canonical_json_string_for_signing, verify_canonical_json_bytes},
+};
+use serde_json::{Value, json};
+
+use super::room::parse_token;
+use crate::{
+    error::{Error, ErrorKind, Result},
+    rooms::{
+        self,
+        recent::{Mark, device_key},
+    },
+    ruma_wrapper::{Router, Ruma},
+    state::AppState,
+    storage::{ClaimedKey, KeyConflict},
+};
+
+/// Most one-time or fallback keys one upload may carry.
+const MAX_KEYS_PER_UPLOAD: usize = 1000;
+/// Most devices one query or claim may name in all.
+const MAX_DEVICES_PER_REQUEST: usize = 10_000;
+/// Largest key object accepted, in bytes.
+const MAX_KEY_BYTES: usize = 16 * 1024;
+
+pub(super) fn routes(router: &mut Router) {
+    router.add(upload_keys).add(get_keys).add(claim_keys).add(get_key_changes);
+}
+
+fn bad_key(message: impl Into<String>) -> Error {
+    Error::new(StatusCode::BAD_REQUEST, ErrorKind::BadJson, message)
+}
+
+fn parse_object(json: &str, what: &str) -> Result<CanonicalJsonObject> {
+    if json.len() > MAX_KEY_BYTES {
+        return Err(Error::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::TooLarge,
+            format!("{what} is too large"),
+        ));
+    }
+    serde_json::from_str(json).map_err(|e| bad_key(format!("{what} is not a JSON object: {e}")))
+}
+
+/// Checks the ed25519 signature of `signer` with key `key_id` (whose public half is `public_key`,
+/// unpadded base64) on `object`.
+fn check_signature(
+    object: &CanonicalJsonObject,
+    signer: &str,
+    key_id: &str,
+    public_key: &str,
+    what: &str,
+) -> Result<()> {
+    let signature = object
+        .get("signatures")
+        .and_then(|s| s.as_object())
+        .and_then(|s| s.get(signer))
+        .and_then(|s| s.as_object())
+        .and_then(|s| s.get(key_id))
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| bad_key(format!("{what} is not signed by {key_id}")))?;
+    let signature = Base64::<ruma::serde::base64::Standard>::parse(signature)
+        .map_err(|_| bad_key(format!("the signature of {what} is not base64")))?;
+    let public_key = Base64::<ruma::serde::base64::Standard>::parse(public_key)
+        .map_err(|_| bad_key(format!("the key {key_id} is not base64")))?;
+    let canonical = to_canonical_json_string_for_signing(object).map_err(|e| bad_key(e.to_string()))?;
+    verify_canonical_json_bytes(
+        &ruma::SigningKeyAlgorithm::Ed25519,
+        public_key.as_bytes(),
+        signature.as_bytes(),
+        canonical.as_bytes(),
+    )
+    .map_err(|_| bad_key(format!("the signature of {what} by {key_id} does not verify")))
+}
+
+/// A device keys object from `user`'s `device`: it must name them, carry the device's ed25519
+/// and curve25519 keys, and be signed by that ed25519 key. Returns the ed25519 key.
+fn check_device_keys(object: &CanonicalJsonObject, user: &UserId, device: &DeviceId) -> Result<String> {
+    let field = |name: &str| object.get(name).and_then(|v| v.as_str());
+    if field("user_id") != Some(user.as_str()) || field("device_id") != Some(device.as_str()) {
+        return Err(bad_key("device_keys must name the uploading user and device"));
+    }
+    let keys =
+        object.get("keys").and_then(|k| k.as_object()).ok_or_else(|| bad_key("device_keys has no keys"))?;
+    let ed25519_id = format!("ed25519:{device}");
+    let ed25519 = keys
+        .get(&ed25519_id)
+        .and_then(|k| k.as_str())
+        .ok_or_else(|| bad_key(format!("device_keys lacks {ed25519_id}")))?
+        .to_owned();
+    if !keys.contains_key(&format!("curve25519:{device}")) {
+        return Err(bad_key(format!("device_keys lacks curve25519:{device}")));
+    }
+    if object.get("algorithms").and_then(|a| a.as_array()).is_none() {
+        return Err(bad_key("device_keys has no algorithms"));
+    }
+    check_signature(object, user.as_str(), &ed25519_id, &ed25519, "device_keys")?;
+    Ok(ed25519)
+}
+
+/// Splits `algorithm:key_id` and checks a one-time or fallback key: signed keys must be signed
+/// by the device (when its identity key is known).
+fn check_one_time_key(
+    id: &str,
+    json: &str,
+    user: &UserId,
+    device: &DeviceId,
+    ed25519: Option<&str>,
+) -> Result<(String, String, String)> {
+    let (algorithm, key_id) =
+        id.split_once(':').ok_or_else(|| bad_key(format!("`{id}` is not algorithm:key_id")))?;
+    if algorithm.is_empty() || key_id.is_empty() || id.len() > 255 {
+        return Err(bad_key(format!("`{id}` is not algorithm:key_id")));
+    }
+    let value: Value = serde_json::from_str(json).map_err(|e| bad_key(format!("key {id}: {e}")))?;
+    if json.len() > MAX_KEY_BYTES {
+        return Err(bad_key(format!("key {id} is too large")));
+    }
+    if algorithm.starts_with("signed_") {
+        let object = parse_object(json, &format!("key {id}"))?;
+        if object.get("key").and_then(|k| k.as_str()).is_none() {
+            return Err(bad_key(format!("key {id} has no key")));
+        }
+        if let Some(ed25519) = ed25519 {
+            check_signature(
+                &object,
+                user.as_str(),
+                &format!("ed25519:{device}"),
+                ed25519,
+                &format!("key {id}"),
+            )?;
+        }
+    } else if !value.is_string() && !value.is_object() {
+        return Err(bad_key(format!("key {id} is neither a key nor a signed key")));
+    }
+    Ok((algorithm.to_owned(), key_id.to_owned(), json.to_owned()))
+}
+
+/// POST /_matrix/client/v3/keys/upload
+async fn upload_keys(
+    state: web::Data<AppState>,
+    request: Ruma<upload_keys::v3::Request>,
+) -> Result<upload_keys::v3::Response> {
+    let user = &request.sender.user_id;
+    let device = &request.sender.device_id;
+    let body = &request.body;
+    if body.one_time_keys.len() > MAX_KEYS_PER_UPLOAD || body.fallback_keys.len() > MAX_KEYS_PER_UPLOAD {
+        return Err(Error::invalid_param(format!("at most {MAX_KEYS_PER_UPLOAD} keys per upload")));
+    }
+    let mut device_keys = None;
+    let mut ed25519 = None;
+    if let Some(raw) = &body.device_keys {
+        let object = parse_object(raw.json().get(), "device_keys")?;
+        ed25519 = Some(check_device_keys(&object, user, device)?);
+        let json = ruma::CanonicalJsonValue::Object(object).to_string();
+        let identity = crate::storage::keys::identity_of(&json);
+        device_keys = Some((json, identity));
+    }
+    if ed25519.is_none() {
+        ed25519 = state
+            .store
+            .device_keys(user, &[device.to_string()])
+            .await?
+            .first()
+            .and_then(|(_, json)| serde_json::from_str::<Value>(json).ok())
+            .and_then(|v| v["keys"][format!("ed25519:{device}")].as_str().map(str::to_owned));
+    }
+    let one_time = body
+        .one_time_keys
+        .iter()
+        .map(|(id, key)| check_one_time_key(id.as_str(), key.json().get(), user, device, ed25519.as_deref()))
+        .collect::<Result<Vec<_>>>()?;
+    let fallback = body
+        .fallback_keys
+        .iter()
+        .map(|(id, key)| check_one_time_key(id.as_str(), key.json().get(), user, device, ed25519.as_deref()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut algorithms = BTreeSet::new();
+    for (algorithm, _, _) in &fallback {
+        if !algorithms.insert(algorithm) {
+            return Err(bad_key(format!("more than one fallback key for {algorithm}")));
+        }
+    }
+    if device_keys.is_some() || !one_time.is_empty() || !fallback.is_empty() {
+        let store = &state.store;
+        let keys = device_keys.as_ref().map(|(json, identity)| (json.as_str(), identity.as_str()));
+        let outcome = rooms::at_new_position(&state, |position| async move {
+            Ok(store.upload_keys(user, device, keys, &one_time, &fallback, position).await?)
+        })
+        .await?;
+        match outcome {
+            Ok(()) => {}
+            Err(KeyConflict::DeviceKeys) => {
+                return Err(bad_key("this device already has different identity keys"));
+            }
+            Err(KeyConflict::OneTimeKey(id)) => {
+                return Err(bad_key(format!("one-time key {id} already exists with a different key")));
+            }
+        }
+    }
+    let counts = state.store.one_time_key_counts(user, device).await?;
+    Ok(upload_keys::v3::Response::new(to_counts(&counts)))
+}
+
+fn to_counts(counts: &BTreeMap<String, u64>) -> BTreeMap<OneTimeKeyAlgorithm, UInt> {
+    let mut out: BTreeMap<OneTimeKeyAlgorithm, UInt> = counts
+        .iter()
+        .map(|(alg, n)| (OneTimeKeyAlgorithm::from(alg.as_str()), UInt::new_saturating(*n)))
+        .collect();
+    // Clients read a missing count as "unknown", not zero; say zero.
+    out.entry(OneTimeKeyAlgorithm::SignedCurve25519).or_insert(UInt::MIN);
+    out
+}
+
+/// The failure entry for users on other servers, until federation carries key requests.
+fn remote_failure() -> Value {
+    json!({"status": 503, "message": "keys of users on other servers are not available yet"})
+}
+
+fn check_request_size(devices: usize) -> Result<()> {
+    if devices > MAX_DEVICES_PER_REQUEST {
+        return Err(Error::invalid_param(format!("at most {MAX_DEVICES_PER_REQUEST} devices per request")));
+    }
+    Ok(())
+}
+
+/// POST /_matrix/client/v3/keys/query
+async fn get_keys(
+    state: web::Data<AppState>,
+    request: Ruma<get_keys::v3::Request>,
+) -> Result<get_keys::v3::Response> {
+    let body = &request.body;
+    check_request_size(body.device_keys.values().map(|d| d.len().max(1)).sum())?;
+    let mut response = get_keys::v3::Response::new();
+    for (user, devices) in &body.device_keys {
+        if user.server_name() != state.server_name {
+            response.failures.insert(user.server_name().to_string(), remote_failure());
+            continue;
+        }
+        let wanted: Vec<String> = devices.iter().map(ToString::to_string).collect();
+        let names: BTreeMap<String, Option<String>> = state
+            .store
+            .list_devices(user)
+            .await?
+            .into_iter()
+            .map(|d| (d.device_id.to_string(), d.display_name))
+            .collect();
+        let mut keys = BTreeMap::new();
+        for (device, json) in state.store.device_keys(user, &wanted).await? {
+            let mut value: Value = serde_json::from_str(&json).map_err(Error::internal)?;
+            if let Some(Some(name)) = names.get(&device) {
+                value["unsigned"] = json!({"device_display_name": name});
+            }
+            let device = ruma::OwnedDeviceId::from(device);
+            keys.insert(
+                device,
+                Raw::from_json(serde_json::value::to_raw_value(&value).map_err(Error::internal)?),
+            );
+        }
+        response.device_keys.insert(user.clone(), keys);
+    }
+    Ok(response)
+}
+
+/// POST /_matrix/client/v3/keys/claim
+async fn claim_keys(
+    state: web::Data<AppState>,
+    request: Ruma<claim_keys::v3::Request>,
+) -> Result<claim_keys::v3::Response> {
+    let body = &request.body;
+    check_request_size(body.one_time_keys.values().map(BTreeMap::len).sum())?;
+    let mut failures = BTreeMap::new();
+    let mut local = Vec::new();
+    for (user, devices) in &body.one_time_keys {
+        if user.server_name() != state.server_name {
+            failures.insert(user.server_name().to_string(), remote_failure());
+            continue;
+        }
+        for (device, algorithm) in devices {
+            local.push((user.clone(), device.clone(), algorithm.to_string()));
+        }
+    }
+    let store = &state.store;
+    let claimed: Vec<(OwnedUserId, ruma::OwnedDeviceId, ClaimedKey)> = if local.is_empty() {
+        Vec::new()
+    } else {
+        rooms::at_new_position(&state, |position| async move {
+            let mut claimed = Vec::new();
+            for (user, device, algorithm) in local {
+                // Unknown users and devices simply have no keys to give.
+                if let Some(key) = store.claim_key(&user, &device, &algorithm, position).await? {
+                    claimed.push((user, device, key));
+                }
+            }
+            Ok(claimed)
+        })
+        .await?
+    };
+    let mut one_time_keys: BTreeMap<OwnedUserId, claim_keys::v3::OneTimeKeys> = BTreeMap::new();
+    for (user, device, key) in claimed {
+        let raw = serde_json::value::RawValue::from_string(key.json).map_err(Error::internal)?;
+        let id = ruma::OwnedOneTimeKeyId::try_from(key.id.as_str()).map_err(Error::internal)?;
+        one_time_keys.entry(user).or_default().entry(device).or_default().insert(id, Raw::from_json(raw));
+    }
+    let mut response = claim_keys::v3::Response::new(one_time_keys);
+    response.failures = failures;
+    Ok(response)
+}
+
+/// GET /_matrix/client/v3/keys/changes
+async fn get_key_changes(
+    state: web::Data<AppState>,
+    request: Ruma<get_key_changes::v3::Request>,
+) -> Result<get_key_changes::v3::Response> {
+    let from = parse_token(&request.body.from)?;
+    let to = parse_token(&request.body.to)?;
+    let upto = state.recent.catch_up(&*state.store).await?.min(to);
+    let (changed, left) = device_list_updates(&state, &request.sender.user_id, from, upto).await?;
+    Ok(get_key_changes::v3::Response::new(changed, left))
+}
+
+/// Users whose devices `user` must query again, and users `user` no longer shares a room with,
+/// after the changes in `(since, upto]`: device list changes of users who share a room with
+/// `user` (`user` included), users who newly share one (a join on either side), and users who
+/// left the last room they shared.
+pub(super) async fn device_list_updates(
+    state: &AppState,
+    user: &UserId,
+    since: i64,
+    upto: i64,
+) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
+    let recent = &state.recent;
+    let device_changes = match recent.all_marked(Mark::DeviceList, since, upto) {
+        Some(users) => users,
+        None => state.store.device_list_changes(since, upto).await?,
+    };
+    let memberships_moved =
+        recent.all_marked(Mark::Membership, since, upto).is_none_or(|users| !users.is_empty());
+    if device_changes.is_empty() && !memberships_moved {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let rooms = recent.user_rooms(&*state.store, user, upto).await?;
+    let mut shared: BTreeSet<String> = BTreeSet::from([user.to_string()]);
+    let mut changed: BTreeSet<String> = BTreeSet::new();
+    let mut gone: BTreeSet<String> = BTreeSet::new();
+    for (room, membership, _) in rooms.iter() {
+        let Ok(room_id) = <&RoomId>::try_from(room.as_str()) else { continue };
+        let members = state.store.members(room_id).await?;
+        if membership == "join" {
+            shared.extend(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| u.clone()));
+        }
+        if !memberships_moved {
+            continue;
+        }
+        // Membership events of the window: joins bring users to query, leaves may end sharing.
+        for event in recent.room_events(&*state.store, room_id, since, upto, 1000, true).await? {
+            let Ok(client) = crate::rooms::client_event::to_client(&event) else { continue };
+            if client["type"] != "m.room.member" {
+                continue;
+            }
+            let Some(target) = client["state_key"].as_str() else { continue };
+            match client["content"]["membership"].as_str() {
+                Some("join") if target == user.as_str() => {
+                    // The user joined: everyone in the room is new to them.
+                    changed.extend(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| u.clone()));
+                }
+                Some("join") => {
+                    changed.insert(target.to_owned());
+                }
+                Some("leave" | "ban") if target == user.as_str() => {
+                    gone.extend(members.iter().map(|(u, _)| u.clone()));
+                }
+                Some("leave" | "ban") => {
+                    gone.insert(target.to_owned());
+                }
+                _ => {}
+            }
+        }
+    }
+    changed.extend(device_changes.into_iter().filter(|u| shared.contains(u)));
+    changed.retain(|u| shared.contains(u));
+    let left = gone.into_iter().filter(|u| !shared.contains(u));
+    let parse = |u: String| OwnedUserId::try_from(u).ok();
+    Ok((changed.into_iter().filter_map(parse).collect(), left.filter_map(parse).collect()))
+}
+
+/// Tells everyone who shares a room with `user` that their devices changed (a device went).
+pub(super) async fn device_list_changed(state: &AppState, user: &UserId) -> Result<()> {
+    let store = &state.store;
+    rooms::at_new_position(
+        state,
+        |position| async move { Ok(store.device_list_changed(user, position).await?) },
+    )
+    .await
+}
+
+/// A device's one-time key counts and unused fallback key types, as of `upto` or later.
+pub(super) async fn key_counts(
+    state: &AppState,
+    user: &UserId,
+    device: &DeviceId,
+    upto: i64,
+) -> Result<Arc<(BTreeMap<OneTimeKeyAlgorithm, UInt>, Vec<OneTimeKeyAlgorithm>)>> {
+    let key = device_key(user.as_str(), device.as_str());
+    state
+        .recent
+        .key_counts(&key, upto, || async {
+            let counts = to_counts(&state.store.one_time_key_counts(user, device).await?);
+            let fallback = state.store.unused_fallback_key_types(user, device).await?;
+            Ok((counts, fallback.iter().map(|a| OneTimeKeyAlgorithm::from(a.as_str())).collect()))
+        })
+        .await
+}

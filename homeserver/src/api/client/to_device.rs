@@ -1,0 +1,83 @@
+//! `sendToDevice`: messages from one device to others, mostly Olm-encrypted key shares.
+//!
+//! Each message waits in its device's queue at the request's stream position until the device
+//! syncs past it (`/sync` `to_device`). Messages to users or devices that do not exist are
+//! dropped, as the spec allows: the sender cannot tell them from devices that were deleted a
+//! moment ago. Messages to users on other servers wait for federation.
+
+use std::collections::BTreeSet;
+
+use actix_web::{http::StatusCode, web};
+use ruma::{api::client::to_device::send_event_to_device, to_device::DeviceIdOrAllDevices};
+use serde_json::{Value, json};
+
+use crate::{
+    error::{Error, ErrorKind, Result},
+    rooms,
+    ruma_wrapper::{Router, Ruma},
+    state::AppState,
+};
+
+/// Largest content of one to-device message, in bytes (the spec's limit for an event).
+const MAX_MESSAGE_BYTES: usize = 65_536;
+/// Most devices one request may reach.
+const MAX_RECIPIENTS: usize = 10_000;
+
+pub(super) fn routes(router: &mut Router) {
+    router.add(send_to_device);
+}
+
+/// PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}
+async fn send_to_device(
+    state: web::Data<AppState>,
+    request: Ruma<send_event_to_device::v3::Request>,
+) -> Result<send_event_to_device::v3::Response> {
+    let sender = &request.sender;
+    let body = &request.body;
+    let event_type = body.event_type.to_string();
+    let mut envelopes = Vec::new();
+    for (user, devices) in &body.messages {
+        if user.server_name() != state.server_name {
+            tracing::debug!(server = %user.server_name(), "to-device message for another server dropped");
+            continue;
+        }
+        let known: BTreeSet<String> =
+            state.store.list_devices(user).await?.into_iter().map(|d| d.device_id.to_string()).collect();
+        for (target, content) in devices {
+            let content = content.json().get();
+            if content.len() > MAX_MESSAGE_BYTES {
+                return Err(Error::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorKind::TooLarge,
+                    format!("a to-device message may be at most {MAX_MESSAGE_BYTES} bytes"),
+                ));
+            }
+            let content: Value = serde_json::from_str(content)
+                .map_err(|e| Error::bad_json(format!("message content: {e}")))?;
+            if !content.is_object() {
+                return Err(Error::bad_json("message content must be an object"));
+            }
+            let envelope =
+                json!({"type": event_type, "sender": sender.user_id, "content": content}).to_string();
+            let targets: Vec<&String> = match target {
+                DeviceIdOrAllDevices::AllDevices => known.iter().collect(),
+                DeviceIdOrAllDevices::DeviceId(device) => known.get(device.as_str()).into_iter().collect(),
+            };
+            for device in targets {
+                envelopes.push((user.to_string(), device.clone(), envelope.clone()));
+            }
+            if envelopes.len() > MAX_RECIPIENTS {
+                return Err(Error::invalid_param(format!("at most {MAX_RECIPIENTS} devices per request")));
+            }
+        }
+    }
+    let store = &state.store;
+    let txn = body.txn_id.as_str();
+    // Queued (and committed) before the answer: an acknowledged message is never lost.
+    rooms::at_new_position(&state, |position| async move {
+        store.queue_to_device(&sender.user_id, &sender.device_id, txn, &envelopes, position).await?;
+        Ok(())
+    })
+    .await?;
+    Ok(send_event_to_device::v3::Response::new())
+}

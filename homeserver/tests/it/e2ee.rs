@@ -1,0 +1,299 @@
+//! End-to-end encryption support over HTTP: keys, claims, to-device messages, device lists.
+
+use std::collections::BTreeSet;
+
+use ruma::{
+    CanonicalJsonObject,
+    serde::{Base64, base64::Standard},
+    signatures::{Ed25519KeyPair, sign_json},
+};
+use serde_json::{Value, json};
+
+use crate::common::{Db, Session, TestServer, assert_error, session_of};
+
+const PW: &str = "correct horse battery";
+
+/// A device's signing key, as a client holds it.
+struct DeviceKey {
+    pair: Ed25519KeyPair,
+    public: String,
+}
+
+impl DeviceKey {
+    fn new(device_id: &str) -> Self {
+        let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device_id.to_owned()).unwrap();
+        let public = Base64::<Standard>::new(pair.public_key().to_vec()).encode();
+        Self { pair, public }
+    }
+
+    fn sign(&self, user_id: &str, object: Value) -> Value {
+        let mut object: CanonicalJsonObject = serde_json::from_value(object).unwrap();
+        sign_json(user_id, &self.pair, &mut object).unwrap();
+        serde_json::to_value(object).unwrap()
+    }
+
+    /// The device's signed identity keys.
+    fn device_keys(&self, who: &Session) -> Value {
+        let device = &who.device_id;
+        self.sign(
+            &who.user_id,
+            json!({
+                "user_id": who.user_id,
+                "device_id": device,
+                "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                "keys": {
+                    format!("ed25519:{device}"): self.public,
+                    format!("curve25519:{device}"): format!("curve-of-{device}"),
+                },
+            }),
+        )
+    }
+
+    /// `n` signed one-time keys, ids starting at `first`.
+    fn one_time_keys(&self, who: &Session, first: usize, n: usize) -> Value {
+        let keys: serde_json::Map<String, Value> = (first..first + n)
+            .map(|i| {
+                (
+                    format!("signed_curve25519:AAAA{i}"),
+                    self.sign(&who.user_id, json!({"key": format!("otk{i}")})),
+                )
+            })
+            .collect();
+        Value::Object(keys)
+    }
+}
+
+async fn upload(server: &TestServer, who: &Session, body: Value) -> (u16, Value) {
+    server.post("/_matrix/client/v3/keys/upload", Some(&who.token), body).await
+}
+
+async fn sync(server: &TestServer, who: &Session, since: Option<&str>) -> Value {
+    let path = match since {
+        Some(since) => format!("/_matrix/client/v3/sync?since={since}&timeout=0"),
+        None => "/_matrix/client/v3/sync".to_owned(),
+    };
+    let (status, body) = server.get(&path, Some(&who.token)).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn next(sync: &Value) -> String {
+    sync["next_batch"].as_str().unwrap().to_owned()
+}
+
+async fn send_to_device(server: &TestServer, who: &Session, txn: &str, messages: Value) -> (u16, Value) {
+    let path = format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/{txn}");
+    server.request("PUT", &path, Some(&who.token), Some(json!({"messages": messages}))).await
+}
+
+fn to_device_events(sync: &Value) -> Vec<Value> {
+    sync["to_device"]["events"].as_array().cloned().unwrap_or_default()
+}
+
+async fn shared_room(server: &TestServer, alice: &Session, bob: &Session) -> String {
+    let (status, created) = server
+        .post("/_matrix/client/v3/createRoom", Some(&alice.token), json!({"invite": [bob.user_id]}))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let join = format!("/_matrix/client/v3/rooms/{room}/join");
+    assert_eq!(server.post(&join, Some(&bob.token), json!({})).await.0, 200);
+    room
+}
+
+crate::on_both_backends! {
+    async fn keys_upload_query_claim(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let key = DeviceKey::new(&alice.device_id);
+
+        // Identity keys, five one-time keys and a fallback key.
+        let fallback = key.sign(&alice.user_id, json!({"key": "fallback", "fallback": true}));
+        let (status, counts) = upload(&server, &alice, json!({
+            "device_keys": key.device_keys(&alice),
+            "one_time_keys": key.one_time_keys(&alice, 0, 5),
+            "fallback_keys": {"signed_curve25519:FB1": fallback},
+        })).await;
+        assert_eq!(status, 200, "{counts}");
+        assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 5);
+        // The same identity keys again are fine; the same key ids with other keys are not.
+        assert_eq!(upload(&server, &alice, json!({"device_keys": key.device_keys(&alice)})).await.0, 200);
+        let changed = upload(&server, &alice, json!({"one_time_keys": {
+            "signed_curve25519:AAAA0": key.sign(&alice.user_id, json!({"key": "other"}))}})).await;
+        assert_error(&changed, 400, "M_BAD_JSON");
+
+        // Refused: other identity keys for the same device, keys signed by someone else, keys
+        // naming another device, malformed objects.
+        let impostor = DeviceKey::new(&alice.device_id);
+        assert_error(&upload(&server, &alice, json!({"device_keys": impostor.device_keys(&alice)})).await, 400, "M_BAD_JSON");
+        let mut unsigned = key.device_keys(&alice);
+        unsigned["signatures"] = impostor.device_keys(&alice)["signatures"].clone();
+        assert_error(&upload(&server, &alice, json!({"device_keys": unsigned})).await, 400, "M_BAD_JSON");
+        let mut elsewhere = key.device_keys(&alice);
+        elsewhere["device_id"] = json!("SOMEOTHER");
+        assert_error(&upload(&server, &alice, json!({"device_keys": elsewhere})).await, 400, "M_BAD_JSON");
+        assert_error(&upload(&server, &alice, json!({"device_keys": {"user_id": alice.user_id}})).await, 400, "M_BAD_JSON");
+        let forged_otk = impostor.sign(&alice.user_id, json!({"key": "forged"}));
+        assert_error(&upload(&server, &alice, json!({"one_time_keys": {"signed_curve25519:X": forged_otk}})).await, 400, "M_BAD_JSON");
+        assert_error(&upload(&server, &alice, json!({"one_time_keys": {"nocolon": "abc"}})).await, 400, "M_BAD_JSON");
+        assert_eq!(upload(&server, &alice, json!({"one_time_keys": "not a map"})).await.0, 400);
+
+        // Bob queries: alice's device with its name, nothing for unknown users, a failure for
+        // other servers.
+        let (status, query) = server.post("/_matrix/client/v3/keys/query", Some(&bob.token), json!({"device_keys": {
+            alice.user_id.clone(): [], "@nobody:localhost": [], "@someone:elsewhere.example": []}})).await;
+        assert_eq!(status, 200, "{query}");
+        let device = &query["device_keys"][&alice.user_id][&alice.device_id];
+        assert_eq!(device["keys"][format!("ed25519:{}", alice.device_id)], key.public);
+        assert!(device["signatures"][&alice.user_id].is_object());
+        assert_eq!(query["device_keys"]["@nobody:localhost"], json!({}));
+        assert!(query["failures"]["elsewhere.example"].is_object(), "{query}");
+
+        // Ten concurrent claims: five distinct one-time keys, then the fallback key.
+        let claims = (0..10).map(|_| {
+            let (base, token, user, device) = (server.base.clone(), bob.token.clone(), alice.user_id.clone(), alice.device_id.clone());
+            tokio::spawn(async move {
+                let body = json!({"one_time_keys": {user.clone(): {device.clone(): "signed_curve25519"}}});
+                let response: Value = reqwest::Client::new().post(format!("{base}/_matrix/client/v3/keys/claim"))
+                    .bearer_auth(token).json(&body).send().await.unwrap().json().await.unwrap();
+                let keys = response["one_time_keys"][&user][&device].as_object().cloned().unwrap_or_default();
+                assert_eq!(keys.len(), 1, "{response}");
+                let (id, key) = keys.into_iter().next().unwrap();
+                (id, key["key"].as_str().unwrap().to_owned())
+            })
+        });
+        let mut claimed = Vec::new();
+        for claim in claims {
+            claimed.push(claim.await.unwrap());
+        }
+        let one_time: BTreeSet<&String> = claimed.iter().filter(|(id, _)| id != "signed_curve25519:FB1").map(|(id, _)| id).collect();
+        assert_eq!(one_time.len(), 5, "each one-time key went to one claimer: {claimed:?}");
+        assert_eq!(claimed.iter().filter(|(_, key)| key == "fallback").count(), 5, "{claimed:?}");
+        // Unknown users and devices have nothing to give; that is not an error.
+        let (status, none) = server.post("/_matrix/client/v3/keys/claim", Some(&bob.token), json!({"one_time_keys": {
+            "@nobody:localhost": {"DEV": "signed_curve25519"}, alice.user_id.clone(): {"NOSUCH": "signed_curve25519"}}})).await;
+        assert_eq!(status, 200, "{none}");
+        assert_eq!(none["one_time_keys"], json!({}));
+
+        // Alice's sync says her keys are gone and the fallback key was used.
+        let synced = sync(&server, &alice, None).await;
+        assert_eq!(synced["device_one_time_keys_count"]["signed_curve25519"], 0, "{synced}");
+        assert_eq!(synced["device_unused_fallback_key_types"], json!([]));
+        let fresh = key.sign(&alice.user_id, json!({"key": "fallback2", "fallback": true}));
+        let (_, counts) = upload(&server, &alice, json!({
+            "one_time_keys": key.one_time_keys(&alice, 10, 3), "fallback_keys": {"signed_curve25519:FB2": fresh}})).await;
+        assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 3);
+        let synced = sync(&server, &alice, Some(&next(&synced))).await;
+        assert_eq!(synced["device_one_time_keys_count"]["signed_curve25519"], 3, "{synced}");
+        assert_eq!(synced["device_unused_fallback_key_types"], json!(["signed_curve25519"]));
+        server.stop().await;
+    }
+
+    async fn to_device_messages(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let (_, second) = server.login("alice", PW, json!({"device_id": "PHONE"})).await;
+        let phone = session_of(&second);
+        let since = next(&sync(&server, &alice, None).await);
+        let phone_since = next(&sync(&server, &phone, None).await);
+
+        // One message to one device, one to all of alice's devices; a retry is not a second.
+        let one = json!({alice.user_id.clone(): {alice.device_id.clone(): {"ciphertext": "for the laptop"}}});
+        assert_eq!(send_to_device(&server, &bob, "t1", one.clone()).await.0, 200);
+        assert_eq!(send_to_device(&server, &bob, "t1", one).await.0, 200);
+        assert_eq!(send_to_device(&server, &bob, "t2", json!({alice.user_id.clone(): {"*": {"ciphertext": "for all"}}})).await.0, 200);
+        // Unknown devices and users: accepted and dropped.
+        assert_eq!(send_to_device(&server, &bob, "t3", json!({alice.user_id.clone(): {"NOSUCH": {"a": 1}}, "@nobody:localhost": {"*": {"a": 1}}})).await.0, 200);
+        // Bad input.
+        let huge = "x".repeat(70_000);
+        assert_error(&send_to_device(&server, &bob, "t4", json!({alice.user_id.clone(): {"*": {"blob": huge}}})).await, 413, "M_TOO_LARGE");
+        assert_eq!(send_to_device(&server, &bob, "t5", json!({alice.user_id.clone(): {"*": "not an object"}})).await.0, 400);
+
+        let laptop = sync(&server, &alice, Some(&since)).await;
+        let events = to_device_events(&laptop);
+        let contents: Vec<&str> = events.iter().map(|e| e["content"]["ciphertext"].as_str().unwrap()).collect();
+        assert_eq!(contents, ["for the laptop", "for all"], "{laptop}");
+        assert!(events.iter().all(|e| e["sender"] == bob.user_id && e["type"] == "m.room.encrypted"));
+        let phone_sync = sync(&server, &phone, Some(&phone_since)).await;
+        let contents: Vec<Value> = to_device_events(&phone_sync).iter().map(|e| e["content"]["ciphertext"].clone()).collect();
+        assert_eq!(contents, [json!("for all")]);
+
+        // Delivered again until acknowledged by a later token, then never again.
+        let again = sync(&server, &alice, Some(&since)).await;
+        assert_eq!(to_device_events(&again).len(), 2, "not acknowledged yet: {again}");
+        let acked = sync(&server, &alice, Some(&next(&laptop))).await;
+        assert!(to_device_events(&acked).is_empty(), "{acked}");
+        let stale = sync(&server, &alice, Some(&since)).await;
+        assert!(to_device_events(&stale).is_empty(), "acknowledged messages are gone: {stale}");
+
+        // A backlog comes in batches of at most 100, in order.
+        let mut since = next(&acked);
+        for n in 0..150 {
+            let body = json!({alice.user_id.clone(): {alice.device_id.clone(): {"n": n}}});
+            assert_eq!(send_to_device(&server, &bob, &format!("b{n}"), body).await.0, 200);
+        }
+        let mut received = Vec::new();
+        for _ in 0..3 {
+            let batch = sync(&server, &alice, Some(&since)).await;
+            let events = to_device_events(&batch);
+            assert!(events.len() <= 100);
+            received.extend(events.iter().map(|e| e["content"]["n"].as_i64().unwrap()));
+            since = next(&batch);
+        }
+        assert_eq!(received, (0..150).collect::<Vec<_>>());
+
+        // Deleting a device drops what waits for it.
+        let body = json!({alice.user_id.clone(): {"PHONE": {"ciphertext": "lost with the phone"}}});
+        assert_eq!(send_to_device(&server, &bob, "p1", body).await.0, 200);
+        let (status, _) = server.request("POST", "/_matrix/client/v3/logout", Some(&phone.token), None).await;
+        assert_eq!(status, 200);
+        let (_, again) = server.login("alice", PW, json!({"device_id": "PHONE"})).await;
+        let phone = session_of(&again);
+        let fresh = sync(&server, &phone, None).await;
+        assert!(to_device_events(&fresh).is_empty(), "{fresh}");
+        server.stop().await;
+    }
+
+    async fn device_lists(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let carol = server.register("carol", PW).await;
+        let room = shared_room(&server, &alice, &bob).await;
+        let bob_since = next(&sync(&server, &bob, None).await);
+        let alice_since = next(&sync(&server, &alice, None).await);
+
+        // Alice's new device uploads keys: bob, who shares a room with her, is told; carol is not.
+        let carol_since = next(&sync(&server, &carol, None).await);
+        let (_, second) = server.login("alice", PW, json!({"device_id": "TABLET"})).await;
+        let tablet = session_of(&second);
+        let key = DeviceKey::new("TABLET");
+        assert_eq!(upload(&server, &tablet, json!({"device_keys": key.device_keys(&tablet)})).await.0, 200);
+        let update = sync(&server, &bob, Some(&bob_since)).await;
+        assert_eq!(update["device_lists"]["changed"], json!([alice.user_id]), "{update}");
+        let carol_update = sync(&server, &carol, Some(&carol_since)).await;
+        assert!(carol_update["device_lists"]["changed"].as_array().is_none_or(Vec::is_empty), "{carol_update}");
+        let (status, changes) = server.get(&format!("/_matrix/client/v3/keys/changes?from={bob_since}&to={}", next(&update)), Some(&bob.token)).await;
+        assert_eq!(status, 200, "{changes}");
+        assert_eq!(changes["changed"], json!([alice.user_id]));
+
+        // Deleting the device is a change too.
+        let bob_since = next(&update);
+        assert_eq!(server.request("POST", "/_matrix/client/v3/logout", Some(&tablet.token), None).await.0, 200);
+        let update = sync(&server, &bob, Some(&bob_since)).await;
+        assert_eq!(update["device_lists"]["changed"], json!([alice.user_id]), "{update}");
+
+        // Carol joins: alice must query her; bob leaves: alice no longer shares a room with him.
+        let invite = format!("/_matrix/client/v3/rooms/{room}/invite");
+        assert_eq!(server.post(&invite, Some(&alice.token), json!({"user_id": carol.user_id})).await.0, 200);
+        assert_eq!(server.post(&format!("/_matrix/client/v3/rooms/{room}/join"), Some(&carol.token), json!({})).await.0, 200);
+        assert_eq!(server.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&bob.token), json!({})).await.0, 200);
+        let update = sync(&server, &alice, Some(&alice_since)).await;
+        let changed = update["device_lists"]["changed"].as_array().unwrap();
+        assert!(changed.contains(&json!(carol.user_id)), "{update}");
+        assert_eq!(update["device_lists"]["left"], json!([bob.user_id]), "{update}");
+        server.stop().await;
+    }
+}
