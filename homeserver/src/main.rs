@@ -170,9 +170,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(server_name = %config.server_name, database = ?config.database_kind()?, "{mode}");
     }
     if !config.redis.url.is_empty() {
-        tracing::warn!(
-            "redis.url is set, but nothing is queued in Redis yet: envelopes arrive with end-to-end encryption"
-        );
+        tracing::info!("to-device messages are queued in Redis");
     }
     let running = server::start(config).await?;
     tracing::info!("client API listening on http://{}", running.addr);

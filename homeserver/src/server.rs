@@ -63,7 +63,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.public_baseurl = format!("http://{addr}");
     }
     let stream = crate::storage::stream::StreamWriter::start(&store).await?;
-    let state = web::Data::new(AppState::new(config, Arc::new(store), stream)?);
+    let store: Arc<dyn crate::storage::Storage> = Arc::new(store);
+    let queue = crate::queue::open(&config.redis, store.clone())
+        .await
+        .with_context(|| "connecting to Redis (redis.url)".to_owned())?;
+    let state = web::Data::new(AppState::new(config, store, stream, queue)?);
     let app_state = state.clone();
     let server = HttpServer::new(move || {
         let router = api::client::router();

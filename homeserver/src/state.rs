@@ -37,6 +37,8 @@ pub struct AppState {
     notifier: tokio::sync::watch::Sender<i64>,
     pub server_name: OwnedServerName,
     pub store: Arc<dyn Storage>,
+    /// To-device messages waiting for their devices.
+    pub queue: Arc<dyn crate::queue::EnvelopeQueue>,
     pub tokens: TokenService,
     pub limiter: RateLimiter,
     /// Delivery of one-time codes, when configured.
@@ -55,7 +57,12 @@ pub struct AppState {
 const LAST_SEEN_EVERY: Duration = Duration::from_secs(60);
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<dyn Storage>, stream: Arc<StreamWriter>) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Storage>,
+        stream: Arc<StreamWriter>,
+        queue: Arc<dyn crate::queue::EnvelopeQueue>,
+    ) -> anyhow::Result<Self> {
         let server_name = OwnedServerName::try_from(config.server_name.as_str())?;
         let secret = if config.auth.token_secret.is_empty() {
             tokens::load_or_create_secret(&config.data_dir)?
@@ -111,6 +118,7 @@ impl AppState {
             notifier: tokio::sync::watch::channel(0).0,
             server_name,
             store,
+            queue,
             tokens,
             limiter,
             email,

@@ -22,11 +22,20 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-/// A fresh, empty database and a scratch directory, removed when the test is done.
+/// Redis the Postgres tests queue envelopes in (under a key prefix of their own).
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A fresh, empty database and a scratch directory, removed when the test is done. Postgres
+/// tests run as a deployment would: with the envelope queue in Redis; SQLite tests as a
+/// single node would: with the embedded queue.
 pub struct TestDb {
     pub url: String,
     pub dir: PathBuf,
     pg_name: Option<String>,
+    /// The Redis key prefix, for Postgres tests.
+    pub redis_prefix: Option<String>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -52,7 +61,7 @@ impl TestDb {
                 let data = dir.join("hearth-data");
                 std::fs::create_dir_all(&data).expect("data dir");
                 let url = format!("sqlite://{}?mode=rwc", data.join("hearth.db").display());
-                Self { url, dir, pg_name: None }
+                Self { url, dir, pg_name: None, redis_prefix: None }
             }
             Db::Postgres => {
                 let admin = postgres_admin_url();
@@ -62,7 +71,12 @@ impl TestDb {
                     .await
                     .expect("create db");
                 let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
-                Self { url: format!("{base}/{name}"), dir, pg_name: Some(name) }
+                Self {
+                    url: format!("{base}/{name}"),
+                    dir,
+                    pg_name: Some(name.clone()),
+                    redis_prefix: Some(name),
+                }
             }
         }
     }
@@ -75,6 +89,19 @@ impl TestDb {
             let _ = conn
                 .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
                 .await;
+        }
+        if let Some(prefix) = &self.redis_prefix
+            && let Ok(client) = redis::Client::open(redis_url())
+            && let Ok(mut redis) = client.get_multiplexed_async_connection().await
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}:*"))
+                .query_async(&mut redis)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -90,6 +117,10 @@ pub fn test_config(db: &TestDb) -> Config {
     config.database.max_connections = 4;
     config.rate_limits.enabled = false;
     config.auth.token_secret = homeserver::config::Secret(TOKEN_SECRET.to_owned());
+    if let Some(prefix) = &db.redis_prefix {
+        config.redis.url = redis_url();
+        config.redis.key_prefix = prefix.clone();
+    }
     config
 }
 

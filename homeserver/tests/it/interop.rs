@@ -30,7 +30,7 @@ pub fn python() -> PathBuf {
     python
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -46,6 +46,11 @@ pub struct HearthProcess {
 
 impl HearthProcess {
     pub async fn start(db: &TestDb, backend: Db) -> Self {
+        Self::start_with(db, backend, &[]).await
+    }
+
+    /// Starts it with more `HEARTH_` variables (these win over the test's defaults).
+    pub async fn start_with(db: &TestDb, backend: Db, env: &[(&str, String)]) -> Self {
         let port = free_port();
         let log = db.dir.join("hearth.log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
@@ -61,7 +66,16 @@ impl HearthProcess {
         if backend == Db::Postgres {
             command.env("HEARTH_DATABASE__URL", &db.url);
         }
-        let log_file = std::fs::File::create(&log).expect("log file");
+        if let Some(prefix) = &db.redis_prefix {
+            command
+                .env("HEARTH_REDIS__URL", crate::common::redis_url())
+                .env("HEARTH_REDIS__KEY_PREFIX", prefix);
+        }
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        // Appended to, so that a restarted process's log follows the killed one's.
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         command.stdout(Stdio::null()).stderr(log_file.try_clone().expect("log")).kill_on_drop(true);
         let child = command.spawn().expect("spawn hearth");
         let process = Self { base: format!("http://127.0.0.1:{port}"), child, log };
@@ -90,6 +104,7 @@ impl HearthProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Stops it with SIGKILL: no shutdown, no flushing, as a crash would.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }

@@ -8,6 +8,7 @@ mod around;
 mod cli;
 mod common;
 mod directory;
+mod durability;
 mod e2ee;
 mod errors;
 mod interop;

@@ -4,7 +4,10 @@
 use actix_web::{http::StatusCode, web};
 use ruma::api::client::account::{ThirdPartyIdRemovalStatus, change_password, deactivate, whoami};
 
-use super::register::check_new_password;
+use super::{
+    device::{Removal, remove_devices},
+    register::check_new_password,
+};
 use crate::{
     auth::{
         password,
@@ -99,8 +102,7 @@ async fn change_password(
     let hash = password::hash(&body.new_password).await?;
     state.store.set_password_hash(&user_id, Some(&hash)).await?;
     if body.logout_devices {
-        state.store.delete_devices_except(&user_id, keep_device.as_deref()).await?;
-        super::keys::device_list_changed(&state, &user_id).await?;
+        remove_devices(&state, &user_id, Removal::AllBut(keep_device.as_deref())).await?;
     }
     tracing::info!(user_id = %user_id, reset = keep_device.is_none(), "password changed");
     Ok(change_password::v3::Response::new())
@@ -129,6 +131,7 @@ async fn deactivate(
         threepid_purpose: None,
     };
     uia::authenticate(&state, request.body.auth.as_ref(), operation).await?;
+    remove_devices(&state, &user.user_id, Removal::AllBut(None)).await?;
     state.store.deactivate_user(&user.user_id).await?;
     tracing::info!(user_id = %user.user_id, "deactivated");
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))

@@ -2,7 +2,7 @@
 
 use actix_web::web;
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedDeviceId, UInt,
+    DeviceId, MilliSecondsSinceUnixEpoch, OwnedDeviceId, UInt, UserId,
     api::client::device::{self, delete_device, delete_devices, get_device, get_devices, update_device},
 };
 
@@ -24,6 +24,37 @@ const MAX_DELETE: usize = 1000;
 
 pub(super) fn routes(router: &mut Router) {
     router.add(get_devices).add(get_device).add(update_device).add(delete_device).add(delete_devices);
+}
+
+/// Which devices go.
+pub(super) enum Removal<'a> {
+    These(&'a [OwnedDeviceId]),
+    /// Every device but this one (or all).
+    AllBut(Option<&'a DeviceId>),
+}
+
+/// Deletes devices with their sessions, keys and waiting to-device messages, and tells
+/// everyone who shares a room with the user that their device list changed.
+pub(super) async fn remove_devices(state: &AppState, user: &UserId, which: Removal<'_>) -> Result<()> {
+    let gone: Vec<OwnedDeviceId> = match which {
+        Removal::These(devices) => devices.to_vec(),
+        Removal::AllBut(keep) => state
+            .store
+            .list_devices(user)
+            .await?
+            .into_iter()
+            .map(|d| d.device_id)
+            .filter(|d| Some(d.as_ref()) != keep)
+            .collect(),
+    };
+    match which {
+        Removal::These(devices) => state.store.delete_devices(user, devices).await?,
+        Removal::AllBut(keep) => state.store.delete_devices_except(user, keep).await?,
+    }
+    for device in &gone {
+        state.queue.forget_device(user, device).await?;
+    }
+    super::keys::device_list_changed(state, user).await
 }
 
 fn to_ruma(record: DeviceRecord) -> device::Device {
@@ -111,8 +142,7 @@ async fn delete_device(
     }
     let devices = [body.device_id];
     authorize_deletion(&state, user, &devices, body.auth.as_ref()).await?;
-    state.store.delete_devices(&user.user_id, &devices).await?;
-    super::keys::device_list_changed(&state, &user.user_id).await?;
+    remove_devices(&state, &user.user_id, Removal::These(&devices)).await?;
     Ok(delete_device::v3::Response::new())
 }
 
@@ -127,7 +157,6 @@ async fn delete_devices(
         return Err(Error::invalid_param(format!("at most {MAX_DELETE} devices per request")));
     }
     authorize_deletion(&state, user, &body.devices, body.auth.as_ref()).await?;
-    state.store.delete_devices(&user.user_id, &body.devices).await?;
-    super::keys::device_list_changed(&state, &user.user_id).await?;
+    remove_devices(&state, &user.user_id, Removal::These(&body.devices)).await?;
     Ok(delete_devices::v3::Response::new())
 }

@@ -19,7 +19,7 @@ use ruma::{
     },
 };
 
-use super::device::MAX_DISPLAY_NAME;
+use super::device::{MAX_DISPLAY_NAME, Removal, remove_devices};
 use crate::{
     auth::{self, jwt_login, password, ratelimit::Action, tokens},
     error::{Error, ErrorKind, Result},
@@ -198,8 +198,7 @@ async fn logout(
     request: Ruma<logout::v3::Request>,
 ) -> Result<logout::v3::Response> {
     let user = request.sender;
-    state.store.delete_devices(&user.user_id, &[user.device_id]).await?;
-    super::keys::device_list_changed(&state, &user.user_id).await?;
+    remove_devices(&state, &user.user_id, Removal::These(&[user.device_id])).await?;
     Ok(logout::v3::Response::new())
 }
 
@@ -208,8 +207,7 @@ async fn logout_all(
     state: web::Data<AppState>,
     request: Ruma<logout_all::v3::Request>,
 ) -> Result<logout_all::v3::Response> {
-    state.store.delete_devices_except(&request.sender.user_id, None).await?;
-    super::keys::device_list_changed(&state, &request.sender.user_id).await?;
+    remove_devices(&state, &request.sender.user_id, Removal::AllBut(None)).await?;
     Ok(logout_all::v3::Response::new())
 }
 

@@ -144,7 +144,7 @@ async fn sync(
     };
     if let Some((_, Some(seen))) = since {
         // The token says the device received its to-device messages up to `seen`: they go.
-        state.store.remove_to_device(user, query.device, seen).await?;
+        state.queue.acknowledge(user, query.device, seen).await?;
     }
     let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
@@ -363,8 +363,9 @@ async fn e2ee(
     let (user, device) = (query.user, query.device);
     let after = query.to_device_after;
     let key = device_key(user.as_str(), device.as_str());
-    if state.recent.marked(Mark::ToDevice, &key, after, upto) != Some(false) {
-        let messages = state.store.to_device_messages(user, device, after, upto, MAX_TO_DEVICE).await?;
+    let queue = &state.queue;
+    if !queue.marked_in_stream() || state.recent.marked(Mark::ToDevice, &key, after, upto) != Some(false) {
+        let messages = queue.pending(user, device, after, upto, MAX_TO_DEVICE).await?;
         if let Some(last) = messages.last() {
             // Until the device acknowledges them with this token, they stay queued.
             response.next_batch = format!("{}_t{}", token(upto), last.stream_ordering);

@@ -71,11 +71,11 @@ async fn send_to_device(
             }
         }
     }
-    let store = &state.store;
+    let queue = &state.queue;
     let txn = body.txn_id.as_str();
-    // Queued (and committed) before the answer: an acknowledged message is never lost.
+    // Queued (durably) before the answer: an acknowledged message is never lost.
     rooms::at_new_position(&state, |position| async move {
-        store.queue_to_device(&sender.user_id, &sender.device_id, txn, &envelopes, position).await?;
+        queue.push(&sender.user_id, &sender.device_id, txn, &envelopes, position).await?;
         Ok(())
     })
     .await?;
