@@ -116,6 +116,9 @@ impl ResponseError for Error {
                 let mut body = serde_json::json!({ "errcode": kind.errcode().to_string(), "error": message });
                 match kind {
                     ErrorKind::UnknownToken(data) => body["soft_logout"] = data.soft_logout.into(),
+                    ErrorKind::WrongRoomKeysVersion(data) => {
+                        body["current_version"] = data.current_version.clone().into();
+                    }
                     ErrorKind::LimitExceeded(LimitExceededErrorData {
                         retry_after: Some(RetryAfter::Delay(delay)),
                         ..

@@ -10,6 +10,7 @@
 //! The conformance suite (`tests/it/storage.rs`) runs every trait against both backends.
 
 mod accounts;
+mod backup;
 mod devices;
 pub mod keys;
 mod registration_tokens;
@@ -31,6 +32,7 @@ use sqlx::{
 
 pub use self::{
     accounts::{AccountStore, UserRecord},
+    backup::{BackupKey, BackupStore, BackupVersion},
     devices::{DeviceRecord, DeviceStore},
     keys::{ClaimedKey, Envelope, KeyConflict, KeyStore},
     registration_tokens::RegistrationTokenStore,
@@ -53,6 +55,7 @@ pub trait Storage:
     + StreamStore
     + UserDataStore
     + KeyStore
+    + BackupStore
 {
 }
 
@@ -81,6 +84,7 @@ impl<T> Storage for T where
         + StreamStore
         + UserDataStore
         + KeyStore
+        + BackupStore
 {
 }
 
@@ -186,6 +190,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "e2ee",
         include_str!("../../migrations/postgres/0009_e2ee.sql"),
         include_str!("../../migrations/sqlite/0009_e2ee.sql"),
+    ),
+    (
+        10,
+        "key backup",
+        include_str!("../../migrations/postgres/0010_key_backup.sql"),
+        include_str!("../../migrations/sqlite/0010_key_backup.sql"),
     ),
 ];
 

@@ -101,7 +101,97 @@ async fn shared_room(server: &TestServer, alice: &Session, bob: &Session) -> Str
     room
 }
 
+fn backup_key(index: u64, forwarded: u64, verified: bool, marker: &str) -> Value {
+    json!({"first_message_index": index, "forwarded_count": forwarded, "is_verified": verified,
+           "session_data": {"ephemeral": marker, "ciphertext": marker, "mac": marker}})
+}
+
 crate::on_both_backends! {
+    async fn key_backup(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let token = Some(alice.token.as_str());
+        let algorithm = json!({"algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": {"public_key": "abc"}});
+        assert_error(&server.post("/_matrix/client/v3/room_keys/version", token, json!({"algorithm": 1})).await, 400, "M_BAD_JSON");
+        assert_error(&server.get("/_matrix/client/v3/room_keys/version", token).await, 404, "M_NOT_FOUND");
+        let (status, created) = server.post("/_matrix/client/v3/room_keys/version", token, algorithm.clone()).await;
+        assert_eq!(status, 200, "{created}");
+        assert_eq!(created["version"], "1");
+        let (_, latest) = server.get("/_matrix/client/v3/room_keys/version", token).await;
+        assert_eq!((latest["version"].as_str(), latest["count"].as_u64()), (Some("1"), Some(0)), "{latest}");
+        assert_eq!(latest["auth_data"]["public_key"], "abc");
+
+        let room = "!room:localhost";
+        let session_path = |version: &str| format!("/_matrix/client/v3/room_keys/keys/{}/S1?version={version}", room.replace('!', "%21").replace(':', "%3A"));
+        let put = |version: &'static str, key: Value| {
+            let path = session_path(version);
+            let server = &server;
+            async move { server.request("PUT", &path, token, Some(key)).await }
+        };
+        let stored = || async { server.get(&session_path("1"), token).await.1 };
+        let (status, first) = put("1", backup_key(5, 1, false, "a")).await;
+        assert_eq!((status, first["count"].as_u64()), (200, Some(1)), "{first}");
+        // Worse (later first message) is ignored; the etag says nothing changed.
+        let (_, same) = put("1", backup_key(7, 0, false, "b")).await;
+        assert_eq!(same["etag"], first["etag"]);
+        assert_eq!(stored().await["session_data"]["ciphertext"], "a");
+        // Verified beats unverified, even from a later message.
+        let (_, better) = put("1", backup_key(9, 3, true, "c")).await;
+        assert_ne!(better["etag"], first["etag"]);
+        assert_eq!(stored().await["session_data"]["ciphertext"], "c");
+        put("1", backup_key(0, 0, false, "d")).await;
+        assert_eq!(stored().await["session_data"]["ciphertext"], "c", "unverified never beats verified");
+        // Then the earlier first message, then fewer forwards.
+        put("1", backup_key(2, 5, true, "e")).await;
+        assert_eq!(stored().await["session_data"]["ciphertext"], "e");
+        put("1", backup_key(2, 1, true, "f")).await;
+        assert_eq!(stored().await["first_message_index"], 2);
+        assert_eq!(stored().await["session_data"]["ciphertext"], "f");
+
+        // Many sessions at once, read back whole, by room, by session.
+        let (status, bulk) = server.request("PUT", "/_matrix/client/v3/room_keys/keys?version=1", token, Some(json!({"rooms": {
+            room: {"sessions": {"S2": backup_key(0, 0, false, "s2"), "S3": backup_key(0, 0, false, "s3")}},
+            "!other:localhost": {"sessions": {"S4": backup_key(0, 0, false, "s4")}}}}))).await;
+        assert_eq!((status, bulk["count"].as_u64()), (200, Some(4)), "{bulk}");
+        let (_, all) = server.get("/_matrix/client/v3/room_keys/keys?version=1", token).await;
+        assert_eq!(all["rooms"][room]["sessions"].as_object().unwrap().len(), 3, "{all}");
+        assert_eq!(all["rooms"]["!other:localhost"]["sessions"]["S4"]["session_data"]["ciphertext"], "s4");
+        let room_path = "/_matrix/client/v3/room_keys/keys/%21other%3Alocalhost?version=1";
+        assert_eq!(server.get(room_path, token).await.1["sessions"]["S4"]["forwarded_count"], 0);
+        let missing = "/_matrix/client/v3/room_keys/keys/%21other%3Alocalhost/NOPE?version=1";
+        assert_error(&server.get(missing, token).await, 404, "M_NOT_FOUND");
+        let (_, deleted) = server.request("DELETE", room_path, token, None).await;
+        assert_eq!(deleted["count"], 3, "{deleted}");
+
+        // Bad input: malformed sessions, unknown versions.
+        let (status, _) = put("1", json!({"first_message_index": 0, "forwarded_count": 0, "is_verified": "yes", "session_data": {}})).await;
+        assert_eq!(status, 400);
+        assert_error(&server.get("/_matrix/client/v3/room_keys/keys?version=abc", token).await, 404, "M_NOT_FOUND");
+        assert_error(&server.get("/_matrix/client/v3/room_keys/version/9", token).await, 404, "M_NOT_FOUND");
+
+        // A new version: writes to the old one are refused with the current one named.
+        let (_, second) = server.post("/_matrix/client/v3/room_keys/version", token, algorithm.clone()).await;
+        assert_eq!(second["version"], "2");
+        let refused = put("1", backup_key(0, 0, true, "z")).await;
+        assert_error(&refused, 403, "M_WRONG_ROOM_KEYS_VERSION");
+        assert_eq!(refused.1["current_version"], "2");
+        assert_eq!(server.get("/_matrix/client/v3/room_keys/keys?version=1", token).await.0, 200, "old versions stay readable");
+        assert_eq!(server.request("DELETE", "/_matrix/client/v3/room_keys/version/1", None, None).await.0, 401);
+        assert_eq!(server.request("DELETE", "/_matrix/client/v3/room_keys/version/1", token, None).await.0, 200);
+        assert_error(&server.get("/_matrix/client/v3/room_keys/version/1", token).await, 404, "M_NOT_FOUND");
+        assert_error(&server.get("/_matrix/client/v3/room_keys/keys?version=1", token).await, 404, "M_NOT_FOUND");
+        assert_error(&server.request("DELETE", "/_matrix/client/v3/room_keys/version/1", token, None).await, 404, "M_NOT_FOUND");
+
+        // Updating: new auth data yes, another algorithm no.
+        let mut updated = algorithm.clone();
+        updated["auth_data"]["public_key"] = json!("def");
+        assert_eq!(server.request("PUT", "/_matrix/client/v3/room_keys/version/2", token, Some(updated)).await.0, 200);
+        assert_eq!(server.get("/_matrix/client/v3/room_keys/version/2", token).await.1["auth_data"]["public_key"], "def");
+        let other = json!({"algorithm": "org.example.other", "auth_data": {}});
+        assert_error(&server.request("PUT", "/_matrix/client/v3/room_keys/version/2", token, Some(other)).await, 400, "M_INVALID_PARAM");
+        server.stop().await;
+    }
+
     async fn keys_upload_query_claim(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

@@ -1,6 +1,7 @@
 //! The client-server API, one file per spec area.
 
 mod account;
+mod backup;
 mod device;
 mod directory;
 mod discovery;
@@ -36,6 +37,7 @@ pub fn router() -> Router {
     directory::routes(&mut router);
     push::routes(&mut router);
     keys::routes(&mut router);
+    backup::routes(&mut router);
     to_device::routes(&mut router);
     router
 }
