@@ -32,6 +32,13 @@ pub struct Envelope {
     pub json: String,
 }
 
+/// Which of a user's own keys a signature is for.
+#[derive(Debug, Clone, Copy)]
+pub enum SignedTarget<'a> {
+    Device(&'a str),
+    Master,
+}
+
 #[async_trait]
 pub trait KeyStore: Send + Sync {
     /// Stores a device's keys at `position`: identity keys (refused if the device already has
@@ -100,6 +107,35 @@ pub trait KeyStore: Send + Sync {
     /// Removes a device's messages at or below `upto` (the device has seen them).
     async fn remove_to_device(&self, user_id: &UserId, device_id: &DeviceId, upto: i64) -> StoreResult<()>;
 
+    /// A user's cross-signing keys as `(usage, json)`: `master`, `self_signing`, `user_signing`.
+    async fn cross_signing_keys(&self, user_id: &UserId) -> StoreResult<Vec<(String, String)>>;
+    /// Stores cross-signing keys `(usage, json)` and marks the user's device list changed.
+    async fn put_cross_signing_keys(
+        &self,
+        user_id: &UserId,
+        keys: &[(String, String)],
+        position: i64,
+    ) -> StoreResult<()>;
+    /// Adds `(signer, key_id, signature)` to one of the user's own keys (a device's keys, or the
+    /// master key) and marks the device list changed; false if there is no such key.
+    async fn add_key_signature(
+        &self,
+        user_id: &UserId,
+        target: SignedTarget<'_>,
+        signature: (&str, &str, &str),
+        position: i64,
+    ) -> StoreResult<bool>;
+    /// Stores `signer`'s signature `(key_id, signature)` of `target`'s master key.
+    async fn put_user_signature(
+        &self,
+        signer: &UserId,
+        target: &UserId,
+        signature: (&str, &str),
+        position: i64,
+    ) -> StoreResult<()>;
+    /// `signer`'s signatures of `target`'s master key, as `(key_id, signature)`.
+    async fn user_signatures(&self, signer: &UserId, target: &UserId) -> StoreResult<Vec<(String, String)>>;
+
     /// Stream changes that concern keys and to-device messages in `(after, upto]`, for the
     /// in-memory window: `(kind, user, device, position)` with kind `d` (device list), `k` (key
     /// counts) or `t` (to-device message).
@@ -137,11 +173,13 @@ impl KeyStore for SqlStore {
                     if identity_of(&stored) != identity {
                         return Ok(Err(KeyConflict::DeviceKeys));
                     }
-                    if stored != json {
+                    // Signatures others added (cross-signing) stay with the keys.
+                    let merged = merge_signatures(&stored, json)?;
+                    if stored != merged {
                         sqlx::query("UPDATE device_keys SET json = $3 WHERE user_id = $1 AND device_id = $2")
                             .bind(user)
                             .bind(device)
-                            .bind(json)
+                            .bind(&merged)
                             .execute(&mut *tx)
                             .await?;
                         mark_device_list(&mut tx, user, position).await?;
@@ -444,6 +482,113 @@ impl KeyStore for SqlStore {
         })
         .collect()
     }
+    async fn cross_signing_keys(&self, user_id: &UserId) -> StoreResult<Vec<(String, String)>> {
+        sqlx::query("SELECT usage, json FROM cross_signing_keys WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get("usage")?, row.try_get("json")?)))
+            .collect()
+    }
+
+    async fn put_cross_signing_keys(
+        &self,
+        user_id: &UserId,
+        keys: &[(String, String)],
+        position: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for (usage, json) in keys {
+            sqlx::query(
+                "INSERT INTO cross_signing_keys (user_id, usage, json) VALUES ($1, $2, $3)
+                 ON CONFLICT (user_id, usage) DO UPDATE SET json = excluded.json",
+            )
+            .bind(user_id.as_str())
+            .bind(usage)
+            .bind(json)
+            .execute(&mut *tx)
+            .await?;
+        }
+        mark_device_list(&mut tx, user_id.as_str(), position).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn add_key_signature(
+        &self,
+        user_id: &UserId,
+        target: SignedTarget<'_>,
+        (signer, key_id, signature): (&str, &str, &str),
+        position: i64,
+    ) -> StoreResult<bool> {
+        let (select, update, key) = match target {
+            SignedTarget::Device(device) => (
+                "SELECT json FROM device_keys WHERE user_id = $1 AND device_id = $2",
+                "UPDATE device_keys SET json = $3 WHERE user_id = $1 AND device_id = $2",
+                device,
+            ),
+            SignedTarget::Master => (
+                "SELECT json FROM cross_signing_keys WHERE user_id = $1 AND usage = $2",
+                "UPDATE cross_signing_keys SET json = $3 WHERE user_id = $1 AND usage = $2",
+                "master",
+            ),
+        };
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(select).bind(user_id.as_str()).bind(key).fetch_optional(&mut *tx).await?
+        else {
+            return Ok(false);
+        };
+        let mut value: serde_json::Value = serde_json::from_str(&row.try_get::<String, _>("json")?)
+            .map_err(|e| super::StoreError::Corrupt(e.to_string()))?;
+        value["signatures"][signer][key_id] = signature.into();
+        sqlx::query(update)
+            .bind(user_id.as_str())
+            .bind(key)
+            .bind(value.to_string())
+            .execute(&mut *tx)
+            .await?;
+        mark_device_list(&mut tx, user_id.as_str(), position).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn put_user_signature(
+        &self,
+        signer: &UserId,
+        target: &UserId,
+        (key_id, signature): (&str, &str),
+        position: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO cross_signing_signatures (signer_id, target_id, key_id, signature) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (signer_id, target_id, key_id) DO UPDATE SET signature = excluded.signature",
+        )
+        .bind(signer.as_str())
+        .bind(target.as_str())
+        .bind(key_id)
+        .bind(signature)
+        .execute(&mut *tx)
+        .await?;
+        // The signer's other devices learn of it through the signer's device list.
+        mark_device_list(&mut tx, signer.as_str(), position).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn user_signatures(&self, signer: &UserId, target: &UserId) -> StoreResult<Vec<(String, String)>> {
+        sqlx::query(
+            "SELECT key_id, signature FROM cross_signing_signatures WHERE signer_id = $1 AND target_id = $2",
+        )
+        .bind(signer.as_str())
+        .bind(target.as_str())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("key_id")?, row.try_get("signature")?)))
+        .collect()
+    }
 }
 
 async fn mark_device_list(
@@ -478,6 +623,23 @@ async fn mark_key_counts(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// `new` with every signature of `stored` it lacks added.
+fn merge_signatures(stored: &str, new: &str) -> StoreResult<String> {
+    let corrupt = |e: serde_json::Error| super::StoreError::Corrupt(e.to_string());
+    let stored: serde_json::Value = serde_json::from_str(stored).map_err(corrupt)?;
+    let mut merged: serde_json::Value = serde_json::from_str(new).map_err(corrupt)?;
+    if let Some(signers) = stored["signatures"].as_object() {
+        for (signer, keys) in signers {
+            for (key_id, signature) in keys.as_object().into_iter().flatten() {
+                if merged["signatures"][signer].get(key_id).is_none() {
+                    merged["signatures"][signer][key_id] = signature.clone();
+                }
+            }
+        }
+    }
+    Ok(merged.to_string())
 }
 
 /// The identity part of a device keys object (its `keys` field, canonically), which must never

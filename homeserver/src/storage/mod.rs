@@ -34,7 +34,7 @@ pub use self::{
     accounts::{AccountStore, UserRecord},
     backup::{BackupKey, BackupStore, BackupVersion},
     devices::{DeviceRecord, DeviceStore},
-    keys::{ClaimedKey, Envelope, KeyConflict, KeyStore},
+    keys::{ClaimedKey, Envelope, KeyConflict, KeyStore, SignedTarget},
     registration_tokens::RegistrationTokenStore,
     rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
     sessions::{SessionRecord, SessionStore},
@@ -196,6 +196,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "key backup",
         include_str!("../../migrations/postgres/0010_key_backup.sql"),
         include_str!("../../migrations/sqlite/0010_key_backup.sql"),
+    ),
+    (
+        11,
+        "cross-signing",
+        include_str!("../../migrations/postgres/0011_cross_signing.sql"),
+        include_str!("../../migrations/sqlite/0011_cross_signing.sql"),
     ),
 ];
 

@@ -21,8 +21,15 @@ struct DeviceKey {
 
 impl DeviceKey {
     fn new(device_id: &str) -> Self {
-        let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device_id.to_owned()).unwrap();
-        let public = Base64::<Standard>::new(pair.public_key().to_vec()).encode();
+        Self::with_name(|_| device_id.to_owned())
+    }
+
+    /// A key whose name (the part of its key id after `ed25519:`) comes from its public key.
+    fn with_name(name: impl FnOnce(&str) -> String) -> Self {
+        let der = Ed25519KeyPair::generate();
+        let probe = Ed25519KeyPair::from_der(&der, String::new()).unwrap();
+        let public = Base64::<Standard>::new(probe.public_key().to_vec()).encode();
+        let pair = Ed25519KeyPair::from_der(&der, name(&public)).unwrap();
         Self { pair, public }
     }
 
@@ -61,6 +68,19 @@ impl DeviceKey {
             .collect();
         Value::Object(keys)
     }
+}
+
+/// A cross-signing key of `owner` for `usage`, named after its own public key, signed by
+/// `signed_by` (the master key) if given.
+fn cross_key(owner: &str, usage: &str, signed_by: Option<&DeviceKey>) -> (DeviceKey, Value) {
+    let key = DeviceKey::with_name(str::to_owned);
+    let object =
+        json!({"user_id": owner, "usage": [usage], "keys": {format!("ed25519:{}", key.public): key.public}});
+    let object = match signed_by {
+        Some(master) => master.sign(owner, object),
+        None => object,
+    };
+    (key, object)
 }
 
 async fn upload(server: &TestServer, who: &Session, body: Value) -> (u16, Value) {
@@ -107,6 +127,80 @@ fn backup_key(index: u64, forwarded: u64, verified: bool, marker: &str) -> Value
 }
 
 crate::on_both_backends! {
+    async fn cross_signing(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let device = DeviceKey::new(&alice.device_id);
+        assert_eq!(upload(&server, &alice, json!({"device_keys": device.device_keys(&alice)})).await.0, 200);
+        let (master, master_json) = cross_key(&alice.user_id, "master", None);
+        let (ssk, ssk_json) = cross_key(&alice.user_id, "self_signing", Some(&master));
+        let (usk, usk_json) = cross_key(&alice.user_id, "user_signing", Some(&master));
+        let signing_upload = "/_matrix/client/v3/keys/device_signing/upload";
+
+        // Refused: a self-signing key the master key did not sign, keys naming someone else.
+        let (_, unsigned_ssk) = cross_key(&alice.user_id, "self_signing", Some(&ssk));
+        let refused = server.post(signing_upload, Some(&alice.token), json!({"master_key": master_json, "self_signing_key": unsigned_ssk})).await;
+        assert_error(&refused, 400, "M_BAD_JSON");
+        let (_, bobs) = cross_key(&bob.user_id, "master", None);
+        assert_error(&server.post(signing_upload, Some(&alice.token), json!({"master_key": bobs})).await, 400, "M_BAD_JSON");
+
+        // The first upload needs no password; replacing keys does.
+        let keys = json!({"master_key": master_json, "self_signing_key": ssk_json, "user_signing_key": usk_json});
+        let (status, body) = server.post(signing_upload, Some(&alice.token), keys.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, challenge) = server.post(signing_upload, Some(&alice.token), keys.clone()).await;
+        assert_eq!(status, 401, "{challenge}");
+        let mut with_auth = keys.clone();
+        with_auth["auth"] = json!({"type": "m.login.password", "session": challenge["session"],
+            "identifier": {"type": "m.id.user", "user": "alice"}, "password": PW});
+        assert_eq!(server.post(signing_upload, Some(&alice.token), with_auth).await.0, 200);
+
+        // Everyone sees master and self-signing keys; only alice her user-signing key.
+        let query = |who: &Session, whom: &str| {
+            let (server, token, whom) = (&server, who.token.clone(), whom.to_owned());
+            async move { server.post("/_matrix/client/v3/keys/query", Some(&token), json!({"device_keys": {whom: []}})).await.1 }
+        };
+        let seen_by_bob = query(&bob, &alice.user_id).await;
+        assert_eq!(seen_by_bob["master_keys"][&alice.user_id]["keys"][format!("ed25519:{}", master.public)], master.public);
+        assert!(seen_by_bob["self_signing_keys"][&alice.user_id].is_object(), "{seen_by_bob}");
+        assert!(seen_by_bob["user_signing_keys"].get(&alice.user_id).is_none(), "{seen_by_bob}");
+        assert!(query(&alice, &alice.user_id).await["user_signing_keys"][&alice.user_id].is_object());
+
+        // Alice's self-signing key signs her device; the signature shows and survives the
+        // device uploading its keys again.
+        let signatures_upload = "/_matrix/client/v3/keys/signatures/upload";
+        let signed_device = ssk.sign(&alice.user_id, device.device_keys(&alice));
+        let (status, result) = server.post(signatures_upload, Some(&alice.token),
+            json!({alice.user_id.clone(): {alice.device_id.clone(): signed_device}})).await;
+        assert_eq!(status, 200, "{result}");
+        assert!(result["failures"].as_object().is_none_or(serde_json::Map::is_empty), "{result}");
+        assert_eq!(upload(&server, &alice, json!({"device_keys": device.device_keys(&alice)})).await.0, 200);
+        let ssk_id = format!("ed25519:{}", ssk.public);
+        let shown = query(&bob, &alice.user_id).await;
+        assert!(shown["device_keys"][&alice.user_id][&alice.device_id]["signatures"][&alice.user_id][&ssk_id].is_string(), "{shown}");
+
+        // A signature by the wrong key is a failure for that key, not for the request.
+        let forged = usk.sign(&alice.user_id, device.device_keys(&alice));
+        let (status, result) = server.post(signatures_upload, Some(&alice.token),
+            json!({alice.user_id.clone(): {alice.device_id.clone(): forged}})).await;
+        assert_eq!(status, 200);
+        assert_eq!(result["failures"][&alice.user_id][&alice.device_id]["errcode"], "M_INVALID_SIGNATURE", "{result}");
+
+        // Alice's user-signing key signs bob's master key: alice sees it, bob does not.
+        let (bob_master, bob_master_json) = cross_key(&bob.user_id, "master", None);
+        assert_eq!(server.post(signing_upload, Some(&bob.token), json!({"master_key": bob_master_json})).await.0, 200);
+        let signed_bob = usk.sign(&alice.user_id, bob_master_json.clone());
+        let (status, result) = server.post(signatures_upload, Some(&alice.token),
+            json!({bob.user_id.clone(): {bob_master.public.clone(): signed_bob}})).await;
+        assert_eq!(status, 200, "{result}");
+        assert!(result["failures"].as_object().is_none_or(serde_json::Map::is_empty), "{result}");
+        let usk_id = format!("ed25519:{}", usk.public);
+        assert!(query(&alice, &bob.user_id).await["master_keys"][&bob.user_id]["signatures"][&alice.user_id][&usk_id].is_string());
+        assert!(query(&bob, &bob.user_id).await["master_keys"][&bob.user_id]["signatures"].get(&alice.user_id).is_none());
+        server.stop().await;
+    }
+
     async fn key_backup(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

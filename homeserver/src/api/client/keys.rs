@@ -13,7 +13,9 @@ use std::{
 use actix_web::{http::StatusCode, web};
 use ruma::{
     CanonicalJsonObject, DeviceId, OneTimeKeyAlgorithm, OwnedUserId, RoomId, UInt, UserId,
-    api::client::keys::{claim_keys, get_key_changes, get_keys, upload_keys},
+    api::client::keys::{
+        claim_keys, get_key_changes, get_keys, upload_keys, upload_signatures, upload_signing_keys,
+    },
     serde::{Base64, Raw},
     signatures::{to_canonical_json_string_for_signing, verify_canonical_json_bytes},
 };
@@ -21,14 +23,16 @@ use serde_json::{Value, json};
 
 use super::room::parse_token;
 use crate::{
+    auth::uia::{self, Stage, UiaRequest},
     error::{Error, ErrorKind, Result},
     rooms::{
         self,
+        client_event::raw,
         recent::{Mark, device_key},
     },
     ruma_wrapper::{Router, Ruma},
     state::AppState,
-    storage::{ClaimedKey, KeyConflict},
+    storage::{ClaimedKey, KeyConflict, SignedTarget},
 };
 
 /// Most one-time or fallback keys one upload may carry.
@@ -39,7 +43,13 @@ const MAX_DEVICES_PER_REQUEST: usize = 10_000;
 const MAX_KEY_BYTES: usize = 16 * 1024;
 
 pub(super) fn routes(router: &mut Router) {
-    router.add(upload_keys).add(get_keys).add(claim_keys).add(get_key_changes);
+    router
+        .add(upload_keys)
+        .add(get_keys)
+        .add(claim_keys)
+        .add(get_key_changes)
+        .add(upload_signing_keys)
+        .add(upload_signatures);
 }
 
 fn bad_key(message: impl Into<String>) -> Error {
@@ -267,14 +277,256 @@ async fn get_keys(
                 value["unsigned"] = json!({"device_display_name": name});
             }
             let device = ruma::OwnedDeviceId::from(device);
-            keys.insert(
-                device,
-                Raw::from_json(serde_json::value::to_raw_value(&value).map_err(Error::internal)?),
-            );
+            keys.insert(device, raw(&value)?);
         }
         response.device_keys.insert(user.clone(), keys);
+        for (usage, json) in state.store.cross_signing_keys(user).await? {
+            let mut value: Value = serde_json::from_str(&json).map_err(Error::internal)?;
+            let requester = &request.sender.user_id;
+            match usage.as_str() {
+                "master" => {
+                    // The requester's own signatures of this user's master key are theirs to see.
+                    if requester != user {
+                        for (key_id, signature) in state.store.user_signatures(requester, user).await? {
+                            value["signatures"][requester.as_str()][key_id] = signature.into();
+                        }
+                    }
+                    response.master_keys.insert(user.clone(), raw(&value)?);
+                }
+                "self_signing" => {
+                    response.self_signing_keys.insert(user.clone(), raw(&value)?);
+                }
+                // A user-signing key is only ever shown to its owner.
+                "user_signing" if requester == user => {
+                    response.user_signing_keys.insert(user.clone(), raw(&value)?);
+                }
+                _ => {}
+            }
+        }
     }
     Ok(response)
+}
+
+/// Checks a cross-signing key object of `user` for `usage`; returns its key id and public key.
+fn check_cross_signing_key(
+    object: &CanonicalJsonObject,
+    user: &UserId,
+    usage: &str,
+) -> Result<(String, String)> {
+    if object.get("user_id").and_then(|u| u.as_str()) != Some(user.as_str()) {
+        return Err(bad_key(format!("the {usage} key must name the uploading user")));
+    }
+    let usages = object
+        .get("usage")
+        .and_then(|u| u.as_array())
+        .ok_or_else(|| bad_key(format!("the {usage} key has no usage")))?;
+    if !usages.iter().any(|u| u.as_str() == Some(usage)) {
+        return Err(bad_key(format!("the {usage} key's usage does not include {usage}")));
+    }
+    let keys = object
+        .get("keys")
+        .and_then(|k| k.as_object())
+        .ok_or_else(|| bad_key(format!("the {usage} key has no keys")))?;
+    let mut entries = keys.iter();
+    match (entries.next(), entries.next()) {
+        (Some((id, public)), None) => {
+            let public = public.as_str().unwrap_or_default();
+            if id.strip_prefix("ed25519:") != Some(public) || public.is_empty() {
+                return Err(bad_key(format!("the {usage} key must be one ed25519 key named after itself")));
+            }
+            Ok((id.clone(), public.to_owned()))
+        }
+        _ => Err(bad_key(format!("the {usage} key must hold exactly one key"))),
+    }
+}
+
+/// POST /_matrix/client/v3/keys/device_signing/upload
+async fn upload_signing_keys(
+    state: web::Data<AppState>,
+    request: Ruma<upload_signing_keys::v3::Request>,
+) -> Result<upload_signing_keys::v3::Response> {
+    let user = &request.sender.user_id;
+    let body = &request.body;
+    let stored: BTreeMap<String, String> = state.store.cross_signing_keys(user).await?.into_iter().collect();
+    // The first keys need no password (there is nothing to protect yet); replacing them does.
+    if stored.contains_key("master") {
+        let operation = UiaRequest {
+            operation: "cross_signing_upload",
+            user: Some(user),
+            flows: vec![vec![Stage::Password]],
+            threepid_purpose: None,
+        };
+        uia::authenticate(&state, body.auth.as_ref(), operation).await?;
+    }
+    let mut keys = Vec::new();
+    let master = match &body.master_key {
+        Some(raw) => {
+            let object = parse_object(raw.json().get(), "master_key")?;
+            let (id, public) = check_cross_signing_key(&object, user, "master")?;
+            keys.push(("master".to_owned(), ruma::CanonicalJsonValue::Object(object).to_string()));
+            (id, public)
+        }
+        None => {
+            let json =
+                stored.get("master").ok_or_else(|| Error::missing_param("a master key is needed first"))?;
+            check_cross_signing_key(&parse_object(json, "master key")?, user, "master")?
+        }
+    };
+    for (usage, raw) in [("self_signing", &body.self_signing_key), ("user_signing", &body.user_signing_key)] {
+        if let Some(raw) = raw {
+            let object = parse_object(raw.json().get(), usage)?;
+            check_cross_signing_key(&object, user, usage)?;
+            check_signature(&object, user.as_str(), &master.0, &master.1, &format!("the {usage} key"))?;
+            keys.push((usage.to_owned(), ruma::CanonicalJsonValue::Object(object).to_string()));
+        }
+    }
+    if !keys.is_empty() {
+        let store = &state.store;
+        rooms::at_new_position(&state, |position| async move {
+            Ok(store.put_cross_signing_keys(user, &keys, position).await?)
+        })
+        .await?;
+    }
+    Ok(upload_signing_keys::v3::Response::new())
+}
+
+fn signature_failure(errcode: &str, error: impl Into<String>) -> Result<upload_signatures::v3::Failure> {
+    serde_json::from_value(json!({"errcode": errcode, "error": error.into()})).map_err(Error::internal)
+}
+
+/// The one signature `signer` made with a key whose public half is in `keys` (`key_id` →
+/// public key), checked; returns `(key_id, signature)`.
+fn verified_signature(
+    object: &CanonicalJsonObject,
+    signer: &UserId,
+    keys: &BTreeMap<String, String>,
+) -> Result<(String, String)> {
+    let signatures = object
+        .get("signatures")
+        .and_then(|s| s.as_object())
+        .and_then(|s| s.get(signer.as_str()))
+        .and_then(|s| s.as_object())
+        .ok_or_else(|| bad_key("no signature by the uploading user"))?;
+    for (key_id, signature) in signatures {
+        if let (Some(public), Some(signature)) = (keys.get(key_id), signature.as_str()) {
+            check_signature(object, signer.as_str(), key_id, public, "the signed key")?;
+            return Ok((key_id.clone(), signature.to_owned()));
+        }
+    }
+    Err(bad_key("no signature by a key that may sign this"))
+}
+
+/// POST /_matrix/client/v3/keys/signatures/upload
+async fn upload_signatures(
+    state: web::Data<AppState>,
+    request: Ruma<upload_signatures::v3::Request>,
+) -> Result<upload_signatures::v3::Response> {
+    let signer = &request.sender.user_id;
+    check_request_size(request.body.signed_keys.values().map(|k| k.iter().count()).sum())?;
+    let own: BTreeMap<String, String> = state.store.cross_signing_keys(signer).await?.into_iter().collect();
+    let public_of = |usage: &str| -> Option<(String, String)> {
+        let object = parse_object(own.get(usage)?, usage).ok()?;
+        check_cross_signing_key(&object, signer, usage).ok()
+    };
+    let mut response = upload_signatures::v3::Response::new();
+    for (user, signed) in &request.body.signed_keys {
+        for (key_id, json) in signed.iter() {
+            let outcome = sign_one(&state, signer, user, key_id, json.get(), &own, &public_of).await;
+            if let Err(error) = outcome {
+                let (errcode, message) = match &error {
+                    Error::Matrix { kind, message, .. } => (kind.errcode().to_string(), message.clone()),
+                    other => return Err(Error::internal(other)),
+                };
+                let errcode =
+                    if errcode == "M_BAD_JSON" { "M_INVALID_SIGNATURE".to_owned() } else { errcode };
+                response
+                    .failures
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(key_id.to_owned(), signature_failure(&errcode, message)?);
+            }
+        }
+    }
+    Ok(response)
+}
+
+/// Stores one uploaded signature, after checking it: the signer's self-signing key on their
+/// own device, their devices on their own master key, their user-signing key on another
+/// user's master key.
+async fn sign_one(
+    state: &AppState,
+    signer: &UserId,
+    user: &UserId,
+    key_id: &str,
+    json: &str,
+    own: &BTreeMap<String, String>,
+    public_of: &dyn Fn(&str) -> Option<(String, String)>,
+) -> Result<()> {
+    let object = parse_object(json, key_id)?;
+    let store = &state.store;
+    if user == signer {
+        if let Some((master_id, _)) = public_of("master")
+            && master_id.strip_prefix("ed25519:") == Some(key_id)
+        {
+            // Own master key, signed by one of the user's devices.
+            let devices: BTreeMap<String, String> = store
+                .device_keys(user, &[])
+                .await?
+                .into_iter()
+                .filter_map(|(device, json)| {
+                    let value: Value = serde_json::from_str(&json).ok()?;
+                    let id = format!("ed25519:{device}");
+                    Some((id.clone(), value["keys"][&id].as_str()?.to_owned()))
+                })
+                .collect();
+            let (signing_key, signature) = verified_signature(&object, signer, &devices)?;
+            if own.get("master").map(|m| crate::storage::keys::identity_of(m))
+                != Some(crate::storage::keys::identity_of(json))
+            {
+                return Err(bad_key("that is not the current master key"));
+            }
+            let signature = (signer.as_str(), signing_key.as_str(), signature.as_str());
+            rooms::at_new_position(state, |position| async move {
+                Ok(store.add_key_signature(user, SignedTarget::Master, signature, position).await?)
+            })
+            .await?;
+            return Ok(());
+        }
+        // Own device, signed by the self-signing key.
+        let (ssk_id, ssk) =
+            public_of("self_signing").ok_or_else(|| Error::not_found("no self-signing key"))?;
+        let stored = store.device_keys(user, &[key_id.to_owned()]).await?;
+        let (_, stored) = stored.first().ok_or_else(|| Error::not_found(format!("no device {key_id}")))?;
+        if crate::storage::keys::identity_of(stored) != crate::storage::keys::identity_of(json) {
+            return Err(bad_key("those are not the device's current keys"));
+        }
+        let (signing_key, signature) = verified_signature(&object, signer, &BTreeMap::from([(ssk_id, ssk)]))?;
+        let signature = (signer.as_str(), signing_key.as_str(), signature.as_str());
+        let found = rooms::at_new_position(state, |position| async move {
+            Ok(store.add_key_signature(user, SignedTarget::Device(key_id), signature, position).await?)
+        })
+        .await?;
+        return if found { Ok(()) } else { Err(Error::not_found(format!("no device {key_id}"))) };
+    }
+    // Another user's master key, signed by the signer's user-signing key.
+    if user.server_name() != state.server_name {
+        return Err(Error::not_found("keys of users on other servers are not available yet"));
+    }
+    let (usk_id, usk) = public_of("user_signing").ok_or_else(|| Error::not_found("no user-signing key"))?;
+    let theirs: BTreeMap<String, String> = store.cross_signing_keys(user).await?.into_iter().collect();
+    let master = theirs.get("master").ok_or_else(|| Error::not_found("that user has no master key"))?;
+    let (master_id, _) = check_cross_signing_key(&parse_object(master, "master key")?, user, "master")?;
+    if master_id.strip_prefix("ed25519:") != Some(key_id)
+        || crate::storage::keys::identity_of(master) != crate::storage::keys::identity_of(json)
+    {
+        return Err(bad_key("that is not the user's current master key"));
+    }
+    let (signing_key, signature) = verified_signature(&object, signer, &BTreeMap::from([(usk_id, usk)]))?;
+    let signature = (signing_key.as_str(), signature.as_str());
+    rooms::at_new_position(state, |position| async move {
+        Ok(store.put_user_signature(signer, user, signature, position).await?)
+    })
+    .await
 }
 
 /// POST /_matrix/client/v3/keys/claim
