@@ -12,6 +12,9 @@
 //!   latency, and send→delivery latency to every member.
 //! - `idle-syncs`: `--connections` long-polling `/sync` requests held open at once; reports the
 //!   server's memory per connection (`--url` and `--server-pid` of a separately started server).
+//! - `to-device`: `--senders` accounts send `--messages` `sendToDevice` requests, each to one of
+//!   `--users` receiving devices that long-poll `/sync`; reports requests/s, send latency and
+//!   send→delivery latency, and counts missing and duplicated messages.
 
 use std::{
     sync::{
@@ -22,6 +25,7 @@ use std::{
 };
 
 mod rooms;
+mod to_device;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
@@ -54,7 +58,7 @@ pub(crate) struct Args {
     /// Concurrent senders for the `rooms` profile.
     #[arg(long, default_value_t = 8)]
     senders: usize,
-    /// Messages to send in the `rooms` profile.
+    /// Messages (`rooms`) or requests (`to-device`) to send.
     #[arg(long, default_value_t = 5_000)]
     messages: usize,
     /// Long-polls to hold open in the `idle-syncs` profile.
@@ -70,6 +74,7 @@ enum Profile {
     Accounts,
     Rooms,
     IdleSyncs,
+    ToDevice,
 }
 
 const PASSWORD: &str = "benchmark-password";
@@ -275,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
         Profile::Accounts => accounts(&base, &args).await,
         Profile::Rooms => rooms::run(&base, &args).await,
         Profile::IdleSyncs => rooms::idle_syncs(&base, &args).await,
+        Profile::ToDevice => to_device::run(&base, &args).await,
     };
     if let Some((server, dir)) = server {
         server.stop().await;

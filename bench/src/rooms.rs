@@ -17,7 +17,7 @@ use crate::{Args, Phase, post};
 const PASSWORD: &str = "benchmark-password";
 
 /// Resident memory of a process, in KiB.
-fn rss_kib(pid: Option<u32>) -> Option<u64> {
+pub(crate) fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let path = pid.map_or("/proc/self/status".to_owned(), |pid| format!("/proc/{pid}/status"));
     let status = std::fs::read_to_string(path).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -28,7 +28,11 @@ fn enc(s: &str) -> String {
     s.replace('!', "%21").replace(':', "%3A").replace('@', "%40")
 }
 
-async fn register(http: &reqwest::Client, base: &str, name: String) -> anyhow::Result<(String, String)> {
+pub(crate) async fn register(
+    http: &reqwest::Client,
+    base: &str,
+    name: String,
+) -> anyhow::Result<(String, String)> {
     let body = json!({"username": name, "password": PASSWORD, "auth": {"type": "m.login.dummy"}});
     let response = post(http, format!("{base}/_matrix/client/v3/register"), None, body).await?;
     Ok((
@@ -37,7 +41,7 @@ async fn register(http: &reqwest::Client, base: &str, name: String) -> anyhow::R
     ))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(idx).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }

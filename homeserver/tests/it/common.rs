@@ -271,8 +271,8 @@ pub fn assert_error(result: &(u16, Value), status: u16, errcode: &str) {
 /// Defines each `async fn name(db: Db)` once and runs it as a test on SQLite and on Postgres.
 #[macro_export]
 macro_rules! on_both_backends {
-    ($(async fn $name:ident($db:ident: $ty:ty) $body:block)*) => {
-        $(async fn $name($db: $ty) $body)*
+    ($($(#[$meta:meta])* async fn $name:ident($db:ident: $ty:ty) $body:block)*) => {
+        $($(#[$meta])* async fn $name($db: $ty) $body)*
         mod sqlite {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name($crate::common::Db::Sqlite).await })*

@@ -51,7 +51,12 @@ impl HearthProcess {
 
     /// Starts it with more `HEARTH_` variables (these win over the test's defaults).
     pub async fn start_with(db: &TestDb, backend: Db, env: &[(&str, String)]) -> Self {
-        let port = free_port();
+        // A listen address among `env` (to restart on the same port) is where to find it.
+        let port = env
+            .iter()
+            .find(|(key, _)| *key == "HEARTH_LISTEN__CLIENT")
+            .and_then(|(_, addr)| addr.rsplit_once(':')?.1.parse().ok())
+            .unwrap_or_else(free_port);
         let log = db.dir.join("hearth.log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_hearth"));
         command.arg("serve").current_dir(&db.dir);
@@ -113,6 +118,16 @@ impl HearthProcess {
 /// Runs one harness script from `interop/` against the server (Python for `.py`, Node for
 /// `.mjs`); panics with its output on failure.
 pub async fn run_harness(script: &str, hearth: &HearthProcess) {
+    let output = harness(script, &hearth.base, &[]).output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("harness finished in time")
+        .expect("harness ran");
+    check_harness(script, &output, &hearth.log());
+}
+
+/// The command that runs a harness script with its arguments.
+fn harness(script: &str, base: &str, args: &[&Path]) -> Command {
     let program = if script.ends_with(".mjs") {
         let modules = workspace_root().join("interop/js/node_modules/matrix-js-sdk");
         assert!(
@@ -123,24 +138,61 @@ pub async fn run_harness(script: &str, hearth: &HearthProcess) {
     } else {
         python()
     };
-    let output =
-        Command::new(program).arg(workspace_root().join("interop").join(script)).arg(&hearth.base).output();
-    let output = tokio::time::timeout(Duration::from_secs(120), output)
-        .await
-        .expect("harness finished in time")
-        .expect("harness ran");
+    let mut command = Command::new(program);
+    command.arg(workspace_root().join("interop").join(script)).arg(base).args(args).kill_on_drop(true);
+    command
+}
+
+/// Panics with the harness's output unless it passed every check.
+fn check_harness(script: &str, output: &std::process::Output, hearth_log: &str) {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "{script} failed ({})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- hearth log\n{}",
+        "{script} failed ({})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- hearth log\n{hearth_log}",
         output.status,
-        hearth.log()
     );
     assert!(stdout.contains("ALL CHECKS PASSED"), "{script} did not finish its checks:\n{stdout}");
 }
 
 crate::on_both_backends! {
+    /// Encrypted chat with matrix-nio's vodozemac crypto; on SQLite with the embedded queue, on
+    /// Postgres with Redis. While a device is away, Hearth is killed (-9) and restarted on the
+    /// same port; the device then decrypts everything it missed.
+    async fn matrix_nio_e2ee(db: Db) {
+        let test_db = TestDb::new(db).await;
+        let port = free_port();
+        let env = [("HEARTH_LISTEN__CLIENT", format!("127.0.0.1:{port}"))];
+        let mut hearth = HearthProcess::start_with(&test_db, db, &env).await;
+        let control = test_db.dir.join("control");
+        std::fs::create_dir_all(&control).expect("control dir");
+        let mut child = harness("nio/e2ee.py", &hearth.base, &[&control])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("harness ran");
+        let started = Instant::now();
+        while !control.join("kill").exists() && started.elapsed() < Duration::from_secs(120) {
+            if child.try_wait().expect("harness status").is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if control.join("kill").exists() {
+            hearth.stop().await;
+            hearth = HearthProcess::start_with(&test_db, db, &env).await;
+            std::fs::write(control.join("restarted"), b"").expect("signal the harness");
+        }
+        let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .expect("harness finished in time")
+            .expect("harness ran");
+        check_harness("nio/e2ee.py", &output, &hearth.log());
+        assert!(control.join("restarted").exists(), "the harness reached the restart");
+        hearth.stop().await;
+        test_db.remove().await;
+    }
+
     async fn matrix_js_sdk_rooms(db: Db) {
         let test_db = TestDb::new(db).await;
         let hearth = HearthProcess::start(&test_db, db).await;

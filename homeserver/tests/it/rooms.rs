@@ -157,7 +157,7 @@ crate::on_both_backends! {
         filtered_syncs(db, 20_000).await;
     }
 
-    // A window of three changes cannot hold the range: every read falls back to the database.
+    /// A window of three changes cannot hold the range: every read falls back to the database.
     async fn sync_filters_from_the_database(db: Db) {
         filtered_syncs(db, 3).await;
     }
