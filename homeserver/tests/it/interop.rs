@@ -193,6 +193,22 @@ crate::on_both_backends! {
         test_db.remove().await;
     }
 
+    /// matrix-js-sdk's Rust crypto and matrix-nio chat encrypted through Hearth; js-sdk backs its
+    /// keys up and a new js-sdk device restores them and decrypts the history.
+    async fn matrix_js_sdk_e2ee_with_nio(db: Db) {
+        let test_db = TestDb::new(db).await;
+        let hearth = HearthProcess::start(&test_db, db).await;
+        let peer = workspace_root().join("interop/nio/e2ee_peer.py");
+        let output = harness("js/e2ee.mjs", &hearth.base, &[&python(), &peer]).output();
+        let output = tokio::time::timeout(Duration::from_secs(120), output)
+            .await
+            .expect("harness finished in time")
+            .expect("harness ran");
+        check_harness("js/e2ee.mjs", &output, &hearth.log());
+        hearth.stop().await;
+        test_db.remove().await;
+    }
+
     async fn matrix_js_sdk_rooms(db: Db) {
         let test_db = TestDb::new(db).await;
         let hearth = HearthProcess::start(&test_db, db).await;
