@@ -117,6 +117,7 @@ impl EnvelopeQueue for Embedded {
 pub struct RedisQueue {
     redis: ConnectionManager,
     push: redis::Script,
+    acknowledge: redis::Script,
     prefix: String,
 }
 
@@ -130,6 +131,21 @@ for i = 2, #KEYS do
     redis.call('XADD', KEYS[i], '*', 'pos', ARGV[2], 'json', ARGV[i + 1])
 end
 return 1
+";
+
+/// Deletes the entries of stream `KEYS[1]` whose `pos` is at most `ARGV[1]`, in one round trip.
+const ACKNOWLEDGE_SCRIPT: &str = r"
+local upto = tonumber(ARGV[1])
+local gone = 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+        if fields[i] == 'pos' and tonumber(fields[i + 1]) <= upto then
+            gone = gone + redis.call('XDEL', KEYS[1], entry[1])
+        end
+    end
+end
+return gone
 ";
 
 fn unavailable(error: redis::RedisError) -> Error {
@@ -149,7 +165,12 @@ impl RedisQueue {
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2);
         let redis = ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self { redis, push: redis::Script::new(PUSH_SCRIPT), prefix: prefix.to_owned() })
+        Ok(Self {
+            redis,
+            push: redis::Script::new(PUSH_SCRIPT),
+            acknowledge: redis::Script::new(ACKNOWLEDGE_SCRIPT),
+            prefix: prefix.to_owned(),
+        })
     }
 
     /// The stream of one device's envelopes.
@@ -221,18 +242,14 @@ impl EnvelopeQueue for RedisQueue {
     }
 
     async fn acknowledge(&self, user: &UserId, device: &DeviceId, upto: i64) -> Result<()> {
-        let seen: Vec<String> = self
-            .entries(user, device)
-            .await?
-            .into_iter()
-            .filter(|(_, e)| e.stream_ordering <= upto)
-            .map(|(id, _)| id)
-            .collect();
-        if !seen.is_empty() {
-            let mut redis = self.redis.clone();
-            let _: i64 =
-                redis.xdel(self.inbox(user.as_str(), device.as_str()), &seen).await.map_err(unavailable)?;
-        }
+        let mut redis = self.redis.clone();
+        let _: i64 = self
+            .acknowledge
+            .key(self.inbox(user.as_str(), device.as_str()))
+            .arg(upto)
+            .invoke_async(&mut redis)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
