@@ -11,34 +11,13 @@ import { createInterface } from "node:readline";
 import * as sdk from "matrix-js-sdk";
 import { logger } from "matrix-js-sdk/lib/logger.js";
 
+import { check, waitFor } from "./harness.mjs";
+
 logger.disableAll();
 const [base, python, peerScript] = process.argv.slice(2);
 const password = "js-password-" + Math.random().toString(36).slice(2);
 
-function check(condition, what) {
-  if (!condition) {
-    console.log(`FAILED: ${what}`);
-    process.exit(1);
-  }
-  console.log(`ok: ${what}`);
-}
-
-/** Resolves when `predicate` holds for an event `name` of `emitter`, or fails after `ms`. */
-function waitFor(emitter, name, predicate, what, ms = 30000) {
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => check(false, `${what} (timed out)`), ms);
-    const listener = (...args) => {
-      if (predicate(...args)) {
-        clearTimeout(timer);
-        emitter.removeListener(name, listener);
-        resolve(args);
-      }
-    };
-    emitter.on(name, listener);
-  });
-}
-
-/** A started client with Rust crypto for a fresh session of `userId`. */
+/** A started client with Rust crypto for a session (`registerRequest` or `loginRequest` answer). */
 async function start(session) {
   const client = sdk.createClient({
     baseUrl: base,

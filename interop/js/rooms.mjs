@@ -6,32 +6,11 @@
 import * as sdk from "matrix-js-sdk";
 import { logger } from "matrix-js-sdk/lib/logger.js";
 
+import { check, waitFor } from "./harness.mjs";
+
 logger.disableAll();
 const base = process.argv[2];
 const password = "js-password-" + Math.random().toString(36).slice(2);
-
-function check(condition, what) {
-  if (!condition) {
-    console.log(`FAILED: ${what}`);
-    process.exit(1);
-  }
-  console.log(`ok: ${what}`);
-}
-
-/** Resolves when `predicate` holds for an event `name` of `emitter`, or fails after `ms`. */
-function waitFor(emitter, name, predicate, what, ms = 15000) {
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => check(false, `${what} (timed out)`), ms);
-    const listener = (...args) => {
-      if (predicate(...args)) {
-        clearTimeout(timer);
-        emitter.removeListener(name, listener);
-        resolve(args);
-      }
-    };
-    emitter.on(name, listener);
-  });
-}
 
 async function user(name) {
   const anonymous = sdk.createClient({ baseUrl: base });
