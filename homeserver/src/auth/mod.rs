@@ -21,18 +21,26 @@ pub struct AuthedUser {
     pub session_id: String,
 }
 
-/// Verifies an access token: signature and expiry first (no I/O), then the session row, so a
+/// Verifies an access token: signature and expiry first (no I/O), then its session, so a
 /// revoked token fails on every worker at once.
 pub async fn authenticate_token(state: &AppState, token: &str) -> Result<AuthedUser> {
     let claims = state.tokens.verify(token)?;
-    let session = state.store.get_session(&claims.session_id).await?;
-    match session {
+    // Revocation is instant on every worker: the window is brought up to date first (one read
+    // shared by every request in flight), and a session read before a revocation it shows is
+    // read again.
+    let upto = state.recent.catch_up(&*state.store).await?;
+    let session = state.recent.session(&*state.store, &claims.session_id, &claims.user_id, upto).await?;
+    match session.as_deref() {
         Some(s)
             if s.generation == claims.generation
                 && s.user_id.as_str() == claims.user_id
                 && s.device_id.as_str() == claims.device_id =>
         {
-            Ok(AuthedUser { user_id: s.user_id, device_id: s.device_id, session_id: s.session_id })
+            Ok(AuthedUser {
+                user_id: s.user_id.clone(),
+                device_id: s.device_id.clone(),
+                session_id: s.session_id.clone(),
+            })
         }
         _ => Err(Error::unknown_token(false, "access token has been revoked")),
     }
@@ -82,7 +90,12 @@ pub async fn log_in(
     };
     let refresh_token = refreshable.then(|| format!("hrt_{}", tokens::random_token(32)));
     let refresh_hash = refresh_token.as_deref().map(tokens::sha256_hex);
-    state.store.login_device(&session, refresh_hash.as_deref(), display_name, Some(&ip.to_string())).await?;
+    let (store, ip) = (&state.store, ip.to_string());
+    let (session_ref, refresh_hash) = (&session, refresh_hash.as_deref());
+    crate::rooms::at_new_position(state, |position| async move {
+        Ok(store.login_device(session_ref, refresh_hash, display_name, Some(&ip), position).await?)
+    })
+    .await?;
     let (access_token, expires_in) = state.tokens.issue(&session, refreshable)?;
     Ok((device_id, IssuedTokens { access_token, refresh_token, expires_in }))
 }

@@ -24,7 +24,7 @@ use ruma::{OneTimeKeyAlgorithm, RoomId, UInt, UserId, push::Ruleset};
 
 use crate::error::Result;
 
-use crate::storage::{ReceiptRecord, Storage, StoreResult, StoredEvent, StreamEvent};
+use crate::storage::{ReceiptRecord, SessionRecord, Storage, StoreResult, StoredEvent, StreamEvent};
 
 /// Memoised entries kept per memo before it is cleared.
 const MEMO_CAPACITY: usize = 100_000;
@@ -42,6 +42,8 @@ pub enum Mark {
     KeyCounts,
     /// A to-device message for a device (keyed by `user|device`).
     ToDevice,
+    /// A revocation or refresh of some session of a user (keyed by user).
+    Sessions,
 }
 
 /// The key of a device in [`Mark::KeyCounts`] and [`Mark::ToDevice`].
@@ -133,6 +135,8 @@ pub struct Recent {
     push: Memo<Arc<(Ruleset, String)>>,
     /// Each device's key counts.
     key_counts: Memo<Arc<KeyCounts>>,
+    /// Sessions that access tokens name, by session id.
+    sessions: Memo<Arc<SessionRecord>>,
 }
 
 impl Recent {
@@ -145,6 +149,7 @@ impl Recent {
             joined: Memo::default(),
             push: Memo::default(),
             key_counts: Memo::default(),
+            sessions: Memo::default(),
         }
     }
 }
@@ -180,7 +185,7 @@ impl Recent {
         }
         let receipts = store.stream_receipts(from, upto).await?;
         let account_data = store.stream_account_data(from, upto).await?;
-        let keys = store.stream_key_changes(from, upto).await?;
+        let marks = store.stream_marks(from, upto).await?;
         // A redaction rewrites an older event in place: take the new text of the ones held here.
         let mut redacted = Vec::new();
         for event in events.iter().filter(|e| e.event_type == "m.room.redaction") {
@@ -225,10 +230,11 @@ impl Recent {
         for (user, position) in account_data {
             changes.push((position, Change::Mark(Mark::AccountData, user)));
         }
-        for (kind, user, device, position) in keys {
+        for (kind, user, device, position) in marks {
             let change = match kind.as_str() {
                 "d" => Change::Mark(Mark::DeviceList, user),
                 "k" => Change::Mark(Mark::KeyCounts, device_key(&user, &device)),
+                "s" => Change::Mark(Mark::Sessions, user),
                 _ => Change::Mark(Mark::ToDevice, device_key(&user, &device)),
             };
             changes.push((position, change));
@@ -396,6 +402,25 @@ impl Recent {
         let rooms = Arc::new(store.user_rooms(user).await?);
         self.user_rooms.put(user.as_str(), upto, rooms.clone());
         Ok(rooms)
+    }
+
+    /// A session of `user`, as of `upto` or later: read once, then kept until the window shows
+    /// a revocation or refresh of one of the user's sessions. `None` if there is no such session.
+    pub async fn session(
+        &self,
+        store: &dyn Storage,
+        session_id: &str,
+        user: &str,
+        upto: i64,
+    ) -> StoreResult<Option<Arc<SessionRecord>>> {
+        let valid = |at| self.marked(Mark::Sessions, user, at, upto) == Some(false);
+        if let Some(session) = self.sessions.get(session_id, upto, valid) {
+            return Ok(Some(session));
+        }
+        let Some(session) = store.get_session(session_id).await? else { return Ok(None) };
+        let session = Arc::new(session);
+        self.sessions.put(session_id, upto, session.clone());
+        Ok(Some(session))
     }
 
     /// How many members a room has joined, as of `upto` or later.

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use ruma::{OwnedUserId, UserId};
 use sqlx::Row;
 
-use super::{SqlStore, StoreResult, now_ms, parse_id};
+use super::{SqlStore, StoreResult, mark_sessions, now_ms, parse_id};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
@@ -30,7 +30,7 @@ pub trait AccountStore: Send + Sync {
     async fn set_password_hash(&self, user_id: &UserId, password_hash: Option<&str>) -> StoreResult<()>;
     /// Marks the account deactivated, forgets its password and deletes its devices, sessions and
     /// verified addresses, in one transaction.
-    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()>;
+    async fn deactivate_user(&self, user_id: &UserId, position: i64) -> StoreResult<()>;
 }
 
 fn user_from_row(row: &sqlx::any::AnyRow) -> StoreResult<UserRecord> {
@@ -85,8 +85,9 @@ impl AccountStore for SqlStore {
         Ok(())
     }
 
-    async fn deactivate_user(&self, user_id: &UserId) -> StoreResult<()> {
+    async fn deactivate_user(&self, user_id: &UserId, position: i64) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
+        mark_sessions(&mut tx, user_id.as_str(), position).await?;
         sqlx::query("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = $1")
             .bind(user_id.as_str())
             .execute(&mut *tx)

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use ruma::{DeviceId, OwnedDeviceId, UserId};
 use sqlx::Row;
 
-use super::{SqlStore, StoreResult, now_ms, parse_id};
+use super::{SqlStore, StoreResult, mark_sessions, now_ms, parse_id};
 
 /// Creates a device or marks it seen: ($1 user, $2 device, $3 display name or NULL to keep,
 /// $4 IP or NULL to keep, $5 now).
@@ -49,10 +49,21 @@ pub trait DeviceStore: Send + Sync {
     ) -> StoreResult<bool>;
     /// Records a request from the device (throttled by the caller).
     async fn touch_device(&self, user_id: &UserId, device_id: &DeviceId, ip: &str) -> StoreResult<()>;
-    /// Deletes the devices and their sessions. Unknown ids are ignored.
-    async fn delete_devices(&self, user_id: &UserId, device_ids: &[OwnedDeviceId]) -> StoreResult<()>;
-    /// Deletes every device of the user but `keep`, and their sessions.
-    async fn delete_devices_except(&self, user_id: &UserId, keep: Option<&DeviceId>) -> StoreResult<()>;
+    /// Deletes the devices and their sessions (marked revoked at `position`). Unknown ids are
+    /// ignored.
+    async fn delete_devices(
+        &self,
+        user_id: &UserId,
+        device_ids: &[OwnedDeviceId],
+        position: i64,
+    ) -> StoreResult<()>;
+    /// Deletes every device of the user but `keep`, and their sessions (marked at `position`).
+    async fn delete_devices_except(
+        &self,
+        user_id: &UserId,
+        keep: Option<&DeviceId>,
+        position: i64,
+    ) -> StoreResult<()>;
 }
 
 fn device_from_row(row: &sqlx::any::AnyRow) -> StoreResult<DeviceRecord> {
@@ -140,8 +151,14 @@ impl DeviceStore for SqlStore {
         Ok(())
     }
 
-    async fn delete_devices(&self, user_id: &UserId, device_ids: &[OwnedDeviceId]) -> StoreResult<()> {
+    async fn delete_devices(
+        &self,
+        user_id: &UserId,
+        device_ids: &[OwnedDeviceId],
+        position: i64,
+    ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
+        mark_sessions(&mut tx, user_id.as_str(), position).await?;
         for device_id in device_ids {
             for table in [
                 "DELETE FROM sessions WHERE user_id = $1 AND device_id = $2",
@@ -158,10 +175,16 @@ impl DeviceStore for SqlStore {
         Ok(())
     }
 
-    async fn delete_devices_except(&self, user_id: &UserId, keep: Option<&DeviceId>) -> StoreResult<()> {
+    async fn delete_devices_except(
+        &self,
+        user_id: &UserId,
+        keep: Option<&DeviceId>,
+        position: i64,
+    ) -> StoreResult<()> {
         // An empty string is never a device id, so it stands for "keep nothing".
         let keep = keep.map_or("", DeviceId::as_str);
         let mut tx = self.pool.begin().await?;
+        mark_sessions(&mut tx, user_id.as_str(), position).await?;
         for table in [
             "DELETE FROM sessions WHERE user_id = $1 AND device_id <> $2",
             "DELETE FROM devices WHERE user_id = $1 AND device_id <> $2",

@@ -136,14 +136,10 @@ pub trait KeyStore: Send + Sync {
     /// `signer`'s signatures of `target`'s master key, as `(key_id, signature)`.
     async fn user_signatures(&self, signer: &UserId, target: &UserId) -> StoreResult<Vec<(String, String)>>;
 
-    /// Stream changes that concern keys and to-device messages in `(after, upto]`, for the
-    /// in-memory window: `(kind, user, device, position)` with kind `d` (device list), `k` (key
-    /// counts) or `t` (to-device message).
-    async fn stream_key_changes(
-        &self,
-        after: i64,
-        upto: i64,
-    ) -> StoreResult<Vec<(String, String, String, i64)>>;
+    /// Stream changes known by whom they concern in `(after, upto]`, for the in-memory window:
+    /// `(kind, user, device, position)` with kind `d` (device list), `k` (key counts), `t`
+    /// (to-device message) or `s` (sessions revoked or refreshed).
+    async fn stream_marks(&self, after: i64, upto: i64) -> StoreResult<Vec<(String, String, String, i64)>>;
 }
 
 #[async_trait]
@@ -452,11 +448,7 @@ impl KeyStore for SqlStore {
         Ok(())
     }
 
-    async fn stream_key_changes(
-        &self,
-        after: i64,
-        upto: i64,
-    ) -> StoreResult<Vec<(String, String, String, i64)>> {
+    async fn stream_marks(&self, after: i64, upto: i64) -> StoreResult<Vec<(String, String, String, i64)>> {
         sqlx::query(
             "SELECT 'd' AS kind, user_id, '' AS device_id, stream_ordering FROM device_list_changes
                WHERE stream_ordering > $1 AND stream_ordering <= $2
@@ -465,6 +457,9 @@ impl KeyStore for SqlStore {
                WHERE stream_ordering > $1 AND stream_ordering <= $2
              UNION ALL
              SELECT 't', user_id, device_id, stream_ordering FROM to_device
+               WHERE stream_ordering > $1 AND stream_ordering <= $2
+             UNION ALL
+             SELECT 's', user_id, '', stream_ordering FROM session_changes
                WHERE stream_ordering > $1 AND stream_ordering <= $2",
         )
         .bind(after)

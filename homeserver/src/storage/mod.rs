@@ -203,6 +203,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0011_cross_signing.sql"),
         include_str!("../../migrations/sqlite/0011_cross_signing.sql"),
     ),
+    (
+        12,
+        "session changes",
+        include_str!("../../migrations/postgres/0012_session_changes.sql"),
+        include_str!("../../migrations/sqlite/0012_session_changes.sql"),
+    ),
 ];
 
 #[derive(Debug)]
@@ -226,6 +232,24 @@ impl<'s> MigrationSource<'s> for EmbeddedMigrations {
                 .collect())
         })
     }
+}
+
+/// Records, in the transaction that revokes or refreshes them, that a user's sessions changed
+/// at `position`, so that every worker's memory of them is dropped.
+pub(crate) async fn mark_sessions(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    user: &str,
+    position: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO session_changes (user_id, stream_ordering) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
+    )
+    .bind(user)
+    .bind(position)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 impl SqlStore {

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use ruma::{OwnedDeviceId, OwnedUserId};
 use sqlx::{Row, any::AnyRow};
 
-use super::{SqlStore, StoreResult, devices::UPSERT_DEVICE, now_ms, parse_id};
+use super::{SqlStore, StoreResult, devices::UPSERT_DEVICE, mark_sessions, now_ms, parse_id};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
@@ -27,11 +27,17 @@ pub trait SessionStore: Send + Sync {
         refresh_token_hash: Option<&str>,
         display_name: Option<&str>,
         ip: Option<&str>,
+        position: i64,
     ) -> StoreResult<()>;
     async fn get_session(&self, session_id: &str) -> StoreResult<Option<SessionRecord>>;
     /// Atomically swaps the refresh token and bumps the generation. `None` if no session holds
-    /// `old_hash` (unknown or already used refresh token).
-    async fn refresh_session(&self, old_hash: &str, new_hash: &str) -> StoreResult<Option<SessionRecord>>;
+    /// `old_hash` (unknown or already used refresh token). The change is marked at `position`.
+    async fn refresh_session(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        position: i64,
+    ) -> StoreResult<Option<SessionRecord>>;
 }
 
 fn session_from_row(row: &AnyRow) -> StoreResult<SessionRecord> {
@@ -51,14 +57,18 @@ impl SessionStore for SqlStore {
         refresh_token_hash: Option<&str>,
         display_name: Option<&str>,
         ip: Option<&str>,
+        position: i64,
     ) -> StoreResult<()> {
         let (user_id, device_id, now) = (session.user_id.as_str(), session.device_id.as_str(), now_ms());
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND device_id = $2")
+        let revoked = sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND device_id = $2")
             .bind(user_id)
             .bind(device_id)
             .execute(&mut *tx)
             .await?;
+        if revoked.rows_affected() > 0 {
+            mark_sessions(&mut tx, user_id, position).await?;
+        }
         sqlx::query(UPSERT_DEVICE)
             .bind(user_id)
             .bind(device_id)
@@ -93,17 +103,28 @@ impl SessionStore for SqlStore {
             .transpose()
     }
 
-    async fn refresh_session(&self, old_hash: &str, new_hash: &str) -> StoreResult<Option<SessionRecord>> {
-        sqlx::query(
+    async fn refresh_session(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        position: i64,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let mut tx = self.pool.begin().await?;
+        let refreshed = sqlx::query(
             "UPDATE sessions SET refresh_token_hash = $2, generation = generation + 1
              WHERE refresh_token_hash = $1 RETURNING session_id, user_id, device_id, generation",
         )
         .bind(old_hash)
         .bind(new_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?
         .as_ref()
         .map(session_from_row)
-        .transpose()
+        .transpose()?;
+        if let Some(session) = &refreshed {
+            mark_sessions(&mut tx, session.user_id.as_str(), position).await?;
+        }
+        tx.commit().await?;
+        Ok(refreshed)
     }
 }

@@ -298,6 +298,8 @@ crate::on_both_backends! {
         assert_eq!(b.get("/_matrix/client/v3/account/whoami", Some(&alice.token)).await.0, 200);
         // A UIA session started on one worker finishes on the other.
         let other = session_of(&b.login("maria", PW, json!({})).await.1);
+        // Each worker now holds the sessions it has seen in memory; revocations must reach them.
+        assert_eq!(a.get("/_matrix/client/v3/account/whoami", Some(&other.token)).await.0, 200);
         let path = format!("/_matrix/client/v3/devices/{}", other.device_id);
         let (status, challenge) = a.request("DELETE", &path, Some(&alice.token), Some(json!({}))).await;
         assert_eq!(status, 401);
@@ -309,6 +311,16 @@ crate::on_both_backends! {
         assert_error(&a.get("/_matrix/client/v3/account/whoami", Some(&other.token)).await, 401, "M_UNKNOWN_TOKEN");
         assert_eq!(b.post("/_matrix/client/v3/logout", Some(&alice.token), json!({})).await.0, 200);
         assert_error(&a.get("/_matrix/client/v3/account/whoami", Some(&alice.token)).await, 401, "M_UNKNOWN_TOKEN");
+        // A refresh on one worker retires the old access token on the other.
+        let (_, refreshable) = a.login("maria", PW, json!({"refresh_token": true})).await;
+        let old_token = refreshable["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(b.get("/_matrix/client/v3/account/whoami", Some(&old_token)).await.0, 200);
+        let (status, refreshed) =
+            a.post("/_matrix/client/v3/refresh", None, json!({"refresh_token": refreshable["refresh_token"]})).await;
+        assert_eq!(status, 200, "{refreshed}");
+        assert_error(&b.get("/_matrix/client/v3/account/whoami", Some(&old_token)).await, 401, "M_UNKNOWN_TOKEN");
+        let new_token = refreshed["access_token"].as_str().unwrap();
+        assert_eq!(b.get("/_matrix/client/v3/account/whoami", Some(new_token)).await.0, 200);
         b.stop().await;
         a.stop().await;
     }

@@ -39,9 +39,9 @@ crate::on_both_backends! {
         assert!(store.get_user(&user("nobody")).await.unwrap().is_none());
 
         let session = SessionRecord { session_id: "s1".into(), user_id: alice.clone(), device_id: device("D1"), generation: 0 };
-        store.login_device(&session, None, Some("phone"), Some("127.0.0.1")).await.unwrap();
+        store.login_device(&session, None, Some("phone"), Some("127.0.0.1"), 101).await.unwrap();
         assert_eq!(store.list_devices(&alice).await.unwrap().len(), 1);
-        store.deactivate_user(&alice).await.unwrap();
+        store.deactivate_user(&alice, 112).await.unwrap();
         let record = store.get_user(&alice).await.unwrap().unwrap();
         assert!(record.deactivated);
         assert_eq!(record.password_hash, None);
@@ -75,18 +75,18 @@ crate::on_both_backends! {
 
         for (sid, dev) in [("s1", "D1"), ("s2", "D2")] {
             let session = SessionRecord { session_id: sid.into(), user_id: alice.clone(), device_id: device(dev), generation: 0 };
-            store.login_device(&session, None, None, None).await.unwrap();
+            store.login_device(&session, None, None, None, 102).await.unwrap();
         }
-        store.delete_devices(&alice, &[device("D2"), device("UNKNOWN")]).await.unwrap();
+        store.delete_devices(&alice, &[device("D2"), device("UNKNOWN")], 111).await.unwrap();
         assert!(store.get_device(&alice, &device("D2")).await.unwrap().is_none());
         assert!(store.get_session("s2").await.unwrap().is_none(), "a deleted device's sessions go with it");
         assert!(store.get_session("s1").await.unwrap().is_some());
 
         store.upsert_device(&alice, &device("D3"), None, None).await.unwrap();
-        store.delete_devices_except(&alice, Some(&device("D3"))).await.unwrap();
+        store.delete_devices_except(&alice, Some(&device("D3")), 109).await.unwrap();
         assert_eq!(store.list_devices(&alice).await.unwrap().len(), 1);
         assert!(store.get_session("s1").await.unwrap().is_none());
-        store.delete_devices_except(&alice, None).await.unwrap();
+        store.delete_devices_except(&alice, None, 110).await.unwrap();
         assert!(store.list_devices(&alice).await.unwrap().is_empty());
         store.close().await;
         test_db.remove().await;
@@ -96,22 +96,22 @@ crate::on_both_backends! {
         let (store, test_db) = store(db).await;
         let alice = user("alice");
         let session = SessionRecord { session_id: "s1".into(), user_id: alice.clone(), device_id: device("D1"), generation: 0 };
-        store.login_device(&session, Some("r1"), Some("tablet"), Some("10.0.0.1")).await.unwrap();
+        store.login_device(&session, Some("r1"), Some("tablet"), Some("10.0.0.1"), 103).await.unwrap();
         assert_eq!(store.get_session("s1").await.unwrap().unwrap(), session);
         let d1 = store.get_device(&alice, &device("D1")).await.unwrap().unwrap();
         assert_eq!((d1.display_name.as_deref(), d1.last_seen_ip.as_deref()), (Some("tablet"), Some("10.0.0.1")));
 
-        let refreshed = store.refresh_session("r1", "r2").await.unwrap().unwrap();
+        let refreshed = store.refresh_session("r1", "r2", 105).await.unwrap().unwrap();
         assert_eq!(refreshed.generation, 1);
         assert_eq!(refreshed.session_id, "s1");
-        assert!(store.refresh_session("r1", "r3").await.unwrap().is_none(), "a refresh token works once");
-        assert_eq!(store.refresh_session("r2", "r3").await.unwrap().unwrap().generation, 2);
+        assert!(store.refresh_session("r1", "r3", 106).await.unwrap().is_none(), "a refresh token works once");
+        assert_eq!(store.refresh_session("r2", "r3", 107).await.unwrap().unwrap().generation, 2);
 
         // Logging in again on the same device replaces its session and keeps its name.
         let again = SessionRecord { session_id: "s2".into(), ..session };
-        store.login_device(&again, None, None, Some("10.0.0.2")).await.unwrap();
+        store.login_device(&again, None, None, Some("10.0.0.2"), 104).await.unwrap();
         assert!(store.get_session("s1").await.unwrap().is_none(), "the device's old session is revoked");
-        assert!(store.refresh_session("r3", "r4").await.unwrap().is_none(), "and so is its refresh token");
+        assert!(store.refresh_session("r3", "r4", 108).await.unwrap().is_none(), "and so is its refresh token");
         assert_eq!(store.get_session("s2").await.unwrap().unwrap(), again);
         let d1 = store.get_device(&alice, &device("D1")).await.unwrap().unwrap();
         assert_eq!((d1.display_name.as_deref(), d1.last_seen_ip.as_deref()), (Some("tablet"), Some("10.0.0.2")));

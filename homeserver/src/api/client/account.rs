@@ -132,7 +132,11 @@ async fn deactivate(
     };
     uia::authenticate(&state, request.body.auth.as_ref(), operation).await?;
     remove_devices(&state, &user.user_id, Removal::AllBut(None)).await?;
-    state.store.deactivate_user(&user.user_id).await?;
+    let (store, user_id) = (&state.store, &user.user_id);
+    crate::rooms::at_new_position(&state, |position| async move {
+        Ok(store.deactivate_user(user_id, position).await?)
+    })
+    .await?;
     tracing::info!(user_id = %user.user_id, "deactivated");
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
 }

@@ -47,10 +47,15 @@ pub(super) async fn remove_devices(state: &AppState, user: &UserId, which: Remov
             .filter(|d| Some(d.as_ref()) != keep)
             .collect(),
     };
-    match which {
-        Removal::These(devices) => state.store.delete_devices(user, devices).await?,
-        Removal::AllBut(keep) => state.store.delete_devices_except(user, keep).await?,
-    }
+    let store = &state.store;
+    crate::rooms::at_new_position(state, |position| async move {
+        match which {
+            Removal::These(devices) => store.delete_devices(user, devices, position).await?,
+            Removal::AllBut(keep) => store.delete_devices_except(user, keep, position).await?,
+        }
+        Ok(())
+    })
+    .await?;
     for device in &gone {
         state.queue.forget_device(user, device).await?;
     }

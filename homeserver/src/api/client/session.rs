@@ -217,11 +217,14 @@ async fn refresh(
     request: Ruma<refresh_token::v3::Request>,
 ) -> Result<refresh_token::v3::Response> {
     let new_refresh = format!("hrt_{}", tokens::random_token(32));
-    let session = state
-        .store
-        .refresh_session(&tokens::sha256_hex(&request.body.refresh_token), &tokens::sha256_hex(&new_refresh))
-        .await?
-        .ok_or_else(|| Error::unknown_token(false, "unknown or already used refresh token"))?;
+    let (old_hash, new_hash) =
+        (tokens::sha256_hex(&request.body.refresh_token), tokens::sha256_hex(&new_refresh));
+    let store = &state.store;
+    let session = crate::rooms::at_new_position(&state, |position| async move {
+        Ok(store.refresh_session(&old_hash, &new_hash, position).await?)
+    })
+    .await?
+    .ok_or_else(|| Error::unknown_token(false, "unknown or already used refresh token"))?;
     let (access_token, expires_in) = state.tokens.issue(&session, true)?;
     let mut response = refresh_token::v3::Response::new(access_token);
     response.refresh_token = Some(new_refresh);
