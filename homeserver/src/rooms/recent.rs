@@ -137,6 +137,8 @@ pub struct Recent {
     key_counts: Memo<Arc<KeyCounts>>,
     /// Sessions that access tokens name, by session id.
     sessions: Memo<Arc<SessionRecord>>,
+    /// Each user's device ids.
+    devices: Memo<Arc<Vec<String>>>,
 }
 
 impl Recent {
@@ -150,6 +152,7 @@ impl Recent {
             push: Memo::default(),
             key_counts: Memo::default(),
             sessions: Memo::default(),
+            devices: Memo::default(),
         }
     }
 }
@@ -421,6 +424,31 @@ impl Recent {
         let session = Arc::new(session);
         self.sessions.put(session_id, upto, session.clone());
         Ok(Some(session))
+    }
+
+    /// The position everything in memory is complete up to. A request that authenticated has
+    /// caught up, so this covers every change committed before it arrived.
+    pub fn upto(&self) -> i64 {
+        self.read().upto
+    }
+
+    /// A user's device ids, as of `upto` or later (devices coming and going mark the user's
+    /// device list).
+    pub async fn user_devices(
+        &self,
+        store: &dyn Storage,
+        user: &UserId,
+        upto: i64,
+    ) -> StoreResult<Arc<Vec<String>>> {
+        let valid = |at| self.marked(Mark::DeviceList, user.as_str(), at, upto) == Some(false);
+        if let Some(devices) = self.devices.get(user.as_str(), upto, valid) {
+            return Ok(devices);
+        }
+        let devices: Vec<String> =
+            store.list_devices(user).await?.into_iter().map(|d| d.device_id.to_string()).collect();
+        let devices = Arc::new(devices);
+        self.devices.put(user.as_str(), upto, devices.clone());
+        Ok(devices)
     }
 
     /// How many members a room has joined, as of `upto` or later.

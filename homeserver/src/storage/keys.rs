@@ -586,7 +586,9 @@ impl KeyStore for SqlStore {
     }
 }
 
-async fn mark_device_list(
+/// Records that a user's device list changed at `position` (a device came or went, or keys
+/// changed), in the transaction that changed it.
+pub(super) async fn mark_device_list(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     user: &str,
     position: i64,

@@ -77,6 +77,8 @@ impl SessionStore for SqlStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        // A device that is new, or logged in again, is news to everyone who shares a room.
+        super::keys::mark_device_list(&mut tx, user_id, position).await?;
         sqlx::query(
             "INSERT INTO sessions (session_id, user_id, device_id, generation, refresh_token_hash, created_ts)
              VALUES ($1, $2, $3, $4, $5, $6)",

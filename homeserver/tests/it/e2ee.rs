@@ -428,6 +428,15 @@ crate::on_both_backends! {
         }
         assert_eq!(received, (0..150).collect::<Vec<_>>());
 
+        // A device that logs in later is known at once to senders who sent to the user before.
+        let (_, third) = server.login("alice", PW, json!({"device_id": "TABLET"})).await;
+        let tablet = session_of(&third);
+        let tablet_since = next(&sync(&server, &tablet, None).await);
+        let body = json!({alice.user_id.clone(): {"TABLET": {"ciphertext": "for the new tablet"}}});
+        assert_eq!(send_to_device(&server, &bob, "t6", body).await.0, 200);
+        let tablet_sync = sync(&server, &tablet, Some(&tablet_since)).await;
+        assert_eq!(to_device_events(&tablet_sync).len(), 1, "{tablet_sync}");
+
         // Deleting a device drops what waits for it.
         let body = json!({alice.user_id.clone(): {"PHONE": {"ciphertext": "lost with the phone"}}});
         assert_eq!(send_to_device(&server, &bob, "p1", body).await.0, 200);

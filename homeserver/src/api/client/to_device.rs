@@ -41,8 +41,9 @@ async fn send_to_device(
             tracing::debug!(server = %user.server_name(), "to-device message for another server dropped");
             continue;
         }
+        let upto = state.recent.upto();
         let known: BTreeSet<String> =
-            state.store.list_devices(user).await?.into_iter().map(|d| d.device_id.to_string()).collect();
+            state.recent.user_devices(&*state.store, user, upto).await?.iter().cloned().collect();
         for (target, content) in devices {
             let content = content.json().get();
             if content.len() > MAX_MESSAGE_BYTES {
