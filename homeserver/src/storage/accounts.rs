@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use ruma::{OwnedUserId, UserId};
 use sqlx::Row;
 
-use super::{SqlStore, StoreResult, mark_sessions, now_ms, parse_id};
+use super::{SqlStore, StoreResult, UserMark, mark_user, now_ms, parse_id};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
@@ -87,7 +87,7 @@ impl AccountStore for SqlStore {
 
     async fn deactivate_user(&self, user_id: &UserId, position: i64) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        mark_sessions(&mut tx, user_id.as_str(), position).await?;
+        mark_user(&mut tx, UserMark::Sessions, user_id.as_str(), position).await?;
         sqlx::query("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = $1")
             .bind(user_id.as_str())
             .execute(&mut *tx)

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use ruma::{DeviceId, OwnedDeviceId, UserId};
 use sqlx::Row;
 
-use super::{SqlStore, StoreResult, mark_sessions, now_ms, parse_id};
+use super::{SqlStore, StoreResult, UserMark, mark_user, now_ms, parse_id};
 
 /// Creates a device or marks it seen: ($1 user, $2 device, $3 display name or NULL to keep,
 /// $4 IP or NULL to keep, $5 now).
@@ -158,7 +158,7 @@ impl DeviceStore for SqlStore {
         position: i64,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        mark_sessions(&mut tx, user_id.as_str(), position).await?;
+        mark_user(&mut tx, UserMark::Sessions, user_id.as_str(), position).await?;
         for device_id in device_ids {
             for table in [
                 "DELETE FROM sessions WHERE user_id = $1 AND device_id = $2",
@@ -184,7 +184,7 @@ impl DeviceStore for SqlStore {
         // An empty string is never a device id, so it stands for "keep nothing".
         let keep = keep.map_or("", DeviceId::as_str);
         let mut tx = self.pool.begin().await?;
-        mark_sessions(&mut tx, user_id.as_str(), position).await?;
+        mark_user(&mut tx, UserMark::Sessions, user_id.as_str(), position).await?;
         for table in [
             "DELETE FROM sessions WHERE user_id = $1 AND device_id <> $2",
             "DELETE FROM devices WHERE user_id = $1 AND device_id <> $2",

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use ruma::{DeviceId, UserId};
 use sqlx::Row;
 
-use super::{SqlStore, StoreResult, now_ms};
+use super::{SqlStore, StoreResult, UserMark, mark_user, now_ms};
 
 /// Why a key upload was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -178,7 +178,7 @@ impl KeyStore for SqlStore {
                             .bind(&merged)
                             .execute(&mut *tx)
                             .await?;
-                        mark_device_list(&mut tx, user, position).await?;
+                        mark_user(&mut tx, UserMark::DeviceList, user, position).await?;
                     }
                 }
                 None => {
@@ -188,7 +188,7 @@ impl KeyStore for SqlStore {
                         .bind(json)
                         .execute(&mut *tx)
                         .await?;
-                    mark_device_list(&mut tx, user, position).await?;
+                    mark_user(&mut tx, UserMark::DeviceList, user, position).await?;
                 }
             }
         }
@@ -356,7 +356,7 @@ impl KeyStore for SqlStore {
 
     async fn device_list_changed(&self, user_id: &UserId, position: i64) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        mark_device_list(&mut tx, user_id.as_str(), position).await?;
+        mark_user(&mut tx, UserMark::DeviceList, user_id.as_str(), position).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -505,7 +505,7 @@ impl KeyStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         }
-        mark_device_list(&mut tx, user_id.as_str(), position).await?;
+        mark_user(&mut tx, UserMark::DeviceList, user_id.as_str(), position).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -543,7 +543,7 @@ impl KeyStore for SqlStore {
             .bind(value.to_string())
             .execute(&mut *tx)
             .await?;
-        mark_device_list(&mut tx, user_id.as_str(), position).await?;
+        mark_user(&mut tx, UserMark::DeviceList, user_id.as_str(), position).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -567,7 +567,7 @@ impl KeyStore for SqlStore {
         .execute(&mut *tx)
         .await?;
         // The signer's other devices learn of it through the signer's device list.
-        mark_device_list(&mut tx, signer.as_str(), position).await?;
+        mark_user(&mut tx, UserMark::DeviceList, signer.as_str(), position).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -584,24 +584,6 @@ impl KeyStore for SqlStore {
         .map(|row| Ok((row.try_get("key_id")?, row.try_get("signature")?)))
         .collect()
     }
-}
-
-/// Records that a user's device list changed at `position` (a device came or went, or keys
-/// changed), in the transaction that changed it.
-pub(super) async fn mark_device_list(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    user: &str,
-    position: i64,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO device_list_changes (user_id, stream_ordering) VALUES ($1, $2)
-         ON CONFLICT (user_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
-    )
-    .bind(user)
-    .bind(position)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 async fn mark_key_counts(

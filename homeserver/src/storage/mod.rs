@@ -234,21 +234,33 @@ impl<'s> MigrationSource<'s> for EmbeddedMigrations {
     }
 }
 
-/// Records, in the transaction that revokes or refreshes them, that a user's sessions changed
-/// at `position`, so that every worker's memory of them is dropped.
-pub(crate) async fn mark_sessions(
+/// Per-user stream marks: the latest position at which something about a user changed, written
+/// in the transaction that changed it and read by every worker's in-memory window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum UserMark {
+    /// A device came or went, or keys changed (`device_list_changes`).
+    DeviceList,
+    /// A session was revoked or refreshed (`session_changes`), so memories of it are dropped.
+    Sessions,
+}
+
+pub(crate) async fn mark_user(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    mark: UserMark,
     user: &str,
     position: i64,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO session_changes (user_id, stream_ordering) VALUES ($1, $2)
-         ON CONFLICT (user_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
-    )
-    .bind(user)
-    .bind(position)
-    .execute(&mut **tx)
-    .await?;
+    let sql = match mark {
+        UserMark::DeviceList => {
+            "INSERT INTO device_list_changes (user_id, stream_ordering) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE SET stream_ordering = excluded.stream_ordering"
+        }
+        UserMark::Sessions => {
+            "INSERT INTO session_changes (user_id, stream_ordering) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE SET stream_ordering = excluded.stream_ordering"
+        }
+    };
+    sqlx::query(sql).bind(user).bind(position).execute(&mut **tx).await?;
     Ok(())
 }
 

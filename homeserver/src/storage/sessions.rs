@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use ruma::{OwnedDeviceId, OwnedUserId};
 use sqlx::{Row, any::AnyRow};
 
-use super::{SqlStore, StoreResult, devices::UPSERT_DEVICE, mark_sessions, now_ms, parse_id};
+use super::{SqlStore, StoreResult, UserMark, devices::UPSERT_DEVICE, mark_user, now_ms, parse_id};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
@@ -67,7 +67,7 @@ impl SessionStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         if revoked.rows_affected() > 0 {
-            mark_sessions(&mut tx, user_id, position).await?;
+            mark_user(&mut tx, UserMark::Sessions, user_id, position).await?;
         }
         sqlx::query(UPSERT_DEVICE)
             .bind(user_id)
@@ -78,7 +78,7 @@ impl SessionStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         // A device that is new, or logged in again, is news to everyone who shares a room.
-        super::keys::mark_device_list(&mut tx, user_id, position).await?;
+        mark_user(&mut tx, UserMark::DeviceList, user_id, position).await?;
         sqlx::query(
             "INSERT INTO sessions (session_id, user_id, device_id, generation, refresh_token_hash, created_ts)
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -124,7 +124,7 @@ impl SessionStore for SqlStore {
         .map(session_from_row)
         .transpose()?;
         if let Some(session) = &refreshed {
-            mark_sessions(&mut tx, session.user_id.as_str(), position).await?;
+            mark_user(&mut tx, UserMark::Sessions, session.user_id.as_str(), position).await?;
         }
         tx.commit().await?;
         Ok(refreshed)
