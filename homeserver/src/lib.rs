@@ -4,6 +4,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod notifier;
 pub mod queue;
 pub mod rooms;
 pub mod ruma_wrapper;

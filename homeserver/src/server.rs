@@ -68,6 +68,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| "connecting to Redis (redis.url)".to_owned())?;
     let state = web::Data::new(AppState::new(config, store, stream, queue)?);
+    if let Some(publisher) = crate::notifier::start(&state.clone().into_inner())? {
+        let _ = state.publisher.set(publisher);
+    }
     let app_state = state.clone();
     let server = HttpServer::new(move || {
         let router = api::client::router();

@@ -33,8 +33,11 @@ pub struct AppState {
     pub ephemeral: crate::rooms::ephemeral::Ephemeral,
     /// Recent stream changes in memory, which `/sync` reads instead of the database.
     pub recent: crate::rooms::recent::Recent,
-    /// The newest stream position this process wrote; `/sync` long-polls wait on it.
+    /// The newest stream position announced here (this process's writes, and other workers'
+    /// through [`crate::notifier`]); `/sync` long-polls wait on it.
     notifier: tokio::sync::watch::Sender<i64>,
+    /// Publishes this process's positions to the other workers, when Redis is configured.
+    pub(crate) publisher: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<i64>>,
     pub server_name: OwnedServerName,
     pub store: Arc<dyn Storage>,
     /// To-device messages waiting for their devices.
@@ -116,6 +119,7 @@ impl AppState {
             ephemeral: Default::default(),
             recent: crate::rooms::recent::Recent::new(recent_changes),
             notifier: tokio::sync::watch::channel(0).0,
+            publisher: std::sync::OnceLock::new(),
             server_name,
             store,
             queue,
@@ -164,6 +168,14 @@ impl AppState {
 
     /// Tells waiting syncs that the stream reached `position`.
     pub fn notify(&self, position: i64) {
+        self.announce(position);
+        if let Some(publisher) = self.publisher.get() {
+            let _ = publisher.send(position);
+        }
+    }
+
+    /// Wakes this process's waiting syncs for `position` (written here or by another worker).
+    pub fn announce(&self, position: i64) {
         self.notifier.send_modify(|newest| *newest = (*newest).max(position));
     }
 

@@ -143,6 +143,42 @@ async fn filtered_syncs(db: Db, recent_changes: usize) {
     server.stop().await;
 }
 
+/// With Redis (as the Postgres tests run), a write on one worker wakes the long-polls held by
+/// another; without it they would wait for their timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_wake_across_workers() {
+    let a = TestServer::start(Db::Postgres).await;
+    let b = a.another_worker().await;
+    let alice = a.register("alice", PW).await;
+    let room = create(&a, &alice, json!({})).await;
+    let since = sync(&b, &alice, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let waiting = {
+        let (base, token) = (b.base.clone(), alice.token.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=120000"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the sync on worker b waits");
+    assert_eq!(send(&a, &alice, &room, "t1", "from worker a").await.0, 200);
+    // Far less than the sync's two-minute timeout: only a wake ends it in time.
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("worker b's long-poll was woken by worker a's write")
+        .unwrap();
+    assert_eq!(timeline_bodies(&woken, &room), ["from worker a"]);
+    b.stop().await;
+    a.stop().await;
+}
+
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
