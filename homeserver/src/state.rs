@@ -37,7 +37,7 @@ pub struct AppState {
     /// through [`crate::notifier`]); `/sync` long-polls wait on it.
     notifier: tokio::sync::watch::Sender<i64>,
     /// Publishes this process's positions to the other workers, when Redis is configured.
-    pub(crate) publisher: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<i64>>,
+    pub(crate) publisher: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::notifier::Update>>,
     pub server_name: OwnedServerName,
     pub store: Arc<dyn Storage>,
     /// To-device messages waiting for their devices.
@@ -169,9 +169,35 @@ impl AppState {
     /// Tells waiting syncs that the stream reached `position`.
     pub fn notify(&self, position: i64) {
         self.announce(position);
+        self.publish(crate::notifier::Update::Position { position });
+    }
+
+    /// Applies a typing or presence change here and tells the other workers.
+    pub fn share(&self, update: crate::notifier::Update) {
+        self.apply(&update);
+        self.publish(update);
+    }
+
+    fn publish(&self, update: crate::notifier::Update) {
         if let Some(publisher) = self.publisher.get() {
-            let _ = publisher.send(position);
+            let _ = publisher.send(update);
         }
+    }
+
+    /// Applies an update (from here or another worker) and wakes the syncs waiting for it.
+    pub fn apply(&self, update: &crate::notifier::Update) {
+        use crate::notifier::Update;
+        match update {
+            Update::Position { .. } => {}
+            Update::Typing { room_id, user_id, timeout_ms, position } => {
+                let timeout = timeout_ms.map(Duration::from_millis);
+                self.ephemeral.set_typing(room_id, user_id, timeout, *position);
+            }
+            Update::Presence { user_id, state, status_msg, position } => {
+                self.ephemeral.set_presence(user_id, state, status_msg.clone(), *position);
+            }
+        }
+        self.announce(update.position());
     }
 
     /// Wakes this process's waiting syncs for `position` (written here or by another worker).

@@ -175,6 +175,48 @@ async fn long_polls_wake_across_workers() {
         .expect("worker b's long-poll was woken by worker a's write")
         .unwrap();
     assert_eq!(timeline_bodies(&woken, &room), ["from worker a"]);
+
+    // Typing and presence live in memory; they reach the other worker whole.
+    let bob = a.register("bob", PW).await;
+    assert_eq!(
+        a.post(&room_path(&room, "invite"), Some(&alice.token), json!({"user_id": bob.user_id})).await.0,
+        200
+    );
+    assert_eq!(a.post(&room_path(&room, "join"), Some(&bob.token), json!({})).await.0, 200);
+    let mut since = sync(&b, &bob, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let typing = room_path(&room, &format!("typing/{}", percent(&alice.user_id)));
+    let (status, _) =
+        a.request("PUT", &typing, Some(&alice.token), Some(json!({"typing": true, "timeout": 20000}))).await;
+    assert_eq!(status, 200);
+    let presence = format!("/_matrix/client/v3/presence/{}/status", percent(&alice.user_id));
+    let (status, _) = a
+        .request(
+            "PUT",
+            &presence,
+            Some(&alice.token),
+            Some(json!({"presence": "unavailable", "status_msg": "lunch"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (mut seen_typing, mut seen_presence) = (false, false);
+    for _ in 0..10 {
+        let update = sync(&b, &bob, Some(&since), 5000).await;
+        let ephemeral =
+            update["rooms"]["join"][&room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
+        seen_typing |= ephemeral
+            .iter()
+            .any(|e| e["type"] == "m.typing" && e["content"]["user_ids"] == json!([alice.user_id]));
+        let presence = update["presence"]["events"].as_array().cloned().unwrap_or_default();
+        seen_presence |= presence
+            .iter()
+            .any(|e| e["sender"] == alice.user_id.as_str() && e["content"]["status_msg"] == "lunch");
+        since = update["next_batch"].as_str().unwrap().to_owned();
+        if seen_typing && seen_presence {
+            break;
+        }
+    }
+    assert!(seen_typing, "alice typing through worker a is seen on worker b");
+    assert!(seen_presence, "alice's presence set through worker a is seen on worker b");
     b.stop().await;
     a.stop().await;
 }

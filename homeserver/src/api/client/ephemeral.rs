@@ -16,6 +16,7 @@ use ruma::{
 
 use crate::{
     error::{Error, Result},
+    notifier::Update,
     rooms,
     ruma_wrapper::{Router, Ruma},
     state::AppState,
@@ -143,9 +144,14 @@ async fn typing(
         Typing::Yes(ref typing) => Some(typing.timeout),
         _ => None,
     };
-    let ephemeral = &state.ephemeral;
+    let shared = &state;
     rooms::at_new_position(&state, |position| async move {
-        ephemeral.set_typing(&body.room_id, user, timeout, position);
+        shared.share(Update::Typing {
+            room_id: body.room_id.clone(),
+            user_id: user.clone(),
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            position,
+        });
         Ok(())
     })
     .await?;
@@ -164,9 +170,14 @@ async fn set_presence(
     if body.status_msg.as_ref().is_some_and(|m| m.len() > 1024) {
         return Err(Error::invalid_param("status_msg longer than 1024 bytes"));
     }
-    let ephemeral = &state.ephemeral;
+    let shared = &state;
     rooms::at_new_position(&state, |position| async move {
-        ephemeral.set_presence(&body.user_id, body.presence.as_str(), body.status_msg.clone(), position);
+        shared.share(Update::Presence {
+            user_id: body.user_id.clone(),
+            state: body.presence.to_string(),
+            status_msg: body.status_msg.clone(),
+            position,
+        });
         Ok(())
     })
     .await?;

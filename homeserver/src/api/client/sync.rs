@@ -125,10 +125,16 @@ async fn sync(
     // every call would wake every other sync in turn.
     let wanted = body.set_presence.as_str();
     if state.ephemeral.presence(user).is_none_or(|p| p.state != wanted) && wanted != "offline" {
-        let ephemeral = &state.ephemeral;
+        let shared = &state;
         crate::rooms::at_new_position(&state, |position| async move {
-            let status = ephemeral.presence(user).and_then(|p| p.status_msg);
-            ephemeral.set_presence(user, wanted, status, position);
+            let status_msg = shared.ephemeral.presence(user).and_then(|p| p.status_msg);
+            let update = crate::notifier::Update::Presence {
+                user_id: user.clone(),
+                state: wanted.to_owned(),
+                status_msg,
+                position,
+            };
+            shared.share(update);
             Ok(())
         })
         .await?;
