@@ -135,8 +135,8 @@ pub struct Recent {
     push: Memo<Arc<(Ruleset, String)>>,
     /// Each device's key counts.
     key_counts: Memo<Arc<KeyCounts>>,
-    /// Sessions that access tokens name, by session id.
-    sessions: Memo<Arc<SessionRecord>>,
+    /// Sessions that access tokens name, by session id (`None`: no such session).
+    sessions: Memo<Option<Arc<SessionRecord>>>,
     /// Each user's device ids.
     devices: Memo<Arc<Vec<String>>>,
 }
@@ -399,12 +399,9 @@ impl Recent {
         upto: i64,
     ) -> StoreResult<Arc<Vec<(String, String, i64)>>> {
         let valid = |at| self.membership_changed(user, at, upto) == Some(false);
-        if let Some(rooms) = self.user_rooms.get(user.as_str(), upto, valid) {
-            return Ok(rooms);
-        }
-        let rooms = Arc::new(store.user_rooms(user).await?);
-        self.user_rooms.put(user.as_str(), upto, rooms.clone());
-        Ok(rooms)
+        self.user_rooms
+            .get_or_load(user.as_str(), upto, valid, || async { Ok(Arc::new(store.user_rooms(user).await?)) })
+            .await
     }
 
     /// A session of `user`, as of `upto` or later: read once, then kept until the window shows
@@ -417,13 +414,8 @@ impl Recent {
         upto: i64,
     ) -> StoreResult<Option<Arc<SessionRecord>>> {
         let valid = |at| self.marked(Mark::Sessions, user, at, upto) == Some(false);
-        if let Some(session) = self.sessions.get(session_id, upto, valid) {
-            return Ok(Some(session));
-        }
-        let Some(session) = store.get_session(session_id).await? else { return Ok(None) };
-        let session = Arc::new(session);
-        self.sessions.put(session_id, upto, session.clone());
-        Ok(Some(session))
+        let load = || async { Ok(store.get_session(session_id).await?.map(Arc::new)) };
+        self.sessions.get_or_load(session_id, upto, valid, load).await
     }
 
     /// The position everything in memory is complete up to. A request that authenticated has
@@ -441,14 +433,12 @@ impl Recent {
         upto: i64,
     ) -> StoreResult<Arc<Vec<String>>> {
         let valid = |at| self.marked(Mark::DeviceList, user.as_str(), at, upto) == Some(false);
-        if let Some(devices) = self.devices.get(user.as_str(), upto, valid) {
-            return Ok(devices);
-        }
-        let devices: Vec<String> =
-            store.list_devices(user).await?.into_iter().map(|d| d.device_id.to_string()).collect();
-        let devices = Arc::new(devices);
-        self.devices.put(user.as_str(), upto, devices.clone());
-        Ok(devices)
+        let load = || async {
+            Ok(Arc::new(
+                store.list_devices(user).await?.into_iter().map(|d| d.device_id.to_string()).collect(),
+            ))
+        };
+        self.devices.get_or_load(user.as_str(), upto, valid, load).await
     }
 
     /// How many members a room has joined, as of `upto` or later.
@@ -459,12 +449,8 @@ impl Recent {
         upto: i64,
     ) -> StoreResult<usize> {
         let valid = |at| self.members_changed(room_id, at, upto) == Some(false);
-        if let Some(count) = self.joined.get(room_id.as_str(), upto, valid) {
-            return Ok(count);
-        }
-        let count = store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count();
-        self.joined.put(room_id.as_str(), upto, count);
-        Ok(count)
+        let load = || async { Ok(store.members(room_id).await?.iter().filter(|(_, m)| m == "join").count()) };
+        self.joined.get_or_load(room_id.as_str(), upto, valid, load).await
     }
 }
 
@@ -488,7 +474,7 @@ impl Recent {
             self.account_data_changed(user, at, upto) == Some(false)
                 && self.membership_changed(user, at, upto) == Some(false)
         };
-        memoised(&self.push, user.as_str(), upto, valid, load).await
+        self.push.get_or_load(user.as_str(), upto, valid, || async { Ok(Arc::new(load().await?)) }).await
     }
 
     /// A device's key counts (`key` from [`device_key`]), as of `upto` or later; `load` reads
@@ -499,28 +485,8 @@ impl Recent {
         Fut: std::future::Future<Output = Result<KeyCounts>>,
     {
         let valid = |at| self.marked(Mark::KeyCounts, key, at, upto) == Some(false);
-        memoised(&self.key_counts, key, upto, valid, load).await
+        self.key_counts.get_or_load(key, upto, valid, || async { Ok(Arc::new(load().await?)) }).await
     }
-}
-
-/// The memoised value for `key` if still valid, or what `load` reads (then remembered).
-async fn memoised<V, F, Fut>(
-    memo: &Memo<Arc<V>>,
-    key: &str,
-    upto: i64,
-    valid: impl FnOnce(i64) -> bool,
-    load: F,
-) -> Result<Arc<V>>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<V>>,
-{
-    if let Some(value) = memo.get(key, upto, valid) {
-        return Ok(value);
-    }
-    let value = Arc::new(load().await?);
-    memo.put(key, upto, value.clone());
-    Ok(value)
 }
 
 /// Values keyed by a user or room, each with the stream position it was read at.
@@ -535,9 +501,30 @@ impl<V> Default for Memo<V> {
 }
 
 impl<V: Clone> Memo<V> {
+    /// The value for `key` if still valid (see [`Memo::get`]), or what `load` reads, remembered
+    /// as read at `upto`.
+    pub async fn get_or_load<E, F, Fut>(
+        &self,
+        key: &str,
+        upto: i64,
+        still_valid: impl FnOnce(i64) -> bool,
+        load: F,
+    ) -> std::result::Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<V, E>>,
+    {
+        if let Some(value) = self.get(key, upto, still_valid) {
+            return Ok(value);
+        }
+        let value = load().await?;
+        self.put(key, upto, value.clone());
+        Ok(value)
+    }
+
     /// The value for `key` if it was read at or after `upto`, or `still_valid(at)` says nothing
     /// changed it since it was read at `at`.
-    pub fn get(&self, key: &str, upto: i64, still_valid: impl FnOnce(i64) -> bool) -> Option<V> {
+    fn get(&self, key: &str, upto: i64, still_valid: impl FnOnce(i64) -> bool) -> Option<V> {
         let (at, value) =
             self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()?;
         (at >= upto || still_valid(at)).then_some(value)
@@ -545,7 +532,7 @@ impl<V: Clone> Memo<V> {
 
     /// Remembers `value`, read at `at` (a position taken before the read, so that any change
     /// after it is noticed).
-    pub fn put(&self, key: &str, at: i64, value: V) {
+    fn put(&self, key: &str, at: i64, value: V) {
         let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if entries.len() >= MEMO_CAPACITY {
             entries.clear();

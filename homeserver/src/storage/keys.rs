@@ -193,33 +193,33 @@ impl KeyStore for SqlStore {
             }
         }
         for (algorithm, key_id, json) in one_time_keys {
-            let existing = sqlx::query(
-                "SELECT json FROM one_time_keys
-                 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 AND key_id = $4",
+            // Most keys are new: insert, and only on a clash look at what is there.
+            let inserted = sqlx::query(
+                "INSERT INTO one_time_keys (user_id, device_id, algorithm, key_id, json)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id, device_id, algorithm, key_id) DO NOTHING RETURNING key_id",
             )
             .bind(user)
             .bind(device)
             .bind(algorithm)
             .bind(key_id)
+            .bind(json)
             .fetch_optional(&mut *tx)
             .await?;
-            match existing {
-                Some(row) if row.try_get::<String, _>("json")? != *json => {
+            if inserted.is_none() {
+                let stored: String = sqlx::query(
+                    "SELECT json FROM one_time_keys
+                     WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 AND key_id = $4",
+                )
+                .bind(user)
+                .bind(device)
+                .bind(algorithm)
+                .bind(key_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("json")?;
+                if stored != *json {
                     return Ok(Err(KeyConflict::OneTimeKey(format!("{algorithm}:{key_id}"))));
-                }
-                Some(_) => {}
-                None => {
-                    sqlx::query(
-                        "INSERT INTO one_time_keys (user_id, device_id, algorithm, key_id, json)
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(user)
-                    .bind(device)
-                    .bind(algorithm)
-                    .bind(key_id)
-                    .bind(json)
-                    .execute(&mut *tx)
-                    .await?;
                 }
             }
         }

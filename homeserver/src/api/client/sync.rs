@@ -157,8 +157,13 @@ async fn sync(
     let mut notifications = state.subscribe();
     // The response is built in boxed futures: a long-poll spends its life waiting, and should
     // hold only the small state of the wait, not room for the whole build.
+    // Authentication has just brought the window up to date; it needs refreshing only if a write
+    // was announced since (later ones wake the wait below).
+    let mut upto = state.recent.upto();
+    if *notifications.borrow() > upto {
+        upto = state.recent.catch_up(&*state.store).await?;
+    }
     loop {
-        let upto = state.recent.catch_up(&*state.store).await?;
         let response = Box::pin(build(&state, &query, upto)).await?;
         let has_news = !response.rooms.is_empty()
             || !response.to_device.is_empty()
@@ -176,9 +181,10 @@ async fn sync(
                 tokio::time::sleep(COALESCE).await;
                 let target = *notifications.borrow_and_update();
                 let waited = tokio::time::Instant::now();
-                while state.recent.catch_up(&*state.store).await? < target && waited.elapsed() < PUBLISH_WAIT
-                {
+                upto = state.recent.catch_up(&*state.store).await?;
+                while upto < target && waited.elapsed() < PUBLISH_WAIT {
                     tokio::time::sleep(Duration::from_millis(2)).await;
+                    upto = state.recent.catch_up(&*state.store).await?;
                 }
             }
             Ok(Err(_)) | Err(_) => {
