@@ -1,78 +1,117 @@
 //! The envelope queue: to-device messages waiting for their device.
 //!
-//! A message is queued before `sendToDevice` answers, at the request's stream position, and
-//! stays until its device syncs with a token past it. Two implementations:
+//! A message is queued before `sendToDevice` answers and stays until its device syncs with a
+//! token past it. Each envelope has a *cursor*, its place in the device's queue; a sync response
+//! that carries envelopes puts the last one's cursor in its token (`s<position>_t<cursor>`), and
+//! the sync that presents that token acknowledges everything up to it. Two implementations:
 //!
 //! - [`Embedded`]: the `to_device` table of the database (SQLite or Postgres), durable with it.
-//!   The in-memory stream window sees its rows, so a sync skips devices with nothing new.
-//! - [`RedisQueue`]: one Redis Stream per device (`XADD`), shared by every worker. With Redis
+//!   Envelopes take stream positions, which are their cursors: the in-memory stream window sees
+//!   the rows, so a woken sync skips devices with nothing new ([`News::InStream`]).
+//! - [`RedisQueue`]: one Redis Stream per device, shared by every worker; cursors are stream
+//!   entry ids, which Redis assigns in append order. Sending touches neither the database nor
+//!   the stream positions: the device's sync is woken by its bell ([`News::Bell`]). With Redis
 //!   running `appendonly yes` and `appendfsync always`, an answered send survives `kill -9` of
 //!   Hearth and of Redis. A Lua script records the sender's transaction id and appends the
 //!   envelopes in one atomic step, so a retried request after a crash is queued exactly once.
-//!
-//! Stream entries are appended in arrival order, which across workers is not quite position
-//! order, so readers filter and sort by the `pos` field rather than by entry id.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
-use redis::{AsyncCommands, aio::ConnectionManager, streams::StreamRangeReply};
+use redis::{aio::ConnectionManager, streams::StreamRangeReply};
 use ruma::{DeviceId, UserId};
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    storage::{Envelope, Storage},
+    notifier::{Channel, Update},
+    rooms::recent::device_key,
+    storage::Storage,
 };
 
 /// Sender transaction ids are remembered this long (a retry comes within seconds).
 const TXN_TTL_SECS: u64 = 7 * 24 * 3600;
-/// Most entries read from one device's stream at once.
-const MAX_READ: usize = 1000;
+
+/// A queued message as a sync delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Its place in the device's queue.
+    pub cursor: String,
+    pub json: String,
+}
+
+/// How a waiting sync learns that its device's queue has something new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum News {
+    /// Envelopes take stream positions: the stream window marks the devices they are for.
+    InStream,
+    /// Envelopes ring their device's bell ([`crate::notifier::Bells`]), here or on another worker.
+    Bell,
+}
 
 #[async_trait]
 pub trait EnvelopeQueue: Send + Sync {
-    /// Queues `(user, device, json)` envelopes at `position`, once per sender device and
-    /// transaction id; false if that transaction was queued before.
+    /// Queues `(user, device, json)` envelopes, once per sender device and transaction id; false
+    /// if that transaction was queued before. `position` is the request's stream position when
+    /// the queue's [`News`] is [`News::InStream`] (and ignored otherwise).
     async fn push(
         &self,
         sender: &UserId,
         sender_device: &DeviceId,
         txn_id: &str,
         envelopes: &[(String, String, String)],
-        position: i64,
+        position: Option<i64>,
     ) -> Result<bool>;
-    /// A device's envelopes in `(after, upto]`, by position, at most `limit`.
+    /// A device's envelopes in queue order after `after` (from the start if `None`), at most
+    /// `limit`; for [`News::InStream`], only those at stream positions up to `upto`.
     async fn pending(
         &self,
         user: &UserId,
         device: &DeviceId,
-        after: i64,
+        after: Option<&str>,
         upto: i64,
-        limit: i64,
+        limit: usize,
     ) -> Result<Vec<Envelope>>;
-    /// Drops a device's envelopes at or below `upto`: the device has them.
-    async fn acknowledge(&self, user: &UserId, device: &DeviceId, upto: i64) -> Result<()>;
+    /// Drops a device's envelopes up to and including `cursor`: the device has them. A cursor
+    /// this queue never issued is `M_INVALID_PARAM`.
+    async fn acknowledge(&self, user: &UserId, device: &DeviceId, cursor: &str) -> Result<()>;
     /// Drops everything waiting for a deleted device.
     async fn forget_device(&self, user: &UserId, device: &DeviceId) -> Result<()>;
-    /// Whether the stream window ([`crate::rooms::recent`]) marks this queue's envelopes, so
-    /// that a sync may skip reading a device with no mark.
-    fn marked_in_stream(&self) -> bool;
+    /// How a waiting sync hears of new envelopes.
+    fn news(&self) -> News;
 }
 
-/// Opens the queue the configuration asks for.
+fn foreign_cursor(cursor: &str) -> Error {
+    Error::invalid_param(format!("`{cursor}` is not a to-device position this server issued"))
+}
+
+/// Opens the queue the configuration asks for; a Redis queue tells the other workers about its
+/// envelopes on `channel`.
 pub async fn open(
     config: &crate::config::RedisConfig,
     store: Arc<dyn Storage>,
+    channel: &Channel,
 ) -> anyhow::Result<Arc<dyn EnvelopeQueue>> {
     if config.url.is_empty() {
         return Ok(Arc::new(Embedded { store }));
     }
-    Ok(Arc::new(RedisQueue::connect(&config.url, &config.key_prefix).await?))
+    Ok(Arc::new(RedisQueue::connect(&config.url, &config.key_prefix, channel.clone()).await?))
 }
 
 /// The queue in the database.
 pub struct Embedded {
     store: Arc<dyn Storage>,
+}
+
+/// An embedded cursor is a stream position.
+fn position(cursor: &str) -> Result<i64> {
+    cursor.parse::<i64>().ok().filter(|p| *p >= 0).ok_or_else(|| foreign_cursor(cursor))
 }
 
 #[async_trait]
@@ -83,8 +122,9 @@ impl EnvelopeQueue for Embedded {
         sender_device: &DeviceId,
         txn_id: &str,
         envelopes: &[(String, String, String)],
-        position: i64,
+        position: Option<i64>,
     ) -> Result<bool> {
+        let position = position.ok_or_else(|| Error::internal("an embedded envelope needs a position"))?;
         Ok(self.store.queue_to_device(sender, sender_device, txn_id, envelopes, position).await?)
     }
 
@@ -92,15 +132,21 @@ impl EnvelopeQueue for Embedded {
         &self,
         user: &UserId,
         device: &DeviceId,
-        after: i64,
+        after: Option<&str>,
         upto: i64,
-        limit: i64,
+        limit: usize,
     ) -> Result<Vec<Envelope>> {
-        Ok(self.store.to_device_messages(user, device, after, upto, limit).await?)
+        let after = after.map(position).transpose()?.unwrap_or(0);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.store.to_device_messages(user, device, after, upto, limit).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Envelope { cursor: row.stream_ordering.to_string(), json: row.json })
+            .collect())
     }
 
-    async fn acknowledge(&self, user: &UserId, device: &DeviceId, upto: i64) -> Result<()> {
-        Ok(self.store.remove_to_device(user, device, upto).await?)
+    async fn acknowledge(&self, user: &UserId, device: &DeviceId, cursor: &str) -> Result<()> {
+        Ok(self.store.remove_to_device(user, device, position(cursor)?).await?)
     }
 
     async fn forget_device(&self, _user: &UserId, _device: &DeviceId) -> Result<()> {
@@ -108,45 +154,71 @@ impl EnvelopeQueue for Embedded {
         Ok(())
     }
 
-    fn marked_in_stream(&self) -> bool {
-        true
+    fn news(&self) -> News {
+        News::InStream
     }
 }
 
 /// The queue in Redis Streams.
 pub struct RedisQueue {
-    redis: ConnectionManager,
+    redis: PerThread,
     push: redis::Script,
-    acknowledge: redis::Script,
     prefix: String,
+    channel: Channel,
 }
 
 /// Records the transaction id (`KEYS[1]`) if new, then appends envelope `i` (`ARGV[i + 2]`) to
-/// stream `KEYS[i + 1]` at position `ARGV[2]`; returns 0 for a transaction seen before.
+/// stream `KEYS[i]` and publishes `ARGV[3]` on channel `ARGV[2]` (the other workers wake the
+/// devices' syncs); returns 0 for a transaction seen before.
 const PUSH_SCRIPT: &str = r"
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
     return 0
 end
 for i = 2, #KEYS do
-    redis.call('XADD', KEYS[i], '*', 'pos', ARGV[2], 'json', ARGV[i + 1])
+    redis.call('XADD', KEYS[i], '*', 'json', ARGV[i + 2])
 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 ";
 
-/// Deletes the entries of stream `KEYS[1]` whose `pos` is at most `ARGV[1]`, in one round trip.
-const ACKNOWLEDGE_SCRIPT: &str = r"
-local upto = tonumber(ARGV[1])
-local gone = 0
-for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-        if fields[i] == 'pos' and tonumber(fields[i + 1]) <= upto then
-            gone = gone + redis.call('XDEL', KEYS[1], entry[1])
-        end
-    end
-end
-return gone
-";
+/// Redis connections, one per thread that uses them.
+///
+/// Each actix worker runs a single-threaded runtime. A connection made on the worker is driven
+/// by a task on the worker's own thread, so a request's round trip to Redis wakes no other
+/// thread; through one shared connection, driven on the main runtime, every call crossed threads
+/// twice, and those wake-ups cost more CPU than the calls.
+struct PerThread {
+    client: redis::Client,
+    /// Tells this queue's connections from those of other queues in the process (tests run
+    /// several servers in one).
+    id: u64,
+}
+
+thread_local! {
+    static CONNECTIONS: std::cell::RefCell<HashMap<u64, ConnectionManager>> = Default::default();
+}
+
+impl PerThread {
+    fn new(client: redis::Client) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self { client, id: NEXT.fetch_add(1, Ordering::Relaxed) }
+    }
+
+    /// This thread's connection, made on first use; it reconnects by itself after Redis returns.
+    async fn get(&self) -> Result<ConnectionManager> {
+        if let Some(connection) = CONNECTIONS.with_borrow(|c| c.get(&self.id).cloned()) {
+            return Ok(connection);
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2);
+        let connection =
+            ConnectionManager::new_with_config(self.client.clone(), config).await.map_err(unavailable)?;
+        CONNECTIONS.with_borrow_mut(|c| c.insert(self.id, connection.clone()));
+        Ok(connection)
+    }
+}
 
 fn unavailable(error: redis::RedisError) -> Error {
     tracing::warn!(%error, "the envelope queue (Redis) failed");
@@ -157,47 +229,27 @@ fn unavailable(error: redis::RedisError) -> Error {
     )
 }
 
+/// A Redis stream entry id, `<milliseconds>-<sequence>`.
+fn entry_id(cursor: &str) -> Result<(u64, u64)> {
+    cursor
+        .split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .ok_or_else(|| foreign_cursor(cursor))
+}
+
 impl RedisQueue {
-    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
+    /// Connects (once, to fail early if Redis is unreachable) and loads the push script.
+    pub async fn connect(url: &str, prefix: &str, channel: Channel) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2);
-        let redis = ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self {
-            redis,
-            push: redis::Script::new(PUSH_SCRIPT),
-            acknowledge: redis::Script::new(ACKNOWLEDGE_SCRIPT),
-            prefix: prefix.to_owned(),
-        })
+        let push = redis::Script::new(PUSH_SCRIPT);
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        push.prepare_invoke().load_async(&mut connection).await?;
+        Ok(Self { redis: PerThread::new(client), push, prefix: prefix.to_owned(), channel })
     }
 
     /// The stream of one device's envelopes.
     fn inbox(&self, user: &str, device: &str) -> String {
         format!("{}:to_device:{user}|{device}", self.prefix)
-    }
-
-    /// Every entry of a device's stream as `(entry id, envelope)`.
-    async fn entries(&self, user: &UserId, device: &DeviceId) -> Result<Vec<(String, Envelope)>> {
-        let mut redis = self.redis.clone();
-        let reply: StreamRangeReply = redis
-            .xrange_count(self.inbox(user.as_str(), device.as_str()), "-", "+", MAX_READ)
-            .await
-            .map_err(unavailable)?;
-        let mut entries = Vec::with_capacity(reply.ids.len());
-        for entry in reply.ids {
-            let position: Option<i64> = entry.get("pos");
-            let json: Option<String> = entry.get("json");
-            match (position, json) {
-                (Some(stream_ordering), Some(json)) => {
-                    entries.push((entry.id, Envelope { stream_ordering, json }))
-                }
-                _ => tracing::warn!(id = %entry.id, "malformed envelope in the queue skipped"),
-            }
-        }
-        entries.sort_by_key(|(_, envelope)| envelope.stream_ordering);
-        Ok(entries)
     }
 }
 
@@ -209,15 +261,19 @@ impl EnvelopeQueue for RedisQueue {
         sender_device: &DeviceId,
         txn_id: &str,
         envelopes: &[(String, String, String)],
-        position: i64,
+        _position: Option<i64>,
     ) -> Result<bool> {
+        let devices = envelopes.iter().map(|(user, device, _)| device_key(user, device)).collect();
         let mut invocation = self.push.prepare_invoke();
         invocation.key(format!("{}:to_device_txn:{sender}|{sender_device}|{txn_id}", self.prefix));
-        invocation.arg(TXN_TTL_SECS).arg(position);
+        invocation
+            .arg(TXN_TTL_SECS)
+            .arg(&self.channel.name)
+            .arg(self.channel.message(Update::ToDevice { devices }));
         for (user, device, json) in envelopes {
             invocation.key(self.inbox(user, device)).arg(json);
         }
-        let mut redis = self.redis.clone();
+        let mut redis = self.redis.get().await?;
         let queued: i64 = invocation.invoke_async(&mut redis).await.map_err(unavailable)?;
         Ok(queued == 1)
     }
@@ -226,40 +282,66 @@ impl EnvelopeQueue for RedisQueue {
         &self,
         user: &UserId,
         device: &DeviceId,
-        after: i64,
-        upto: i64,
-        limit: i64,
+        after: Option<&str>,
+        _upto: i64,
+        limit: usize,
     ) -> Result<Vec<Envelope>> {
-        let limit = usize::try_from(limit).unwrap_or(0);
-        Ok(self
-            .entries(user, device)
-            .await?
-            .into_iter()
-            .map(|(_, envelope)| envelope)
-            .filter(|e| e.stream_ordering > after && e.stream_ordering <= upto)
-            .take(limit)
-            .collect())
+        let start = match after {
+            Some(cursor) => {
+                let (ms, seq) = entry_id(cursor)?;
+                format!("({ms}-{seq}")
+            }
+            None => "-".to_owned(),
+        };
+        let mut redis = self.redis.get().await?;
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.inbox(user.as_str(), device.as_str()))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut redis)
+            .await
+            .map_err(unavailable)?;
+        let mut envelopes = Vec::with_capacity(reply.ids.len());
+        for entry in reply.ids {
+            match entry.get::<String>("json") {
+                Some(json) => envelopes.push(Envelope { cursor: entry.id, json }),
+                None => tracing::warn!(id = %entry.id, "malformed envelope in the queue skipped"),
+            }
+        }
+        Ok(envelopes)
     }
 
-    async fn acknowledge(&self, user: &UserId, device: &DeviceId, upto: i64) -> Result<()> {
-        let mut redis = self.redis.clone();
-        let _: i64 = self
-            .acknowledge
-            .key(self.inbox(user.as_str(), device.as_str()))
-            .arg(upto)
-            .invoke_async(&mut redis)
+    async fn acknowledge(&self, user: &UserId, device: &DeviceId, cursor: &str) -> Result<()> {
+        // XTRIM MINID keeps the entries at or above an id: the one just after the cursor.
+        let (ms, seq) = entry_id(cursor)?;
+        let keep_from = match seq.checked_add(1) {
+            Some(seq) => format!("{ms}-{seq}"),
+            None => format!("{}-0", ms.saturating_add(1)),
+        };
+        let mut redis = self.redis.get().await?;
+        let _: i64 = redis::cmd("XTRIM")
+            .arg(self.inbox(user.as_str(), device.as_str()))
+            .arg("MINID")
+            .arg(keep_from)
+            .query_async(&mut redis)
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
     async fn forget_device(&self, user: &UserId, device: &DeviceId) -> Result<()> {
-        let mut redis = self.redis.clone();
-        let _: i64 = redis.del(self.inbox(user.as_str(), device.as_str())).await.map_err(unavailable)?;
+        let mut redis = self.redis.get().await?;
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.inbox(user.as_str(), device.as_str()))
+            .query_async(&mut redis)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
-    fn marked_in_stream(&self) -> bool {
-        false
+    fn news(&self) -> News {
+        News::Bell
     }
 }

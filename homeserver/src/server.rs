@@ -64,11 +64,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     }
     let stream = crate::storage::stream::StreamWriter::start(&store).await?;
     let store: Arc<dyn crate::storage::Storage> = Arc::new(store);
-    let queue = crate::queue::open(&config.redis, store.clone())
+    let channel = crate::notifier::Channel::new(&config.redis);
+    let queue = crate::queue::open(&config.redis, store.clone(), &channel)
         .await
         .with_context(|| "connecting to Redis (redis.url)".to_owned())?;
     let state = web::Data::new(AppState::new(config, store, stream, queue)?);
-    if let Some(publisher) = crate::notifier::start(&state.clone().into_inner())? {
+    if let Some(publisher) = crate::notifier::start(&state.clone().into_inner(), &channel)? {
         let _ = state.publisher.set(publisher);
     }
     let app_state = state.clone();

@@ -36,6 +36,8 @@ pub struct AppState {
     /// The newest stream position announced here (this process's writes, and other workers'
     /// through [`crate::notifier`]); `/sync` long-polls wait on it.
     notifier: tokio::sync::watch::Sender<i64>,
+    /// Wakes the syncs of devices whose envelopes went to a queue outside the stream.
+    pub bells: crate::notifier::Bells,
     /// Publishes this process's positions to the other workers, when Redis is configured.
     pub(crate) publisher: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::notifier::Update>>,
     pub server_name: OwnedServerName,
@@ -119,6 +121,7 @@ impl AppState {
             ephemeral: Default::default(),
             recent: crate::rooms::recent::Recent::new(recent_changes),
             notifier: tokio::sync::watch::channel(0).0,
+            bells: Default::default(),
             publisher: std::sync::OnceLock::new(),
             server_name,
             store,
@@ -196,8 +199,11 @@ impl AppState {
             Update::Presence { user_id, state, status_msg, position } => {
                 self.ephemeral.set_presence(user_id, state, status_msg.clone(), *position);
             }
+            Update::ToDevice { devices } => self.bells.ring(devices),
         }
-        self.announce(update.position());
+        if let Some(position) = update.position() {
+            self.announce(position);
+        }
     }
 
     /// Wakes this process's waiting syncs for `position` (written here or by another worker).

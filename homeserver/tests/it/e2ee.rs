@@ -428,6 +428,38 @@ crate::on_both_backends! {
         }
         assert_eq!(received, (0..150).collect::<Vec<_>>());
 
+        // A long-poll wakes as soon as a message is queued for its device.
+        let waiting = {
+            let (base, token) = (server.base.clone(), alice.token.clone());
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=120000"))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap()
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the long-poll waits");
+        let body = json!({alice.user_id.clone(): {alice.device_id.clone(): {"ciphertext": "wake up"}}});
+        assert_eq!(send_to_device(&server, &bob, "w1", body).await.0, 200);
+        // Far less than the sync's two-minute timeout: only a wake ends it in time.
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+            .await
+            .expect("the long-poll was woken by the message")
+            .unwrap();
+        assert_eq!(to_device_events(&woken)[0]["content"]["ciphertext"], "wake up", "{woken}");
+        // A token whose to-device part this server never issued.
+        let forged = format!("{}_tnot-a-cursor", next(&woken).split('_').next().unwrap());
+        let path = format!("/_matrix/client/v3/sync?since={forged}&timeout=0");
+        assert_error(&server.get(&path, Some(&alice.token)).await, 400, "M_INVALID_PARAM");
+        let since = next(&woken);
+        assert!(to_device_events(&sync(&server, &alice, Some(&since)).await).is_empty());
+
         // A device that logs in later is known at once to senders who sent to the user before.
         let (_, third) = server.login("alice", PW, json!({"device_id": "TABLET"})).await;
         let tablet = session_of(&third);

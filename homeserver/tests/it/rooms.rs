@@ -217,6 +217,35 @@ async fn long_polls_wake_across_workers() {
     }
     assert!(seen_typing, "alice typing through worker a is seen on worker b");
     assert!(seen_presence, "alice's presence set through worker a is seen on worker b");
+
+    // To-device messages queued through worker a wake bob's long-poll on worker b.
+    let since = sync(&b, &bob, Some(&since), 0).await["next_batch"].as_str().unwrap().to_owned();
+    let waiting = {
+        let (base, token) = (b.base.clone(), bob.token.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=120000"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "bob's sync on worker b waits");
+    let body = json!({"messages": {bob.user_id.clone(): {"*": {"note": "across workers"}}}});
+    let (status, _) = a
+        .request("PUT", "/_matrix/client/v3/sendToDevice/org.example/x1", Some(&alice.token), Some(body))
+        .await;
+    assert_eq!(status, 200);
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("worker b's long-poll was woken by a message queued through worker a")
+        .unwrap();
+    assert_eq!(woken["to_device"]["events"][0]["content"]["note"], "across workers", "{woken}");
     b.stop().await;
     a.stop().await;
 }

@@ -2,7 +2,8 @@
 //!
 //! Tokens are stream positions (`s<n>`). A response covers `(since, upto]` where `upto` is the
 //! stream's safe position ([`crate::storage::stream`]), so no event is skipped or repeated
-//! however writes commit.
+//! however writes commit. A response that carries to-device messages adds the last one's place
+//! in the device's queue (`s<n>_t<cursor>`, [`crate::queue`]); the next sync acknowledges it.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -26,6 +27,7 @@ use super::room::{parse_token, token};
 use crate::rooms::recent::{Mark, device_key};
 use crate::{
     error::{Error, Result},
+    queue::News,
     rooms::{
         client_event::{matches_filter, raw, raws, to_client},
         ephemeral::UnreadCounts,
@@ -140,21 +142,23 @@ async fn sync(
         .await?;
     }
     let options = options(&state, user, body.filter.as_ref()).await?;
-    let query = Query {
-        user,
-        device: &request.sender.device_id,
-        since: since.map(|(position, _)| position),
-        to_device_after: since.map_or(0, |(position, to_device)| to_device.unwrap_or(position)),
-        full_state: body.full_state,
-        options,
-    };
-    if let Some((_, Some(seen))) = since {
-        // The token says the device received its to-device messages up to `seen`: they go.
-        state.queue.acknowledge(user, query.device, seen).await?;
+    let device = &request.sender.device_id;
+    let (since, received) = since.unzip();
+    let received = received.flatten();
+    if let Some(cursor) = &received {
+        // The token says the device has its to-device messages up to `cursor`: they go.
+        state.queue.acknowledge(user, device, cursor).await?;
     }
+    let query = Query { user, device, since, received, full_state: body.full_state, options };
     let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut notifications = state.subscribe();
+    // Listening before the first read of the queue, so that nothing queued after it goes unheard.
+    let mut bell = match state.queue.news() {
+        News::Bell => Some(state.bells.listen(&device_key(user.as_str(), device.as_str()))),
+        News::InStream => None,
+    };
+    let mut read_queue = true;
     // The response is built in boxed futures: a long-poll spends its life waiting, and should
     // hold only the small state of the wait, not room for the whole build.
     // Authentication has just brought the window up to date; it needs refreshing only if a write
@@ -164,7 +168,8 @@ async fn sync(
         upto = state.recent.catch_up(&*state.store).await?;
     }
     loop {
-        let response = Box::pin(build(&state, &query, upto)).await?;
+        let response = Box::pin(build(&state, &query, upto, read_queue)).await?;
+        read_queue = false;
         let has_news = !response.rooms.is_empty()
             || !response.to_device.is_empty()
             || !response.device_lists.is_empty()
@@ -173,9 +178,29 @@ async fn sync(
         if has_news || since.is_none() || body.full_state || tokio::time::Instant::now() >= deadline {
             return Ok(response);
         }
-        // Sleep until this process writes something new, then until it is safe to read.
-        match tokio::time::timeout_at(deadline, notifications.changed()).await {
-            Ok(Ok(())) => {
+        // Sleep until something new is written or queued for the device, then until it is safe
+        // to read.
+        let rung = async {
+            match bell.as_mut() {
+                Some(bell) => bell.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let wake = tokio::select! {
+            woken = notifications.changed() => if woken.is_ok() { Wake::Stream } else { Wake::Timeout },
+            rung = rung => if rung.is_ok() { Wake::Bell } else { Wake::Timeout },
+            () = tokio::time::sleep_until(deadline) => Wake::Timeout,
+        };
+        match wake {
+            Wake::Bell => {
+                // Only the device's queue has news: the stream need not be read.
+                tokio::time::sleep(COALESCE).await;
+                if let Some(bell) = bell.as_mut() {
+                    bell.borrow_and_update();
+                }
+                read_queue = true;
+            }
+            Wake::Stream => {
                 // Let a burst of writes land together: one response for many events is far
                 // cheaper than one per event, and costs the client a few milliseconds.
                 tokio::time::sleep(COALESCE).await;
@@ -187,12 +212,21 @@ async fn sync(
                     upto = state.recent.catch_up(&*state.store).await?;
                 }
             }
-            Ok(Err(_)) | Err(_) => {
+            Wake::Timeout => {
                 let upto = state.recent.catch_up(&*state.store).await?;
-                return Box::pin(build(&state, &query, upto)).await;
+                return Box::pin(build(&state, &query, upto, read_queue)).await;
             }
         }
     }
+}
+
+/// What ended a long-poll's wait.
+enum Wake {
+    /// A write to the stream.
+    Stream,
+    /// The device's bell: envelopes were queued for it.
+    Bell,
+    Timeout,
 }
 
 fn stripped(event: &Value) -> Value {
@@ -210,34 +244,41 @@ struct Query<'a> {
     device: &'a DeviceId,
     /// The token's stream position.
     since: Option<i64>,
-    /// The device has received its to-device messages up to here.
-    to_device_after: i64,
+    /// The device has received its to-device messages up to this cursor ([`crate::queue`]).
+    received: Option<String>,
     full_state: bool,
     options: Options,
 }
 
-/// Parses a sync token: `s<position>`, or `s<position>_t<seen>` when the response that issued
-/// it sent to-device messages up to `seen` (which the next sync acknowledges).
-fn parse_sync_token(token: &str) -> Result<(i64, Option<i64>)> {
+/// Parses a sync token: `s<position>`, or `s<position>_t<cursor>` when the response that issued
+/// it sent to-device messages up to `cursor` (which the next sync acknowledges; the queue checks
+/// it).
+fn parse_sync_token(token: &str) -> Result<(i64, Option<String>)> {
     let position = parse_token(token)?;
-    let seen = match token.split_once('_') {
-        Some((_, seen)) => Some(
-            seen.strip_prefix('t')
-                .and_then(|n| n.parse::<i64>().ok())
-                .filter(|n| (0..=position).contains(n))
-                .ok_or_else(|| {
-                    Error::invalid_param(format!("`{token}` is not a token this server issued"))
-                })?,
+    let received = match token.split_once('_') {
+        Some((_, received)) => Some(
+            received
+                .strip_prefix('t')
+                .filter(|cursor| !cursor.is_empty())
+                .ok_or_else(|| Error::invalid_param(format!("`{token}` is not a token this server issued")))?
+                .to_owned(),
         ),
         None => None,
     };
-    Ok((position, seen))
+    Ok((position, received))
 }
 
-async fn build(state: &AppState, query: &Query<'_>, upto: i64) -> Result<sync_events::v3::Response> {
+/// The response for `query` up to `upto`; `read_queue` when the device's queue may have news
+/// that the stream does not show ([`News::Bell`]).
+async fn build(
+    state: &AppState,
+    query: &Query<'_>,
+    upto: i64,
+    read_queue: bool,
+) -> Result<sync_events::v3::Response> {
     let Query { user, since, full_state, ref options, .. } = *query;
     let mut response = sync_events::v3::Response::new(token(upto));
-    e2ee(state, query, upto, &mut response).await?;
+    e2ee(state, query, upto, read_queue, &mut response).await?;
     let mut room_account_data: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     let account_data_changed =
         since.and_then(|since| state.recent.account_data_changed(user, since, upto)).unwrap_or(true);
@@ -363,24 +404,34 @@ async fn build(state: &AppState, query: &Query<'_>, upto: i64) -> Result<sync_ev
 const MAX_UNREAD: i64 = 100;
 
 /// Most to-device messages one response carries; the rest come with the next.
-const MAX_TO_DEVICE: i64 = 100;
+const MAX_TO_DEVICE: usize = 100;
 
 /// The device's to-device messages, device list changes and key counts.
 async fn e2ee(
     state: &AppState,
     query: &Query<'_>,
     upto: i64,
+    read_queue: bool,
     response: &mut sync_events::v3::Response,
 ) -> Result<()> {
     let (user, device) = (query.user, query.device);
-    let after = query.to_device_after;
-    let key = device_key(user.as_str(), device.as_str());
+    let received = query.received.as_deref();
     let queue = &state.queue;
-    if !queue.marked_in_stream() || state.recent.marked(Mark::ToDevice, &key, after, upto) != Some(false) {
-        let messages = queue.pending(user, device, after, upto, MAX_TO_DEVICE).await?;
+    let news = match queue.news() {
+        News::Bell => read_queue,
+        News::InStream => {
+            // Envelopes newer than the token's are marked in the window; without a cursor, the
+            // previous response had nothing waiting up to its position.
+            let after = received.and_then(|cursor| cursor.parse().ok()).or(query.since).unwrap_or(0);
+            let key = device_key(user.as_str(), device.as_str());
+            state.recent.marked(Mark::ToDevice, &key, after, upto) != Some(false)
+        }
+    };
+    if news {
+        let messages = queue.pending(user, device, received, upto, MAX_TO_DEVICE).await?;
         if let Some(last) = messages.last() {
             // Until the device acknowledges them with this token, they stay queued.
-            response.next_batch = format!("{}_t{}", token(upto), last.stream_ordering);
+            response.next_batch = format!("{}_t{}", token(upto), last.cursor);
         }
         response.to_device.events = messages
             .iter()

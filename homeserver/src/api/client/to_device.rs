@@ -1,7 +1,7 @@
 //! `sendToDevice`: messages from one device to others, mostly Olm-encrypted key shares.
 //!
-//! Each message waits in its device's queue at the request's stream position until the device
-//! syncs past it (`/sync` `to_device`). Messages to users or devices that do not exist are
+//! Each message waits in its device's queue ([`crate::queue`]) until the device syncs past it
+//! (`/sync` `to_device`). Messages to users or devices that do not exist are
 //! dropped, as the spec allows: the sender cannot tell them from devices that were deleted a
 //! moment ago. Messages to users on other servers wait for federation.
 
@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    rooms,
+    queue::News,
+    rooms::{self, recent::device_key},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
 };
@@ -75,10 +76,21 @@ async fn send_to_device(
     let queue = &state.queue;
     let txn = body.txn_id.as_str();
     // Queued (durably) before the answer: an acknowledged message is never lost.
-    rooms::at_new_position(&state, |position| async move {
-        queue.push(&sender.user_id, &sender.device_id, txn, &envelopes, position).await?;
-        Ok(())
-    })
-    .await?;
+    match queue.news() {
+        News::InStream => {
+            rooms::at_new_position(&state, |position| async move {
+                queue.push(&sender.user_id, &sender.device_id, txn, &envelopes, Some(position)).await
+            })
+            .await?;
+        }
+        News::Bell => {
+            if queue.push(&sender.user_id, &sender.device_id, txn, &envelopes, None).await? {
+                // The push told the other workers; the syncs waiting here hear it now.
+                let devices: Vec<String> =
+                    envelopes.iter().map(|(user, device, _)| device_key(user, device)).collect();
+                state.bells.ring(&devices);
+            }
+        }
+    }
     Ok(send_event_to_device::v3::Response::new())
 }
