@@ -68,13 +68,14 @@ pub trait EnvelopeQueue: Send + Sync {
         envelopes: &[(String, String, String)],
         position: Option<i64>,
     ) -> Result<bool>;
-    /// A device's envelopes in queue order after `after` (from the start if `None`), at most
-    /// `limit`; for [`News::InStream`], only those at stream positions up to `upto`.
+    /// Drops a device's envelopes up to `acknowledged` when given (as [`Self::acknowledge`]),
+    /// then returns the first `limit` still waiting, in queue order; for [`News::InStream`],
+    /// only those at stream positions up to `upto`.
     async fn pending(
         &self,
         user: &UserId,
         device: &DeviceId,
-        after: Option<&str>,
+        acknowledged: Option<&str>,
         upto: i64,
         limit: usize,
     ) -> Result<Vec<Envelope>>;
@@ -132,11 +133,15 @@ impl EnvelopeQueue for Embedded {
         &self,
         user: &UserId,
         device: &DeviceId,
-        after: Option<&str>,
+        acknowledged: Option<&str>,
         upto: i64,
         limit: usize,
     ) -> Result<Vec<Envelope>> {
-        let after = after.map(position).transpose()?.unwrap_or(0);
+        let mut after = 0;
+        if let Some(cursor) = acknowledged {
+            self.acknowledge(user, device, cursor).await?;
+            after = position(cursor)?;
+        }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self.store.to_device_messages(user, device, after, upto, limit).await?;
         Ok(rows
@@ -229,12 +234,17 @@ fn unavailable(error: redis::RedisError) -> Error {
     )
 }
 
-/// A Redis stream entry id, `<milliseconds>-<sequence>`.
-fn entry_id(cursor: &str) -> Result<(u64, u64)> {
-    cursor
+/// The smallest stream entry id after `cursor` (an id, `<milliseconds>-<sequence>`): `XTRIM
+/// MINID` keeps the entries from there on.
+fn following(cursor: &str) -> Result<String> {
+    let (ms, seq): (u64, u64) = cursor
         .split_once('-')
         .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
-        .ok_or_else(|| foreign_cursor(cursor))
+        .ok_or_else(|| foreign_cursor(cursor))?;
+    Ok(match seq.checked_add(1) {
+        Some(seq) => format!("{ms}-{seq}"),
+        None => format!("{}-0", ms.saturating_add(1)),
+    })
 }
 
 impl RedisQueue {
@@ -282,27 +292,19 @@ impl EnvelopeQueue for RedisQueue {
         &self,
         user: &UserId,
         device: &DeviceId,
-        after: Option<&str>,
+        acknowledged: Option<&str>,
         _upto: i64,
         limit: usize,
     ) -> Result<Vec<Envelope>> {
-        let start = match after {
-            Some(cursor) => {
-                let (ms, seq) = entry_id(cursor)?;
-                format!("({ms}-{seq}")
-            }
-            None => "-".to_owned(),
-        };
+        let inbox = self.inbox(user.as_str(), device.as_str());
+        // One round trip for both.
+        let mut pipe = redis::pipe();
+        if let Some(cursor) = acknowledged {
+            pipe.cmd("XTRIM").arg(&inbox).arg("MINID").arg(following(cursor)?).ignore();
+        }
+        pipe.cmd("XRANGE").arg(&inbox).arg("-").arg("+").arg("COUNT").arg(limit);
         let mut redis = self.redis.get().await?;
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.inbox(user.as_str(), device.as_str()))
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit)
-            .query_async(&mut redis)
-            .await
-            .map_err(unavailable)?;
+        let (reply,): (StreamRangeReply,) = pipe.query_async(&mut redis).await.map_err(unavailable)?;
         let mut envelopes = Vec::with_capacity(reply.ids.len());
         for entry in reply.ids {
             match entry.get::<String>("json") {
@@ -314,17 +316,11 @@ impl EnvelopeQueue for RedisQueue {
     }
 
     async fn acknowledge(&self, user: &UserId, device: &DeviceId, cursor: &str) -> Result<()> {
-        // XTRIM MINID keeps the entries at or above an id: the one just after the cursor.
-        let (ms, seq) = entry_id(cursor)?;
-        let keep_from = match seq.checked_add(1) {
-            Some(seq) => format!("{ms}-{seq}"),
-            None => format!("{}-0", ms.saturating_add(1)),
-        };
         let mut redis = self.redis.get().await?;
         let _: i64 = redis::cmd("XTRIM")
             .arg(self.inbox(user.as_str(), device.as_str()))
             .arg("MINID")
-            .arg(keep_from)
+            .arg(following(cursor)?)
             .query_async(&mut redis)
             .await
             .map_err(unavailable)?;

@@ -68,8 +68,24 @@ pub trait StreamStore: Send + Sync {
 
 #[async_trait::async_trait]
 impl StreamStore for SqlStore {
+    /// Read on a connection of its own, outside the pool: every authenticated request waits for
+    /// this query (shared by the requests in flight, see `rooms::recent`), and a pooled query
+    /// costs a second round trip, since the pool pings each connection it takes back.
     async fn persisted_upto(&self) -> StoreResult<i64> {
-        stream::persisted_upto(self).await
+        let mut slot = self.upto_connection.lock().await;
+        // Taken out while in use: a query cancelled midway (or failed) leaves the connection in
+        // an unknown state, and it is dropped with this future.
+        // On failure, perhaps because the database restarted, once more on a fresh connection.
+        if let Some(mut connection) = slot.take()
+            && let Ok(upto) = stream::persisted_upto(&mut connection).await
+        {
+            *slot = Some(connection);
+            return Ok(upto);
+        }
+        let mut connection = self.pool.acquire().await?.detach();
+        let upto = stream::persisted_upto(&mut connection).await?;
+        *slot = Some(connection);
+        Ok(upto)
     }
 }
 
@@ -118,6 +134,8 @@ pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
     immutable: Arc<ImmutableCache>,
+    /// The connection [`StreamStore::persisted_upto`] reads on.
+    upto_connection: Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
 }
 
 /// Rows that never change once written, kept in memory after their first read. Safe with any
@@ -290,7 +308,7 @@ impl SqlStore {
             });
         }
         let pool = options.connect(url).await?;
-        Ok(Self { pool, backend, immutable: Arc::default() })
+        Ok(Self { pool, backend, immutable: Arc::default(), upto_connection: Arc::default() })
     }
 
     pub fn backend(&self) -> Backend {

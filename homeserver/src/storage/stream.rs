@@ -230,14 +230,14 @@ async fn publisher(writer: Weak<StreamWriter>) {
 
 /// The highest position below which every position has committed or never will: the most a
 /// `/sync` may return.
-pub async fn persisted_upto(store: &SqlStore) -> StoreResult<i64> {
+pub async fn persisted_upto(connection: &mut sqlx::AnyConnection) -> StoreResult<i64> {
     let row = sqlx::query(
         "SELECT (SELECT position FROM stream_counter WHERE id = 1) AS allocated,
                 (SELECT MIN(lowest_unfinished) FROM stream_writers
                   WHERE lowest_unfinished IS NOT NULL AND heartbeat_ts > $1) AS low",
     )
     .bind(now_ms() - WRITER_TIMEOUT_MS)
-    .fetch_one(store.pool())
+    .fetch_one(connection)
     .await?;
     let allocated: i64 = row.try_get("allocated")?;
     let low: Option<i64> = row.try_get("low")?;

@@ -2,10 +2,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use homeserver::storage::{
-    SqlStore,
-    stream::{StreamWriter, persisted_upto},
-};
+use homeserver::storage::{SqlStore, StreamStore, stream::StreamWriter};
 use rand::Rng;
 use sqlx::Executor;
 
@@ -35,7 +32,7 @@ async fn commit_at(store: &SqlStore, position: i64, hold: Duration) {
 async fn wait_for_upto(store: &SqlStore, at_least: i64) -> i64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let upto = persisted_upto(store).await.unwrap();
+        let upto = store.persisted_upto().await.unwrap();
         if upto >= at_least {
             return upto;
         }
@@ -57,7 +54,7 @@ crate::on_both_backends! {
         commit_at(&store, late_position, Duration::ZERO).await;
         drop(late);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let upto = persisted_upto(&store).await.unwrap();
+        let upto = store.persisted_upto().await.unwrap();
         assert!(upto < early.position, "a reader may not pass {} while it is in flight (got {upto})", early.position);
         let visible: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM stream_probe WHERE position <= $1")
             .bind(upto)
@@ -70,7 +67,7 @@ crate::on_both_backends! {
         drop(early);
         wait_for_upto(&store, late_position).await;
         let visible: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM stream_probe WHERE position <= $1")
-            .bind(persisted_upto(&store).await.unwrap())
+            .bind(store.persisted_upto().await.unwrap())
             .fetch_one(store.pool())
             .await
             .unwrap();
@@ -107,7 +104,7 @@ crate::on_both_backends! {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
                 while seen.len() < WRITES {
                     assert!(tokio::time::Instant::now() < deadline, "reader saw {} of {WRITES}", seen.len());
-                    let upto = persisted_upto(&store).await.unwrap();
+                    let upto = store.persisted_upto().await.unwrap();
                     let max_committed: Option<i64> = sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(position) FROM stream_probe")
                         .fetch_one(store.pool()).await.unwrap();
                     if max_committed.is_some_and(|m| m > upto) {

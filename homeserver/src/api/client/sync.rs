@@ -145,9 +145,13 @@ async fn sync(
     let device = &request.sender.device_id;
     let (since, received) = since.unzip();
     let received = received.flatten();
-    if let Some(cursor) = &received {
-        // The token says the device has its to-device messages up to `cursor`: they go.
-        state.queue.acknowledge(user, device, cursor).await?;
+    // The token says the device has its to-device messages up to `received`: they go, with the
+    // first read of the queue when that read is certain (in one round trip), or now.
+    let mut acknowledge = received.clone();
+    if state.queue.news() == News::InStream
+        && let Some(cursor) = acknowledge.take()
+    {
+        state.queue.acknowledge(user, device, &cursor).await?;
     }
     let query = Query { user, device, since, received, full_state: body.full_state, options };
     let timeout = body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
@@ -168,7 +172,7 @@ async fn sync(
         upto = state.recent.catch_up(&*state.store).await?;
     }
     loop {
-        let response = Box::pin(build(&state, &query, upto, read_queue)).await?;
+        let response = Box::pin(build(&state, &query, upto, read_queue, acknowledge.take())).await?;
         read_queue = false;
         let has_news = !response.rooms.is_empty()
             || !response.to_device.is_empty()
@@ -214,7 +218,7 @@ async fn sync(
             }
             Wake::Timeout => {
                 let upto = state.recent.catch_up(&*state.store).await?;
-                return Box::pin(build(&state, &query, upto, read_queue)).await;
+                return Box::pin(build(&state, &query, upto, read_queue, None)).await;
             }
         }
     }
@@ -269,16 +273,18 @@ fn parse_sync_token(token: &str) -> Result<(i64, Option<String>)> {
 }
 
 /// The response for `query` up to `upto`; `read_queue` when the device's queue may have news
-/// that the stream does not show ([`News::Bell`]).
+/// that the stream does not show ([`News::Bell`]), `acknowledge` the cursor to acknowledge with
+/// that read.
 async fn build(
     state: &AppState,
     query: &Query<'_>,
     upto: i64,
     read_queue: bool,
+    acknowledge: Option<String>,
 ) -> Result<sync_events::v3::Response> {
     let Query { user, since, full_state, ref options, .. } = *query;
     let mut response = sync_events::v3::Response::new(token(upto));
-    e2ee(state, query, upto, read_queue, &mut response).await?;
+    e2ee(state, query, upto, read_queue, acknowledge.as_deref(), &mut response).await?;
     let mut room_account_data: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     let account_data_changed =
         since.and_then(|since| state.recent.account_data_changed(user, since, upto)).unwrap_or(true);
@@ -412,6 +418,7 @@ async fn e2ee(
     query: &Query<'_>,
     upto: i64,
     read_queue: bool,
+    acknowledge: Option<&str>,
     response: &mut sync_events::v3::Response,
 ) -> Result<()> {
     let (user, device) = (query.user, query.device);
@@ -428,7 +435,7 @@ async fn e2ee(
         }
     };
     if news {
-        let messages = queue.pending(user, device, received, upto, MAX_TO_DEVICE).await?;
+        let messages = queue.pending(user, device, acknowledge, upto, MAX_TO_DEVICE).await?;
         if let Some(last) = messages.last() {
             // Until the device acknowledges them with this token, they stay queued.
             response.next_batch = format!("{}_t{}", token(upto), last.cursor);
