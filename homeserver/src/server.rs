@@ -82,10 +82,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 if req.method() == Method::OPTIONS {
                     return Either::Left(ready(Ok(req.into_response(HttpResponse::NoContent().finish()))));
                 }
+                if !tracing::enabled!(tracing::Level::DEBUG) {
+                    return Either::Right(Either::Left(srv.call(req)));
+                }
                 let started = Instant::now();
                 let (method, path) = (req.method().clone(), req.path().to_owned());
                 let call = srv.call(req);
-                Either::Right(async move {
+                Either::Right(Either::Right(async move {
                     let response: ServiceResponse = call.await?;
                     // The path only: query strings may carry access tokens.
                     tracing::debug!(
@@ -93,7 +96,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                         ms = started.elapsed().as_secs_f64() * 1000.0, "request"
                     );
                     Ok(response)
-                })
+                }))
             })
             .wrap(
                 DefaultHeaders::new()
