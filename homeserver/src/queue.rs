@@ -139,8 +139,8 @@ impl EnvelopeQueue for Embedded {
     ) -> Result<Vec<Envelope>> {
         let mut after = 0;
         if let Some(cursor) = acknowledged {
-            self.acknowledge(user, device, cursor).await?;
             after = position(cursor)?;
+            self.store.remove_to_device(user, device, after).await?;
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self.store.to_device_messages(user, device, after, upto, limit).await?;

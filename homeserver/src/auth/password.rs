@@ -33,8 +33,8 @@ async fn on_a_core<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static)
 /// computed in memory kept for the purpose (one block array per hash running at once).
 fn compute(argon2: &Argon2<'_>, password: &[u8], salt: Salt<'_>, length: usize) -> Result<Output> {
     static MEMORY: Mutex<Vec<Vec<Block>>> = Mutex::new(Vec::new());
-    let take = || MEMORY.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-    let mut blocks = take().unwrap_or_default();
+    let mut blocks =
+        MEMORY.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
     blocks.resize(argon2.params().block_count(), Block::default());
     let mut salt_bytes = [0u8; 64];
     let salt = salt.decode_b64(&mut salt_bytes).map_err(Error::internal)?;

@@ -171,6 +171,14 @@ impl TestServer {
         Self { base, http: reqwest::Client::new(), server, db: None }
     }
 
+    /// Starts a `/sync` long-poll from `since` with a two-minute timeout, in the background: a
+    /// test that sees it end within seconds knows it was woken.
+    pub fn long_poll(&self, token: &str, since: &str) -> tokio::task::JoinHandle<Value> {
+        let url = format!("{}/_matrix/client/v3/sync?since={since}&timeout=120000", self.base);
+        let request = self.http.get(url).bearer_auth(token);
+        tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
+    }
+
     pub async fn stop(self) {
         self.server.stop().await;
         if let Some(db) = self.db {

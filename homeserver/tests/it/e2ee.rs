@@ -429,20 +429,7 @@ crate::on_both_backends! {
         assert_eq!(received, (0..150).collect::<Vec<_>>());
 
         // A long-poll wakes as soon as a message is queued for its device.
-        let waiting = {
-            let (base, token) = (server.base.clone(), alice.token.clone());
-            tokio::spawn(async move {
-                reqwest::Client::new()
-                    .get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=120000"))
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json::<Value>()
-                    .await
-                    .unwrap()
-            })
-        };
+        let waiting = server.long_poll(&alice.token, &since);
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!waiting.is_finished(), "the long-poll waits");
         let body = json!({alice.user_id.clone(): {alice.device_id.clone(): {"ciphertext": "wake up"}}});

@@ -152,20 +152,7 @@ async fn long_polls_wake_across_workers() {
     let alice = a.register("alice", PW).await;
     let room = create(&a, &alice, json!({})).await;
     let since = sync(&b, &alice, None, 0).await["next_batch"].as_str().unwrap().to_owned();
-    let waiting = {
-        let (base, token) = (b.base.clone(), alice.token.clone());
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=120000"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
-    };
+    let waiting = b.long_poll(&alice.token, &since);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "the sync on worker b waits");
     assert_eq!(send(&a, &alice, &room, "t1", "from worker a").await.0, 200);
@@ -220,20 +207,7 @@ async fn long_polls_wake_across_workers() {
 
     // To-device messages queued through worker a wake bob's long-poll on worker b.
     let since = sync(&b, &bob, Some(&since), 0).await["next_batch"].as_str().unwrap().to_owned();
-    let waiting = {
-        let (base, token) = (b.base.clone(), bob.token.clone());
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=120000"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
-    };
+    let waiting = b.long_poll(&bob.token, &since);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "bob's sync on worker b waits");
     let body = json!({"messages": {bob.user_id.clone(): {"*": {"note": "across workers"}}}});
