@@ -4,6 +4,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod json;
 pub mod notifier;
 pub mod queue;
 pub mod rooms;

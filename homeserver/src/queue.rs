@@ -25,8 +25,10 @@ use std::{
 };
 
 use async_trait::async_trait;
+use hmac::{Hmac, Mac};
 use redis::{aio::ConnectionManager, streams::StreamRangeReply};
 use ruma::{DeviceId, UserId};
+use sha2::Sha256;
 
 use crate::{
     error::{Error, ErrorKind, Result},
@@ -90,6 +92,59 @@ pub trait EnvelopeQueue: Send + Sync {
 
 fn foreign_cursor(cursor: &str) -> Error {
     Error::invalid_param(format!("`{cursor}` is not a to-device position this server issued"))
+}
+
+/// Seals cursors for the sync tokens they travel in.
+///
+/// A client holds its sync token and could write any cursor into it; presenting a cursor
+/// acknowledges, that is deletes, everything queued for the device up to it, delivered or not.
+/// So a token carries its cursor with a MAC over the user, the device and the cursor, keyed by
+/// a secret every worker shares: a cursor is accepted only from the device it was delivered to,
+/// and only as far as it was delivered.
+pub struct CursorSeal {
+    key: Vec<u8>,
+}
+
+/// Bytes of HMAC-SHA256 kept in a sealed cursor (128 bits).
+const SEAL_BYTES: usize = 16;
+
+impl CursorSeal {
+    /// A seal keyed from the deployment's token secret.
+    pub fn new(secret: &[u8]) -> Self {
+        Self { key: [b"hearth to-device cursors:".as_slice(), secret].concat() }
+    }
+
+    fn mac(&self, user: &UserId, device: &DeviceId, cursor: &str) -> Hmac<Sha256> {
+        // Hmac takes keys of any length.
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        for part in [user.as_str(), device.as_str(), cursor] {
+            mac.update(part.as_bytes());
+            mac.update(b"\0");
+        }
+        mac
+    }
+
+    /// `cursor` as it goes into a token for `device`: `<cursor>.<mac in hex>`.
+    pub fn seal(&self, user: &UserId, device: &DeviceId, cursor: &str) -> String {
+        let tag = self.mac(user, device, cursor).finalize().into_bytes();
+        let hex: String = tag.iter().take(SEAL_BYTES).map(|b| format!("{b:02x}")).collect();
+        format!("{cursor}.{hex}")
+    }
+
+    /// The cursor in a sealed one, if it was sealed for this device; `M_INVALID_PARAM` if not.
+    pub fn open<'a>(&self, user: &UserId, device: &DeviceId, sealed: &'a str) -> Result<&'a str> {
+        let refused = || foreign_cursor(sealed);
+        let (cursor, hex) = sealed.rsplit_once('.').ok_or_else(refused)?;
+        if hex.len() != SEAL_BYTES * 2 || !hex.is_ascii() {
+            return Err(refused());
+        }
+        let tag = (0..SEAL_BYTES)
+            .map(|i| hex.get(i * 2..i * 2 + 2).and_then(|byte| u8::from_str_radix(byte, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(refused)?;
+        self.mac(user, device, cursor).verify_truncated_left(&tag).map_err(|_| refused())?;
+        Ok(cursor)
+    }
 }
 
 /// Opens the queue the configuration asks for; a Redis queue tells the other workers about its

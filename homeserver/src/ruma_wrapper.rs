@@ -150,10 +150,22 @@ fn path_args(req: &HttpRequest) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// Refuses JSON Hearth could not serve back (see [`crate::json`]).
+fn check_json_shape(body: &[u8]) -> Result<()> {
+    if !crate::json::within_depth(body) {
+        return Err(Error::bad_json(format!(
+            "JSON nested deeper than {} levels of arrays and objects",
+            crate::json::MAX_JSON_DEPTH
+        )));
+    }
+    Ok(())
+}
+
 /// Parses a JSON body for the few endpoints outside ruma's types, with the same errors.
 pub fn parse_json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|_| Error::not_json("request body is not valid JSON"))?;
+    check_json_shape(body)?;
     serde_json::from_value(value).map_err(|e| {
         let text = e.to_string();
         if text.starts_with("missing field") { Error::missing_param(text) } else { Error::bad_json(text) }
@@ -228,6 +240,7 @@ where
             if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
                 return Err(Error::not_json("request body is not valid JSON"));
             }
+            check_json_shape(&body)?;
 
             let token = access_token(&req)?;
             let client_ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);

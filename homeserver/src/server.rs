@@ -37,6 +37,12 @@ impl RunningServer {
     }
 }
 
+/// Names this worker across restarts: its host and client listener (see `storage/stream.rs`).
+fn instance_name(config: &Config) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}|{}", host.trim(), config.listen.client)
+}
+
 /// Opens the database named by the config, creating the data directory for SQLite.
 pub async fn open_store(config: &Config) -> anyhow::Result<SqlStore> {
     if config.database.url.is_empty() {
@@ -62,7 +68,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         // Links the server hands out (well-known, submit_url) name the port it really got.
         config.public_baseurl = format!("http://{addr}");
     }
-    let stream = crate::storage::stream::StreamWriter::start(&store).await?;
+    let stream = crate::storage::stream::StreamWriter::start(&store, &instance_name(&config)).await?;
     let store: Arc<dyn crate::storage::Storage> = Arc::new(store);
     let channel = crate::notifier::Channel::new(&config.redis);
     let queue = crate::queue::open(&config.redis, store.clone(), &channel)

@@ -53,6 +53,8 @@ pub struct AppState {
     pub jwt_login: Option<JwtLogin>,
     /// Keys the HMAC that one-time codes are stored as.
     code_key: Vec<u8>,
+    /// Seals the to-device cursors in sync tokens.
+    pub cursors: crate::queue::CursorSeal,
     code_swept: Mutex<Option<Instant>>,
     uia_cleaned: Mutex<Option<Instant>>,
     last_seen: Mutex<HashMap<(OwnedUserId, OwnedDeviceId), Instant>>,
@@ -133,6 +135,7 @@ impl AppState {
             templates,
             jwt_login,
             code_key,
+            cursors: crate::queue::CursorSeal::new(&secret),
             code_swept: Mutex::new(None),
             uia_cleaned: Mutex::new(None),
             last_seen: Mutex::new(HashMap::new()),

@@ -1,7 +1,16 @@
 //! Events as clients see them: the client-server "ClientEvent" format, from stored PDUs.
+//!
+//! A stored event is read by its top-level fields only; every value below them (`content` above
+//! all) stays the raw JSON text it was stored as and is served byte for byte. Nothing on the read
+//! path rebuilds an event as a recursive structure, so how deeply a sender nested its content
+//! cannot make an event, or a room, unservable (serde_json skips a raw value iteratively, with
+//! no recursion limit).
+
+use std::collections::BTreeMap;
 
 use ruma::serde::Raw;
-use serde_json::{Map, Value, json};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json, value::RawValue};
 
 use crate::{
     error::{Error, Result},
@@ -12,35 +21,124 @@ use crate::{
 const CLIENT_FIELDS: &[&str] =
     &["content", "origin_server_ts", "room_id", "sender", "type", "state_key", "redacts"];
 
-/// A stored event in the client format, with `unsigned.age`.
-pub fn to_client(event: &StoredEvent) -> Result<Value> {
-    let pdu: Map<String, Value> = serde_json::from_str(&event.json).map_err(Error::internal)?;
-    let mut out: Map<String, Value> =
-        pdu.into_iter().filter(|(k, _)| CLIENT_FIELDS.contains(&k.as_str())).collect();
-    out.insert("event_id".into(), event.event_id.clone().into());
-    if !out.contains_key("redacts")
-        && out.get("type").and_then(Value::as_str) == Some("m.room.redaction")
-        && let Some(redacts) = out.get("content").and_then(|c| c.get("redacts")).cloned()
-    {
-        // Room version 11 moved `redacts` into the content; clients still look at the top too.
-        out.insert("redacts".into(), redacts);
+/// A stored event seen through its top-level fields.
+#[derive(Debug)]
+pub struct ClientEvent<'a> {
+    stored: &'a StoredEvent,
+    fields: BTreeMap<String, Box<RawValue>>,
+}
+
+impl<'a> ClientEvent<'a> {
+    pub fn parse(stored: &'a StoredEvent) -> Result<Self> {
+        let fields = serde_json::from_str(&stored.json).map_err(Error::internal)?;
+        Ok(Self { stored, fields })
     }
-    let ts = out.get("origin_server_ts").and_then(Value::as_i64).unwrap_or_default();
-    let mut unsigned = json!({ "age": (now_ms() - ts).max(0) });
-    if let Some(by) = &event.redacted_by {
-        unsigned["redacted_because"] = json!({ "event_id": by, "type": "m.room.redaction" });
+
+    /// One top-level field, if present and of type `T`.
+    fn field<T: DeserializeOwned>(&self, name: &str) -> Option<T> {
+        self.fields.get(name).and_then(|raw| serde_json::from_str(raw.get()).ok())
     }
-    out.insert("unsigned".into(), unsigned);
-    Ok(Value::Object(out))
+
+    pub fn kind(&self) -> String {
+        self.field("type").unwrap_or_default()
+    }
+
+    pub fn sender(&self) -> String {
+        self.field("sender").unwrap_or_default()
+    }
+
+    pub fn state_key(&self) -> Option<String> {
+        self.field("state_key")
+    }
+
+    pub fn is_state(&self, kind: &str, state_key: &str) -> bool {
+        self.state_key().as_deref() == Some(state_key) && self.kind() == kind
+    }
+
+    /// The content as stored (`{}` if the event has none).
+    pub fn content(&self) -> &RawValue {
+        self.fields.get("content").map_or_else(|| empty_object(), |raw| &**raw)
+    }
+
+    /// A string field of the content (`content.membership`, `content.name`, …).
+    pub fn content_str(&self, key: &str) -> Option<String> {
+        let content: BTreeMap<String, Box<RawValue>> = serde_json::from_str(self.content().get()).ok()?;
+        content.get(key).and_then(|raw| serde_json::from_str(raw.get()).ok())
+    }
+
+    /// The whole content as a JSON value, for the few callers that edit or inspect it deeply
+    /// (power levels, a member event re-sent with a new profile). Stored JSON is bounded in depth
+    /// (see [`crate::storage::parse_stored`]).
+    pub fn content_value(&self) -> Result<Value> {
+        crate::storage::parse_stored(self.content().get()).map_err(Error::internal)
+    }
+
+    /// The event in the client format, with `unsigned`, as JSON text.
+    pub fn to_json(&self) -> Result<Box<RawValue>> {
+        let mut out = String::with_capacity(self.stored.json.len() + 96);
+        out.push('{');
+        for name in CLIENT_FIELDS {
+            if let Some(raw) = self.fields.get(*name) {
+                push_field(&mut out, name, raw.get());
+            }
+        }
+        push_field(&mut out, "event_id", &serde_json::to_string(&self.stored.event_id).map_err(Error::internal)?);
+        if !self.fields.contains_key("redacts")
+            && self.kind() == "m.room.redaction"
+            && let Some(redacts) = self.content_str("redacts")
+        {
+            // Room version 11 moved `redacts` into the content; clients still look at the top too.
+            push_field(&mut out, "redacts", &serde_json::to_string(&redacts).map_err(Error::internal)?);
+        }
+        let ts: i64 = self.field("origin_server_ts").unwrap_or_default();
+        let mut unsigned = json!({ "age": (now_ms() - ts).max(0) });
+        if let Some(by) = &self.stored.redacted_by {
+            unsigned["redacted_because"] = json!({ "event_id": by, "type": "m.room.redaction" });
+        }
+        push_field(&mut out, "unsigned", &unsigned.to_string());
+        out.push('}');
+        RawValue::from_string(out).map_err(Error::internal)
+    }
+
+    pub fn to_raw<T>(&self) -> Result<Raw<T>> {
+        self.to_json().map(Raw::from_json)
+    }
+
+    /// The stripped state event shown to invitees: type, state key, content and sender.
+    pub fn stripped<T>(&self) -> Result<Raw<T>> {
+        let mut out = String::from("{");
+        for name in ["type", "state_key", "content", "sender"] {
+            if let Some(raw) = self.fields.get(name) {
+                push_field(&mut out, name, raw.get());
+            }
+        }
+        out.push('}');
+        RawValue::from_string(out).map(Raw::from_json).map_err(Error::internal)
+    }
+}
+
+fn push_field(out: &mut String, name: &str, json: &str) {
+    if out.len() > 1 {
+        out.push(',');
+    }
+    out.push('"');
+    out.push_str(name);
+    out.push_str("\":");
+    out.push_str(json);
+}
+
+fn empty_object() -> &'static RawValue {
+    static EMPTY: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| RawValue::from_string("{}".to_owned()).unwrap_or_else(|_| unreachable!()))
 }
 
 /// Whether an event passes a room event filter's type and sender rules (`*` ends a type prefix).
-pub fn matches_filter(filter: &ruma::api::client::filter::RoomEventFilter, event: &Value) -> bool {
-    let kind = event["type"].as_str().unwrap_or_default();
-    let sender = event["sender"].as_str().unwrap_or_default();
+pub fn matches_filter(filter: &ruma::api::client::filter::RoomEventFilter, event: &ClientEvent<'_>) -> bool {
+    let kind = event.kind();
+    let sender = event.sender();
     let type_matches = |pattern: &String| match pattern.strip_suffix('*') {
         Some(prefix) => kind.starts_with(prefix),
-        None => kind == pattern,
+        None => kind == *pattern,
     };
     filter.types.as_ref().is_none_or(|types| types.iter().any(type_matches))
         && !filter.not_types.iter().any(type_matches)
@@ -53,7 +151,12 @@ pub fn raw<T>(value: &Value) -> Result<Raw<T>> {
     serde_json::value::to_raw_value(value).map(Raw::from_json).map_err(Error::internal)
 }
 
+/// A stored event in the client format, as a raw event.
+pub fn client_raw<T>(event: &StoredEvent) -> Result<Raw<T>> {
+    ClientEvent::parse(event)?.to_raw()
+}
+
 /// Stored events in the client format, as raw events.
 pub fn raws<T>(events: &[StoredEvent]) -> Result<Vec<Raw<T>>> {
-    events.iter().map(|e| raw(&to_client(e)?)).collect()
+    events.iter().map(client_raw).collect()
 }

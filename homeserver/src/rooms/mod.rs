@@ -7,6 +7,7 @@
 pub mod client_event;
 pub mod ephemeral;
 pub mod recent;
+pub mod visibility;
 
 use std::collections::HashMap;
 
@@ -51,7 +52,7 @@ fn forbidden(message: impl Into<String>) -> Error {
 fn parse_pdu(event_id: &str, json: &str) -> std::result::Result<Pdu, AppendError> {
     let id = OwnedEventId::try_from(event_id).map_err(|e| AppendError::Invalid(e.to_string()))?;
     let object: ruma::CanonicalJsonObject =
-        serde_json::from_str(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
+        crate::storage::parse_stored(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
     Pdu::from_json(id, &object).map_err(|e| AppendError::Invalid(e.to_string()))
 }
 
@@ -198,6 +199,8 @@ where
 {
     let guard = state.stream.allocate().await?;
     let position = guard.position;
+    // These writes commit as they go: the lease is checked before the first.
+    guard.still_leased()?;
     let written = write(position).await?;
     drop(guard);
     state.stream.flush().await?;
@@ -209,9 +212,9 @@ where
 pub async fn power(state: &AppState, room_id: &RoomId, user: &UserId) -> Result<(i64, serde_json::Value)> {
     let mut content = serde_json::json!({});
     for event in state.store.current_state(room_id).await? {
-        let event = client_event::to_client(&event)?;
-        if event["type"] == "m.room.power_levels" {
-            content = event["content"].clone();
+        let event = client_event::ClientEvent::parse(&event)?;
+        if event.is_state("m.room.power_levels", "") {
+            content = event.content_value()?;
         }
     }
     let level = |v: &serde_json::Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));

@@ -43,6 +43,18 @@ pub use self::{
     user_data::{AccountDataRecord, ReceiptRecord, UserDataStore},
 };
 
+/// Parses JSON that Hearth stored itself, into a recursive structure, without serde_json's
+/// recursion limit. Safe because stored JSON is bounded: new writes by [`crate::json::MAX_JSON_DEPTH`], and
+/// those of older versions by serde_json's own limit of 128 when they were written — which an
+/// event at that bound would exceed once wrapped, breaking its room for good.
+pub fn parse_stored<T: serde::de::DeserializeOwned>(json: &str) -> serde_json::Result<T> {
+    let mut deserializer = serde_json::Deserializer::from_str(json);
+    deserializer.disable_recursion_limit();
+    let value = T::deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
+}
+
 /// Every data area; what the server holds as `Arc<dyn Storage>`.
 pub trait Storage:
     AccountStore
@@ -76,16 +88,23 @@ impl StreamStore for SqlStore {
         // Taken out while in use: a query cancelled midway (or failed) leaves the connection in
         // an unknown state, and it is dropped with this future.
         // On failure, perhaps because the database restarted, once more on a fresh connection.
-        if let Some(mut connection) = slot.take()
-            && let Ok(upto) = stream::persisted_upto(&mut connection).await
-        {
-            *slot = Some(connection);
-            return Ok(upto);
-        }
-        let mut connection = self.pool.acquire().await?.detach();
-        let upto = stream::persisted_upto(&mut connection).await?;
+        let read = match slot.take() {
+            Some(mut connection) => match stream::persisted_upto(&mut connection, &self.liveness).await {
+                Ok(upto) => Some((upto, connection)),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let (upto, connection) = match read {
+            Some(read) => read,
+            None => {
+                let mut connection = self.pool.acquire().await?.detach();
+                (stream::persisted_upto(&mut connection, &self.liveness).await?, connection)
+            }
+        };
         *slot = Some(connection);
-        Ok(upto)
+        let previous = self.upto_read.fetch_max(upto, std::sync::atomic::Ordering::AcqRel);
+        Ok(upto.max(previous))
     }
 }
 
@@ -112,10 +131,41 @@ pub enum StoreError {
     Corrupt(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database cannot take the write now; the client should retry.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether the database was out of reach (refusing connections, restarting, the pool
+    /// exhausted) rather than the request or the data being wrong.
+    fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Database(error) => match error {
+                sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                // Postgres shutting down, or refusing new sessions (57P01-57P03 admin shutdown,
+                // crash shutdown, cannot connect now; 53300 too many connections).
+                sqlx::Error::Database(db) => {
+                    db.code().is_some_and(|code| code.starts_with("57P") || code == "53300")
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 impl From<StoreError> for crate::error::Error {
     fn from(error: StoreError) -> Self {
+        if error.is_unavailable() {
+            tracing::warn!(%error, "the database is unavailable");
+            return Self::new(
+                actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                crate::error::ErrorKind::Unknown,
+                "the database is unavailable for a moment; retry the request",
+            );
+        }
         Self::internal(error)
     }
 }
@@ -136,6 +186,10 @@ pub struct SqlStore {
     immutable: Arc<ImmutableCache>,
     /// The connection [`StreamStore::persisted_upto`] reads on.
     upto_connection: Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
+    /// The highest safe position read so far: answers never go back, even when a writer that
+    /// readers had given up on renews its lease (its old positions are doomed, see `stream.rs`).
+    upto_read: Arc<std::sync::atomic::AtomicI64>,
+    liveness: stream::Liveness,
 }
 
 /// Rows that never change once written, kept in memory after their first read. Safe with any
@@ -227,6 +281,18 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0012_session_changes.sql"),
         include_str!("../../migrations/sqlite/0012_session_changes.sql"),
     ),
+    (
+        13,
+        "state history",
+        include_str!("../../migrations/postgres/0013_state_history.sql"),
+        include_str!("../../migrations/sqlite/0013_state_history.sql"),
+    ),
+    (
+        14,
+        "writer liveness",
+        include_str!("../../migrations/postgres/0014_writer_liveness.sql"),
+        include_str!("../../migrations/sqlite/0014_writer_liveness.sql"),
+    ),
 ];
 
 #[derive(Debug)]
@@ -295,6 +361,27 @@ impl SqlStore {
             .acquire_timeout(Duration::from_secs(30))
             .test_before_acquire(false)
             .idle_timeout(Duration::from_secs(60));
+        let tag = format!("hearth-{}", crate::auth::tokens::random_token(12));
+        let liveness = match backend {
+            Backend::Postgres => stream::Liveness::Lease { tag: tag.clone() },
+            Backend::Sqlite => stream::Liveness::LockFiles(sqlite_writers_dir(url)),
+        };
+        if backend == Backend::Postgres {
+            // Every session says which run of which process it belongs to (stream.rs releases a
+            // restarted worker's rows when none of its old sessions is left); the keepalives let
+            // Postgres notice a client host that vanished within seconds, not hours.
+            let setup = format!(
+                "SET application_name = '{tag}'; SET tcp_keepalives_idle = 2; \
+                 SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3"
+            );
+            options = options.after_connect(move |conn, _| {
+                let setup = setup.clone();
+                Box::pin(async move {
+                    conn.execute(sqlx::AssertSqlSafe(setup)).await?;
+                    Ok(())
+                })
+            });
+        }
         if backend == Backend::Sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
@@ -308,7 +395,18 @@ impl SqlStore {
             });
         }
         let pool = options.connect(url).await?;
-        Ok(Self { pool, backend, immutable: Arc::default(), upto_connection: Arc::default() })
+        Ok(Self {
+            pool,
+            backend,
+            immutable: Arc::default(),
+            upto_connection: Arc::default(),
+            upto_read: Arc::default(),
+            liveness,
+        })
+    }
+
+    pub fn liveness(&self) -> stream::Liveness {
+        self.liveness.clone()
     }
 
     pub fn backend(&self) -> Backend {
@@ -329,6 +427,13 @@ impl SqlStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Where SQLite stream writers keep their lock files: beside the database file.
+fn sqlite_writers_dir(url: &str) -> std::path::PathBuf {
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+    let path = path.split('?').next().unwrap_or(path);
+    std::path::PathBuf::from(format!("{path}.writers"))
 }
 
 /// Milliseconds since the Unix epoch, the unit of every stored timestamp.

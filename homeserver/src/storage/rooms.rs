@@ -106,6 +106,13 @@ pub trait RoomStore: Send + Sync {
     /// The room state just after position `at` (the current state if `at` is the newest).
     async fn state_at(&self, room_id: &RoomId, at: i64) -> StoreResult<Vec<StoredEvent>>;
     async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>>;
+    /// Every event that set the state at `(event_type, state_key)` in a room, oldest first.
+    async fn state_history(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> StoreResult<Vec<StoredEvent>>;
     /// The user's rooms: (room id, membership, position of that membership).
     async fn user_rooms(&self, user_id: &UserId) -> StoreResult<Vec<(String, String, i64)>>;
     async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Option<String>>;
@@ -419,6 +426,7 @@ impl RoomStore for SqlStore {
                 return Ok(Err(AppendError::DuplicateTxn));
             }
         }
+        position.still_leased()?;
         tx.commit().await?;
         if let Some(state_map) = new_snapshot {
             self.remember_snapshot(room_id, snapshot_id, state_map);
@@ -514,6 +522,27 @@ impl RoomStore for SqlStore {
         ));
         sqlx::query(sql)
             .bind(room_id.as_str())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(event_from_row)
+            .collect()
+    }
+
+    async fn state_history(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = $1 AND event_type = $2 AND state_key = $3
+             ORDER BY stream_ordering"
+        ));
+        sqlx::query(sql)
+            .bind(room_id.as_str())
+            .bind(event_type)
+            .bind(state_key)
             .fetch_all(&self.pool)
             .await?
             .iter()

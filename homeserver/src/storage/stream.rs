@@ -11,49 +11,89 @@
 //!   `lowest_unfinished` of every live writer. Everything at or below it has committed or will
 //!   never exist.
 //!
-//! A writer that goes idle drops the rest of its block and publishes "nothing in flight"; a
-//! writer that crashes stops heartbeating and is ignored after [`WRITER_TIMEOUT_MS`] (its
-//! unfinished transactions rolled back with it). Publishing advances is lazy — a background task
-//! coalesces them — which is always safe: a published bound lower than the truth only makes
-//! readers wait a few milliseconds longer. This is the design of Synapse's multi-writer id
-//! generator, reduced to one stream.
+//! A writer that goes idle drops the rest of its block and publishes "nothing in flight".
+//! Publishing advances is lazy — a background task coalesces them — which is always safe: a
+//! published bound lower than the truth only makes readers wait a few milliseconds longer. This
+//! is the design of Synapse's multi-writer id generator, reduced to one stream.
+//!
+//! A writer that dies mid-write must stop holding readers back, quickly, without readers ever
+//! passing a position a live writer may still commit ([`Liveness`]):
+//! - **SQLite**: every writer is a process on this host holding an exclusive lock on a file of
+//!   its own beside the database. The kernel releases it when the process dies, so readers know
+//!   a dead writer at once.
+//! - **Postgres**: a lease. A busy writer renews its heartbeat every second, stamped with the
+//!   *database's* clock (no two hosts' clocks are compared); a writer silent for [`LEASE_MS`] is
+//!   dead. A writer that has not renewed for [`FENCE`] — frozen, cut off from the database —
+//!   refuses to commit what it holds ([`PositionGuard::still_leased`]), so when readers give up
+//!   on it, nothing of it can still appear below them. A restarted worker releases the rows of its
+//!   previous run at once: same instance name, and no database session left with that run's tag
+//!   (`application_name`, which dies with the connection).
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
+    fs::File,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, Weak},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sqlx::{AnyPool, Row};
 use tokio::sync::Notify;
 
-use super::{SqlStore, StoreResult, now_ms};
+use super::{Backend, SqlStore, StoreError, StoreResult, now_ms};
 
 /// Positions a writer reserves at once.
 const BLOCK: i64 = 8;
-/// A writer whose heartbeat is older than this is presumed dead.
-pub const WRITER_TIMEOUT_MS: i64 = 30_000;
-/// A busy writer refreshes its heartbeat at least this often.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// A Postgres writer whose heartbeat (by the database's clock) is older than this is dead.
+pub const LEASE_MS: i64 = 5_000;
+/// A Postgres writer that has not renewed its lease for this long commits nothing more: half
+/// the lease, leaving the other half for a commit that passed the check to land.
+const FENCE: Duration = Duration::from_millis(2_500);
+/// A busy writer renews its heartbeat at least this often.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// Shortest pause between two publications of a writer's bound.
 const PUBLISH_PAUSE: Duration = Duration::from_millis(2);
+/// Idle rows of writers gone this long are deleted when a writer starts.
+const FORGET_IDLE_MS: i64 = 300_000;
+
+/// The database's clock in milliseconds, on Postgres.
+const PG_NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+
+/// How readers tell a live writer from a dead one (see the module documentation).
+#[derive(Debug, Clone)]
+pub enum Liveness {
+    /// SQLite: lock files in this directory, one per writer.
+    LockFiles(PathBuf),
+    /// Postgres: the heartbeat lease; `tag` is this process's `application_name`.
+    Lease { tag: String },
+}
 
 #[derive(Debug, Default)]
 struct WriterState {
-    /// Positions handed out and not yet finished.
-    unfinished: BTreeSet<i64>,
+    /// Positions handed out and not yet finished, with the lease generation they were handed
+    /// out in and whether they are doomed (refused by [`PositionGuard::still_leased`], so their
+    /// transaction will not commit).
+    unfinished: BTreeMap<i64, (u64, bool)>,
     /// Next position of the current block, and one past its end.
     next: i64,
     end: i64,
     /// What `stream_writers` says now.
     published: Option<i64>,
+    /// Bumped when the writer lost its lease: positions of earlier generations never commit.
+    generation: u64,
+    /// When the writer's row was last written successfully (its lease renewed).
+    renewed: Option<Instant>,
     stopped: bool,
 }
 
 impl WriterState {
     /// The lowest position this writer may still commit; `None` when idle.
     fn bound(&self) -> Option<i64> {
-        self.unfinished.first().copied()
+        self.unfinished.iter().find(|(_, (_, doomed))| !doomed).map(|(p, _)| *p)
+    }
+
+    fn lease_lapsed(&self, liveness: &Liveness) -> bool {
+        matches!(liveness, Liveness::Lease { .. }) && self.renewed.is_none_or(|at| at.elapsed() > FENCE)
     }
 }
 
@@ -61,7 +101,11 @@ impl WriterState {
 #[derive(Debug)]
 pub struct StreamWriter {
     pool: AnyPool,
+    backend: Backend,
     writer_id: String,
+    liveness: Liveness,
+    /// The exclusive lock that says this writer lives (SQLite), held until the process ends.
+    _lock: Option<File>,
     /// Serialises every write to this writer's `stream_writers` row with block reservation, so a
     /// stale publication can never land after a fresher one.
     publish_lock: tokio::sync::Mutex<()>,
@@ -74,6 +118,7 @@ pub struct StreamWriter {
 #[derive(Debug)]
 pub struct PositionGuard {
     pub position: i64,
+    generation: u64,
     writer: Arc<StreamWriter>,
 }
 
@@ -83,25 +128,109 @@ impl Drop for PositionGuard {
     }
 }
 
+impl PositionGuard {
+    /// Checks, just before the write at this position commits, that the writer still holds its
+    /// lease; if not, the position is doomed and the caller must not commit (`503`, retry).
+    pub fn still_leased(&self) -> StoreResult<()> {
+        let mut state = self.writer.lock();
+        if state.generation == self.generation && !state.lease_lapsed(&self.writer.liveness) {
+            return Ok(());
+        }
+        if state.generation == self.generation {
+            // Lapsed: later positions come from a fresh registration.
+            state.generation += 1;
+            state.next = state.end;
+        }
+        if let Some(entry) = state.unfinished.get_mut(&self.position) {
+            entry.1 = true;
+        }
+        self.writer.dirty.notify_one();
+        Err(StoreError::Unavailable("the stream writer lost its lease on the database".into()))
+    }
+}
+
+fn lock_file(dir: &Path, writer_id: &str) -> PathBuf {
+    dir.join(format!("{writer_id}.lock"))
+}
+
+/// Whether the writer owning `path`'s lock is alive: it holds the lock. A missing file means a
+/// writer that is gone (files are made before their rows).
+fn lock_held(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else { return false };
+    matches!(file.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
+}
+
 impl StreamWriter {
-    /// Registers a writer and starts its publisher task.
-    pub async fn start(store: &SqlStore) -> StoreResult<Arc<Self>> {
+    /// Registers a writer and starts its publisher task. `instance` names this worker across
+    /// restarts (Postgres: its previous run's rows are released at once).
+    pub async fn start(store: &SqlStore, instance: &str) -> StoreResult<Arc<Self>> {
         let writer_id = crate::auth::tokens::random_token(12);
-        sqlx::query(
-            "INSERT INTO stream_writers (writer_id, lowest_unfinished, heartbeat_ts) VALUES ($1, NULL, $2)",
-        )
-        .bind(&writer_id)
-        .bind(now_ms())
-        .execute(store.pool())
-        .await?;
+        let liveness = store.liveness();
+        let mut lock = None;
+        match &liveness {
+            Liveness::LockFiles(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt(format!("{}: {e}", dir.display())))?;
+                let path = lock_file(dir, &writer_id);
+                let file = File::create(&path).map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+                file.lock().map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+                lock = Some(file);
+                // Rows of writers that are gone: their locks are free.
+                let rows = sqlx::query("SELECT writer_id FROM stream_writers").fetch_all(store.pool()).await?;
+                for row in rows {
+                    let id: String = row.try_get("writer_id")?;
+                    let path = lock_file(dir, &id);
+                    if id != writer_id && !lock_held(&path) {
+                        sqlx::query("DELETE FROM stream_writers WHERE writer_id = $1")
+                            .bind(&id)
+                            .execute(store.pool())
+                            .await?;
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                sqlx::query(
+                    "INSERT INTO stream_writers (writer_id, lowest_unfinished, heartbeat_ts, instance) VALUES ($1, NULL, $2, $3)",
+                )
+                .bind(&writer_id)
+                .bind(now_ms())
+                .bind(instance)
+                .execute(store.pool())
+                .await?;
+            }
+            Liveness::Lease { tag } => {
+                // This worker's previous run, if its sessions are gone, is dead: release it now
+                // instead of after its lease.
+                let released = sqlx::query(
+                    "DELETE FROM stream_writers WHERE instance = $1 AND (tag IS NULL OR NOT EXISTS
+                         (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = stream_writers.tag))",
+                )
+                .bind(instance)
+                .execute(store.pool())
+                .await?;
+                if released.rows_affected() > 0 {
+                    tracing::info!(rows = released.rows_affected(), "released the stream rows of this worker's previous run");
+                }
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO stream_writers (writer_id, lowest_unfinished, heartbeat_ts, instance, tag)
+                     VALUES ($1, NULL, {PG_NOW_MS}, $2, $3)"
+                )))
+                .bind(&writer_id)
+                .bind(instance)
+                .bind(tag)
+                .execute(store.pool())
+                .await?;
+            }
+        }
         // Rows of writers long gone and idle are clutter; rows of busy ones are ignored anyway.
         sqlx::query("DELETE FROM stream_writers WHERE lowest_unfinished IS NULL AND heartbeat_ts < $1")
-            .bind(now_ms() - WRITER_TIMEOUT_MS * 10)
+            .bind(now_ms() - FORGET_IDLE_MS)
             .execute(store.pool())
             .await?;
         let writer = Arc::new(Self {
             pool: store.pool().clone(),
+            backend: store.backend(),
             writer_id,
+            liveness,
+            _lock: lock,
             publish_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(WriterState::default()),
             dirty: Notify::new(),
@@ -114,32 +243,57 @@ impl StreamWriter {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A statement on this writer's row (`$1`, with `$2` the bound) that stamps `{now}`: the
+    /// database's clock on Postgres, where writers are on several hosts, this host's on SQLite.
+    fn row_update(&self, statement: &'static str, bound: Option<i64>) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+        let now = match self.backend {
+            Backend::Postgres => PG_NOW_MS,
+            Backend::Sqlite => "$3",
+        };
+        let query =
+            sqlx::query(sqlx::AssertSqlSafe(statement.replace("{now}", now))).bind(self.writer_id.clone()).bind(bound);
+        match self.backend {
+            Backend::Postgres => query,
+            Backend::Sqlite => query.bind(now_ms()),
+        }
+    }
+
     /// Takes the next position. Hold the guard until the transaction writing at it is over.
     pub async fn allocate(self: &Arc<Self>) -> StoreResult<PositionGuard> {
         {
             let mut state = self.lock();
+            if state.lease_lapsed(&self.liveness) && state.next < state.end {
+                state.generation += 1;
+                state.next = state.end;
+            }
             if state.next < state.end {
                 let position = state.next;
                 state.next += 1;
-                state.unfinished.insert(position);
-                return Ok(PositionGuard { position, writer: self.clone() });
+                let generation = state.generation;
+                state.unfinished.insert(position, (generation, false));
+                return Ok(PositionGuard { position, generation, writer: self.clone() });
             }
         }
         let _publishing = self.publish_lock.lock().await;
-        if self.lock().bound().is_none() {
-            // Going from idle to busy: say so before holding anything. Every position reserved
-            // from here on is above the counter read in this statement.
-            sqlx::query(
-                "UPDATE stream_writers SET heartbeat_ts = $2,
-                     lowest_unfinished = (SELECT position + 1 FROM stream_counter WHERE id = 1)
-                 WHERE writer_id = $1 RETURNING lowest_unfinished",
-            )
-            .bind(&self.writer_id)
-            .bind(now_ms())
-            .fetch_one(&self.pool)
-            .await
-            .and_then(|row| row.try_get::<i64, _>("lowest_unfinished"))
-            .map(|bound| self.lock().published = Some(bound))?;
+        if self.lock().bound().is_none() || self.lock().lease_lapsed(&self.liveness) {
+            // Going from idle to busy (or renewing a lapsed lease): say so before holding
+            // anything. Every position reserved from here on is above the counter read in this
+            // statement.
+            let held = self.lock().bound();
+            let bound = self
+                .row_update(
+                    "UPDATE stream_writers SET heartbeat_ts = {now},
+                         lowest_unfinished = COALESCE($2, (SELECT position + 1 FROM stream_counter WHERE id = 1))
+                     WHERE writer_id = $1 RETURNING lowest_unfinished",
+                    held,
+                )
+                .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::Unavailable("this stream writer's row is gone".into()))?
+            .try_get::<i64, _>("lowest_unfinished")?;
+            let mut state = self.lock();
+            state.published = Some(bound);
+            state.renewed = Some(Instant::now());
         }
         let row =
             sqlx::query("UPDATE stream_counter SET position = position + $1 WHERE id = 1 RETURNING position")
@@ -151,8 +305,9 @@ impl StreamWriter {
         let position = end - BLOCK + 1;
         state.next = position + 1;
         state.end = end + 1;
-        state.unfinished.insert(position);
-        Ok(PositionGuard { position, writer: self.clone() })
+        let generation = state.generation;
+        state.unfinished.insert(position, (generation, false));
+        Ok(PositionGuard { position, generation, writer: self.clone() })
     }
 
     fn finish(&self, position: i64) {
@@ -177,15 +332,21 @@ impl StreamWriter {
             }
             state.bound()
         };
-        sqlx::query(
-            "UPDATE stream_writers SET lowest_unfinished = $2, heartbeat_ts = $3 WHERE writer_id = $1",
-        )
-        .bind(&self.writer_id)
-        .bind(bound)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        self.lock().published = bound;
+        let started = Instant::now();
+        let updated = self
+            .row_update(
+                "UPDATE stream_writers SET lowest_unfinished = $2, heartbeat_ts = {now} WHERE writer_id = $1",
+                bound,
+            )
+            .execute(&self.pool)
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::Unavailable("this stream writer's row is gone".into()));
+        }
+        let mut state = self.lock();
+        state.published = bound;
+        // The lease runs from when the renewal was sent, not when it was answered.
+        state.renewed = Some(started);
         Ok(())
     }
 
@@ -205,6 +366,9 @@ impl StreamWriter {
                 .bind(&self.writer_id)
                 .execute(&self.pool)
                 .await?;
+            if let Liveness::LockFiles(dir) = &self.liveness {
+                let _ = std::fs::remove_file(lock_file(dir, &self.writer_id));
+            }
         }
         Ok(())
     }
@@ -230,16 +394,40 @@ async fn publisher(writer: Weak<StreamWriter>) {
 
 /// The highest position below which every position has committed or never will: the most a
 /// `/sync` may return.
-pub async fn persisted_upto(connection: &mut sqlx::AnyConnection) -> StoreResult<i64> {
-    let row = sqlx::query(
-        "SELECT (SELECT position FROM stream_counter WHERE id = 1) AS allocated,
-                (SELECT MIN(lowest_unfinished) FROM stream_writers
-                  WHERE lowest_unfinished IS NOT NULL AND heartbeat_ts > $1) AS low",
-    )
-    .bind(now_ms() - WRITER_TIMEOUT_MS)
-    .fetch_one(connection)
-    .await?;
-    let allocated: i64 = row.try_get("allocated")?;
-    let low: Option<i64> = row.try_get("low")?;
-    Ok(low.map_or(allocated, |low| allocated.min(low - 1)))
+pub async fn persisted_upto(connection: &mut sqlx::AnyConnection, liveness: &Liveness) -> StoreResult<i64> {
+    match liveness {
+        Liveness::Lease { .. } => {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT (SELECT position FROM stream_counter WHERE id = 1) AS allocated,
+                        (SELECT MIN(lowest_unfinished) FROM stream_writers
+                          WHERE lowest_unfinished IS NOT NULL AND heartbeat_ts > {PG_NOW_MS} - $1) AS low"
+            )))
+            .bind(LEASE_MS)
+            .fetch_one(connection)
+            .await?;
+            let allocated: i64 = row.try_get("allocated")?;
+            let low: Option<i64> = row.try_get("low")?;
+            Ok(low.map_or(allocated, |low| allocated.min(low - 1)))
+        }
+        Liveness::LockFiles(dir) => {
+            let rows = sqlx::query(
+                "SELECT w.writer_id, w.lowest_unfinished, c.position AS allocated FROM stream_counter c
+                 LEFT JOIN stream_writers w ON w.lowest_unfinished IS NOT NULL WHERE c.id = 1",
+            )
+            .fetch_all(connection)
+            .await?;
+            let mut upto = i64::MAX;
+            for row in rows {
+                upto = upto.min(row.try_get("allocated")?);
+                let writer: Option<String> = row.try_get("writer_id")?;
+                let bound: Option<i64> = row.try_get("lowest_unfinished")?;
+                if let (Some(writer), Some(bound)) = (writer, bound)
+                    && lock_held(&lock_file(dir, &writer))
+                {
+                    upto = upto.min(bound - 1);
+                }
+            }
+            Ok(upto)
+        }
+    }
 }

@@ -205,7 +205,7 @@ impl TestServer {
         let response = request.send().await.expect("request sent");
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");
-        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let json = parse_json(&text).unwrap_or(Value::String(text));
         (status, json)
     }
 
@@ -258,6 +258,16 @@ impl TestServer {
         }
         self.post("/_matrix/client/v3/login", None, body).await
     }
+}
+
+/// Parses a response as clients without a recursion limit do (Python's and JavaScript's parsers
+/// take far deeper JSON than serde_json's default of 128 levels).
+pub fn parse_json(text: &str) -> serde_json::Result<Value> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    deserializer.disable_recursion_limit();
+    let value = serde::Deserialize::deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
 }
 
 pub fn session_of(body: &Value) -> Session {

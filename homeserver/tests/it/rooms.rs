@@ -8,7 +8,7 @@ use crate::common::{Db, Session, TestServer, assert_error};
 
 const PW: &str = "correct horse battery";
 
-fn room_path(room: &str, rest: &str) -> String {
+pub(crate) fn room_path(room: &str, rest: &str) -> String {
     format!("/_matrix/client/v3/rooms/{}/{rest}", percent(room))
 }
 
@@ -16,13 +16,13 @@ fn percent(s: &str) -> String {
     s.replace('!', "%21").replace(':', "%3A").replace('$', "%24").replace('@', "%40")
 }
 
-async fn create(server: &TestServer, who: &Session, body: Value) -> String {
+pub(crate) async fn create(server: &TestServer, who: &Session, body: Value) -> String {
     let (status, created) = server.post("/_matrix/client/v3/createRoom", Some(&who.token), body).await;
     assert_eq!(status, 200, "{created}");
     created["room_id"].as_str().unwrap().to_owned()
 }
 
-async fn send(server: &TestServer, who: &Session, room: &str, txn: &str, body: &str) -> (u16, Value) {
+pub(crate) async fn send(server: &TestServer, who: &Session, room: &str, txn: &str, body: &str) -> (u16, Value) {
     server
         .request(
             "PUT",
@@ -33,7 +33,7 @@ async fn send(server: &TestServer, who: &Session, room: &str, txn: &str, body: &
         .await
 }
 
-async fn sync(server: &TestServer, who: &Session, since: Option<&str>, timeout_ms: u64) -> Value {
+pub(crate) async fn sync(server: &TestServer, who: &Session, since: Option<&str>, timeout_ms: u64) -> Value {
     let path = match since {
         Some(since) => format!("/_matrix/client/v3/sync?since={since}&timeout={timeout_ms}"),
         None => "/_matrix/client/v3/sync".to_owned(),
@@ -43,7 +43,7 @@ async fn sync(server: &TestServer, who: &Session, since: Option<&str>, timeout_m
     body
 }
 
-fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
+pub(crate) fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
     sync["rooms"]["join"][room]["timeline"]["events"]
         .as_array()
         .map(|events| {

@@ -2,7 +2,10 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use homeserver::storage::{SqlStore, StreamStore, stream::StreamWriter};
+use homeserver::storage::{
+    SqlStore, StreamStore,
+    stream::{Liveness, StreamWriter},
+};
 use rand::Rng;
 use sqlx::Executor;
 
@@ -44,8 +47,8 @@ async fn wait_for_upto(store: &SqlStore, at_least: i64) -> i64 {
 crate::on_both_backends! {
     async fn a_late_commit_holds_readers_back(db: Db) {
         let (store, test_db) = store(db).await;
-        let a = StreamWriter::start(&store).await.unwrap();
-        let b = StreamWriter::start(&store).await.unwrap();
+        let a = StreamWriter::start(&store, "test").await.unwrap();
+        let b = StreamWriter::start(&store, "test").await.unwrap();
         let early = a.allocate().await.unwrap();
         let late = b.allocate().await.unwrap();
         assert!(late.position > early.position);
@@ -80,7 +83,7 @@ crate::on_both_backends! {
 
     async fn readers_never_miss_or_repeat(db: Db) {
         let (store, test_db) = store(db).await;
-        let writers = [StreamWriter::start(&store).await.unwrap(), StreamWriter::start(&store).await.unwrap()];
+        let writers = [StreamWriter::start(&store, "test").await.unwrap(), StreamWriter::start(&store, "test").await.unwrap()];
         const WRITES: usize = 240;
         let mut tasks = Vec::new();
         for t in 0..8 {
@@ -137,6 +140,72 @@ crate::on_both_backends! {
         for writer in &writers {
             writer.stop().await.unwrap();
         }
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn a_dead_writer_stops_holding_readers_back(db: Db) {
+        let (store, test_db) = store(db).await;
+        let live = StreamWriter::start(&store, "worker-a").await.unwrap();
+        // A writer that died mid-write: its row still says it may commit the next position.
+        let counter: i64 = sqlx::query_scalar::<_, i64>("SELECT position FROM stream_counter WHERE id = 1")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let dead_row = |instance: &'static str, age_ms: i64| {
+            let store = store.clone();
+            async move {
+                let now = match store.liveness() {
+                    Liveness::Lease { .. } => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+                    Liveness::LockFiles(_) => "CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)",
+                };
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO stream_writers (writer_id, lowest_unfinished, heartbeat_ts, instance, tag)
+                     VALUES ($1, $2, {now} - $3, $4, 'hearth-gone')"
+                )))
+                .bind(format!("dead-{instance}"))
+                .bind(counter + 1)
+                .bind(age_ms)
+                .bind(instance)
+                .execute(store.pool())
+                .await
+                .unwrap();
+            }
+        };
+        dead_row("worker-b", 0).await;
+        // Writes after the dead one's position.
+        for _ in 0..3 {
+            let guard = live.allocate().await.unwrap();
+            commit_at(&store, guard.position, Duration::ZERO).await;
+        }
+        let written = sqlx::query_scalar::<_, i64>("SELECT MAX(position) FROM stream_probe")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        match store.liveness() {
+            Liveness::LockFiles(_) => {
+                // SQLite: no process holds the dead writer's lock, so readers pass it at once.
+                wait_for_upto(&store, written).await;
+            }
+            Liveness::Lease { .. } => {
+                // Postgres: its lease is fresh, so it holds readers back...
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert!(store.persisted_upto().await.unwrap() <= counter, "a fresh lease holds readers back");
+                // ...until the worker it belonged to starts again: none of that run's sessions
+                // is left, so the new run releases the row at once.
+                let restarted = StreamWriter::start(&store, "worker-b").await.unwrap();
+                wait_for_upto(&store, written).await;
+                // A dead writer that never comes back is passed once its lease has run out.
+                dead_row("worker-c", 60_000).await;
+                let guard = live.allocate().await.unwrap();
+                commit_at(&store, guard.position, Duration::ZERO).await;
+                let position = guard.position;
+                drop(guard);
+                wait_for_upto(&store, position).await;
+                restarted.stop().await.unwrap();
+            }
+        }
+        live.stop().await.unwrap();
         store.close().await;
         test_db.remove().await;
     }

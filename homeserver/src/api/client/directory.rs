@@ -21,7 +21,7 @@ use ruma::{
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    rooms::{self, client_event::to_client},
+    rooms::{self, client_event::ClientEvent},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
 };
@@ -148,22 +148,24 @@ async fn chunk(state: &AppState, room_id: &ruma::RoomId) -> Result<PublicRoomsCh
     }
     .into();
     for event in state.store.current_state(room_id).await? {
-        let event = to_client(&event)?;
-        let content = &event["content"];
-        match event["type"].as_str().unwrap_or_default() {
-            "m.room.name" => chunk.name = content["name"].as_str().map(str::to_owned),
-            "m.room.topic" => chunk.topic = content["topic"].as_str().map(str::to_owned),
+        let event = ClientEvent::parse(&event)?;
+        if event.state_key().as_deref() != Some("") {
+            continue;
+        }
+        let field = |key: &str| event.content_str(key);
+        match event.kind().as_str() {
+            "m.room.name" => chunk.name = field("name"),
+            "m.room.topic" => chunk.topic = field("topic"),
             "m.room.canonical_alias" => {
-                chunk.canonical_alias =
-                    content["alias"].as_str().and_then(|a| OwnedRoomAliasId::try_from(a).ok())
+                chunk.canonical_alias = field("alias").and_then(|a| OwnedRoomAliasId::try_from(a).ok())
             }
-            "m.room.avatar" => chunk.avatar_url = content["url"].as_str().map(Into::into),
+            "m.room.avatar" => chunk.avatar_url = field("url").map(Into::into),
             "m.room.join_rules" => {
-                chunk.join_rule = JoinRuleKind::from(content["join_rule"].as_str().unwrap_or("invite"))
+                chunk.join_rule = JoinRuleKind::from(field("join_rule").as_deref().unwrap_or("invite"))
             }
-            "m.room.guest_access" => chunk.guest_can_join = content["guest_access"] == "can_join",
+            "m.room.guest_access" => chunk.guest_can_join = field("guest_access").as_deref() == Some("can_join"),
             "m.room.history_visibility" => {
-                chunk.world_readable = content["history_visibility"] == "world_readable"
+                chunk.world_readable = field("history_visibility").as_deref() == Some("world_readable")
             }
             _ => {}
         }

@@ -620,12 +620,13 @@ pub(super) async fn device_list_updates(
         }
         // Membership events of the window: joins bring users to query, leaves may end sharing.
         for event in recent.room_events(&*state.store, room_id, since, upto, 1000, true).await? {
-            let Ok(client) = crate::rooms::client_event::to_client(&event) else { continue };
-            if client["type"] != "m.room.member" {
+            let Ok(client) = crate::rooms::client_event::ClientEvent::parse(&event) else { continue };
+            if client.kind() != "m.room.member" {
                 continue;
             }
-            let Some(target) = client["state_key"].as_str() else { continue };
-            match client["content"]["membership"].as_str() {
+            let Some(target) = client.state_key() else { continue };
+            let target = target.as_str();
+            match client.content_str("membership").as_deref() {
                 Some("join") if target == user.as_str() => {
                     // The user joined: everyone in the room is new to them.
                     changed.extend(members.iter().filter(|(_, m)| m == "join").map(|(u, _)| u.clone()));

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::{
     error::{Error, Result},
-    rooms::{self, Draft, client_event::to_client},
+    rooms::{self, Draft, client_event::ClientEvent},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
 };
@@ -78,11 +78,11 @@ async fn propagate(state: &AppState, user_id: &UserId, field: &str, value: Optio
         }
         let Ok(room_id) = ruma::OwnedRoomId::try_from(room) else { continue };
         let current = state.store.current_state(&room_id).await?;
-        let member = current.iter().map(to_client).find(|e| {
-            e.as_ref().is_ok_and(|e| e["type"] == "m.room.member" && e["state_key"] == user_id.as_str())
+        let member = current.iter().map(ClientEvent::parse).find(|e| {
+            e.as_ref().is_ok_and(|e| e.is_state("m.room.member", user_id.as_str()))
         });
         let mut content = match member.transpose()? {
-            Some(event) => event["content"].clone(),
+            Some(event) => event.content_value()?,
             None => continue,
         };
         match value {

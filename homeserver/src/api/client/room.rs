@@ -28,7 +28,8 @@ use crate::{
     error::{Error, ErrorKind, Result},
     rooms::{
         self, Draft,
-        client_event::{matches_filter, raw, raws, to_client},
+        client_event::{ClientEvent, client_raw, matches_filter, raws},
+        visibility::ReadRules,
     },
     ruma_wrapper::{Router, Ruma},
     state::AppState,
@@ -412,7 +413,7 @@ async fn member_events(state: &AppState, room_id: &RoomId, at: Option<i64>) -> R
     };
     let mut members = Vec::new();
     for event in events {
-        if to_client(&event)?["type"] == "m.room.member" {
+        if ClientEvent::parse(&event)?.kind() == "m.room.member" {
             members.push(event);
         }
     }
@@ -428,15 +429,15 @@ async fn joined_members(
     rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
     let mut joined = BTreeMap::new();
     for event in member_events(&state, room_id, None).await? {
-        let event = to_client(&event)?;
-        if event["content"]["membership"] != "join" {
+        let event = ClientEvent::parse(&event)?;
+        if event.content_str("membership").as_deref() != Some("join") {
             continue;
         }
-        let Some(user) = event["state_key"].as_str().and_then(|u| OwnedUserId::try_from(u).ok()) else {
+        let Some(user) = event.state_key().and_then(|u| OwnedUserId::try_from(u).ok()) else {
             continue;
         };
         let mut member = joined_members::v3::RoomMember::new();
-        member.display_name = event["content"]["displayname"].as_str().map(str::to_owned);
+        member.display_name = event.content_str("displayname");
         joined.insert(user, member);
     }
     Ok(joined_members::v3::Response::new(joined))
@@ -467,14 +468,14 @@ async fn members(
     let at = body.at.as_deref().map(parse_token).transpose()?;
     let mut chunk = Vec::new();
     for event in member_events(&state, &body.room_id, at).await? {
-        let client = to_client(&event)?;
-        let membership = client["content"]["membership"].as_str().unwrap_or_default();
+        let client = ClientEvent::parse(&event)?;
+        let membership = client.content_str("membership").unwrap_or_default();
         if body.membership.as_ref().is_some_and(|m| m.as_str() != membership)
             || body.not_membership.as_ref().is_some_and(|m| m.as_str() == membership)
         {
             continue;
         }
-        chunk.push(raw(&client)?);
+        chunk.push(client.to_raw()?);
     }
     Ok(get_member_events::v3::Response::new(chunk))
 }
@@ -542,13 +543,13 @@ async fn get_state_for_key(
     rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
     let event_type = body.event_type.to_string();
     for event in state.store.current_state(&body.room_id).await? {
-        let client = to_client(&event)?;
-        if client["type"] == event_type.as_str() && client["state_key"] == body.state_key.as_str() {
+        let client = ClientEvent::parse(&event)?;
+        if client.is_state(&event_type, &body.state_key) {
             let value = match body.format {
-                get_state_event_for_key::v3::StateEventFormat::Event => client,
-                _ => client["content"].clone(),
+                get_state_event_for_key::v3::StateEventFormat::Event => client.to_json()?,
+                _ => client.content().to_owned(),
             };
-            return Ok(get_state_event_for_key::v3::Response::new(raw_json(&value)?));
+            return Ok(get_state_event_for_key::v3::Response::new(value));
         }
     }
     Err(Error::not_found("no such state event"))
@@ -565,19 +566,9 @@ async fn get_state(
     Ok(get_state_events::v3::Response::new(raws(&events)?))
 }
 
-/// The newest position a user may read in a room: now if joined, the moment they left otherwise.
-async fn readable_upto(state: &AppState, room_id: &RoomId, user_id: &UserId) -> Result<i64> {
-    let upto = state.store.persisted_upto().await?;
-    let rooms = state.store.user_rooms(user_id).await?;
-    match rooms.iter().find(|(room, _, _)| room == room_id.as_str()) {
-        Some((_, membership, _)) if membership == "join" => Ok(upto),
-        Some((_, membership, at)) if membership == "leave" || membership == "ban" => Ok((*at).min(upto)),
-        _ => {
-            rooms::room_version(state, room_id).await?;
-            Err(Error::forbidden("you are not a member of this room"))
-        }
-    }
-}
+/// Pages a filter or the history-visibility rules may leave empty before `/messages` answers
+/// with what it has (the client pages on from `end`).
+const MAX_EMPTY_PAGES: usize = 10;
 
 /// GET /_matrix/client/v3/rooms/{roomId}/messages
 async fn messages(
@@ -585,42 +576,86 @@ async fn messages(
     request: Ruma<get_message_events::v3::Request>,
 ) -> Result<get_message_events::v3::Response> {
     let body = &request.body;
-    let upto = readable_upto(&state, &body.room_id, &request.sender.user_id).await?;
+    let rules = ReadRules::for_reader(&state, &body.room_id, &request.sender.user_id).await?;
+    let upto = state.store.persisted_upto().await?;
     let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let to = body.to.as_deref().map(parse_token).transpose()?;
-    let (events, start, end) = match body.dir {
+    // Nothing below the floor is readable, so paging stops there.
+    let floor = rules.floor();
+    let mut response = get_message_events::v3::Response::new();
+    let mut chunk = Vec::new();
+    match body.dir {
         Direction::Backward => {
             let from = body.from.as_deref().map(parse_token).transpose()?.unwrap_or(upto).min(upto);
-            let floor = to.unwrap_or(0);
-            let mut events = state.store.room_events(&body.room_id, floor, from, limit, true).await?;
-            events.reverse();
-            let end = (events.len() as i64 == limit)
-                .then(|| events.last().map(|e| token(e.stream_ordering - 1)))
-                .flatten();
-            (events, token(from), end)
+            response.start = token(from);
+            let bottom = to.unwrap_or(0).max(floor);
+            let mut ceiling = from;
+            for _ in 0..MAX_EMPTY_PAGES {
+                let page = state.store.room_events(&body.room_id, bottom, ceiling, limit, true).await?;
+                let full = page.len() as i64 == limit;
+                ceiling = page.first().map_or(bottom, |e| e.stream_ordering - 1);
+                for event in page.iter().rev().filter(|e| rules.may_see(e)) {
+                    push_matching(&mut chunk, &body.filter, event)?;
+                }
+                response.end = full.then(|| token(ceiling));
+                if !full || !chunk.is_empty() {
+                    break;
+                }
+            }
         }
         Direction::Forward => {
             let from = body.from.as_deref().map(parse_token).transpose()?.unwrap_or(0);
+            response.start = token(from);
             let ceiling = to.unwrap_or(upto).min(upto);
-            let events = state.store.room_events(&body.room_id, from, ceiling, limit, false).await?;
-            let end = events.last().map(|e| token(e.stream_ordering));
-            (events, token(from), end)
-        }
-    };
-    let mut response = get_message_events::v3::Response::new();
-    response.start = start;
-    response.end = end;
-    // The filter narrows the page; `end` still moves past everything read, so paging on finds
-    // the rest.
-    let mut chunk = Vec::new();
-    for event in &events {
-        let client = to_client(event)?;
-        if matches_filter(&body.filter, &client) {
-            chunk.push(raw(&client)?);
+            let mut bottom = from.max(floor);
+            for _ in 0..MAX_EMPTY_PAGES {
+                let page = state.store.room_events(&body.room_id, bottom, ceiling, limit, false).await?;
+                let full = page.len() as i64 == limit;
+                bottom = page.last().map_or(ceiling, |e| e.stream_ordering);
+                for event in page.iter().filter(|e| rules.may_see(e)) {
+                    push_matching(&mut chunk, &body.filter, event)?;
+                }
+                response.end = page.last().map(|_| token(bottom));
+                if !full || !chunk.is_empty() {
+                    break;
+                }
+            }
         }
     }
+    // The filter narrows the page; `end` still moves past everything read, so paging on finds
+    // the rest.
     response.chunk = chunk;
     Ok(response)
+}
+
+/// Adds `event` to a `/messages` chunk if the request's filter lets it through.
+fn push_matching<T>(
+    chunk: &mut Vec<ruma::serde::Raw<T>>,
+    filter: &ruma::api::client::filter::RoomEventFilter,
+    event: &StoredEvent,
+) -> Result<()> {
+    let client = ClientEvent::parse(event)?;
+    if matches_filter(filter, &client) {
+        chunk.push(client.to_raw()?);
+    }
+    Ok(())
+}
+
+/// An event of a room that the user may read, or M_NOT_FOUND (whether it exists or is hidden).
+async fn readable_event(
+    state: &AppState,
+    rules: &ReadRules,
+    room_id: &RoomId,
+    event_id: &ruma::EventId,
+) -> Result<(StoredEvent, i64)> {
+    let upto = state.store.persisted_upto().await?;
+    let event = state
+        .store
+        .get_event(event_id.as_str())
+        .await?
+        .filter(|e| e.room_id == room_id.as_str() && e.stream_ordering <= upto && rules.may_see(e))
+        .ok_or_else(|| Error::not_found("no such event"))?;
+    Ok((event, upto))
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}
@@ -629,14 +664,9 @@ async fn get_event(
     request: Ruma<get_room_event::v3::Request>,
 ) -> Result<get_room_event::v3::Response> {
     let body = &request.body;
-    let upto = readable_upto(&state, &body.room_id, &request.sender.user_id).await?;
-    let event = state
-        .store
-        .get_event(body.event_id.as_str())
-        .await?
-        .filter(|e| e.room_id == body.room_id.as_str() && e.stream_ordering <= upto)
-        .ok_or_else(|| Error::not_found("no such event"))?;
-    Ok(get_room_event::v3::Response::new(raw(&to_client(&event)?)?))
+    let rules = ReadRules::for_reader(&state, &body.room_id, &request.sender.user_id).await?;
+    let (event, _) = readable_event(&state, &rules, &body.room_id, &body.event_id).await?;
+    Ok(get_room_event::v3::Response::new(client_raw(&event)?))
 }
 
 /// PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}
@@ -659,8 +689,7 @@ async fn redact(
         .await?
         .filter(|e| e.room_id == body.room_id.as_str())
         .ok_or_else(|| Error::not_found("no such event in this room"))?;
-    let target_client = to_client(&target)?;
-    if target_client["sender"] != user.user_id.as_str() {
+    if ClientEvent::parse(&target)?.sender() != user.user_id.as_str() {
         let (have, levels) = rooms::power(&state, &body.room_id, &user.user_id).await?;
         let need = levels["redact"].as_i64().unwrap_or(50);
         if have < need {
@@ -669,7 +698,8 @@ async fn redact(
             )));
         }
     }
-    let object: ruma::CanonicalJsonObject = serde_json::from_str(&target.json).map_err(Error::internal)?;
+    let object: ruma::CanonicalJsonObject =
+        crate::storage::parse_stored(&target.json).map_err(Error::internal)?;
     let redacted = federation::pdu::redacted(object, &version, None).map_err(Error::internal)?;
     let mut content = json!({});
     if let Some(reason) = &body.reason {
@@ -695,26 +725,24 @@ async fn context(
     request: Ruma<get_context::v3::Request>,
 ) -> Result<get_context::v3::Response> {
     let body = &request.body;
-    let upto = readable_upto(&state, &body.room_id, &request.sender.user_id).await?;
-    let event = state
-        .store
-        .get_event(body.event_id.as_str())
-        .await?
-        .filter(|e| e.room_id == body.room_id.as_str() && e.stream_ordering <= upto)
-        .ok_or_else(|| Error::not_found("no such event"))?;
+    let rules = ReadRules::for_reader(&state, &body.room_id, &request.sender.user_id).await?;
+    let (event, upto) = readable_event(&state, &rules, &body.room_id, &body.event_id).await?;
     let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(0, MAX_PAGE);
     let (before_count, after_count) = (limit / 2, limit - limit / 2);
-    let mut before =
-        state.store.room_events(&body.room_id, 0, event.stream_ordering - 1, before_count, true).await?;
+    let mut before = state
+        .store
+        .room_events(&body.room_id, rules.floor(), event.stream_ordering - 1, before_count, true)
+        .await?;
     before.reverse();
     let after =
         state.store.room_events(&body.room_id, event.stream_ordering, upto, after_count, false).await?;
     let mut response = get_context::v3::Response::new();
+    // The tokens move past what was read, hidden or not, so paging on continues from there.
     response.start = Some(token(before.last().map_or(event.stream_ordering - 1, |e| e.stream_ordering - 1)));
     response.end = Some(token(after.last().map_or(event.stream_ordering, |e| e.stream_ordering)));
-    response.events_before = raws(&before)?;
-    response.events_after = raws(&after)?;
-    response.event = Some(raw(&to_client(&event)?)?);
+    response.events_before = raws(&rules.filter(before))?;
+    response.events_after = raws(&rules.filter(after))?;
+    response.event = Some(client_raw(&event)?);
     response.state = raws(&state.store.state_at(&body.room_id, event.stream_ordering).await?)?;
     Ok(response)
 }

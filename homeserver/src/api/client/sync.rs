@@ -29,8 +29,9 @@ use crate::{
     error::{Error, Result},
     queue::News,
     rooms::{
-        client_event::{matches_filter, raw, raws, to_client},
+        client_event::{ClientEvent, matches_filter, raw, raws},
         ephemeral::UnreadCounts,
+        visibility::ReadRules,
     },
     ruma_wrapper::{Router, Ruma},
     state::AppState,
@@ -122,7 +123,15 @@ async fn sync(
 ) -> Result<sync_events::v3::Response> {
     let body = &request.body;
     let user = &request.sender.user_id;
+    let device = &request.sender.device_id;
     let since = body.since.as_deref().map(parse_sync_token).transpose()?;
+    let (since, received) = since.unzip();
+    // A cursor is taken only from the device it was sealed for (see `queue::CursorSeal`), before
+    // the request has any effect.
+    let received = received
+        .flatten()
+        .map(|sealed| state.cursors.open(user, device, &sealed).map(str::to_owned))
+        .transpose()?;
     // `set_presence` updates the user's presence, but only when it changes: a sync that wrote on
     // every call would wake every other sync in turn.
     let wanted = body.set_presence.as_str();
@@ -142,9 +151,6 @@ async fn sync(
         .await?;
     }
     let options = options(&state, user, body.filter.as_ref()).await?;
-    let device = &request.sender.device_id;
-    let (since, received) = since.unzip();
-    let received = received.flatten();
     // The token says the device has its to-device messages up to `received`: they go, with the
     // first read of the queue when that read is certain (in one round trip), or now.
     let mut acknowledge = received.clone();
@@ -233,15 +239,6 @@ enum Wake {
     Timeout,
 }
 
-fn stripped(event: &Value) -> Value {
-    json!({
-        "type": event["type"],
-        "state_key": event["state_key"],
-        "content": event["content"],
-        "sender": event["sender"],
-    })
-}
-
 /// What one `/sync` request asks for.
 struct Query<'a> {
     user: &'a UserId,
@@ -285,7 +282,7 @@ async fn build(
     let Query { user, since, full_state, ref options, .. } = *query;
     let mut response = sync_events::v3::Response::new(token(upto));
     e2ee(state, query, upto, read_queue, acknowledge.as_deref(), &mut response).await?;
-    let mut room_account_data: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut room_account_data: BTreeMap<String, Vec<Box<serde_json::value::RawValue>>> = BTreeMap::new();
     let account_data_changed =
         since.and_then(|since| state.recent.account_data_changed(user, since, upto)).unwrap_or(true);
     let account_data = match account_data_changed {
@@ -293,11 +290,16 @@ async fn build(
         false => Vec::new(),
     };
     for change in account_data {
-        let content: Value = serde_json::from_str(&change.content).unwrap_or_else(|_| json!({}));
-        let event = json!({"type": change.data_type, "content": content});
+        // The content is served as stored, never re-parsed.
+        let event = format!(
+            r#"{{"type":{},"content":{}}}"#,
+            serde_json::to_string(&change.data_type).map_err(Error::internal)?,
+            change.content
+        );
+        let event = serde_json::value::RawValue::from_string(event).map_err(Error::internal)?;
         match change.room_id {
             Some(room) => room_account_data.entry(room).or_default().push(event),
-            None => response.account_data.events.push(raw(&event)?),
+            None => response.account_data.events.push(Raw::from_json(event)),
         }
     }
     // An incremental sync reads only the rooms that changed.
@@ -365,7 +367,14 @@ async fn build(
             "join" => {
                 let fresh = changed_since || full_state;
                 let after = if fresh { 0 } else { since.unwrap_or(0) };
-                let mut joined = joined_room(state, user, &room_id, after, upto, options, fresh).await?;
+                // Events from before the join are read only as far as history visibility allows;
+                // everything since the join is the user's to read.
+                let rules = match after < at {
+                    true => Some(ReadRules::load(state, &room_id, user).await?),
+                    false => None,
+                };
+                let mut joined =
+                    joined_room(state, user, &room_id, after, upto, options, fresh, rules.as_ref()).await?;
                 let account_data = room_account_data.remove(room_id.as_str()).unwrap_or_default();
                 let ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
                 if joined.is_none() && (!account_data.is_empty() || !ephemeral.is_empty()) {
@@ -375,7 +384,7 @@ async fn build(
                     let (notifications, highlights) = unread_counts(state, user, &room_id, upto).await?;
                     joined.unread_notifications.notification_count = Some(notifications);
                     joined.unread_notifications.highlight_count = Some(highlights);
-                    joined.account_data.events = account_data.iter().map(raw).collect::<Result<_>>()?;
+                    joined.account_data.events = account_data.into_iter().map(Raw::from_json).collect();
                     joined.ephemeral.events = ephemeral.iter().map(raw).collect::<Result<_>>()?;
                     response.rooms.join.insert(room_id, joined);
                 }
@@ -383,10 +392,10 @@ async fn build(
             "invite" if changed_since || full_state => {
                 let mut events = Vec::new();
                 for event in state.store.current_state(&room_id).await? {
-                    let client = to_client(&event)?;
-                    let is_invite = client["type"] == "m.room.member" && client["state_key"] == user.as_str();
-                    if is_invite || INVITE_STATE.contains(&client["type"].as_str().unwrap_or_default()) {
-                        events.push(raw(&stripped(&client))?);
+                    let client = ClientEvent::parse(&event)?;
+                    let is_invite = client.is_state("m.room.member", user.as_str());
+                    if is_invite || INVITE_STATE.contains(&client.kind().as_str()) {
+                        events.push(client.stripped()?);
                     }
                 }
                 let mut invite_state = InviteState::new();
@@ -395,7 +404,8 @@ async fn build(
             }
             "leave" | "ban" if since.is_some() && changed_since => {
                 let after = since.unwrap_or(0);
-                let (events, limited) = window(state, &room_id, after, at, options).await?;
+                let rules = ReadRules::load(state, &room_id, user).await?;
+                let (events, limited) = window(state, &room_id, after, at, options, Some(&rules)).await?;
                 let mut left = LeftRoom::new();
                 left.timeline = timeline(&events, limited, at)?;
                 response.rooms.leave.insert(room_id, left);
@@ -438,7 +448,8 @@ async fn e2ee(
         let messages = queue.pending(user, device, acknowledge, upto, MAX_TO_DEVICE).await?;
         if let Some(last) = messages.last() {
             // Until the device acknowledges them with this token, they stay queued.
-            response.next_batch = format!("{}_t{}", token(upto), last.cursor);
+            let sealed = state.cursors.seal(user, device, &last.cursor);
+            response.next_batch = format!("{}_t{sealed}", token(upto));
         }
         response.to_device.events = messages
             .iter()
@@ -500,8 +511,10 @@ async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: 
             .await?;
         let mut others = Vec::new();
         for event in &events {
-            let client = to_client(event)?;
-            if client["sender"] != user.as_str() {
+            let client = ClientEvent::parse(event)?;
+            // ruma's push rules parse the whole event with serde_json's recursion limit (and
+            // panic past it): events stored before the door bounded depth are not counted.
+            if client.sender() != user.as_str() && crate::json::parses_with_serde(event.json.as_bytes()) {
                 others.push(client);
             }
         }
@@ -524,7 +537,7 @@ async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: 
                 name.clone(),
             );
             for event in &others {
-                let event: Raw<AnySyncTimelineEvent> = raw(event)?;
+                let event: Raw<AnySyncTimelineEvent> = event.to_raw()?;
                 let actions = rules.get_actions(&event, &context).await;
                 counts.notify += u64::from(actions.iter().any(|a| a.should_notify()));
                 counts.highlight += u64::from(actions.iter().any(|a| a.is_highlight()));
@@ -579,17 +592,26 @@ async fn ephemeral_events(
     Ok(events)
 }
 
-/// The newest events of a room in `(after, upto]` that the timeline filter lets through, at most
-/// the filter's limit, and whether older ones were left out.
+/// The newest events of a room in `(after, upto]` that the timeline filter and the
+/// history-visibility rules (when given) let through, at most the filter's limit, and whether
+/// older ones were left out.
 async fn window(
     state: &AppState,
     room_id: &RoomId,
     after: i64,
     upto: i64,
     options: &Options,
+    rules: Option<&ReadRules>,
 ) -> Result<(Vec<StoredEvent>, bool)> {
     let limit = options.limit;
-    let Some(filter) = &options.timeline else {
+    let after = rules.map_or(after, |rules| after.max(rules.floor()));
+    let keep = |event: &StoredEvent| {
+        rules.is_none_or(|rules| rules.may_see(event))
+            && options.timeline.as_ref().is_none_or(|filter| {
+                ClientEvent::parse(event).is_ok_and(|client| matches_filter(filter, &client))
+            })
+    };
+    if options.timeline.is_none() && rules.is_none() {
         // One more than the limit tells whether the timeline is complete.
         let mut events =
             state.recent.room_events(&*state.store, room_id, after, upto, limit + 1, true).await?;
@@ -598,7 +620,7 @@ async fn window(
             events.remove(0);
         }
         return Ok((events, limited));
-    };
+    }
     let mut kept = Vec::new();
     let mut ceiling = upto;
     for _ in 0..MAX_FILTER_BATCHES {
@@ -607,7 +629,7 @@ async fn window(
         let exhausted = (batch.len() as i64) < FILTER_BATCH;
         ceiling = batch.first().map_or(after, |e| e.stream_ordering - 1);
         for event in batch.into_iter().rev() {
-            if matches_filter(filter, &to_client(&event)?) {
+            if keep(&event) {
                 if kept.len() as i64 == limit {
                     kept.reverse();
                     return Ok((kept, true));
@@ -642,8 +664,9 @@ async fn joined_room(
     upto: i64,
     options: &Options,
     fresh: bool,
+    rules: Option<&ReadRules>,
 ) -> Result<Option<JoinedRoom>> {
-    let (events, limited) = window(state, room_id, after, upto, options).await?;
+    let (events, limited) = window(state, room_id, after, upto, options, rules).await?;
     if events.is_empty() && !fresh {
         return Ok(None);
     }
@@ -656,14 +679,14 @@ async fn joined_room(
         if options.lazy_members {
             let senders: std::collections::BTreeSet<String> = events
                 .iter()
-                .filter_map(|e| to_client(e).ok())
-                .filter_map(|e| e["sender"].as_str().map(str::to_owned))
+                .filter_map(|e| ClientEvent::parse(e).ok())
+                .map(|e| e.sender())
                 .chain([user.to_string()])
                 .collect();
             before.retain(|event| {
-                let Ok(client) = to_client(event) else { return false };
-                client["type"] != "m.room.member"
-                    || client["state_key"].as_str().is_some_and(|member| senders.contains(member))
+                let Ok(client) = ClientEvent::parse(event) else { return false };
+                client.kind() != "m.room.member"
+                    || client.state_key().is_some_and(|member| senders.contains(&member))
             });
         }
         room.state = State::Before(StateEvents::from(raws(&before)?));

@@ -1,0 +1,146 @@
+//! History visibility: which of a room's events a user may read.
+//!
+//! The spec's rules, decided for each event by the state in force at it:
+//! - the room's `m.room.history_visibility` at the event is `world_readable`: anyone may;
+//! - the user's membership at the event is `join`: they may;
+//! - `shared`: members may read everything, including what was said before they joined — as long
+//!   as they are joined now;
+//! - `invited`: also what was said while they were invited;
+//! - `joined`: only what was said while they were joined.
+//!
+//! "At the event" means just after it, so a user sees their own join; an event that changes the
+//! visibility is judged by the more permissive of the old and the new setting (as Synapse does),
+//! and a user always sees the events that changed their own membership (an invite, a kick). A
+//! room without a visibility event is `shared`, the spec's default.
+//!
+//! Both inputs change rarely, so [`ReadRules`] loads a user's membership events and the room's
+//! visibility events once per request and judges any number of events from memory.
+
+use ruma::{RoomId, UserId};
+
+use super::client_event::ClientEvent;
+use crate::{
+    error::{Error, Result},
+    state::AppState,
+    storage::StoredEvent,
+};
+
+/// The settings of `m.room.history_visibility`, least permissive first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Setting {
+    Joined,
+    Invited,
+    Shared,
+    WorldReadable,
+}
+
+impl Setting {
+    fn parse(value: Option<&str>) -> Self {
+        match value {
+            Some("world_readable") => Self::WorldReadable,
+            Some("invited") => Self::Invited,
+            Some("joined") => Self::Joined,
+            // `shared` and anything unknown: the spec says to treat unknown values as `shared`.
+            _ => Self::Shared,
+        }
+    }
+}
+
+/// What one user may read of one room.
+#[derive(Debug, Clone)]
+pub struct ReadRules {
+    /// The user's membership events: (position, membership), oldest first.
+    memberships: Vec<(i64, String)>,
+    /// The room's visibility events: (position, setting), oldest first.
+    settings: Vec<(i64, Setting)>,
+    joined_now: bool,
+}
+
+impl ReadRules {
+    /// Loads the rules for `user` in `room_id` (which must exist).
+    pub async fn load(state: &AppState, room_id: &RoomId, user: &UserId) -> Result<Self> {
+        let parse = |events: Vec<StoredEvent>, field: &str| -> Result<Vec<(i64, Option<String>)>> {
+            events
+                .iter()
+                .map(|event| Ok((event.stream_ordering, ClientEvent::parse(event)?.content_str(field))))
+                .collect()
+        };
+        let memberships = parse(state.store.state_history(room_id, "m.room.member", user.as_str()).await?, "membership")?
+            .into_iter()
+            .map(|(position, membership)| (position, membership.unwrap_or_default()))
+            .collect::<Vec<_>>();
+        let settings =
+            parse(state.store.state_history(room_id, "m.room.history_visibility", "").await?, "history_visibility")?
+                .into_iter()
+                .map(|(position, setting)| (position, Setting::parse(setting.as_deref())))
+                .collect();
+        let joined_now = memberships.last().is_some_and(|(_, m)| m == "join");
+        Ok(Self { memberships, settings, joined_now })
+    }
+
+    /// The rules for a user reading a room's history through the API: M_NOT_FOUND for a room
+    /// that does not exist, M_FORBIDDEN for one the user was never in and that is not world
+    /// readable.
+    pub async fn for_reader(state: &AppState, room_id: &RoomId, user: &UserId) -> Result<Self> {
+        super::room_version(state, room_id).await?;
+        let rules = Self::load(state, room_id, user).await?;
+        if rules.memberships.is_empty() && rules.setting(i64::MAX, true) != Setting::WorldReadable {
+            return Err(Error::forbidden("you are not a member of this room"));
+        }
+        Ok(rules)
+    }
+
+    /// The setting in force just after (`inclusive`) or just before the event at `position`.
+    fn setting(&self, position: i64, inclusive: bool) -> Setting {
+        let n = self.settings.partition_point(|(p, _)| *p < position || (inclusive && *p == position));
+        n.checked_sub(1).and_then(|i| self.settings.get(i)).map_or(Setting::Shared, |(_, s)| *s)
+    }
+
+    /// The user's membership just after the event at `position`.
+    fn membership(&self, position: i64) -> Option<&str> {
+        let n = self.memberships.partition_point(|(p, _)| *p <= position);
+        n.checked_sub(1).and_then(|i| self.memberships.get(i)).map(|(_, m)| m.as_str())
+    }
+
+    /// Whether the user may read the event at `position`.
+    pub fn allows(&self, position: i64) -> bool {
+        let mut setting = self.setting(position, true);
+        if self.settings.binary_search_by_key(&position, |(p, _)| *p).is_ok() {
+            setting = setting.max(self.setting(position, false));
+        }
+        if setting == Setting::WorldReadable {
+            return true;
+        }
+        let membership = self.membership(position);
+        if membership == Some("join") || self.memberships.binary_search_by_key(&position, |(p, _)| *p).is_ok() {
+            return true;
+        }
+        match setting {
+            Setting::Shared => self.joined_now,
+            Setting::Invited => membership == Some("invite"),
+            _ => false,
+        }
+    }
+
+    pub fn may_see(&self, event: &StoredEvent) -> bool {
+        self.allows(event.stream_ordering)
+    }
+
+    /// The events the user may read, in their order.
+    pub fn filter(&self, mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
+        events.retain(|event| self.may_see(event));
+        events
+    }
+
+    /// A position below which the user may read nothing: pagination need not look further back.
+    /// (Visibility changes only at membership and visibility events, so the first of those at
+    /// which something is readable bounds every readable event.)
+    pub fn floor(&self) -> i64 {
+        let mut points: Vec<i64> = std::iter::once(0)
+            .chain(self.memberships.iter().map(|(p, _)| *p))
+            .chain(self.settings.iter().map(|(p, _)| *p))
+            .collect();
+        points.sort_unstable();
+        points.into_iter().find(|p| self.allows(*p)).map_or(i64::MAX, |p| (p - 1).max(0))
+    }
+}
