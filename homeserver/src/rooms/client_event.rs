@@ -82,7 +82,11 @@ impl<'a> ClientEvent<'a> {
                 push_field(&mut out, name, raw.get());
             }
         }
-        push_field(&mut out, "event_id", &serde_json::to_string(&self.stored.event_id).map_err(Error::internal)?);
+        push_field(
+            &mut out,
+            "event_id",
+            &serde_json::to_string(&self.stored.event_id).map_err(Error::internal)?,
+        );
         if !self.fields.contains_key("redacts")
             && self.kind() == "m.room.redaction"
             && let Some(redacts) = self.content_str("redacts")

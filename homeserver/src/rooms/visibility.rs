@@ -65,15 +65,18 @@ impl ReadRules {
                 .map(|event| Ok((event.stream_ordering, ClientEvent::parse(event)?.content_str(field))))
                 .collect()
         };
-        let memberships = parse(state.store.state_history(room_id, "m.room.member", user.as_str()).await?, "membership")?
-            .into_iter()
-            .map(|(position, membership)| (position, membership.unwrap_or_default()))
-            .collect::<Vec<_>>();
-        let settings =
-            parse(state.store.state_history(room_id, "m.room.history_visibility", "").await?, "history_visibility")?
+        let memberships =
+            parse(state.store.state_history(room_id, "m.room.member", user.as_str()).await?, "membership")?
                 .into_iter()
-                .map(|(position, setting)| (position, Setting::parse(setting.as_deref())))
-                .collect();
+                .map(|(position, membership)| (position, membership.unwrap_or_default()))
+                .collect::<Vec<_>>();
+        let settings = parse(
+            state.store.state_history(room_id, "m.room.history_visibility", "").await?,
+            "history_visibility",
+        )?
+        .into_iter()
+        .map(|(position, setting)| (position, Setting::parse(setting.as_deref())))
+        .collect();
         let joined_now = memberships.last().is_some_and(|(_, m)| m == "join");
         Ok(Self { memberships, settings, joined_now })
     }
@@ -112,7 +115,8 @@ impl ReadRules {
             return true;
         }
         let membership = self.membership(position);
-        if membership == Some("join") || self.memberships.binary_search_by_key(&position, |(p, _)| *p).is_ok() {
+        if membership == Some("join") || self.memberships.binary_search_by_key(&position, |(p, _)| *p).is_ok()
+        {
             return true;
         }
         match setting {

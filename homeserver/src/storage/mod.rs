@@ -143,7 +143,10 @@ impl StoreError {
         match self {
             Self::Unavailable(_) => true,
             Self::Database(error) => match error {
-                sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed => true,
                 // Postgres shutting down, or refusing new sessions (57P01-57P03 admin shutdown,
                 // crash shutdown, cannot connect now; 53300 too many connections).
                 sqlx::Error::Database(db) => {

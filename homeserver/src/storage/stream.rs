@@ -169,13 +169,16 @@ impl StreamWriter {
         let mut lock = None;
         match &liveness {
             Liveness::LockFiles(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt(format!("{}: {e}", dir.display())))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", dir.display())))?;
                 let path = lock_file(dir, &writer_id);
-                let file = File::create(&path).map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+                let file = File::create(&path)
+                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
                 file.lock().map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
                 lock = Some(file);
                 // Rows of writers that are gone: their locks are free.
-                let rows = sqlx::query("SELECT writer_id FROM stream_writers").fetch_all(store.pool()).await?;
+                let rows =
+                    sqlx::query("SELECT writer_id FROM stream_writers").fetch_all(store.pool()).await?;
                 for row in rows {
                     let id: String = row.try_get("writer_id")?;
                     let path = lock_file(dir, &id);
@@ -207,7 +210,10 @@ impl StreamWriter {
                 .execute(store.pool())
                 .await?;
                 if released.rows_affected() > 0 {
-                    tracing::info!(rows = released.rows_affected(), "released the stream rows of this worker's previous run");
+                    tracing::info!(
+                        rows = released.rows_affected(),
+                        "released the stream rows of this worker's previous run"
+                    );
                 }
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO stream_writers (writer_id, lowest_unfinished, heartbeat_ts, instance, tag)
@@ -245,13 +251,18 @@ impl StreamWriter {
 
     /// A statement on this writer's row (`$1`, with `$2` the bound) that stamps `{now}`: the
     /// database's clock on Postgres, where writers are on several hosts, this host's on SQLite.
-    fn row_update(&self, statement: &'static str, bound: Option<i64>) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    fn row_update(
+        &self,
+        statement: &'static str,
+        bound: Option<i64>,
+    ) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
         let now = match self.backend {
             Backend::Postgres => PG_NOW_MS,
             Backend::Sqlite => "$3",
         };
-        let query =
-            sqlx::query(sqlx::AssertSqlSafe(statement.replace("{now}", now))).bind(self.writer_id.clone()).bind(bound);
+        let query = sqlx::query(sqlx::AssertSqlSafe(statement.replace("{now}", now)))
+            .bind(self.writer_id.clone())
+            .bind(bound);
         match self.backend {
             Backend::Postgres => query,
             Backend::Sqlite => query.bind(now_ms()),

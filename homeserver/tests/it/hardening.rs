@@ -25,7 +25,12 @@ async fn put(server: &TestServer, who: &Session, path: &str, body: Value) -> (u1
 }
 
 fn event_ids(events: &Value) -> Vec<String> {
-    events.as_array().into_iter().flatten().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect()
+    events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+        .collect()
 }
 
 async fn messages(server: &TestServer, who: &Session, room: &str) -> (u16, Value) {
@@ -59,7 +64,10 @@ fn deep_value(depth: usize) -> Value {
 async fn room_with(server: &TestServer, alice: &Session, setting: &str) -> String {
     let room = create(server, alice, json!({"preset": "public_chat"})).await;
     let content = json!({"history_visibility": setting});
-    assert_eq!(put(server, alice, &room_path(&room, "state/m.room.history_visibility/"), content).await.0, 200);
+    assert_eq!(
+        put(server, alice, &room_path(&room, "state/m.room.history_visibility/"), content).await.0,
+        200
+    );
     assert_eq!(send(server, alice, &room, &format!("before-{setting}"), "said before").await.0, 200);
     room
 }
@@ -70,7 +78,8 @@ async fn join(server: &TestServer, who: &Session, room: &str) {
 }
 
 async fn invite(server: &TestServer, by: &Session, who: &Session, room: &str) {
-    let (status, body) = server.post(&room_path(room, "invite"), Some(&by.token), json!({"user_id": who.user_id})).await;
+    let (status, body) =
+        server.post(&room_path(room, "invite"), Some(&by.token), json!({"user_id": who.user_id})).await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -81,7 +90,8 @@ async fn can_read(server: &TestServer, who: &Session, room: &str, body: &str, ev
     let by_messages = status == 200 && bodies(&page).contains(&body.to_owned());
     let (status, _) = server.get(&room_path(room, &format!("event/{event_id}")), Some(&who.token)).await;
     let by_event = status == 200;
-    let (status, context) = server.get(&room_path(room, &format!("context/{event_id}")), Some(&who.token)).await;
+    let (status, context) =
+        server.get(&room_path(room, &format!("context/{event_id}")), Some(&who.token)).await;
     let by_context = status == 200 && context["event"]["event_id"] == event_id;
     let initial = sync(server, who, None, 0).await;
     let by_sync = timeline_bodies(&initial, room).contains(&body.to_owned());
@@ -303,7 +313,14 @@ crate::on_both_backends! {
     }
 }
 
-async fn to_device(server: &TestServer, from: &Session, to: &Session, txn: &str, device: &str, n: usize) -> (u16, Value) {
+async fn to_device(
+    server: &TestServer,
+    from: &Session,
+    to: &Session,
+    txn: &str,
+    device: &str,
+    n: usize,
+) -> (u16, Value) {
     let messages = json!({ to.user_id.clone(): { device: {"n": n} } });
     let path = format!("/_matrix/client/v3/sendToDevice/org.example.test/{txn}");
     server.request("PUT", &path, Some(&from.token), Some(json!({"messages": messages}))).await

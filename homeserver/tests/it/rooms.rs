@@ -22,7 +22,13 @@ pub(crate) async fn create(server: &TestServer, who: &Session, body: Value) -> S
     created["room_id"].as_str().unwrap().to_owned()
 }
 
-pub(crate) async fn send(server: &TestServer, who: &Session, room: &str, txn: &str, body: &str) -> (u16, Value) {
+pub(crate) async fn send(
+    server: &TestServer,
+    who: &Session,
+    room: &str,
+    txn: &str,
+    body: &str,
+) -> (u16, Value) {
     server
         .request(
             "PUT",

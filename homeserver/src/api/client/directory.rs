@@ -163,7 +163,9 @@ async fn chunk(state: &AppState, room_id: &ruma::RoomId) -> Result<PublicRoomsCh
             "m.room.join_rules" => {
                 chunk.join_rule = JoinRuleKind::from(field("join_rule").as_deref().unwrap_or("invite"))
             }
-            "m.room.guest_access" => chunk.guest_can_join = field("guest_access").as_deref() == Some("can_join"),
+            "m.room.guest_access" => {
+                chunk.guest_can_join = field("guest_access").as_deref() == Some("can_join")
+            }
             "m.room.history_visibility" => {
                 chunk.world_readable = field("history_visibility").as_deref() == Some("world_readable")
             }

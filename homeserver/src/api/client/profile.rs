@@ -78,9 +78,10 @@ async fn propagate(state: &AppState, user_id: &UserId, field: &str, value: Optio
         }
         let Ok(room_id) = ruma::OwnedRoomId::try_from(room) else { continue };
         let current = state.store.current_state(&room_id).await?;
-        let member = current.iter().map(ClientEvent::parse).find(|e| {
-            e.as_ref().is_ok_and(|e| e.is_state("m.room.member", user_id.as_str()))
-        });
+        let member = current
+            .iter()
+            .map(ClientEvent::parse)
+            .find(|e| e.as_ref().is_ok_and(|e| e.is_state("m.room.member", user_id.as_str())));
         let mut content = match member.transpose()? {
             Some(event) => event.content_value()?,
             None => continue,

@@ -367,14 +367,14 @@ async fn build(
             "join" => {
                 let fresh = changed_since || full_state;
                 let after = if fresh { 0 } else { since.unwrap_or(0) };
-                // Events from before the join are read only as far as history visibility allows;
-                // everything since the join is the user's to read.
-                let rules = match after < at {
+                // A room new to the sync is read from its start, as far as history visibility
+                // allows; otherwise only events since the token, all after the user's join.
+                let rules = match fresh {
                     true => Some(ReadRules::load(state, &room_id, user).await?),
                     false => None,
                 };
                 let mut joined =
-                    joined_room(state, user, &room_id, after, upto, options, fresh, rules.as_ref()).await?;
+                    joined_room(state, user, &room_id, after, upto, options, rules.as_ref()).await?;
                 let account_data = room_account_data.remove(room_id.as_str()).unwrap_or_default();
                 let ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
                 if joined.is_none() && (!account_data.is_empty() || !ephemeral.is_empty()) {
@@ -655,7 +655,8 @@ fn timeline(events: &[StoredEvent], limited: bool, upto: i64) -> Result<Timeline
     Ok(timeline)
 }
 
-/// A joined room's part of the response; `None` when nothing changed in it.
+/// A joined room's part of the response; `None` when nothing changed in it. `fresh` (the user's
+/// read rules) for a room new to this sync, which is sent whole.
 async fn joined_room(
     state: &AppState,
     user: &UserId,
@@ -663,9 +664,10 @@ async fn joined_room(
     after: i64,
     upto: i64,
     options: &Options,
-    fresh: bool,
-    rules: Option<&ReadRules>,
+    fresh: Option<&ReadRules>,
 ) -> Result<Option<JoinedRoom>> {
+    let rules = fresh;
+    let fresh = fresh.is_some();
     let (events, limited) = window(state, room_id, after, upto, options, rules).await?;
     if events.is_empty() && !fresh {
         return Ok(None);
