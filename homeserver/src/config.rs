@@ -254,6 +254,12 @@ pub struct LimitsConfig {
     /// Recent stream changes (events, receipts, account data writes) each process keeps in
     /// memory for `/sync`; older sync tokens are answered from the database.
     pub recent_changes: usize,
+    /// Seconds a client has to send a request's whole body; a slower one is answered 408.
+    pub body_timeout_secs: u64,
+    /// Connections one client IP may hold open at once; past it, requests are answered 429 and
+    /// their connections closed. 0: no limit. Not applied behind a trusted proxy
+    /// (`listen.trust_x_forwarded_for`), where every connection comes from the proxy.
+    pub connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -415,7 +421,12 @@ impl Default for JwtLoginConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_request_bytes: 1024 * 1024, recent_changes: 20_000 }
+        Self {
+            max_request_bytes: 1024 * 1024,
+            recent_changes: 20_000,
+            body_timeout_secs: 60,
+            connections_per_ip: 256,
+        }
     }
 }
 

@@ -232,8 +232,19 @@ where
             if declared.is_some_and(|len| len > limit) {
                 return Err(Error::too_large(limit));
             }
-            let body = actix_web::body::to_bytes_limited(actix_web::body::BodyStream::new(payload), limit)
+            // A client that trickles its body would hold the connection (and a file descriptor)
+            // for as long as it likes: the whole body has a deadline.
+            let timeout = std::time::Duration::from_secs(state.config.limits.body_timeout_secs);
+            let read = actix_web::body::to_bytes_limited(actix_web::body::BodyStream::new(payload), limit);
+            let body = tokio::time::timeout(timeout, read)
                 .await
+                .map_err(|_| {
+                    Error::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        crate::error::ErrorKind::Unknown,
+                        format!("the request body did not arrive within {} seconds", timeout.as_secs()),
+                    )
+                })?
                 .map_err(|_| Error::too_large(limit))?
                 .map_err(|e| Error::bad_json(format!("could not read the request body: {e}")))?;
             // Clients send JSON under any content type (or none), so the body itself decides.

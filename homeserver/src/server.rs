@@ -43,6 +43,41 @@ fn instance_name(config: &Config) -> String {
     format!("{}|{}", host.trim(), config.listen.client)
 }
 
+/// Open connections per client IP, so that one client cannot take every file descriptor.
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One open connection, kept in its connection data; dropped when the connection closes.
+struct OpenConnection {
+    ip: std::net::IpAddr,
+    counts: Arc<ConnectionCounts>,
+    /// The client already held the limit when this connection opened.
+    over_limit: bool,
+}
+
+impl ConnectionCounts {
+    fn open(self: &Arc<Self>, ip: std::net::IpAddr, limit: usize) -> OpenConnection {
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(ip).or_default();
+        *count += 1;
+        OpenConnection { ip, counts: self.clone(), over_limit: *count > limit }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Opens the database named by the config, creating the data directory for SQLite.
 pub async fn open_store(config: &Config) -> anyhow::Result<SqlStore> {
     if config.database.url.is_empty() {
@@ -79,11 +114,23 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let _ = state.publisher.set(publisher);
     }
     let app_state = state.clone();
+    let per_ip = match state.config.listen.trust_x_forwarded_for {
+        // Behind a proxy every connection comes from the proxy, which must limit its clients.
+        true => 0,
+        false => state.config.limits.connections_per_ip,
+    };
+    let connections = Arc::new(ConnectionCounts::default());
     let server = HttpServer::new(move || {
         let router = api::client::router();
         App::new()
             .app_data(app_state.clone())
             .wrap_fn(|req, srv| {
+                if req.conn_data::<OpenConnection>().is_some_and(|c| c.over_limit) {
+                    let error = crate::error::Error::limit_exceeded(std::time::Duration::from_secs(1));
+                    let mut response = actix_web::ResponseError::error_response(&error);
+                    response.head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
+                    return Either::Left(ready(Ok(req.into_response(response))));
+                }
                 // CORS preflight: the spec asks every endpoint to answer OPTIONS.
                 if req.method() == Method::OPTIONS {
                     return Either::Left(ready(Ok(req.into_response(HttpResponse::NoContent().finish()))));
@@ -115,6 +162,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .configure(api::client::configure_custom)
             .route("/health", web::get().to(|| async { HttpResponse::Ok().body("OK") }))
             .default_service(web::to(unrecognized))
+    })
+    .on_connect(move |connection, data| {
+        if per_ip > 0
+            && let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>()
+            && let Ok(peer) = stream.peer_addr()
+        {
+            data.insert(connections.open(peer.ip(), per_ip));
+        }
     })
     .disable_signals()
     .listen(listener)?;

@@ -14,11 +14,43 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 /// Longest a client may say it is typing for without saying it again.
 pub const MAX_TYPING: Duration = Duration::from_secs(30);
+/// Rooms or users kept before a sweep drops the stale ones, so the maps shrink again.
+const SWEEP_AT: usize = 10_000;
+/// Presence not refreshed for this long is forgotten in a sweep (as if the user were offline).
+const PRESENCE_KEPT: Duration = Duration::from_secs(24 * 3600);
+/// Unread counts are a cache of what the database says: past this many entries it starts over.
+const UNREAD_CAPACITY: usize = 100_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RoomTyping {
     users: BTreeMap<OwnedUserId, Instant>,
     position: i64,
+    changed: Instant,
+}
+
+impl Default for RoomTyping {
+    fn default() -> Self {
+        Self { users: BTreeMap::new(), position: 0, changed: Instant::now() }
+    }
+}
+
+/// Once a map has grown past [`SWEEP_AT`], keeps only the entries `keep` wants.
+fn sweep<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, keep: impl FnMut(&K, &mut V) -> bool) {
+    if map.len() >= SWEEP_AT {
+        map.retain(keep);
+    }
+}
+
+/// Drops rooms where no one has typed for longer than any client shows typing.
+fn sweep_typing(typing: &mut HashMap<OwnedRoomId, RoomTyping>, now: Instant) {
+    sweep(typing, |_, room| {
+        room.users.values().any(|until| *until > now) || now.duration_since(room.changed) < MAX_TYPING * 2
+    });
+}
+
+/// Drops users whose presence has not been refreshed for a day.
+fn sweep_presence(presence: &mut HashMap<OwnedUserId, Presence>, now: Instant) {
+    sweep(presence, |_, p| now.duration_since(p.last_active) < PRESENCE_KEPT);
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +96,10 @@ impl Ephemeral {
             }
         }
         room.position = position;
+        room.changed = Instant::now();
+        let now = Instant::now();
+        room.users.retain(|_, until| *until > now);
+        sweep_typing(&mut typing, now);
     }
 
     /// Who is typing in a room, if that changed in `(after, upto]`.
@@ -83,6 +119,7 @@ impl Ephemeral {
             user.to_owned(),
             Presence { state: state.to_owned(), status_msg, last_active: Instant::now(), position },
         );
+        sweep_presence(&mut presence, Instant::now());
     }
 
     pub fn presence(&self, user: &UserId) -> Option<Presence> {
@@ -119,6 +156,45 @@ impl Ephemeral {
 
     pub fn set_unread(&self, user: &UserId, room_id: &RoomId, counts: UnreadCounts) {
         let mut unread = self.unread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if unread.len() >= UNREAD_CAPACITY {
+            unread.clear();
+        }
         unread.insert((user.to_owned(), room_id.to_owned()), counts);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(n: usize) -> OwnedUserId {
+        OwnedUserId::try_from(format!("@u{n}:example.org")).unwrap_or_else(|_| unreachable!())
+    }
+
+    fn room(n: usize) -> OwnedRoomId {
+        OwnedRoomId::try_from(format!("!r{n}:example.org")).unwrap_or_else(|_| unreachable!())
+    }
+
+    #[test]
+    fn in_memory_maps_shrink_once_their_entries_are_stale() {
+        let ephemeral = Ephemeral::default();
+        for n in 0..SWEEP_AT {
+            ephemeral.set_typing(&room(n), &user(n), Some(Duration::from_secs(5)), n as i64);
+            ephemeral.set_presence(&user(n), "online", None, n as i64);
+        }
+        let later = Instant::now() + PRESENCE_KEPT + MAX_TYPING * 3;
+        let mut typing = ephemeral.typing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sweep_typing(&mut typing, later);
+        assert!(typing.is_empty(), "rooms where typing ended long ago are forgotten");
+        drop(typing);
+        let mut presence = ephemeral.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sweep_presence(&mut presence, later);
+        assert!(presence.is_empty(), "presence a day old is forgotten");
+        drop(presence);
+        for n in 0..UNREAD_CAPACITY + 10 {
+            ephemeral.set_unread(&user(n % 1000), &room(n), UnreadCounts::default());
+        }
+        let unread = ephemeral.unread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
+        assert!(unread <= UNREAD_CAPACITY, "the unread cache stays bounded ({unread})");
     }
 }

@@ -329,3 +329,61 @@ async fn to_device(
 fn urlencode(s: &str) -> String {
     s.replace('%', "%25").replace('+', "%2B").replace(' ', "%20")
 }
+
+/// Opens a connection that sends a request's headers and the first byte of its body, then
+/// stalls: a client trickling its body.
+async fn trickling(server: &TestServer, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(server.server.addr).await.unwrap();
+    let head = format!(
+        "PUT /_matrix/client/v3/user/%40a%3Alocalhost/account_data/x HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// What the server answered on a raw connection (its status line), once it answers.
+async fn answer(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = vec![0u8; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut buffer))
+        .await
+        .expect("the server answers a stalled body within its body timeout")
+        .unwrap();
+    String::from_utf8_lossy(&buffer[..read]).lines().next().unwrap_or_default().to_owned()
+}
+
+crate::on_both_backends! {
+    async fn slow_clients_cannot_hold_every_connection(db: Db) {
+        let mut server = TestServer::start_with(db, |c| {
+            c.limits.connections_per_ip = 4;
+            c.limits.body_timeout_secs = 2;
+        })
+        .await;
+        // The test's own client keeps no idle connection that would count against the limit.
+        server.http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let alice = server.register("alice", PW).await;
+        let mut stalled = Vec::new();
+        for _ in 0..4 {
+            stalled.push(trickling(&server, &alice.token).await);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // A fifth connection from the same address is turned away at once.
+        let fresh = reqwest::Client::new();
+        let response = fresh.get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 429);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED");
+        // The stalled bodies time out...
+        for stream in &mut stalled {
+            assert!(answer(stream).await.starts_with("HTTP/1.1 408"));
+        }
+        drop(stalled);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // ...and with their connections gone, the address is served again.
+        let response = reqwest::Client::new().get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        server.stop().await;
+    }
+}
