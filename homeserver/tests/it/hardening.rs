@@ -311,6 +311,38 @@ crate::on_both_backends! {
         assert_eq!(events.iter().map(|e| e["content"]["n"].clone()).collect::<Vec<_>>(), [json!(3)], "{next}");
         server.stop().await;
     }
+
+    async fn slow_clients_cannot_hold_every_connection(db: Db) {
+        let mut server = TestServer::start_with(db, |c| {
+            c.limits.connections_per_ip = 4;
+            c.limits.body_timeout_secs = 2;
+        })
+        .await;
+        // The test's own client keeps no idle connection that would count against the limit.
+        server.http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let alice = server.register("alice", PW).await;
+        let mut stalled = Vec::new();
+        for _ in 0..4 {
+            stalled.push(trickling(&server, &alice.token).await);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // A fifth connection from the same address is turned away at once.
+        let fresh = reqwest::Client::new();
+        let response = fresh.get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 429);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED");
+        // The stalled bodies time out...
+        for stream in &mut stalled {
+            assert!(answer(stream).await.starts_with("HTTP/1.1 408"));
+        }
+        drop(stalled);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // ...and with their connections gone, the address is served again.
+        let response = reqwest::Client::new().get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        server.stop().await;
+    }
 }
 
 async fn to_device(
@@ -352,38 +384,4 @@ async fn answer(stream: &mut tokio::net::TcpStream) -> String {
         .expect("the server answers a stalled body within its body timeout")
         .unwrap();
     String::from_utf8_lossy(&buffer[..read]).lines().next().unwrap_or_default().to_owned()
-}
-
-crate::on_both_backends! {
-    async fn slow_clients_cannot_hold_every_connection(db: Db) {
-        let mut server = TestServer::start_with(db, |c| {
-            c.limits.connections_per_ip = 4;
-            c.limits.body_timeout_secs = 2;
-        })
-        .await;
-        // The test's own client keeps no idle connection that would count against the limit.
-        server.http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-        let alice = server.register("alice", PW).await;
-        let mut stalled = Vec::new();
-        for _ in 0..4 {
-            stalled.push(trickling(&server, &alice.token).await);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        // A fifth connection from the same address is turned away at once.
-        let fresh = reqwest::Client::new();
-        let response = fresh.get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
-        assert_eq!(response.status().as_u16(), 429);
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED");
-        // The stalled bodies time out...
-        for stream in &mut stalled {
-            assert!(answer(stream).await.starts_with("HTTP/1.1 408"));
-        }
-        drop(stalled);
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        // ...and with their connections gone, the address is served again.
-        let response = reqwest::Client::new().get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
-        assert_eq!(response.status().as_u16(), 200);
-        server.stop().await;
-    }
 }
