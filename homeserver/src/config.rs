@@ -62,6 +62,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limits: RateLimitConfig,
     pub limits: LimitsConfig,
+    pub user_directory: UserDirectoryConfig,
     pub threepid: ThreepidConfig,
     pub email: EmailConfig,
     pub sms: SmsConfig,
@@ -256,6 +257,14 @@ pub struct LimitsConfig {
     pub recent_changes: usize,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserDirectoryConfig {
+    /// Search every active local user. Off: only users who share a room with the searcher or
+    /// are joined to a public room (Synapse's `search_all_users = false`).
+    pub search_all_users: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
@@ -305,6 +314,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limits: RateLimitConfig::default(),
             limits: LimitsConfig::default(),
+            user_directory: UserDirectoryConfig::default(),
             threepid: ThreepidConfig::default(),
             email: EmailConfig::default(),
             sms: SmsConfig::default(),
