@@ -26,14 +26,11 @@ async fn join(server: &TestServer, who: &Session, room: &str) {
 /// a search for "pal" finds as alice.
 async fn directory_as_alice(server: &TestServer) -> Vec<String> {
     let alice = server.register("alice", PW).await;
-    let [bob, carol, dave, erin, frank] = ["pal_bob", "pal_carol", "pal_dave", "pal_erin", "pal_frank"].map(|n| n.to_owned());
-    let (bob, carol, dave, erin, frank) = (
-        server.register(&bob, PW).await,
-        server.register(&carol, PW).await,
-        server.register(&dave, PW).await,
-        server.register(&erin, PW).await,
-        server.register(&frank, PW).await,
-    );
+    let bob = server.register("pal_bob", PW).await;
+    let carol = server.register("pal_carol", PW).await;
+    let dave = server.register("pal_dave", PW).await;
+    let erin = server.register("pal_erin", PW).await;
+    let frank = server.register("pal_frank", PW).await;
     let shared = create_room(server, &alice, json!({"preset": "private_chat", "invite": [bob.user_id, frank.user_id]})).await;
     join(server, &bob, &shared).await;
     join(server, &frank, &shared).await;
