@@ -12,6 +12,7 @@ mod durability;
 mod e2ee;
 mod errors;
 mod interop;
+mod limits;
 mod providers;
 mod rooms;
 mod storage;

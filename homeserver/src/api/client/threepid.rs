@@ -173,6 +173,9 @@ async fn submit_token_link(state: web::Data<AppState>, request: HttpRequest) -> 
              <body style=\"font-family: sans-serif\"><h1>{title}</h1><p>{text}</p></body></html>"
         ))
     };
+    if let Err(e) = crate::ruma_wrapper::check_uri(&request) {
+        return actix_web::ResponseError::error_response(&e);
+    }
     let query = web::Query::<SubmitToken>::from_query(request.query_string());
     let Ok(query) = query else {
         return page(
