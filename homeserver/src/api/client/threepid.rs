@@ -283,6 +283,7 @@ async fn add_3pid(
         user: Some(&user.user_id),
         flows: vec![vec![Stage::Password]],
         threepid_purpose: None,
+        client_ip: request.client_ip,
     };
     // Check the verification before asking for the password, so a bad session fails fast.
     let session =
