@@ -117,6 +117,9 @@ pub async fn authenticate(
         }
     };
 
+    // `auth` with only a session (the spec's acknowledgement after fallback auth, and how
+    // clients poll) runs no stage: it asks where the session stands.
+    let auth = auth.filter(|auth| !matches!(auth, AuthData::FallbackAcknowledgement(_)));
     // A password stage takes one failure from the account's and the IP's budgets before the
     // password is compared, and a right one gives it back: a stolen access token cannot be used
     // to guess the password, and a locked-out client gets 429, not another try.

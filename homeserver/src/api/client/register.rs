@@ -127,21 +127,25 @@ pub(super) fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
 
 /// POST /_matrix/client/v3/register
 ///
-/// The client IP's registration budget is charged once per attempt: when a request starts one
-/// (names no UIA session) and when one fails (a refused request or stage). Continuing a flow
-/// costs nothing, so people behind one NAT can each go through a verification flow of several
-/// round trips, while a flood of new or failed attempts is still limited.
+/// The client IP's registration budget counts attempts, not round trips: a request that starts
+/// one (names no UIA session), one refused outright (a taken name, a weak password), and one
+/// whose stage failed (a wrong registration token: guesses must cost). Continuing a flow costs
+/// nothing, and neither does a failed email or phone stage, which mostly means the code has not
+/// been entered yet (clients poll every few seconds meanwhile). So people behind one NAT can
+/// each go through a verification flow, while a flood of new or failed attempts is limited.
 async fn register(
     state: web::Data<AppState>,
     request: Ruma<register::v3::Request>,
 ) -> Result<register::v3::Response> {
     let ip = request.client_ip.to_string();
     state.limiter.peek(Action::Register, &ip)?;
-    let starts_attempt = request.body.auth.as_ref().and_then(AuthData::session).is_none();
+    let auth = request.body.auth.as_ref();
+    let starts_attempt = auth.and_then(AuthData::session).is_none();
+    let verifying = matches!(auth, Some(AuthData::EmailIdentity(_) | AuthData::Msisdn(_)));
     let outcome = register_account(&state, request).await;
     let failed = match &outcome {
         Ok(_) => false,
-        Err(Error::Uia(info)) => info.auth_error.is_some(),
+        Err(Error::Uia(info)) => info.auth_error.is_some() && !verifying,
         Err(_) => true,
     };
     if starts_attempt || failed {

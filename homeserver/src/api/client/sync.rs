@@ -96,11 +96,9 @@ async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Re
         // ruma takes a definition it cannot parse for an id: say what is wrong with it instead
         // of answering that no filter has that id.
         Some(Filter::FilterId(id)) if id.trim_start().starts_with('{') => {
-            let error = serde_json::from_str::<FilterDefinition>(id).err();
-            return Err(Error::bad_json(format!(
-                "filter is not a valid filter definition: {}",
-                error.map_or_else(|| "unreadable".to_owned(), |e| e.to_string())
-            )));
+            stored = serde_json::from_str::<FilterDefinition>(id)
+                .map_err(|e| Error::bad_json(format!("filter is not a valid filter definition: {e}")))?;
+            Some(&stored)
         }
         Some(Filter::FilterId(id)) => {
             stored = super::user_data::load_filter(state, user, id).await?;
