@@ -364,8 +364,21 @@ impl Default for RegistrationConfig {
             allowed_phone_countries: Vec::new(),
             min_password_length: 8,
             reserved_usernames: [
-                "admin", "administrator", "root", "postmaster", "hostmaster", "webmaster", "abuse",
-                "security", "support", "noc", "system", "hearth", "server", "moderator", "staff",
+                "admin",
+                "administrator",
+                "root",
+                "postmaster",
+                "hostmaster",
+                "webmaster",
+                "abuse",
+                "security",
+                "support",
+                "noc",
+                "system",
+                "hearth",
+                "server",
+                "moderator",
+                "staff",
             ]
             .map(str::to_owned)
             .to_vec(),

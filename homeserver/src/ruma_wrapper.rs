@@ -162,7 +162,8 @@ pub fn parse_json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T>
 /// Why NUL is refused everywhere: Postgres cannot hold it in `text` (the query fails, a 500)
 /// while SQLite stores it, and no identifier, key or name needs it. Refused at the door, every
 /// endpoint answers the same on both backends.
-const NUL_IN_BODY: &str = "the request body has a NUL character (\\u0000) in a string; strings may not contain it";
+const NUL_IN_BODY: &str =
+    "the request body has a NUL character (\\u0000) in a string; strings may not contain it";
 
 /// Checks a body is JSON with no NUL in any string or object key. Clients send JSON under any
 /// content type (or none), so the body itself decides; `M_NOT_JSON` for a syntax error,
@@ -233,7 +234,9 @@ impl<'de> serde::de::Visitor<'de> for NoNul {
 pub fn check_uri(req: &HttpRequest) -> Result<()> {
     let has_nul = |text: &str| percent_encoding::percent_decode_str(text).any(|byte| byte == 0);
     if has_nul(req.uri().path()) {
-        return Err(Error::invalid_param("the path has a NUL character (%00); identifiers may not contain it"));
+        return Err(Error::invalid_param(
+            "the path has a NUL character (%00); identifiers may not contain it",
+        ));
     }
     if req.uri().query().is_some_and(has_nul) {
         return Err(Error::invalid_param(

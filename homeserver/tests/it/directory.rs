@@ -17,7 +17,8 @@ async fn create_room(server: &TestServer, who: &Session, body: serde_json::Value
 }
 
 async fn join(server: &TestServer, who: &Session, room: &str) {
-    let (status, body) = server.post(&format!("/_matrix/client/v3/join/{}", enc(room)), Some(&who.token), json!({})).await;
+    let (status, body) =
+        server.post(&format!("/_matrix/client/v3/join/{}", enc(room)), Some(&who.token), json!({})).await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -31,16 +32,26 @@ async fn directory_as_alice(server: &TestServer) -> Vec<String> {
     let dave = server.register("pal_dave", PW).await;
     let erin = server.register("pal_erin", PW).await;
     let frank = server.register("pal_frank", PW).await;
-    let shared = create_room(server, &alice, json!({"preset": "private_chat", "invite": [bob.user_id, frank.user_id]})).await;
+    let shared = create_room(
+        server,
+        &alice,
+        json!({"preset": "private_chat", "invite": [bob.user_id, frank.user_id]}),
+    )
+    .await;
     join(server, &bob, &shared).await;
     join(server, &frank, &shared).await;
-    let (status, left) = server.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&shared)), Some(&frank.token), json!({})).await;
+    let (status, left) = server
+        .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&shared)), Some(&frank.token), json!({}))
+        .await;
     assert_eq!(status, 200, "{left}");
-    let private = create_room(server, &carol, json!({"preset": "private_chat", "invite": [dave.user_id]})).await;
+    let private =
+        create_room(server, &carol, json!({"preset": "private_chat", "invite": [dave.user_id]})).await;
     join(server, &dave, &private).await;
     create_room(server, &erin, json!({"preset": "public_chat"})).await;
 
-    let (status, found) = server.post("/_matrix/client/v3/user_directory/search", Some(&alice.token), json!({"search_term": "pal"})).await;
+    let (status, found) = server
+        .post("/_matrix/client/v3/user_directory/search", Some(&alice.token), json!({"search_term": "pal"}))
+        .await;
     assert_eq!(status, 200, "{found}");
     found["results"].as_array().unwrap().iter().map(|u| u["user_id"].as_str().unwrap().to_owned()).collect()
 }

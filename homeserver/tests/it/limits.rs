@@ -28,8 +28,14 @@ fn query(value: &str) -> String {
 /// Logs in from `ip` (the server trusts `X-Forwarded-For` in these tests).
 async fn login_from(server: &TestServer, ip: &str, user: &str, password: &str) -> (u16, Value) {
     let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password});
-    let response = server.http.post(format!("{}/_matrix/client/v3/login", server.base))
-        .header("X-Forwarded-For", ip).json(&body).send().await.unwrap();
+    let response = server
+        .http
+        .post(format!("{}/_matrix/client/v3/login", server.base))
+        .header("X-Forwarded-For", ip)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
 }
 

@@ -183,8 +183,7 @@ async fn register_account(
         return Err(Error::invalid_param("initial_device_display_name is too long"));
     }
 
-    let operation =
-        UiaRequest {
+    let operation = UiaRequest {
         operation: "register",
         user: None,
         flows,
