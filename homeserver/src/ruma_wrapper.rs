@@ -467,3 +467,27 @@ pub async fn unrecognized() -> HttpResponse {
         "unrecognized request",
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errcode(body: &str) -> Option<String> {
+        match check_json(body.as_bytes()) {
+            Ok(()) => None,
+            Err(Error::Matrix { kind, .. }) => Some(kind.errcode().to_string()),
+            Err(other) => Some(other.to_string()),
+        }
+    }
+
+    #[test]
+    fn nul_only_where_a_string_holds_one() {
+        assert_eq!(errcode(r#"{"a": ["x", {"b": "y"}], "n": -1.5, "t": true, "z": null}"#), None);
+        assert_eq!(errcode(r#"{"a": "\\u0000"}"#), None, "an escaped backslash, then u0000");
+        for body in [r#""\u0000""#, r#"{"a": "x\u0000"}"#, r#"{"k\u0000": 1}"#, r#"[[{"a": ["\u0000"]}]]"#] {
+            assert_eq!(errcode(body).as_deref(), Some("M_BAD_JSON"), "{body}");
+        }
+        assert_eq!(errcode("{\"a\": 1").as_deref(), Some("M_NOT_JSON"));
+        assert_eq!(errcode("\"a\0\"").as_deref(), Some("M_NOT_JSON"), "a raw NUL is no JSON at all");
+    }
+}
