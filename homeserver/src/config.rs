@@ -62,6 +62,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limits: RateLimitConfig,
     pub limits: LimitsConfig,
+    pub user_directory: UserDirectoryConfig,
     pub threepid: ThreepidConfig,
     pub email: EmailConfig,
     pub sms: SmsConfig,
@@ -128,6 +129,9 @@ pub struct RegistrationConfig {
     pub allowed_phone_countries: Vec<String>,
     /// Minimum password length for new passwords.
     pub min_password_length: u32,
+    /// Usernames nobody may register (`hearth create-user` still may): names people would
+    /// take for the operator's.
+    pub reserved_usernames: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,9 +238,10 @@ pub struct RateLimitConfig {
     pub login_per_second: f64,
     /// Login attempts a client IP may make in a burst.
     pub login_burst: u32,
-    /// Registration requests per second and client IP, sustained.
+    /// Registration attempts (completed or failed, not each step of their User-Interactive
+    /// Auth) and username checks per second and client IP, sustained.
     pub register_per_second: f64,
-    /// Registration requests a client IP may make in a burst.
+    /// Registration attempts a client IP may make in a burst.
     pub register_burst: u32,
     /// One-time codes sent to one address per second, sustained, and in a burst.
     pub code_per_address_per_second: f64,
@@ -244,6 +249,18 @@ pub struct RateLimitConfig {
     /// One-time codes one client IP may have sent per second, sustained, and in a burst.
     pub code_per_ip_per_second: f64,
     pub code_per_ip_burst: u32,
+    /// Wrong passwords (at login or in User-Interactive Auth) one account may receive, from any
+    /// IP, per second, sustained, and in a burst. Right passwords are not counted; while the
+    /// budget is empty even the right one is refused.
+    pub password_failures_per_account_per_second: f64,
+    pub password_failures_per_account_burst: u32,
+    /// Wrong passwords one client IP may send, per second, sustained, and in a burst.
+    pub password_failures_per_ip_per_second: f64,
+    pub password_failures_per_ip_burst: u32,
+    /// Room events (messages, state, redactions), typing and presence updates one user may
+    /// send per second, sustained, and in a burst.
+    pub events_per_second: f64,
+    pub events_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -260,6 +277,16 @@ pub struct LimitsConfig {
     /// their connections closed. 0: no limit. Not applied behind a trusted proxy
     /// (`listen.trust_x_forwarded_for`), where every connection comes from the proxy.
     pub connections_per_ip: usize,
+    /// Most `initial_state` events a `createRoom` request may carry.
+    pub max_initial_state: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserDirectoryConfig {
+    /// Search every active local user. Off: only users who share a room with the searcher or
+    /// are joined to a public room (Synapse's `search_all_users = false`).
+    pub search_all_users: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -311,6 +338,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limits: RateLimitConfig::default(),
             limits: LimitsConfig::default(),
+            user_directory: UserDirectoryConfig::default(),
             threepid: ThreepidConfig::default(),
             email: EmailConfig::default(),
             sms: SmsConfig::default(),
@@ -341,6 +369,25 @@ impl Default for RegistrationConfig {
             allowed_email_domains: Vec::new(),
             allowed_phone_countries: Vec::new(),
             min_password_length: 8,
+            reserved_usernames: [
+                "admin",
+                "administrator",
+                "root",
+                "postmaster",
+                "hostmaster",
+                "webmaster",
+                "abuse",
+                "security",
+                "support",
+                "noc",
+                "system",
+                "hearth",
+                "server",
+                "moderator",
+                "staff",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
         }
     }
 }
@@ -367,6 +414,12 @@ impl Default for RateLimitConfig {
             code_per_address_burst: 3,
             code_per_ip_per_second: 1.0 / 60.0,
             code_per_ip_burst: 10,
+            password_failures_per_account_per_second: 1.0 / 60.0,
+            password_failures_per_account_burst: 10,
+            password_failures_per_ip_per_second: 1.0 / 30.0,
+            password_failures_per_ip_burst: 20,
+            events_per_second: 5.0,
+            events_burst: 50,
         }
     }
 }
@@ -426,6 +479,7 @@ impl Default for LimitsConfig {
             recent_changes: 20_000,
             body_timeout_secs: 60,
             connections_per_ip: 256,
+            max_initial_state: 100,
         }
     }
 }
@@ -529,6 +583,9 @@ impl Config {
             rl.register_per_second,
             rl.code_per_address_per_second,
             rl.code_per_ip_per_second,
+            rl.password_failures_per_account_per_second,
+            rl.password_failures_per_ip_per_second,
+            rl.events_per_second,
         ]
         .iter()
         .any(|rate| *rate <= 0.0)
@@ -538,7 +595,17 @@ impl Config {
                 "rates must be greater than 0 (use enabled = false to turn limits off)",
             ));
         }
-        if [rl.login_burst, rl.register_burst, rl.code_per_address_burst, rl.code_per_ip_burst].contains(&0) {
+        if [
+            rl.login_burst,
+            rl.register_burst,
+            rl.code_per_address_burst,
+            rl.code_per_ip_burst,
+            rl.password_failures_per_account_burst,
+            rl.password_failures_per_ip_burst,
+            rl.events_burst,
+        ]
+        .contains(&0)
+        {
             return Err(invalid("rate_limits", "bursts must be at least 1"));
         }
         if self.limits.max_request_bytes < 1024 {

@@ -150,26 +150,112 @@ fn path_args(req: &HttpRequest) -> Result<Vec<String>> {
     Ok(args)
 }
 
-/// Refuses JSON Hearth could not serve back (see [`crate::json`]).
-fn check_json_shape(body: &[u8]) -> Result<()> {
+/// Parses a JSON body for the few endpoints outside ruma's types, with the same errors.
+pub fn parse_json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    check_json(body)?;
+    serde_json::from_slice(body).map_err(|e| {
+        let text = e.to_string();
+        if text.starts_with("missing field") { Error::missing_param(text) } else { Error::bad_json(text) }
+    })
+}
+
+/// Why NUL is refused everywhere: Postgres cannot hold it in `text` (the query fails, a 500)
+/// while SQLite stores it, and no identifier, key or name needs it. Refused at the door, every
+/// endpoint answers the same on both backends.
+const NUL_IN_BODY: &str =
+    "the request body has a NUL character (\\u0000) in a string; strings may not contain it";
+
+/// Checks a body is JSON that Hearth can store and serve back: nested no deeper than
+/// [`crate::json::MAX_JSON_DEPTH`], with no NUL in any string or object key. Clients send JSON
+/// under any content type (or none), so the body itself decides; `M_NOT_JSON` for a syntax
+/// error, `M_BAD_JSON` for the rest.
+fn check_json(body: &[u8]) -> Result<()> {
     if !crate::json::within_depth(body) {
+        // Too deep for the walk below (serde_json's recursion limit), and for what would serve
+        // it back. Garbage is still told apart: skipping a value does not recurse.
+        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+            return Err(Error::not_json("request body is not valid JSON"));
+        }
         return Err(Error::bad_json(format!(
             "JSON nested deeper than {} levels of arrays and objects",
             crate::json::MAX_JSON_DEPTH
         )));
     }
-    Ok(())
+    match serde_json::from_slice::<NoNul>(body) {
+        Ok(NoNul) => Ok(()),
+        Err(e) if e.is_data() => Err(Error::bad_json(NUL_IN_BODY)),
+        Err(_) => Err(Error::not_json("request body is not valid JSON")),
+    }
 }
 
-/// Parses a JSON body for the few endpoints outside ruma's types, with the same errors.
-pub fn parse_json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| Error::not_json("request body is not valid JSON"))?;
-    check_json_shape(body)?;
-    serde_json::from_value(value).map_err(|e| {
-        let text = e.to_string();
-        if text.starts_with("missing field") { Error::missing_param(text) } else { Error::bad_json(text) }
-    })
+/// Any JSON value whose strings and keys hold no NUL. Deserialising it walks the body once
+/// without allocating, and the JSON parser decodes escapes, so `"\\u0000"` (an escaped
+/// backslash, then `u0000`) is not taken for a NUL.
+struct NoNul;
+
+impl<'de> serde::Deserialize<'de> for NoNul {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NoNul)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoNul {
+    type Value = NoNul;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<NoNul, E> {
+        Ok(NoNul)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<NoNul, E> {
+        Ok(NoNul)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<NoNul, E> {
+        Ok(NoNul)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<NoNul, E> {
+        Ok(NoNul)
+    }
+
+    fn visit_unit<E>(self) -> Result<NoNul, E> {
+        Ok(NoNul)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<NoNul, E> {
+        if value.contains('\0') { Err(E::custom(NUL_IN_BODY)) } else { Ok(NoNul) }
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<NoNul, A::Error> {
+        while seq.next_element::<NoNul>()?.is_some() {}
+        Ok(NoNul)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NoNul, A::Error> {
+        while map.next_entry::<NoNul, NoNul>()?.is_some() {}
+        Ok(NoNul)
+    }
+}
+
+/// Refuses a NUL (`%00`) anywhere in the decoded path or query, for the reason given at
+/// [`NUL_IN_BODY`]; the access token, identifiers and search terms all travel there.
+pub fn check_uri(req: &HttpRequest) -> Result<()> {
+    let has_nul = |text: &str| percent_encoding::percent_decode_str(text).any(|byte| byte == 0);
+    if has_nul(req.uri().path()) {
+        return Err(Error::invalid_param(
+            "the path has a NUL character (%00); identifiers may not contain it",
+        ));
+    }
+    if req.uri().query().is_some_and(has_nul) {
+        return Err(Error::invalid_param(
+            "the query string has a NUL character (%00); parameters may not contain it",
+        ));
+    }
+    Ok(())
 }
 
 /// Converts an actix (http 0.2) request into the http 1.x request ruma parses.
@@ -223,6 +309,7 @@ where
                 .app_data::<web::Data<AppState>>()
                 .cloned()
                 .ok_or_else(|| Error::internal("no app state"))?;
+            check_uri(&req)?;
             let limit = state.config.limits.max_request_bytes;
             let declared = req
                 .headers()
@@ -247,11 +334,9 @@ where
                 })?
                 .map_err(|_| Error::too_large(limit))?
                 .map_err(|e| Error::bad_json(format!("could not read the request body: {e}")))?;
-            // Clients send JSON under any content type (or none), so the body itself decides.
-            if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-                return Err(Error::not_json("request body is not valid JSON"));
+            if !body.is_empty() {
+                check_json(&body)?;
             }
-            check_json_shape(&body)?;
 
             let token = access_token(&req)?;
             let client_ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
@@ -404,4 +489,28 @@ pub async fn unrecognized() -> HttpResponse {
         StatusCode::NOT_FOUND,
         "unrecognized request",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errcode(body: &str) -> Option<String> {
+        match check_json(body.as_bytes()) {
+            Ok(()) => None,
+            Err(Error::Matrix { kind, .. }) => Some(kind.errcode().to_string()),
+            Err(other) => Some(other.to_string()),
+        }
+    }
+
+    #[test]
+    fn nul_only_where_a_string_holds_one() {
+        assert_eq!(errcode(r#"{"a": ["x", {"b": "y"}], "n": -1.5, "t": true, "z": null}"#), None);
+        assert_eq!(errcode(r#"{"a": "\\u0000"}"#), None, "an escaped backslash, then u0000");
+        for body in [r#""\u0000""#, r#"{"a": "x\u0000"}"#, r#"{"k\u0000": 1}"#, r#"[[{"a": ["\u0000"]}]]"#] {
+            assert_eq!(errcode(body).as_deref(), Some("M_BAD_JSON"), "{body}");
+        }
+        assert_eq!(errcode("{\"a\": 1").as_deref(), Some("M_NOT_JSON"));
+        assert_eq!(errcode("\"a\0\"").as_deref(), Some("M_NOT_JSON"), "a raw NUL is no JSON at all");
+    }
 }

@@ -93,6 +93,18 @@ impl AppState {
                     Action::CodeToAddress,
                     rate(limits.code_per_address_per_second, limits.code_per_address_burst),
                 ),
+                (
+                    Action::PasswordFailure,
+                    rate(
+                        limits.password_failures_per_account_per_second,
+                        limits.password_failures_per_account_burst,
+                    ),
+                ),
+                (
+                    Action::PasswordFailureFromIp,
+                    rate(limits.password_failures_per_ip_per_second, limits.password_failures_per_ip_burst),
+                ),
+                (Action::RoomEvent, rate(limits.events_per_second, limits.events_burst)),
             ],
         );
         let email: Option<Arc<dyn EmailSender>> = match config.sends_email() {

@@ -10,7 +10,7 @@
 //! session (see [`crate::threepid`]) and remember its `sid`, so the endpoint can bind the proven
 //! address once the flow is complete.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use actix_web::http::StatusCode;
 use ruma::{
@@ -68,6 +68,8 @@ pub struct UiaRequest<'a> {
     /// What the email and phone stages must have verified their address for; `None` when the
     /// flows have no such stage.
     pub threepid_purpose: Option<Purpose>,
+    /// Where the request came from: wrong passwords are limited per IP as well as per account.
+    pub client_ip: IpAddr,
 }
 
 /// A completed flow.
@@ -115,10 +117,25 @@ pub async fn authenticate(
         }
     };
 
+    // `auth` with only a session (the spec's acknowledgement after fallback auth, and how
+    // clients poll) runs no stage: it asks where the session stands.
+    let auth = auth.filter(|auth| !matches!(auth, AuthData::FallbackAcknowledgement(_)));
+    // A password stage takes one failure from the account's and the IP's budgets before the
+    // password is compared, and a right one gives it back: a stolen access token cannot be used
+    // to guess the password, and a locked-out client gets 429, not another try.
+    let password_attempt = match (auth, request.user) {
+        (Some(AuthData::Password(_)), Some(user)) => {
+            Some(state.limiter.password_attempt(Some(user.as_str()), request.client_ip)?)
+        }
+        _ => None,
+    };
     let stage_error = match auth {
         None => None,
         Some(auth) => match run_stage(state, auth, &request).await {
             Ok((stage, sid)) => {
+                if let Some(attempt) = password_attempt {
+                    attempt.succeeded();
+                }
                 let name = stage.name();
                 if !session.completed.contains(&name) {
                     session.completed.push(name);

@@ -31,6 +31,21 @@ use crate::{
 /// Largest event a client may send (the spec's PDU limit).
 pub const MAX_EVENT_BYTES: usize = federation::pdu::MAX_PDU_BYTES;
 
+/// The spec's bound on an event's `type` and `state_key`, in bytes.
+pub const MAX_TYPE_OR_KEY_BYTES: usize = 255;
+
+/// Says what is wrong with an event type or state key longer than the spec allows (other
+/// servers would refuse the event).
+pub fn check_type_and_key(event_type: &str, state_key: Option<&str>) -> std::result::Result<(), String> {
+    if event_type.len() > MAX_TYPE_OR_KEY_BYTES {
+        return Err(format!("event type longer than {MAX_TYPE_OR_KEY_BYTES} bytes"));
+    }
+    if state_key.is_some_and(|key| key.len() > MAX_TYPE_OR_KEY_BYTES) {
+        return Err(format!("state key longer than {MAX_TYPE_OR_KEY_BYTES} bytes"));
+    }
+    Ok(())
+}
+
 /// What a local user wants to add to a room.
 #[derive(Debug, Clone)]
 pub struct Draft<'a> {
@@ -124,6 +139,8 @@ fn build(
 
 /// Appends an event to a room, returning it as stored.
 pub async fn append(state: &AppState, room_id: &RoomId, draft: Draft<'_>) -> Result<StoredEvent> {
+    // Both come from the request's path here; `createRoom` checks its body's before it starts.
+    check_type_and_key(draft.event_type, draft.state_key).map_err(Error::invalid_param)?;
     if draft.content.get().len() > MAX_EVENT_BYTES {
         return Err(Error::new(
             StatusCode::PAYLOAD_TOO_LARGE,

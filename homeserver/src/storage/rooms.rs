@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use ruma::{OwnedEventId, RoomId, UserId};
 use sqlx::{Row, any::AnyRow};
 
-use super::{ImmutableCache, SqlStore, StoreError, StoreResult, now_ms, stream::StreamWriter};
+use super::{Backend, ImmutableCache, SqlStore, StoreError, StoreResult, now_ms, stream::StreamWriter};
 
 /// `(event_type, state_key)` → event id.
 pub type StateMap = BTreeMap<(String, String), String>;
@@ -127,10 +127,13 @@ pub trait RoomStore: Send + Sync {
     async fn delete_alias(&self, alias: &str) -> StoreResult<bool>;
     async fn room_aliases(&self, room_id: &RoomId) -> StoreResult<Vec<String>>;
     async fn room_is_public(&self, room_id: &RoomId) -> StoreResult<bool>;
-    /// Users whose id or display name contains `term` (lower-cased), at most `limit`.
+    /// Active users whose id or display name contains `term` (lower-cased), at most `limit`.
+    /// With `visible_to`, only those joined to a room that user is joined to or to a public room
+    /// (join rule `public`); without it, every active user.
     async fn search_users(
         &self,
         term: &str,
+        visible_to: Option<&UserId>,
         limit: i64,
     ) -> StoreResult<Vec<(String, Option<String>, Option<String>)>>;
     /// Rooms with new events or receipts in `(after, upto]`, so `/sync` can skip the others.
@@ -671,23 +674,39 @@ impl RoomStore for SqlStore {
     async fn search_users(
         &self,
         term: &str,
+        visible_to: Option<&UserId>,
         limit: i64,
     ) -> StoreResult<Vec<(String, Option<String>, Option<String>)>> {
         // LIKE wildcards in the term are escaped so they match literally.
         let escaped = term.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
         let pattern = format!("%{escaped}%");
-        sqlx::query(
+        // The join rule is read from the current `m.room.join_rules` event's JSON (as `json`, not
+        // `jsonb`, which refuses the `\u0000` escapes older events may hold).
+        let public = match self.backend {
+            Backend::Postgres => "(e.json::json -> 'content' ->> 'join_rule') = 'public'",
+            Backend::Sqlite => "json_extract(e.json, '$.content.join_rule') = 'public'",
+        };
+        // `$3` empty: every active user. Otherwise a user is visible when joined to a room the
+        // searcher is joined to, or to a public room; left, invited and banned members are not.
+        let sql = sqlx::AssertSqlSafe(format!(
             "SELECT u.user_id, p.displayname, p.avatar_url FROM users u LEFT JOIN profiles p ON p.user_id = u.user_id
              WHERE u.deactivated = 0
                AND (LOWER(u.user_id) LIKE $1 ESCAPE '\\' OR LOWER(COALESCE(p.displayname, '')) LIKE $1 ESCAPE '\\')
-             ORDER BY u.user_id LIMIT $2",
-        )
-        .bind(pattern)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("user_id")?, r.try_get("displayname")?, r.try_get("avatar_url")?)))
-        .collect()
+               AND ($3 = '' OR EXISTS (
+                 SELECT 1 FROM memberships m WHERE m.user_id = u.user_id AND m.membership = 'join'
+                   AND (m.room_id IN (SELECT room_id FROM memberships WHERE user_id = $3 AND membership = 'join')
+                     OR m.room_id IN (SELECT cs.room_id FROM current_state cs JOIN events e ON e.event_id = cs.event_id
+                                      WHERE cs.event_type = 'm.room.join_rules' AND cs.state_key = '' AND {public}))))
+             ORDER BY u.user_id LIMIT $2"
+        ));
+        sqlx::query(sql)
+            .bind(pattern)
+            .bind(limit)
+            .bind(visible_to.map_or("", |u| u.as_str()))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("user_id")?, r.try_get("displayname")?, r.try_get("avatar_url")?)))
+            .collect()
     }
 }

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::common::{Db, TestServer, assert_error};
+use crate::common::{Db, Session, TestServer, assert_error};
 
 const PW: &str = "correct horse battery";
 
@@ -10,7 +10,64 @@ fn enc(s: &str) -> String {
     s.replace('!', "%21").replace(':', "%3A").replace('#', "%23").replace('@', "%40")
 }
 
+async fn create_room(server: &TestServer, who: &Session, body: serde_json::Value) -> String {
+    let (status, created) = server.post("/_matrix/client/v3/createRoom", Some(&who.token), body).await;
+    assert_eq!(status, 200, "{created}");
+    created["room_id"].as_str().unwrap().to_owned()
+}
+
+async fn join(server: &TestServer, who: &Session, room: &str) {
+    let (status, body) =
+        server.post(&format!("/_matrix/client/v3/join/{}", enc(room)), Some(&who.token), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Alice's neighbourhood: bob shares a private room with her, carol and dave share one without
+/// her, erin sits in a public room, frank left the room he shared with her. Returns the ids
+/// a search for "pal" finds as alice.
+async fn directory_as_alice(server: &TestServer) -> Vec<String> {
+    let alice = server.register("alice", PW).await;
+    let bob = server.register("pal_bob", PW).await;
+    let carol = server.register("pal_carol", PW).await;
+    let dave = server.register("pal_dave", PW).await;
+    let erin = server.register("pal_erin", PW).await;
+    let frank = server.register("pal_frank", PW).await;
+    let shared = create_room(
+        server,
+        &alice,
+        json!({"preset": "private_chat", "invite": [bob.user_id, frank.user_id]}),
+    )
+    .await;
+    join(server, &bob, &shared).await;
+    join(server, &frank, &shared).await;
+    let (status, left) = server
+        .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&shared)), Some(&frank.token), json!({}))
+        .await;
+    assert_eq!(status, 200, "{left}");
+    let private =
+        create_room(server, &carol, json!({"preset": "private_chat", "invite": [dave.user_id]})).await;
+    join(server, &dave, &private).await;
+    create_room(server, &erin, json!({"preset": "public_chat"})).await;
+
+    let (status, found) = server
+        .post("/_matrix/client/v3/user_directory/search", Some(&alice.token), json!({"search_term": "pal"}))
+        .await;
+    assert_eq!(status, 200, "{found}");
+    found["results"].as_array().unwrap().iter().map(|u| u["user_id"].as_str().unwrap().to_owned()).collect()
+}
+
 crate::on_both_backends! {
+    async fn user_directory_finds_only_people_one_can_meet(db: Db) {
+        let server = TestServer::start(db).await;
+        assert_eq!(directory_as_alice(&server).await, ["@pal_bob:localhost", "@pal_erin:localhost"],
+            "a shared room or a public room: not carol and dave's private room, not frank who left");
+        server.stop().await;
+
+        let open = TestServer::start_with(db, |c| c.user_directory.search_all_users = true).await;
+        assert_eq!(directory_as_alice(&open).await.len(), 5, "search_all_users finds everyone");
+        open.stop().await;
+    }
+
     async fn aliases_and_public_rooms(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;
@@ -68,6 +125,8 @@ crate::on_both_backends! {
         }).await;
         let alice = server.register("alice", PW).await;
         let bob = server.register("bobby_tables", PW).await;
+        let room = create_room(&server, &alice, json!({"invite": [bob.user_id]})).await;
+        join(&server, &bob, &room).await;
         let name = format!("/_matrix/client/v3/profile/{}/displayname", enc(&bob.user_id));
         assert_eq!(server.request("PUT", &name, Some(&bob.token), Some(json!({"displayname": "Robert"}))).await.0, 200);
         let search = |term: &str| server.post("/_matrix/client/v3/user_directory/search", Some(&alice.token), json!({"search_term": term}));

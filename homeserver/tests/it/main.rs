@@ -13,6 +13,7 @@ mod e2ee;
 mod errors;
 mod hardening;
 mod interop;
+mod limits;
 mod providers;
 mod rooms;
 mod storage;

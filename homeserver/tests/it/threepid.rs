@@ -406,6 +406,35 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    /// Three people behind one office NAT register with email under the default limits: the
+    /// registration budget counts attempts, not the round trips of each one's flow (the client
+    /// polls while its user reads the mail).
+    async fn one_office_registers_with_email(db: Db) {
+        let world = World::start(db, |config| {
+            config.rate_limits.enabled = true;
+            config.registration.require = RequiredThreepid::Email;
+        }).await;
+        for (n, name) in ["ann", "ben", "cat"].into_iter().enumerate() {
+            let (status, challenge) = world.server.post("/_matrix/client/v3/register", None, json!({"username": name, "password": PW})).await;
+            assert_eq!(status, 401, "{challenge}");
+            let session = challenge["session"].as_str().unwrap();
+            let secret = format!("secret-{name}");
+            let (status, body) = world.email_code("register", &format!("{name}@example.org"), &secret, 1).await;
+            assert_eq!(status, 200, "{body}");
+            let sid = body["sid"].as_str().unwrap();
+            for _ in 0..3 {
+                let early = world.register_with(name, creds("m.login.email.identity", sid, &secret, Some(session))).await;
+                assert_eq!((early.0, early.1["errcode"].as_str()), (401, Some("M_THREEPID_AUTH_FAILED")), "{}", early.1);
+            }
+            let code = world.emailed_code(n + 1).await;
+            let (status, result) = world.submit(body["submit_url"].as_str().unwrap(), sid, &secret, &code).await;
+            assert_eq!(status, 200, "{result}");
+            let (status, done) = world.register_with(name, creds("m.login.email.identity", sid, &secret, Some(session))).await;
+            assert_eq!(status, 200, "{name}: {done}");
+        }
+        world.stop().await;
+    }
+
     async fn floods_are_limited(db: Db) {
         let world = World::start(db, |config| {
             config.rate_limits.enabled = true;

@@ -62,6 +62,7 @@ async fn change_password(
                 user: Some(&user.user_id),
                 flows,
                 threepid_purpose: None,
+                client_ip: request.client_ip,
             };
             uia::authenticate(&state, body.auth.as_ref(), operation).await?;
             (user.user_id.clone(), Some(user.device_id.clone()))
@@ -76,6 +77,7 @@ async fn change_password(
                 user: None,
                 flows,
                 threepid_purpose: Some(Purpose::Reset),
+                client_ip: request.client_ip,
             };
             let done = uia::authenticate(&state, body.auth.as_ref(), operation).await?;
             let sid =
@@ -129,6 +131,7 @@ async fn deactivate(
         user: Some(&user.user_id),
         flows: vec![vec![Stage::Password]],
         threepid_purpose: None,
+        client_ip: request.client_ip,
     };
     uia::authenticate(&state, request.body.auth.as_ref(), operation).await?;
     remove_devices(&state, &user.user_id, Removal::AllBut(None)).await?;

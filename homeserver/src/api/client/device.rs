@@ -116,6 +116,7 @@ async fn authorize_deletion(
     user: &AuthedUser,
     devices: &[OwnedDeviceId],
     auth: Option<&ruma::api::client::uiaa::AuthData>,
+    client_ip: std::net::IpAddr,
 ) -> Result<()> {
     // The operation names the devices, so a session approved for one set cannot delete another.
     let mut names: Vec<&str> = devices.iter().map(|d| d.as_str()).collect();
@@ -129,6 +130,7 @@ async fn authorize_deletion(
             user: Some(&user.user_id),
             flows: vec![vec![Stage::Password]],
             threepid_purpose: None,
+            client_ip,
         },
     )
     .await
@@ -146,7 +148,7 @@ async fn delete_device(
         return Err(Error::not_found("no such device"));
     }
     let devices = [body.device_id];
-    authorize_deletion(&state, user, &devices, body.auth.as_ref()).await?;
+    authorize_deletion(&state, user, &devices, body.auth.as_ref(), request.client_ip).await?;
     remove_devices(&state, &user.user_id, Removal::These(&devices)).await?;
     Ok(delete_device::v3::Response::new())
 }
@@ -161,7 +163,7 @@ async fn delete_devices(
     if body.devices.len() > MAX_DELETE {
         return Err(Error::invalid_param(format!("at most {MAX_DELETE} devices per request")));
     }
-    authorize_deletion(&state, user, &body.devices, body.auth.as_ref()).await?;
+    authorize_deletion(&state, user, &body.devices, body.auth.as_ref(), request.client_ip).await?;
     remove_devices(&state, &user.user_id, Removal::These(&body.devices)).await?;
     Ok(delete_devices::v3::Response::new())
 }

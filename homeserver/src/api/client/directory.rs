@@ -285,7 +285,11 @@ async fn search_users(
         return Err(Error::invalid_param("search_term must be 1 to 256 bytes"));
     }
     let limit = usize::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(1, 50);
-    let found = state.store.search_users(&term, (limit + 1) as i64).await?;
+    // As Synapse by default: only people the searcher could meet anyway (a shared room or a
+    // public one), unless the operator opens the whole directory.
+    let visible_to =
+        (!state.config.user_directory.search_all_users).then_some(request.sender.user_id.as_ref());
+    let found = state.store.search_users(&term, visible_to, (limit + 1) as i64).await?;
     let limited = found.len() > limit;
     let results = found
         .into_iter()

@@ -15,6 +15,7 @@ use ruma::{
 };
 
 use crate::{
+    auth::ratelimit::Action,
     error::{Error, Result},
     notifier::Update,
     rooms,
@@ -139,6 +140,7 @@ async fn typing(
     if *user != body.user_id {
         return Err(Error::forbidden("you can only say that you are typing"));
     }
+    state.limiter.check(Action::RoomEvent, user.as_str())?;
     rooms::require_joined(&state, &body.room_id, user).await?;
     let timeout = match body.state {
         Typing::Yes(ref typing) => Some(typing.timeout),
@@ -158,6 +160,17 @@ async fn typing(
     Ok(create_typing_event::v3::Response::new())
 }
 
+/// Refuses a presence the spec does not define: ruma parses any string (a custom state), and
+/// other clients would be shown what they cannot understand.
+pub(super) fn check_presence(presence: &PresenceState) -> Result<()> {
+    match presence {
+        PresenceState::Online | PresenceState::Offline | PresenceState::Unavailable => Ok(()),
+        other => Err(Error::invalid_param(format!(
+            "presence `{other}` is not one of online, offline, unavailable"
+        ))),
+    }
+}
+
 /// PUT /_matrix/client/v3/presence/{userId}/status
 async fn set_presence(
     state: web::Data<AppState>,
@@ -167,6 +180,8 @@ async fn set_presence(
     if request.sender.user_id != body.user_id {
         return Err(Error::forbidden("you can only set your own presence"));
     }
+    check_presence(&body.presence)?;
+    state.limiter.check(Action::RoomEvent, body.user_id.as_str())?;
     if body.status_msg.as_ref().is_some_and(|m| m.len() > 1024) {
         return Err(Error::invalid_param("status_msg longer than 1024 bytes"));
     }

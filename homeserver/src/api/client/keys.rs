@@ -357,6 +357,7 @@ async fn upload_signing_keys(
             user: Some(user),
             flows: vec![vec![Stage::Password]],
             threepid_purpose: None,
+            client_ip: request.client_ip,
         };
         uia::authenticate(&state, body.auth.as_ref(), operation).await?;
     }

@@ -4,9 +4,12 @@
 use actix_web::{http::StatusCode, web};
 use ruma::{
     OwnedUserId, UserId,
-    api::client::account::{
-        check_registration_token_validity, get_username_availability,
-        register::{self, RegistrationKind},
+    api::client::{
+        account::{
+            check_registration_token_validity, get_username_availability,
+            register::{self, RegistrationKind},
+        },
+        uiaa::AuthData,
     },
 };
 
@@ -54,6 +57,18 @@ fn parse_username(state: &AppState, username: &str) -> Result<OwnedUserId> {
     user_id.validate_strict().map_err(|_| {
         invalid_username("usernames may contain only lower-case letters a-z, digits 0-9 and . _ = - / +")
     })?;
+    let localpart = user_id.localpart();
+    if state.config.registration.reserved_usernames.iter().any(|r| r.eq_ignore_ascii_case(localpart)) {
+        // M_EXCLUSIVE, as Synapse answers for the ids it keeps for itself (its server-notices
+        // user, application services' namespaces), and as the spec lists for `/register` and
+        // `/register/available`: the name is well formed, just not for the taking.
+        // M_INVALID_USERNAME would tell the client to fix its syntax.
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::Exclusive,
+            format!("the username `{localpart}` is reserved on this server"),
+        ));
+    }
     Ok(user_id)
 }
 
@@ -111,11 +126,38 @@ pub(super) fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
 }
 
 /// POST /_matrix/client/v3/register
+///
+/// The client IP's registration budget counts attempts, not round trips: a request that starts
+/// one (names no UIA session), one refused outright (a taken name, a weak password), and one
+/// whose stage failed (a wrong registration token: guesses must cost). Continuing a flow costs
+/// nothing, and neither does a failed email or phone stage, which mostly means the code has not
+/// been entered yet (clients poll every few seconds meanwhile). So people behind one NAT can
+/// each go through a verification flow, while a flood of new or failed attempts is limited.
 async fn register(
     state: web::Data<AppState>,
     request: Ruma<register::v3::Request>,
 ) -> Result<register::v3::Response> {
-    state.limiter.check_ip(Action::Register, request.client_ip)?;
+    let ip = request.client_ip.to_string();
+    state.limiter.peek(Action::Register, &ip)?;
+    let auth = request.body.auth.as_ref();
+    let starts_attempt = auth.and_then(AuthData::session).is_none();
+    let verifying = matches!(auth, Some(AuthData::EmailIdentity(_) | AuthData::Msisdn(_)));
+    let outcome = register_account(&state, request).await;
+    let failed = match &outcome {
+        Ok(_) => false,
+        Err(Error::Uia(info)) => info.auth_error.is_some() && !verifying,
+        Err(_) => true,
+    };
+    if starts_attempt || failed {
+        state.limiter.charge(Action::Register, &ip);
+    }
+    outcome
+}
+
+async fn register_account(
+    state: &AppState,
+    request: Ruma<register::v3::Request>,
+) -> Result<register::v3::Response> {
     let body = request.body;
     if body.kind == RegistrationKind::Guest {
         return Err(Error::new(
@@ -124,16 +166,16 @@ async fn register(
             "guest access is disabled",
         ));
     }
-    let flows = registration_flows(&state)?;
+    let flows = registration_flows(state)?;
     // Check what can be checked before the client goes through UIA.
-    let requested = body.username.as_deref().map(|u| parse_username(&state, u)).transpose()?;
+    let requested = body.username.as_deref().map(|u| parse_username(state, u)).transpose()?;
     if let Some(user_id) = &requested
         && state.store.get_user(user_id).await?.is_some()
     {
         return Err(user_in_use());
     }
     if let Some(password) = &body.password {
-        check_new_password(&state, password)?;
+        check_new_password(state, password)?;
     }
     if let Some(name) = &body.initial_device_display_name
         && name.chars().count() > super::device::MAX_DISPLAY_NAME
@@ -141,9 +183,14 @@ async fn register(
         return Err(Error::invalid_param("initial_device_display_name is too long"));
     }
 
-    let operation =
-        UiaRequest { operation: "register", user: None, flows, threepid_purpose: Some(Purpose::Register) };
-    let done = uia::authenticate(&state, body.auth.as_ref(), operation).await?;
+    let operation = UiaRequest {
+        operation: "register",
+        user: None,
+        flows,
+        threepid_purpose: Some(Purpose::Register),
+        client_ip: request.client_ip,
+    };
+    let done = uia::authenticate(state, body.auth.as_ref(), operation).await?;
     // The addresses the flow proved must still be free when the account is made.
     let mut proven = Vec::new();
     for sid in &done.threepid_sids {
@@ -189,7 +236,7 @@ async fn register(
     let mut response = register::v3::Response::new(user_id.clone());
     if !body.inhibit_login {
         let (device_id, tokens) = auth::log_in(
-            &state,
+            state,
             &user_id,
             body.device_id,
             body.initial_device_display_name.as_deref(),

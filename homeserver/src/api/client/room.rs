@@ -24,7 +24,7 @@ use ruma::{
 use serde_json::{Map, Value, json, value::to_raw_value};
 
 use crate::{
-    auth::tokens,
+    auth::{ratelimit::Action, tokens},
     error::{Error, ErrorKind, Result},
     rooms::{
         self, Draft,
@@ -130,6 +130,33 @@ async fn create_room(
             return Err(Error::invalid_param("you cannot invite yourself"));
         }
     }
+    // Checked before anything is written, so a refused request leaves no half-made room; the
+    // count is bounded because each entry is an event signed and stored one by one.
+    let max_initial_state = state.config.limits.max_initial_state;
+    if body.initial_state.len() > max_initial_state {
+        return Err(Error::invalid_param(format!(
+            "initial_state has {} events; at most {max_initial_state} are allowed",
+            body.initial_state.len()
+        )));
+    }
+    let mut initial_state = Vec::with_capacity(body.initial_state.len());
+    for event in &body.initial_state {
+        let event: Map<String, Value> = serde_json::from_str(event.json().get())
+            .map_err(|_| Error::bad_json("initial_state entries must be objects"))?;
+        let event_type = event
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::bad_json("initial_state entry without type"))?
+            .to_owned();
+        if matches!(event_type.as_str(), "m.room.create" | "m.room.member" | "m.room.power_levels") {
+            return Err(Error::bad_json(format!("initial_state may not set {event_type}")));
+        }
+        let key = event.get("state_key").and_then(Value::as_str).unwrap_or_default().to_owned();
+        rooms::check_type_and_key(&event_type, Some(&key))
+            .map_err(|why| Error::bad_json(format!("initial_state: {why}")))?;
+        let content = event.get("content").cloned().unwrap_or_else(|| json!({}));
+        initial_state.push((event_type, key, content));
+    }
     let mut creation = match &body.creation_content {
         Some(raw) => serde_json::from_str::<Map<String, Value>>(raw.json().get())
             .map_err(|_| Error::bad_json("creation_content must be an object"))?,
@@ -199,20 +226,9 @@ async fn create_room(
     if preset != RoomPreset::PublicChat {
         initial.push(("m.room.guest_access".into(), String::new(), json!({"guest_access": "can_join"})));
     }
-    for event in &body.initial_state {
-        let event: Map<String, Value> = serde_json::from_str(event.json().get())
-            .map_err(|_| Error::bad_json("initial_state entries must be objects"))?;
-        let event_type = event
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::bad_json("initial_state entry without type"))?;
-        if matches!(event_type, "m.room.create" | "m.room.member" | "m.room.power_levels") {
-            return Err(Error::bad_json(format!("initial_state may not set {event_type}")));
-        }
-        let key = event.get("state_key").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let content = event.get("content").cloned().unwrap_or_else(|| json!({}));
-        initial.retain(|(t, k, _)| !(t == event_type && *k == key));
-        initial.push((event_type.to_owned(), key, content));
+    for (event_type, key, content) in initial_state {
+        initial.retain(|(t, k, _)| !(*t == event_type && *k == key));
+        initial.push((event_type, key, content));
     }
     if let Some(name) = &body.name {
         initial.push(("m.room.name".into(), String::new(), json!({"name": name})));
@@ -487,6 +503,7 @@ async fn send_message(
 ) -> Result<send_message_event::v3::Response> {
     let user = &request.sender;
     let body = &request.body;
+    state.limiter.check(Action::RoomEvent, user.user_id.as_str())?;
     // A retried transaction is recognised inside the append (see `rooms::append`).
     let event_type = body.event_type.to_string();
     if event_type == "m.room.redaction" {
@@ -514,6 +531,7 @@ async fn send_state(
     request: Ruma<send_state_event::v3::Request>,
 ) -> Result<send_state_event::v3::Response> {
     let body = &request.body;
+    state.limiter.check(Action::RoomEvent, request.sender.user_id.as_str())?;
     let event_type = body.event_type.to_string();
     if matches!(event_type.as_str(), "m.room.create" | "m.room.member") {
         return Err(Error::forbidden(format!("{event_type} cannot be set through the state endpoint")));
@@ -676,6 +694,7 @@ async fn redact(
 ) -> Result<redact_event::v3::Response> {
     let user = &request.sender;
     let body = &request.body;
+    state.limiter.check(Action::RoomEvent, user.user_id.as_str())?;
     if let Some(event_id) =
         state.store.event_by_txn(&user.user_id, user.device_id.as_str(), body.txn_id.as_str()).await?
     {

@@ -1,5 +1,7 @@
 //! Sessions: `login`, `logout`, `logout/all`, `refresh`.
 
+use std::net::IpAddr;
+
 use actix_web::{http::StatusCode, web};
 use ruma::{
     OwnedUserId, UserId,
@@ -95,7 +97,7 @@ async fn user_from_identifier(state: &AppState, identifier: &UserIdentifier) -> 
 }
 
 /// Proves who is logging in, by whichever login type they used.
-async fn authenticate_login(state: &AppState, info: &LoginInfo) -> Result<UserRecord> {
+async fn authenticate_login(state: &AppState, info: &LoginInfo, client_ip: IpAddr) -> Result<UserRecord> {
     let user_id = match info {
         LoginInfo::Password(info) => {
             #[allow(deprecated)] // `user` is the pre-r0.4 form some clients still send.
@@ -109,7 +111,13 @@ async fn authenticate_login(state: &AppState, info: &LoginInfo) -> Result<UserRe
                 None => None,
             };
             let hash = record.as_ref().and_then(|r| r.password_hash.as_deref());
+            // Wrong passwords are limited per account from any IP (the per-IP login limit alone
+            // lets a botnet guess on), and per IP; right ones are not counted.
+            let attempt = state.limiter.password_attempt(user_id.as_ref().map(|u| u.as_str()), client_ip)?;
             let valid = password::verify(&info.password, hash).await?;
+            if valid {
+                attempt.succeeded();
+            }
             return match record {
                 Some(record) if valid => Ok(record),
                 Some(record) if record.deactivated => Err(deactivated()),
@@ -175,7 +183,7 @@ async fn login(state: web::Data<AppState>, request: Ruma<login::v3::Request>) ->
     {
         return Err(Error::invalid_param(format!("display name longer than {MAX_DISPLAY_NAME} characters")));
     }
-    let record = authenticate_login(&state, &body.login_info).await?;
+    let record = authenticate_login(&state, &body.login_info, request.client_ip).await?;
     let (device_id, tokens) = auth::log_in(
         &state,
         &record.user_id,

@@ -11,7 +11,7 @@ use actix_web::web;
 use ruma::{
     DeviceId, OwnedRoomId, RoomId, UInt, UserId,
     api::client::{
-        filter::RoomEventFilter,
+        filter::{FilterDefinition, RoomEventFilter},
         sync::sync_events::{
             self,
             v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
@@ -94,6 +94,13 @@ async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Re
     let stored;
     let definition = match filter {
         Some(Filter::FilterDefinition(definition)) => Some(definition),
+        // ruma takes a definition it cannot parse for an id: say what is wrong with it instead
+        // of answering that no filter has that id.
+        Some(Filter::FilterId(id)) if id.trim_start().starts_with('{') => {
+            stored = serde_json::from_str::<FilterDefinition>(id)
+                .map_err(|e| Error::bad_json(format!("filter is not a valid filter definition: {e}")))?;
+            Some(&stored)
+        }
         Some(Filter::FilterId(id)) => {
             stored = super::user_data::load_filter(state, user, id).await?;
             Some(&stored)
@@ -132,6 +139,7 @@ async fn sync(
         .flatten()
         .map(|sealed| state.cursors.open(user, device, &sealed).map(str::to_owned))
         .transpose()?;
+    super::ephemeral::check_presence(&body.set_presence)?;
     // `set_presence` updates the user's presence, but only when it changes: a sync that wrote on
     // every call would wake every other sync in turn.
     let wanted = body.set_presence.as_str();

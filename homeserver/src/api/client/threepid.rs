@@ -173,6 +173,9 @@ async fn submit_token_link(state: web::Data<AppState>, request: HttpRequest) -> 
              <body style=\"font-family: sans-serif\"><h1>{title}</h1><p>{text}</p></body></html>"
         ))
     };
+    if let Err(e) = crate::ruma_wrapper::check_uri(&request) {
+        return actix_web::ResponseError::error_response(&e);
+    }
     let query = web::Query::<SubmitToken>::from_query(request.query_string());
     let Ok(query) = query else {
         return page(
@@ -280,6 +283,7 @@ async fn add_3pid(
         user: Some(&user.user_id),
         flows: vec![vec![Stage::Password]],
         threepid_purpose: None,
+        client_ip: request.client_ip,
     };
     // Check the verification before asking for the password, so a bad session fails fast.
     let session =

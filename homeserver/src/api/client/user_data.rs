@@ -135,7 +135,9 @@ async fn create_filter(
 
 /// A stored filter by id.
 pub(super) async fn load_filter(state: &AppState, user: &UserId, id: &str) -> Result<FilterDefinition> {
-    let id: i64 = id.parse().map_err(|_| Error::not_found("no such filter"))?;
+    let id: i64 = id.parse().map_err(|_| {
+        Error::invalid_param("filter must be a filter id (digits, as POST /filter returned) or a JSON filter")
+    })?;
     let text = state.store.filter(user, id).await?.ok_or_else(|| Error::not_found("no such filter"))?;
     serde_json::from_str(&text).map_err(Error::internal)
 }
