@@ -107,6 +107,11 @@ impl AppState {
                 (Action::RoomEvent, rate(limits.events_per_second, limits.events_burst)),
             ],
         );
+        // With Redis, every worker spends from the same buckets.
+        let limiter = match config.redis.url.is_empty() {
+            true => limiter,
+            false => limiter.shared_through(&config.redis.url, &config.redis.key_prefix)?,
+        };
         let email: Option<Arc<dyn EmailSender>> = match config.sends_email() {
             true => Some(Arc::new(SmtpSender::new(&config.email)?)),
             false => None,

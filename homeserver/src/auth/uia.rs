@@ -125,7 +125,7 @@ pub async fn authenticate(
     // to guess the password, and a locked-out client gets 429, not another try.
     let password_attempt = match (auth, request.user) {
         (Some(AuthData::Password(_)), Some(user)) => {
-            Some(state.limiter.password_attempt(Some(user.as_str()), request.client_ip)?)
+            Some(state.limiter.password_attempt(Some(user.as_str()), request.client_ip).await?)
         }
         _ => None,
     };
@@ -134,7 +134,7 @@ pub async fn authenticate(
         Some(auth) => match run_stage(state, auth, &request).await {
             Ok((stage, sid)) => {
                 if let Some(attempt) = password_attempt {
-                    attempt.succeeded();
+                    attempt.succeeded().await;
                 }
                 let name = stage.name();
                 if !session.completed.contains(&name) {

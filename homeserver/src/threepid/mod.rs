@@ -232,8 +232,8 @@ pub async fn request_code(state: &AppState, request: CodeRequest<'_>) -> Result<
     }
 
     // Only a real send costs from the budgets.
-    state.limiter.check(Action::CodeToAddress, &format!("{medium}:{}", request.address))?;
-    state.limiter.check(Action::CodeFromIp, &request.client_ip.to_string())?;
+    state.limiter.check(Action::CodeToAddress, &format!("{medium}:{}", request.address)).await?;
+    state.limiter.check(Action::CodeFromIp, &request.client_ip.to_string()).await?;
     if state.code_sweep_due() {
         state.store.delete_stale_threepid_sessions(now).await?;
     }

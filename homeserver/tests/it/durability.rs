@@ -24,14 +24,14 @@ const PW: &str = "correct horse battery";
 const ENVELOPES: usize = 120;
 
 /// A `redis-server` that writes every command to its append-only file before answering.
-struct RedisProcess {
+pub(crate) struct RedisProcess {
     child: Child,
     port: u16,
     dir: PathBuf,
 }
 
 impl RedisProcess {
-    async fn start(dir: PathBuf, port: u16) -> Self {
+    pub(crate) async fn start(dir: PathBuf, port: u16) -> Self {
         std::fs::create_dir_all(&dir).expect("redis dir");
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
@@ -57,11 +57,11 @@ impl RedisProcess {
         panic!("redis-server did not start on port {port}");
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    async fn kill9(mut self) -> (PathBuf, u16) {
+    pub(crate) async fn kill9(mut self) -> (PathBuf, u16) {
         let _ = self.child.kill().await;
         (self.dir, self.port)
     }
@@ -154,8 +154,7 @@ crate::on_both_backends! {
             }
         }
 
-        // Alice's device receives each envelope exactly once. A writer killed mid-write holds
-        // readers back until it is presumed dead (storage::stream::WRITER_TIMEOUT_MS).
+        // Alice's device receives each envelope exactly once.
         let mut received: Vec<i64> = Vec::new();
         let mut since = since;
         let deadline = Instant::now() + Duration::from_secs(90);

@@ -385,3 +385,24 @@ async fn answer(stream: &mut tokio::net::TcpStream) -> String {
         .unwrap();
     String::from_utf8_lossy(&buffer[..read]).lines().next().unwrap_or_default().to_owned()
 }
+
+/// With Redis, a limit holds for the deployment: two workers spend from the same buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_shared_by_the_workers_of_a_deployment() {
+    let first = TestServer::start_with(Db::Postgres, |c| {
+        c.rate_limits.enabled = true;
+        c.rate_limits.login_burst = 4;
+        c.rate_limits.login_per_second = 0.001;
+    })
+    .await;
+    let second = first.another_worker().await;
+    first.register("alice", PW).await;
+    let mut answers = Vec::new();
+    for attempt in 0..6 {
+        let worker = if attempt % 2 == 0 { &first } else { &second };
+        answers.push(worker.login("alice", PW, json!({})).await.0);
+    }
+    assert_eq!(answers, [200, 200, 200, 200, 429, 429], "one budget of 4 logins for both workers");
+    second.stop().await;
+    first.stop().await;
+}

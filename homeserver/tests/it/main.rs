@@ -11,6 +11,7 @@ mod directory;
 mod durability;
 mod e2ee;
 mod errors;
+mod faults;
 mod hardening;
 mod interop;
 mod limits;

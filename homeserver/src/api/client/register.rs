@@ -138,7 +138,7 @@ async fn register(
     request: Ruma<register::v3::Request>,
 ) -> Result<register::v3::Response> {
     let ip = request.client_ip.to_string();
-    state.limiter.peek(Action::Register, &ip)?;
+    state.limiter.peek(Action::Register, &ip).await?;
     let auth = request.body.auth.as_ref();
     let starts_attempt = auth.and_then(AuthData::session).is_none();
     let verifying = matches!(auth, Some(AuthData::EmailIdentity(_) | AuthData::Msisdn(_)));
@@ -149,7 +149,7 @@ async fn register(
         Err(_) => true,
     };
     if starts_attempt || failed {
-        state.limiter.charge(Action::Register, &ip);
+        state.limiter.charge(Action::Register, &ip).await;
     }
     outcome
 }
@@ -265,7 +265,7 @@ async fn get_username_availability(
     state: web::Data<AppState>,
     request: Ruma<get_username_availability::v3::Request>,
 ) -> Result<get_username_availability::v3::Response> {
-    state.limiter.check_ip(Action::Register, request.client_ip)?;
+    state.limiter.check_ip(Action::Register, request.client_ip).await?;
     let user_id = parse_username(&state, &request.body.username)?;
     if state.store.get_user(&user_id).await?.is_some() {
         return Err(user_in_use());
@@ -278,7 +278,7 @@ async fn check_registration_token_validity(
     state: web::Data<AppState>,
     request: Ruma<check_registration_token_validity::v1::Request>,
 ) -> Result<check_registration_token_validity::v1::Response> {
-    state.limiter.check_ip(Action::Register, request.client_ip)?;
+    state.limiter.check_ip(Action::Register, request.client_ip).await?;
     if state.config.registration.mode != RegistrationMode::Token {
         return Err(Error::forbidden("registration tokens are not in use on this server"));
     }

@@ -113,10 +113,11 @@ async fn authenticate_login(state: &AppState, info: &LoginInfo, client_ip: IpAdd
             let hash = record.as_ref().and_then(|r| r.password_hash.as_deref());
             // Wrong passwords are limited per account from any IP (the per-IP login limit alone
             // lets a botnet guess on), and per IP; right ones are not counted.
-            let attempt = state.limiter.password_attempt(user_id.as_ref().map(|u| u.as_str()), client_ip)?;
+            let attempt =
+                state.limiter.password_attempt(user_id.as_ref().map(|u| u.as_str()), client_ip).await?;
             let valid = password::verify(&info.password, hash).await?;
             if valid {
-                attempt.succeeded();
+                attempt.succeeded().await;
             }
             return match record {
                 Some(record) if valid => Ok(record),
@@ -176,7 +177,7 @@ fn unsupported_login_type(info: &LoginInfo) -> Error {
 
 /// POST /_matrix/client/v3/login
 async fn login(state: web::Data<AppState>, request: Ruma<login::v3::Request>) -> Result<login::v3::Response> {
-    state.limiter.check_ip(Action::Login, request.client_ip)?;
+    state.limiter.check_ip(Action::Login, request.client_ip).await?;
     let body = request.body;
     if let Some(name) = &body.initial_device_display_name
         && name.chars().count() > MAX_DISPLAY_NAME

@@ -243,7 +243,7 @@ async fn request_login_code(
         sid.to_string()
     } else {
         // Spend the same budget, so the limits do not tell registered addresses apart either.
-        state.limiter.check(crate::auth::ratelimit::Action::CodeFromIp, &ip.to_string())?;
+        state.limiter.check(crate::auth::ratelimit::Action::CodeFromIp, &ip.to_string()).await?;
         tokens::random_token(18)
     };
     Ok(HttpResponse::Ok().json(serde_json::json!({ "sid": sid })))
