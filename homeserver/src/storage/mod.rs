@@ -361,7 +361,9 @@ impl SqlStore {
         // that died is dropped when its query fails, and idle ones are recycled.
         let mut options = AnyPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(30))
+            // A request waits this long for a connection; past it (the database is down, or
+            // every connection busy), it is answered 503 and the client retries.
+            .acquire_timeout(Duration::from_secs(5))
             .test_before_acquire(false)
             .idle_timeout(Duration::from_secs(60));
         let tag = format!("hearth-{}", crate::auth::tokens::random_token(12));

@@ -373,10 +373,14 @@ impl StreamWriter {
         self.dirty.notify_one();
         let _publishing = self.publish_lock.lock().await;
         if self.lock().bound().is_none() {
+            // On a connection of its own: the pool's were opened on the server's worker threads,
+            // whose runtimes are gone by now, and a query on one of them fails.
+            let mut connection = sqlx::ConnectOptions::connect(&*self.pool.connect_options()).await?;
             sqlx::query("DELETE FROM stream_writers WHERE writer_id = $1")
                 .bind(&self.writer_id)
-                .execute(&self.pool)
+                .execute(&mut connection)
                 .await?;
+            let _ = sqlx::Connection::close(connection).await;
             if let Liveness::LockFiles(dir) = &self.liveness {
                 let _ = std::fs::remove_file(lock_file(dir, &self.writer_id));
             }

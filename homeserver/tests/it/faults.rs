@@ -190,7 +190,7 @@ async fn time_until_reads_resume(
     since: Instant,
 ) -> Duration {
     // The probe is sent through a live worker, retrying while the fault lasts.
-    loop {
+    let event_id = loop {
         let sent = http
             .put(format!("{send_base}/_matrix/client/v3/rooms/{room}/send/m.room.message/{probe}"))
             .json(&json!({"msgtype": "m.text", "body": probe}))
@@ -198,23 +198,24 @@ async fn time_until_reads_resume(
             .timeout(Duration::from_secs(10))
             .send()
             .await;
-        if sent.is_ok_and(|r| r.status().is_success()) {
-            break;
+        if let Ok(sent) = sent
+            && sent.status().is_success()
+            && let Ok(body) = sent.json::<Value>().await
+        {
+            break body["event_id"].as_str().unwrap().to_owned();
         }
         assert!(since.elapsed() < Duration::from_secs(120), "the probe {probe} was never acknowledged");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    // `/event` answers once the event is readable: below the stream's safe position.
     loop {
-        let page = http
-            .get(format!("{read_base}/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"))
+        let read = http
+            .get(format!("{read_base}/_matrix/client/v3/rooms/{room}/event/{event_id}"))
             .bearer_auth(token)
             .timeout(Duration::from_secs(10))
             .send()
             .await;
-        if let Ok(page) = page
-            && let Ok(page) = page.json::<Value>().await
-            && page["chunk"].as_array().into_iter().flatten().any(|e| e["content"]["body"] == probe)
-        {
+        if read.is_ok_and(|r| r.status().is_success()) {
             return since.elapsed();
         }
         assert!(since.elapsed() < Duration::from_secs(120), "reads never resumed after {probe}");

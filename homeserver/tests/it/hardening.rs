@@ -312,6 +312,23 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn a_stopped_server_retires_its_stream_writer(db: Db) {
+        let test_db = crate::common::TestDb::new(db).await;
+        let server = TestServer::start_on(&test_db, |_| {}).await;
+        let alice = server.register("alice", PW).await;
+        let room = create(&server, &alice, json!({})).await;
+        for n in 0..5 {
+            assert_eq!(send(&server, &alice, &room, &format!("t{n}"), "hello").await.0, 200);
+        }
+        let url = server.server.state.config.database_url();
+        server.stop().await;
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        let rows: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM stream_writers").fetch_one(&pool).await.unwrap();
+        assert_eq!(rows, 0, "a graceful stop removes the writer's row");
+        pool.close().await;
+        test_db.remove().await;
+    }
+
     async fn slow_clients_cannot_hold_every_connection(db: Db) {
         let mut server = TestServer::start_with(db, |c| {
             c.limits.connections_per_ip = 4;
@@ -405,4 +422,110 @@ async fn rate_limits_are_shared_by_the_workers_of_a_deployment() {
     assert_eq!(answers, [200, 200, 200, 200, 429, 429], "one budget of 4 logins for both workers");
     second.stop().await;
     first.stop().await;
+}
+
+/// A TCP relay to Postgres that the test can cut: while cut, it refuses new connections and has
+/// dropped the open ones, as a database that went away would.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn open(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { port, task }
+    }
+
+    /// Cuts every connection and refuses new ones (the JoinSet dies with the task).
+    fn cut(self) -> u16 {
+        self.task.abort();
+        self.port
+    }
+}
+
+/// Postgres refusing connections is `503` with a retry hint, not `500`; service comes back with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_answers_503_and_service_resumes() {
+    let relay = Relay::open(0).await;
+    let db = crate::common::TestDb::new(Db::Postgres).await;
+    let url = db.url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
+    assert_ne!(url, db.url, "the test database goes through the relay");
+    let server = TestServer::start_on(&db, |c| c.database.url = url).await;
+    let alice = server.register("alice", PW).await;
+    let room = create(&server, &alice, json!({})).await;
+    let port = relay.cut();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for (method, path) in [
+        ("PUT", room_path(&room, "send/m.room.message/outage")),
+        ("GET", room_path(&room, "messages?dir=b")),
+        ("GET", "/_matrix/client/v3/sync".to_owned()),
+    ] {
+        let body = (method == "PUT").then(|| json!({"msgtype": "m.text", "body": "during the outage"}));
+        let result = server.request(method, &path, Some(&alice.token), body).await;
+        assert_error(&result, 503, "M_UNKNOWN");
+        assert!(result.1["error"].as_str().unwrap().contains("retry"), "{}", result.1);
+    }
+    let relay = Relay::open(port).await;
+    let mut sent = (0, Value::Null);
+    for _ in 0..100 {
+        sent = send(&server, &alice, &room, "after-outage", "after the outage").await;
+        if sent.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(sent.0, 200, "service resumes with the database: {}", sent.1);
+    let (status, page) = messages(&server, &alice, &room).await;
+    assert_eq!(status, 200);
+    assert_eq!(bodies(&page), ["after the outage"]);
+    server.stop().await;
+    relay.cut();
+    db.remove().await;
+}
+
+/// Redis out of reach costs to-device messages a delay, not everyone their `/sync`; nothing
+/// queued is lost or repeated when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_is_served_while_redis_is_down() {
+    let db = crate::common::TestDb::new(Db::Postgres).await;
+    let redis =
+        crate::durability::RedisProcess::start(db.dir.join("redis"), crate::interop::free_port()).await;
+    let redis_url = redis.url();
+    let server = TestServer::start_on(&db, |c| c.redis.url = redis_url).await;
+    let alice = server.register("alice", PW).await;
+    let bob = server.register("bob", PW).await;
+    let room = create(&server, &alice, json!({"preset": "public_chat"})).await;
+    assert_eq!(server.post(&room_path(&room, "join"), Some(&bob.token), json!({})).await.0, 200);
+    assert_eq!(to_device(&server, &bob, &alice, "before", &alice.device_id, 1).await.0, 200);
+    let first = sync(&server, &alice, None, 0).await;
+    assert_eq!(first["to_device"]["events"][0]["content"]["n"], 1, "{first}");
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let (dir, port) = redis.kill9().await;
+    // Room messages and syncs go on without Redis.
+    assert_eq!(send(&server, &bob, &room, "redis-down", "while redis is down").await.0, 200);
+    let during = sync(&server, &alice, Some(&urlencode(&since)), 0).await;
+    assert!(timeline_bodies(&during, &room).contains(&"while redis is down".to_owned()), "{during}");
+    let since = during["next_batch"].as_str().unwrap().to_owned();
+    let redis = crate::durability::RedisProcess::start(dir, port).await;
+    assert_eq!(to_device(&server, &bob, &alice, "after", &alice.device_id, 2).await.0, 200);
+    // The first message was delivered before the outage: acknowledged now, never repeated.
+    let after = sync(&server, &alice, Some(&urlencode(&since)), 0).await;
+    let ns: Vec<Value> =
+        after["to_device"]["events"].as_array().unwrap().iter().map(|e| e["content"]["n"].clone()).collect();
+    assert_eq!(ns, [json!(2)], "{after}");
+    server.stop().await;
+    drop(redis);
+    db.remove().await;
 }
