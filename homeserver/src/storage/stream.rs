@@ -21,7 +21,7 @@
 //! - **SQLite**: every writer is a process on this host holding an exclusive lock on a file of
 //!   its own beside the database. The kernel releases it when the process dies, so readers know
 //!   a dead writer at once.
-//! - **Postgres**: a lease. A busy writer renews its heartbeat every second, stamped with the
+//! - **Postgres**: a lease. A busy writer renews its heartbeat twice a second, stamped with the
 //!   *database's* clock (no two hosts' clocks are compared); a writer silent for [`LEASE_MS`] is
 //!   dead. A writer that has not renewed for [`FENCE`] — frozen, cut off from the database —
 //!   refuses to commit what it holds ([`PositionGuard::still_leased`]), so when readers give up
@@ -45,12 +45,12 @@ use super::{Backend, SqlStore, StoreError, StoreResult, now_ms};
 /// Positions a writer reserves at once.
 const BLOCK: i64 = 8;
 /// A Postgres writer whose heartbeat (by the database's clock) is older than this is dead.
-pub const LEASE_MS: i64 = 5_000;
+pub const LEASE_MS: i64 = 4_000;
 /// A Postgres writer that has not renewed its lease for this long commits nothing more: half
 /// the lease, leaving the other half for a commit that passed the check to land.
-const FENCE: Duration = Duration::from_millis(2_500);
+const FENCE: Duration = Duration::from_millis(2_000);
 /// A busy writer renews its heartbeat at least this often.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 /// Shortest pause between two publications of a writer's bound.
 const PUBLISH_PAUSE: Duration = Duration::from_millis(2);
 /// Idle rows of writers gone this long are deleted when a writer starts.
@@ -103,6 +103,8 @@ pub struct StreamWriter {
     pool: AnyPool,
     backend: Backend,
     writer_id: String,
+    /// The worker this writer belongs to, across restarts.
+    instance: String,
     liveness: Liveness,
     /// The exclusive lock that says this writer lives (SQLite), held until the process ends.
     _lock: Option<File>,
@@ -190,16 +192,8 @@ impl StreamWriter {
                         let _ = std::fs::remove_file(path);
                     }
                 }
-                sqlx::query(
-                    "INSERT INTO stream_writers (writer_id, lowest_unfinished, heartbeat_ts, instance) VALUES ($1, NULL, $2, $3)",
-                )
-                .bind(&writer_id)
-                .bind(now_ms())
-                .bind(instance)
-                .execute(store.pool())
-                .await?;
             }
-            Liveness::Lease { tag } => {
+            Liveness::Lease { .. } => {
                 // This worker's previous run, if its sessions are gone, is dead: release it now
                 // instead of after its lease.
                 let released = sqlx::query(
@@ -215,15 +209,6 @@ impl StreamWriter {
                         "released the stream rows of this worker's previous run"
                     );
                 }
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO stream_writers (writer_id, lowest_unfinished, heartbeat_ts, instance, tag)
-                     VALUES ($1, NULL, {PG_NOW_MS}, $2, $3)"
-                )))
-                .bind(&writer_id)
-                .bind(instance)
-                .bind(tag)
-                .execute(store.pool())
-                .await?;
             }
         }
         // Rows of writers long gone and idle are clutter; rows of busy ones are ignored anyway.
@@ -235,14 +220,35 @@ impl StreamWriter {
             pool: store.pool().clone(),
             backend: store.backend(),
             writer_id,
+            instance: instance.to_owned(),
             liveness,
             _lock: lock,
             publish_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(WriterState::default()),
             dirty: Notify::new(),
         });
+        writer.insert_row().await?;
         tokio::spawn(publisher(Arc::downgrade(&writer)));
         Ok(writer)
+    }
+
+    /// Adds this writer's row, idle: at start, and again should it have been deleted.
+    async fn insert_row(&self) -> StoreResult<()> {
+        let tag = match &self.liveness {
+            Liveness::Lease { tag } => Some(tag.as_str()),
+            Liveness::LockFiles(_) => None,
+        };
+        sqlx::query(
+            "INSERT INTO stream_writers (writer_id, lowest_unfinished, heartbeat_ts, instance, tag)
+             VALUES ($1, NULL, $2, $3, $4) ON CONFLICT (writer_id) DO NOTHING",
+        )
+        .bind(&self.writer_id)
+        .bind(now_ms())
+        .bind(&self.instance)
+        .bind(tag)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WriterState> {
@@ -273,7 +279,9 @@ impl StreamWriter {
     pub async fn allocate(self: &Arc<Self>) -> StoreResult<PositionGuard> {
         {
             let mut state = self.lock();
-            if state.lease_lapsed(&self.liveness) && state.next < state.end {
+            if state.lease_lapsed(&self.liveness) {
+                // What this writer holds is doomed (see `PositionGuard::still_leased`); new
+                // positions come after a renewal.
                 state.generation += 1;
                 state.next = state.end;
             }
@@ -291,17 +299,26 @@ impl StreamWriter {
             // anything. Every position reserved from here on is above the counter read in this
             // statement.
             let held = self.lock().bound();
-            let bound = self
-                .row_update(
+            let register = || {
+                self.row_update(
                     "UPDATE stream_writers SET heartbeat_ts = {now},
                          lowest_unfinished = COALESCE($2, (SELECT position + 1 FROM stream_counter WHERE id = 1))
                      WHERE writer_id = $1 RETURNING lowest_unfinished",
                     held,
                 )
                 .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::Unavailable("this stream writer's row is gone".into()))?
-            .try_get::<i64, _>("lowest_unfinished")?;
+            };
+            let row = match register().await? {
+                Some(row) => row,
+                None => {
+                    // The row was deleted (by an operator, or as a dead writer's): add it again.
+                    self.insert_row().await?;
+                    register()
+                        .await?
+                        .ok_or_else(|| StoreError::Unavailable("this stream writer's row is gone".into()))?
+                }
+            };
+            let bound = row.try_get::<i64, _>("lowest_unfinished")?;
             let mut state = self.lock();
             state.published = Some(bound);
             state.renewed = Some(Instant::now());

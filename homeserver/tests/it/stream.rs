@@ -210,3 +210,36 @@ crate::on_both_backends! {
         test_db.remove().await;
     }
 }
+
+/// A Postgres writer that cannot renew its lease (cut off, frozen) must not commit what it held
+/// once readers may have given up on it; after a renewal it writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_without_its_lease_commits_nothing_it_held() {
+    let (store, test_db) = store(Db::Postgres).await;
+    let writer = StreamWriter::start(&store, "worker-a").await.unwrap();
+    let held = writer.allocate().await.unwrap();
+    assert!(held.still_leased().is_ok(), "a fresh lease");
+    // Its renewals fail from now on, as when it cannot reach the database: readers pass it.
+    sqlx::query("DELETE FROM stream_writers").execute(store.pool()).await.unwrap();
+    let counter: i64 = sqlx::query_scalar::<_, i64>("SELECT position FROM stream_counter WHERE id = 1")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    wait_for_upto(&store, counter).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert!(held.still_leased().is_err(), "the position it held is doomed");
+    drop(held);
+    // A new position comes with a renewed lease (and the row back).
+    let fresh = writer.allocate().await.unwrap();
+    assert!(fresh.position > counter, "new positions come after everything readers passed");
+    assert!(fresh.still_leased().is_ok());
+    let rows: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM stream_writers")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    drop(fresh);
+    writer.stop().await.unwrap();
+    store.close().await;
+    test_db.remove().await;
+}
