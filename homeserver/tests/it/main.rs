@@ -18,4 +18,5 @@ mod providers;
 mod rooms;
 mod storage;
 mod stream;
+mod sweep;
 mod threepid;
