@@ -181,63 +181,73 @@ fn check_json(body: &[u8]) -> Result<()> {
             crate::json::MAX_JSON_DEPTH
         )));
     }
+    let not_json = || Error::not_json("request body is not valid JSON");
     match serde_json::from_slice::<NoNul>(body) {
-        Ok(NoNul) => Ok(()),
-        Err(e) if e.is_data() => Err(Error::bad_json(NUL_IN_BODY)),
-        Err(_) => Err(Error::not_json("request body is not valid JSON")),
+        Ok(Walk) => Ok(()),
+        // The walk stopped at the NUL; what follows may not be JSON at all, which comes first.
+        Err(e) if e.is_data() => match serde_json::from_slice::<AnyJson>(body) {
+            Ok(Walk) => Err(Error::bad_json(NUL_IN_BODY)),
+            Err(_) => Err(not_json()),
+        },
+        Err(_) => Err(not_json()),
     }
 }
 
-/// Any JSON value whose strings and keys hold no NUL. Deserialising it walks the body once
-/// without allocating, and the JSON parser decodes escapes, so `"\\u0000"` (an escaped
-/// backslash, then `u0000`) is not taken for a NUL.
-struct NoNul;
+/// A walk over any JSON value that decodes every string and key, and refuses NUL in them unless
+/// `NUL_OK`. Deserialising it walks the body once without allocating, and the JSON parser decodes
+/// escapes, so `"\\u0000"` (an escaped backslash, then `u0000`) is not taken for a NUL.
+struct Walk<const NUL_OK: bool>;
 
-impl<'de> serde::Deserialize<'de> for NoNul {
+/// Any JSON value whose strings and keys hold no NUL.
+type NoNul = Walk<false>;
+/// Any JSON value (strings still decoded: bad UTF-8 or escapes are not JSON).
+type AnyJson = Walk<true>;
+
+impl<'de, const NUL_OK: bool> serde::Deserialize<'de> for Walk<NUL_OK> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(NoNul)
+        deserializer.deserialize_any(Walk)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for NoNul {
-    type Value = NoNul;
+impl<'de, const NUL_OK: bool> serde::de::Visitor<'de> for Walk<NUL_OK> {
+    type Value = Walk<NUL_OK>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_unit<E>(self) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<NoNul, E> {
-        if value.contains('\0') { Err(E::custom(NUL_IN_BODY)) } else { Ok(NoNul) }
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self, E> {
+        if !NUL_OK && value.contains('\0') { Err(E::custom(NUL_IN_BODY)) } else { Ok(Walk) }
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<NoNul, A::Error> {
-        while seq.next_element::<NoNul>()?.is_some() {}
-        Ok(NoNul)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<Self>()?.is_some() {}
+        Ok(Walk)
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NoNul, A::Error> {
-        while map.next_entry::<NoNul, NoNul>()?.is_some() {}
-        Ok(NoNul)
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<Self, Self>()?.is_some() {}
+        Ok(Walk)
     }
 }
 
@@ -556,7 +566,10 @@ pub async fn unrecognized() -> HttpResponse {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::json::{MAX_JSON_DEPTH, arbitrary::*};
 
     fn errcode(body: &str) -> Option<String> {
         match check_json(body.as_bytes()) {
@@ -574,6 +587,7 @@ mod tests {
             assert_eq!(errcode(body).as_deref(), Some("M_BAD_JSON"), "{body}");
         }
         assert_eq!(errcode("{\"a\": 1").as_deref(), Some("M_NOT_JSON"));
+        assert_eq!(errcode(r#"["\u0000" x"#).as_deref(), Some("M_NOT_JSON"), "a NUL, then no JSON");
         assert_eq!(errcode("\"a\0\"").as_deref(), Some("M_NOT_JSON"), "a raw NUL is no JSON at all");
     }
 
@@ -594,5 +608,70 @@ mod tests {
             check_known_parser_panics::<ruma::api::client::account::whoami::v3::Request>(b"{}").ok(),
             Some(())
         );
+    }
+
+    /// What `check_json` should answer for `body`, from serde_json's parse of it (without its
+    /// recursion limit, so only for bodies a test thread's stack can parse).
+    fn expected(body: &[u8]) -> Option<&'static str> {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        deserializer.disable_recursion_limit();
+        let parsed: Option<serde_json::Value> =
+            serde::Deserialize::deserialize(&mut deserializer).ok().filter(|_| deserializer.end().is_ok());
+        match parsed {
+            None => Some("M_NOT_JSON"),
+            Some(value) if depth_of(&value) > MAX_JSON_DEPTH || has_nul(&value) => Some("M_BAD_JSON"),
+            Some(_) => None,
+        }
+    }
+
+    /// Checks `check_json` against serde_json on one body.
+    fn agrees(body: &[u8]) -> Result<(), TestCaseError> {
+        let text = String::from_utf8_lossy(body);
+        let got = errcode_of(body);
+        match expected(body) {
+            // Bodies too deep to be checked for more are refused as such, even when serde_json
+            // would not parse them (a bad escape or UTF-8 deep inside is not looked for).
+            Some("M_NOT_JSON") if crate::json::depth(body) > MAX_JSON_DEPTH => {
+                prop_assert!(got.is_some(), "accepted {text}");
+            }
+            want => prop_assert_eq!(got.as_deref(), want, "{}", text),
+        }
+        Ok(())
+    }
+
+    fn errcode_of(body: &[u8]) -> Option<String> {
+        match check_json(body) {
+            Ok(()) => None,
+            Err(Error::Matrix { kind, .. }) => Some(kind.errcode().to_string()),
+            Err(other) => Some(other.to_string()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn check_json_refuses_exactly_bodies_too_deep_or_with_nul_and_agrees_with_serde_on_json(
+            value in deep_value(100),
+            style in style(),
+        ) {
+            agrees(write(&value, style).as_bytes())?;
+        }
+
+        #[test]
+        fn check_json_agrees_with_serde_on_json_one_byte_off(
+            value in deep_value(80),
+            style in style(),
+            at in any::<usize>(),
+            byte in json_byte(),
+            how in any::<u8>(),
+        ) {
+            agrees(&mutate(write(&value, style).as_bytes(), at, byte, how))?;
+        }
+
+        #[test]
+        fn check_json_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(json_byte(), 0..300)) {
+            agrees(&bytes)?;
+        }
     }
 }
