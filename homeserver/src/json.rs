@@ -101,15 +101,17 @@ pub(crate) mod arbitrary {
     /// A [`value`] wrapped in up to `max` arrays and objects, to reach past
     /// [`super::MAX_JSON_DEPTH`] and serde_json's recursion limit.
     pub fn deep_value(max: usize) -> impl Strategy<Value = Value> {
-        (value(), prop::collection::vec((any::<bool>(), tricky_string()), 0..max)).prop_map(|(mut value, wrappers)| {
-            for (array, key) in wrappers {
-                value = match array {
-                    true => Value::Array(vec![value]),
-                    false => Value::Object(Map::from_iter([(key, value)])),
-                };
-            }
-            value
-        })
+        (value(), prop::collection::vec((any::<bool>(), tricky_string()), 0..max)).prop_map(
+            |(mut value, wrappers)| {
+                for (array, key) in wrappers {
+                    value = match array {
+                        true => Value::Array(vec![value]),
+                        false => Value::Object(Map::from_iter([(key, value)])),
+                    };
+                }
+                value
+            },
+        )
     }
 
     /// How a value is written: every string character escaped as `\uXXXX`, or only what must be;
@@ -217,10 +219,7 @@ pub(crate) mod arbitrary {
 
     /// A byte JSON gives meaning to, or any byte.
     pub fn json_byte() -> impl Strategy<Value = u8> {
-        prop_oneof![
-            any::<u8>(),
-            prop::sample::select(b"[]{}\",:\\u0 \x00\xff".to_vec()),
-        ]
+        prop_oneof![any::<u8>(), prop::sample::select(b"[]{}\",:\\u0 \x00\xff".to_vec()),]
     }
 
     /// The configuration of every property test: proptest's own, whose case count

@@ -425,7 +425,10 @@ mod tests {
     /// A character a sealed cursor might be changed to: hex digits of either case, the
     /// separator, or any.
     fn other_char() -> impl Strategy<Value = char> {
-        prop_oneof![prop::sample::select("0123456789abcdefABCDEF.-".chars().collect::<Vec<_>>()), any::<char>()]
+        prop_oneof![
+            prop::sample::select("0123456789abcdefABCDEF.-".chars().collect::<Vec<_>>()),
+            any::<char>()
+        ]
     }
 
     proptest! {

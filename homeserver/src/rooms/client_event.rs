@@ -198,7 +198,17 @@ mod tests {
             prop::option::of(kind),
             prop::option::of(timestamp()),
             prop::collection::vec(
-                (prop::sample::select(vec!["state_key", "redacts", "sender", "room_id", "unsigned", "event_id"]), value()),
+                (
+                    prop::sample::select(vec![
+                        "state_key",
+                        "redacts",
+                        "sender",
+                        "room_id",
+                        "unsigned",
+                        "event_id",
+                    ]),
+                    value(),
+                ),
                 0..4,
             ),
             prop::collection::vec((tricky_string(), value()), 0..3),

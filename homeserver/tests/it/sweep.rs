@@ -839,7 +839,8 @@ fn replace_leaf(value: &Value, pointer: &str, raw: &[u8]) -> Vec<u8> {
     let text = value.to_string();
     let marked = serde_json::to_string(MARK).unwrap();
     let at = text.find(&marked).unwrap();
-    [text[..at].as_bytes(), raw, text[at + marked.len()..].as_bytes()].concat()
+    let text = text.as_bytes();
+    [&text[..at], raw, &text[at + marked.len()..]].concat()
 }
 
 fn curated_probes(fixture: &Fixture) -> Vec<Probe> {

@@ -727,11 +727,7 @@ mod tests {
 
     /// Strings near a token: `s`, signs, digits, `_`, `t`, dots and hex, or anything.
     fn near_token() -> impl Strategy<Value = String> {
-        prop_oneof![
-            "s[-+0-9]{0,21}(_t?[0-9a-f.]{0,8})?",
-            "s?[0-9]{0,3}_{0,2}t?.{0,6}",
-            any::<String>(),
-        ]
+        prop_oneof!["s[-+0-9]{0,21}(_t?[0-9a-f.]{0,8})?", "s?[0-9]{0,3}_{0,2}t?.{0,6}", any::<String>(),]
     }
 
     proptest! {
