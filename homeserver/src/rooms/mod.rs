@@ -315,7 +315,9 @@ mod tests {
             let server: &ServerName = server_name!("hearth.test");
             match builder.sign(server, key()) {
                 Ok(pdu) => {
-                    let signed: Value = serde_json::from_str(&pdu.to_canonical_string()).unwrap();
+                    // Read as stored events are (content up to serde_json's limit makes an event
+                    // one level deeper; the door keeps clients' content far shallower).
+                    let signed: Value = crate::storage::parse_stored(&pdu.to_canonical_string()).unwrap();
                     prop_assert_eq!(&signed["content"], &content);
                     prop_assert_eq!(&signed["type"], &Value::from(event_type));
                 }
