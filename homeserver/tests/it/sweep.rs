@@ -395,7 +395,11 @@ struct Sweep<'a> {
 impl Sweep<'_> {
     /// Sends a probe and records what is wrong with the answer.
     async fn run(&self, probe: Probe) {
-        self.probes.fetch_add(1, Ordering::Relaxed);
+        let done = self.probes.fetch_add(1, Ordering::Relaxed);
+        if done % 20_000 == 0 {
+            println!("sweep: {done} probes sent");
+        }
+        let started = std::time::Instant::now();
         let mut result = self.send(&probe).await;
         if probe.authed
             && probe.token.is_none()
@@ -405,6 +409,10 @@ impl Sweep<'_> {
             // An earlier probe logged Bob out (`/logout` takes any body): log in again, retry.
             self.relogin().await;
             result = self.send(&probe).await;
+        }
+        // Printed, never asserted: what made a run slow.
+        if started.elapsed() > Duration::from_secs(2) {
+            println!("sweep: slow probe: {} {} [{}]", probe.method, probe.template, probe.what);
         }
         let verdict = match result {
             Err(error) => Err(format!("no answer: {error}")),
