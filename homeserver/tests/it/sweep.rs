@@ -351,16 +351,24 @@ async fn stored_data(fixture: &Fixture) -> Vec<(String, u16, Value)> {
         let (status, value) = server.request(method, &path, Some(&alice.token), body).await;
         data.push((format!("{method} {path}"), status, without_age(value)));
     }
-    // Alice's messages, in order, among whatever the sweep added.
-    let (status, messages) =
-        server.get(&room_path(room, "messages?dir=b&limit=1000"), Some(&alice.token)).await;
-    let mine: Vec<Value> = messages["chunk"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|event| event["sender"] == alice.user_id.as_str())
-        .map(|event| without_age(event.clone()))
-        .collect();
+    // Alice's events, in order, among whatever the sweep added (thousands, in the long sweep).
+    let (mut mine, mut from, mut status) = (Vec::new(), String::new(), 0);
+    loop {
+        let path = room_path(room, &format!("messages?dir=b&limit=1000{from}"));
+        let (answer, page) = server.get(&path, Some(&alice.token)).await;
+        status = status.max(answer);
+        let chunk = page["chunk"].as_array().cloned().unwrap_or_default();
+        mine.extend(
+            chunk
+                .iter()
+                .filter(|event| event["sender"] == alice.user_id.as_str())
+                .map(|e| without_age(e.clone())),
+        );
+        match page["end"].as_str() {
+            Some(end) if answer == 200 && !chunk.is_empty() => from = format!("&from={end}"),
+            _ => break,
+        }
+    }
     data.push(("GET /messages, Alice's events".to_owned(), status, Value::Array(mine)));
     data
 }
