@@ -113,17 +113,19 @@ impl SessionStore for SqlStore {
         new_hash: &str,
         position: i64,
     ) -> StoreResult<Option<SessionRecord>> {
-        let mut tx = self.pool.begin().await?;
         // The user's mark is taken before the session's row, in the order logouts take them
-        // (see `login_device`), so the user is looked up first.
+        // (see `login_device`), so the user is looked up first — outside the transaction: on
+        // SQLite a transaction that reads before it writes cannot always upgrade to a writer
+        // ("database is locked" at once), and the update below checks the user again.
         let user: Option<String> =
             sqlx::query_scalar("SELECT user_id FROM sessions WHERE refresh_token_hash = $1")
                 .bind(old_hash)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&self.pool)
                 .await?;
         let Some(user) = user else {
             return Ok(None);
         };
+        let mut tx = self.pool.begin().await?;
         mark_user(&mut tx, UserMark::Sessions, &user, position).await?;
         let refreshed = sqlx::query(
             "UPDATE sessions SET refresh_token_hash = $2, generation = generation + 1

@@ -404,7 +404,7 @@ impl Sweep<'_> {
     /// Sends a probe and records what is wrong with the answer.
     async fn run(&self, probe: Probe) {
         let done = self.probes.fetch_add(1, Ordering::Relaxed);
-        if done % 20_000 == 0 {
+        if done.is_multiple_of(20_000) {
             println!("sweep: {done} probes sent");
         }
         let started = std::time::Instant::now();
