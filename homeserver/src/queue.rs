@@ -135,7 +135,9 @@ impl CursorSeal {
     pub fn open<'a>(&self, user: &UserId, device: &DeviceId, sealed: &'a str) -> Result<&'a str> {
         let refused = || foreign_cursor(sealed);
         let (cursor, hex) = sealed.rsplit_once('.').ok_or_else(refused)?;
-        if hex.len() != SEAL_BYTES * 2 || !hex.is_ascii() {
+        // Lowercase only, as `seal` writes it: with `A-F` accepted too, a token changed in one
+        // character would still open.
+        if hex.len() != SEAL_BYTES * 2 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(refused());
         }
         let tag = (0..SEAL_BYTES)
@@ -394,5 +396,91 @@ impl EnvelopeQueue for RedisQueue {
 
     fn news(&self) -> News {
         News::Bell
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use ruma::{OwnedDeviceId, OwnedUserId};
+
+    use super::*;
+    use crate::json::arbitrary::config;
+
+    fn user() -> impl Strategy<Value = OwnedUserId> {
+        ("[a-z0-9._=/+-]{1,12}", prop::sample::select(vec!["localhost", "example.org", "h.test:8448"]))
+            .prop_map(|(local, server)| UserId::parse(format!("@{local}:{server}")).unwrap())
+    }
+
+    /// Device ids and cursors have no NUL: it is refused in every request (see
+    /// `ruma_wrapper::check_uri`), and the MAC separates its parts with one.
+    fn device() -> impl Strategy<Value = OwnedDeviceId> {
+        "[^\\x00]{1,12}".prop_map(OwnedDeviceId::from)
+    }
+
+    fn cursor() -> impl Strategy<Value = String> {
+        prop_oneof!["[0-9]{1,12}", "[0-9]{1,13}-[0-9]{1,3}", "[^\\x00]{0,20}"]
+    }
+
+    /// A character a sealed cursor might be changed to: hex digits of either case, the
+    /// separator, or any.
+    fn other_char() -> impl Strategy<Value = char> {
+        prop_oneof![
+            prop::sample::select("0123456789abcdefABCDEF.-".chars().collect::<Vec<_>>()),
+            any::<char>()
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn a_sealed_cursor_opens_for_its_own_device_and_no_other(
+            secret in prop::collection::vec(any::<u8>(), 0..40),
+            (user, other_user) in (user(), user()),
+            (device, other_device) in (device(), device()),
+            cursor in cursor(),
+        ) {
+            let seal = CursorSeal::new(&secret);
+            let sealed = seal.seal(&user, &device, &cursor);
+            prop_assert_eq!(seal.open(&user, &device, &sealed).ok(), Some(cursor.as_str()));
+            if other_user != user {
+                prop_assert!(seal.open(&other_user, &device, &sealed).is_err());
+            }
+            if other_device != device {
+                prop_assert!(seal.open(&user, &other_device, &sealed).is_err());
+            }
+            // (HMAC pads short keys with zeros, so another secret is one that differs in a byte
+            // other than a trailing zero.)
+            let mut other_secret = secret.clone();
+            other_secret.push(1);
+            prop_assert!(CursorSeal::new(&other_secret).open(&user, &device, &sealed).is_err());
+        }
+
+        #[test]
+        fn a_sealed_cursor_changed_in_any_one_character_is_refused(
+            user in user(),
+            device in device(),
+            cursor in cursor(),
+            at in any::<prop::sample::Index>(),
+            new in other_char(),
+        ) {
+            let seal = CursorSeal::new(b"secret");
+            let sealed = seal.seal(&user, &device, &cursor);
+            let mut chars: Vec<char> = sealed.chars().collect();
+            let at = at.index(chars.len());
+            prop_assume!(chars[at] != new);
+            chars[at] = new;
+            let changed: String = chars.into_iter().collect();
+            prop_assert!(seal.open(&user, &device, &changed).is_err(), "{} opened as {}", changed, sealed);
+        }
+
+        #[test]
+        fn opening_any_string_never_panics(user in user(), device in device(), text in "(?s).{0,60}") {
+            let seal = CursorSeal::new(b"secret");
+            if let Ok(cursor) = seal.open(&user, &device, &text) {
+                prop_assert_eq!(seal.seal(&user, &device, cursor), text);
+            }
+        }
     }
 }

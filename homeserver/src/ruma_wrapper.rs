@@ -181,63 +181,73 @@ fn check_json(body: &[u8]) -> Result<()> {
             crate::json::MAX_JSON_DEPTH
         )));
     }
+    let not_json = || Error::not_json("request body is not valid JSON");
     match serde_json::from_slice::<NoNul>(body) {
-        Ok(NoNul) => Ok(()),
-        Err(e) if e.is_data() => Err(Error::bad_json(NUL_IN_BODY)),
-        Err(_) => Err(Error::not_json("request body is not valid JSON")),
+        Ok(Walk) => Ok(()),
+        // The walk stopped at the NUL; what follows may not be JSON at all, which comes first.
+        Err(e) if e.is_data() => match serde_json::from_slice::<AnyJson>(body) {
+            Ok(Walk) => Err(Error::bad_json(NUL_IN_BODY)),
+            Err(_) => Err(not_json()),
+        },
+        Err(_) => Err(not_json()),
     }
 }
 
-/// Any JSON value whose strings and keys hold no NUL. Deserialising it walks the body once
-/// without allocating, and the JSON parser decodes escapes, so `"\\u0000"` (an escaped
-/// backslash, then `u0000`) is not taken for a NUL.
-struct NoNul;
+/// A walk over any JSON value that decodes every string and key, and refuses NUL in them unless
+/// `NUL_OK`. Deserialising it walks the body once without allocating, and the JSON parser decodes
+/// escapes, so `"\\u0000"` (an escaped backslash, then `u0000`) is not taken for a NUL.
+struct Walk<const NUL_OK: bool>;
 
-impl<'de> serde::Deserialize<'de> for NoNul {
+/// Any JSON value whose strings and keys hold no NUL.
+type NoNul = Walk<false>;
+/// Any JSON value (strings still decoded: bad UTF-8 or escapes are not JSON).
+type AnyJson = Walk<true>;
+
+impl<'de, const NUL_OK: bool> serde::Deserialize<'de> for Walk<NUL_OK> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(NoNul)
+        deserializer.deserialize_any(Walk)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for NoNul {
-    type Value = NoNul;
+impl<'de, const NUL_OK: bool> serde::de::Visitor<'de> for Walk<NUL_OK> {
+    type Value = Walk<NUL_OK>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_unit<E>(self) -> Result<NoNul, E> {
-        Ok(NoNul)
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(Walk)
     }
 
-    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<NoNul, E> {
-        if value.contains('\0') { Err(E::custom(NUL_IN_BODY)) } else { Ok(NoNul) }
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self, E> {
+        if !NUL_OK && value.contains('\0') { Err(E::custom(NUL_IN_BODY)) } else { Ok(Walk) }
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<NoNul, A::Error> {
-        while seq.next_element::<NoNul>()?.is_some() {}
-        Ok(NoNul)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<Self>()?.is_some() {}
+        Ok(Walk)
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NoNul, A::Error> {
-        while map.next_entry::<NoNul, NoNul>()?.is_some() {}
-        Ok(NoNul)
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<Self, Self>()?.is_some() {}
+        Ok(Walk)
     }
 }
 
@@ -254,6 +264,76 @@ pub fn check_uri(req: &HttpRequest) -> Result<()> {
         return Err(Error::invalid_param(
             "the query string has a NUL character (%00); parameters may not contain it",
         ));
+    }
+    Ok(())
+}
+
+/// Reads a request body within `limits.max_request_bytes` and `limits.body_timeout_secs`, and
+/// checks a non-empty one with [`check_json`].
+async fn read_body(req: &HttpRequest, payload: Payload, state: &AppState) -> Result<web::Bytes> {
+    let limit = state.config.limits.max_request_bytes;
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(Error::too_large(limit));
+    }
+    // A client that trickles its body would hold the connection (and a file descriptor) for as
+    // long as it likes: the whole body has a deadline.
+    let timeout = std::time::Duration::from_secs(state.config.limits.body_timeout_secs);
+    let read = actix_web::body::to_bytes_limited(actix_web::body::BodyStream::new(payload), limit);
+    let body = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| {
+            Error::new(
+                StatusCode::REQUEST_TIMEOUT,
+                crate::error::ErrorKind::Unknown,
+                format!("the request body did not arrive within {} seconds", timeout.as_secs()),
+            )
+        })?
+        .map_err(|_| Error::too_large(limit))?
+        .map_err(|e| Error::bad_json(format!("could not read the request body: {e}")))?;
+    if !body.is_empty() {
+        check_json(&body)?;
+    }
+    Ok(body)
+}
+
+/// The JSON body of an endpoint outside ruma's types, read and checked as [`Ruma`] reads
+/// bodies (size, deadline, NUL and depth, NUL in the path and query); parse it with
+/// [`parse_json_body`].
+pub struct JsonBody(pub web::Bytes);
+
+impl FromRequest for JsonBody {
+    type Error = Error;
+    type Future = LocalFuture<'static, Result<Self>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let payload = payload.take();
+        Box::pin(async move {
+            let state = req
+                .app_data::<web::Data<AppState>>()
+                .cloned()
+                .ok_or_else(|| Error::internal("no app state"))?;
+            check_uri(&req)?;
+            read_body(&req, payload, &state).await.map(JsonBody)
+        })
+    }
+}
+
+/// Refuses, with the error ruma means to give, bodies on which ruma's parsers panic: ruma 0.17's
+/// `LoginInfo` indexes its `type` field before checking it is there, so a `/login` body without
+/// `type` panicked the worker (and the client saw its connection dropped).
+fn check_known_parser_panics<T: 'static>(body: &[u8]) -> Result<()> {
+    use std::any::TypeId;
+    if TypeId::of::<T>() == TypeId::of::<ruma::api::client::session::login::v3::Request>()
+        && let Ok(object) = serde_json::from_slice::<BTreeMap<String, serde::de::IgnoredAny>>(body)
+        && !object.contains_key("type")
+    {
+        return Err(Error::missing_param("missing field `type`: the login type, e.g. m.login.password"));
     }
     Ok(())
 }
@@ -310,33 +390,7 @@ where
                 .cloned()
                 .ok_or_else(|| Error::internal("no app state"))?;
             check_uri(&req)?;
-            let limit = state.config.limits.max_request_bytes;
-            let declared = req
-                .headers()
-                .get(actix_web::http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<usize>().ok());
-            if declared.is_some_and(|len| len > limit) {
-                return Err(Error::too_large(limit));
-            }
-            // A client that trickles its body would hold the connection (and a file descriptor)
-            // for as long as it likes: the whole body has a deadline.
-            let timeout = std::time::Duration::from_secs(state.config.limits.body_timeout_secs);
-            let read = actix_web::body::to_bytes_limited(actix_web::body::BodyStream::new(payload), limit);
-            let body = tokio::time::timeout(timeout, read)
-                .await
-                .map_err(|_| {
-                    Error::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        crate::error::ErrorKind::Unknown,
-                        format!("the request body did not arrive within {} seconds", timeout.as_secs()),
-                    )
-                })?
-                .map_err(|_| Error::too_large(limit))?
-                .map_err(|e| Error::bad_json(format!("could not read the request body: {e}")))?;
-            if !body.is_empty() {
-                check_json(&body)?;
-            }
+            let body = read_body(&req, payload, &state).await?;
 
             let token = access_token(&req)?;
             let client_ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
@@ -346,8 +400,16 @@ where
             // Clients (matrix-nio among them) send POSTs with no body where the spec's body has
             // only optional fields; read that as `{}`, as other homeservers do.
             let body: &[u8] = if body.is_empty() && T::METHOD != http::Method::GET { b"{}" } else { &body };
+            check_known_parser_panics::<T>(body)?;
             let http_request = to_http_request(&req, body)?;
-            let parsed = T::try_from_http_request(http_request, &arg_refs).map_err(map_parse_error)?;
+            // Should a parser still panic on some input, that request gets a 500 (it is a bug, and
+            // the sweep test reports it) instead of a panic that takes down the worker and every
+            // connection it holds.
+            let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                T::try_from_http_request(http_request, &arg_refs)
+            }))
+            .map_err(|_| Error::internal(format!("parsing a request for {} panicked", req.path())))?
+            .map_err(map_parse_error)?;
             Ok(Ruma { body: parsed, sender, client_ip })
         })
     }
@@ -379,7 +441,7 @@ type RouteFactory = Box<dyn Fn() -> actix_web::Route>;
 /// Collects ruma endpoints and registers them as actix resources.
 #[derive(Default)]
 pub struct Router {
-    resources: BTreeMap<&'static str, Vec<RouteFactory>>,
+    resources: BTreeMap<&'static str, Vec<(http::Method, RouteFactory)>>,
 }
 
 impl Router {
@@ -396,15 +458,26 @@ impl Router {
         for path in T::PATH_BUILDER.all_paths() {
             let handler = handler.clone();
             let method = method.clone();
-            self.resources.entry(path).or_default().push(Box::new(move || {
+            let factory: RouteFactory = Box::new(move || {
                 let handler = handler.clone();
                 web::method(method.clone()).to(move |state: web::Data<AppState>, request: Ruma<T>| {
                     let handler = handler.clone();
                     async move { handler(state, request).await.map(RumaResponse) }
                 })
-            }));
+            });
+            self.resources.entry(path).or_default().push((T::METHOD, factory));
         }
         self
+    }
+
+    /// Every method and path registered, in path order (see [`crate::api::client::endpoints`]).
+    pub fn endpoints(&self) -> Vec<crate::api::client::Endpoint> {
+        self.resources
+            .iter()
+            .flat_map(|(path, routes)| {
+                routes.iter().map(|(method, _)| crate::api::client::Endpoint { method: method.clone(), path })
+            })
+            .collect()
     }
 
     pub fn configure(self, config: &mut web::ServiceConfig) {
@@ -455,7 +528,7 @@ impl Router {
         }
         let resource = |pattern: &str, path: &'static str| {
             let mut resource = web::resource(pattern.to_owned()).app_data(PathTemplate(path));
-            for route in &self.resources[path] {
+            for (_, route) in &self.resources[path] {
                 resource = resource.route(route());
             }
             resource.default_service(web::to(method_not_allowed))
@@ -476,7 +549,7 @@ impl Router {
     }
 }
 
-async fn method_not_allowed() -> HttpResponse {
+pub(crate) async fn method_not_allowed() -> HttpResponse {
     actix_web::ResponseError::error_response(&Error::unrecognized(
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed for this endpoint",
@@ -493,7 +566,10 @@ pub async fn unrecognized() -> HttpResponse {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::json::{MAX_JSON_DEPTH, arbitrary::*};
 
     fn errcode(body: &str) -> Option<String> {
         match check_json(body.as_bytes()) {
@@ -511,6 +587,91 @@ mod tests {
             assert_eq!(errcode(body).as_deref(), Some("M_BAD_JSON"), "{body}");
         }
         assert_eq!(errcode("{\"a\": 1").as_deref(), Some("M_NOT_JSON"));
+        assert_eq!(errcode(r#"["\u0000" x"#).as_deref(), Some("M_NOT_JSON"), "a NUL, then no JSON");
         assert_eq!(errcode("\"a\0\"").as_deref(), Some("M_NOT_JSON"), "a raw NUL is no JSON at all");
+    }
+
+    #[test]
+    fn a_login_body_without_type_is_missing_param_before_ruma_parses_it() {
+        type Login = ruma::api::client::session::login::v3::Request;
+        let refused = |body: &str| match check_known_parser_panics::<Login>(body.as_bytes()) {
+            Ok(()) => None,
+            Err(Error::Matrix { kind, .. }) => Some(kind.errcode().to_string()),
+            Err(other) => Some(other.to_string()),
+        };
+        assert_eq!(refused("{}").as_deref(), Some("M_MISSING_PARAM"));
+        assert_eq!(refused(r#"{"password": "x"}"#).as_deref(), Some("M_MISSING_PARAM"));
+        assert_eq!(refused(r#"{"type": "m.login.password"}"#), None);
+        assert_eq!(refused(r#"{"type": 1}"#), None, "ruma refuses a `type` that is not a string itself");
+        assert_eq!(refused("[]"), None, "ruma refuses a body that is not an object itself");
+        assert_eq!(
+            check_known_parser_panics::<ruma::api::client::account::whoami::v3::Request>(b"{}").ok(),
+            Some(())
+        );
+    }
+
+    /// What `check_json` should answer for `body`, from serde_json's parse of it (without its
+    /// recursion limit, so only for bodies a test thread's stack can parse).
+    fn expected(body: &[u8]) -> Option<&'static str> {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        deserializer.disable_recursion_limit();
+        let parsed: Option<serde_json::Value> =
+            serde::Deserialize::deserialize(&mut deserializer).ok().filter(|_| deserializer.end().is_ok());
+        match parsed {
+            None => Some("M_NOT_JSON"),
+            Some(value) if depth_of(&value) > MAX_JSON_DEPTH || has_nul(&value) => Some("M_BAD_JSON"),
+            Some(_) => None,
+        }
+    }
+
+    /// Checks `check_json` against serde_json on one body.
+    fn agrees(body: &[u8]) -> Result<(), TestCaseError> {
+        let text = String::from_utf8_lossy(body);
+        let got = errcode_of(body);
+        match expected(body) {
+            // Bodies too deep to be checked for more are refused as such, even when serde_json
+            // would not parse them (a bad escape or UTF-8 deep inside is not looked for).
+            Some("M_NOT_JSON") if crate::json::depth(body) > MAX_JSON_DEPTH => {
+                prop_assert!(got.is_some(), "accepted {text}");
+            }
+            want => prop_assert_eq!(got.as_deref(), want, "{}", text),
+        }
+        Ok(())
+    }
+
+    fn errcode_of(body: &[u8]) -> Option<String> {
+        match check_json(body) {
+            Ok(()) => None,
+            Err(Error::Matrix { kind, .. }) => Some(kind.errcode().to_string()),
+            Err(other) => Some(other.to_string()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn check_json_refuses_exactly_bodies_too_deep_or_with_nul_and_agrees_with_serde_on_json(
+            value in deep_value(100),
+            style in style(),
+        ) {
+            agrees(write(&value, style).as_bytes())?;
+        }
+
+        #[test]
+        fn check_json_agrees_with_serde_on_json_one_byte_off(
+            value in deep_value(80),
+            style in style(),
+            at in any::<usize>(),
+            byte in json_byte(),
+            how in any::<u8>(),
+        ) {
+            agrees(&mutate(write(&value, style).as_bytes(), at, byte, how))?;
+        }
+
+        #[test]
+        fn check_json_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(json_byte(), 0..300)) {
+            agrees(&bytes)?;
+        }
     }
 }

@@ -160,7 +160,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             )
             .configure(|cfg| router.configure(cfg))
             .configure(api::client::configure_custom)
-            .route("/health", web::get().to(|| async { HttpResponse::Ok().body("OK") }))
             .default_service(web::to(unrecognized))
     })
     .on_connect(move |connection, data| {

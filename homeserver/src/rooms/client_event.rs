@@ -95,7 +95,7 @@ impl<'a> ClientEvent<'a> {
             push_field(&mut out, "redacts", &serde_json::to_string(&redacts).map_err(Error::internal)?);
         }
         let ts: i64 = self.field("origin_server_ts").unwrap_or_default();
-        let mut unsigned = json!({ "age": (now_ms() - ts).max(0) });
+        let mut unsigned = json!({ "age": now_ms().saturating_sub(ts).max(0) });
         if let Some(by) = &self.stored.redacted_by {
             unsigned["redacted_because"] = json!({ "event_id": by, "type": "m.room.redaction" });
         }
@@ -163,4 +163,112 @@ pub fn client_raw<T>(event: &StoredEvent) -> Result<Raw<T>> {
 /// Stored events in the client format, as raw events.
 pub fn raws<T>(events: &[StoredEvent]) -> Result<Vec<Raw<T>>> {
     events.iter().map(client_raw).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde_json::{Value, value::RawValue};
+
+    use super::*;
+    use crate::json::arbitrary::*;
+
+    /// A timestamp as stored, or not: any integer (the extremes too), or another type.
+    fn timestamp() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), Just(-1), Just(0)].prop_map(Value::from),
+            1 => any::<u64>().prop_map(Value::from),
+            1 => scalar(),
+        ]
+    }
+
+    /// A stored event: an object with some of the fields of a PDU, whatever their values, and
+    /// others; its content nested deeper than serde_json's recursion limit at times.
+    fn stored_object() -> impl Strategy<Value = serde_json::Map<String, Value>> {
+        let content = prop_oneof![4 => deep_value(140), 1 => scalar()];
+        let kind = prop_oneof![
+            Just(Value::from("m.room.redaction")),
+            Just(Value::from("m.room.message")),
+            scalar(),
+        ];
+        (
+            prop::option::weighted(0.9, content),
+            prop::option::of(kind),
+            prop::option::of(timestamp()),
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec![
+                        "state_key",
+                        "redacts",
+                        "sender",
+                        "room_id",
+                        "unsigned",
+                        "event_id",
+                    ]),
+                    value(),
+                ),
+                0..4,
+            ),
+            prop::collection::vec((tricky_string(), value()), 0..3),
+        )
+            .prop_map(|(content, kind, ts, fields, others)| {
+                let mut object: serde_json::Map<String, Value> = others.into_iter().collect();
+                object.extend(fields.into_iter().map(|(name, value)| (name.to_owned(), value)));
+                for (name, value) in [("content", content), ("type", kind), ("origin_server_ts", ts)] {
+                    if let Some(value) = value {
+                        object.insert(name.to_owned(), value);
+                    }
+                }
+                object
+            })
+    }
+
+    /// Parses JSON text as clients without a recursion limit do.
+    fn parse_unbounded(text: &str) -> serde_json::Result<Value> {
+        crate::storage::parse_stored(text)
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn a_stored_event_is_served_as_valid_json_with_its_content_byte_for_byte(
+            object in stored_object(),
+            style in style(),
+            event_id in tricky_string(),
+            redacted_by in prop::option::of(tricky_string()),
+        ) {
+            let json = write(&Value::Object(object), style);
+            let stored = StoredEvent { stream_ordering: 1, event_id, room_id: "!r:h".to_owned(), json, redacted_by };
+            let event = ClientEvent::parse(&stored).unwrap();
+            let served = event.to_json().unwrap();
+            let parsed = parse_unbounded(served.get());
+            prop_assert!(parsed.is_ok(), "not JSON: {}", served.get());
+            let fields = |text: &str| serde_json::from_str::<BTreeMap<String, Box<RawValue>>>(text).unwrap();
+            let (before, after) = (fields(&stored.json), fields(served.get()));
+            prop_assert_eq!(
+                before.get("content").map(|raw| raw.get()),
+                after.get("content").map(|raw| raw.get()),
+                "content changed"
+            );
+            let event_id = serde_json::to_string(&stored.event_id).unwrap();
+            prop_assert_eq!(after.get("event_id").map(|raw| raw.get()), Some(event_id.as_str()));
+            let age = &parsed.unwrap()["unsigned"]["age"];
+            prop_assert!(age.as_i64().is_some_and(|age| age >= 0), "age {}", age);
+            prop_assert!(event.stripped::<Value>().is_ok());
+        }
+
+        #[test]
+        fn parsing_any_stored_text_never_panics(text in "(?s).{0,80}", bytes in prop::collection::vec(json_byte(), 0..80)) {
+            for json in [text, String::from_utf8_lossy(&bytes).into_owned()] {
+                let stored = StoredEvent { stream_ordering: 1, event_id: "$e".to_owned(), room_id: "!r:h".to_owned(), json, redacted_by: None };
+                if let Ok(event) = ClientEvent::parse(&stored) {
+                    let _ = (event.kind(), event.sender(), event.state_key(), event.content_str("membership"));
+                    prop_assert!(event.to_json().is_ok());
+                }
+            }
+        }
+    }
 }

@@ -239,3 +239,96 @@ pub async fn power(state: &AppState, room_id: &RoomId, user: &UserId) -> Result<
         level(&content["users"][user.as_str()]).or_else(|| level(&content["users_default"])).unwrap_or(0);
     Ok((user_level, content))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use federation::signing_key::SigningKey;
+    use proptest::prelude::*;
+    use ruma::{ServerName, owned_event_id, room_id, server_name, user_id};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::json::arbitrary::*;
+
+    fn key() -> &'static SigningKey {
+        static KEY: OnceLock<SigningKey> = OnceLock::new();
+        KEY.get_or_init(|| {
+            let path = std::env::temp_dir().join(format!("hearth-proptest-key-{}", std::process::id()));
+            let key = SigningKey::load_or_generate(&path).unwrap();
+            let _ = std::fs::remove_file(&path);
+            key
+        })
+    }
+
+    /// Content as a client may send it: an object of anything (numbers outside canonical JSON's
+    /// range, floats, NULs, nesting past serde_json's limit), and now and then not an object.
+    fn content() -> impl Strategy<Value = Value> {
+        let small_int = (-(1i64 << 53) + 1..(1i64 << 53)).prop_map(Value::from);
+        let field = prop_oneof![3 => deep_value(135), 1 => small_int];
+        prop_oneof![
+            6 => prop::collection::vec((tricky_string(), field), 0..6)
+                .prop_map(|fields| Value::Object(fields.into_iter().collect())),
+            1 => value(),
+        ]
+    }
+
+    /// Whether canonical JSON can hold `value`: integers within ±(2^53 - 1), no floats.
+    fn canonical_numbers(value: &Value) -> bool {
+        match value {
+            Value::Number(n) => n.as_i64().is_some_and(|n| n.unsigned_abs() < 1 << 53),
+            Value::Array(items) => items.iter().all(canonical_numbers),
+            Value::Object(map) => map.values().all(canonical_numbers),
+            _ => true,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn signing_any_content_refuses_it_or_keeps_it_as_sent(
+            content in content(),
+            style in style(),
+            v11 in any::<bool>(),
+            event_type in tricky_string(),
+            state_key in prop::option::of(tricky_string()),
+        ) {
+            let text = write(&content, style);
+            let raw = RawValue::from_string(text.clone()).unwrap();
+            let version = if v11 { RoomVersionId::V11 } else { RoomVersionId::V10 };
+            let prev = [owned_event_id!("$prev")];
+            let builder = PduBuilder {
+                room_id: room_id!("!room:hearth.test"),
+                room_version: &version,
+                sender: user_id!("@alice:hearth.test"),
+                event_type: &event_type,
+                state_key: state_key.as_deref(),
+                content: &raw,
+                prev_events: &prev,
+                auth_events: &[],
+                depth: 2,
+                origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
+                redacts: None,
+            };
+            let server: &ServerName = server_name!("hearth.test");
+            match builder.sign(server, key()) {
+                Ok(pdu) => {
+                    // Read as stored events are (content up to serde_json's limit makes an event
+                    // one level deeper; the door keeps clients' content far shallower).
+                    let signed: Value = crate::storage::parse_stored(&pdu.to_canonical_string()).unwrap();
+                    prop_assert_eq!(&signed["content"], &content);
+                    prop_assert_eq!(&signed["type"], &Value::from(event_type));
+                }
+                Err(error) => {
+                    let storable = content.is_object()
+                        && canonical_numbers(&content)
+                        && depth_of(&content) < 120
+                        && text.len() < 30_000;
+                    prop_assert!(!storable, "refused {}: {}", text, error);
+                }
+            }
+        }
+    }
+}

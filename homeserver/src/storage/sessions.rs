@@ -61,14 +61,16 @@ impl SessionStore for SqlStore {
     ) -> StoreResult<()> {
         let (user_id, device_id, now) = (session.user_id.as_str(), session.device_id.as_str(), now_ms());
         let mut tx = self.pool.begin().await?;
-        let revoked = sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND device_id = $2")
+        // The user's mark first, as every transaction that revokes sessions takes it: revoking
+        // first and marking after deadlocked on Postgres with a logout of the same device, which
+        // takes them in that order (found by the sweep test). Marking a login that revoked
+        // nothing only makes other workers read the user's sessions again once.
+        mark_user(&mut tx, UserMark::Sessions, user_id, position).await?;
+        sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND device_id = $2")
             .bind(user_id)
             .bind(device_id)
             .execute(&mut *tx)
             .await?;
-        if revoked.rows_affected() > 0 {
-            mark_user(&mut tx, UserMark::Sessions, user_id, position).await?;
-        }
         sqlx::query(UPSERT_DEVICE)
             .bind(user_id)
             .bind(device_id)
@@ -111,21 +113,32 @@ impl SessionStore for SqlStore {
         new_hash: &str,
         position: i64,
     ) -> StoreResult<Option<SessionRecord>> {
+        // The user's mark is taken before the session's row, in the order logouts take them
+        // (see `login_device`), so the user is looked up first — outside the transaction: on
+        // SQLite a transaction that reads before it writes cannot always upgrade to a writer
+        // ("database is locked" at once), and the update below checks the user again.
+        let user: Option<String> =
+            sqlx::query_scalar("SELECT user_id FROM sessions WHERE refresh_token_hash = $1")
+                .bind(old_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(user) = user else {
+            return Ok(None);
+        };
         let mut tx = self.pool.begin().await?;
+        mark_user(&mut tx, UserMark::Sessions, &user, position).await?;
         let refreshed = sqlx::query(
             "UPDATE sessions SET refresh_token_hash = $2, generation = generation + 1
-             WHERE refresh_token_hash = $1 RETURNING session_id, user_id, device_id, generation",
+             WHERE refresh_token_hash = $1 AND user_id = $3 RETURNING session_id, user_id, device_id, generation",
         )
         .bind(old_hash)
         .bind(new_hash)
+        .bind(&user)
         .fetch_optional(&mut *tx)
         .await?
         .as_ref()
         .map(session_from_row)
         .transpose()?;
-        if let Some(session) = &refreshed {
-            mark_user(&mut tx, UserMark::Sessions, session.user_id.as_str(), position).await?;
-        }
         tx.commit().await?;
         Ok(refreshed)
     }

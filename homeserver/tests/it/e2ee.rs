@@ -14,13 +14,13 @@ use crate::common::{Db, Session, TestServer, assert_error, session_of};
 const PW: &str = "correct horse battery";
 
 /// A device's signing key, as a client holds it.
-struct DeviceKey {
+pub(crate) struct DeviceKey {
     pair: Ed25519KeyPair,
     public: String,
 }
 
 impl DeviceKey {
-    fn new(device_id: &str) -> Self {
+    pub(crate) fn new(device_id: &str) -> Self {
         Self::with_name(|_| device_id.to_owned())
     }
 
@@ -40,7 +40,7 @@ impl DeviceKey {
     }
 
     /// The device's signed identity keys.
-    fn device_keys(&self, who: &Session) -> Value {
+    pub(crate) fn device_keys(&self, who: &Session) -> Value {
         let device = &who.device_id;
         self.sign(
             &who.user_id,
@@ -57,7 +57,7 @@ impl DeviceKey {
     }
 
     /// `n` signed one-time keys, ids starting at `first`.
-    fn one_time_keys(&self, who: &Session, first: usize, n: usize) -> Value {
+    pub(crate) fn one_time_keys(&self, who: &Session, first: usize, n: usize) -> Value {
         let keys: serde_json::Map<String, Value> = (first..first + n)
             .map(|i| {
                 (

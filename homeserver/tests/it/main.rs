@@ -19,4 +19,5 @@ mod providers;
 mod rooms;
 mod storage;
 mod stream;
+mod sweep;
 mod threepid;

@@ -17,7 +17,9 @@ mod threepid;
 mod to_device;
 mod user_data;
 
-pub use self::threepid::configure as configure_custom;
+use actix_web::{HttpResponse, web};
+use http::Method;
+
 use crate::ruma_wrapper::Router;
 
 /// Every client-server endpoint Hearth serves.
@@ -40,4 +42,56 @@ pub fn router() -> Router {
     backup::routes(&mut router);
     to_device::routes(&mut router);
     router
+}
+
+/// One endpoint the client listener routes: its method and path template, in which `{name}`
+/// marks a path variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub method: Method,
+    pub path: &'static str,
+}
+
+/// Every endpoint the client listener routes: ruma's, from [`router`] (every path of each request
+/// type), and the others, from [`custom`]. Both come from what the server registers, so whatever
+/// walks this list (the malformed-input sweep) sees a new endpoint without being told.
+pub fn endpoints() -> Vec<Endpoint> {
+    let mut all = router().endpoints();
+    all.extend(custom().into_iter().map(|(method, path, _)| Endpoint { method, path }));
+    all.sort_by(|a, b| (a.path, a.method.as_str()).cmp(&(b.path, b.method.as_str())));
+    all.dedup();
+    all
+}
+
+type CustomRoute = (Method, &'static str, fn() -> actix_web::Route);
+
+/// The endpoints outside ruma's types, in one table that the server registers
+/// ([`configure_custom`]) and [`endpoints`] lists.
+fn custom() -> Vec<CustomRoute> {
+    vec![
+        (Method::POST, "/_hearth/client/v1/threepid/submit_token", || web::post().to(threepid::submit_token)),
+        // The link in the email: answers with a small HTML page, not JSON.
+        (Method::GET, "/_hearth/client/v1/threepid/submit_token", || {
+            web::get().to(threepid::submit_token_link)
+        }),
+        (Method::POST, "/_matrix/client/unstable/chat.hearth.login.otp/requestToken", || {
+            web::post().to(threepid::request_login_code)
+        }),
+        // For load balancers and health checks: plain `OK`.
+        (Method::GET, "/health", || web::get().to(|| async { HttpResponse::Ok().body("OK") })),
+    ]
+}
+
+/// Registers the endpoints of [`custom`]; a known path with another method answers 405
+/// `M_UNRECOGNIZED`, as ruma's do.
+pub fn configure_custom(config: &mut web::ServiceConfig) {
+    let mut paths: std::collections::BTreeMap<&str, Vec<fn() -> actix_web::Route>> = Default::default();
+    for (_, path, route) in custom() {
+        paths.entry(path).or_default().push(route);
+    }
+    for (path, routes) in paths {
+        let resource =
+            routes.into_iter().fold(web::resource(path), |resource, route| resource.route(route()));
+        config.service(resource.default_service(web::to(crate::ruma_wrapper::method_not_allowed)));
+    }
 }

@@ -86,11 +86,16 @@ async fn propagate(state: &AppState, user_id: &UserId, field: &str, value: Optio
             Some(event) => event.content_value()?,
             None => continue,
         };
+        let before = content.clone();
         match value {
             Some(value) => content[field] = Value::from(value),
             None => {
                 content.as_object_mut().map(|c| c.remove(field));
             }
+        }
+        if content == before {
+            // The room already shows it: no new event (Synapse skips such duplicates too).
+            continue;
         }
         let content = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
         let draft = Draft {

@@ -463,10 +463,10 @@ async fn joined_members(
 pub(super) fn parse_token(token: &str) -> Result<i64> {
     // A sync token may carry more after `_` (see `sync::parse_sync_token`); the position is first.
     let position = token.split_once('_').map_or(token, |(position, _)| position);
+    // Only as `token` writes it: `s+5` or `s05` were never issued.
     position
         .strip_prefix('s')
-        .and_then(|n| n.parse::<i64>().ok())
-        .filter(|n| *n >= 0)
+        .and_then(|digits| digits.parse::<i64>().ok().filter(|n| *n >= 0 && n.to_string() == digits))
         .ok_or_else(|| Error::invalid_param(format!("`{token}` is not a token this server issued")))
 }
 

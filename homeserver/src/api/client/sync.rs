@@ -717,3 +717,48 @@ async fn joined_room(
     }
     Ok(Some(room))
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::json::arbitrary::config;
+
+    /// Strings near a token: `s`, signs, digits, `_`, `t`, dots and hex, or anything.
+    fn near_token() -> impl Strategy<Value = String> {
+        prop_oneof!["s[-+0-9]{0,21}(_t?[0-9a-f.]{0,8})?", "s?[0-9]{0,3}_{0,2}t?.{0,6}", any::<String>(),]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn a_position_token_round_trips(position in 0..=i64::MAX) {
+            prop_assert_eq!(parse_token(&token(position)).ok(), Some(position));
+            prop_assert_eq!(parse_sync_token(&token(position)).ok(), Some((position, None)));
+        }
+
+        #[test]
+        fn a_sync_token_with_a_cursor_round_trips(position in 0..=i64::MAX, cursor in "(?s).{1,40}") {
+            let text = format!("{}_t{cursor}", token(position));
+            prop_assert_eq!(parse_sync_token(&text).ok(), Some((position, Some(cursor))));
+            prop_assert_eq!(parse_token(&text).ok(), Some(position), "pagination takes a sync token too");
+        }
+
+        #[test]
+        fn token_parsers_never_panic_and_accept_only_what_the_server_writes(text in near_token()) {
+            if let Ok(position) = parse_token(&text) {
+                let written = token(position);
+                prop_assert!(text == written || text.starts_with(&format!("{written}_")), "{} read as {}", text, position);
+            }
+            if let Ok((position, cursor)) = parse_sync_token(&text) {
+                let written = match &cursor {
+                    Some(cursor) => format!("{}_t{cursor}", token(position)),
+                    None => token(position),
+                };
+                prop_assert_eq!(&text, &written);
+            }
+        }
+    }
+}

@@ -23,7 +23,7 @@ use crate::{
     },
     config::RegistrationMode,
     error::{Error, ErrorKind, Result},
-    ruma_wrapper::{Router, Ruma, parse_json_body},
+    ruma_wrapper::{JsonBody, Router, Ruma, parse_json_body},
     state::AppState,
     threepid::{self, CodeRequest, Purpose},
 };
@@ -39,19 +39,6 @@ pub(super) fn routes(router: &mut Router) {
         .add(get_3pids)
         .add(add_3pid)
         .add(delete_3pid);
-}
-
-/// Routes outside ruma's endpoint types.
-pub fn configure(config: &mut web::ServiceConfig) {
-    config.service(
-        web::resource("/_hearth/client/v1/threepid/submit_token")
-            .route(web::post().to(submit_token))
-            .route(web::get().to(submit_token_link)),
-    );
-    config.service(
-        web::resource("/_matrix/client/unstable/chat.hearth.login.otp/requestToken")
-            .route(web::post().to(request_login_code)),
-    );
 }
 
 /// Checks an address against what `purpose` needs, then sends the code.
@@ -159,14 +146,14 @@ struct SubmitToken {
 }
 
 /// POST /_hearth/client/v1/threepid/submit_token (the `submit_url` of every `requestToken`)
-async fn submit_token(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse> {
-    let body: SubmitToken = parse_json_body(&body)?;
+pub(super) async fn submit_token(state: web::Data<AppState>, body: JsonBody) -> Result<HttpResponse> {
+    let body: SubmitToken = parse_json_body(&body.0)?;
     threepid::submit_code(&state, &body.sid, &body.client_secret, &body.token).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "success": true })))
 }
 
 /// GET /_hearth/client/v1/threepid/submit_token?sid=…&client_secret=…&token=… (the emailed link)
-async fn submit_token_link(state: web::Data<AppState>, request: HttpRequest) -> HttpResponse {
+pub(super) async fn submit_token_link(state: web::Data<AppState>, request: HttpRequest) -> HttpResponse {
     let page = |status: StatusCode, title: &str, text: &str| {
         HttpResponse::build(status).content_type("text/html; charset=utf-8").body(format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
@@ -219,12 +206,12 @@ struct LoginCodeRequest {
 /// The first step of Hearth's code login (`chat.hearth.login.otp`): a code goes to the address
 /// if it belongs to an account. The answer is the same either way, so nobody learns which
 /// addresses are registered.
-async fn request_login_code(
+pub(super) async fn request_login_code(
     state: web::Data<AppState>,
     request: HttpRequest,
-    body: web::Bytes,
+    body: JsonBody,
 ) -> Result<HttpResponse> {
-    let body: LoginCodeRequest = parse_json_body(&body)?;
+    let body: LoginCodeRequest = parse_json_body(&body.0)?;
     let medium = threepid::parse_medium(&body.medium)?;
     let address = match medium {
         Medium::Email => threepid::normalize_email(body.address.as_deref().unwrap_or_default())?,
