@@ -330,33 +330,35 @@ crate::on_both_backends! {
     }
 
     async fn slow_clients_cannot_hold_every_connection(db: Db) {
-        let mut server = TestServer::start_with(db, |c| {
+        let server = TestServer::start_with(db, |c| {
             c.limits.connections_per_ip = 4;
             c.limits.body_timeout_secs = 2;
         })
         .await;
-        // The test's own client keeps no idle connection that would count against the limit.
-        server.http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
         let alice = server.register("alice", PW).await;
+        let slow_client = || {
+            reqwest::Client::builder().local_address(std::net::IpAddr::from(SLOW_CLIENT)).build().unwrap()
+        };
         let mut stalled = Vec::new();
         for _ in 0..4 {
             stalled.push(trickling(&server, &alice.token).await);
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        // A fifth connection from the same address is turned away at once.
-        let fresh = reqwest::Client::new();
-        let response = fresh.get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
+        // A fifth connection from the same address is turned away at once; others are served.
+        let response = slow_client().get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 429);
+        assert_eq!(server.get("/_matrix/client/versions", None).await.0, 200);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED");
         // The stalled bodies time out...
         for stream in &mut stalled {
-            assert!(answer(stream).await.starts_with("HTTP/1.1 408"));
+            let status = answer(stream).await;
+            assert!(status.starts_with("HTTP/1.1 408"), "{status}");
         }
         drop(stalled);
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         // ...and with their connections gone, the address is served again.
-        let response = reqwest::Client::new().get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
+        let response = slow_client().get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 200);
         server.stop().await;
     }
@@ -379,11 +381,17 @@ fn urlencode(s: &str) -> String {
     s.replace('%', "%25").replace('+', "%2B").replace(' ', "%20")
 }
 
+/// The address the slow client connects from (all of 127/8 is loopback), so that no other
+/// connection of the test counts against its limit.
+const SLOW_CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
+
 /// Opens a connection that sends a request's headers and the first byte of its body, then
 /// stalls: a client trickling its body.
 async fn trickling(server: &TestServer, token: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let mut stream = tokio::net::TcpStream::connect(server.server.addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((SLOW_CLIENT, 0).into()).unwrap();
+    let mut stream = socket.connect(server.server.addr).await.unwrap();
     let head = format!(
         "PUT /_matrix/client/v3/user/%40a%3Alocalhost/account_data/x HTTP/1.1\r\nHost: localhost\r\n\
          Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
