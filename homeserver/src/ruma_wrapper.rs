@@ -268,6 +268,16 @@ pub fn check_uri(req: &HttpRequest) -> Result<()> {
     Ok(())
 }
 
+/// The app state, and the request's body once its path and query pass [`check_uri`]: what every
+/// extractor of a JSON endpoint starts with.
+async fn state_and_body(req: &HttpRequest, payload: Payload) -> Result<(web::Data<AppState>, web::Bytes)> {
+    let state =
+        req.app_data::<web::Data<AppState>>().cloned().ok_or_else(|| Error::internal("no app state"))?;
+    check_uri(req)?;
+    let body = read_body(req, payload, &state).await?;
+    Ok((state, body))
+}
+
 /// Reads a request body within `limits.max_request_bytes` and `limits.body_timeout_secs`, and
 /// checks a non-empty one with [`check_json`].
 async fn read_body(req: &HttpRequest, payload: Payload, state: &AppState) -> Result<web::Bytes> {
@@ -313,14 +323,7 @@ impl FromRequest for JsonBody {
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let req = req.clone();
         let payload = payload.take();
-        Box::pin(async move {
-            let state = req
-                .app_data::<web::Data<AppState>>()
-                .cloned()
-                .ok_or_else(|| Error::internal("no app state"))?;
-            check_uri(&req)?;
-            read_body(&req, payload, &state).await.map(JsonBody)
-        })
+        Box::pin(async move { state_and_body(&req, payload).await.map(|(_, body)| JsonBody(body)) })
     }
 }
 
@@ -385,12 +388,7 @@ where
         let req = req.clone();
         let payload = payload.take();
         Box::pin(async move {
-            let state = req
-                .app_data::<web::Data<AppState>>()
-                .cloned()
-                .ok_or_else(|| Error::internal("no app state"))?;
-            check_uri(&req)?;
-            let body = read_body(&req, payload, &state).await?;
+            let (state, body) = state_and_body(&req, payload).await?;
 
             let token = access_token(&req)?;
             let client_ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
