@@ -329,6 +329,22 @@ crate::on_both_backends! {
         test_db.remove().await;
     }
 
+    async fn behind_a_trusted_proxy_connections_per_address_are_not_capped(db: Db) {
+        let server = TestServer::start_with(db, |c| {
+            c.limits.connections_per_ip = 1;
+            c.listen.trust_x_forwarded_for = true;
+        })
+        .await;
+        let alice = server.register("alice", PW).await;
+        // Every connection comes from the proxy's address: capping it would cap everyone.
+        let held = [trickling(&server, &alice.token).await, trickling(&server, &alice.token).await];
+        let from_proxy = reqwest::Client::builder().local_address(std::net::IpAddr::from(SLOW_CLIENT)).build().unwrap();
+        let response = from_proxy.get(format!("{}/_matrix/client/versions", server.base)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        drop(held);
+        server.stop().await;
+    }
+
     async fn slow_clients_cannot_hold_every_connection(db: Db) {
         let server = TestServer::start_with(db, |c| {
             c.limits.connections_per_ip = 4;

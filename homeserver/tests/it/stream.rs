@@ -225,14 +225,16 @@ async fn a_writer_without_its_lease_commits_nothing_it_held() {
         .fetch_one(store.pool())
         .await
         .unwrap();
-    wait_for_upto(&store, counter).await;
+    let passed = wait_for_upto(&store, counter).await;
     tokio::time::sleep(Duration::from_millis(3_000)).await;
-    assert!(held.still_leased().is_err(), "the position it held is doomed");
-    drop(held);
-    // A new position comes with a renewed lease (and the row back).
+    // A new position comes with a renewed lease (and the row back), which names the old position
+    // as still held until its transaction finds it doomed: readers do not go back for it.
     let fresh = writer.allocate().await.unwrap();
     assert!(fresh.position > counter, "new positions come after everything readers passed");
     assert!(fresh.still_leased().is_ok());
+    assert!(store.persisted_upto().await.unwrap() >= passed, "readers never go back");
+    assert!(held.still_leased().is_err(), "the position it held is doomed");
+    drop(held);
     let rows: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM stream_writers")
         .fetch_one(store.pool())
         .await
