@@ -18,7 +18,9 @@ use crate::pdu::{PduError, rules};
 pub struct Pdu {
     #[serde(skip_deserializing, default = "placeholder_id")]
     pub event_id: OwnedEventId,
-    pub room_id: OwnedRoomId,
+    /// Absent from the create event of room versions whose room id is that event's hash.
+    #[serde(default)]
+    pub room_id: Option<OwnedRoomId>,
     pub sender: OwnedUserId,
     pub origin_server_ts: MilliSecondsSinceUnixEpoch,
     #[serde(rename = "type")]
@@ -26,13 +28,31 @@ pub struct Pdu {
     pub content: Box<RawValue>,
     #[serde(default)]
     pub state_key: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "references")]
     pub prev_events: Vec<OwnedEventId>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "references")]
     pub auth_events: Vec<OwnedEventId>,
     #[serde(default)]
     pub redacts: Option<OwnedEventId>,
     pub depth: u64,
+}
+
+/// Event references as any room version writes them: ids, or `[id, hashes]` pairs (versions 1
+/// and 2).
+fn references<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<OwnedEventId>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Reference {
+        Id(OwnedEventId),
+        WithHashes(OwnedEventId, serde::de::IgnoredAny),
+    }
+    let references = Vec::<Reference>::deserialize(deserializer)?;
+    Ok(references
+        .into_iter()
+        .map(|reference| match reference {
+            Reference::Id(id) | Reference::WithHashes(id, _) => id,
+        })
+        .collect())
 }
 
 fn placeholder_id() -> OwnedEventId {
@@ -67,7 +87,7 @@ impl Event for Pdu {
     }
 
     fn room_id(&self) -> Option<&RoomId> {
-        Some(&self.room_id)
+        self.room_id.as_deref()
     }
 
     fn sender(&self) -> &UserId {

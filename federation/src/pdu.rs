@@ -42,8 +42,41 @@ pub enum PduError {
     Signature(String),
 }
 
-/// Room versions Hearth creates and joins.
-pub const SUPPORTED_ROOM_VERSIONS: &[RoomVersionId] = &[RoomVersionId::V10, RoomVersionId::V11];
+/// Room versions Hearth creates and joins: every stable version of the spec.
+pub const SUPPORTED_ROOM_VERSIONS: &[RoomVersionId] = &[
+    RoomVersionId::V1,
+    RoomVersionId::V2,
+    RoomVersionId::V3,
+    RoomVersionId::V4,
+    RoomVersionId::V5,
+    RoomVersionId::V6,
+    RoomVersionId::V7,
+    RoomVersionId::V8,
+    RoomVersionId::V9,
+    RoomVersionId::V10,
+    RoomVersionId::V11,
+    RoomVersionId::V12,
+];
+
+/// Whether a room version's event ids are chosen by the sending server (`$random:server`, versions
+/// 1 and 2) rather than being the event's reference hash: such events carry their `event_id`, and
+/// their `prev_events`/`auth_events` name each event with its `hashes`.
+pub fn ids_chosen_by_sender(rules: &RoomVersionRules) -> bool {
+    rules.event_format.require_event_id
+}
+
+/// Whether a room version's room id is the reference hash of its `m.room.create` event (version
+/// 12 and later): the create event then carries no `room_id`.
+pub fn room_id_is_create_hash(rules: &RoomVersionRules) -> bool {
+    !rules.event_format.require_room_create_room_id
+}
+
+/// The room id of a room whose version derives it from its create event (see
+/// [`room_id_is_create_hash`]): `!` followed by the create event's reference hash.
+pub fn room_id_from_create(create_event_id: &EventId) -> Result<ruma::OwnedRoomId, PduError> {
+    RoomId::new_v2(create_event_id.as_str().trim_start_matches('$'))
+        .map_err(|e| PduError::Json(e.to_string()))
+}
 
 /// The rules of a room version Hearth supports.
 pub fn rules(version: &RoomVersionId) -> Result<RoomVersionRules, PduError> {
@@ -56,7 +89,9 @@ pub fn rules(version: &RoomVersionId) -> Result<RoomVersionRules, PduError> {
 /// What a new event says and where it goes in its room.
 #[derive(Debug, Clone)]
 pub struct PduBuilder<'a> {
-    pub room_id: &'a RoomId,
+    /// The room; `None` only for the `m.room.create` event of a room version whose room id is
+    /// that event's hash (see [`room_id_is_create_hash`]), which carries none.
+    pub room_id: Option<&'a RoomId>,
     pub room_version: &'a RoomVersionId,
     pub sender: &'a UserId,
     pub event_type: &'a str,
@@ -66,6 +101,9 @@ pub struct PduBuilder<'a> {
     pub prev_events: &'a [OwnedEventId],
     /// The state events that authorise it (create, power levels, the sender's membership, …).
     pub auth_events: &'a [OwnedEventId],
+    /// The `hashes` object of each event named in `prev_events` and `auth_events`. Only room
+    /// versions 1 and 2 use them (their references are `[event_id, hashes]` pairs).
+    pub reference_hashes: &'a BTreeMap<OwnedEventId, CanonicalJsonValue>,
     pub depth: u64,
     pub origin_server_ts: MilliSecondsSinceUnixEpoch,
     /// For redactions: the event redacted (top-level in room versions before 11).
@@ -112,8 +150,21 @@ impl PduBuilder<'_> {
         let CanonicalJsonValue::Object(mut content) = content else {
             return Err(PduError::ContentNotObject);
         };
+        let create_names_room = self.event_type == "m.room.create" && room_id_is_create_hash(&rules);
         let mut object = CanonicalJsonObject::new();
-        object.insert("room_id".into(), canonical(self.room_id)?);
+        match (self.room_id, create_names_room) {
+            (Some(room_id), false) => {
+                object.insert("room_id".into(), canonical(room_id)?);
+            }
+            (None, true) => {}
+            (Some(_), true) => {
+                return Err(PduError::Json(format!(
+                    "the create event of a version {} room carries no room_id",
+                    self.room_version
+                )));
+            }
+            (None, false) => return Err(PduError::Json("room_id missing".to_owned())),
+        }
         object.insert("sender".into(), canonical(self.sender)?);
         object.insert("type".into(), canonical(self.event_type)?);
         if let Some(state_key) = self.state_key {
@@ -128,8 +179,16 @@ impl PduBuilder<'_> {
             }
         }
         object.insert("content".into(), CanonicalJsonValue::Object(content));
-        object.insert("prev_events".into(), canonical(self.prev_events)?);
-        object.insert("auth_events".into(), canonical(self.auth_events)?);
+        let sender_chooses_id = ids_chosen_by_sender(&rules);
+        object.insert("prev_events".into(), self.references(self.prev_events, sender_chooses_id)?);
+        object.insert("auth_events".into(), self.references(self.auth_events, sender_chooses_id)?);
+        let chosen_id = if sender_chooses_id {
+            let id = EventId::new_v1(server);
+            object.insert("event_id".into(), canonical(&id)?);
+            Some(id)
+        } else {
+            None
+        };
         object.insert("depth".into(), canonical(self.depth)?);
         object.insert("origin_server_ts".into(), canonical(self.origin_server_ts)?);
 
@@ -139,15 +198,50 @@ impl PduBuilder<'_> {
         if size > MAX_PDU_BYTES {
             return Err(PduError::TooLarge);
         }
-        let hash = reference_hash(&object, &rules).map_err(signing_error)?;
-        let event_id = EventId::parse(format!("${hash}")).map_err(|e| PduError::Json(e.to_string()))?;
+        let event_id = match chosen_id {
+            Some(id) => id,
+            None => {
+                let hash = reference_hash(&object, &rules).map_err(signing_error)?;
+                EventId::parse(format!("${hash}")).map_err(|e| PduError::Json(e.to_string()))?
+            }
+        };
         Ok(SignedPdu { event_id, json: object })
+    }
+
+    /// `prev_events` or `auth_events` as the room version writes them: ids, or for versions 1
+    /// and 2 `[id, hashes]` pairs.
+    fn references(&self, ids: &[OwnedEventId], with_hashes: bool) -> Result<CanonicalJsonValue, PduError> {
+        if !with_hashes {
+            return canonical(ids);
+        }
+        let pairs = ids
+            .iter()
+            .map(|id| {
+                let hashes = self
+                    .reference_hashes
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| PduError::Json(format!("no hashes known for {id}")))?;
+                Ok(CanonicalJsonValue::Array(vec![canonical(id)?, hashes]))
+            })
+            .collect::<Result<_, PduError>>()?;
+        Ok(CanonicalJsonValue::Array(pairs))
     }
 }
 
-/// The event id of a PDU received from elsewhere (room versions 3 and later: its reference hash).
+/// The event id of a PDU received from elsewhere: its reference hash, or in room versions 1 and
+/// 2 the `event_id` it carries.
 pub fn event_id_of(json: &CanonicalJsonObject, version: &RoomVersionId) -> Result<OwnedEventId, PduError> {
-    let hash = reference_hash(json, &rules(version)?).map_err(signing_error)?;
+    let rules = rules(version)?;
+    if ids_chosen_by_sender(&rules) {
+        return match json.get("event_id") {
+            Some(CanonicalJsonValue::String(id)) => {
+                EventId::parse(id).map_err(|e| PduError::Json(e.to_string()))
+            }
+            _ => Err(PduError::Json("event without event_id".to_owned())),
+        };
+    }
+    let hash = reference_hash(json, &rules).map_err(signing_error)?;
     EventId::parse(format!("${hash}")).map_err(|e| PduError::Json(e.to_string()))
 }
 
@@ -218,7 +312,7 @@ mod tests {
         let prev = [owned_event_id!("$prev_event_in_the_room")];
         let auth = [owned_event_id!("$create"), owned_event_id!("$power"), owned_event_id!("$member")];
         let builder = PduBuilder {
-            room_id: room_id!("!room:hearth.test"),
+            room_id: Some(room_id!("!room:hearth.test")),
             room_version: version,
             sender: user_id!("@alice:hearth.test"),
             event_type: "m.room.message",
@@ -226,6 +320,7 @@ mod tests {
             content: &content,
             prev_events: &prev,
             auth_events: &auth,
+            reference_hashes: &BTreeMap::new(),
             depth: 7,
             origin_server_ts: MilliSecondsSinceUnixEpoch(1_700_000_000_000u64.try_into().unwrap()),
             redacts: None,
@@ -236,8 +331,12 @@ mod tests {
 
     #[test]
     fn signed_events_verify_and_their_id_is_their_reference_hash() {
-        for version in [RoomVersionId::V10, RoomVersionId::V11] {
-            let (key, pdu) = message(&version, "hello");
+        for version in SUPPORTED_ROOM_VERSIONS
+            .iter()
+            .filter(|v| !matches!(v, RoomVersionId::V1 | RoomVersionId::V2 | RoomVersionId::V3))
+        {
+            let (key, pdu) = message(version, "hello");
+            let version = version.clone();
             assert!(pdu.event_id.as_str().starts_with('$'));
             assert!(!pdu.event_id.as_str().contains(['+', '/']), "URL-safe base64 since room v4");
             assert_eq!(event_id_of(&pdu.json, &version).unwrap(), pdu.event_id);
@@ -249,6 +348,51 @@ mod tests {
             }
             assert!(!pdu.json.contains_key("event_id"), "room v3+ events carry no event_id");
         }
+    }
+
+    #[test]
+    fn versions_1_and_2_carry_a_chosen_id_and_name_references_with_their_hashes() {
+        let key = key();
+        let content = to_raw_value(&serde_json::json!({"body": "old"})).unwrap();
+        let prev = [owned_event_id!("$prev:hearth.test")];
+        let hashes = CanonicalJsonValue::Object(
+            [("sha256".to_owned(), CanonicalJsonValue::String("abc".to_owned()))].into_iter().collect(),
+        );
+        let refs = BTreeMap::from([(prev[0].clone(), hashes.clone())]);
+        for version in [RoomVersionId::V1, RoomVersionId::V2] {
+            let pdu = PduBuilder {
+                room_id: Some(room_id!("!room:hearth.test")),
+                room_version: &version,
+                sender: user_id!("@alice:hearth.test"),
+                event_type: "m.room.message",
+                state_key: None,
+                content: &content,
+                prev_events: &prev,
+                auth_events: &[],
+                reference_hashes: &refs,
+                depth: 2,
+                origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
+                redacts: None,
+            }
+            .sign(server_name!("hearth.test"), &key)
+            .unwrap();
+            assert_eq!(pdu.event_id.server_name().map(|s| s.as_str()), Some("hearth.test"));
+            assert_eq!(event_id_of(&pdu.json, &version).unwrap(), pdu.event_id);
+            assert_eq!(
+                pdu.json.get("prev_events"),
+                Some(&CanonicalJsonValue::Array(vec![CanonicalJsonValue::Array(vec![
+                    CanonicalJsonValue::String(prev[0].to_string()),
+                    hashes.clone()
+                ])]))
+            );
+            assert!(verify(&pdu.json, &version, &keys_of(&key)).unwrap());
+            let read = crate::auth::Pdu::from_json(pdu.event_id.clone(), &pdu.json).unwrap();
+            assert_eq!(read.prev_events, prev.to_vec());
+        }
+        // Version 3 ids are the reference hash in standard base64.
+        let (_, v3) = message(&RoomVersionId::V3, "hello");
+        assert_eq!(event_id_of(&v3.json, &RoomVersionId::V3).unwrap(), v3.event_id);
+        assert!(v3.event_id.server_name().is_none());
     }
 
     #[test]
@@ -285,8 +429,9 @@ mod tests {
         let key = key();
         let big = to_raw_value(&serde_json::json!({"body": "x".repeat(MAX_PDU_BYTES)})).unwrap();
         let prev = [owned_event_id!("$p")];
+        let no_refs = BTreeMap::new();
         let mut builder = PduBuilder {
-            room_id: room_id!("!room:hearth.test"),
+            room_id: Some(room_id!("!room:hearth.test")),
             room_version: &RoomVersionId::V10,
             sender: user_id!("@alice:hearth.test"),
             event_type: "m.room.message",
@@ -294,6 +439,7 @@ mod tests {
             content: &big,
             prev_events: &prev,
             auth_events: &[],
+            reference_hashes: &no_refs,
             depth: 1,
             origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
             redacts: None,
@@ -310,12 +456,26 @@ mod tests {
             builder.sign(server_name!("hearth.test"), &key),
             Err(PduError::TooManyReferences(_))
         ));
-        let v1 = RoomVersionId::V1;
+        let unknown = RoomVersionId::try_from("org.example.unknown").unwrap();
         builder.prev_events = &prev;
-        builder.room_version = &v1;
+        builder.room_version = &unknown;
         assert!(matches!(
             builder.sign(server_name!("hearth.test"), &key),
             Err(PduError::UnsupportedRoomVersion(_))
         ));
+        // Versions 1 and 2 name referenced events with their hashes, which must be known.
+        builder.room_version = &RoomVersionId::V1;
+        assert!(matches!(builder.sign(server_name!("hearth.test"), &key), Err(PduError::Json(_))));
+        // A version 12 create event carries no room id; every other event needs one.
+        builder.room_version = &RoomVersionId::V12;
+        builder.event_type = "m.room.create";
+        builder.state_key = Some("");
+        assert!(builder.sign(server_name!("hearth.test"), &key).is_err());
+        builder.room_id = None;
+        let create = builder.sign(server_name!("hearth.test"), &key).unwrap();
+        assert!(!create.json.contains_key("room_id"));
+        builder.event_type = "m.room.message";
+        builder.state_key = None;
+        assert!(builder.sign(server_name!("hearth.test"), &key).is_err());
     }
 }

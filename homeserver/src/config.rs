@@ -63,6 +63,7 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
     pub limits: LimitsConfig,
     pub user_directory: UserDirectoryConfig,
+    pub rooms: RoomsConfig,
     pub threepid: ThreepidConfig,
     pub email: EmailConfig,
     pub sms: SmsConfig,
@@ -291,6 +292,27 @@ pub struct UserDirectoryConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// The room version of rooms created without one (`createRoom`'s `room_version`), also
+    /// announced as the default in `/capabilities`. Any of 1–12.
+    pub default_version: String,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { default_version: "10".to_owned() }
+    }
+}
+
+impl RoomsConfig {
+    /// The default room version, parsed (checked at start-up).
+    pub fn default_version(&self) -> ruma::RoomVersionId {
+        ruma::RoomVersionId::try_from(self.default_version.as_str()).unwrap_or(ruma::RoomVersionId::V10)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
     /// TURN server URIs handed to clients (`turn:turn.example.org:3478?transport=udp`). Empty:
     /// no TURN server.
@@ -339,6 +361,7 @@ impl Default for Config {
             rate_limits: RateLimitConfig::default(),
             limits: LimitsConfig::default(),
             user_directory: UserDirectoryConfig::default(),
+            rooms: RoomsConfig::default(),
             threepid: ThreepidConfig::default(),
             email: EmailConfig::default(),
             sms: SmsConfig::default(),
@@ -610,6 +633,11 @@ impl Config {
         }
         if self.limits.max_request_bytes < 1024 {
             return Err(invalid("limits.max_request_bytes", "must be at least 1024"));
+        }
+        let supported = federation::pdu::SUPPORTED_ROOM_VERSIONS;
+        if !supported.iter().any(|v| v.as_str() == self.rooms.default_version) {
+            let list: Vec<&str> = supported.iter().map(|v| v.as_str()).collect();
+            return Err(invalid("rooms.default_version", format!("allowed: {}", list.join(", "))));
         }
         self.validate_threepids()?;
         self.validate_jwt_login()?;

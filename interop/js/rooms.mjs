@@ -131,6 +131,31 @@ try {
 }
 check(denied === "M_FORBIDDEN", `bob may not rename the room: ${denied}`);
 
+// Alice upgrades the room to version 12; bob's client sees the tombstone and follows.
+const tombstoned = waitFor(
+  bob,
+  sdk.RoomStateEvent.Events,
+  (event) => event.getType() === "m.room.tombstone" && event.getRoomId() === roomId,
+  "bob sees the tombstone",
+);
+const { replacement_room: newRoomId } = await alice.upgradeRoom(roomId, "12");
+const [tombstone] = await tombstoned;
+check(tombstone.getContent().replacement_room === newRoomId, `the tombstone names the new room ${newRoomId}`);
+// The room is invite-only: alice invites its members, as Element offers when upgrading.
+await alice.invite(newRoomId, bob.getUserId());
+await bob.joinRoom(tombstone.getContent().replacement_room);
+const hearsInNewRoom = waitFor(
+  bob,
+  sdk.RoomEvent.Timeline,
+  (event, room) => room?.roomId === newRoomId && event.getContent().body === "in the new room",
+  "bob hears alice in the new room",
+);
+await alice.sendTextMessage(newRoomId, "in the new room");
+await hearsInNewRoom;
+const newRoom = bob.getRoom(newRoomId);
+check(newRoom.getVersion() === "12", `a version 12 room: ${newRoom.getVersion()}`);
+check(newRoom.findPredecessor()?.roomId === roomId, "bob's client links the new room to the old one");
+
 alice.stopClient();
 bob.stopClient();
 console.log("ALL CHECKS PASSED");

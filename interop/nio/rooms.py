@@ -162,6 +162,33 @@ async def main() -> None:
         check(isinstance(redacted, RoomRedactResponse), f"alice redacts her message: {redacted}")
         denied = await bob.room_put_state(room_id, "m.room.name", {"name": "Bob's room"})
         check(getattr(denied, "status_code", None) == "M_FORBIDDEN", f"bob may not rename: {denied}")
+
+        # Alice upgrades the room to version 12; bob's client sees the tombstone and follows.
+        upgraded = await alice.send(
+            "POST",
+            f"/_matrix/client/v3/rooms/{room_id}/upgrade",
+            '{"new_version": "12"}',
+            headers={"Authorization": f"Bearer {alice.access_token}", "Content-Type": "application/json"},
+        )
+        answer = await upgraded.json()
+        check(upgraded.status == 200 and "replacement_room" in answer, f"alice upgrades the room: {answer}")
+        new_room = answer["replacement_room"]
+        replacement = None
+        for _ in range(5):
+            await bob.sync(timeout=3000)
+            replacement = bob.rooms[room_id].replacement_room
+            if replacement:
+                break
+        check(replacement == new_room, f"bob's client sees the room replaced by {new_room}: {replacement}")
+        # The room is invite-only: alice invites its members, as Element offers when upgrading.
+        invited = await alice.room_invite(new_room, bob.user_id)
+        check(not getattr(invited, "status_code", None), f"alice invites bob to the new room: {invited}")
+        followed = await bob.join(replacement)
+        check(isinstance(followed, JoinResponse), f"bob follows into the new room: {followed}")
+        await alice.room_send(new_room, "m.room.message", {"msgtype": "m.text", "body": "in the new room"})
+        seen = await texts_until(bob, new_room, "in the new room")
+        check("in the new room" in seen, f"bob hears alice in the new room: {seen}")
+        check(bob.rooms[new_room].room_version == "12", f"a version 12 room: {bob.rooms[new_room].room_version}")
         print("ALL CHECKS PASSED", flush=True)
     finally:
         await alice.close()

@@ -17,9 +17,9 @@ use crate::{
     storage::{StoredEvent, now_ms},
 };
 
-/// The fields of a PDU a client sees.
-const CLIENT_FIELDS: &[&str] =
-    &["content", "origin_server_ts", "room_id", "sender", "type", "state_key", "redacts"];
+/// The fields of a PDU a client sees, besides `room_id` and `event_id` (which come from the
+/// stored row: a version 12 create event names no room).
+const CLIENT_FIELDS: &[&str] = &["content", "origin_server_ts", "sender", "type", "state_key", "redacts"];
 
 /// A stored event seen through its top-level fields.
 #[derive(Debug)]
@@ -82,11 +82,9 @@ impl<'a> ClientEvent<'a> {
                 push_field(&mut out, name, raw.get());
             }
         }
-        push_field(
-            &mut out,
-            "event_id",
-            &serde_json::to_string(&self.stored.event_id).map_err(Error::internal)?,
-        );
+        for (name, value) in [("room_id", &self.stored.room_id), ("event_id", &self.stored.event_id)] {
+            push_field(&mut out, name, &serde_json::to_string(value).map_err(Error::internal)?);
+        }
         if !self.fields.contains_key("redacts")
             && self.kind() == "m.room.redaction"
             && let Some(redacts) = self.content_str("redacts")

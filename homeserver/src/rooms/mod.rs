@@ -9,15 +9,15 @@ pub mod ephemeral;
 pub mod recent;
 pub mod visibility;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use actix_web::http::StatusCode;
 use federation::{
     auth::{self, Pdu},
-    pdu::{PduBuilder, SignedPdu},
+    pdu::{self, PduBuilder, SignedPdu},
 };
 use ruma::{
-    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, RoomId, RoomVersionId, UserId,
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, UserId,
     events::{StateEventType, TimelineEventType},
 };
 use serde_json::value::RawValue;
@@ -71,15 +71,26 @@ fn parse_pdu(event_id: &str, json: &str) -> std::result::Result<Pdu, AppendError
     Pdu::from_json(id, &object).map_err(|e| AppendError::Invalid(e.to_string()))
 }
 
+/// The `hashes` of a stored event, which room versions 1 and 2 name with its id.
+fn hashes_of(json: &str) -> std::result::Result<ruma::CanonicalJsonValue, AppendError> {
+    // Top-level fields only: the content stays raw, however deeply it is nested.
+    let fields: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
+    let hashes = fields.get("hashes").ok_or_else(|| AppendError::Invalid("event without hashes".into()))?;
+    serde_json::from_str(hashes.get()).map_err(|e| AppendError::Invalid(e.to_string()))
+}
+
 /// Builds, signs and authorises `draft` against the room's head.
 fn build(
     state: &AppState,
     room_id: &RoomId,
     draft: &Draft<'_>,
+    origin_server_ts: MilliSecondsSinceUnixEpoch,
     head: &RoomHead,
 ) -> std::result::Result<NewEvent, AppendError> {
     let version = RoomVersionId::try_from(head.room_version.as_str())
         .map_err(|e| AppendError::Invalid(e.to_string()))?;
+    let rules = pdu::rules(&version).map_err(|e| AppendError::Invalid(e.to_string()))?;
     let kind = TimelineEventType::from(draft.event_type);
     let auth_keys = auth::auth_types(&version, &kind, draft.sender, draft.state_key, draft.content)
         .map_err(|e| AppendError::Invalid(e.to_string()))?;
@@ -98,10 +109,26 @@ fn build(
             auth_events.insert(pdu.event_id.clone(), pdu.clone());
         }
     }
+    // From room version 12 the create event is not among an event's auth events, but the auth
+    // rules still look it up (by the room id, which is its hash).
+    if let Some(create) = state_pdus.get(&(StateEventType::RoomCreate, String::new())) {
+        auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
+    }
+    let mut reference_hashes = BTreeMap::new();
+    if pdu::ids_chosen_by_sender(&rules) {
+        for (event_id, json) in head.state.values() {
+            let id =
+                OwnedEventId::try_from(event_id.as_str()).map_err(|e| AppendError::Invalid(e.to_string()))?;
+            reference_hashes.insert(id, hashes_of(json)?);
+        }
+        for (id, json) in &head.extremity_json {
+            reference_hashes.insert(id.clone(), hashes_of(json)?);
+        }
+    }
     let depth = u64::try_from(head.depth + 1).unwrap_or(1);
-    let now = MilliSecondsSinceUnixEpoch::now();
+    let creates_room_id = kind == TimelineEventType::RoomCreate && pdu::room_id_is_create_hash(&rules);
     let builder = PduBuilder {
-        room_id,
+        room_id: (!creates_room_id).then_some(room_id),
         room_version: &version,
         sender: draft.sender,
         event_type: draft.event_type,
@@ -109,13 +136,17 @@ fn build(
         content: draft.content,
         prev_events: &head.extremities,
         auth_events: &auth_ids,
+        reference_hashes: &reference_hashes,
         depth,
-        origin_server_ts: now,
+        origin_server_ts,
         redacts: draft.redacts,
     };
     let SignedPdu { event_id, json } = builder
         .sign(&state.server_name, &state.signing_key)
         .map_err(|e| AppendError::Invalid(e.to_string()))?;
+    if creates_room_id && pdu::room_id_from_create(&event_id).ok().as_deref() != Some(room_id) {
+        return Err(AppendError::Invalid("the create event does not hash to the room id".into()));
+    }
     let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| AppendError::Invalid(e.to_string()))?;
     auth::check(&version, &pdu, &auth_events, &state_pdus).map_err(AppendError::Refused)?;
 
@@ -130,7 +161,7 @@ fn build(
         event_type: draft.event_type.to_owned(),
         state_key: draft.state_key.map(str::to_owned),
         depth: i64::try_from(depth).unwrap_or(i64::MAX),
-        origin_server_ts: i64::try_from(u64::from(now.0)).unwrap_or(i64::MAX),
+        origin_server_ts: i64::try_from(u64::from(origin_server_ts.0)).unwrap_or(i64::MAX),
         membership,
         redaction: draft.redacts.zip(draft.redacted_json.clone()).map(|(id, json)| (id.to_string(), json)),
         txn: draft.txn.map(|(device, txn)| (draft.sender.to_string(), device.to_owned(), txn.to_owned())),
@@ -139,6 +170,70 @@ fn build(
 
 /// Appends an event to a room, returning it as stored.
 pub async fn append(state: &AppState, room_id: &RoomId, draft: Draft<'_>) -> Result<StoredEvent> {
+    append_at(state, room_id, draft, None).await
+}
+
+/// Creates a room of `version` with its `m.room.create` event (`content` without
+/// `room_version`, which this adds), returning the new room's id: random, or from version 12 the
+/// create event's hash.
+pub async fn create(
+    state: &AppState,
+    version: &RoomVersionId,
+    creator: &UserId,
+    mut content: serde_json::Map<String, serde_json::Value>,
+) -> Result<OwnedRoomId> {
+    let rules = pdu::rules(version).map_err(|e| Error::bad_json(e.to_string()))?;
+    content.insert("room_version".into(), version.as_str().into());
+    let content = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
+    let now = MilliSecondsSinceUnixEpoch::now();
+    let room_id = if pdu::room_id_is_create_hash(&rules) {
+        // Signing is deterministic: built again at the same time, in the new room, the create
+        // event hashes to the same id (which `build` checks).
+        let no_refs = BTreeMap::new();
+        let create = PduBuilder {
+            room_id: None,
+            room_version: version,
+            sender: creator,
+            event_type: "m.room.create",
+            state_key: Some(""),
+            content: &content,
+            prev_events: &[],
+            auth_events: &[],
+            reference_hashes: &no_refs,
+            depth: 1,
+            origin_server_ts: now,
+            redacts: None,
+        }
+        .sign(&state.server_name, &state.signing_key)
+        .map_err(|e| Error::bad_json(e.to_string()))?;
+        pdu::room_id_from_create(&create.event_id).map_err(Error::internal)?
+    } else {
+        OwnedRoomId::try_from(format!("!{}:{}", crate::auth::tokens::random_token(18), state.server_name))
+            .map_err(Error::internal)?
+    };
+    if !state.store.create_room(&room_id, version.as_str(), creator).await? {
+        return Err(Error::internal("room id collision"));
+    }
+    let draft = Draft {
+        sender: creator,
+        event_type: "m.room.create",
+        state_key: Some(""),
+        content: &content,
+        redacts: None,
+        redacted_json: None,
+        txn: None,
+    };
+    append_at(state, &room_id, draft, Some(now)).await?;
+    Ok(room_id)
+}
+
+/// [`append`], at a given `origin_server_ts` if one is set (now otherwise).
+async fn append_at(
+    state: &AppState,
+    room_id: &RoomId,
+    draft: Draft<'_>,
+    origin_server_ts: Option<MilliSecondsSinceUnixEpoch>,
+) -> Result<StoredEvent> {
     // Both come from the request's path here; `createRoom` checks its body's before it starts.
     check_type_and_key(draft.event_type, draft.state_key).map_err(Error::invalid_param)?;
     if draft.content.get().len() > MAX_EVENT_BYTES {
@@ -149,15 +244,25 @@ pub async fn append(state: &AppState, room_id: &RoomId, draft: Draft<'_>) -> Res
         ));
     }
     let version = room_version(state, room_id).await?;
+    let rules = pdu::rules(&version).map_err(Error::internal)?;
     let kind = TimelineEventType::from(draft.event_type);
-    let auth_keys: Vec<(String, String)> =
+    let mut auth_keys: Vec<(String, String)> =
         auth::auth_types(&version, &kind, draft.sender, draft.state_key, draft.content)
             .map_err(|e| Error::bad_json(e.to_string()))?
             .into_iter()
             .map(|(kind, key)| (kind.to_string(), key))
             .collect();
-    let builder = |head: &RoomHead| build(state, room_id, &draft, head);
-    let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, &builder).await?;
+    let create_key = ("m.room.create".to_owned(), String::new());
+    if !auth_keys.contains(&create_key) {
+        // The auth rules read the create event even where it is not an auth event (version 12).
+        auth_keys.push(create_key);
+    }
+    let builder = |head: &RoomHead| {
+        build(state, room_id, &draft, origin_server_ts.unwrap_or_else(MilliSecondsSinceUnixEpoch::now), head)
+    };
+    let with_extremity_json = pdu::ids_chosen_by_sender(&rules);
+    let outcome =
+        state.store.append_event(room_id, &state.stream, &auth_keys, with_extremity_json, &builder).await?;
     if let (Err(_), Some((device, txn))) = (&outcome, draft.txn) {
         // A retried transaction answers with its first event, even if sending again would now
         // be refused (the sender left, say).
@@ -225,14 +330,30 @@ where
     Ok(written)
 }
 
+/// A room creator's power level where creators outrank everyone (room version 12 and later).
+pub const CREATOR_POWER: i64 = i64::MAX;
+
 /// A user's power level in a room, and the room's power levels content (`{}` if none).
 pub async fn power(state: &AppState, room_id: &RoomId, user: &UserId) -> Result<(i64, serde_json::Value)> {
     let mut content = serde_json::json!({});
+    let mut is_creator = false;
+    let rules = pdu::rules(&room_version(state, room_id).await?).map_err(Error::internal)?;
     for event in state.store.current_state(room_id).await? {
         let event = client_event::ClientEvent::parse(&event)?;
         if event.is_state("m.room.power_levels", "") {
             content = event.content_value()?;
+        } else if event.is_state("m.room.create", "")
+            && rules.authorization.explicitly_privilege_room_creators
+        {
+            let additional = event.content_value()?["additional_creators"].clone();
+            is_creator = event.sender() == user.as_str()
+                || additional
+                    .as_array()
+                    .is_some_and(|list| list.iter().any(|u| u.as_str() == Some(user.as_str())));
         }
+    }
+    if is_creator {
+        return Ok((CREATOR_POWER, content));
     }
     let level = |v: &serde_json::Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
     let user_level =
@@ -299,8 +420,9 @@ mod tests {
             let raw = RawValue::from_string(text.clone()).unwrap();
             let version = if v11 { RoomVersionId::V11 } else { RoomVersionId::V10 };
             let prev = [owned_event_id!("$prev")];
+            let no_refs = BTreeMap::new();
             let builder = PduBuilder {
-                room_id: room_id!("!room:hearth.test"),
+                room_id: Some(room_id!("!room:hearth.test")),
                 room_version: &version,
                 sender: user_id!("@alice:hearth.test"),
                 event_type: &event_type,
@@ -308,6 +430,7 @@ mod tests {
                 content: &raw,
                 prev_events: &prev,
                 auth_events: &[],
+                reference_hashes: &no_refs,
                 depth: 2,
                 origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
                 redacts: None,

@@ -27,6 +27,9 @@ pub struct RoomHead {
     /// The current state the new event's auth rules need (the keys the caller asked for), with
     /// each event's canonical JSON.
     pub state: BTreeMap<(String, String), (String, String)>,
+    /// The canonical JSON of each extremity, when the caller asked for it (room versions 1 and 2
+    /// name the events they follow with their hashes).
+    pub extremity_json: BTreeMap<OwnedEventId, String>,
 }
 
 /// A built and authorised event, ready to store.
@@ -84,6 +87,7 @@ pub trait RoomStore: Send + Sync {
         room_id: &RoomId,
         writer: &Arc<StreamWriter>,
         auth_keys: &[(String, String)],
+        with_extremity_json: bool,
         build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
     ) -> StoreResult<Result<StoredEvent, AppendError>>;
     async fn event_by_txn(
@@ -126,6 +130,8 @@ pub trait RoomStore: Send + Sync {
     async fn resolve_alias(&self, alias: &str) -> StoreResult<Option<(String, String)>>;
     async fn delete_alias(&self, alias: &str) -> StoreResult<bool>;
     async fn room_aliases(&self, room_id: &RoomId) -> StoreResult<Vec<String>>;
+    /// Points every alias of room `from` at room `to` (a room upgrade), returning them.
+    async fn move_aliases(&self, from: &RoomId, to: &RoomId) -> StoreResult<Vec<String>>;
     async fn room_is_public(&self, room_id: &RoomId) -> StoreResult<bool>;
     /// Active users whose id or display name contains `term` (lower-cased), at most `limit`.
     /// With `visible_to`, only those joined to a room that user is joined to or to a public room
@@ -276,6 +282,7 @@ impl RoomStore for SqlStore {
         room_id: &RoomId,
         writer: &Arc<StreamWriter>,
         auth_keys: &[(String, String)],
+        with_extremity_json: bool,
         build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
     ) -> StoreResult<Result<StoredEvent, AppendError>> {
         // The position is taken before the transaction: allocation writes through another
@@ -302,33 +309,43 @@ impl RoomStore for SqlStore {
             Some(snapshot) => self.snapshot(&mut tx, room_id, snapshot).await?,
             None => Arc::default(),
         };
-        // Only the state the auth rules will look at, in one query.
+        // Only the state the auth rules will look at (and the extremities if asked), in one query.
         let wanted: Vec<(&(String, String), &String)> =
             auth_keys.iter().filter_map(|key| state_map.get_key_value(key)).collect();
-        let mut state = BTreeMap::new();
-        if !wanted.is_empty() {
-            let placeholders: Vec<String> = (1..=wanted.len()).map(|n| format!("${n}")).collect();
+        let mut ids: Vec<&str> = wanted.iter().map(|(_, id)| id.as_str()).collect();
+        if with_extremity_json {
+            ids.extend(extremities.iter().map(|id| id.as_str()));
+        }
+        let mut json: BTreeMap<String, String> = BTreeMap::new();
+        if !ids.is_empty() {
+            let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT event_id, json FROM events WHERE event_id IN ({})",
                 placeholders.join(", ")
             ));
             let mut query = sqlx::query(sql);
-            for (_, event_id) in &wanted {
-                query = query.bind(event_id.as_str());
+            for event_id in &ids {
+                query = query.bind(*event_id);
             }
-            let rows = query.fetch_all(&mut *tx).await?;
-            let mut json: BTreeMap<String, String> = BTreeMap::new();
-            for row in rows {
+            for row in query.fetch_all(&mut *tx).await? {
                 json.insert(row.try_get("event_id")?, row.try_get("json")?);
             }
-            for (key, event_id) in wanted {
-                let text = json
-                    .remove(event_id.as_str())
-                    .ok_or_else(|| corrupt(format!("state event {event_id} missing")))?;
-                state.insert(key.clone(), (event_id.clone(), text));
+        }
+        let mut state = BTreeMap::new();
+        for (key, event_id) in wanted {
+            let text = json
+                .get(event_id.as_str())
+                .ok_or_else(|| corrupt(format!("state event {event_id} missing")))?;
+            state.insert(key.clone(), (event_id.clone(), text.clone()));
+        }
+        let mut extremity_json = BTreeMap::new();
+        if with_extremity_json {
+            for id in &extremities {
+                let text = json.get(id.as_str()).ok_or_else(|| corrupt(format!("extremity {id} missing")))?;
+                extremity_json.insert(id.clone(), text.clone());
             }
         }
-        let head = RoomHead { room_version, extremities, depth, state };
+        let head = RoomHead { room_version, extremities, depth, state, extremity_json };
         let event = match build(&head) {
             Ok(event) => event,
             Err(refused) => return Ok(Err(refused)),
@@ -661,6 +678,17 @@ impl RoomStore for SqlStore {
             .iter()
             .map(|r| r.try_get("alias").map_err(Into::into))
             .collect()
+    }
+
+    async fn move_aliases(&self, from: &RoomId, to: &RoomId) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query("UPDATE room_aliases SET room_id = $2 WHERE room_id = $1 RETURNING alias")
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut aliases = rows.iter().map(|row| row.try_get("alias")).collect::<Result<Vec<String>, _>>()?;
+        aliases.sort();
+        Ok(aliases)
     }
 
     async fn room_is_public(&self, room_id: &RoomId) -> StoreResult<bool> {

@@ -16,6 +16,7 @@ mod hardening;
 mod interop;
 mod limits;
 mod providers;
+mod room_versions;
 mod rooms;
 mod storage;
 mod stream;

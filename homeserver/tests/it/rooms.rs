@@ -420,7 +420,7 @@ crate::on_both_backends! {
         assert_error(&big, 413, "M_TOO_LARGE");
         let not_object = server.request("PUT", &room_path(&room, "send/m.room.message/arr"), Some(&alice.token), Some(json!([1]))).await;
         assert_error(&not_object, 400, "M_BAD_JSON");
-        let version = server.post("/_matrix/client/v3/createRoom", Some(&alice.token), json!({"room_version": "1"})).await;
+        let version = server.post("/_matrix/client/v3/createRoom", Some(&alice.token), json!({"room_version": "99"})).await;
         assert_error(&version, 400, "M_UNSUPPORTED_ROOM_VERSION");
         assert_error(&server.get(&room_path(&room, "messages?dir=b&from=garbage"), Some(&alice.token)).await, 400, "M_INVALID_PARAM");
         let (status, history) = server.get(&room_path(&room, "messages?dir=b"), Some(&dave.token)).await;

@@ -3,16 +3,13 @@
 use std::collections::BTreeMap;
 
 use actix_web::web;
-use ruma::{
-    RoomVersionId,
-    api::client::discovery::{
-        discover_homeserver::{self, HomeserverInfo},
-        get_capabilities::{
-            self,
-            v3::{Capabilities, RoomVersionStability, RoomVersionsCapability},
-        },
-        get_supported_versions,
+use ruma::api::client::discovery::{
+    discover_homeserver::{self, HomeserverInfo},
+    get_capabilities::{
+        self,
+        v3::{Capabilities, RoomVersionStability, RoomVersionsCapability},
     },
+    get_supported_versions,
 };
 
 use crate::{
@@ -50,18 +47,17 @@ async fn discover_client(
 
 /// GET /_matrix/client/v3/capabilities
 async fn get_capabilities(
-    _: web::Data<AppState>,
+    state: web::Data<AppState>,
     _: Ruma<get_capabilities::v3::Request>,
 ) -> Result<get_capabilities::v3::Response> {
     let mut capabilities = Capabilities::new();
     capabilities.change_password.enabled = true;
     capabilities.room_versions = RoomVersionsCapability::new(
-        RoomVersionId::V10,
-        [
-            (RoomVersionId::V10, RoomVersionStability::Stable),
-            (RoomVersionId::V11, RoomVersionStability::Stable),
-        ]
-        .into(),
+        state.config.rooms.default_version(),
+        federation::pdu::SUPPORTED_ROOM_VERSIONS
+            .iter()
+            .map(|v| (v.clone(), RoomVersionStability::Stable))
+            .collect(),
     );
     Ok(get_capabilities::v3::Response::new(capabilities))
 }

@@ -15,6 +15,7 @@ mod session;
 mod sync;
 mod threepid;
 mod to_device;
+mod upgrade;
 mod user_data;
 
 use actix_web::{HttpResponse, web};
@@ -32,6 +33,7 @@ pub fn router() -> Router {
     device::routes(&mut router);
     threepid::routes(&mut router);
     room::routes(&mut router);
+    upgrade::routes(&mut router);
     sync::routes(&mut router);
     profile::routes(&mut router);
     user_data::routes(&mut router);

@@ -24,7 +24,7 @@ use ruma::{
 use serde_json::{Map, Value, json, value::to_raw_value};
 
 use crate::{
-    auth::{ratelimit::Action, tokens},
+    auth::ratelimit::Action,
     error::{Error, ErrorKind, Result},
     rooms::{
         self, Draft,
@@ -67,7 +67,7 @@ fn raw_json(value: &Value) -> Result<Box<serde_json::value::RawValue>> {
     to_raw_value(value).map_err(Error::internal)
 }
 
-async fn append_json(
+pub(super) async fn append_json(
     state: &AppState,
     room_id: &RoomId,
     sender: &UserId,
@@ -105,14 +105,8 @@ async fn create_room(
 ) -> Result<create_room::v3::Response> {
     let creator = &request.sender.user_id;
     let body = request.body;
-    let version = body.room_version.clone().unwrap_or(RoomVersionId::V10);
-    if !federation::pdu::SUPPORTED_ROOM_VERSIONS.contains(&version) {
-        return Err(Error::new(
-            StatusCode::BAD_REQUEST,
-            ErrorKind::UnsupportedRoomVersion,
-            format!("room version {version} is not supported; supported: 10, 11"),
-        ));
-    }
+    let version = body.room_version.clone().unwrap_or_else(|| state.config.rooms.default_version());
+    let rules = supported_rules(&version)?;
     let alias = match &body.room_alias_name {
         Some(name) => {
             let alias = ruma::OwnedRoomAliasId::try_from(format!("#{name}:{}", state.server_name))
@@ -163,22 +157,51 @@ async fn create_room(
         None => Map::new(),
     };
     creation.remove("room_version");
-    if version == RoomVersionId::V10 {
-        creation.insert("creator".into(), creator.as_str().into());
-    } else {
-        creation.remove("creator");
-    }
-    creation.insert("room_version".into(), version.as_str().into());
     if creation.get("type").is_some_and(|t| !t.is_string()) {
         return Err(Error::bad_json("creation_content.type must be a string"));
     }
 
-    let room_id = OwnedRoomId::try_from(format!("!{}:{}", tokens::random_token(18), state.server_name))
-        .map_err(Error::internal)?;
-    if !state.store.create_room(&room_id, version.as_str(), creator).await? {
-        return Err(Error::internal("room id collision"));
+    use create_room::v3::RoomPreset;
+    let preset = body.preset.clone().unwrap_or(match body.visibility {
+        Visibility::Public => RoomPreset::PublicChat,
+        _ => RoomPreset::PrivateChat,
+    });
+    // In a trusted private chat the people invited are the creator's equals: from version 12
+    // they are creators too (as Synapse makes them), before it they get power level 100.
+    let invitees_are_creators =
+        preset == RoomPreset::TrustedPrivateChat && rules.authorization.additional_room_creators;
+    let extra_creators = if invitees_are_creators { body.invite.as_slice() } else { &[] };
+    let creators = set_creators(&mut creation, &rules, creator, extra_creators)?;
+    let mut users = Map::new();
+    if !rules.authorization.explicitly_privilege_room_creators {
+        users.insert(creator.to_string(), json!(100));
+        if preset == RoomPreset::TrustedPrivateChat {
+            users.extend(body.invite.iter().map(|u| (u.to_string(), json!(100))));
+        }
     }
-    append_json(&state, &room_id, creator, "m.room.create", Some(""), &Value::Object(creation)).await?;
+    // Where creators outrank everyone (version 12), only they may upgrade the room.
+    let tombstone = if rules.authorization.explicitly_privilege_room_creators { 150 } else { 100 };
+    let mut power = json!({
+        "users": users, "users_default": 0, "events_default": 0, "state_default": 50,
+        "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+        "events": {
+            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": tombstone,
+            "m.room.server_acl": 100, "m.room.encryption": 100
+        },
+        "notifications": {"room": 50}
+    });
+    if let Some(overrides) = &body.power_level_content_override {
+        merge(&mut power, overrides.json())?;
+    }
+    if rules.authorization.explicitly_privilege_room_creators
+        && creators.iter().any(|c| power["users"].get(c.as_str()).is_some())
+    {
+        return Err(Error::bad_json(
+            "room creators outrank every power level and may not be listed in users",
+        ));
+    }
+    let room_id = rooms::create(&state, &version, creator, creation).await?;
     append_json(
         &state,
         &room_id,
@@ -189,28 +212,6 @@ async fn create_room(
     )
     .await?;
 
-    use create_room::v3::RoomPreset;
-    let preset = body.preset.clone().unwrap_or(match body.visibility {
-        Visibility::Public => RoomPreset::PublicChat,
-        _ => RoomPreset::PrivateChat,
-    });
-    let mut users = Map::from_iter([(creator.to_string(), json!(100))]);
-    if preset == RoomPreset::TrustedPrivateChat {
-        users.extend(body.invite.iter().map(|u| (u.to_string(), json!(100))));
-    }
-    let mut power = json!({
-        "users": users, "users_default": 0, "events_default": 0, "state_default": 50,
-        "ban": 50, "kick": 50, "redact": 50, "invite": 0,
-        "events": {
-            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
-            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
-            "m.room.server_acl": 100, "m.room.encryption": 100
-        },
-        "notifications": {"room": 50}
-    });
-    if let Some(overrides) = &body.power_level_content_override {
-        merge(&mut power, overrides.json())?;
-    }
     append_json(&state, &room_id, creator, "m.room.power_levels", Some(""), &power).await?;
 
     if let Some(alias) = &alias {
@@ -251,6 +252,70 @@ async fn create_room(
     }
     tracing::info!(%room_id, %version, "room created");
     Ok(create_room::v3::Response::new(room_id))
+}
+
+/// The rules of a room version a client asked for, or `M_UNSUPPORTED_ROOM_VERSION`.
+pub(super) fn supported_rules(version: &RoomVersionId) -> Result<ruma::room_version_rules::RoomVersionRules> {
+    federation::pdu::rules(version).map_err(|_| {
+        let supported: Vec<&str> =
+            federation::pdu::SUPPORTED_ROOM_VERSIONS.iter().map(|v| v.as_str()).collect();
+        Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::UnsupportedRoomVersion,
+            format!("room version {version} is not supported; supported: {}", supported.join(", ")),
+        )
+    })
+}
+
+/// Most additional creators a room may name (each is checked on every power check).
+const MAX_ADDITIONAL_CREATORS: usize = 100;
+
+/// Puts the creator fields a room version uses into a create event's `content` (`creator`
+/// before version 11; `additional_creators` from version 12, with `extra` added to those the
+/// client listed) and returns every creator.
+pub(super) fn set_creators(
+    content: &mut Map<String, Value>,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    creator: &UserId,
+    extra: &[ruma::OwnedUserId],
+) -> Result<Vec<ruma::OwnedUserId>> {
+    if rules.authorization.use_room_create_sender {
+        content.remove("creator");
+    } else {
+        content.insert("creator".into(), creator.as_str().into());
+    }
+    let mut creators = vec![creator.to_owned()];
+    if !rules.authorization.additional_room_creators {
+        content.remove("additional_creators");
+        return Ok(creators);
+    }
+    let listed = match content.remove("additional_creators") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(Error::bad_json("additional_creators must be a list of user ids")),
+    };
+    for item in listed {
+        let user = item
+            .as_str()
+            .and_then(|id| ruma::OwnedUserId::try_from(id).ok())
+            .ok_or_else(|| Error::bad_json("additional_creators must be a list of user ids"))?;
+        if !creators.contains(&user) {
+            creators.push(user);
+        }
+    }
+    for user in extra {
+        if !creators.contains(user) {
+            creators.push(user.clone());
+        }
+    }
+    if creators.len() > MAX_ADDITIONAL_CREATORS + 1 {
+        return Err(Error::invalid_param(format!("at most {MAX_ADDITIONAL_CREATORS} additional creators")));
+    }
+    if creators.len() > 1 {
+        let others: Vec<Value> = creators[1..].iter().map(|u| Value::from(u.as_str())).collect();
+        content.insert("additional_creators".into(), Value::Array(others));
+    }
+    Ok(creators)
 }
 
 /// Sets `target`'s membership in a room, as `sender`.
