@@ -451,6 +451,22 @@ impl Router {
         F: Fn(web::Data<AppState>, Ruma<T>) -> Fut + Clone + 'static,
         Fut: Future<Output = Result<T::OutgoingResponse>> + 'static,
     {
+        self.add_responding(move |state, request| {
+            let handler = handler.clone();
+            async move { handler(state, request).await.map(RumaResponse) }
+        })
+    }
+
+    /// Registers `handler` for every path of the ruma request type `T`, answering with its own
+    /// responder: for answers shaped beyond what ruma's response type writes (`/sync`'s).
+    pub fn add_responding<T, R, F, Fut>(&mut self, handler: F) -> &mut Self
+    where
+        T: IncomingRequest + 'static,
+        T::Authentication: ServerAuth,
+        R: Responder + 'static,
+        F: Fn(web::Data<AppState>, Ruma<T>) -> Fut + Clone + 'static,
+        Fut: Future<Output = Result<R>> + 'static,
+    {
         let method = actix_web::http::Method::from_bytes(T::METHOD.as_str().as_bytes())
             .unwrap_or(actix_web::http::Method::GET);
         for path in T::PATH_BUILDER.all_paths() {
@@ -460,7 +476,7 @@ impl Router {
                 let handler = handler.clone();
                 web::method(method.clone()).to(move |state: web::Data<AppState>, request: Ruma<T>| {
                     let handler = handler.clone();
-                    async move { handler(state, request).await.map(RumaResponse) }
+                    async move { handler(state, request).await }
                 })
             });
             self.resources.entry(path).or_default().push((T::METHOD, factory));

@@ -6,14 +6,15 @@
 //! cannot make an event, or a room, unservable (serde_json skips a raw value iteratively, with
 //! no recursion limit).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use ruma::serde::Raw;
+use ruma::{DeviceId, UserId, serde::Raw};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json, value::RawValue};
 
 use crate::{
     error::{Error, Result},
+    state::AppState,
     storage::{StoredEvent, now_ms},
 };
 
@@ -75,6 +76,11 @@ impl<'a> ClientEvent<'a> {
 
     /// The event in the client format, with `unsigned`, as JSON text.
     pub fn to_json(&self) -> Result<Box<RawValue>> {
+        self.to_json_with(&Unsigned::default())
+    }
+
+    /// The event in the client format, with `extra` in its `unsigned`, as JSON text.
+    fn to_json_with(&self, extra: &Unsigned<'_>) -> Result<Box<RawValue>> {
         let mut out = String::with_capacity(self.stored.json.len() + 96);
         out.push('{');
         for name in CLIENT_FIELDS {
@@ -97,7 +103,27 @@ impl<'a> ClientEvent<'a> {
         if let Some(by) = &self.stored.redacted_by {
             unsigned["redacted_because"] = json!({ "event_id": by, "type": "m.room.redaction" });
         }
-        push_field(&mut out, "unsigned", &unsigned.to_string());
+        if let Some(txn) = extra.transaction_id {
+            unsigned["transaction_id"] = txn.into();
+        }
+        let mut unsigned = unsigned.to_string();
+        if let Some(replaced) = extra.replaced {
+            // The content replaced is spliced in as stored, never re-parsed.
+            let replaced = ClientEvent::parse(replaced)?;
+            unsigned.pop();
+            for (name, value) in [
+                (
+                    "replaces_state",
+                    serde_json::to_string(&replaced.stored.event_id).map_err(Error::internal)?,
+                ),
+                ("prev_sender", serde_json::to_string(&replaced.sender()).map_err(Error::internal)?),
+                ("prev_content", replaced.content().get().to_owned()),
+            ] {
+                unsigned.push_str(&format!(",\"{name}\":{value}"));
+            }
+            unsigned.push('}');
+        }
+        push_field(&mut out, "unsigned", &unsigned);
         out.push('}');
         RawValue::from_string(out).map_err(Error::internal)
     }
@@ -161,6 +187,56 @@ pub fn client_raw<T>(event: &StoredEvent) -> Result<Raw<T>> {
 /// Stored events in the client format, as raw events.
 pub fn raws<T>(events: &[StoredEvent]) -> Result<Vec<Raw<T>>> {
     events.iter().map(client_raw).collect()
+}
+
+/// What a reader's view of an event adds to its `unsigned` besides its age.
+#[derive(Debug, Default)]
+struct Unsigned<'a> {
+    /// The reader's own transaction id, when the reader's device sent the event.
+    transaction_id: Option<&'a str>,
+    /// The state event this one replaced, as stored now (redacted if it was).
+    replaced: Option<&'a StoredEvent>,
+}
+
+/// Who reads events: a user, and the device whose transaction ids they see.
+#[derive(Debug, Clone, Copy)]
+pub struct Reader<'a> {
+    pub user: &'a UserId,
+    pub device: &'a DeviceId,
+}
+
+/// Events in the client format as `reader` sees them: `unsigned.transaction_id` on those its
+/// device sent, and on state events that replaced others `replaces_state`, `prev_content` and
+/// `prev_sender` (the replaced events read in one query).
+pub async fn serve<T>(state: &AppState, events: &[StoredEvent], reader: Reader<'_>) -> Result<Vec<Raw<T>>> {
+    let wanted: Vec<&str> = events.iter().filter_map(|e| e.replaces_state.as_deref()).collect();
+    let replaced: HashMap<String, StoredEvent> = match wanted.is_empty() {
+        true => HashMap::new(),
+        false => {
+            state.store.events_by_id(&wanted).await?.into_iter().map(|e| (e.event_id.clone(), e)).collect()
+        }
+    };
+    events
+        .iter()
+        .map(|event| {
+            let client = ClientEvent::parse(event)?;
+            let transaction_id = event
+                .txn
+                .as_ref()
+                .filter(|(device, _)| {
+                    device == reader.device.as_str() && client.sender() == reader.user.as_str()
+                })
+                .map(|(_, txn)| txn.as_str());
+            let replaced = event.replaces_state.as_ref().and_then(|id| replaced.get(id));
+            client.to_json_with(&Unsigned { transaction_id, replaced }).map(Raw::from_json)
+        })
+        .collect()
+}
+
+/// One event in the client format as `reader` sees it (see [`serve`]).
+pub async fn serve_one<T>(state: &AppState, event: &StoredEvent, reader: Reader<'_>) -> Result<Raw<T>> {
+    let mut served = serve(state, std::slice::from_ref(event), reader).await?;
+    served.pop().ok_or_else(|| Error::internal("no event served"))
 }
 
 #[cfg(test)]
@@ -239,7 +315,7 @@ mod tests {
             redacted_by in prop::option::of(tricky_string()),
         ) {
             let json = write(&Value::Object(object), style);
-            let stored = StoredEvent { stream_ordering: 1, event_id, room_id: "!r:h".to_owned(), json, redacted_by };
+            let stored = StoredEvent { stream_ordering: 1, event_id, room_id: "!r:h".to_owned(), json, redacted_by, replaces_state: None, txn: None };
             let event = ClientEvent::parse(&stored).unwrap();
             let served = event.to_json().unwrap();
             let parsed = parse_unbounded(served.get());
@@ -261,7 +337,7 @@ mod tests {
         #[test]
         fn parsing_any_stored_text_never_panics(text in "(?s).{0,80}", bytes in prop::collection::vec(json_byte(), 0..80)) {
             for json in [text, String::from_utf8_lossy(&bytes).into_owned()] {
-                let stored = StoredEvent { stream_ordering: 1, event_id: "$e".to_owned(), room_id: "!r:h".to_owned(), json, redacted_by: None };
+                let stored = StoredEvent { stream_ordering: 1, event_id: "$e".to_owned(), room_id: "!r:h".to_owned(), json, redacted_by: None, replaces_state: None, txn: None };
                 if let Ok(event) = ClientEvent::parse(&stored) {
                     let _ = (event.kind(), event.sender(), event.state_key(), event.content_str("membership"));
                     prop_assert!(event.to_json().is_ok());

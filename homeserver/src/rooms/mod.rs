@@ -165,6 +165,10 @@ fn build(
         membership,
         redaction: draft.redacts.zip(draft.redacted_json.clone()).map(|(id, json)| (id.to_string(), json)),
         txn: draft.txn.map(|(device, txn)| (draft.sender.to_string(), device.to_owned(), txn.to_owned())),
+        replaces_state: draft
+            .state_key
+            .and_then(|key| head.state.get(&(draft.event_type.to_owned(), key.to_owned())))
+            .map(|(event_id, _)| event_id.clone()),
     })
 }
 
@@ -256,6 +260,13 @@ async fn append_at(
     if !auth_keys.contains(&create_key) {
         // The auth rules read the create event even where it is not an auth event (version 12).
         auth_keys.push(create_key);
+    }
+    if let Some(key) = draft.state_key {
+        // The state event this one replaces, which its readers see in `unsigned`.
+        let replaced = (draft.event_type.to_owned(), key.to_owned());
+        if !auth_keys.contains(&replaced) {
+            auth_keys.push(replaced);
+        }
     }
     let builder = |head: &RoomHead| {
         build(state, room_id, &draft, origin_server_ts.unwrap_or_else(MilliSecondsSinceUnixEpoch::now), head)

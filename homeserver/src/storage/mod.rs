@@ -296,6 +296,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0014_writer_liveness.sql"),
         include_str!("../../migrations/sqlite/0014_writer_liveness.sql"),
     ),
+    (
+        18,
+        "event unsigned",
+        include_str!("../../migrations/postgres/0018_event_unsigned.sql"),
+        include_str!("../../migrations/sqlite/0018_event_unsigned.sql"),
+    ),
 ];
 
 #[derive(Debug)]

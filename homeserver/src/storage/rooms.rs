@@ -48,6 +48,8 @@ pub struct NewEvent {
     pub redaction: Option<(String, String)>,
     /// The client transaction it answers: (user, device, txn id).
     pub txn: Option<(String, String, String)>,
+    /// For state events: the event it replaces at its type and state key, if any.
+    pub replaces_state: Option<String>,
 }
 
 /// A stored event.
@@ -58,6 +60,10 @@ pub struct StoredEvent {
     pub room_id: String,
     pub json: String,
     pub redacted_by: Option<String>,
+    /// The state event this one replaced (same type and state key), if any.
+    pub replaces_state: Option<String>,
+    /// The device that sent the event and the transaction id it used, when a client sent it.
+    pub txn: Option<(String, String)>,
 }
 
 /// Why an append did not happen (the room's own rules, not the database).
@@ -97,6 +103,8 @@ pub trait RoomStore: Send + Sync {
         txn_id: &str,
     ) -> StoreResult<Option<String>>;
     async fn get_event(&self, event_id: &str) -> StoreResult<Option<StoredEvent>>;
+    /// The events with these ids that exist, in no particular order.
+    async fn events_by_id(&self, event_ids: &[&str]) -> StoreResult<Vec<StoredEvent>>;
     /// A room's events with positions in `(after, upto]`, oldest first (`limit` newest of them
     /// when `newest` is set).
     async fn room_events(
@@ -158,15 +166,20 @@ pub struct StreamEvent {
     pub state_key: Option<String>,
 }
 
-const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, json, redacted_by";
+const EVENT_COLUMNS: &str =
+    "stream_ordering, event_id, room_id, json, redacted_by, replaces_state, txn_device, txn_id";
 
 fn event_from_row(row: &AnyRow) -> StoreResult<StoredEvent> {
+    let device: Option<String> = row.try_get("txn_device")?;
+    let txn_id: Option<String> = row.try_get("txn_id")?;
     Ok(StoredEvent {
         stream_ordering: row.try_get("stream_ordering")?,
         event_id: row.try_get("event_id")?,
         room_id: row.try_get("room_id")?,
         json: row.try_get("json")?,
         redacted_by: row.try_get("redacted_by")?,
+        replaces_state: row.try_get("replaces_state")?,
+        txn: device.zip(txn_id),
     })
 }
 
@@ -379,8 +392,8 @@ impl RoomStore for SqlStore {
         };
         sqlx::query(
             "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
-                 origin_server_ts, json, state_snapshot)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                 origin_server_ts, json, state_snapshot, replaces_state, txn_device, txn_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(position.position)
         .bind(event.event_id.as_str())
@@ -392,6 +405,9 @@ impl RoomStore for SqlStore {
         .bind(event.origin_server_ts)
         .bind(&event.json)
         .bind(snapshot_id)
+        .bind(event.replaces_state.as_deref())
+        .bind(event.txn.as_ref().map(|(_, device, _)| device.as_str()))
+        .bind(event.txn.as_ref().map(|(_, _, txn)| txn.as_str()))
         .execute(&mut *tx)
         .await?;
         if let (Some(membership), Some(user)) = (&event.membership, &event.state_key) {
@@ -457,6 +473,8 @@ impl RoomStore for SqlStore {
             room_id: room_id.to_string(),
             json: event.json,
             redacted_by: None,
+            replaces_state: event.replaces_state,
+            txn: event.txn.map(|(_, device, txn)| (device, txn)),
         };
         drop(position);
         Ok(Ok(stored))
@@ -488,6 +506,26 @@ impl RoomStore for SqlStore {
             .as_ref()
             .map(event_from_row)
             .transpose()
+    }
+
+    async fn events_by_id(&self, event_ids: &[&str]) -> StoreResult<Vec<StoredEvent>> {
+        let mut events = Vec::with_capacity(event_ids.len());
+        // Bounded batches keep each statement within every backend's limit on parameters.
+        for batch in event_ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({})",
+                placeholders.join(", ")
+            ));
+            let mut query = sqlx::query(sql);
+            for id in batch {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                events.push(event_from_row(&row)?);
+            }
+        }
+        Ok(events)
     }
 
     async fn room_events(

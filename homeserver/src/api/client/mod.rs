@@ -13,6 +13,7 @@ mod register;
 mod room;
 mod session;
 mod sync;
+mod sync_wire;
 mod threepid;
 mod to_device;
 mod upgrade;

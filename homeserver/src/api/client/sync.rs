@@ -23,7 +23,10 @@ use ruma::{
 };
 use serde_json::{Value, json};
 
-use super::room::{parse_token, token};
+use super::{
+    room::{parse_token, token},
+    sync_wire::SyncResponse,
+};
 use crate::rooms::recent::{Mark, device_key};
 use crate::{
     error::{Error, Result},
@@ -60,7 +63,7 @@ const INVITE_STATE: &[&str] = &[
 ];
 
 pub(super) fn routes(router: &mut Router) {
-    router.add(sync);
+    router.add_responding(|state, request| async move { sync(state, request).await.map(SyncResponse) });
 }
 
 /// Events examined at a time when a timeline filter leaves some out.
