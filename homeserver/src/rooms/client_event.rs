@@ -162,16 +162,20 @@ fn empty_object() -> &'static RawValue {
 
 /// Whether an event passes a room event filter's type and sender rules (`*` ends a type prefix).
 pub fn matches_filter(filter: &ruma::api::client::filter::RoomEventFilter, event: &ClientEvent<'_>) -> bool {
-    let kind = event.kind();
     let sender = event.sender();
-    let type_matches = |pattern: &String| match pattern.strip_suffix('*') {
-        Some(prefix) => kind.starts_with(prefix),
-        None => kind == *pattern,
-    };
-    filter.types.as_ref().is_none_or(|types| types.iter().any(type_matches))
-        && !filter.not_types.iter().any(type_matches)
+    type_allowed(&filter.types, &filter.not_types, &event.kind())
         && filter.senders.as_ref().is_none_or(|senders| senders.iter().any(|s| s.as_str() == sender))
         && !filter.not_senders.iter().any(|s| s.as_str() == sender)
+}
+
+/// Whether a filter's `types` and `not_types` let an event type through (`*` ends a prefix;
+/// `not_types` wins).
+pub fn type_allowed(types: &Option<Vec<String>>, not_types: &[String], kind: &str) -> bool {
+    let matches = |pattern: &String| match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => kind == pattern,
+    };
+    types.as_ref().is_none_or(|types| types.iter().any(matches)) && !not_types.iter().any(matches)
 }
 
 /// Any JSON value as one of ruma's raw event types.

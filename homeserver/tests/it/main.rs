@@ -21,4 +21,5 @@ mod rooms;
 mod storage;
 mod stream;
 mod sweep;
+mod sync_shape;
 mod threepid;

@@ -14,7 +14,10 @@ use ruma::{
         filter::{FilterDefinition, RoomEventFilter},
         sync::sync_events::{
             self,
-            v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
+            v3::{
+                Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, RoomSummary, State, StateEvents,
+                Timeline,
+            },
         },
     },
     events::AnySyncTimelineEvent,
@@ -32,7 +35,7 @@ use crate::{
     error::{Error, Result},
     queue::News,
     rooms::{
-        client_event::{ClientEvent, matches_filter, raw, raws},
+        client_event::{ClientEvent, Reader, matches_filter, raw, serve, type_allowed},
         ephemeral::UnreadCounts,
         visibility::ReadRules,
     },
@@ -80,6 +83,16 @@ struct Options {
     lazy_members: bool,
     /// Which timeline events to send, when the filter narrows them by type or sender.
     timeline: Option<RoomEventFilter>,
+    /// Which state events to send (type and sender rules).
+    state: RoomEventFilter,
+    /// Which ephemeral and room account data events to send (type rules).
+    ephemeral: RoomEventFilter,
+    room_account_data: RoomEventFilter,
+    /// Which global account data and presence events to send.
+    account_data: ruma::api::client::filter::Filter,
+    presence: ruma::api::client::filter::Filter,
+    /// Send the rooms the user has left in an initial sync too.
+    include_leave: bool,
     /// Rooms to include (all if `None`) and to leave out.
     rooms: Option<Vec<OwnedRoomId>>,
     not_rooms: Vec<OwnedRoomId>,
@@ -117,12 +130,20 @@ async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Re
     let timeline = definition.map(|d| &d.room.timeline).filter(|t| {
         t.types.is_some() || t.senders.is_some() || !t.not_types.is_empty() || !t.not_senders.is_empty()
     });
+    let room = definition.map(|d| d.room.clone()).unwrap_or_default();
     Ok(Options {
-        limit: limit.clamp(1, MAX_TIMELINE_LIMIT),
+        // A limit of 0 asks for no timeline events, only whether there are any (`limited`).
+        limit: limit.clamp(0, MAX_TIMELINE_LIMIT),
         lazy_members,
         timeline: timeline.cloned(),
-        rooms: definition.and_then(|d| d.room.rooms.clone()),
-        not_rooms: definition.map(|d| d.room.not_rooms.clone()).unwrap_or_default(),
+        state: room.state,
+        ephemeral: room.ephemeral,
+        room_account_data: room.account_data,
+        account_data: definition.map(|d| d.account_data.clone()).unwrap_or_default(),
+        presence: definition.map(|d| d.presence.clone()).unwrap_or_default(),
+        include_leave: room.include_leave,
+        rooms: room.rooms,
+        not_rooms: room.not_rooms,
     })
 }
 
@@ -262,6 +283,12 @@ struct Query<'a> {
     options: Options,
 }
 
+impl Query<'_> {
+    fn reader(&self) -> Reader<'_> {
+        Reader { user: self.user, device: self.device }
+    }
+}
+
 /// Parses a sync token: `s<position>`, or `s<position>_t<cursor>` when the response that issued
 /// it sent to-device messages up to `cursor` (which the next sync acknowledges; the queue checks
 /// it).
@@ -301,6 +328,13 @@ async fn build(
         false => Vec::new(),
     };
     for change in account_data {
+        let filter = match change.room_id {
+            Some(_) => (&options.room_account_data.types, &options.room_account_data.not_types),
+            None => (&options.account_data.types, &options.account_data.not_types),
+        };
+        if !type_allowed(filter.0, filter.1, &change.data_type) {
+            continue;
+        }
         // The content is served as stored, never re-parsed.
         let event = format!(
             r#"{{"type":{},"content":{}}}"#,
@@ -315,16 +349,22 @@ async fn build(
     }
     // An incremental sync reads only the rooms that changed.
     let mut changed = RoomsChanged::default();
-    if since.is_none() && state.store.account_data(user, None, "m.push_rules").await?.is_none() {
+    if since.is_none()
+        && type_allowed(&options.account_data.types, &options.account_data.not_types, "m.push_rules")
+        && state.store.account_data(user, None, "m.push_rules").await?.is_none()
+    {
         // Clients read their push rules from account data; until a user changes them, that is
         // the server's defaults.
         let rules = json!({"type": "m.push_rules", "content": {"global": Ruleset::server_default(user)}});
         response.account_data.events.push(raw(&rules)?);
     }
     let user_rooms = state.recent.user_rooms(&*state.store, user, upto).await?;
-    if state.ephemeral.any_presence_since(since.unwrap_or(0), upto) {
-        // Presence of everyone the user shares a joined room with.
-        let mut others = std::collections::BTreeSet::new();
+    let presence = &options.presence;
+    if type_allowed(&presence.types, &presence.not_types, "m.presence")
+        && state.ephemeral.any_presence_since(since.unwrap_or(0), upto)
+    {
+        // Presence of everyone the user shares a joined room with, and their own.
+        let mut others = std::collections::BTreeSet::from([user.to_owned()]);
         for (room, membership, _) in user_rooms.iter() {
             if membership != "join" {
                 continue;
@@ -338,6 +378,10 @@ async fn build(
                 }
             }
         }
+        others.retain(|member| {
+            presence.senders.as_ref().is_none_or(|senders| senders.contains(member))
+                && !presence.not_senders.contains(member)
+        });
         for (member, presence) in
             state.ephemeral.presence_changes(others.iter().map(|u| &**u), since.unwrap_or(0), upto)
         {
@@ -385,11 +429,20 @@ async fn build(
                     false => None,
                 };
                 let mut joined =
-                    joined_room(state, user, &room_id, after, upto, options, rules.as_ref()).await?;
+                    joined_room(state, query.reader(), &room_id, after, upto, options, rules.as_ref())
+                        .await?;
                 let account_data = room_account_data.remove(room_id.as_str()).unwrap_or_default();
-                let ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
+                let mut ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
+                let wanted = &options.ephemeral;
+                ephemeral.retain(|e| {
+                    e["type"]
+                        .as_str()
+                        .is_some_and(|kind| type_allowed(&wanted.types, &wanted.not_types, kind))
+                });
                 if joined.is_none() && (!account_data.is_empty() || !ephemeral.is_empty()) {
-                    joined = Some(JoinedRoom::new());
+                    let mut empty = JoinedRoom::new();
+                    empty.timeline.prev_batch = Some(token(upto));
+                    joined = Some(empty);
                 }
                 if let Some(mut joined) = joined {
                     let (notifications, highlights) = unread_counts(state, user, &room_id, upto).await?;
@@ -413,12 +466,21 @@ async fn build(
                 invite_state.events = events;
                 response.rooms.invite.insert(room_id, InvitedRoom::from(invite_state));
             }
-            "leave" | "ban" if since.is_some() && changed_since => {
+            // Rooms left since the token; in an initial sync, every room left if the filter
+            // asks for them.
+            "leave" | "ban"
+                if (since.is_some() && changed_since) || (since.is_none() && options.include_leave) =>
+            {
                 let after = since.unwrap_or(0);
                 let rules = ReadRules::load(state, &room_id, user).await?;
                 let (events, limited) = window(state, &room_id, after, at, options, Some(&rules)).await?;
+                let start = events.first().map_or(at, |e| e.stream_ordering - 1);
                 let mut left = LeftRoom::new();
-                left.timeline = timeline(&events, limited, at)?;
+                left.timeline = timeline(state, query.reader(), &events, limited, at).await?;
+                // What changed before the timeline, as seen up to the leave.
+                let mut before = state_before(state, &room_id, start, since, options, &events, user).await?;
+                before.retain(|event| rules.may_see(event));
+                left.state = State::Before(StateEvents::from(serve(state, &before, query.reader()).await?));
                 response.rooms.leave.insert(room_id, left);
             }
             _ => {}
@@ -672,11 +734,17 @@ async fn window(
 }
 
 /// A timeline of `events`; `prev_batch` points just before the first (or at `upto` if none).
-fn timeline(events: &[StoredEvent], limited: bool, upto: i64) -> Result<Timeline> {
+async fn timeline(
+    state: &AppState,
+    reader: Reader<'_>,
+    events: &[StoredEvent],
+    limited: bool,
+    upto: i64,
+) -> Result<Timeline> {
     let mut timeline = Timeline::new();
     timeline.limited = limited;
     timeline.prev_batch = Some(token(events.first().map_or(upto, |e| e.stream_ordering - 1)));
-    timeline.events = raws(events)?;
+    timeline.events = serve(state, events, reader).await?;
     Ok(timeline)
 }
 
@@ -684,13 +752,14 @@ fn timeline(events: &[StoredEvent], limited: bool, upto: i64) -> Result<Timeline
 /// read rules) for a room new to this sync, which is sent whole.
 async fn joined_room(
     state: &AppState,
-    user: &UserId,
+    reader: Reader<'_>,
     room_id: &RoomId,
     after: i64,
     upto: i64,
     options: &Options,
     fresh: Option<&ReadRules>,
 ) -> Result<Option<JoinedRoom>> {
+    let user = reader.user;
     let rules = fresh;
     let fresh = fresh.is_some();
     let (events, limited) = window(state, room_id, after, upto, options, rules).await?;
@@ -699,26 +768,117 @@ async fn joined_room(
     }
     let start = events.first().map_or(upto, |e| e.stream_ordering - 1);
     let mut room = JoinedRoom::new();
-    room.timeline = timeline(&events, limited, upto)?;
+    room.timeline = timeline(state, reader, &events, limited, upto).await?;
+    let membership_changed = events
+        .iter()
+        .any(|e| ClientEvent::parse(e).is_ok_and(|c| c.kind() == "m.room.member" && c.state_key().is_some()));
+    let mut heroes = Vec::new();
+    if fresh || membership_changed {
+        room.summary = summary(state, room_id, user).await?;
+        heroes = room.summary.heroes.iter().map(|u| u.to_string()).collect();
+    }
     if fresh || limited {
-        // The state before the timeline: complete for a new room, a superset of the change otherwise.
-        let mut before = state.store.state_at(room_id, start).await?;
-        if options.lazy_members {
-            let senders: std::collections::BTreeSet<String> = events
-                .iter()
-                .filter_map(|e| ClientEvent::parse(e).ok())
-                .map(|e| e.sender())
-                .chain([user.to_string()])
-                .collect();
-            before.retain(|event| {
-                let Ok(client) = ClientEvent::parse(event) else { return false };
-                client.kind() != "m.room.member"
-                    || client.state_key().is_some_and(|member| senders.contains(&member))
-            });
-        }
-        room.state = State::Before(StateEvents::from(raws(&before)?));
+        // The state before the timeline: complete for a room new to this sync, what changed
+        // since the token otherwise.
+        let since = (!fresh).then_some(after);
+        let before = state_before(state, room_id, start, since, options, &events, user).await?;
+        let before = match options.lazy_members {
+            true => with_heroes(state, room_id, start, before, &heroes).await?,
+            false => before,
+        };
+        room.state = State::Before(StateEvents::from(serve(state, &before, reader).await?));
     }
     Ok(Some(room))
+}
+
+/// The state before a timeline that starts after `start`, as the filter asks for it: every
+/// event, or with `since` only those set after it; lazy-loaded members only for the senders of
+/// `timeline` and the user.
+async fn state_before(
+    state: &AppState,
+    room_id: &RoomId,
+    start: i64,
+    since: Option<i64>,
+    options: &Options,
+    timeline: &[StoredEvent],
+    user: &UserId,
+) -> Result<Vec<StoredEvent>> {
+    let mut before = state.store.state_at(room_id, start).await?;
+    let senders: std::collections::BTreeSet<String> = timeline
+        .iter()
+        .filter_map(|e| ClientEvent::parse(e).ok())
+        .map(|e| e.sender())
+        .chain([user.to_string()])
+        .collect();
+    before.retain(|event| {
+        let Ok(client) = ClientEvent::parse(event) else { return false };
+        let changed = since.is_none_or(|since| event.stream_ordering > since);
+        let is_member = client.kind() == "m.room.member";
+        let of_sender = is_member && client.state_key().is_some_and(|member| senders.contains(&member));
+        matches_filter(&options.state, &client)
+            && match options.lazy_members {
+                // A sender's member event is sent even if older than the token: the client
+                // may never have been sent it.
+                true => of_sender || (!is_member && changed),
+                false => changed,
+            }
+    });
+    Ok(before)
+}
+
+/// Lazy-loaded state with the member events of the room's heroes added, so that a client can
+/// name the room after them.
+async fn with_heroes(
+    state: &AppState,
+    room_id: &RoomId,
+    start: i64,
+    mut before: Vec<StoredEvent>,
+    heroes: &[String],
+) -> Result<Vec<StoredEvent>> {
+    if heroes.is_empty() {
+        return Ok(before);
+    }
+    for event in state.store.state_at(room_id, start).await? {
+        let Ok(client) = ClientEvent::parse(&event) else { continue };
+        if client.kind() == "m.room.member"
+            && client.state_key().is_some_and(|member| heroes.contains(&member))
+            && !before.iter().any(|e| e.event_id == event.event_id)
+        {
+            before.push(event);
+        }
+    }
+    Ok(before)
+}
+
+/// Most heroes a room summary names (the spec's five).
+const MAX_HEROES: i64 = 5;
+
+/// A joined room's summary: joined and invited member counts and, when the room has neither a
+/// name nor a canonical alias, the members a client names it after.
+async fn summary(state: &AppState, room_id: &RoomId, user: &UserId) -> Result<RoomSummary> {
+    let members = state.store.members(room_id).await?;
+    let count =
+        |wanted: &str| UInt::try_from(members.iter().filter(|(_, m)| m == wanted).count() as u64).ok();
+    let mut summary = RoomSummary::new();
+    summary.joined_member_count = count("join");
+    summary.invited_member_count = count("invite");
+    let mut named = false;
+    for event in state.store.current_state(room_id).await? {
+        let client = ClientEvent::parse(&event)?;
+        named |= (client.is_state("m.room.name", "")
+            && client.content_str("name").is_some_and(|n| !n.is_empty()))
+            || (client.is_state("m.room.canonical_alias", "") && client.content_str("alias").is_some());
+    }
+    if !named {
+        summary.heroes = state
+            .store
+            .heroes(room_id, user, MAX_HEROES)
+            .await?
+            .into_iter()
+            .filter_map(|id| ruma::OwnedUserId::try_from(id).ok())
+            .collect();
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]
