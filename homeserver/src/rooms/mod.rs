@@ -28,6 +28,10 @@ use crate::{
     storage::{AppendError, NewEvent, RoomHead, StoredEvent},
 };
 
+/// The version of rooms created without one named: `createRoom` uses it, and `/capabilities`
+/// announces it.
+pub const DEFAULT_ROOM_VERSION: RoomVersionId = RoomVersionId::V10;
+
 /// Largest event a client may send (the spec's PDU limit).
 pub const MAX_EVENT_BYTES: usize = federation::pdu::MAX_PDU_BYTES;
 

@@ -2,9 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use actix_web::web;
+use actix_web::{HttpResponse, web};
 use ruma::{
-    RoomVersionId,
     api::client::discovery::{
         discover_homeserver::{self, HomeserverInfo},
         get_capabilities::{
@@ -15,8 +14,10 @@ use ruma::{
     },
 };
 
+use serde_json::json;
+
 use crate::{
-    error::Result,
+    error::{Error, Result},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
 };
@@ -26,7 +27,7 @@ const VERSIONS: &[&str] =
     &["v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];
 
 pub(super) fn routes(router: &mut Router) {
-    router.add(get_supported_versions).add(discover_client).add(get_capabilities);
+    router.add(get_supported_versions).add(discover_client);
 }
 
 /// GET /_matrix/client/versions
@@ -49,19 +50,29 @@ async fn discover_client(
 }
 
 /// GET /_matrix/client/v3/capabilities
-async fn get_capabilities(
-    _: web::Data<AppState>,
+///
+/// What this server lets users do. Served outside the router (see `custom` in `mod.rs`): ruma
+/// leaves out a capability that has the spec's default value, and clients look for each one.
+pub(super) async fn get_capabilities(
+    state: web::Data<AppState>,
     _: Ruma<get_capabilities::v3::Request>,
-) -> Result<get_capabilities::v3::Response> {
+) -> Result<HttpResponse> {
     let mut capabilities = Capabilities::new();
+    // Every account can change its password (by the old one, through UIA).
     capabilities.change_password.enabled = true;
-    capabilities.room_versions = RoomVersionsCapability::new(
-        RoomVersionId::V10,
-        [
-            (RoomVersionId::V10, RoomVersionStability::Stable),
-            (RoomVersionId::V11, RoomVersionStability::Stable),
-        ]
-        .into(),
-    );
-    Ok(get_capabilities::v3::Response::new(capabilities))
+    let available = federation::pdu::SUPPORTED_ROOM_VERSIONS
+        .iter()
+        .map(|version| (version.clone(), RoomVersionStability::Stable))
+        .collect();
+    capabilities.room_versions = RoomVersionsCapability::new(crate::rooms::DEFAULT_ROOM_VERSION, available);
+    // Addresses can be added only where codes can be sent to prove them.
+    let threepids = state.email.is_some() || state.sms.is_some();
+    let mut body = serde_json::to_value(&capabilities).map_err(Error::internal)?;
+    let Some(map) = body.as_object_mut() else { return Err(Error::internal("capabilities are not an object")) };
+    for (name, enabled) in
+        [("m.set_displayname", true), ("m.set_avatar_url", true), ("m.3pid_changes", threepids)]
+    {
+        map.insert(name.to_owned(), json!({ "enabled": enabled }));
+    }
+    Ok(HttpResponse::Ok().json(json!({ "capabilities": body })))
 }

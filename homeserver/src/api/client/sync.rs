@@ -31,7 +31,7 @@ use crate::{
     rooms::{
         client_event::{ClientEvent, matches_filter, raw, raws},
         ephemeral::UnreadCounts,
-        visibility::ReadRules,
+        visibility::{Ignored, ReadRules, erase_for_reader},
     },
     ruma_wrapper::{Router, Ruma},
     state::AppState,
@@ -319,6 +319,9 @@ async fn build(
         response.account_data.events.push(raw(&rules)?);
     }
     let user_rooms = state.recent.user_rooms(&*state.store, user, upto).await?;
+    // Read from memory until the user's account data changes, so a new list counts from the
+    // next sync on.
+    let ignored = Ignored::new(state.recent.ignored_users(&*state.store, user, upto).await?);
     if state.ephemeral.any_presence_since(since.unwrap_or(0), upto) {
         // Presence of everyone the user shares a joined room with.
         let mut others = std::collections::BTreeSet::new();
@@ -382,7 +385,7 @@ async fn build(
                     false => None,
                 };
                 let mut joined =
-                    joined_room(state, user, &room_id, after, upto, options, rules.as_ref()).await?;
+                    joined_room(state, user, &room_id, after, upto, options, rules.as_ref(), &ignored).await?;
                 let account_data = room_account_data.remove(room_id.as_str()).unwrap_or_default();
                 let ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
                 if joined.is_none() && (!account_data.is_empty() || !ephemeral.is_empty()) {
@@ -399,12 +402,18 @@ async fn build(
             }
             "invite" if changed_since || full_state => {
                 let mut events = Vec::new();
+                let mut from_ignored = false;
                 for event in state.store.current_state(&room_id).await? {
                     let client = ClientEvent::parse(&event)?;
                     let is_invite = client.is_state("m.room.member", user.as_str());
+                    // An invite from someone the user ignores is not shown at all.
+                    from_ignored |= is_invite && ignored.contains(&client.sender());
                     if is_invite || INVITE_STATE.contains(&client.kind().as_str()) {
                         events.push(client.stripped()?);
                     }
+                }
+                if from_ignored {
+                    continue;
                 }
                 let mut invite_state = InviteState::new();
                 invite_state.events = events;
@@ -413,7 +422,9 @@ async fn build(
             "leave" | "ban" if since.is_some() && changed_since => {
                 let after = since.unwrap_or(0);
                 let rules = ReadRules::load(state, &room_id, user).await?;
-                let (events, limited) = window(state, &room_id, after, at, options, Some(&rules)).await?;
+                let (events, limited) =
+                    window(state, &room_id, after, at, options, Some(&rules), &ignored).await?;
+                let events = erase_for_reader(state, &rules, events).await?;
                 let mut left = LeftRoom::new();
                 left.timeline = timeline(&events, limited, at)?;
                 response.rooms.leave.insert(room_id, left);
@@ -614,9 +625,9 @@ async fn ephemeral_events(
     Ok(events)
 }
 
-/// The newest events of a room in `(after, upto]` that the timeline filter and the
-/// history-visibility rules (when given) let through, at most the filter's limit, and whether
-/// older ones were left out.
+/// The newest events of a room in `(after, upto]` that the timeline filter, the
+/// history-visibility rules (when given) and the user's ignore list let through, at most the
+/// filter's limit, and whether older ones were left out.
 async fn window(
     state: &AppState,
     room_id: &RoomId,
@@ -624,16 +635,18 @@ async fn window(
     upto: i64,
     options: &Options,
     rules: Option<&ReadRules>,
+    ignored: &Ignored,
 ) -> Result<(Vec<StoredEvent>, bool)> {
     let limit = options.limit;
     let after = rules.map_or(after, |rules| after.max(rules.floor()));
     let keep = |event: &StoredEvent| {
         rules.is_none_or(|rules| rules.may_see(event))
+            && !ignored.hides(event)
             && options.timeline.as_ref().is_none_or(|filter| {
                 ClientEvent::parse(event).is_ok_and(|client| matches_filter(filter, &client))
             })
     };
-    if options.timeline.is_none() && rules.is_none() {
+    if options.timeline.is_none() && rules.is_none() && ignored.is_empty() {
         // One more than the limit tells whether the timeline is complete.
         let mut events =
             state.recent.room_events(&*state.store, room_id, after, upto, limit + 1, true).await?;
@@ -679,6 +692,7 @@ fn timeline(events: &[StoredEvent], limited: bool, upto: i64) -> Result<Timeline
 
 /// A joined room's part of the response; `None` when nothing changed in it. `fresh` (the user's
 /// read rules) for a room new to this sync, which is sent whole.
+#[allow(clippy::too_many_arguments)]
 async fn joined_room(
     state: &AppState,
     user: &UserId,
@@ -687,13 +701,20 @@ async fn joined_room(
     upto: i64,
     options: &Options,
     fresh: Option<&ReadRules>,
+    ignored: &Ignored,
 ) -> Result<Option<JoinedRoom>> {
     let rules = fresh;
     let fresh = fresh.is_some();
-    let (events, limited) = window(state, room_id, after, upto, options, rules).await?;
+    let (events, limited) = window(state, room_id, after, upto, options, rules, ignored).await?;
     if events.is_empty() && !fresh {
         return Ok(None);
     }
+    // A room read since the token holds only events after the user's join, which they saw
+    // live; one new to the sync may show older ones.
+    let events = match rules {
+        Some(rules) => erase_for_reader(state, rules, events).await?,
+        None => events,
+    };
     let start = events.first().map_or(upto, |e| e.stream_ordering - 1);
     let mut room = JoinedRoom::new();
     room.timeline = timeline(&events, limited, upto)?;
