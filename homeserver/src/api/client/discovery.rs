@@ -58,8 +58,6 @@ pub(super) async fn get_capabilities(
     _: Ruma<get_capabilities::v3::Request>,
 ) -> Result<HttpResponse> {
     let mut capabilities = Capabilities::new();
-    // Every account can change its password (by the old one, through UIA).
-    capabilities.change_password.enabled = true;
     let available = federation::pdu::SUPPORTED_ROOM_VERSIONS
         .iter()
         .map(|version| (version.clone(), RoomVersionStability::Stable))
@@ -69,9 +67,13 @@ pub(super) async fn get_capabilities(
     let threepids = state.email.is_some() || state.sms.is_some();
     let mut body = serde_json::to_value(&capabilities).map_err(Error::internal)?;
     let Some(map) = body.as_object_mut() else { return Err(Error::internal("capabilities are not an object")) };
-    for (name, enabled) in
-        [("m.set_displayname", true), ("m.set_avatar_url", true), ("m.3pid_changes", threepids)]
-    {
+    // Every account can change its password (by the old one, through UIA), its name and avatar.
+    for (name, enabled) in [
+        ("m.change_password", true),
+        ("m.set_displayname", true),
+        ("m.set_avatar_url", true),
+        ("m.3pid_changes", threepids),
+    ] {
         map.insert(name.to_owned(), json!({ "enabled": enabled }));
     }
     Ok(HttpResponse::Ok().json(json!({ "capabilities": body })))
