@@ -503,8 +503,7 @@ impl Recent {
     ) -> StoreResult<Arc<std::collections::HashSet<String>>> {
         let valid = |at| self.account_data_changed(user, at, upto) == Some(false);
         let load = || async {
-            let content =
-                store.account_data(user, None, crate::rooms::visibility::IGNORED_USER_LIST).await?;
+            let content = store.account_data(user, None, crate::rooms::visibility::IGNORED_USER_LIST).await?;
             Ok(Arc::new(content.as_deref().map(crate::rooms::visibility::ignored_users).unwrap_or_default()))
         };
         self.ignored.get_or_load(user.as_str(), upto, valid, load).await

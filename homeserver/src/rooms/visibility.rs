@@ -144,12 +144,6 @@ impl ReadRules {
         self.allows(event.stream_ordering)
     }
 
-    /// The events the user may read, in their order.
-    pub fn filter(&self, mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
-        events.retain(|event| self.may_see(event));
-        events
-    }
-
     /// A position below which the user may read nothing: pagination need not look further back.
     /// (Visibility changes only at membership and visibility events, so the first of those at
     /// which something is readable bounds every readable event.)
@@ -193,7 +187,8 @@ impl Ignored {
     /// they ignore.
     pub fn hides(&self, event: &StoredEvent) -> bool {
         !self.0.is_empty()
-            && ClientEvent::parse(event).is_ok_and(|e| e.state_key().is_none() && self.0.contains(&e.sender()))
+            && ClientEvent::parse(event)
+                .is_ok_and(|e| e.state_key().is_none() && self.0.contains(&e.sender()))
     }
 }
 

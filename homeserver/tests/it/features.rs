@@ -29,7 +29,13 @@ fn tags_path(who: &Session, room: &str, tag: Option<&str>) -> String {
 }
 
 /// A request with everything owned, for closures that make requests.
-async fn call(server: &TestServer, method: &str, path: String, token: Option<String>, body: Option<Value>) -> (u16, Value) {
+async fn call(
+    server: &TestServer,
+    method: &str,
+    path: String,
+    token: Option<String>,
+    body: Option<Value>,
+) -> (u16, Value) {
     server.request(method, &path, token.as_deref(), body).await
 }
 
@@ -236,6 +242,24 @@ crate::on_both_backends! {
         sent(&server, &bob, &room, "b3", "bob heard").await;
         let heard = sync(&server, &alice, Some(&since), 0).await;
         assert_eq!(crate::rooms::timeline_bodies(&heard, &room), ["bob heard"]);
+        server.stop().await;
+    }
+
+    async fn messages_of_ignored_users_do_not_count_as_notifications(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let carol = server.register("carol", PW).await;
+        let room = create(&server, &alice, json!({"preset": "public_chat"})).await;
+        join(&server, &bob, &room).await;
+        join(&server, &carol, &room).await;
+        ignore(&server, &alice, &[&bob.user_id]).await;
+        sent(&server, &bob, &room, "b1", "one").await;
+        sent(&server, &bob, &room, "b2", "two").await;
+        sent(&server, &carol, &room, "c1", "three").await;
+        let counts = |sync: &Value| sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"].clone();
+        assert_eq!(counts(&sync(&server, &alice, None, 0).await), 1);
+        assert_eq!(counts(&sync(&server, &carol, None, 0).await), 2, "carol ignores nobody");
         server.stop().await;
     }
 

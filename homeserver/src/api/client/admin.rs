@@ -36,10 +36,8 @@ async fn get_user_info(state: web::Data<AppState>, request: Ruma<whois::Request>
     for device in state.store.list_devices(target).await? {
         let mut connection = ConnectionInfo::new();
         connection.ip = device.last_seen_ip;
-        connection.last_seen = device
-            .last_seen_ts
-            .and_then(|ts| UInt::try_from(ts).ok())
-            .map(MilliSecondsSinceUnixEpoch);
+        connection.last_seen =
+            device.last_seen_ts.and_then(|ts| UInt::try_from(ts).ok()).map(MilliSecondsSinceUnixEpoch);
         let mut session = SessionInfo::new();
         session.connections = vec![connection];
         let mut info = DeviceInfo::new();

@@ -3,15 +3,13 @@
 use std::collections::BTreeMap;
 
 use actix_web::{HttpResponse, web};
-use ruma::{
-    api::client::discovery::{
-        discover_homeserver::{self, HomeserverInfo},
-        get_capabilities::{
-            self,
-            v3::{Capabilities, RoomVersionStability, RoomVersionsCapability},
-        },
-        get_supported_versions,
+use ruma::api::client::discovery::{
+    discover_homeserver::{self, HomeserverInfo},
+    get_capabilities::{
+        self,
+        v3::{Capabilities, RoomVersionStability, RoomVersionsCapability},
     },
+    get_supported_versions,
 };
 
 use serde_json::json;
@@ -66,7 +64,9 @@ pub(super) async fn get_capabilities(
     // Addresses can be added only where codes can be sent to prove them.
     let threepids = state.email.is_some() || state.sms.is_some();
     let mut body = serde_json::to_value(&capabilities).map_err(Error::internal)?;
-    let Some(map) = body.as_object_mut() else { return Err(Error::internal("capabilities are not an object")) };
+    let Some(map) = body.as_object_mut() else {
+        return Err(Error::internal("capabilities are not an object"));
+    };
     // Every account can change its password (by the old one, through UIA), its name and avatar.
     for (name, enabled) in [
         ("m.change_password", true),

@@ -39,7 +39,10 @@ async fn request_token(
     let token = tokens::random_token(32);
     let now = now_ms();
     let lifetime = i64::try_from(LIFETIME.as_millis()).unwrap_or(i64::MAX);
-    state.store.add_openid_token(&tokens::sha256_hex(&token), user, now.saturating_add(lifetime), now).await?;
+    state
+        .store
+        .add_openid_token(&tokens::sha256_hex(&token), user, now.saturating_add(lifetime), now)
+        .await?;
     Ok(request_openid_token::v3::Response::new(
         token,
         ruma::authentication::TokenType::Bearer,

@@ -179,7 +179,8 @@ async fn register_account(
     // Check what can be checked before the client goes through UIA. Capitals are lowered, as
     // Synapse does (SyTest: "POST /register downcases capitals in usernames"), rather than
     // refused: logins find the account whatever case is typed.
-    let requested = body.username.as_deref().map(|u| parse_username(state, &lower_localpart(u))).transpose()?;
+    let requested =
+        body.username.as_deref().map(|u| parse_username(state, &lower_localpart(u))).transpose()?;
     if let Some(user_id) = &requested
         && state.store.get_user(user_id).await?.is_some()
     {

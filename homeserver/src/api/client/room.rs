@@ -711,8 +711,9 @@ async fn send_state(
         .map(Value::Object)
         .map_err(|_| Error::bad_json("content must be an object"))?;
     if event_type == "m.room.member" {
-        UserId::parse(&body.state_key)
-            .map_err(|e| Error::invalid_param(format!("the state key of a member event is a user id: {e}")))?;
+        UserId::parse(&body.state_key).map_err(|e| {
+            Error::invalid_param(format!("the state key of a member event is a user id: {e}"))
+        })?;
         match value.get("membership") {
             Some(Value::String(_)) => {}
             _ => return Err(Error::bad_json("membership must be a string")),
@@ -865,7 +866,10 @@ async fn readable_event(
         .get_event(event_id.as_str())
         .await?
         .filter(|e| {
-            e.room_id == room_id.as_str() && e.stream_ordering <= upto && rules.may_see(e) && !ignored.hides(e)
+            e.room_id == room_id.as_str()
+                && e.stream_ordering <= upto
+                && rules.may_see(e)
+                && !ignored.hides(e)
         })
         .ok_or_else(|| Error::not_found("no such event"))?;
     let event = erase_for_reader(state, rules, vec![event])

@@ -385,14 +385,16 @@ async fn build(
                     false => None,
                 };
                 let mut joined =
-                    joined_room(state, user, &room_id, after, upto, options, rules.as_ref(), &ignored).await?;
+                    joined_room(state, user, &room_id, after, upto, options, rules.as_ref(), &ignored)
+                        .await?;
                 let account_data = room_account_data.remove(room_id.as_str()).unwrap_or_default();
                 let ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
                 if joined.is_none() && (!account_data.is_empty() || !ephemeral.is_empty()) {
                     joined = Some(JoinedRoom::new());
                 }
                 if let Some(mut joined) = joined {
-                    let (notifications, highlights) = unread_counts(state, user, &room_id, upto).await?;
+                    let (notifications, highlights) =
+                        unread_counts(state, user, &room_id, upto, &ignored).await?;
                     joined.unread_notifications.notification_count = Some(notifications);
                     joined.unread_notifications.highlight_count = Some(highlights);
                     joined.account_data.events = account_data.into_iter().map(Raw::from_json).collect();
@@ -520,9 +522,16 @@ impl RoomsChanged {
     }
 }
 
-/// Notifying and highlighting events since the user's read receipt, by their push rules. Counts
-/// are kept per process and extended with the events each sync has not seen yet.
-async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: i64) -> Result<(UInt, UInt)> {
+/// Notifying and highlighting events since the user's read receipt, by their push rules (those
+/// of users they ignore do not count). Counts are kept per process and extended with the events
+/// each sync has not seen yet.
+async fn unread_counts(
+    state: &AppState,
+    user: &UserId,
+    room_id: &RoomId,
+    upto: i64,
+    ignored: &Ignored,
+) -> Result<(UInt, UInt)> {
     let known = state.ephemeral.unread(user, room_id).filter(|counts| counts.counted_upto <= upto);
     // The read position is read again only when the user's receipts moved.
     let read = match known {
@@ -547,7 +556,10 @@ async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: 
             let client = ClientEvent::parse(event)?;
             // ruma's push rules parse the whole event with serde_json's recursion limit (and
             // panic past it): events stored before the door bounded depth are not counted.
-            if client.sender() != user.as_str() && crate::json::parses_with_serde(event.json.as_bytes()) {
+            if client.sender() != user.as_str()
+                && !ignored.hides(event)
+                && crate::json::parses_with_serde(event.json.as_bytes())
+            {
                 others.push(client);
             }
         }

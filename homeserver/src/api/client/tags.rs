@@ -54,7 +54,10 @@ fn split(content: Option<&str>) -> (Map<String, Value>, Map<String, Value>) {
 }
 
 /// Stored content with `tags` put back.
-fn join(tags: Map<String, Value>, mut rest: Map<String, Value>) -> std::result::Result<Option<String>, String> {
+fn join(
+    tags: Map<String, Value>,
+    mut rest: Map<String, Value>,
+) -> std::result::Result<Option<String>, String> {
     rest.insert("tags".to_owned(), Value::Object(tags));
     let text = Value::Object(rest).to_string();
     if text.len() > MAX_CONTENT_BYTES {
