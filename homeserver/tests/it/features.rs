@@ -295,7 +295,7 @@ crate::on_both_backends! {
 
         let mut stored = server.server.state.store.reports(10).await.unwrap();
         stored.sort_by_key(|r| (r.event_id.is_none(), r.score.is_none()));
-        let summary: Vec<(Option<&str>, &str, Option<&str>, Option<i64>)> = stored
+        let summary: Vec<_> = stored
             .iter()
             .map(|r| (r.event_id.as_deref(), r.reporter.as_str(), r.reason.as_deref(), r.score))
             .collect();
