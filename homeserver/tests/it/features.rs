@@ -405,6 +405,19 @@ crate::on_both_backends! {
         let (_, create_event) = server.get(&room_path(&room, "state/m.room.create/"), Some(&alice.token)).await;
         assert_eq!(create_event["room_version"], homeserver::rooms::DEFAULT_ROOM_VERSION.as_str());
         server.stop().await;
+
+        // With email to prove addresses by, they can be changed.
+        let mailing = TestServer::start_with(db, |c| {
+            c.email.smtp_host = "127.0.0.1".to_owned();
+            c.email.smtp_tls = homeserver::config::SmtpTls::None;
+            c.email.from = "hearth@localhost".to_owned();
+        })
+        .await;
+        let bob = mailing.register("bob", PW).await;
+        let (status, body) = mailing.get("/_matrix/client/v3/capabilities", Some(&bob.token)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["capabilities"]["m.3pid_changes"], json!({"enabled": true}));
+        mailing.stop().await;
     }
 
     async fn joined_members_carry_display_names_and_avatars(db: Db) {
@@ -548,6 +561,9 @@ crate::on_both_backends! {
         // `register/available` checks a name as given, as Synapse: capitals are not a username.
         assert_error(&server.get("/_matrix/client/v3/register/available?username=Someone", None).await, 400, "M_INVALID_USERNAME");
         assert_error(&server.login("@user-upper:elsewhere.org", PW, json!({})).await, 403, "M_FORBIDDEN");
+        // User-Interactive Auth names the user in any case too.
+        let (_, login) = server.login("user-upper", PW, json!({})).await;
+        deactivate(&server, &crate::common::session_of(&login), "User-UPPER", false).await;
         server.stop().await;
     }
 
