@@ -97,11 +97,14 @@ where
     pub body: T,
     pub sender: <T::Authentication as ServerAuth>::Sender,
     pub client_ip: IpAddr,
+    /// The body as sent (checked like every body: size, depth, no NUL), for the few fields
+    /// ruma's types drop: the extra keys of a join, a report's `score`.
+    pub raw_body: web::Bytes,
 }
 
 /// The path template a resource was registered under, so the extractor can find path arguments.
 #[derive(Debug, Clone, Copy)]
-struct PathTemplate(&'static str);
+pub(crate) struct PathTemplate(pub(crate) &'static str);
 
 /// The access token from `Authorization: Bearer …` or the deprecated `access_token` query param.
 fn access_token(req: &HttpRequest) -> Result<Option<String>> {
@@ -397,6 +400,7 @@ where
             let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
             // Clients (matrix-nio among them) send POSTs with no body where the spec's body has
             // only optional fields; read that as `{}`, as other homeservers do.
+            let raw_body = body.clone();
             let body: &[u8] = if body.is_empty() && T::METHOD != http::Method::GET { b"{}" } else { &body };
             check_known_parser_panics::<T>(body)?;
             let http_request = to_http_request(&req, body)?;
@@ -408,7 +412,7 @@ where
             }))
             .map_err(|_| Error::internal(format!("parsing a request for {} panicked", req.path())))?
             .map_err(map_parse_error)?;
-            Ok(Ruma { body: parsed, sender, client_ip })
+            Ok(Ruma { body: parsed, sender, client_ip, raw_body })
         })
     }
 }

@@ -212,7 +212,11 @@ async fn run_stage(
                 StandardErrorBody::new(ErrorKind::Forbidden, "no account to check a password for".to_owned())
             })?;
             let names_user = match &data.identifier {
-                UserIdentifier::Matrix(id) => id.user == user.as_str() || id.user == user.localpart(),
+                // Whatever the case, as at login (every account here has a lower-case id).
+                UserIdentifier::Matrix(id) => {
+                    id.user.eq_ignore_ascii_case(user.as_str())
+                        || id.user.eq_ignore_ascii_case(user.localpart())
+                }
                 _ => false,
             };
             let record = state.store.get_user(user).await.map_err(|e| internal(e.into()))?;

@@ -139,6 +139,8 @@ pub struct Recent {
     sessions: Memo<Option<Arc<SessionRecord>>>,
     /// Each user's device ids.
     devices: Memo<Arc<Vec<String>>>,
+    /// The users each user ignores (`m.ignored_user_list`).
+    ignored: Memo<Arc<std::collections::HashSet<String>>>,
 }
 
 impl Recent {
@@ -153,6 +155,7 @@ impl Recent {
             key_counts: Memo::default(),
             sessions: Memo::default(),
             devices: Memo::default(),
+            ignored: Memo::default(),
         }
     }
 }
@@ -486,6 +489,24 @@ impl Recent {
     {
         let valid = |at| self.marked(Mark::KeyCounts, key, at, upto) == Some(false);
         self.key_counts.get_or_load(key, upto, valid, || async { Ok(Arc::new(load().await?)) }).await
+    }
+}
+
+impl Recent {
+    /// The users `user` ignores, as of `upto` or later: read once, then kept until the user's
+    /// account data changes.
+    pub async fn ignored_users(
+        &self,
+        store: &dyn Storage,
+        user: &UserId,
+        upto: i64,
+    ) -> StoreResult<Arc<std::collections::HashSet<String>>> {
+        let valid = |at| self.account_data_changed(user, at, upto) == Some(false);
+        let load = || async {
+            let content = store.account_data(user, None, crate::rooms::visibility::IGNORED_USER_LIST).await?;
+            Ok(Arc::new(content.as_deref().map(crate::rooms::visibility::ignored_users).unwrap_or_default()))
+        };
+        self.ignored.get_or_load(user.as_str(), upto, valid, load).await
     }
 }
 

@@ -15,8 +15,17 @@
 //!
 //! Both inputs change rarely, so [`ReadRules`] loads a user's membership events and the room's
 //! visibility events once per request and judges any number of events from memory.
+//!
+//! Two more rules shape what a reader is served of the events they may read (Synapse's
+//! `filter_events_for_client` applies the same):
+//! - [`Ignored`]: the messages of users the reader ignores (`m.ignored_user_list`) are left out;
+//!   their state events stay, so the room's state still makes sense.
+//! - [`erase_for_reader`]: the events of an account deactivated with `erase: true` are served
+//!   redacted to readers who were not joined when they were sent (those who were saw them then).
 
-use ruma::{RoomId, UserId};
+use std::{collections::HashSet, sync::Arc};
+
+use ruma::{RoomId, RoomVersionId, UserId, events::ignored_user_list::IgnoredUserListEventContent};
 
 use super::client_event::ClientEvent;
 use crate::{
@@ -126,14 +135,13 @@ impl ReadRules {
         }
     }
 
-    pub fn may_see(&self, event: &StoredEvent) -> bool {
-        self.allows(event.stream_ordering)
+    /// Whether the user was joined just after the event at `position`.
+    pub fn joined_at(&self, position: i64) -> bool {
+        self.membership(position) == Some("join")
     }
 
-    /// The events the user may read, in their order.
-    pub fn filter(&self, mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
-        events.retain(|event| self.may_see(event));
-        events
+    pub fn may_see(&self, event: &StoredEvent) -> bool {
+        self.allows(event.stream_ordering)
     }
 
     /// A position below which the user may read nothing: pagination need not look further back.
@@ -147,4 +155,106 @@ impl ReadRules {
         points.sort_unstable();
         points.into_iter().find(|p| self.allows(*p)).map_or(i64::MAX, |p| (p - 1).max(0))
     }
+}
+
+/// The account data type that lists the users someone ignores.
+pub const IGNORED_USER_LIST: &str = "m.ignored_user_list";
+
+/// The users a reader ignores, whose messages they are not shown.
+#[derive(Debug, Clone, Default)]
+pub struct Ignored(Arc<HashSet<String>>);
+
+impl Ignored {
+    pub fn new(users: Arc<HashSet<String>>) -> Self {
+        Self(users)
+    }
+
+    /// Reads `user`'s list from the database.
+    pub async fn load(state: &AppState, user: &UserId) -> Result<Self> {
+        let content = state.store.account_data(user, None, IGNORED_USER_LIST).await?;
+        Ok(Self(Arc::new(content.as_deref().map(ignored_users).unwrap_or_default())))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, user: &str) -> bool {
+        self.0.contains(user)
+    }
+
+    /// Whether `event` is left out for the reader: a message (not a state event) from someone
+    /// they ignore.
+    pub fn hides(&self, event: &StoredEvent) -> bool {
+        !self.0.is_empty()
+            && ClientEvent::parse(event)
+                .is_ok_and(|e| e.state_key().is_none() && self.0.contains(&e.sender()))
+    }
+}
+
+/// The users stored `m.ignored_user_list` content names (none if it cannot be read: what is
+/// stored was checked by [`check_ignored_list`] when written).
+pub fn ignored_users(content: &str) -> HashSet<String> {
+    serde_json::from_str::<IgnoredUserListEventContent>(content)
+        .map(|list| list.ignored_users.into_keys().map(|user| user.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Checks `m.ignored_user_list` content `owner` wants to store: `ignored_users` must map user
+/// ids to objects (`M_BAD_JSON`), and may not name `owner` (`M_INVALID_PARAM`, as Synapse).
+pub fn check_ignored_list(owner: &UserId, content: &str) -> Result<()> {
+    let list: IgnoredUserListEventContent = serde_json::from_str(content).map_err(|e| {
+        Error::bad_json(format!("{IGNORED_USER_LIST} must be {{\"ignored_users\": {{user id: {{}}}}}}: {e}"))
+    })?;
+    if list.ignored_users.contains_key(owner) {
+        return Err(Error::invalid_param("you cannot ignore yourself"));
+    }
+    Ok(())
+}
+
+/// `events` (of one room) as the reader of `rules` is served them: those sent by an erased
+/// account (deactivated with `erase: true`) while the reader was not joined are redacted, as the
+/// redaction algorithm of the room's version strips them. Events the reader was joined for need
+/// no look-up, so a member reading what they saw live costs nothing.
+pub async fn erase_for_reader(
+    state: &AppState,
+    rules: &ReadRules,
+    mut events: Vec<StoredEvent>,
+) -> Result<Vec<StoredEvent>> {
+    let mut candidates = Vec::new();
+    for (index, event) in events.iter().enumerate() {
+        if event.redacted_by.is_none() && !rules.joined_at(event.stream_ordering) {
+            candidates.push((index, ClientEvent::parse(event)?.sender()));
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(events);
+    }
+    let mut senders: Vec<&str> = candidates.iter().map(|(_, sender)| sender.as_str()).collect();
+    senders.sort_unstable();
+    senders.dedup();
+    let erased = state.store.erased_among(&senders).await?;
+    if erased.is_empty() {
+        return Ok(events);
+    }
+    let mut version: Option<RoomVersionId> = None;
+    for (index, sender) in &candidates {
+        if !erased.contains(sender) {
+            continue;
+        }
+        let Some(event) = events.get_mut(*index) else { continue };
+        let version = match &version {
+            Some(version) => version.clone(),
+            None => {
+                let room_id = ruma::OwnedRoomId::try_from(event.room_id.as_str()).map_err(Error::internal)?;
+                let read = super::room_version(state, &room_id).await?;
+                version.insert(read).clone()
+            }
+        };
+        let object: ruma::CanonicalJsonObject =
+            crate::storage::parse_stored(&event.json).map_err(Error::internal)?;
+        let pruned = federation::pdu::redacted(object, &version, None).map_err(Error::internal)?;
+        event.json = ruma::CanonicalJsonValue::Object(pruned).to_string();
+    }
+    Ok(events)
 }

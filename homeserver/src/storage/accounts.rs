@@ -31,7 +31,15 @@ pub trait AccountStore: Send + Sync {
     /// Marks the account deactivated, forgets its password and deletes its devices, sessions and
     /// verified addresses, in one transaction.
     async fn deactivate_user(&self, user_id: &UserId, position: i64) -> StoreResult<()>;
+    /// Marks the account erased (deactivated with `erase: true`) and clears its profile, in one
+    /// transaction.
+    async fn erase_user(&self, user_id: &UserId) -> StoreResult<()>;
+    /// Which of `user_ids` are erased accounts.
+    async fn erased_among(&self, user_ids: &[&str]) -> StoreResult<std::collections::HashSet<String>>;
 }
+
+/// Ids bound in one `IN (...)` list: far below every backend's limit on parameters.
+const IN_CHUNK: usize = 500;
 
 fn user_from_row(row: &sqlx::any::AnyRow) -> StoreResult<UserRecord> {
     Ok(UserRecord {
@@ -102,5 +110,36 @@ impl AccountStore for SqlStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn erase_user(&self, user_id: &UserId) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "UPDATE users SET erased = 1 WHERE user_id = $1",
+            "UPDATE profiles SET displayname = NULL, avatar_url = NULL WHERE user_id = $1",
+        ] {
+            sqlx::query(sql).bind(user_id.as_str()).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn erased_among(&self, user_ids: &[&str]) -> StoreResult<std::collections::HashSet<String>> {
+        let mut erased = std::collections::HashSet::new();
+        for chunk in user_ids.chunks(IN_CHUNK) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT user_id FROM users WHERE erased = 1 AND user_id IN ({})",
+                placeholders.join(", ")
+            ));
+            let mut query = sqlx::query(sql);
+            for user in chunk {
+                query = query.bind(*user);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                erased.insert(row.try_get("user_id")?);
+            }
+        }
+        Ok(erased)
     }
 }

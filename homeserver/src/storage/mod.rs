@@ -13,7 +13,9 @@ mod accounts;
 mod backup;
 mod devices;
 pub mod keys;
+mod openid;
 mod registration_tokens;
+mod reports;
 pub mod rooms;
 mod sessions;
 pub mod stream;
@@ -35,7 +37,9 @@ pub use self::{
     backup::{BackupKey, BackupStore, BackupVersion},
     devices::{DeviceRecord, DeviceStore},
     keys::{ClaimedKey, Envelope, KeyConflict, KeyStore, SignedTarget},
+    openid::{MAX_OPENID_TOKENS_PER_USER, OpenIdStore},
     registration_tokens::RegistrationTokenStore,
+    reports::{ReportRecord, ReportStore},
     rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
     sessions::{SessionRecord, SessionStore},
     threepids::{ThreepidRecord, ThreepidSession, ThreepidStore},
@@ -68,6 +72,8 @@ pub trait Storage:
     + UserDataStore
     + KeyStore
     + BackupStore
+    + ReportStore
+    + OpenIdStore
 {
 }
 
@@ -120,6 +126,8 @@ impl<T> Storage for T where
         + UserDataStore
         + KeyStore
         + BackupStore
+        + ReportStore
+        + OpenIdStore
 {
 }
 
@@ -295,6 +303,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "writer liveness",
         include_str!("../../migrations/postgres/0014_writer_liveness.sql"),
         include_str!("../../migrations/sqlite/0014_writer_liveness.sql"),
+    ),
+    (
+        16,
+        "features: erased accounts, reports, OpenID tokens",
+        include_str!("../../migrations/postgres/0016_features.sql"),
+        include_str!("../../migrations/sqlite/0016_features.sql"),
     ),
     (
         18,

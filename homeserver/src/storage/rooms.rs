@@ -118,6 +118,13 @@ pub trait RoomStore: Send + Sync {
     /// The room state just after position `at` (the current state if `at` is the newest).
     async fn state_at(&self, room_id: &RoomId, at: i64) -> StoreResult<Vec<StoredEvent>>;
     async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>>;
+    /// The event in a room's current state at `(event_type, state_key)`.
+    async fn current_state_event(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> StoreResult<Option<StoredEvent>>;
     /// Every event that set the state at `(event_type, state_key)` in a room, oldest first.
     async fn state_history(
         &self,
@@ -589,6 +596,28 @@ impl RoomStore for SqlStore {
             .iter()
             .map(event_from_row)
             .collect()
+    }
+
+    async fn current_state_event(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> StoreResult<Option<StoredEvent>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM events e JOIN current_state c ON c.event_id = e.event_id
+             WHERE c.room_id = $1 AND c.event_type = $2 AND c.state_key = $3",
+            EVENT_COLUMNS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
+        ));
+        sqlx::query(sql)
+            .bind(room_id.as_str())
+            .bind(event_type)
+            .bind(state_key)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(event_from_row)
+            .transpose()
     }
 
     async fn state_history(

@@ -49,6 +49,19 @@ pub trait UserDataStore: Send + Sync {
         room_id: Option<&str>,
         data_type: &str,
     ) -> StoreResult<Option<String>>;
+    /// Replaces an item of account data with what `update` makes of its content (`None`: there is
+    /// none yet), at `position`. Updates of one user's data through here apply one after the
+    /// other, so two edits of one item (two tags added at once) cannot lose one. `update`
+    /// answering `Ok(None)` leaves the item as it is (the result is then `Ok(false)`); its error
+    /// is handed back.
+    async fn update_account_data(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&str>,
+        data_type: &str,
+        position: i64,
+        update: &(dyn for<'c> Fn(Option<&'c str>) -> Result<Option<String>, String> + Send + Sync),
+    ) -> StoreResult<Result<bool, String>>;
     /// A user's account data changed in `(after, upto]`.
     async fn account_data_changes(
         &self,
@@ -206,6 +219,51 @@ impl UserDataStore for SqlStore {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| r.try_get("content").map_err(Into::into)).transpose()
+    }
+
+    async fn update_account_data(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&str>,
+        data_type: &str,
+        position: i64,
+        update: &(dyn for<'c> Fn(Option<&'c str>) -> Result<Option<String>, String> + Send + Sync),
+    ) -> StoreResult<Result<bool, String>> {
+        let mut tx = self.pool.begin().await?;
+        // A write first: it locks the user's row on Postgres, and takes SQLite's write lock up
+        // front, so the read below sees what the previous update wrote.
+        sqlx::query("UPDATE users SET user_id = user_id WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3",
+        )
+        .bind(user_id.as_str())
+        .bind(room_id.unwrap_or_default())
+        .bind(data_type)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let current: Option<String> = row.map(|r| r.try_get("content")).transpose()?;
+        let content = match update(current.as_deref()) {
+            Ok(Some(content)) => content,
+            Ok(None) => return Ok(Ok(false)),
+            Err(refused) => return Ok(Err(refused)),
+        };
+        sqlx::query(
+            "INSERT INTO account_data (user_id, room_id, data_type, content, stream_ordering) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (user_id, room_id, data_type)
+             DO UPDATE SET content = excluded.content, stream_ordering = excluded.stream_ordering",
+        )
+        .bind(user_id.as_str())
+        .bind(room_id.unwrap_or_default())
+        .bind(data_type)
+        .bind(content)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(true))
     }
 
     async fn account_data_changes(

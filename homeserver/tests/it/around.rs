@@ -120,7 +120,11 @@ crate::on_both_backends! {
         assert_eq!(timeline["events"].as_array().unwrap().len(), 2);
         assert_eq!(timeline["limited"], true);
         assert_error(&server.get(&format!("{filters}/999"), Some(&alice.token)).await, 404, "M_NOT_FOUND");
-        // Lazy-loaded members: only the timeline's senders come with the state.
+        // Lazy-loaded members: only the timeline's senders come with the state (in a named room:
+        // an unnamed one also sends the members it is named after).
+        let (status, _) = server.request("PUT", &format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room)),
+            Some(&alice.token), Some(json!({"name": "Settings"}))).await;
+        assert_eq!(status, 200);
         server.request("PUT", &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/lz", enc(&room)), Some(&alice.token),
             Some(json!({"msgtype": "m.text", "body": "just me"}))).await;
         let lazy = "%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A1%7D%2C%22state%22%3A%7B%22lazy_load_members%22%3Atrue%7D%7D%7D";

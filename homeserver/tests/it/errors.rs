@@ -41,7 +41,7 @@ crate::on_both_backends! {
         let server = TestServer::start(db).await;
         server.register("taken", PW).await;
         let long = "a".repeat(300);
-        for name in ["Alice", "a b", "", "ali:ce", "@alice:elsewhere.org", "al#ce", "émile", long.as_str()] {
+        for name in ["a b", "", "ali:ce", "@alice:elsewhere.org", "al#ce", "émile", long.as_str()] {
             let result = server.post("/_matrix/client/v3/register", None,
                 json!({"username": name, "password": PW, "auth": {"type": "m.login.dummy"}})).await;
             assert_error(&result, 400, "M_INVALID_USERNAME");

@@ -12,6 +12,7 @@ mod durability;
 mod e2ee;
 mod errors;
 mod faults;
+mod features;
 mod hardening;
 mod interop;
 mod limits;

@@ -1,8 +1,8 @@
 //! The storage conformance suite: every trait, against both backends.
 
 use homeserver::storage::{
-    AccountStore, DeviceStore, RegistrationTokenStore, SessionRecord, SessionStore, SqlStore,
-    UiaSessionRecord, UiaStore, now_ms,
+    AccountStore, DeviceStore, MAX_OPENID_TOKENS_PER_USER, OpenIdStore, RegistrationTokenStore, ReportRecord,
+    ReportStore, SessionRecord, SessionStore, SqlStore, UiaSessionRecord, UiaStore, UserDataStore, now_ms,
 };
 use ruma::{OwnedDeviceId, OwnedUserId};
 
@@ -213,6 +213,84 @@ crate::on_both_backends! {
             wins += usize::from(attempt.await.unwrap());
         }
         assert_eq!(wins, 1, "a single-use token is used once, however many race for it");
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn account_data_updates_of_one_user_apply_one_after_the_other(db: Db) {
+        let (store, test_db) = store(db).await;
+        let alice = user("alice");
+        store.create_user(&alice, None, false).await.unwrap();
+        // Each update appends its number to a list; racing, none may be lost.
+        let updates = (0..8).map(|n| {
+            let (store, alice) = (store.clone(), alice.clone());
+            tokio::spawn(async move {
+                let append = move |current: Option<&str>| {
+                    let mut list: Vec<i64> = current.map(|c| serde_json::from_str(c).unwrap()).unwrap_or_default();
+                    list.push(n);
+                    Ok(Some(serde_json::to_string(&list).unwrap()))
+                };
+                store.update_account_data(&alice, Some("!room:localhost"), "org.example.list", 100 + n, &append).await.unwrap()
+            })
+        });
+        for update in updates {
+            assert_eq!(update.await.unwrap(), Ok(true));
+        }
+        let stored = store.account_data(&alice, Some("!room:localhost"), "org.example.list").await.unwrap().unwrap();
+        let mut list: Vec<i64> = serde_json::from_str(&stored).unwrap();
+        list.sort_unstable();
+        assert_eq!(list, (0..8).collect::<Vec<_>>());
+        // No change, and a refusal, leave it as it is.
+        let unchanged = store.update_account_data(&alice, Some("!room:localhost"), "org.example.list", 200, &|_| Ok(None));
+        assert_eq!(unchanged.await.unwrap(), Ok(false));
+        let refused = store.update_account_data(&alice, Some("!room:localhost"), "org.example.list", 201, &|_| Err("no".to_owned()));
+        assert_eq!(refused.await.unwrap(), Err("no".to_owned()));
+        assert_eq!(store.account_data(&alice, Some("!room:localhost"), "org.example.list").await.unwrap().unwrap(), stored);
+        store.close().await;
+        test_db.remove().await;
+    }
+
+    async fn erased_accounts_reports_and_openid_tokens(db: Db) {
+        let (store, test_db) = store(db).await;
+        let (alice, bob) = (user("alice"), user("bob"));
+        for who in [&alice, &bob] {
+            store.create_user(who, None, false).await.unwrap();
+        }
+        store.set_displayname(&alice, Some("Alice")).await.unwrap();
+        store.set_avatar_url(&alice, Some("mxc://localhost/a")).await.unwrap();
+        store.erase_user(&alice).await.unwrap();
+        assert_eq!(store.profile(&alice).await.unwrap(), (None, None));
+        let erased = store.erased_among(&[alice.as_str(), bob.as_str(), "@nobody:localhost"]).await.unwrap();
+        assert_eq!(erased.into_iter().collect::<Vec<_>>(), [alice.to_string()]);
+        // More ids than one `IN` list holds.
+        let many: Vec<String> = (0..1200).map(|n| format!("@u{n}:localhost")).collect();
+        let mut ids: Vec<&str> = many.iter().map(String::as_str).collect();
+        ids.push(alice.as_str());
+        assert_eq!(store.erased_among(&ids).await.unwrap().len(), 1);
+
+        let report = |id: &str, event: Option<&str>, ts| ReportRecord {
+            report_id: id.to_owned(), room_id: "!room:localhost".to_owned(), event_id: event.map(str::to_owned),
+            reporter: bob.to_string(), reason: Some("why".to_owned()), score: event.map(|_| -100), received_ts: ts,
+        };
+        store.add_report(&report("r1", Some("$e"), 1)).await.unwrap();
+        store.add_report(&report("r2", None, 2)).await.unwrap();
+        assert_eq!(store.reports(10).await.unwrap(), [report("r2", None, 2), report("r1", Some("$e"), 1)]);
+        assert_eq!(store.reports(1).await.unwrap().len(), 1);
+
+        let now = now_ms();
+        store.add_openid_token("h-live", &bob, now + 60_000, now).await.unwrap();
+        store.add_openid_token("h-old", &bob, now - 1, now - 120_000).await.unwrap();
+        assert_eq!(store.openid_user("h-live", now).await.unwrap(), Some(bob.clone()));
+        assert_eq!(store.openid_user("h-old", now).await.unwrap(), None, "expired");
+        assert_eq!(store.openid_user("h-none", now).await.unwrap(), None);
+        // A user holds a bounded number; the oldest go first.
+        for n in 0..MAX_OPENID_TOKENS_PER_USER {
+            store.add_openid_token(&format!("h-{n}"), &bob, now + 120_000 + n, now).await.unwrap();
+        }
+        assert_eq!(store.openid_user("h-live", now).await.unwrap(), None, "the oldest made room");
+        assert_eq!(store.openid_user("h-0", now).await.unwrap(), Some(bob.clone()));
+        store.deactivate_user(&bob, 1).await.unwrap();
+        assert_eq!(store.openid_user("h-0", now).await.unwrap(), None, "a deactivated account's tokens are dead");
         store.close().await;
         test_db.remove().await;
     }

@@ -134,12 +134,19 @@ async fn deactivate(
         client_ip: request.client_ip,
     };
     uia::authenticate(&state, request.body.auth.as_ref(), operation).await?;
+    if request.body.erase {
+        // The profile goes while the account can still send: its member events lose the name
+        // and avatar in every room. Its events are then served redacted to those who were not
+        // in the room when they were sent (`rooms::visibility::erase_for_reader`).
+        super::profile::clear(&state, &user.user_id).await?;
+        state.store.erase_user(&user.user_id).await?;
+    }
     remove_devices(&state, &user.user_id, Removal::AllBut(None)).await?;
     let (store, user_id) = (&state.store, &user.user_id);
     crate::rooms::at_new_position(&state, |position| async move {
         Ok(store.deactivate_user(user_id, position).await?)
     })
     .await?;
-    tracing::info!(user_id = %user.user_id, "deactivated");
+    tracing::info!(user_id = %user.user_id, erase = request.body.erase, "deactivated");
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use actix_web::web;
+use actix_web::{HttpResponse, web};
 use ruma::api::client::discovery::{
     discover_homeserver::{self, HomeserverInfo},
     get_capabilities::{
@@ -12,8 +12,10 @@ use ruma::api::client::discovery::{
     get_supported_versions,
 };
 
+use serde_json::json;
+
 use crate::{
-    error::Result,
+    error::{Error, Result},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
 };
@@ -23,7 +25,7 @@ const VERSIONS: &[&str] =
     &["v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];
 
 pub(super) fn routes(router: &mut Router) {
-    router.add(get_supported_versions).add(discover_client).add(get_capabilities);
+    router.add(get_supported_versions).add(discover_client);
 }
 
 /// GET /_matrix/client/versions
@@ -46,18 +48,33 @@ async fn discover_client(
 }
 
 /// GET /_matrix/client/v3/capabilities
-async fn get_capabilities(
+///
+/// What this server lets users do. Served outside the router (see `custom` in `mod.rs`): ruma
+/// leaves out a capability that has the spec's default value, and clients look for each one.
+pub(super) async fn get_capabilities(
     state: web::Data<AppState>,
     _: Ruma<get_capabilities::v3::Request>,
-) -> Result<get_capabilities::v3::Response> {
+) -> Result<HttpResponse> {
     let mut capabilities = Capabilities::new();
-    capabilities.change_password.enabled = true;
-    capabilities.room_versions = RoomVersionsCapability::new(
-        state.config.rooms.default_version(),
-        federation::pdu::SUPPORTED_ROOM_VERSIONS
-            .iter()
-            .map(|v| (v.clone(), RoomVersionStability::Stable))
-            .collect(),
-    );
-    Ok(get_capabilities::v3::Response::new(capabilities))
+    let available = federation::pdu::SUPPORTED_ROOM_VERSIONS
+        .iter()
+        .map(|version| (version.clone(), RoomVersionStability::Stable))
+        .collect();
+    capabilities.room_versions = RoomVersionsCapability::new(state.config.rooms.default_version(), available);
+    // Addresses can be added only where codes can be sent to prove them.
+    let threepids = state.email.is_some() || state.sms.is_some();
+    let mut body = serde_json::to_value(&capabilities).map_err(Error::internal)?;
+    let Some(map) = body.as_object_mut() else {
+        return Err(Error::internal("capabilities are not an object"));
+    };
+    // Every account can change its password (by the old one, through UIA), its name and avatar.
+    for (name, enabled) in [
+        ("m.change_password", true),
+        ("m.set_displayname", true),
+        ("m.set_avatar_url", true),
+        ("m.3pid_changes", threepids),
+    ] {
+        map.insert(name.to_owned(), json!({ "enabled": enabled }));
+    }
+    Ok(HttpResponse::Ok().json(json!({ "capabilities": body })))
 }

@@ -59,6 +59,9 @@ async fn put_receipt(
 }
 
 /// POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}
+///
+/// Only the spec's receipt types; `thread_id` is `main` or a thread root's event id, and never
+/// with `m.fully_read` (a read marker, which has no threads): `M_INVALID_PARAM`, as Synapse.
 async fn receipt(
     state: web::Data<AppState>,
     request: Ruma<create_receipt::v3::Request>,
@@ -69,9 +72,14 @@ async fn receipt(
         ReceiptThread::Unthreaded => None,
         ReceiptThread::Main => Some("main".to_owned()),
         ReceiptThread::Thread(id) => Some(id.to_string()),
-        _ => None,
+        _ => {
+            return Err(Error::invalid_param("thread_id must be `main` or the event id of a thread's root"));
+        }
     };
     match body.receipt_type {
+        ReceiptType::FullyRead if thread.is_some() => {
+            return Err(Error::invalid_param("m.fully_read is a read marker and takes no thread_id"));
+        }
         ReceiptType::FullyRead => {
             let content = serde_json::json!({"event_id": body.event_id});
             let content = content.to_string();
@@ -94,7 +102,15 @@ async fn receipt(
             })
             .await?;
         }
-        ref kind => put_receipt(&state, &body.room_id, user, kind.as_str(), &body.event_id, thread).await?,
+        ReceiptType::Read | ReceiptType::ReadPrivate => {
+            let kind = body.receipt_type.as_str();
+            put_receipt(&state, &body.room_id, user, kind, &body.event_id, thread).await?;
+        }
+        ref other => {
+            return Err(Error::invalid_param(format!(
+                "receipt type `{other}` is not one of m.read, m.read.private, m.fully_read"
+            )));
+        }
     }
     Ok(create_receipt::v3::Response::new())
 }

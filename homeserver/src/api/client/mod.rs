@@ -1,19 +1,23 @@
 //! The client-server API, one file per spec area.
 
 mod account;
+mod admin;
 mod backup;
 mod device;
 mod directory;
 mod discovery;
 mod ephemeral;
 mod keys;
+mod openid;
 mod profile;
 pub mod push;
 mod register;
+mod report;
 mod room;
 mod session;
 mod sync;
 mod sync_wire;
+mod tags;
 mod threepid;
 mod to_device;
 mod upgrade;
@@ -44,6 +48,10 @@ pub fn router() -> Router {
     keys::routes(&mut router);
     backup::routes(&mut router);
     to_device::routes(&mut router);
+    tags::routes(&mut router);
+    report::routes(&mut router);
+    openid::routes(&mut router);
+    admin::routes(&mut router);
     router
 }
 
@@ -80,6 +88,12 @@ fn custom() -> Vec<CustomRoute> {
         (Method::POST, "/_matrix/client/unstable/chat.hearth.login.otp/requestToken", || {
             web::post().to(threepid::request_login_code)
         }),
+        // ruma leaves capabilities with the spec's default out; clients look for them.
+        (Method::GET, "/_matrix/client/v3/capabilities", || web::get().to(discovery::get_capabilities)),
+        (Method::GET, "/_matrix/client/r0/capabilities", || web::get().to(discovery::get_capabilities)),
+        // A federation endpoint that widgets reach through the client's homeserver; served
+        // here until Hearth has a federation listener.
+        (Method::GET, "/_matrix/federation/v1/openid/userinfo", || web::get().to(openid::userinfo)),
         // For load balancers and health checks: plain `OK`.
         (Method::GET, "/health", || web::get().to(|| async { HttpResponse::Ok().body("OK") })),
     ]
@@ -93,8 +107,9 @@ pub fn configure_custom(config: &mut web::ServiceConfig) {
         paths.entry(path).or_default().push(route);
     }
     for (path, routes) in paths {
-        let resource =
-            routes.into_iter().fold(web::resource(path), |resource, route| resource.route(route()));
+        // The path template, so that handlers may use the `Ruma<T>` extractor for authentication.
+        let resource = web::resource(path).app_data(crate::ruma_wrapper::PathTemplate(path));
+        let resource = routes.into_iter().fold(resource, |resource, route| resource.route(route()));
         config.service(resource.default_service(web::to(crate::ruma_wrapper::method_not_allowed)));
     }
 }

@@ -70,8 +70,9 @@ fn own(sender: &UserId, target: &OwnedUserId) -> Result<()> {
     if sender == target { Ok(()) } else { Err(Error::forbidden("you can only change your own profile")) }
 }
 
-/// Sends the user's new profile into each room they are in.
-async fn propagate(state: &AppState, user_id: &UserId, field: &str, value: Option<&str>) -> Result<()> {
+/// Sends the user's new profile (each `(field, value)`; `None` removes it) into each room they
+/// are in.
+async fn propagate(state: &AppState, user_id: &UserId, changes: &[(&str, Option<&str>)]) -> Result<()> {
     for (room, membership, _) in state.store.user_rooms(user_id).await? {
         if membership != "join" {
             continue;
@@ -87,10 +88,12 @@ async fn propagate(state: &AppState, user_id: &UserId, field: &str, value: Optio
             None => continue,
         };
         let before = content.clone();
-        match value {
-            Some(value) => content[field] = Value::from(value),
-            None => {
-                content.as_object_mut().map(|c| c.remove(field));
+        for (field, value) in changes {
+            match value {
+                Some(value) => content[*field] = Value::from(*value),
+                None => {
+                    content.as_object_mut().map(|c| c.remove(*field));
+                }
             }
         }
         if content == before {
@@ -126,7 +129,7 @@ async fn set_displayname(
         return Err(Error::invalid_param(format!("displayname longer than {MAX_DISPLAYNAME} characters")));
     }
     state.store.set_displayname(user, name).await?;
-    propagate(&state, user, "displayname", name).await?;
+    propagate(&state, user, &[("displayname", name)]).await?;
     Ok(set_display_name::v3::Response::new())
 }
 
@@ -142,6 +145,14 @@ async fn set_avatar(
         return Err(Error::invalid_param("avatar_url must be an mxc:// URI of at most 512 bytes"));
     }
     state.store.set_avatar_url(user, url).await?;
-    propagate(&state, user, "avatar_url", url).await?;
+    propagate(&state, user, &[("avatar_url", url)]).await?;
     Ok(set_avatar_url::v3::Response::new())
+}
+
+/// Clears a user's display name and avatar, here and in the member events of every room they
+/// are in (an account deactivated with `erase: true`).
+pub(super) async fn clear(state: &AppState, user_id: &UserId) -> Result<()> {
+    state.store.set_displayname(user_id, None).await?;
+    state.store.set_avatar_url(user_id, None).await?;
+    propagate(state, user_id, &[("displayname", None), ("avatar_url", None)]).await
 }

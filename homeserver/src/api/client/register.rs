@@ -72,6 +72,15 @@ fn parse_username(state: &AppState, username: &str) -> Result<OwnedUserId> {
     Ok(user_id)
 }
 
+/// A requested username (a localpart, or a full user id) with its localpart in lower case; the
+/// server name is left as given (and checked to be this server's).
+pub(super) fn lower_localpart(username: &str) -> String {
+    match username.strip_prefix('@').and_then(|rest| rest.split_once(':')) {
+        Some((localpart, server)) => format!("@{}:{server}", localpart.to_lowercase()),
+        None => username.to_lowercase(),
+    }
+}
+
 fn user_in_use() -> Error {
     Error::new(StatusCode::BAD_REQUEST, ErrorKind::UserInUse, "that user id is already taken")
 }
@@ -167,8 +176,11 @@ async fn register_account(
         ));
     }
     let flows = registration_flows(state)?;
-    // Check what can be checked before the client goes through UIA.
-    let requested = body.username.as_deref().map(|u| parse_username(state, u)).transpose()?;
+    // Check what can be checked before the client goes through UIA. Capitals are lowered, as
+    // Synapse does (SyTest: "POST /register downcases capitals in usernames"), rather than
+    // refused: logins find the account whatever case is typed.
+    let requested =
+        body.username.as_deref().map(|u| parse_username(state, &lower_localpart(u))).transpose()?;
     if let Some(user_id) = &requested
         && state.store.get_user(user_id).await?.is_some()
     {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use actix_web::{http::StatusCode, web};
 use ruma::{
-    OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
     api::{
         Direction,
         client::{
@@ -29,7 +29,7 @@ use crate::{
     rooms::{
         self, Draft,
         client_event::{ClientEvent, client_raw, matches_filter, raws},
-        visibility::ReadRules,
+        visibility::{Ignored, ReadRules, erase_for_reader},
     },
     ruma_wrapper::{Router, Ruma},
     state::AppState,
@@ -149,6 +149,14 @@ async fn create_room(
         rooms::check_type_and_key(&event_type, Some(&key))
             .map_err(|why| Error::bad_json(format!("initial_state: {why}")))?;
         let content = event.get("content").cloned().unwrap_or_else(|| json!({}));
+        if event_type == CANONICAL_ALIAS && key.is_empty() {
+            // The room is new: only the alias this request creates can point to it.
+            for named in new_canonical_aliases(&content, None)? {
+                if Some(&named) != alias.as_ref() {
+                    return Err(bad_alias(format!("{named} does not point to this room")));
+                }
+            }
+        }
         initial_state.push((event_type, key, content));
     }
     let mut creation = match &body.creation_content {
@@ -202,15 +210,8 @@ async fn create_room(
         ));
     }
     let room_id = rooms::create(&state, &version, creator, creation).await?;
-    append_json(
-        &state,
-        &room_id,
-        creator,
-        "m.room.member",
-        Some(creator.as_str()),
-        &json!({"membership": "join"}),
-    )
-    .await?;
+    let creator_join = own_join_content(&state, creator, Map::new(), None).await?;
+    append_json(&state, &room_id, creator, "m.room.member", Some(creator.as_str()), &creator_join).await?;
 
     append_json(&state, &room_id, creator, "m.room.power_levels", Some(""), &power).await?;
 
@@ -318,6 +319,16 @@ pub(super) fn set_creators(
     Ok(creators)
 }
 
+/// Longest `reason` of a membership change, in bytes.
+const MAX_REASON_BYTES: usize = 1024;
+
+fn check_reason(reason: Option<&str>) -> Result<()> {
+    if reason.is_some_and(|reason| reason.len() > MAX_REASON_BYTES) {
+        return Err(Error::invalid_param(format!("reason longer than {MAX_REASON_BYTES} bytes")));
+    }
+    Ok(())
+}
+
 /// Sets `target`'s membership in a room, as `sender`.
 async fn set_membership(
     state: &AppState,
@@ -327,14 +338,83 @@ async fn set_membership(
     membership: &str,
     reason: Option<&str>,
 ) -> Result<()> {
+    check_reason(reason)?;
     let mut content = json!({"membership": membership});
     if let Some(reason) = reason {
-        if reason.len() > 1024 {
-            return Err(Error::invalid_param("reason longer than 1024 bytes"));
-        }
         content["reason"] = reason.into();
     }
     append_json(state, room_id, sender, "m.room.member", Some(target.as_str()), &content).await.map(drop)
+}
+
+/// The content of `user`'s own join: `extra` (what else the client put in its request), the
+/// user's display name and avatar unless `extra` names them (as Synapse, so that members see who
+/// joined), and the reason.
+async fn own_join_content(
+    state: &AppState,
+    user: &UserId,
+    mut extra: Map<String, Value>,
+    reason: Option<&str>,
+) -> Result<Value> {
+    check_reason(reason)?;
+    let (displayname, avatar_url) = state.store.profile(user).await?;
+    for (key, value) in [("displayname", displayname), ("avatar_url", avatar_url)] {
+        if let Some(value) = value
+            && !extra.contains_key(key)
+        {
+            extra.insert(key.to_owned(), value.into());
+        }
+    }
+    match reason {
+        Some(reason) => extra.insert("reason".to_owned(), reason.into()),
+        None => extra.remove("reason"),
+    };
+    extra.insert("membership".to_owned(), "join".into());
+    Ok(Value::Object(extra))
+}
+
+/// The keys of a join request's body besides those the spec defines: clients may add their own,
+/// and they go into the member event (SyTest: "POST /join/:room_alias can join a room with
+/// custom content").
+fn extra_join_keys(raw_body: &[u8]) -> Result<Map<String, Value>> {
+    if raw_body.is_empty() {
+        return Ok(Map::new());
+    }
+    let mut extra: Map<String, Value> = serde_json::from_slice(raw_body)
+        .map_err(|_| Error::bad_json("the body of a join must be a JSON object"))?;
+    for defined in ["reason", "third_party_signed", "membership"] {
+        extra.remove(defined);
+    }
+    Ok(extra)
+}
+
+/// Joins `user` to a room with `content`, unless they are joined already with exactly that
+/// content: then nothing changes and no event is sent (as Synapse).
+async fn join(state: &AppState, room_id: &RoomId, user: &UserId, content: &Value) -> Result<()> {
+    if unchanged_state(state, room_id, user, "m.room.member", user.as_str(), content).await?.is_some() {
+        return Ok(());
+    }
+    append_json(state, room_id, user, "m.room.member", Some(user.as_str()), content).await.map(drop)
+}
+
+/// The event in a room's current state at `(event_type, state_key)` if `sender` sent it with
+/// exactly `content`: sending it again would change nothing, so the spec's idempotence (and
+/// Synapse) answers with that event instead of making another.
+async fn unchanged_state(
+    state: &AppState,
+    room_id: &RoomId,
+    sender: &UserId,
+    event_type: &str,
+    state_key: &str,
+    content: &Value,
+) -> Result<Option<String>> {
+    let Some(current) = state.store.current_state_event(room_id, event_type, state_key).await? else {
+        return Ok(None);
+    };
+    let client = ClientEvent::parse(&current)?;
+    if client.sender() != sender.as_str() || current.redacted_by.is_some() {
+        return Ok(None);
+    }
+    Ok((client.content_value()? == *content).then_some(current.event_id))
 }
 
 /// POST /_matrix/client/v3/rooms/{roomId}/join
@@ -344,7 +424,9 @@ async fn join_by_id(
 ) -> Result<join_room_by_id::v3::Response> {
     let user = &request.sender.user_id;
     let room_id = request.body.room_id;
-    set_membership(&state, &room_id, user, user, "join", request.body.reason.as_deref()).await?;
+    let extra = extra_join_keys(&request.raw_body)?;
+    let content = own_join_content(&state, user, extra, request.body.reason.as_deref()).await?;
+    join(&state, &room_id, user, &content).await?;
     Ok(join_room_by_id::v3::Response::new(room_id))
 }
 
@@ -360,7 +442,9 @@ async fn join_by_id_or_alias(
         Err(_) => OwnedRoomId::try_from(target.as_str())
             .map_err(|_| Error::invalid_param("not a room id or alias"))?,
     };
-    set_membership(&state, &room_id, user, user, "join", request.body.reason.as_deref()).await?;
+    let extra = extra_join_keys(&request.raw_body)?;
+    let content = own_join_content(&state, user, extra, request.body.reason.as_deref()).await?;
+    join(&state, &room_id, user, &content).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
 
@@ -519,6 +603,7 @@ async fn joined_members(
         };
         let mut member = joined_members::v3::RoomMember::new();
         member.display_name = event.content_str("displayname");
+        member.avatar_url = event.content_str("avatar_url").map(ruma::OwnedMxcUri::from);
         joined.insert(user, member);
     }
     Ok(joined_members::v3::Response::new(joined))
@@ -590,20 +675,125 @@ async fn send_message(
     Ok(send_message_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
 }
 
+/// The state event type of a room's published alias.
+const CANONICAL_ALIAS: &str = "m.room.canonical_alias";
+
+/// Most aliases one `m.room.canonical_alias` event may add (each is looked up).
+const MAX_NEW_ALIASES: usize = 100;
+
+fn bad_alias(message: impl Into<String>) -> Error {
+    Error::new(StatusCode::BAD_REQUEST, ErrorKind::BadAlias, message)
+}
+
+/// The aliases `m.room.canonical_alias` content names (`alias`, `alt_aliases`) that `previous`
+/// content did not: those must be checked to point to the room (as Synapse, only new ones, so
+/// that an alias deleted since does not block every later change). Each must be a room alias
+/// (`M_BAD_ALIAS`); `alt_aliases` must be a list (`M_INVALID_PARAM`). An empty `alias` is none.
+fn new_canonical_aliases(content: &Value, previous: Option<&Value>) -> Result<Vec<OwnedRoomAliasId>> {
+    let parse = |value: &Value| -> Result<Option<OwnedRoomAliasId>> {
+        match value {
+            Value::Null => Ok(None),
+            Value::String(text) if text.is_empty() => Ok(None),
+            Value::String(text) => OwnedRoomAliasId::try_from(text.as_str())
+                .map(Some)
+                .map_err(|e| bad_alias(format!("`{text}` is not a room alias: {e}"))),
+            _ => Err(bad_alias("aliases must be strings")),
+        }
+    };
+    let alt = |content: &Value| -> Result<Vec<Value>> {
+        match content.get("alt_aliases") {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => Ok(items.clone()),
+            Some(_) => Err(Error::invalid_param("alt_aliases must be a list of room aliases")),
+        }
+    };
+    let old_alias = previous.and_then(|p| p.get("alias")).and_then(Value::as_str);
+    let old_alt: Vec<Value> = previous.map(|p| alt(p).unwrap_or_default()).unwrap_or_default();
+    let mut new = Vec::new();
+    if let Some(alias) = content.get("alias")
+        && alias.as_str() != old_alias
+        && let Some(alias) = parse(alias)?
+    {
+        new.push(alias);
+    }
+    for item in alt(content)? {
+        if old_alt.contains(&item) {
+            continue;
+        }
+        if let Some(alias) = parse(&item)? {
+            new.push(alias);
+        }
+    }
+    new.sort();
+    new.dedup();
+    if new.len() > MAX_NEW_ALIASES {
+        return Err(Error::invalid_param(format!("at most {MAX_NEW_ALIASES} aliases may be added at once")));
+    }
+    Ok(new)
+}
+
+/// Checks new `m.room.canonical_alias` content of a room: every alias it adds must point to the
+/// room (`M_BAD_ALIAS`, as the spec asks). Aliases of other servers cannot be looked up until
+/// Hearth federates, so they are refused.
+async fn check_canonical_alias(state: &AppState, room_id: &RoomId, content: &Value) -> Result<()> {
+    let previous = match state.store.current_state_event(room_id, CANONICAL_ALIAS, "").await? {
+        Some(event) => Some(ClientEvent::parse(&event)?.content_value()?),
+        None => None,
+    };
+    for alias in new_canonical_aliases(content, previous.as_ref())? {
+        if alias.server_name() != state.server_name {
+            return Err(bad_alias(format!("{alias} is on another server and cannot be checked")));
+        }
+        let points_here = state
+            .store
+            .resolve_alias(alias.as_str())
+            .await?
+            .is_some_and(|(target, _)| target == room_id.as_str());
+        if !points_here {
+            return Err(bad_alias(format!("{alias} does not point to this room")));
+        }
+    }
+    Ok(())
+}
+
 /// PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
+///
+/// Member events too: a user's own profile in the room, and invites, kicks and bans by those
+/// with the power, as the auth rules decide.
 async fn send_state(
     state: web::Data<AppState>,
     request: Ruma<send_state_event::v3::Request>,
 ) -> Result<send_state_event::v3::Response> {
     let body = &request.body;
-    state.limiter.check(Action::RoomEvent, request.sender.user_id.as_str()).await?;
+    let sender = &request.sender.user_id;
+    state.limiter.check(Action::RoomEvent, sender.as_str()).await?;
     let event_type = body.event_type.to_string();
-    if matches!(event_type.as_str(), "m.room.create" | "m.room.member") {
-        return Err(Error::forbidden(format!("{event_type} cannot be set through the state endpoint")));
+    if event_type == "m.room.create" {
+        return Err(Error::forbidden("m.room.create cannot be set through the state endpoint"));
     }
     let content = body.body.json();
-    serde_json::from_str::<Map<String, Value>>(content.get())
+    let value = serde_json::from_str::<Map<String, Value>>(content.get())
+        .map(Value::Object)
         .map_err(|_| Error::bad_json("content must be an object"))?;
+    if event_type == "m.room.member" {
+        UserId::parse(&body.state_key).map_err(|e| {
+            Error::invalid_param(format!("the state key of a member event is a user id: {e}"))
+        })?;
+        match value.get("membership") {
+            Some(Value::String(_)) => {}
+            _ => return Err(Error::bad_json("membership must be a string")),
+        }
+        check_reason(value.get("reason").and_then(Value::as_str))?;
+    }
+    rooms::room_version(&state, &body.room_id).await?;
+    if event_type == CANONICAL_ALIAS && body.state_key.is_empty() {
+        check_canonical_alias(&state, &body.room_id, &value).await?;
+    }
+    if let Some(event_id) =
+        unchanged_state(&state, &body.room_id, sender, &event_type, &body.state_key, &value).await?
+    {
+        return Ok(send_state_event::v3::Response::new(event_id.try_into().map_err(Error::internal)?));
+    }
     let draft = Draft {
         sender: &request.sender.user_id,
         event_type: &event_type,
@@ -654,12 +844,24 @@ async fn get_state(
 const MAX_EMPTY_PAGES: usize = 10;
 
 /// GET /_matrix/client/v3/rooms/{roomId}/messages
+///
+/// `end` is given whenever paging on may find more: backwards it is left out only once the
+/// start of the room, `to`, or the first event the user may read is reached; forwards, once a
+/// page finds nothing (the present). A page the filter, the history-visibility rules or the
+/// user's ignore list leave empty still moves `end` past what was read.
 async fn messages(
     state: web::Data<AppState>,
     request: Ruma<get_message_events::v3::Request>,
 ) -> Result<get_message_events::v3::Response> {
     let body = &request.body;
-    let rules = ReadRules::for_reader(&state, &body.room_id, &request.sender.user_id).await?;
+    let reader = &request.sender.user_id;
+    let rules = ReadRules::for_reader(&state, &body.room_id, reader).await?;
+    let ignored = Ignored::load(&state, reader).await?;
+    let shown = |event: &StoredEvent| -> Result<bool> {
+        Ok(rules.may_see(event)
+            && !ignored.hides(event)
+            && matches_filter(&body.filter, &ClientEvent::parse(event)?))
+    };
     let upto = state.store.persisted_upto().await?;
     let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let to = body.to.as_deref().map(parse_token).transpose()?;
@@ -677,9 +879,12 @@ async fn messages(
                 let page = state.store.room_events(&body.room_id, bottom, ceiling, limit, true).await?;
                 let full = page.len() as i64 == limit;
                 ceiling = page.first().map_or(bottom, |e| e.stream_ordering - 1);
-                for event in page.iter().rev().filter(|e| rules.may_see(e)) {
-                    push_matching(&mut chunk, &body.filter, event)?;
+                for event in page.iter().rev() {
+                    if shown(event)? {
+                        chunk.push(event.clone());
+                    }
                 }
+                // A full page may have more before it; one that is not reached the bottom.
                 response.end = full.then(|| token(ceiling));
                 if !full || !chunk.is_empty() {
                     break;
@@ -695,8 +900,10 @@ async fn messages(
                 let page = state.store.room_events(&body.room_id, bottom, ceiling, limit, false).await?;
                 let full = page.len() as i64 == limit;
                 bottom = page.last().map_or(ceiling, |e| e.stream_ordering);
-                for event in page.iter().filter(|e| rules.may_see(e)) {
-                    push_matching(&mut chunk, &body.filter, event)?;
+                for event in &page {
+                    if shown(event)? {
+                        chunk.push(event.clone());
+                    }
                 }
                 response.end = page.last().map(|_| token(bottom));
                 if !full || !chunk.is_empty() {
@@ -705,29 +912,16 @@ async fn messages(
             }
         }
     }
-    // The filter narrows the page; `end` still moves past everything read, so paging on finds
-    // the rest.
-    response.chunk = chunk;
+    response.chunk = raws(&erase_for_reader(&state, &rules, chunk).await?)?;
     Ok(response)
 }
 
-/// Adds `event` to a `/messages` chunk if the request's filter lets it through.
-fn push_matching<T>(
-    chunk: &mut Vec<ruma::serde::Raw<T>>,
-    filter: &ruma::api::client::filter::RoomEventFilter,
-    event: &StoredEvent,
-) -> Result<()> {
-    let client = ClientEvent::parse(event)?;
-    if matches_filter(filter, &client) {
-        chunk.push(client.to_raw()?);
-    }
-    Ok(())
-}
-
-/// An event of a room that the user may read, or M_NOT_FOUND (whether it exists or is hidden).
+/// An event of a room that the user may read and does not ignore, as they are served it, or
+/// M_NOT_FOUND (whether it exists or is hidden).
 async fn readable_event(
     state: &AppState,
     rules: &ReadRules,
+    ignored: &Ignored,
     room_id: &RoomId,
     event_id: &ruma::EventId,
 ) -> Result<(StoredEvent, i64)> {
@@ -736,8 +930,17 @@ async fn readable_event(
         .store
         .get_event(event_id.as_str())
         .await?
-        .filter(|e| e.room_id == room_id.as_str() && e.stream_ordering <= upto && rules.may_see(e))
+        .filter(|e| {
+            e.room_id == room_id.as_str()
+                && e.stream_ordering <= upto
+                && rules.may_see(e)
+                && !ignored.hides(e)
+        })
         .ok_or_else(|| Error::not_found("no such event"))?;
+    let event = erase_for_reader(state, rules, vec![event])
+        .await?
+        .pop()
+        .ok_or_else(|| Error::internal("an event was lost while served"))?;
     Ok((event, upto))
 }
 
@@ -747,8 +950,10 @@ async fn get_event(
     request: Ruma<get_room_event::v3::Request>,
 ) -> Result<get_room_event::v3::Response> {
     let body = &request.body;
-    let rules = ReadRules::for_reader(&state, &body.room_id, &request.sender.user_id).await?;
-    let (event, _) = readable_event(&state, &rules, &body.room_id, &body.event_id).await?;
+    let reader = &request.sender.user_id;
+    let rules = ReadRules::for_reader(&state, &body.room_id, reader).await?;
+    let ignored = Ignored::load(&state, reader).await?;
+    let (event, _) = readable_event(&state, &rules, &ignored, &body.room_id, &body.event_id).await?;
     Ok(get_room_event::v3::Response::new(client_raw(&event)?))
 }
 
@@ -809,8 +1014,10 @@ async fn context(
     request: Ruma<get_context::v3::Request>,
 ) -> Result<get_context::v3::Response> {
     let body = &request.body;
-    let rules = ReadRules::for_reader(&state, &body.room_id, &request.sender.user_id).await?;
-    let (event, upto) = readable_event(&state, &rules, &body.room_id, &body.event_id).await?;
+    let reader = &request.sender.user_id;
+    let rules = ReadRules::for_reader(&state, &body.room_id, reader).await?;
+    let ignored = Ignored::load(&state, reader).await?;
+    let (event, upto) = readable_event(&state, &rules, &ignored, &body.room_id, &body.event_id).await?;
     let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(0, MAX_PAGE);
     let (before_count, after_count) = (limit / 2, limit - limit / 2);
     let mut before = state
@@ -824,8 +1031,12 @@ async fn context(
     // The tokens move past what was read, hidden or not, so paging on continues from there.
     response.start = Some(token(before.last().map_or(event.stream_ordering - 1, |e| e.stream_ordering - 1)));
     response.end = Some(token(after.last().map_or(event.stream_ordering, |e| e.stream_ordering)));
-    response.events_before = raws(&rules.filter(before))?;
-    response.events_after = raws(&rules.filter(after))?;
+    let shown = |mut events: Vec<StoredEvent>| {
+        events.retain(|e| rules.may_see(e) && !ignored.hides(e));
+        erase_for_reader(&state, &rules, events)
+    };
+    response.events_before = raws(&shown(before).await?)?;
+    response.events_after = raws(&shown(after).await?)?;
     response.event = Some(client_raw(&event)?);
     response.state = raws(&state.store.state_at(&body.room_id, event.stream_ordering).await?)?;
     Ok(response)

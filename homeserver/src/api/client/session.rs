@@ -60,13 +60,15 @@ fn invalid_login() -> Error {
     Error::forbidden("invalid username or password")
 }
 
-/// Resolves `m.id.user` (a localpart or a full id on this server) to a user id.
+/// Resolves `m.id.user` (a localpart or a full id on this server) to a user id. Usernames are
+/// matched whatever their case, as Synapse does: every account here has a lower-case id
+/// (registration lowers the requested name), so the name is lowered.
 fn user_from_name(state: &AppState, user: &str) -> Result<OwnedUserId> {
+    let user = super::register::lower_localpart(user);
     let user_id = if user.starts_with('@') {
-        UserId::parse(user).map_err(|_| invalid_login())?
+        UserId::parse(&user).map_err(|_| invalid_login())?
     } else {
-        UserId::parse_with_server_name(user.to_lowercase(), &state.server_name)
-            .map_err(|_| invalid_login())?
+        UserId::parse_with_server_name(user, &state.server_name).map_err(|_| invalid_login())?
     };
     if user_id.server_name() != state.server_name {
         return Err(invalid_login());

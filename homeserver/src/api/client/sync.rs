@@ -37,7 +37,7 @@ use crate::{
     rooms::{
         client_event::{ClientEvent, Reader, matches_filter, raw, serve, type_allowed},
         ephemeral::UnreadCounts,
-        visibility::ReadRules,
+        visibility::{Ignored, ReadRules, erase_for_reader},
     },
     ruma_wrapper::{Router, Ruma},
     state::AppState,
@@ -359,6 +359,9 @@ async fn build(
         response.account_data.events.push(raw(&rules)?);
     }
     let user_rooms = state.recent.user_rooms(&*state.store, user, upto).await?;
+    // Read from memory until the user's account data changes, so a new list counts from the
+    // next sync on.
+    let ignored = Ignored::new(state.recent.ignored_users(&*state.store, user, upto).await?);
     let presence = &options.presence;
     if type_allowed(&presence.types, &presence.not_types, "m.presence")
         && state.ephemeral.any_presence_since(since.unwrap_or(0), upto)
@@ -428,9 +431,17 @@ async fn build(
                     true => Some(ReadRules::load(state, &room_id, user).await?),
                     false => None,
                 };
-                let mut joined =
-                    joined_room(state, query.reader(), &room_id, after, upto, options, rules.as_ref())
-                        .await?;
+                let mut joined = joined_room(
+                    state,
+                    query.reader(),
+                    &room_id,
+                    after,
+                    upto,
+                    options,
+                    rules.as_ref(),
+                    &ignored,
+                )
+                .await?;
                 let account_data = room_account_data.remove(room_id.as_str()).unwrap_or_default();
                 let mut ephemeral = ephemeral_events(state, user, &room_id, after, upto).await?;
                 let wanted = &options.ephemeral;
@@ -445,7 +456,8 @@ async fn build(
                     joined = Some(empty);
                 }
                 if let Some(mut joined) = joined {
-                    let (notifications, highlights) = unread_counts(state, user, &room_id, upto).await?;
+                    let (notifications, highlights) =
+                        unread_counts(state, user, &room_id, upto, &ignored).await?;
                     joined.unread_notifications.notification_count = Some(notifications);
                     joined.unread_notifications.highlight_count = Some(highlights);
                     joined.account_data.events = account_data.into_iter().map(Raw::from_json).collect();
@@ -455,12 +467,18 @@ async fn build(
             }
             "invite" if changed_since || full_state => {
                 let mut events = Vec::new();
+                let mut from_ignored = false;
                 for event in state.store.current_state(&room_id).await? {
                     let client = ClientEvent::parse(&event)?;
                     let is_invite = client.is_state("m.room.member", user.as_str());
+                    // An invite from someone the user ignores is not shown at all.
+                    from_ignored |= is_invite && ignored.contains(&client.sender());
                     if is_invite || INVITE_STATE.contains(&client.kind().as_str()) {
                         events.push(client.stripped()?);
                     }
+                }
+                if from_ignored {
+                    continue;
                 }
                 let mut invite_state = InviteState::new();
                 invite_state.events = events;
@@ -473,7 +491,9 @@ async fn build(
             {
                 let after = since.unwrap_or(0);
                 let rules = ReadRules::load(state, &room_id, user).await?;
-                let (events, limited) = window(state, &room_id, after, at, options, Some(&rules)).await?;
+                let (events, limited) =
+                    window(state, &room_id, after, at, options, Some(&rules), &ignored).await?;
+                let events = erase_for_reader(state, &rules, events).await?;
                 let start = events.first().map_or(at, |e| e.stream_ordering - 1);
                 let mut left = LeftRoom::new();
                 left.timeline = timeline(state, query.reader(), &events, limited, at).await?;
@@ -574,9 +594,16 @@ impl RoomsChanged {
     }
 }
 
-/// Notifying and highlighting events since the user's read receipt, by their push rules. Counts
-/// are kept per process and extended with the events each sync has not seen yet.
-async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: i64) -> Result<(UInt, UInt)> {
+/// Notifying and highlighting events since the user's read receipt, by their push rules (those
+/// of users they ignore do not count). Counts are kept per process and extended with the events
+/// each sync has not seen yet.
+async fn unread_counts(
+    state: &AppState,
+    user: &UserId,
+    room_id: &RoomId,
+    upto: i64,
+    ignored: &Ignored,
+) -> Result<(UInt, UInt)> {
     let known = state.ephemeral.unread(user, room_id).filter(|counts| counts.counted_upto <= upto);
     // The read position is read again only when the user's receipts moved.
     let read = match known {
@@ -601,7 +628,10 @@ async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: 
             let client = ClientEvent::parse(event)?;
             // ruma's push rules parse the whole event with serde_json's recursion limit (and
             // panic past it): events stored before the door bounded depth are not counted.
-            if client.sender() != user.as_str() && crate::json::parses_with_serde(event.json.as_bytes()) {
+            if client.sender() != user.as_str()
+                && !ignored.hides(event)
+                && crate::json::parses_with_serde(event.json.as_bytes())
+            {
                 others.push(client);
             }
         }
@@ -679,9 +709,9 @@ async fn ephemeral_events(
     Ok(events)
 }
 
-/// The newest events of a room in `(after, upto]` that the timeline filter and the
-/// history-visibility rules (when given) let through, at most the filter's limit, and whether
-/// older ones were left out.
+/// The newest events of a room in `(after, upto]` that the timeline filter, the
+/// history-visibility rules (when given) and the user's ignore list let through, at most the
+/// filter's limit, and whether older ones were left out.
 async fn window(
     state: &AppState,
     room_id: &RoomId,
@@ -689,16 +719,18 @@ async fn window(
     upto: i64,
     options: &Options,
     rules: Option<&ReadRules>,
+    ignored: &Ignored,
 ) -> Result<(Vec<StoredEvent>, bool)> {
     let limit = options.limit;
     let after = rules.map_or(after, |rules| after.max(rules.floor()));
     let keep = |event: &StoredEvent| {
         rules.is_none_or(|rules| rules.may_see(event))
+            && !ignored.hides(event)
             && options.timeline.as_ref().is_none_or(|filter| {
                 ClientEvent::parse(event).is_ok_and(|client| matches_filter(filter, &client))
             })
     };
-    if options.timeline.is_none() && rules.is_none() {
+    if options.timeline.is_none() && rules.is_none() && ignored.is_empty() {
         // One more than the limit tells whether the timeline is complete.
         let mut events =
             state.recent.room_events(&*state.store, room_id, after, upto, limit + 1, true).await?;
@@ -750,6 +782,7 @@ async fn timeline(
 
 /// A joined room's part of the response; `None` when nothing changed in it. `fresh` (the user's
 /// read rules) for a room new to this sync, which is sent whole.
+#[allow(clippy::too_many_arguments)]
 async fn joined_room(
     state: &AppState,
     reader: Reader<'_>,
@@ -758,14 +791,21 @@ async fn joined_room(
     upto: i64,
     options: &Options,
     fresh: Option<&ReadRules>,
+    ignored: &Ignored,
 ) -> Result<Option<JoinedRoom>> {
     let user = reader.user;
     let rules = fresh;
     let fresh = fresh.is_some();
-    let (events, limited) = window(state, room_id, after, upto, options, rules).await?;
+    let (events, limited) = window(state, room_id, after, upto, options, rules, ignored).await?;
     if events.is_empty() && !fresh {
         return Ok(None);
     }
+    // A room read since the token holds only events after the user's join, which they saw
+    // live; one new to the sync may show older ones.
+    let events = match rules {
+        Some(rules) => erase_for_reader(state, rules, events).await?,
+        None => events,
+    };
     let start = events.first().map_or(upto, |e| e.stream_ordering - 1);
     let mut room = JoinedRoom::new();
     room.timeline = timeline(state, reader, &events, limited, upto).await?;

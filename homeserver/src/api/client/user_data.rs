@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::{
     error::{Error, Result},
-    rooms::{self, client_event::raw},
+    rooms::{self, client_event::raw, visibility},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
 };
@@ -56,6 +56,9 @@ async fn put(
     // These two have endpoints of their own that check what they hold.
     if (data_type == "m.push_rules" && room.is_none()) || (data_type == "m.fully_read" && room.is_some()) {
         return Err(Error::bad_json(format!("{data_type} is set through its own endpoint")));
+    }
+    if data_type == visibility::IGNORED_USER_LIST && room.is_none() {
+        visibility::check_ignored_list(user, content.get())?;
     }
     let content = content.get().to_owned();
     rooms::at_new_position(state, |position| async move {
