@@ -9,7 +9,7 @@ use warnings;
 
 use Getopt::Long;
 
-my ( $tap_file, $log_file, $list_file, $out, $update );
+my ( $tap_file, $log_file, $list_file, $out, $update, $about );
 GetOptions(
    'tap=s'     => \$tap_file,
    'log=s'     => \$log_file,
@@ -18,6 +18,7 @@ GetOptions(
    'seconds=i' => \( my $seconds = 0 ),
    'full=i'    => \( my $full = 1 ),
    'update'    => \$update,
+   'about=s'   => \$about,
 ) and $tap_file and $log_file and $list_file and $out or die "usage: report.pl --tap F --log F --list F --out DIR\n";
 
 sub slurp_lines
@@ -41,6 +42,17 @@ my $file = "?";
 for ( slurp_lines( $log_file ) ) {
    if( m/^(tests\/\S+\.pl):$/ ) { $file = $1 }
    elsif( m/^\s+Test (\d+) / ) { $file_of{$1} = $file }
+}
+
+# "HTTP Request failed ( 404 Not Found https://host/path?query ) from GET https://…" is long and
+# carries access tokens: keep the method, the path and the status.
+sub shorten
+{
+   my ( $line ) = @_;
+   $line =~ s{^(fixture failed - )?HTTP Request failed \( (\d{3}) (.*?) https?://[^/\s]+(/[^?\s]*)\S* \) from (\w+) .*$}
+             {( $1 // "" ) . "$5 $4 answered $2 $3"}e;
+   $line =~ s/access_token=[^&\s]+/access_token=…/g;
+   return $line;
 }
 
 # Results from the TAP, in run order: { num, name, file, result (pass|fail|skip), reason }.
@@ -70,10 +82,12 @@ for ( slurp_lines( $tap_file ) ) {
          num => $num, name => $name, file => $file_of{$num} // "?", result => $result, reason => $reason,
       };
    }
-   elsif( $last and $last->{result} eq "fail" and m/^# (.*)$/ and $1 !~ m/^(Started|Ended): / ) {
+   elsif( $last and $last->{result} eq "fail" and m/^# (.*)$/
+          and $1 !~ m/^(Started|Ended): / and $1 !~ m/^[\d.]+: Registered new user / ) {
       # The first line of the failure explains it best; step failures (multi tests) come first.
-      $last->{reason} //= $1;
-      $last->{detail} //= $1 if defined $last->{reason} and $last->{reason} ne $1;
+      my $line = shorten( $1 );
+      if( !defined $last->{reason} ) { $last->{reason} = $line }
+      elsif( !defined $last->{detail} ) { $last->{detail} = $line }
    }
    elsif( !m/^#/ ) {
       undef $last;
@@ -88,22 +102,26 @@ if( !@results ) {
 my %count = ( pass => 0, fail => 0, skip => 0 );
 $count{ $_->{result} }++ for @results;
 
-# A name passes when every test of that name passed (a few names occur twice in SyTest).
-my ( %ran, %passed );
+# A few names occur twice in SyTest: a name passes when a test of that name passed and none
+# failed (the other may be skipped, as tests needing a second homeserver are).
+my ( %ran, %passed, %failed );
 for ( @results ) {
-   $passed{ $_->{name} } //= 1;
-   $passed{ $_->{name} } &&= ( $_->{result} eq "pass" );
    $ran{ $_->{name} }++;
+   $passed{ $_->{name} }++ if $_->{result} eq "pass";
+   $failed{ $_->{name} }++ if $_->{result} eq "fail";
 }
+delete @passed{ keys %failed };
 
 my @list_lines = slurp_lines( $list_file );
 my @listed = grep { length and !m/^#/ } @list_lines;
 my %listed = map { $_ => 1 } @listed;
+# "# flaky: NAME" lines name tests that pass only sometimes: neither required nor reported.
+my %flaky = map { m/^# flaky: (.*)$/ ? ( $1 => 1 ) : () } @list_lines;
 
-my @regressions = grep { $ran{$_} and !$passed{$_} } @listed;
+my @regressions = grep { $ran{$_} and !$passed{$_} and !$flaky{$_} } @listed;
 my @not_run = grep { !$ran{$_} } @listed;
 my %seen;
-my @new_passes = grep { $passed{$_} and !$listed{$_} and !$seen{$_}++ } map { $_->{name} } @results;
+my @new_passes = grep { $passed{$_} and !$listed{$_} and !$flaky{$_} and !$seen{$_}++ } map { $_->{name} } @results;
 
 # Grouped by file, in run order.
 sub by_file
@@ -128,8 +146,8 @@ sub by_file
 }
 
 my $total = @results;
-my $summary = sprintf "SyTest against Hearth: %d tests in %d s\npassed %d, failed %d, skipped %d\n",
-   $total, $seconds, @count{qw( pass fail skip )};
+my $summary = sprintf "SyTest against Hearth%s: %d tests in %d s\npassed %d, failed %d, skipped %d\n",
+   ( defined $about ? " ($about)" : "" ), $total, $seconds, @count{qw( pass fail skip )};
 $summary .= "The run stopped early: SyTest printed no plan line (see sytest.log).\n" unless defined $planned;
 $summary .= sprintf "Pass list: %d tests, %d did not pass%s\n", scalar @listed, scalar @regressions,
    ( $full ? "" : ", " . scalar( @not_run ) . " not in this run" );
@@ -152,9 +170,10 @@ if( $update ) {
    my @header = grep { m/^#/ } @list_lines;
    @header = (
       "# SyTest tests Hearth passes, one name a line: scripts/sytest fails when one of them does not",
-      "# pass. Regenerate with scripts/sytest --update after a full run.",
+      "# pass. Regenerate with scripts/sytest --update after a full run. A line \"# flaky: NAME\" marks a",
+      "# test that passes only sometimes: it is neither required nor added.",
    ) unless @header;
-   my %keep = map { $_ => 1 } ( grep( { !$ran{$_} } @listed ), grep( { $passed{$_} } keys %passed ) );
+   my %keep = map { $_ => 1 } ( grep( { !$ran{$_} } @listed ), grep( { !$flaky{$_} } keys %passed ) );
    write_file( $list_file, join "", map { "$_\n" } @header, sort keys %keep );
    printf "Pass list rewritten: %d tests (%s)\n", scalar keys %keep, $list_file;
    exit 0;
