@@ -183,16 +183,6 @@ pub fn raw<T>(value: &Value) -> Result<Raw<T>> {
     serde_json::value::to_raw_value(value).map(Raw::from_json).map_err(Error::internal)
 }
 
-/// A stored event in the client format, as a raw event.
-pub fn client_raw<T>(event: &StoredEvent) -> Result<Raw<T>> {
-    ClientEvent::parse(event)?.to_raw()
-}
-
-/// Stored events in the client format, as raw events.
-pub fn raws<T>(events: &[StoredEvent]) -> Result<Vec<Raw<T>>> {
-    events.iter().map(client_raw).collect()
-}
-
 /// What a reader's view of an event adds to its `unsigned` besides its age.
 #[derive(Debug, Default)]
 struct Unsigned<'a> {

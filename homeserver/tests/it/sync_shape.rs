@@ -132,6 +132,18 @@ crate::on_both_backends! {
         assert!(on_other_device["unsigned"].get("transaction_id").is_none(), "{on_other_device}");
         let bobs = find(&sync(&server, &bob, None, None).await);
         assert!(bobs["unsigned"].get("transaction_id").is_none(), "{bobs}");
+        // Every path that returns the event says the same to each reader.
+        let event_path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&sent));
+        let messages_path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room));
+        let context_path = format!("/_matrix/client/v3/rooms/{}/context/{}", enc(&room), enc(&sent));
+        for (who, expected) in [(&alice, json!("my-txn-1")), (&other, Value::Null), (&bob, Value::Null)] {
+            let (_, event) = server.get(&event_path, Some(&who.token)).await;
+            assert_eq!(event["unsigned"]["transaction_id"], expected, "/event: {event}");
+            let (_, page) = server.get(&messages_path, Some(&who.token)).await;
+            assert_eq!(page["chunk"][0]["unsigned"]["transaction_id"], expected, "/messages: {page}");
+            let (_, context) = server.get(&context_path, Some(&who.token)).await;
+            assert_eq!(context["event"]["unsigned"]["transaction_id"], expected, "/context: {context}");
+        }
         server.stop().await;
     }
 
@@ -150,6 +162,10 @@ crate::on_both_backends! {
         assert_eq!(replacing["unsigned"]["prev_content"], json!({"topic": "tea"}));
         assert_eq!(replacing["unsigned"]["prev_sender"], alice.user_id.as_str());
         assert!(find(&synced, &first)["unsigned"].get("prev_content").is_none(), "the first topic replaced nothing");
+        let (_, as_state) = server.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/?format=event", enc(&room)), Some(&bob.token)).await;
+        assert_eq!(as_state["unsigned"]["prev_content"], json!({"topic": "tea"}), "{as_state}");
+        let (_, page) = server.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room)), Some(&bob.token)).await;
+        assert_eq!(page["chunk"][0]["unsigned"]["replaces_state"], first.as_str(), "{page}");
         // A redacted predecessor shows redacted.
         put(&server, &alice, &format!("/_matrix/client/v3/rooms/{}/redact/{}/r1", enc(&room), enc(&first)), json!({})).await;
         let replacing = find(&sync(&server, &bob, None, None).await, &second);

@@ -28,7 +28,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     rooms::{
         self, Draft,
-        client_event::{ClientEvent, client_raw, matches_filter, raws},
+        client_event::{ClientEvent, Reader, matches_filter, serve, serve_one},
         visibility::{Ignored, ReadRules, erase_for_reader},
     },
     ruma_wrapper::{Router, Ruma},
@@ -609,6 +609,11 @@ async fn joined_members(
     Ok(joined_members::v3::Response::new(joined))
 }
 
+/// The reader behind a request: its user and device.
+pub(super) fn reader_of(sender: &crate::auth::AuthedUser) -> Reader<'_> {
+    Reader { user: &sender.user_id, device: &sender.device_id }
+}
+
 /// Parses a pagination token (`s<position>`).
 pub(super) fn parse_token(token: &str) -> Result<i64> {
     // A sync token may carry more after `_` (see `sync::parse_sync_token`); the position is first.
@@ -641,9 +646,9 @@ async fn members(
         {
             continue;
         }
-        chunk.push(client.to_raw()?);
+        chunk.push(event);
     }
-    Ok(get_member_events::v3::Response::new(chunk))
+    Ok(get_member_events::v3::Response::new(serve(&state, &chunk, reader_of(&request.sender)).await?))
 }
 
 /// PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}
@@ -819,7 +824,9 @@ async fn get_state_for_key(
         let client = ClientEvent::parse(&event)?;
         if client.is_state(&event_type, &body.state_key) {
             let value = match body.format {
-                get_state_event_for_key::v3::StateEventFormat::Event => client.to_json()?,
+                get_state_event_for_key::v3::StateEventFormat::Event => {
+                    serve_one::<Value>(&state, &event, reader_of(&request.sender)).await?.into_json()
+                }
                 _ => client.content().to_owned(),
             };
             return Ok(get_state_event_for_key::v3::Response::new(value));
@@ -836,7 +843,7 @@ async fn get_state(
     let room_id = &request.body.room_id;
     rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
     let events = state.store.current_state(room_id).await?;
-    Ok(get_state_events::v3::Response::new(raws(&events)?))
+    Ok(get_state_events::v3::Response::new(serve(&state, &events, reader_of(&request.sender)).await?))
 }
 
 /// Pages a filter or the history-visibility rules may leave empty before `/messages` answers
@@ -912,7 +919,8 @@ async fn messages(
             }
         }
     }
-    response.chunk = raws(&erase_for_reader(&state, &rules, chunk).await?)?;
+    response.chunk =
+        serve(&state, &erase_for_reader(&state, &rules, chunk).await?, reader_of(&request.sender)).await?;
     Ok(response)
 }
 
@@ -954,7 +962,7 @@ async fn get_event(
     let rules = ReadRules::for_reader(&state, &body.room_id, reader).await?;
     let ignored = Ignored::load(&state, reader).await?;
     let (event, _) = readable_event(&state, &rules, &ignored, &body.room_id, &body.event_id).await?;
-    Ok(get_room_event::v3::Response::new(client_raw(&event)?))
+    Ok(get_room_event::v3::Response::new(serve_one(&state, &event, reader_of(&request.sender)).await?))
 }
 
 /// PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}
@@ -1035,9 +1043,27 @@ async fn context(
         events.retain(|e| rules.may_see(e) && !ignored.hides(e));
         erase_for_reader(&state, &rules, events)
     };
-    response.events_before = raws(&shown(before).await?)?;
-    response.events_after = raws(&shown(after).await?)?;
-    response.event = Some(client_raw(&event)?);
-    response.state = raws(&state.store.state_at(&body.room_id, event.stream_ordering).await?)?;
+    let (before, after) = (shown(before).await?, shown(after).await?);
+    let mut context_state = state.store.state_at(&body.room_id, event.stream_ordering).await?;
+    if !body.filter.lazy_load_options.is_disabled() {
+        // Only the members who sent the events returned (and the reader).
+        let senders: std::collections::BTreeSet<String> = before
+            .iter()
+            .chain(&after)
+            .chain([&event])
+            .filter_map(|e| ClientEvent::parse(e).ok().map(|c| c.sender()))
+            .chain([reader.to_string()])
+            .collect();
+        context_state.retain(|e| {
+            ClientEvent::parse(e).is_ok_and(|c| {
+                c.kind() != "m.room.member" || c.state_key().is_some_and(|member| senders.contains(&member))
+            })
+        });
+    }
+    let reader = reader_of(&request.sender);
+    response.events_before = serve(&state, &before, reader).await?;
+    response.events_after = serve(&state, &after, reader).await?;
+    response.event = Some(serve_one(&state, &event, reader).await?);
+    response.state = serve(&state, &context_state, reader).await?;
     Ok(response)
 }
