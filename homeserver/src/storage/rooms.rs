@@ -803,21 +803,29 @@ impl RoomStore for SqlStore {
         let pattern = format!("%{escaped}%");
         // The join rule is read from the current `m.room.join_rules` event's JSON (as `json`, not
         // `jsonb`, which refuses the `\u0000` escapes older events may hold).
-        let public = match self.backend {
-            Backend::Postgres => "(e.json::json -> 'content' ->> 'join_rule') = 'public'",
-            Backend::Sqlite => "json_extract(e.json, '$.content.join_rule') = 'public'",
+        let content = |key: &str| match self.backend {
+            Backend::Postgres => format!("(e.json::json -> 'content' ->> '{key}')"),
+            Backend::Sqlite => format!("json_extract(e.json, '$.content.{key}')"),
         };
+        let public = format!(
+            "(cs.event_type = 'm.room.join_rules' AND {} = 'public')
+             OR (cs.event_type = 'm.room.history_visibility' AND {} = 'world_readable')",
+            content("join_rule"),
+            content("history_visibility")
+        );
         // `$3` empty: every active user. Otherwise a user is visible when joined to a room the
-        // searcher is joined to, or to a public room; left, invited and banned members are not.
+        // searcher is joined to (the searcher themself only through a public room, as Synapse),
+        // or to a public or world-readable room; left, invited and banned members are not.
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT u.user_id, p.displayname, p.avatar_url FROM users u LEFT JOIN profiles p ON p.user_id = u.user_id
              WHERE u.deactivated = 0
                AND (LOWER(u.user_id) LIKE $1 ESCAPE '\\' OR LOWER(COALESCE(p.displayname, '')) LIKE $1 ESCAPE '\\')
                AND ($3 = '' OR EXISTS (
                  SELECT 1 FROM memberships m WHERE m.user_id = u.user_id AND m.membership = 'join'
-                   AND (m.room_id IN (SELECT room_id FROM memberships WHERE user_id = $3 AND membership = 'join')
+                   AND ((u.user_id <> $3
+                         AND m.room_id IN (SELECT room_id FROM memberships WHERE user_id = $3 AND membership = 'join'))
                      OR m.room_id IN (SELECT cs.room_id FROM current_state cs JOIN events e ON e.event_id = cs.event_id
-                                      WHERE cs.event_type = 'm.room.join_rules' AND cs.state_key = '' AND {public}))))
+                                      WHERE cs.state_key = '' AND ({public})))))
              ORDER BY u.user_id LIMIT $2"
         ));
         sqlx::query(sql)

@@ -68,6 +68,31 @@ crate::on_both_backends! {
         open.stop().await;
     }
 
+    async fn searchers_find_themselves_only_through_public_or_world_readable_rooms(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = create_room(&server, &alice, json!({"preset": "private_chat", "invite": [bob.user_id]})).await;
+        join(&server, &bob, &room).await;
+        let search = |who: &Session, term: &str| {
+            let (token, term) = (who.token.clone(), term.to_owned());
+            let server = &server;
+            async move {
+                let (status, found) = server.post("/_matrix/client/v3/user_directory/search", Some(&token),
+                    json!({"search_term": term})).await;
+                assert_eq!(status, 200, "{found}");
+                found["results"].as_array().unwrap().iter().map(|u| u["user_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(search(&bob, "bob").await, Vec::<String>::new(), "a private room shared with others does not list bob to himself");
+        assert_eq!(search(&alice, "bob").await, ["@bob:localhost"], "but to alice");
+        let (status, _) = server.request("PUT", &format!("/_matrix/client/v3/rooms/{}/state/m.room.history_visibility/", room.replace('!', "%21").replace(':', "%3A")),
+            Some(&alice.token), Some(json!({"history_visibility": "world_readable"}))).await;
+        assert_eq!(status, 200);
+        assert_eq!(search(&bob, "bob").await, ["@bob:localhost"], "a world-readable room is public");
+        server.stop().await;
+    }
+
     async fn aliases_and_public_rooms(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;
