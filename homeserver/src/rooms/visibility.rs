@@ -126,6 +126,12 @@ impl ReadRules {
         }
     }
 
+    /// Whether the user was joined to the room just after the event at `position` (so they may
+    /// read it): who push rules are evaluated for.
+    pub fn joined_at(&self, position: i64) -> bool {
+        self.membership(position) == Some("join") && self.allows(position)
+    }
+
     pub fn may_see(&self, event: &StoredEvent) -> bool {
         self.allows(event.stream_ordering)
     }

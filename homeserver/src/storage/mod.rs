@@ -13,6 +13,7 @@ mod accounts;
 mod backup;
 mod devices;
 pub mod keys;
+pub mod push;
 mod registration_tokens;
 pub mod rooms;
 mod sessions;
@@ -35,6 +36,7 @@ pub use self::{
     backup::{BackupKey, BackupStore, BackupVersion},
     devices::{DeviceRecord, DeviceStore},
     keys::{ClaimedKey, Envelope, KeyConflict, KeyStore, SignedTarget},
+    push::{NewNotification, NotificationRecord, PushStore, PusherKey, PusherRecord, StoredUnread},
     registration_tokens::RegistrationTokenStore,
     rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
     sessions::{SessionRecord, SessionStore},
@@ -68,6 +70,7 @@ pub trait Storage:
     + UserDataStore
     + KeyStore
     + BackupStore
+    + PushStore
 {
 }
 
@@ -120,6 +123,7 @@ impl<T> Storage for T where
         + UserDataStore
         + KeyStore
         + BackupStore
+        + PushStore
 {
 }
 
@@ -295,6 +299,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "writer liveness",
         include_str!("../../migrations/postgres/0014_writer_liveness.sql"),
         include_str!("../../migrations/sqlite/0014_writer_liveness.sql"),
+    ),
+    (
+        15,
+        "push",
+        include_str!("../../migrations/postgres/0015_push.sql"),
+        include_str!("../../migrations/sqlite/0015_push.sql"),
     ),
 ];
 

@@ -152,9 +152,9 @@ pub struct StreamEvent {
     pub state_key: Option<String>,
 }
 
-const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, json, redacted_by";
+pub(super) const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, json, redacted_by";
 
-fn event_from_row(row: &AnyRow) -> StoreResult<StoredEvent> {
+pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<StoredEvent> {
     Ok(StoredEvent {
         stream_ordering: row.try_get("stream_ordering")?,
         event_id: row.try_get("event_id")?,

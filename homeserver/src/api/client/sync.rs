@@ -17,8 +17,7 @@ use ruma::{
             v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
         },
     },
-    events::AnySyncTimelineEvent,
-    push::{PushConditionRoomCtx, Ruleset},
+    push::{Action, Ruleset},
     serde::Raw,
 };
 use serde_json::{Value, json};
@@ -27,6 +26,7 @@ use super::room::{parse_token, token};
 use crate::rooms::recent::{Mark, device_key};
 use crate::{
     error::{Error, Result},
+    push::evaluate,
     queue::News,
     rooms::{
         client_event::{ClientEvent, matches_filter, raw, raws},
@@ -389,7 +389,7 @@ async fn build(
                     joined = Some(JoinedRoom::new());
                 }
                 if let Some(mut joined) = joined {
-                    let (notifications, highlights) = unread_counts(state, user, &room_id, upto).await?;
+                    let (notifications, highlights) = unread_counts(state, user, &room_id, at, upto).await?;
                     joined.unread_notifications.notification_count = Some(notifications);
                     joined.unread_notifications.highlight_count = Some(highlights);
                     joined.account_data.events = account_data.into_iter().map(Raw::from_json).collect();
@@ -509,9 +509,18 @@ impl RoomsChanged {
     }
 }
 
-/// Notifying and highlighting events since the user's read receipt, by their push rules. Counts
-/// are kept per process and extended with the events each sync has not seen yet.
-async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: i64) -> Result<(UInt, UInt)> {
+/// Notifying and highlighting events since the user's read receipt (`m.read` or
+/// `m.read.private`): what the push-rule evaluator stored ([`crate::push::evaluate`]), and for
+/// the events it has not reached yet, the user's rules applied here the same way, so a response
+/// counts every event it carries. Counts are kept per process and extended with the events each
+/// sync has not seen yet; `joined_at` is the position of the user's join.
+async fn unread_counts(
+    state: &AppState,
+    user: &UserId,
+    room_id: &RoomId,
+    joined_at: i64,
+    upto: i64,
+) -> Result<(UInt, UInt)> {
     let known = state.ephemeral.unread(user, room_id).filter(|counts| counts.counted_upto <= upto);
     // The read position is read again only when the user's receipts moved.
     let read = match known {
@@ -524,7 +533,16 @@ async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: 
     };
     let mut counts = match known {
         Some(counts) if counts.read == read => UnreadCounts { read_checked: upto, ..counts },
-        _ => UnreadCounts { read, read_checked: upto, counted_upto: read, notify: 0, highlight: 0 },
+        _ => {
+            let stored = state.store.unread_counts(user, room_id, read, upto).await?;
+            UnreadCounts {
+                read,
+                read_checked: upto,
+                counted_upto: stored.through.max(read),
+                notify: stored.notify,
+                highlight: stored.highlight,
+            }
+        }
     };
     if counts.counted_upto < upto {
         let events = state
@@ -534,35 +552,24 @@ async fn unread_counts(state: &AppState, user: &UserId, room_id: &RoomId, upto: 
         let mut others = Vec::new();
         for event in &events {
             let client = ClientEvent::parse(event)?;
-            // ruma's push rules parse the whole event with serde_json's recursion limit (and
-            // panic past it): events stored before the door bounded depth are not counted.
-            if client.sender() != user.as_str() && crate::json::parses_with_serde(event.json.as_bytes()) {
-                others.push(client);
+            // As the evaluator: events the user did not send, from after they joined.
+            if client.sender() != user.as_str() && event.stream_ordering > joined_at {
+                others.push((event, client));
             }
         }
         if !others.is_empty() {
-            let joined = state.recent.joined_members(&*state.store, room_id, upto).await?;
-            let context = state
-                .recent
-                .push_context(user, upto, || async {
-                    let rules = super::push::ruleset(state, user).await?;
-                    let name =
-                        state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
-                    Ok((rules, name))
-                })
-                .await?;
+            let room =
+                state.recent.room_push(room_id, upto, || evaluate::load_room_push(state, room_id)).await?;
+            let context = evaluate::user_push(state, user, upto).await?;
             let (rules, name) = &*context;
-            let context = PushConditionRoomCtx::new(
-                room_id.to_owned(),
-                UInt::try_from(joined as u64).unwrap_or_default(),
-                user.to_owned(),
-                name.clone(),
-            );
-            for event in &others {
-                let event: Raw<AnySyncTimelineEvent> = event.to_raw()?;
-                let actions = rules.get_actions(&event, &context).await;
-                counts.notify += u64::from(actions.iter().any(|a| a.should_notify()));
-                counts.highlight += u64::from(actions.iter().any(|a| a.is_highlight()));
+            for (event, client) in &others {
+                let Some(flat) = evaluate::flatten(client, &event.json)? else { continue };
+                if let Some(actions) =
+                    evaluate::notify_actions(rules, &flat, user, name, room_id, &room).await
+                {
+                    counts.notify += 1;
+                    counts.highlight += u64::from(actions.iter().any(Action::is_highlight));
+                }
             }
         }
         // A backlog longer than one batch is counted over the following syncs.
