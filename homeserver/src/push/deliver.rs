@@ -275,8 +275,17 @@ async fn notification_for(
     let sender = event.sender();
     notification.event_type = Some(TimelineEventType::from(stored.event_type.as_str()));
     notification.sender = OwnedUserId::try_from(sender.as_str()).ok();
+    // The name in the room, or (member events made here do not all carry one) the profile's.
     notification.sender_display_name =
-        state_field(state, &room_id, "m.room.member", &sender, "displayname").await?;
+        match state_field(state, &room_id, "m.room.member", &sender, "displayname").await? {
+            Some(name) => Some(name),
+            None => match &notification.sender {
+                Some(sender) if sender.server_name() == state.server_name => {
+                    state.store.profile(sender).await?.0
+                }
+                _ => None,
+            },
+        };
     let alias = state_field(state, &room_id, "m.room.canonical_alias", "", "alias").await?;
     notification.room_alias = alias.and_then(|alias| OwnedRoomAliasId::try_from(alias).ok());
     notification.room_name = state_field(state, &room_id, "m.room.name", "", "name").await?;

@@ -46,11 +46,72 @@ const TICK: Duration = Duration::from_secs(2);
 /// How often old notifications are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3_600);
 
+/// The server's default rules: the spec's (ruma's), and, as Synapse still has them, the legacy
+/// mention rules the spec deprecated in 1.7 and ruma no longer ships: a message naming the
+/// user's display name or localpart, or saying `@room` (from someone with the power to), still
+/// highlights when it carries no `m.mentions`. Clients that send `m.mentions` are unaffected
+/// (ruma turns these rules off for such events).
+#[allow(deprecated)]
+pub fn server_default(user: &UserId) -> Ruleset {
+    use ruma::{
+        power_levels::NotificationPowerLevelsKey,
+        push::{
+            ConditionalPushRuleInit, EventMatchConditionData, HighlightTweakValue, PatternedPushRuleInit,
+            PredefinedContentRuleId, PredefinedOverrideRuleId, PushCondition,
+            SenderNotificationPermissionConditionData, SoundTweakValue, Tweak,
+        },
+    };
+    let mut rules = Ruleset::server_default(user);
+    let sound = || Action::SetTweak(Tweak::Sound(SoundTweakValue::Default));
+    let highlight = || Action::SetTweak(Tweak::Highlight(HighlightTweakValue::Yes));
+    let display_name = ConditionalPushRuleInit {
+        actions: vec![Action::Notify, sound(), highlight()],
+        default: true,
+        enabled: true,
+        rule_id: PredefinedOverrideRuleId::ContainsDisplayName.to_string(),
+        conditions: vec![PushCondition::ContainsDisplayName],
+    };
+    let room = ConditionalPushRuleInit {
+        actions: vec![Action::Notify, highlight()],
+        default: true,
+        enabled: true,
+        rule_id: PredefinedOverrideRuleId::RoomNotif.to_string(),
+        conditions: vec![
+            PushCondition::EventMatch(EventMatchConditionData::new("content.body".into(), "@room".into())),
+            PushCondition::SenderNotificationPermission(SenderNotificationPermissionConditionData::new(
+                NotificationPowerLevelsKey::Room,
+            )),
+        ],
+    };
+    // Synapse's order: each right after the rule that replaced it.
+    let mut overrides: Vec<_> = rules.override_.into_iter().collect();
+    for (after, rule) in [
+        (PredefinedOverrideRuleId::IsUserMention, display_name),
+        (PredefinedOverrideRuleId::IsRoomMention, room),
+    ] {
+        let at =
+            overrides.iter().position(|r| r.rule_id == after.as_str()).map_or(overrides.len(), |i| i + 1);
+        overrides.insert(at, rule.into());
+    }
+    rules.override_ = overrides.into_iter().collect();
+    rules.content.insert(
+        PatternedPushRuleInit {
+            actions: vec![Action::Notify, sound(), highlight()],
+            default: true,
+            enabled: true,
+            rule_id: PredefinedContentRuleId::ContainsUserName.to_string(),
+            pattern: user.localpart().to_owned(),
+        }
+        .into(),
+    );
+    rules
+}
+
 /// A user's rules: what they stored, or the server's defaults. Stored rules are brought up to
 /// date with the server's defaults (new default rules appear, with the user's `enabled` and
 /// `actions` kept for the ones they changed).
 pub async fn ruleset(state: &AppState, user: &UserId) -> Result<Ruleset> {
-    let defaults = Ruleset::server_default(user);
+    let defaults = server_default(user);
     match state.store.account_data(user, None, "m.push_rules").await? {
         Some(stored) => {
             let value: serde_json::Value = parse_stored(&stored).map_err(Error::internal)?;

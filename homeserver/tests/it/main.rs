@@ -16,6 +16,7 @@ mod hardening;
 mod interop;
 mod limits;
 mod providers;
+mod push;
 mod rooms;
 mod storage;
 mod stream;

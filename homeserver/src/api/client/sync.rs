@@ -17,7 +17,7 @@ use ruma::{
             v3::{Filter, InviteState, InvitedRoom, JoinedRoom, LeftRoom, State, StateEvents, Timeline},
         },
     },
-    push::{Action, Ruleset},
+    push::Action,
     serde::Raw,
 };
 use serde_json::{Value, json};
@@ -315,7 +315,7 @@ async fn build(
     if since.is_none() && state.store.account_data(user, None, "m.push_rules").await?.is_none() {
         // Clients read their push rules from account data; until a user changes them, that is
         // the server's defaults.
-        let rules = json!({"type": "m.push_rules", "content": {"global": Ruleset::server_default(user)}});
+        let rules = json!({"type": "m.push_rules", "content": {"global": crate::push::server_default(user)}});
         response.account_data.events.push(raw(&rules)?);
     }
     let user_rooms = state.recent.user_rooms(&*state.store, user, upto).await?;
@@ -534,11 +534,13 @@ async fn unread_counts(
     let mut counts = match known {
         Some(counts) if counts.read == read => UnreadCounts { read_checked: upto, ..counts },
         _ => {
-            let stored = state.store.unread_counts(user, room_id, read, upto).await?;
+            // Only what came after the join: an invite's notification is not an unread message.
+            let after = read.max(joined_at);
+            let stored = state.store.unread_counts(user, room_id, after, upto).await?;
             UnreadCounts {
                 read,
                 read_checked: upto,
-                counted_upto: stored.through.max(read),
+                counted_upto: stored.through.max(after),
                 notify: stored.notify,
                 highlight: stored.highlight,
             }
