@@ -163,7 +163,7 @@ async fn deliver_claimed(state: &AppState, owner: &str, mut record: PusherRecord
         };
         match outcome {
             Outcome::Delivered { rejected } => {
-                if rejected.iter().any(|pushkey| *pushkey == key.pushkey) {
+                if rejected.contains(&key.pushkey) {
                     tracing::info!(user = %key.user_id, app_id = %key.app_id, "the push gateway rejected the pushkey; pusher removed");
                     state.store.delete_pusher(&key).await?;
                     return Ok(());

@@ -43,6 +43,8 @@ const BATCH: i64 = 200;
 pub const LEASE_MS: i64 = 20_000;
 /// How often an idle evaluator checks the stream and renews (or tries to take) the lease.
 const TICK: Duration = Duration::from_secs(2);
+/// A held lease is renewed once it is this old.
+const RENEW_AFTER: Duration = Duration::from_millis(LEASE_MS as u64 / 4);
 /// How often old notifications are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3_600);
 
@@ -161,8 +163,7 @@ pub async fn load_room_push(state: &AppState, room_id: &RoomId) -> Result<RoomPu
         }
         None => RoomPowerLevelsSource::None,
     };
-    let power_levels =
-        rules.map(|rules| RoomPowerLevels::new(source, &rules.authorization, creators.into_iter()).into());
+    let power_levels = rules.map(|rules| RoomPowerLevels::new(source, &rules.authorization, creators).into());
     Ok(RoomPush { member_count, power_levels })
 }
 
@@ -225,15 +226,31 @@ struct Members {
 pub struct Evaluator {
     /// Names this worker's lease.
     owner: String,
+    /// The lease, while this worker holds it.
+    held: Option<Held>,
     last_prune: Option<Instant>,
+}
+
+/// What the worker holding the lease knows.
+struct Held {
+    /// Where evaluation goes on from. Ahead of the stored position when the stream moved without
+    /// events (receipts, typing...): nothing to write, so nothing is written until the next
+    /// batch or renewal, and whoever reads the stored position reads an empty range again.
+    position: i64,
+    renewed: Instant,
 }
 
 impl Evaluator {
     pub fn new() -> Self {
-        Self { owner: format!("evaluator-{}", crate::auth::tokens::random_token(9)), last_prune: None }
+        Self {
+            owner: format!("evaluator-{}", crate::auth::tokens::random_token(9)),
+            held: None,
+            last_prune: None,
+        }
     }
 
-    /// Runs until the server's state is gone, waking on every announced stream position.
+    /// Runs until the server's state is gone: the worker holding the lease wakes on every
+    /// announced stream position, the others try to take it every [`TICK`].
     pub async fn run(mut self, state: Weak<AppState>) {
         let Some(mut news) = state.upgrade().map(|state| state.subscribe()) else { return };
         loop {
@@ -246,11 +263,17 @@ impl Evaluator {
                 }
             };
             drop(strong);
-            if !more {
+            if more {
+                continue;
+            }
+            if self.held.is_some() {
                 tokio::select! {
                     changed = news.changed() => if changed.is_err() { return },
                     () = tokio::time::sleep(TICK) => {}
                 }
+            } else {
+                tokio::time::sleep(TICK).await;
+                news.borrow_and_update();
             }
         }
     }
@@ -266,8 +289,22 @@ impl Evaluator {
 
     /// Evaluates one batch, if this worker holds (or can take) the lease; whether more waits.
     async fn round(&mut self, state: &AppState) -> Result<bool> {
-        let Some(from) = state.store.claim_push_progress(&self.owner, LEASE_MS).await? else {
-            return Ok(false);
+        let from = match &self.held {
+            Some(held) if held.renewed.elapsed() < RENEW_AFTER => held.position,
+            _ => match state.store.claim_push_progress(&self.owner, LEASE_MS).await? {
+                Some(stored) => {
+                    // Positions this worker passed without writing had no events, and none can
+                    // appear there later (they are below the safe position): going on from the
+                    // higher one skips nothing.
+                    let position = stored.max(self.held.as_ref().map_or(stored, |held| held.position));
+                    self.held = Some(Held { position, renewed: Instant::now() });
+                    position
+                }
+                None => {
+                    self.held = None;
+                    return Ok(false);
+                }
+            },
         };
         if self.last_prune.is_none_or(|at| at.elapsed() > PRUNE_EVERY) {
             self.last_prune = Some(Instant::now());
@@ -287,6 +324,12 @@ impl Evaluator {
             Some(last) if events.len() as i64 == BATCH => last.event.stream_ordering,
             _ => upto,
         };
+        if events.is_empty() {
+            if let Some(held) = &mut self.held {
+                held.position = through;
+            }
+            return Ok(false);
+        }
         let mut found = Vec::new();
         let mut members: HashMap<String, Members> = HashMap::new();
         for event in &events {
@@ -294,8 +337,10 @@ impl Evaluator {
         }
         if !state.store.record_notifications(&self.owner, LEASE_MS, through, &found).await? {
             // Another worker took the lease over: it evaluates from the position it read.
+            self.held = None;
             return Ok(false);
         }
+        self.held = Some(Held { position: through, renewed: Instant::now() });
         if !found.is_empty() {
             state.push.wake();
         }
