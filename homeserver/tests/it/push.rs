@@ -359,9 +359,14 @@ async fn room_with(server: &TestServer, owner: &Session, others: &[&Session], ex
 
 /// Sends a message; its event id.
 async fn say(server: &TestServer, who: &Session, room: &str, content: Value) -> String {
+    send(server, who, room, "m.room.message", content).await
+}
+
+/// Sends an event; its id.
+async fn send(server: &TestServer, who: &Session, room: &str, event_type: &str, content: Value) -> String {
     static TXN: AtomicUsize = AtomicUsize::new(0);
     let txn = TXN.fetch_add(1, Ordering::Relaxed);
-    let path = format!("{V3}/rooms/{}/send/m.room.message/t{txn}", enc(room));
+    let path = format!("{V3}/rooms/{}/send/{event_type}/t{txn}", enc(room));
     let (status, sent) = server.request("PUT", &path, Some(&who.token), Some(content)).await;
     assert_eq!(status, 200, "{sent}");
     sent["event_id"].as_str().unwrap().to_owned()
@@ -474,6 +479,7 @@ crate::on_both_backends! {
         let ids: Vec<&str> = delivered.iter().filter_map(|n| n["event_id"].as_str()).collect();
         assert_eq!(ids.len(), ids.iter().collect::<BTreeSet<_>>().len(), "each notification once: {ids:?}");
         assert_eq!(ids.len(), 5, "the invite and four messages: {delivered:?}");
+        assert!(gateway.received().iter().all(|b| b["notification"]["sender"] != alice.user_id.as_str()));
 
         // Reading them sends the badge a zero.
         receipt(&server, &alice, &room, "m.read", &sent[3]).await;
@@ -481,6 +487,13 @@ crate::on_both_backends! {
         let badge = badge.iter().find(|n| n.get("event_id").is_none()).unwrap();
         assert_eq!(badge["counts"]["unread"], 0, "{badge}");
         assert_eq!(badge["devices"][0]["pushkey"], "alice-phone");
+        // A call rings, and counts as missed until read.
+        let call = send(&server, &bob, &room, "m.call.invite", json!({"call_id": "c1", "party_id": "p1",
+            "version": "1", "lifetime": 60000, "offer": {"type": "offer", "sdp": "v=0"}})).await;
+        let ring = gateway.notification_for(&call).await;
+        assert_eq!(ring["counts"], json!({"unread": 1, "missed_calls": 1}), "{ring}");
+        assert_eq!(ring["devices"][0]["tweaks"]["sound"], "ring");
+        assert_eq!(ring["type"], "m.call.invite");
         server.stop().await;
         gateway.stop().await;
     }
