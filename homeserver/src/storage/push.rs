@@ -129,7 +129,8 @@ pub trait PushStore: Send + Sync {
         only_highlight: bool,
     ) -> StoreResult<Vec<NotificationRecord>>;
     /// What a push gateway shows on the user's badge: unread notifications in the rooms they are
-    /// joined to (since they joined), and how many of those are calls (`m.call.invite`).
+    /// joined to (after their read receipt, or without one after their membership event, as
+    /// Synapse counts), and how many of those are calls (`m.call.invite`).
     async fn badge_counts(&self, user_id: &UserId) -> StoreResult<(u64, u64)>;
     /// Deletes notifications older than `ts`; how many went.
     async fn prune_notifications(&self, before_ts: i64) -> StoreResult<u64>;
@@ -430,10 +431,10 @@ impl PushStore for SqlStore {
             "SELECT COUNT(*) AS unread, COUNT(CASE WHEN n.event_type = 'm.call.invite' THEN 1 END) AS calls
              FROM notifications n
              JOIN memberships m ON m.room_id = n.room_id AND m.user_id = n.user_id AND m.membership = 'join'
-             WHERE n.user_id = $1 AND n.stream_ordering > m.stream_ordering AND n.stream_ordering > COALESCE(
+             WHERE n.user_id = $1 AND n.stream_ordering > COALESCE(
                  (SELECT MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
                   WHERE r.room_id = n.room_id AND r.user_id = n.user_id
-                    AND r.receipt_type IN ('m.read', 'm.read.private')), 0)",
+                    AND r.receipt_type IN ('m.read', 'm.read.private')), m.stream_ordering)",
         )
         .bind(user_id.as_str())
         .fetch_one(&self.pool)

@@ -38,9 +38,9 @@ struct GatewayState {
     rejected: Mutex<BTreeSet<String>>,
 }
 
-/// A push gateway on an ephemeral loopback port.
-struct Gateway {
-    url: String,
+/// A push gateway on an ephemeral loopback port (the interop tests use it too).
+pub(crate) struct Gateway {
+    pub(crate) url: String,
     state: Arc<GatewayState>,
     handle: actix_web::dev::ServerHandle,
 }
@@ -236,7 +236,7 @@ async fn notify(request: HttpRequest, body: web::Bytes, state: web::Data<Arc<Gat
 }
 
 impl Gateway {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let state = Arc::new(GatewayState::default());
         let data = web::Data::new(state.clone());
         let server = HttpServer::new(move || {
@@ -299,12 +299,12 @@ impl Gateway {
     }
 
     /// The delivered notification about `event_id` (waiting for it).
-    async fn notification_for(&self, event_id: &str) -> Value {
+    pub(crate) async fn notification_for(&self, event_id: &str) -> Value {
         let delivered = self.wait_for(event_id, |d| d.iter().any(|n| n["event_id"] == event_id)).await;
         delivered.into_iter().find(|n| n["event_id"] == event_id).unwrap()
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.handle.stop(false).await;
     }
 }

@@ -534,8 +534,9 @@ async fn unread_counts(
     let mut counts = match known {
         Some(counts) if counts.read == read => UnreadCounts { read_checked: upto, ..counts },
         _ => {
-            // Only what came after the join: an invite's notification is not an unread message.
-            let after = read.max(joined_at);
+            // As Synapse: without a receipt, what came after the user's membership event (their
+            // join), so that an invite's notification is not an unread message.
+            let after = if read > 0 { read } else { joined_at };
             let stored = state.store.unread_counts(user, room_id, after, upto).await?;
             UnreadCounts {
                 read,
