@@ -739,6 +739,11 @@ crate::on_both_backends! {
         let (_, overrides) = server.get(&format!("{rules}/override/"), token).await;
         let order: Vec<&str> = overrides.as_array().unwrap().iter().map(|r| r["rule_id"].as_str().unwrap()).filter(|id| !id.starts_with('.')).collect();
         assert_eq!(order, ["b", "c", "a"], "newest first, c before a");
+        // Clients get the rules the server applies through sync: theirs among the defaults.
+        let (_, synced) = server.get(&format!("{V3}/sync"), token).await;
+        let pushed = synced["account_data"]["events"].as_array().unwrap().iter().find(|e| e["type"] == "m.push_rules").unwrap();
+        let synced_ids: Vec<&str> = pushed["content"]["global"]["override"].as_array().unwrap().iter().map(|r| r["rule_id"].as_str().unwrap()).collect();
+        assert!(synced_ids.starts_with(&[".m.rule.master", "b", "c", "a"]) && synced_ids.contains(&".m.rule.contains_display_name"), "{synced_ids:?}");
         assert_error(&server.request("PUT", &format!("{rules}/override/d?after=nothing"), token, Some(conditions.clone())).await, 400, "M_INVALID_PARAM");
         assert_error(&server.request("PUT", &format!("{rules}/override/d?before=.m.rule.master"), token, Some(conditions.clone())).await, 400, "M_INVALID_PARAM");
         assert_error(&server.request("PUT", &format!("{rules}/content/e"), token, Some(json!({"actions": ["notify"]}))).await, 400, "M_MISSING_PARAM");

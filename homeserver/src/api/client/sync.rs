@@ -297,7 +297,12 @@ async fn build(
         true => state.store.account_data_changes(user, since.unwrap_or(0), upto).await?,
         false => Vec::new(),
     };
-    for change in account_data {
+    for mut change in account_data {
+        if change.room_id.is_none() && change.data_type == "m.push_rules" {
+            // The rules the server applies: the stored ones brought up to date with the server's
+            // defaults, so that clients evaluate what the server does.
+            change.content = json!({ "global": crate::push::ruleset(state, user).await? }).to_string();
+        }
         // The content is served as stored, never re-parsed.
         let event = format!(
             r#"{{"type":{},"content":{}}}"#,
