@@ -94,7 +94,6 @@ pub trait PushStore: Send + Sync {
     async fn delete_pusher(&self, key: &PusherKey) -> StoreResult<bool>;
     /// A user's pushers, as stored JSON.
     async fn pushers(&self, user_id: &UserId) -> StoreResult<Vec<String>>;
-    async fn count_pushers(&self, user_id: &UserId) -> StoreResult<i64>;
 
     /// Takes (or renews) the evaluator's lease for `lease_ms`; the position to evaluate from, or
     /// `None` while another worker holds it.
@@ -275,14 +274,6 @@ impl PushStore for SqlStore {
             .iter()
             .map(|r| r.try_get("data").map_err(Into::into))
             .collect()
-    }
-
-    async fn count_pushers(&self, user_id: &UserId) -> StoreResult<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM pushers WHERE user_id = $1")
-            .bind(user_id.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get("n")?)
     }
 
     async fn claim_push_progress(&self, owner: &str, lease_ms: i64) -> StoreResult<Option<i64>> {

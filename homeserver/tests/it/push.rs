@@ -678,6 +678,38 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn only_members_joined_at_an_event_are_notified_of_it(db: Db) {
+        let server = server(db).await;
+        let [alice, bob, carol, dave, erin] = [
+            server.register("alice", PW).await, server.register("bob", PW).await, server.register("carol", PW).await,
+            server.register("dave", PW).await, server.register("erin", PW).await,
+        ];
+        let room = room_with(&server, &bob, &[&alice, &dave], json!({})).await;
+        let (status, left) = server.post(&format!("{V3}/rooms/{}/leave", enc(&room)), Some(&dave.token), json!({})).await;
+        assert_eq!(status, 200, "{left}");
+        let (status, invited) = server.post(&format!("{V3}/rooms/{}/invite", enc(&room)), Some(&bob.token), json!({"user_id": carol.user_id})).await;
+        assert_eq!(status, 200, "{invited}");
+        // Each of them is named (their localpart is a highlighting content rule of theirs).
+        let before = say(&server, &bob, &room, text("alice carol dave erin: before")).await;
+        let (status, joined) = server.post(&format!("{V3}/rooms/{}/join", enc(&room)), Some(&erin.token), json!({})).await;
+        assert_eq!(status, 200, "{joined}");
+        let after = say(&server, &bob, &room, text("alice carol dave erin: after")).await;
+        wait_notified(&server, &alice, &after).await;
+        wait_notified(&server, &erin, &after).await;
+        let messages = |list: &Value| -> Vec<String> {
+            list["notifications"].as_array().unwrap().iter()
+                .filter(|n| n["event"]["type"] == "m.room.message")
+                .map(|n| n["event"]["event_id"].as_str().unwrap().to_owned()).collect()
+        };
+        assert_eq!(messages(&notifications(&server, &alice, "").await), [after.clone(), before.clone()], "alice was there for both");
+        assert_eq!(messages(&notifications(&server, &erin, "").await), [after.clone()], "erin joined between them");
+        assert_eq!(messages(&notifications(&server, &dave, "").await), Vec::<String>::new(), "dave had left");
+        let carol_list = notifications(&server, &carol, "").await;
+        assert_eq!(messages(&carol_list), Vec::<String>::new(), "carol is only invited");
+        assert_eq!(carol_list["notifications"][0]["event"]["content"]["membership"], "invite", "but her invite notified her: {carol_list}");
+        server.stop().await;
+    }
+
     async fn push_rules_decide_what_notifies_and_the_api_refuses_bad_paths(db: Db) {
         let server = server(db).await;
         let alice = server.register("alice", PW).await;
