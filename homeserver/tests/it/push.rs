@@ -702,7 +702,7 @@ crate::on_both_backends! {
                 .map(|n| n["event"]["event_id"].as_str().unwrap().to_owned()).collect()
         };
         assert_eq!(messages(&notifications(&server, &alice, "").await), [after.clone(), before.clone()], "alice was there for both");
-        assert_eq!(messages(&notifications(&server, &erin, "").await), [after.clone()], "erin joined between them");
+        assert_eq!(messages(&notifications(&server, &erin, "").await), [after], "erin joined between them");
         assert_eq!(messages(&notifications(&server, &dave, "").await), Vec::<String>::new(), "dave had left");
         let carol_list = notifications(&server, &carol, "").await;
         assert_eq!(messages(&carol_list), Vec::<String>::new(), "carol is only invited");
