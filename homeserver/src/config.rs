@@ -69,6 +69,7 @@ pub struct Config {
     pub sms: SmsConfig,
     pub jwt_login: JwtLoginConfig,
     pub turn: TurnConfig,
+    pub push: PushConfig,
     pub logging: LoggingConfig,
 }
 
@@ -330,6 +331,38 @@ impl Default for TurnConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Deliver to push gateways on loopback, private, link-local and other non-public addresses.
+    /// Pushers are URLs users choose: off, a user cannot make the server call into its own
+    /// network (as Synapse's `ip_range_blacklist`).
+    pub allow_private_addresses: bool,
+    /// Attempts at delivering one notification before it is given up on.
+    pub max_attempts: u32,
+    /// Wait before the first retry, in milliseconds; it doubles with each failed attempt.
+    pub initial_backoff_ms: u64,
+    /// Longest wait between two attempts, in seconds.
+    pub max_backoff_secs: u64,
+    /// How long one request to a push gateway may take, in seconds.
+    pub request_timeout_secs: u64,
+    /// How long notifications are kept for `/notifications`, in days.
+    pub retention_days: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            allow_private_addresses: false,
+            max_attempts: 10,
+            initial_backoff_ms: 1_000,
+            max_backoff_secs: 3_600,
+            request_timeout_secs: 10,
+            retention_days: 30,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -367,6 +400,7 @@ impl Default for Config {
             sms: SmsConfig::default(),
             jwt_login: JwtLoginConfig::default(),
             turn: TurnConfig::default(),
+            push: PushConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -643,6 +677,15 @@ impl Config {
         self.validate_jwt_login()?;
         if !self.turn.uris.is_empty() && self.turn.shared_secret.is_empty() {
             return Err(invalid("turn.shared_secret", "needed when turn.uris is set"));
+        }
+        if self.push.max_attempts == 0 {
+            return Err(invalid("push.max_attempts", "must be at least 1"));
+        }
+        if self.push.initial_backoff_ms == 0 || self.push.max_backoff_secs == 0 {
+            return Err(invalid("push", "initial_backoff_ms and max_backoff_secs must be at least 1"));
+        }
+        if self.push.request_timeout_secs == 0 || self.push.retention_days == 0 {
+            return Err(invalid("push", "request_timeout_secs and retention_days must be at least 1"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.logging.level)
             .map_err(|e| invalid("logging.level", format!("not a tracing filter: {e}")))?;

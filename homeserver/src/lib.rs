@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod json;
 pub mod notifier;
+pub mod push;
 pub mod queue;
 pub mod rooms;
 pub mod ruma_wrapper;

@@ -417,6 +417,29 @@ where
     }
 }
 
+/// The authenticated user of a request outside ruma's types (an access token required), with
+/// the path and query checked as [`Ruma`] checks them.
+pub struct Authenticated(pub AuthedUser);
+
+impl FromRequest for Authenticated {
+    type Error = Error;
+    type Future = LocalFuture<'static, Result<Self>>;
+
+    fn from_request(req: &HttpRequest, _payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let state = req
+                .app_data::<web::Data<AppState>>()
+                .cloned()
+                .ok_or_else(|| Error::internal("no app state"))?;
+            check_uri(&req)?;
+            let token = access_token(&req)?;
+            let ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
+            <AccessToken as ServerAuth>::authenticate(&state, token, ip).await.map(Authenticated)
+        })
+    }
+}
+
 /// A ruma response, serialised for actix.
 pub struct RumaResponse<T>(pub T);
 
@@ -444,6 +467,9 @@ type RouteFactory = Box<dyn Fn() -> actix_web::Route>;
 #[derive(Default)]
 pub struct Router {
     resources: BTreeMap<&'static str, Vec<(http::Method, RouteFactory)>>,
+    /// What answers a path under one of these prefixes that no endpoint serves, instead of the
+    /// plain 404 `M_UNRECOGNIZED`.
+    fallbacks: Vec<(&'static str, RouteFactory)>,
 }
 
 impl Router {
@@ -485,6 +511,25 @@ impl Router {
             });
             self.resources.entry(path).or_default().push((T::METHOD, factory));
         }
+        self
+    }
+
+    /// Registers a plain actix route for `path` (a template like ruma's, `{name}` for a
+    /// variable), for what ruma's types cannot express; it is routed, listed and swept like
+    /// the others. A handler reads its variables with `HttpRequest::match_info`.
+    pub fn add_route(
+        &mut self,
+        method: http::Method,
+        path: &'static str,
+        route: fn() -> actix_web::Route,
+    ) -> &mut Self {
+        self.resources.entry(path).or_default().push((method, Box::new(route)));
+        self
+    }
+
+    /// Answers paths under `prefix` that no endpoint serves with `route`.
+    pub fn fallback(&mut self, prefix: &'static str, route: fn() -> actix_web::Route) -> &mut Self {
+        self.fallbacks.push((prefix, Box::new(route)));
         self
     }
 
@@ -554,15 +599,33 @@ impl Router {
         for (pattern, path) in &top {
             config.service(resource(pattern, path));
         }
+        // What a scope answers for paths it holds no endpoint for: the fallback of the longest
+        // prefix that covers it, or 404.
+        let fallback_for = |prefix: &str| {
+            self.fallbacks
+                .iter()
+                .filter(|(covering, _)| {
+                    prefix == *covering
+                        || prefix.strip_prefix(covering).is_some_and(|rest| rest.starts_with('/'))
+                })
+                .max_by_key(|(covering, _)| covering.len())
+                .map(|(_, route)| route())
+        };
         // Longer prefixes first, so that a scope nested in another's prefix is reached.
         let mut scopes: Vec<_> = scopes.into_iter().collect();
         scopes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         for (prefix, members) in scopes {
-            let mut scope = web::scope(&prefix).default_service(web::to(unrecognized));
+            let mut scope = match fallback_for(&prefix) {
+                Some(route) => web::scope(&prefix).default_service(route),
+                None => web::scope(&prefix).default_service(web::to(unrecognized)),
+            };
             for (pattern, path) in &members {
                 scope = scope.service(resource(pattern, path));
             }
             config.service(scope);
+        }
+        for (prefix, route) in &self.fallbacks {
+            config.service(web::scope(prefix).default_service(route()));
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct RunningServer {
     pub state: web::Data<AppState>,
     handle: actix_web::dev::ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Push-rule evaluation and delivery to push gateways.
+    push: crate::push::Background,
 }
 
 impl RunningServer {
@@ -29,6 +31,8 @@ impl RunningServer {
     }
 
     pub async fn stop(self) {
+        // First, while the pool's connections (made on the server's threads) still work.
+        self.push.stop(&self.state).await;
         self.handle.stop(true).await;
         let _ = self.task.await;
         if let Err(error) = self.state.stream.stop().await {
@@ -113,6 +117,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     if let Some(publisher) = crate::notifier::start(&state.clone().into_inner(), &channel)? {
         let _ = state.publisher.set(publisher);
     }
+    let push = crate::push::start(&state.clone().into_inner());
     let app_state = state.clone();
     let per_ip = match state.config.listen.trust_x_forwarded_for {
         // Behind a proxy every connection comes from the proxy, which must limit its clients.
@@ -175,5 +180,5 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let server = server.run();
     let handle = server.handle();
     let task = tokio::spawn(server);
-    Ok(RunningServer { addr, state, handle, task })
+    Ok(RunningServer { addr, state, handle, task, push })
 }

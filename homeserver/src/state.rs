@@ -44,6 +44,8 @@ pub struct AppState {
     pub store: Arc<dyn Storage>,
     /// To-device messages waiting for their devices.
     pub queue: Arc<dyn crate::queue::EnvelopeQueue>,
+    /// Delivery to push gateways.
+    pub push: crate::push::Push,
     pub tokens: TokenService,
     pub limiter: RateLimiter,
     /// Delivery of one-time codes, when configured.
@@ -133,6 +135,7 @@ impl AppState {
         let signing_key = SigningKey::load_or_generate(&key_file)
             .map_err(|e| anyhow::anyhow!("signing key {}: {e}", key_file.display()))?;
         let recent_changes = config.limits.recent_changes;
+        let push = crate::push::Push::new(&config.push)?;
         Ok(Self {
             config,
             signing_key,
@@ -145,6 +148,7 @@ impl AppState {
             server_name,
             store,
             queue,
+            push,
             tokens,
             limiter,
             email,

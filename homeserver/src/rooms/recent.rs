@@ -133,6 +133,8 @@ pub struct Recent {
     joined: Memo<usize>,
     /// What push-rule evaluation needs about a user: their rules and display name.
     push: Memo<Arc<(Ruleset, String)>>,
+    /// What push-rule evaluation needs about a room: its member count and power levels.
+    room_push: Memo<Arc<crate::push::RoomPush>>,
     /// Each device's key counts.
     key_counts: Memo<Arc<KeyCounts>>,
     /// Sessions that access tokens name, by session id (`None`: no such session).
@@ -152,6 +154,7 @@ impl Recent {
             user_rooms: Memo::default(),
             joined: Memo::default(),
             push: Memo::default(),
+            room_push: Memo::default(),
             key_counts: Memo::default(),
             sessions: Memo::default(),
             devices: Memo::default(),
@@ -383,6 +386,18 @@ impl Recent {
         self.marked(Mark::Membership, user.as_str(), after, upto)
     }
 
+    /// Whether any state event of a room lies in `(after, upto]`; `None` if not in memory.
+    fn state_changed(&self, room_id: &RoomId, after: i64, upto: i64) -> Option<bool> {
+        let window = self.read();
+        if !window.covers(after, upto) {
+            return None;
+        }
+        Some(window.events.get(room_id.as_str()).is_some_and(|events| {
+            let (from, to) = range(events, |e| e.event.stream_ordering, after, upto);
+            events.range(from..to).any(|e| e.state_key.is_some())
+        }))
+    }
+
     fn members_changed(&self, room_id: &RoomId, after: i64, upto: i64) -> Option<bool> {
         let window = self.read();
         if !window.covers(after, upto) {
@@ -478,6 +493,24 @@ impl Recent {
                 && self.membership_changed(user, at, upto) == Some(false)
         };
         self.push.get_or_load(user.as_str(), upto, valid, || async { Ok(Arc::new(load().await?)) }).await
+    }
+
+    /// A room's member count and power levels for push rules, as of `upto` or later; `load`
+    /// reads them. Only state events change them.
+    pub async fn room_push<F, Fut>(
+        &self,
+        room_id: &RoomId,
+        upto: i64,
+        load: F,
+    ) -> Result<Arc<crate::push::RoomPush>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<crate::push::RoomPush>>,
+    {
+        let valid = |at| self.state_changed(room_id, at, upto) == Some(false);
+        self.room_push
+            .get_or_load(room_id.as_str(), upto, valid, || async { Ok(Arc::new(load().await?)) })
+            .await
     }
 
     /// A device's key counts (`key` from [`device_key`]), as of `upto` or later; `load` reads

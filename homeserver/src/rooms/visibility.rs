@@ -140,6 +140,12 @@ impl ReadRules {
         self.membership(position) == Some("join")
     }
 
+    /// Whether the user was joined to the room just after the event at `position` and may read
+    /// it: who push rules are evaluated for.
+    pub fn notified_at(&self, position: i64) -> bool {
+        self.joined_at(position) && self.allows(position)
+    }
+
     pub fn may_see(&self, event: &StoredEvent) -> bool {
         self.allows(event.stream_ordering)
     }

@@ -14,6 +14,7 @@ mod backup;
 mod devices;
 pub mod keys;
 mod openid;
+pub mod push;
 mod registration_tokens;
 mod reports;
 pub mod rooms;
@@ -38,6 +39,7 @@ pub use self::{
     devices::{DeviceRecord, DeviceStore},
     keys::{ClaimedKey, Envelope, KeyConflict, KeyStore, SignedTarget},
     openid::{MAX_OPENID_TOKENS_PER_USER, OpenIdStore},
+    push::{NewNotification, NotificationRecord, PushStore, PusherKey, PusherRecord, StoredUnread},
     registration_tokens::RegistrationTokenStore,
     reports::{ReportRecord, ReportStore},
     rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
@@ -74,6 +76,7 @@ pub trait Storage:
     + BackupStore
     + ReportStore
     + OpenIdStore
+    + PushStore
 {
 }
 
@@ -128,6 +131,7 @@ impl<T> Storage for T where
         + BackupStore
         + ReportStore
         + OpenIdStore
+        + PushStore
 {
 }
 
@@ -303,6 +307,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "writer liveness",
         include_str!("../../migrations/postgres/0014_writer_liveness.sql"),
         include_str!("../../migrations/sqlite/0014_writer_liveness.sql"),
+    ),
+    (
+        15,
+        "push",
+        include_str!("../../migrations/postgres/0015_push.sql"),
+        include_str!("../../migrations/sqlite/0015_push.sql"),
     ),
     (
         16,

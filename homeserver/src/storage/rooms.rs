@@ -177,10 +177,10 @@ pub struct StreamEvent {
     pub state_key: Option<String>,
 }
 
-const EVENT_COLUMNS: &str =
+pub(super) const EVENT_COLUMNS: &str =
     "stream_ordering, event_id, room_id, json, redacted_by, replaces_state, txn_device, txn_id";
 
-fn event_from_row(row: &AnyRow) -> StoreResult<StoredEvent> {
+pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<StoredEvent> {
     let device: Option<String> = row.try_get("txn_device")?;
     let txn_id: Option<String> = row.try_get("txn_id")?;
     Ok(StoredEvent {

@@ -57,7 +57,7 @@ const PUBLISH_PAUSE: Duration = Duration::from_millis(2);
 const FORGET_IDLE_MS: i64 = 300_000;
 
 /// The database's clock in milliseconds, on Postgres.
-const PG_NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+pub(super) const PG_NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
 
 /// How readers tell a live writer from a dead one (see the module documentation).
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! Profiles, account data, filters and receipts.
+//! Profiles, account data, filters and receipts (pushers are in `push.rs`).
 
 use async_trait::async_trait;
 use ruma::UserId;
@@ -85,19 +85,6 @@ pub trait UserDataStore: Send + Sync {
 
     /// The stream position of the event a user last marked read in a room (public or private).
     async fn read_up_to(&self, room_id: &str, user_id: &UserId) -> StoreResult<Option<i64>>;
-    /// Creates or replaces a pusher; with `exclusive`, the same app id and pushkey are removed
-    /// from other users (the spec's `append: false`).
-    async fn put_pusher(
-        &self,
-        user_id: &UserId,
-        app_id: &str,
-        pushkey: &str,
-        data: &str,
-        exclusive: bool,
-    ) -> StoreResult<()>;
-    async fn delete_pusher(&self, user_id: &UserId, app_id: &str, pushkey: &str) -> StoreResult<()>;
-    /// A user's pushers, as stored JSON.
-    async fn pushers(&self, user_id: &UserId) -> StoreResult<Vec<String>>;
 }
 
 impl SqlStore {
@@ -355,57 +342,6 @@ impl UserDataStore for SqlStore {
         .iter()
         .map(|row| Ok((row.try_get("user_id")?, row.try_get("stream_ordering")?)))
         .collect()
-    }
-
-    async fn put_pusher(
-        &self,
-        user_id: &UserId,
-        app_id: &str,
-        pushkey: &str,
-        data: &str,
-        exclusive: bool,
-    ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        if exclusive {
-            sqlx::query("DELETE FROM pushers WHERE app_id = $1 AND pushkey = $2 AND user_id <> $3")
-                .bind(app_id)
-                .bind(pushkey)
-                .bind(user_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT INTO pushers (user_id, app_id, pushkey, data) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (app_id, pushkey, user_id) DO UPDATE SET data = excluded.data",
-        )
-        .bind(user_id.as_str())
-        .bind(app_id)
-        .bind(pushkey)
-        .bind(data)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn delete_pusher(&self, user_id: &UserId, app_id: &str, pushkey: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM pushers WHERE user_id = $1 AND app_id = $2 AND pushkey = $3")
-            .bind(user_id.as_str())
-            .bind(app_id)
-            .bind(pushkey)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn pushers(&self, user_id: &UserId) -> StoreResult<Vec<String>> {
-        sqlx::query("SELECT data FROM pushers WHERE user_id = $1 ORDER BY app_id, pushkey")
-            .bind(user_id.as_str())
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| r.try_get("data").map_err(Into::into))
-            .collect()
     }
 
     async fn read_up_to(&self, room_id: &str, user_id: &UserId) -> StoreResult<Option<i64>> {

@@ -155,7 +155,52 @@ fn check_harness(script: &str, output: &std::process::Output, hearth_log: &str) 
     assert!(stdout.contains("ALL CHECKS PASSED"), "{script} did not finish its checks:\n{stdout}");
 }
 
+/// Runs a push harness (`nio/push.py` or `js/push.mjs`): its client sets an HTTP pusher to a
+/// gateway this test runs, and every event it lists (`PUSHED <event id> <pushkey>`) must reach
+/// the gateway as a highlight for that pushkey, with every field as the spec says (the gateway
+/// checks).
+async fn push_harness(script: &str, db: Db) {
+    let gateway = crate::push::Gateway::start().await;
+    let test_db = TestDb::new(db).await;
+    let env = [("HEARTH_PUSH__ALLOW_PRIVATE_ADDRESSES", "true".to_owned())];
+    let hearth = HearthProcess::start_with(&test_db, db, &env).await;
+    let output = harness(script, &hearth.base, &[Path::new(&gateway.url)]).output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("harness finished in time")
+        .expect("harness ran");
+    check_harness(script, &output, &hearth.log());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let pushed: Vec<(&str, &str)> =
+        stdout.lines().filter_map(|line| line.strip_prefix("PUSHED ")?.split_once(' ')).collect();
+    assert_eq!(pushed.len(), 2, "the mention and the rule's match:\n{stdout}");
+    for (event_id, pushkey) in pushed {
+        let notification = gateway.notification_for(event_id).await;
+        let device = &notification["devices"][0];
+        assert_eq!(device["pushkey"], pushkey, "{notification}");
+        assert_eq!(device["tweaks"]["highlight"], true, "{notification}");
+        assert_eq!(notification["type"], "m.room.message");
+        assert!(notification["counts"]["unread"].as_u64().is_some_and(|n| n >= 1), "{notification}");
+    }
+    hearth.stop().await;
+    test_db.remove().await;
+    gateway.stop().await;
+}
+
 crate::on_both_backends! {
+    /// matrix-nio sets an HTTP pusher (through its raw request API: nio has none for pushers)
+    /// and a content rule (nio's `set_pushrule`); a mention and the rule's match reach the
+    /// gateway.
+    async fn matrix_nio_pusher_gets_mentions_to_the_gateway(db: Db) {
+        push_harness("nio/push.py", db).await;
+    }
+
+    /// matrix-js-sdk sets an HTTP pusher (`setPusher`) and a content rule (`addPushRule`); a
+    /// mention and the rule's match reach the gateway.
+    async fn matrix_js_sdk_pusher_gets_mentions_to_the_gateway(db: Db) {
+        push_harness("js/push.mjs", db).await;
+    }
+
     /// Encrypted chat with matrix-nio's vodozemac crypto; on SQLite with the embedded queue, on
     /// Postgres with Redis. While a device is away, Hearth is killed (-9) and restarted on the
     /// same port; the device then decrypts everything it missed.

@@ -17,6 +17,7 @@ mod hardening;
 mod interop;
 mod limits;
 mod providers;
+mod push;
 mod room_versions;
 mod rooms;
 mod storage;

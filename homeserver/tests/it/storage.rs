@@ -1,8 +1,9 @@
 //! The storage conformance suite: every trait, against both backends.
 
 use homeserver::storage::{
-    AccountStore, DeviceStore, MAX_OPENID_TOKENS_PER_USER, OpenIdStore, RegistrationTokenStore, ReportRecord,
-    ReportStore, SessionRecord, SessionStore, SqlStore, UiaSessionRecord, UiaStore, UserDataStore, now_ms,
+    AccountStore, DeviceStore, MAX_OPENID_TOKENS_PER_USER, NewNotification, OpenIdStore, PushStore,
+    PusherKey, RegistrationTokenStore, ReportRecord, ReportStore, SessionRecord, SessionStore, SqlStore,
+    UiaSessionRecord, UiaStore, UserDataStore, now_ms,
 };
 use ruma::{OwnedDeviceId, OwnedUserId};
 
@@ -25,6 +26,59 @@ fn device(id: &str) -> OwnedDeviceId {
 }
 
 crate::on_both_backends! {
+    async fn push_leases_and_pusher_claims_are_exclusive(db: Db) {
+        let (store, test_db) = store(db).await;
+        // The evaluator's lease: one holder; only the holder commits; the position never goes back.
+        let start = store.claim_push_progress("a", 60_000).await.unwrap().expect("a takes the free lease");
+        assert_eq!(store.claim_push_progress("b", 60_000).await.unwrap(), None, "b waits while a holds it");
+        let found = |at: i64| NewNotification {
+            user_id: "@alice:localhost".into(), stream_ordering: at, room_id: "!r:localhost".into(),
+            event_id: format!("$e{at}"), event_type: "m.room.message".into(), actions: r#"["notify"]"#.into(),
+            highlight: false, ts: now_ms(),
+        };
+        assert!(!store.record_notifications("b", 60_000, start + 5, &[found(start + 5)]).await.unwrap(), "b cannot commit");
+        assert!(store.record_notifications("a", 60_000, start + 5, &[found(start + 5)]).await.unwrap());
+        assert!(store.record_notifications("a", 60_000, start + 5, &[found(start + 5)]).await.unwrap(), "a repeat is harmless");
+        assert!(!store.record_notifications("a", 60_000, start + 4, &[]).await.unwrap(), "the position never goes back");
+        // A lapsed lease goes to the next worker, at the stored position; the old holder is fenced.
+        assert_eq!(store.claim_push_progress("a", 1).await.unwrap(), Some(start + 5));
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert_eq!(store.claim_push_progress("b", 60_000).await.unwrap(), Some(start + 5));
+        assert!(!store.record_notifications("a", 60_000, start + 6, &[found(start + 6)]).await.unwrap(), "a lost it");
+        store.release_push_progress("b").await.unwrap();
+        assert_eq!(store.claim_push_progress("a", 60_000).await.unwrap(), Some(start + 5), "released at once");
+
+        // Pushers: a new one starts at the evaluator's position, so it has nothing to send yet.
+        let key = PusherKey { user_id: "@alice:localhost".into(), app_id: "app".into(), pushkey: "k".into() };
+        store.put_pusher(&key, "http", "{}", true).await.unwrap();
+        assert!(store.claim_pushers("w1", 60_000, 10).await.unwrap().is_empty());
+        assert!(store.record_notifications("a", 60_000, start + 10, &[found(start + 10)]).await.unwrap());
+        let claimed = store.claim_pushers("w1", 60_000, 10).await.unwrap();
+        assert_eq!(claimed.iter().map(|p| (p.key.clone(), p.position)).collect::<Vec<_>>(), [(key.clone(), start + 5)]);
+        assert!(store.claim_pushers("w2", 60_000, 10).await.unwrap().is_empty(), "one worker at a time");
+        assert!(!store.pusher_advanced(&key, "w2", start + 10).await.unwrap(), "only the claimant moves it");
+        assert!(store.renew_pusher(&key, "w1", 60_000).await.unwrap() && !store.renew_pusher(&key, "w2", 60_000).await.unwrap());
+        // A failure releases it, due again only after its wait.
+        store.pusher_backoff(&key, "w1", 1, 60_000).await.unwrap();
+        assert!(store.claim_pushers("w2", 60_000, 10).await.unwrap().is_empty(), "not before its retry is due");
+        assert!(!store.renew_pusher(&key, "w1", 60_000).await.unwrap(), "released");
+        store.put_pusher(&key, "http", "{}", true).await.unwrap();
+        let claimed = store.claim_pushers("w2", 60_000, 10).await.unwrap();
+        assert_eq!((claimed.len(), claimed[0].failures), (1, 0), "set again, it starts afresh on retries");
+        assert!(store.pusher_advanced(&key, "w2", start + 10).await.unwrap());
+        assert!(!store.pusher_advanced(&key, "w2", start + 10).await.unwrap(), "it never goes back or repeats");
+        store.release_pushers("w2").await.unwrap();
+        assert!(store.claim_pushers("w1", 60_000, 10).await.unwrap().is_empty(), "nothing left to send");
+        // A read receipt's badge update is something to send.
+        store.mark_badge(&user("alice")).await.unwrap();
+        let claimed = store.claim_pushers("w1", 60_000, 10).await.unwrap();
+        assert!(claimed.len() == 1 && claimed[0].badge);
+        assert!(store.take_badge(&key, "w1").await.unwrap() && !store.take_badge(&key, "w1").await.unwrap());
+        assert!(store.delete_pusher(&key).await.unwrap() && !store.delete_pusher(&key).await.unwrap());
+        store.close().await;
+        test_db.remove().await;
+    }
+
     async fn accounts(db: Db) {
         let (store, test_db) = store(db).await;
         let alice = user("alice");

@@ -54,8 +54,13 @@ async fn put_receipt(
         };
         state.store.put_receipt(&record).await.map_err(Into::into)
     })
-    .await
-    .map(drop)
+    .await?;
+    if matches!(receipt_type, "m.read" | "m.read.private") {
+        // The user's unread count moved: their push gateways get the new badge.
+        state.store.mark_badge(user).await?;
+        state.push.wake();
+    }
+    Ok(())
 }
 
 /// POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}

@@ -1,23 +1,57 @@
-//! Push rules: the server's default ruleset plus each user's changes, kept as their `m.push_rules`
-//! global account data (which is how clients also receive them through `/sync`).
+//! Push notifications, the client's side: push rules, pushers and the notification list.
+//!
+//! - **Rules** are the server's default ruleset plus each user's changes, kept as their
+//!   `m.push_rules` global account data (which is how clients also receive them through
+//!   `/sync`), and brought up to date with the server's defaults when read
+//!   ([`crate::push::ruleset`]). Users create and delete their own rules; the server's (ids
+//!   starting with `.`) can only be enabled, disabled and given other actions. A path that is
+//!   not a rule's (an unknown scope, a missing rule id or part) is 400 `M_UNRECOGNIZED`, as
+//!   Synapse answers; an unknown kind 400 `M_INVALID_PARAM`; an unknown rule 404 `M_NOT_FOUND`.
+//!   `GET /pushrules/global/{kind}/` lists one kind (a Synapse extension SyTest uses).
+//! - **Pushers**: only HTTP pushers are taken (this server sends no email), with a URL that
+//!   follows the spec and, unless `push.allow_private_addresses`, names no private address.
+//! - **`/notifications`**: what the evaluator stored ([`crate::push::evaluate`]), newest first.
 
-use actix_web::{http::StatusCode, web};
+use std::collections::HashMap;
+
+use actix_web::{HttpRequest, HttpResponse, http::StatusCode, web};
 use ruma::{
-    UserId,
+    MilliSecondsSinceUnixEpoch, OwnedRoomId, RoomId, UInt,
     api::client::push::{
-        delete_pushrule, get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all,
-        get_pushrules_global_scope, set_pushrule, set_pushrule_actions, set_pushrule_enabled,
+        PusherKind, delete_pushrule, get_notifications, get_pushers, get_pushrule, get_pushrule_actions,
+        get_pushrule_enabled, get_pushrules_all, get_pushrules_global_scope, set_pusher, set_pushrule,
+        set_pushrule_actions, set_pushrule_enabled,
     },
-    push::Ruleset,
+    push::{InsertPushRuleError, RemovePushRuleError, RuleKind, Ruleset},
 };
 use serde_json::json;
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    rooms,
-    ruma_wrapper::{Router, Ruma},
+    push::ruleset,
+    rooms::{self, client_event::ClientEvent, visibility::ReadRules},
+    ruma_wrapper::{Authenticated, Router, Ruma},
     state::AppState,
+    storage::PusherKey,
 };
+
+/// Largest stored ruleset, in bytes (the bound of any account data).
+const MAX_RULES_BYTES: usize = 65_536;
+/// Longest rule id, in bytes.
+const MAX_RULE_ID_BYTES: usize = 255;
+/// Notifications per page of `/notifications` when the client does not say, and at most.
+const DEFAULT_NOTIFICATIONS: u64 = 50;
+const MAX_NOTIFICATIONS: u64 = 100;
+/// Most pushers one user may have.
+const MAX_PUSHERS: i64 = 100;
+/// Bounds of a pusher's fields, in bytes: the spec's for `app_id` (64) and `pushkey` (512),
+/// and the JSON of the whole pusher.
+const MAX_APP_ID: usize = 64;
+const MAX_PUSHKEY: usize = 512;
+const MAX_PUSHER_BYTES: usize = 8_192;
+
+/// The prefixes of the push-rule paths, for the answer to malformed ones.
+const RULE_PREFIXES: [&str; 2] = ["/_matrix/client/r0/pushrules", "/_matrix/client/v3/pushrules"];
 
 pub(super) fn routes(router: &mut Router) {
     router
@@ -29,31 +63,87 @@ pub(super) fn routes(router: &mut Router) {
         .add(set_rule)
         .add(delete_rule)
         .add(set_enabled)
-        .add(set_actions);
-}
-
-/// The user's ruleset: what they stored, or the server's defaults.
-pub async fn ruleset(state: &AppState, user: &UserId) -> Result<Ruleset> {
-    match state.store.account_data(user, None, "m.push_rules").await? {
-        Some(stored) => {
-            let value: serde_json::Value = serde_json::from_str(&stored).map_err(Error::internal)?;
-            serde_json::from_value(value["global"].clone()).map_err(Error::internal)
-        }
-        None => Ok(Ruleset::server_default(user)),
+        .add(set_actions)
+        .add(get_pushers)
+        .add(set_pusher)
+        .add(get_notifications);
+    for prefix in RULE_PREFIXES {
+        router.fallback(prefix, || web::route().to(malformed_rule_path));
+    }
+    for path in ["/_matrix/client/r0/pushrules/global/{kind}/", "/_matrix/client/v3/pushrules/global/{kind}/"]
+    {
+        router
+            .add_route(http::Method::GET, path, || web::get().to(get_kind))
+            .add_route(http::Method::PUT, path, || web::put().to(no_rule_id))
+            .add_route(http::Method::DELETE, path, || web::delete().to(no_rule_id));
     }
 }
 
-async fn save(state: &AppState, user: &UserId, rules: &Ruleset) -> Result<()> {
+fn not_found() -> Error {
+    Error::not_found("no such push rule")
+}
+
+/// A push-rule path that is not one: 400 `M_UNRECOGNIZED`, as Synapse answers.
+async fn malformed_rule_path(req: HttpRequest) -> Result<HttpResponse> {
+    let after = RULE_PREFIXES.iter().find_map(|prefix| req.path().strip_prefix(prefix)).unwrap_or_default();
+    let message = match after.split('/').nth(1) {
+        None | Some("") => "push rule paths are /pushrules/ or /pushrules/global/...".to_owned(),
+        Some("global") => {
+            "push rule paths are /pushrules/global/, /pushrules/global/{kind}/{ruleId} and its \
+             /enabled or /actions"
+                .to_owned()
+        }
+        Some(scope) => format!("unknown push rule scope `{scope}`: the only scope is `global`"),
+    };
+    Err(Error::unrecognized(StatusCode::BAD_REQUEST, message))
+}
+
+/// `PUT` or `DELETE` of `/pushrules/global/{kind}/`: the rule id is missing.
+async fn no_rule_id(_auth: Authenticated) -> Result<HttpResponse> {
+    Err(Error::unrecognized(
+        StatusCode::BAD_REQUEST,
+        "the path needs a rule id: /pushrules/global/{kind}/{ruleId}",
+    ))
+}
+
+/// Refuses kinds the spec does not have (ruma reads any string as a kind).
+fn check_kind(kind: &RuleKind) -> Result<()> {
+    match kind {
+        RuleKind::Override | RuleKind::Underride | RuleKind::Sender | RuleKind::Room | RuleKind::Content => {
+            Ok(())
+        }
+        other => Err(Error::invalid_param(format!(
+            "unknown push rule kind `{other}`: override, underride, sender, room or content"
+        ))),
+    }
+}
+
+/// Refuses an empty or overlong rule id.
+fn check_rule_id(rule_id: &str) -> Result<()> {
+    if rule_id.is_empty() {
+        return Err(Error::unrecognized(
+            StatusCode::BAD_REQUEST,
+            "the path needs a rule id: /pushrules/global/{kind}/{ruleId}",
+        ));
+    }
+    if rule_id.len() > MAX_RULE_ID_BYTES {
+        return Err(Error::invalid_param(format!("rule ids are at most {MAX_RULE_ID_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+async fn save(state: &AppState, user: &ruma::UserId, rules: &Ruleset) -> Result<()> {
     let content = json!({ "global": rules }).to_string();
+    if content.len() > MAX_RULES_BYTES {
+        return Err(Error::invalid_param(format!(
+            "push rules may take at most {MAX_RULES_BYTES} bytes; remove some first"
+        )));
+    }
     rooms::at_new_position(state, |position| async move {
         state.store.put_account_data(user, None, "m.push_rules", &content, position).await.map_err(Into::into)
     })
     .await
     .map(drop)
-}
-
-fn not_found() -> Error {
-    Error::not_found("no such push rule")
 }
 
 /// GET /_matrix/client/v3/pushrules/
@@ -72,13 +162,24 @@ async fn get_global(
     Ok(get_pushrules_global_scope::v3::Response::new(ruleset(&state, &request.sender.user_id).await?))
 }
 
+/// GET /_matrix/client/v3/pushrules/global/{kind}/
+async fn get_kind(state: web::Data<AppState>, auth: Authenticated, req: HttpRequest) -> Result<HttpResponse> {
+    let kind = RuleKind::from(req.match_info().get("kind").unwrap_or_default());
+    check_kind(&kind)?;
+    let rules = serde_json::to_value(ruleset(&state, &auth.0.user_id).await?).map_err(Error::internal)?;
+    Ok(HttpResponse::Ok().json(&rules[kind.as_str()]))
+}
+
 /// GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}
 async fn get_rule(
     state: web::Data<AppState>,
     request: Ruma<get_pushrule::v3::Request>,
 ) -> Result<get_pushrule::v3::Response> {
+    let body = &request.body;
+    check_kind(&body.kind)?;
+    check_rule_id(&body.rule_id)?;
     let rules = ruleset(&state, &request.sender.user_id).await?;
-    let rule = rules.get(request.body.kind.clone(), &request.body.rule_id).ok_or_else(not_found)?;
+    let rule = rules.get(body.kind.clone(), &body.rule_id).ok_or_else(not_found)?;
     Ok(get_pushrule::v3::Response::new(rule.to_owned().into()))
 }
 
@@ -87,8 +188,11 @@ async fn get_enabled(
     state: web::Data<AppState>,
     request: Ruma<get_pushrule_enabled::v3::Request>,
 ) -> Result<get_pushrule_enabled::v3::Response> {
+    let body = &request.body;
+    check_kind(&body.kind)?;
+    check_rule_id(&body.rule_id)?;
     let rules = ruleset(&state, &request.sender.user_id).await?;
-    let rule = rules.get(request.body.kind.clone(), &request.body.rule_id).ok_or_else(not_found)?;
+    let rule = rules.get(body.kind.clone(), &body.rule_id).ok_or_else(not_found)?;
     Ok(get_pushrule_enabled::v3::Response::new(rule.enabled()))
 }
 
@@ -97,8 +201,11 @@ async fn get_actions(
     state: web::Data<AppState>,
     request: Ruma<get_pushrule_actions::v3::Request>,
 ) -> Result<get_pushrule_actions::v3::Response> {
+    let body = &request.body;
+    check_kind(&body.kind)?;
+    check_rule_id(&body.rule_id)?;
     let rules = ruleset(&state, &request.sender.user_id).await?;
-    let rule = rules.get(request.body.kind.clone(), &request.body.rule_id).ok_or_else(not_found)?;
+    let rule = rules.get(body.kind.clone(), &body.rule_id).ok_or_else(not_found)?;
     Ok(get_pushrule_actions::v3::Response::new(rule.actions().to_vec()))
 }
 
@@ -109,14 +216,24 @@ async fn set_rule(
 ) -> Result<set_pushrule::v3::Response> {
     let user = &request.sender.user_id;
     let body = request.body;
+    check_rule_id(body.rule.rule_id())?;
     let mut rules = ruleset(&state, user).await?;
-    rules.insert(body.rule, body.after.as_deref(), body.before.as_deref()).map_err(|e| {
-        let text = e.to_string();
-        if text.contains("not found") || text.contains("unknown") {
-            Error::new(StatusCode::NOT_FOUND, ErrorKind::NotFound, text)
-        } else {
-            Error::bad_json(text)
+    rules.insert(body.rule, body.after.as_deref(), body.before.as_deref()).map_err(|e| match e {
+        InsertPushRuleError::ServerDefaultRuleId => Error::invalid_param(
+            "rule ids starting with `.` belong to the server's default rules, which cannot be created \
+             or replaced (their actions and `enabled` can be changed)",
+        ),
+        InsertPushRuleError::InvalidRuleId => Error::invalid_param("rule ids may not contain `/` or `\\`"),
+        InsertPushRuleError::RelativeToServerDefaultRule => {
+            Error::invalid_param("`before` and `after` must name rules of your own, not the server's")
         }
+        InsertPushRuleError::UnknownRuleId => {
+            Error::invalid_param("`before` or `after` names no rule of this kind")
+        }
+        InsertPushRuleError::BeforeHigherThanAfter => {
+            Error::invalid_param("`before` names a rule that comes before the one `after` names")
+        }
+        other => Error::invalid_param(other.to_string()),
     })?;
     save(&state, user, &rules).await?;
     Ok(set_pushrule::v3::Response::new())
@@ -128,13 +245,15 @@ async fn delete_rule(
     request: Ruma<delete_pushrule::v3::Request>,
 ) -> Result<delete_pushrule::v3::Response> {
     let user = &request.sender.user_id;
+    let body = &request.body;
+    check_kind(&body.kind)?;
+    check_rule_id(&body.rule_id)?;
     let mut rules = ruleset(&state, user).await?;
-    rules.remove(request.body.kind.clone(), &request.body.rule_id).map_err(|e| {
-        if request.body.rule_id.starts_with('.') {
-            Error::forbidden(format!("server default rules cannot be deleted: {e}"))
-        } else {
-            not_found()
-        }
+    rules.remove(body.kind.clone(), &body.rule_id).map_err(|e| match e {
+        RemovePushRuleError::ServerDefault => Error::forbidden(
+            "the server's default rules cannot be deleted; disable them through /enabled instead",
+        ),
+        _ => not_found(),
     })?;
     save(&state, user, &rules).await?;
     Ok(delete_pushrule::v3::Response::new())
@@ -147,6 +266,8 @@ async fn set_enabled(
 ) -> Result<set_pushrule_enabled::v3::Response> {
     let user = &request.sender.user_id;
     let body = &request.body;
+    check_kind(&body.kind)?;
+    check_rule_id(&body.rule_id)?;
     let mut rules = ruleset(&state, user).await?;
     rules.set_enabled(body.kind.clone(), &body.rule_id, body.enabled).map_err(|_| not_found())?;
     save(&state, user, &rules).await?;
@@ -160,8 +281,150 @@ async fn set_actions(
 ) -> Result<set_pushrule_actions::v3::Response> {
     let user = &request.sender.user_id;
     let body = request.body;
+    check_kind(&body.kind)?;
+    check_rule_id(&body.rule_id)?;
     let mut rules = ruleset(&state, user).await?;
     rules.set_actions(body.kind.clone(), &body.rule_id, body.actions).map_err(|_| not_found())?;
     save(&state, user, &rules).await?;
     Ok(set_pushrule_actions::v3::Response::new())
+}
+
+/// GET /_matrix/client/v3/pushers
+async fn get_pushers(
+    state: web::Data<AppState>,
+    request: Ruma<get_pushers::v3::Request>,
+) -> Result<get_pushers::v3::Response> {
+    let stored = state.store.pushers(&request.sender.user_id).await?;
+    let pushers = stored.iter().filter_map(|data| serde_json::from_str(data).ok()).collect();
+    Ok(get_pushers::v3::Response::new(pushers))
+}
+
+/// POST /_matrix/client/v3/pushers/set
+async fn set_pusher(
+    state: web::Data<AppState>,
+    request: Ruma<set_pusher::v3::Request>,
+) -> Result<set_pusher::v3::Response> {
+    let user = &request.sender.user_id;
+    match &request.body.action {
+        set_pusher::v3::PusherAction::Post(post) => {
+            let pusher = &post.pusher;
+            let ids = &pusher.ids;
+            if ids.app_id.is_empty() || ids.app_id.len() > MAX_APP_ID {
+                return Err(Error::invalid_param(format!("app_id must be 1 to {MAX_APP_ID} bytes")));
+            }
+            if ids.pushkey.is_empty() || ids.pushkey.len() > MAX_PUSHKEY {
+                return Err(Error::invalid_param(format!("pushkey must be 1 to {MAX_PUSHKEY} bytes")));
+            }
+            match &pusher.kind {
+                PusherKind::Http(http) => {
+                    crate::push::gateway::check_url(&http.url, state.config.push.allow_private_addresses)
+                        .map_err(Error::invalid_param)?;
+                }
+                PusherKind::Email(_) => {
+                    return Err(Error::invalid_param(
+                        "this server sends no email notifications: only `http` pushers are taken",
+                    ));
+                }
+                other => {
+                    let kind =
+                        serde_json::to_value(other).ok().and_then(|v| v["kind"].as_str().map(str::to_owned));
+                    return Err(Error::invalid_param(format!(
+                        "unknown pusher kind `{}`: `http` (or null to delete)",
+                        kind.unwrap_or_default()
+                    )));
+                }
+            }
+            let data = serde_json::to_string(pusher).map_err(Error::internal)?;
+            if data.len() > MAX_PUSHER_BYTES {
+                return Err(Error::invalid_param(format!(
+                    "a pusher may take at most {MAX_PUSHER_BYTES} bytes"
+                )));
+            }
+            let key = PusherKey {
+                user_id: user.to_string(),
+                app_id: ids.app_id.clone(),
+                pushkey: ids.pushkey.clone(),
+            };
+            let existing = state.store.pushers(user).await?;
+            let replaces = existing
+                .iter()
+                .filter_map(|d| serde_json::from_str::<ruma::api::client::push::Pusher>(d).ok())
+                .any(|p| p.ids.app_id == key.app_id && p.ids.pushkey == key.pushkey);
+            if !replaces && existing.len() as i64 >= MAX_PUSHERS {
+                return Err(Error::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::InvalidParam,
+                    format!("at most {MAX_PUSHERS} pushers per user; delete one first"),
+                ));
+            }
+            state.store.put_pusher(&key, "http", &data, !post.append).await?;
+        }
+        set_pusher::v3::PusherAction::Delete(ids) => {
+            let key = PusherKey {
+                user_id: user.to_string(),
+                app_id: ids.app_id.clone(),
+                pushkey: ids.pushkey.clone(),
+            };
+            state.store.delete_pusher(&key).await?;
+        }
+        _ => return Err(Error::bad_json("unknown pusher action")),
+    }
+    Ok(set_pusher::v3::Response::new())
+}
+
+/// GET /_matrix/client/v3/notifications
+async fn get_notifications(
+    state: web::Data<AppState>,
+    request: Ruma<get_notifications::v3::Request>,
+) -> Result<get_notifications::v3::Response> {
+    let user = &request.sender.user_id;
+    let body = &request.body;
+    let before = match body.from.as_deref() {
+        None | Some("") => i64::MAX,
+        Some(from) => from
+            .parse::<i64>()
+            .ok()
+            // Only what this endpoint writes: no sign, no leading zeros.
+            .filter(|n| *n >= 0 && n.to_string() == from)
+            .ok_or_else(|| Error::invalid_param("`from` must be a `next_token` this endpoint returned"))?,
+    };
+    let only_highlight = match body.only.as_deref() {
+        None | Some("") => false,
+        Some("highlight") => true,
+        Some(other) => {
+            return Err(Error::invalid_param(format!("`only` may only be `highlight`, not `{other}`")));
+        }
+    };
+    let limit = body.limit.map_or(DEFAULT_NOTIFICATIONS, u64::from).clamp(1, MAX_NOTIFICATIONS);
+    let limit = i64::try_from(limit).unwrap_or(1);
+    let stored = state.store.notifications(user, before, limit, only_highlight).await?;
+    // Read positions and read rules, once per room on the page.
+    let mut rooms: HashMap<String, (i64, ReadRules)> = HashMap::new();
+    let mut notifications = Vec::with_capacity(stored.len());
+    for notification in &stored {
+        if !rooms.contains_key(&notification.room_id) {
+            let room_id = <&RoomId>::try_from(notification.room_id.as_str()).map_err(Error::internal)?;
+            let read = state.store.read_up_to(room_id.as_str(), user).await?.unwrap_or(0);
+            let rules = ReadRules::load(&state, room_id, user).await?;
+            rooms.insert(notification.room_id.clone(), (read, rules));
+        }
+        let Some((read, rules)) = rooms.get(&notification.room_id) else { continue };
+        // Notifications are only written for events the user could read; this holds to it.
+        if !rules.may_see(&notification.event) {
+            continue;
+        }
+        let actions = serde_json::from_str(&notification.actions).unwrap_or_default();
+        let event = ClientEvent::parse(&notification.event)?.to_raw()?;
+        let room_id = OwnedRoomId::try_from(notification.room_id.as_str()).map_err(Error::internal)?;
+        let ts = MilliSecondsSinceUnixEpoch(
+            UInt::try_from(u64::try_from(notification.ts).unwrap_or_default()).unwrap_or_default(),
+        );
+        let read = notification.stream_ordering <= *read;
+        notifications.push(get_notifications::v3::Notification::new(actions, event, read, room_id, ts));
+    }
+    let mut response = get_notifications::v3::Response::new(notifications);
+    if stored.len() as i64 == limit {
+        response.next_token = stored.last().map(|n| n.stream_ordering.to_string());
+    }
+    Ok(response)
 }

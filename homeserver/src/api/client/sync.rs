@@ -20,8 +20,7 @@ use ruma::{
             },
         },
     },
-    events::AnySyncTimelineEvent,
-    push::{PushConditionRoomCtx, Ruleset},
+    push::Action,
     serde::Raw,
 };
 use serde_json::{Value, json};
@@ -33,6 +32,7 @@ use super::{
 use crate::rooms::recent::{Mark, device_key};
 use crate::{
     error::{Error, Result},
+    push::evaluate,
     queue::News,
     rooms::{
         client_event::{ClientEvent, Reader, matches_filter, raw, serve, type_allowed},
@@ -327,13 +327,18 @@ async fn build(
         true => state.store.account_data_changes(user, since.unwrap_or(0), upto).await?,
         false => Vec::new(),
     };
-    for change in account_data {
+    for mut change in account_data {
         let filter = match change.room_id {
             Some(_) => (&options.room_account_data.types, &options.room_account_data.not_types),
             None => (&options.account_data.types, &options.account_data.not_types),
         };
         if !type_allowed(filter.0, filter.1, &change.data_type) {
             continue;
+        }
+        if change.room_id.is_none() && change.data_type == "m.push_rules" {
+            // The rules the server applies: the stored ones brought up to date with the server's
+            // defaults, so that clients evaluate what the server does.
+            change.content = json!({ "global": crate::push::ruleset(state, user).await? }).to_string();
         }
         // The content is served as stored, never re-parsed.
         let event = format!(
@@ -355,7 +360,7 @@ async fn build(
     {
         // Clients read their push rules from account data; until a user changes them, that is
         // the server's defaults.
-        let rules = json!({"type": "m.push_rules", "content": {"global": Ruleset::server_default(user)}});
+        let rules = json!({"type": "m.push_rules", "content": {"global": crate::push::server_default(user)}});
         response.account_data.events.push(raw(&rules)?);
     }
     let user_rooms = state.recent.user_rooms(&*state.store, user, upto).await?;
@@ -457,7 +462,7 @@ async fn build(
                 }
                 if let Some(mut joined) = joined {
                     let (notifications, highlights) =
-                        unread_counts(state, user, &room_id, upto, &ignored).await?;
+                        unread_counts(state, user, &room_id, at, upto, &ignored).await?;
                     joined.unread_notifications.notification_count = Some(notifications);
                     joined.unread_notifications.highlight_count = Some(highlights);
                     joined.account_data.events = account_data.into_iter().map(Raw::from_json).collect();
@@ -594,13 +599,16 @@ impl RoomsChanged {
     }
 }
 
-/// Notifying and highlighting events since the user's read receipt, by their push rules (those
-/// of users they ignore do not count). Counts are kept per process and extended with the events
-/// each sync has not seen yet.
+/// Notifying and highlighting events since the user's read receipt (`m.read` or
+/// `m.read.private`): what the push-rule evaluator stored ([`crate::push::evaluate`]), and for
+/// the events it has not reached yet, the user's rules applied here the same way, so a response
+/// counts every event it carries (those of users they ignore do not count). Counts are kept per process and extended with the events each
+/// sync has not seen yet; `joined_at` is the position of the user's join.
 async fn unread_counts(
     state: &AppState,
     user: &UserId,
     room_id: &RoomId,
+    joined_at: i64,
     upto: i64,
     ignored: &Ignored,
 ) -> Result<(UInt, UInt)> {
@@ -616,7 +624,19 @@ async fn unread_counts(
     };
     let mut counts = match known {
         Some(counts) if counts.read == read => UnreadCounts { read_checked: upto, ..counts },
-        _ => UnreadCounts { read, read_checked: upto, counted_upto: read, notify: 0, highlight: 0 },
+        _ => {
+            // As Synapse: without a receipt, what came after the user's membership event (their
+            // join), so that an invite's notification is not an unread message.
+            let after = if read > 0 { read } else { joined_at };
+            let stored = state.store.unread_counts(user, room_id, after, upto).await?;
+            UnreadCounts {
+                read,
+                read_checked: upto,
+                counted_upto: stored.through.max(after),
+                notify: stored.notify,
+                highlight: stored.highlight,
+            }
+        }
     };
     if counts.counted_upto < upto {
         let events = state
@@ -626,38 +646,26 @@ async fn unread_counts(
         let mut others = Vec::new();
         for event in &events {
             let client = ClientEvent::parse(event)?;
-            // ruma's push rules parse the whole event with serde_json's recursion limit (and
-            // panic past it): events stored before the door bounded depth are not counted.
-            if client.sender() != user.as_str()
-                && !ignored.hides(event)
-                && crate::json::parses_with_serde(event.json.as_bytes())
+            // As the evaluator: events the user did not send, from after they joined, and not
+            // from someone they ignore.
+            if client.sender() != user.as_str() && event.stream_ordering > joined_at && !ignored.hides(event)
             {
-                others.push(client);
+                others.push((event, client));
             }
         }
         if !others.is_empty() {
-            let joined = state.recent.joined_members(&*state.store, room_id, upto).await?;
-            let context = state
-                .recent
-                .push_context(user, upto, || async {
-                    let rules = super::push::ruleset(state, user).await?;
-                    let name =
-                        state.store.profile(user).await?.0.unwrap_or_else(|| user.localpart().to_owned());
-                    Ok((rules, name))
-                })
-                .await?;
+            let room =
+                state.recent.room_push(room_id, upto, || evaluate::load_room_push(state, room_id)).await?;
+            let context = evaluate::user_push(state, user, upto).await?;
             let (rules, name) = &*context;
-            let context = PushConditionRoomCtx::new(
-                room_id.to_owned(),
-                UInt::try_from(joined as u64).unwrap_or_default(),
-                user.to_owned(),
-                name.clone(),
-            );
-            for event in &others {
-                let event: Raw<AnySyncTimelineEvent> = event.to_raw()?;
-                let actions = rules.get_actions(&event, &context).await;
-                counts.notify += u64::from(actions.iter().any(|a| a.should_notify()));
-                counts.highlight += u64::from(actions.iter().any(|a| a.is_highlight()));
+            for (event, client) in &others {
+                let Some(flat) = evaluate::flatten(client, &event.json)? else { continue };
+                if let Some(actions) =
+                    evaluate::notify_actions(rules, &flat, user, name, room_id, &room).await
+                {
+                    counts.notify += 1;
+                    counts.highlight += u64::from(actions.iter().any(Action::is_highlight));
+                }
             }
         }
         // A backlog longer than one batch is counted over the following syncs.

@@ -1,5 +1,5 @@
-//! What users keep on the server for themselves: account data (global and per room), filters,
-//! pushers.
+//! What users keep on the server for themselves: account data (global and per room) and filters
+//! (pushers are in `push.rs`).
 
 use actix_web::web;
 use ruma::{
@@ -9,7 +9,6 @@ use ruma::{
             get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data,
         },
         filter::{FilterDefinition, create_filter, get_filter},
-        push::{get_pushers, set_pusher},
     },
 };
 use serde_json::value::RawValue;
@@ -25,15 +24,7 @@ use crate::{
 const MAX_ACCOUNT_DATA: usize = 65_536;
 
 pub(super) fn routes(router: &mut Router) {
-    router
-        .add(set_global)
-        .add(get_global)
-        .add(set_room)
-        .add(get_room)
-        .add(create_filter)
-        .add(get_filter)
-        .add(get_pushers)
-        .add(set_pusher);
+    router.add(set_global).add(get_global).add(set_room).add(get_room).add(create_filter).add(get_filter);
 }
 
 fn own(sender: &UserId, target: &UserId) -> Result<()> {
@@ -153,37 +144,4 @@ async fn get_filter(
     let body = &request.body;
     own(&request.sender.user_id, &body.user_id)?;
     Ok(get_filter::v3::Response::new(load_filter(&state, &body.user_id, &body.filter_id).await?))
-}
-
-/// GET /_matrix/client/v3/pushers
-async fn get_pushers(
-    state: web::Data<AppState>,
-    request: Ruma<get_pushers::v3::Request>,
-) -> Result<get_pushers::v3::Response> {
-    let stored = state.store.pushers(&request.sender.user_id).await?;
-    let pushers = stored.iter().filter_map(|data| serde_json::from_str(data).ok()).collect();
-    Ok(get_pushers::v3::Response::new(pushers))
-}
-
-/// POST /_matrix/client/v3/pushers/set
-async fn set_pusher(
-    state: web::Data<AppState>,
-    request: Ruma<set_pusher::v3::Request>,
-) -> Result<set_pusher::v3::Response> {
-    let user = &request.sender.user_id;
-    match &request.body.action {
-        set_pusher::v3::PusherAction::Post(post) => {
-            let ids = &post.pusher.ids;
-            if ids.pushkey.len() > 512 || ids.app_id.len() > 64 {
-                return Err(Error::invalid_param("pushkey is at most 512 bytes, app_id at most 64"));
-            }
-            let data = serde_json::to_string(&post.pusher).map_err(Error::internal)?;
-            state.store.put_pusher(user, &ids.app_id, &ids.pushkey, &data, !post.append).await?;
-        }
-        set_pusher::v3::PusherAction::Delete(ids) => {
-            state.store.delete_pusher(user, &ids.app_id, &ids.pushkey).await?;
-        }
-        _ => return Err(Error::bad_json("unknown pusher action")),
-    }
-    Ok(set_pusher::v3::Response::new())
 }
