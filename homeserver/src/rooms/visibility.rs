@@ -3,8 +3,7 @@
 //! The spec's rules, decided for each event by the state in force at it:
 //! - the room's `m.room.history_visibility` at the event is `world_readable`: anyone may;
 //! - the user's membership at the event is `join`: they may;
-//! - `shared`: members may read everything, including what was said before they joined — as long
-//!   as they are joined now;
+//! - `shared`: members may read what was said before they joined, up to when they left;
 //! - `invited`: also what was said while they were invited;
 //! - `joined`: only what was said while they were joined.
 //!
@@ -62,7 +61,6 @@ pub struct ReadRules {
     memberships: Vec<(i64, String)>,
     /// The room's visibility events: (position, setting), oldest first.
     settings: Vec<(i64, Setting)>,
-    joined_now: bool,
 }
 
 impl ReadRules {
@@ -86,8 +84,7 @@ impl ReadRules {
         .into_iter()
         .map(|(position, setting)| (position, Setting::parse(setting.as_deref())))
         .collect();
-        let joined_now = memberships.last().is_some_and(|(_, m)| m == "join");
-        Ok(Self { memberships, settings, joined_now })
+        Ok(Self { memberships, settings })
     }
 
     /// The rules for a user reading a room's history through the API: M_NOT_FOUND for a room
@@ -100,6 +97,29 @@ impl ReadRules {
             return Err(Error::forbidden("you are not a member of this room"));
         }
         Ok(rules)
+    }
+
+    /// The room state a reader may see: the current state for a member or for anyone in a
+    /// world-readable room, the state when they left for one who left (or was kicked or
+    /// banned), M_FORBIDDEN for others.
+    pub async fn readable_state(&self, state: &AppState, room_id: &RoomId) -> Result<Vec<StoredEvent>> {
+        match self.memberships.last() {
+            Some((_, membership)) if membership == "join" => Ok(state.store.current_state(room_id).await?),
+            _ if self.setting(i64::MAX, true) == Setting::WorldReadable => {
+                Ok(state.store.current_state(room_id).await?)
+            }
+            Some((left, membership))
+                if matches!(membership.as_str(), "leave" | "ban") && self.was_joined() =>
+            {
+                Ok(state.store.state_at(room_id, *left).await?)
+            }
+            _ => Err(Error::forbidden("you are not a member of this room")),
+        }
+    }
+
+    /// Whether the user was ever joined.
+    fn was_joined(&self) -> bool {
+        self.memberships.iter().any(|(_, m)| m == "join")
     }
 
     /// The setting in force just after (`inclusive`) or just before the event at `position`.
@@ -129,7 +149,8 @@ impl ReadRules {
             return true;
         }
         match setting {
-            Setting::Shared => self.joined_now,
+            // The spec: "the user joined the room at any point after the event was sent".
+            Setting::Shared => self.memberships.iter().any(|(p, m)| *p > position && m == "join"),
             Setting::Invited => membership == Some("invite"),
             _ => false,
         }

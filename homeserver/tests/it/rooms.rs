@@ -240,6 +240,44 @@ fn percent_encode(s: &str) -> String {
 }
 
 crate::on_both_backends! {
+    async fn a_departed_member_reads_the_room_as_it_was_when_they_left(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let carol = server.register("carol", PW).await;
+        let room = create(&server, &bob, json!({"preset": "public_chat", "name": "before"})).await;
+        assert_eq!(server.post(&room_path(&room, "join"), Some(&alice.token), json!({})).await.0, 200);
+        for n in 1..=2 {
+            assert_eq!(send(&server, &bob, &room, &format!("m{n}"), &format!("M{n} before")).await.0, 200);
+        }
+        assert_eq!(server.post(&room_path(&room, "leave"), Some(&alice.token), json!({})).await.0, 200);
+        assert_eq!(send(&server, &bob, &room, "m3", "M3 after").await.0, 200);
+        let (status, _) = server.request("PUT", &room_path(&room, "state/m.room.name/"), Some(&bob.token),
+            Some(json!({"name": "after"}))).await;
+        assert_eq!(status, 200);
+
+        let (status, page) = server.get(&room_path(&room, "messages?dir=b&limit=2"), Some(&alice.token)).await;
+        assert_eq!(status, 200, "{page}");
+        let chunk = page["chunk"].as_array().unwrap();
+        assert_eq!(chunk.len(), 2, "the page is filled from what alice may read: {page}");
+        assert_eq!(chunk[0]["content"]["membership"], "leave");
+        assert_eq!(chunk[1]["content"]["body"], "M2 before");
+        assert!(page["end"].is_string(), "more before: {page}");
+        let (status, name) = server.get(&room_path(&room, "state/m.room.name/"), Some(&alice.token)).await;
+        assert_eq!((status, &name["name"]), (200, &json!("before")), "the name when alice left");
+        let (status, state) = server.get(&room_path(&room, "state"), Some(&alice.token)).await;
+        assert_eq!(status, 200);
+        assert!(state.as_array().unwrap().iter().all(|e| e["content"]["name"] != "after"), "{state}");
+        let (status, members) = server.get(&room_path(&room, "members"), Some(&alice.token)).await;
+        assert_eq!(status, 200);
+        let own = members["chunk"].as_array().unwrap().iter().find(|e| e["state_key"] == alice.user_id.as_str()).unwrap();
+        assert_eq!(own["content"]["membership"], "leave");
+        // Someone never in the room reads nothing of it.
+        assert_error(&server.get(&room_path(&room, "state"), Some(&carol.token)).await, 403, "M_FORBIDDEN");
+        assert_error(&server.get(&room_path(&room, "members"), Some(&carol.token)).await, 403, "M_FORBIDDEN");
+        server.stop().await;
+    }
+
     async fn sync_filters_from_memory(db: Db) {
         filtered_syncs(db, 20_000).await;
     }

@@ -570,12 +570,8 @@ async fn joined_rooms(
     Ok(joined_rooms::v3::Response::new(joined))
 }
 
-/// Member events of a room's current state.
-async fn member_events(state: &AppState, room_id: &RoomId, at: Option<i64>) -> Result<Vec<StoredEvent>> {
-    let events = match at {
-        Some(at) => state.store.state_at(room_id, at).await?,
-        None => state.store.current_state(room_id).await?,
-    };
+/// The member events among state events.
+fn members_of(events: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
     let mut members = Vec::new();
     for event in events {
         if ClientEvent::parse(&event)?.kind() == "m.room.member" {
@@ -593,7 +589,7 @@ async fn joined_members(
     let room_id = &request.body.room_id;
     rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
     let mut joined = BTreeMap::new();
-    for event in member_events(&state, room_id, None).await? {
+    for event in members_of(state.store.current_state(room_id).await?)? {
         let event = ClientEvent::parse(&event)?;
         if event.content_str("membership").as_deref() != Some("join") {
             continue;
@@ -635,10 +631,16 @@ async fn members(
     request: Ruma<get_member_events::v3::Request>,
 ) -> Result<get_member_events::v3::Response> {
     let body = &request.body;
-    rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
+    let rules = ReadRules::for_reader(&state, &body.room_id, &request.sender.user_id).await?;
     let at = body.at.as_deref().map(parse_token).transpose()?;
+    let events = match at {
+        // At a point of the past: only while the reader could read it.
+        Some(at) if rules.allows(at) => state.store.state_at(&body.room_id, at).await?,
+        Some(_) => return Err(Error::forbidden("you could not read the room at that point")),
+        None => rules.readable_state(&state, &body.room_id).await?,
+    };
     let mut chunk = Vec::new();
-    for event in member_events(&state, &body.room_id, at).await? {
+    for event in members_of(events)? {
         let client = ClientEvent::parse(&event)?;
         let membership = client.content_str("membership").unwrap_or_default();
         if body.membership.as_ref().is_some_and(|m| m.as_str() != membership)
@@ -818,9 +820,9 @@ async fn get_state_for_key(
     request: Ruma<get_state_event_for_key::v3::Request>,
 ) -> Result<get_state_event_for_key::v3::Response> {
     let body = &request.body;
-    rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
+    let rules = ReadRules::for_reader(&state, &body.room_id, &request.sender.user_id).await?;
     let event_type = body.event_type.to_string();
-    for event in state.store.current_state(&body.room_id).await? {
+    for event in rules.readable_state(&state, &body.room_id).await? {
         let client = ClientEvent::parse(&event)?;
         if client.is_state(&event_type, &body.state_key) {
             let value = match body.format {
@@ -841,14 +843,14 @@ async fn get_state(
     request: Ruma<get_state_events::v3::Request>,
 ) -> Result<get_state_events::v3::Response> {
     let room_id = &request.body.room_id;
-    rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
-    let events = state.store.current_state(room_id).await?;
+    let rules = ReadRules::for_reader(&state, room_id, &request.sender.user_id).await?;
+    let events = rules.readable_state(&state, room_id).await?;
     Ok(get_state_events::v3::Response::new(serve(&state, &events, reader_of(&request.sender)).await?))
 }
 
-/// Pages a filter or the history-visibility rules may leave empty before `/messages` answers
-/// with what it has (the client pages on from `end`).
-const MAX_EMPTY_PAGES: usize = 10;
+/// Pages `/messages` reads to fill one answer when a filter or the history-visibility rules
+/// leave events out, before it answers with what it has (the client pages on from `end`).
+const MAX_PAGES: usize = 10;
 
 /// GET /_matrix/client/v3/rooms/{roomId}/messages
 ///
@@ -882,18 +884,25 @@ async fn messages(
             response.start = token(from);
             let bottom = to.unwrap_or(0).max(floor);
             let mut ceiling = from;
-            for _ in 0..MAX_EMPTY_PAGES {
+            for _ in 0..MAX_PAGES {
                 let page = state.store.room_events(&body.room_id, bottom, ceiling, limit, true).await?;
-                let full = page.len() as i64 == limit;
-                ceiling = page.first().map_or(bottom, |e| e.stream_ordering - 1);
+                // A full page may have more before it; one that is not reached the bottom.
+                let mut more = page.len() as i64 == limit;
+                if page.is_empty() {
+                    ceiling = bottom;
+                }
                 for event in page.iter().rev() {
+                    ceiling = event.stream_ordering - 1;
                     if shown(event)? {
                         chunk.push(event.clone());
                     }
+                    if chunk.len() as i64 == limit {
+                        more = ceiling > bottom;
+                        break;
+                    }
                 }
-                // A full page may have more before it; one that is not reached the bottom.
-                response.end = full.then(|| token(ceiling));
-                if !full || !chunk.is_empty() {
+                response.end = more.then(|| token(ceiling));
+                if !more || chunk.len() as i64 == limit {
                     break;
                 }
             }
@@ -903,17 +912,25 @@ async fn messages(
             response.start = token(from);
             let ceiling = to.unwrap_or(upto).min(upto);
             let mut bottom = from.max(floor);
-            for _ in 0..MAX_EMPTY_PAGES {
+            for _ in 0..MAX_PAGES {
                 let page = state.store.room_events(&body.room_id, bottom, ceiling, limit, false).await?;
-                let full = page.len() as i64 == limit;
-                bottom = page.last().map_or(ceiling, |e| e.stream_ordering);
+                let mut more = page.len() as i64 == limit;
                 for event in &page {
+                    bottom = event.stream_ordering;
                     if shown(event)? {
                         chunk.push(event.clone());
                     }
+                    if chunk.len() as i64 == limit {
+                        more = true;
+                        break;
+                    }
                 }
-                response.end = page.last().map(|_| token(bottom));
-                if !full || !chunk.is_empty() {
+                // Forward, `end` is where the next page starts as long as anything was read (as
+                // Synapse: the present may grow).
+                if !page.is_empty() {
+                    response.end = Some(token(bottom));
+                }
+                if !more || chunk.len() as i64 == limit {
                     break;
                 }
             }
