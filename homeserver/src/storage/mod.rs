@@ -10,6 +10,7 @@
 //! The conformance suite (`tests/it/storage.rs`) runs every trait against both backends.
 
 mod accounts;
+mod appservice;
 mod backup;
 mod devices;
 pub mod keys;
@@ -32,6 +33,7 @@ use sqlx::{
 
 pub use self::{
     accounts::{AccountStore, UserRecord},
+    appservice::{AppserviceQueue, AppserviceStore, PendingTxn},
     backup::{BackupKey, BackupStore, BackupVersion},
     devices::{DeviceRecord, DeviceStore},
     keys::{ClaimedKey, Envelope, KeyConflict, KeyStore, SignedTarget},
@@ -68,6 +70,7 @@ pub trait Storage:
     + UserDataStore
     + KeyStore
     + BackupStore
+    + AppserviceStore
 {
 }
 
@@ -120,6 +123,7 @@ impl<T> Storage for T where
         + UserDataStore
         + KeyStore
         + BackupStore
+        + AppserviceStore
 {
 }
 
@@ -295,6 +299,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "writer liveness",
         include_str!("../../migrations/postgres/0014_writer_liveness.sql"),
         include_str!("../../migrations/sqlite/0014_writer_liveness.sql"),
+    ),
+    (
+        17,
+        "appservices",
+        include_str!("../../migrations/postgres/0017_appservices.sql"),
+        include_str!("../../migrations/sqlite/0017_appservices.sql"),
     ),
 ];
 

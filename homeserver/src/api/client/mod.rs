@@ -1,6 +1,7 @@
 //! The client-server API, one file per spec area.
 
 mod account;
+mod appservice;
 mod backup;
 mod device;
 mod directory;
@@ -43,6 +44,7 @@ pub fn router() -> Router {
     keys::routes(&mut router);
     backup::routes(&mut router);
     to_device::routes(&mut router);
+    appservice::routes(&mut router);
     router
 }
 

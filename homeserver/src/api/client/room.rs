@@ -380,6 +380,11 @@ async fn invite(
             ));
         }
     };
+    // An invitee of an application service's namespace that does not exist yet is asked of the
+    // service, which may create it.
+    if target.server_name() == state.server_name && state.store.get_user(&target).await?.is_none() {
+        state.appservices.query_user(&target).await;
+    }
     set_membership(&state, &body.room_id, &request.sender.user_id, &target, "invite", None).await?;
     Ok(invite_user::v3::Response::new())
 }
