@@ -86,7 +86,9 @@ impl ServerAuth for AccessTokenOptional {
 fn appservice_auth(state: &AppState, token: Option<String>) -> AppserviceAuth {
     match token {
         None => AppserviceAuth::Absent,
-        Some(token) => state.appservices.by_token(&token).map_or(AppserviceAuth::Unknown, AppserviceAuth::Known),
+        Some(token) => {
+            state.appservices.by_token(&token).map_or(AppserviceAuth::Unknown, AppserviceAuth::Known)
+        }
     }
 }
 
@@ -435,7 +437,8 @@ where
             let token = access_token(&req)?;
             let client_ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
             let query = req.query_string();
-            let sender = <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip, query).await?;
+            let sender =
+                <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip, query).await?;
             let args = path_args(&req)?;
             let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
             // Clients (matrix-nio among them) send POSTs with no body where the spec's body has

@@ -143,7 +143,9 @@ impl AppserviceAuth {
         match self {
             AppserviceAuth::Known(service) => Ok(service),
             AppserviceAuth::Absent => Err(crate::error::Error::missing_token()),
-            AppserviceAuth::Unknown => Err(crate::error::Error::unknown_token(false, "unknown application service token")),
+            AppserviceAuth::Unknown => {
+                Err(crate::error::Error::unknown_token(false, "unknown application service token"))
+            }
         }
     }
 }
@@ -260,8 +262,9 @@ impl Appservices {
             }
             let text = std::fs::read_to_string(path).with_context(context)?;
             // Without the snippet of the file the parser would quote: it may hold a token.
-            let registration: Registration = serde_saphyr::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: not a valid registration: {}", context(), e.without_snippet()))?;
+            let registration: Registration = serde_saphyr::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("{}: not a valid registration: {}", context(), e.without_snippet())
+            })?;
             registrations.push((path.clone(), registration));
         }
         Self::from_registrations(registrations, server_name)
@@ -276,7 +279,8 @@ impl Appservices {
         let mut list: Vec<Arc<Appservice>> = Vec::new();
         let (mut ids, mut as_tokens, mut senders) = (HashSet::new(), HashSet::new(), HashSet::new());
         for (source, registration) in registrations {
-            let fail = |problem: String| anyhow::anyhow!("application service registration {source}: {problem}");
+            let fail =
+                |problem: String| anyhow::anyhow!("application service registration {source}: {problem}");
             let r = &registration;
             if r.id.is_empty() || r.id.len() > MAX_ID_BYTES {
                 return Err(fail(format!("id must be 1 to {MAX_ID_BYTES} bytes")));
@@ -286,8 +290,10 @@ impl Appservices {
             if let Some(url) = r.url.as_deref().filter(|url| !url.is_empty()) {
                 check_url(url).map_err(fail)?;
             }
-            let sender = UserId::parse_with_server_name(r.sender_localpart.as_str(), server_name)
-                .map_err(|e| fail(format!("sender_localpart `{}` is not a valid localpart: {e}", r.sender_localpart)))?;
+            let sender =
+                UserId::parse_with_server_name(r.sender_localpart.as_str(), server_name).map_err(|e| {
+                    fail(format!("sender_localpart `{}` is not a valid localpart: {e}", r.sender_localpart))
+                })?;
             if r.protocols.as_ref().is_some_and(|p| p.len() > MAX_PROTOCOLS) {
                 return Err(fail(format!("more than {MAX_PROTOCOLS} protocols")));
             }
@@ -467,7 +473,8 @@ impl Appservices {
     pub fn start(&self, state: &Arc<crate::state::AppState>, owner: &str) {
         let mut tasks = self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for service in self.list.iter().filter(|a| a.url().is_some()) {
-            let task = sender::run(Arc::downgrade(state), service.clone(), owner.to_owned(), self.stop.subscribe());
+            let task =
+                sender::run(Arc::downgrade(state), service.clone(), owner.to_owned(), self.stop.subscribe());
             tasks.push(tokio::spawn(task));
         }
     }
@@ -475,7 +482,8 @@ impl Appservices {
     /// Stops the senders, which hand their queues back for another worker (or the next run).
     pub async fn stop(&self) {
         let _ = self.stop.send(true);
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let tasks =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
@@ -538,8 +546,12 @@ namespaces:
         assert!(irc.is_user_match(&user("@_irc_bot:example.org")), "the sender is the service's own");
         assert!(irc.is_alias_match("#_irc_bridge_chan:example.org"));
         assert!(!irc.is_exclusive_alias("#_irc_bridge_chan:example.org"));
-        assert!(services.by_token("30c05ae90a248a4188e620216fa72e349803310ec83e2a77b34fe90be6081f46").is_some());
-        assert!(services.by_token("312df522183efd404ec1cd22d2ffa4bbc76a8c1ccf541dd692eef281356bb74e").is_none());
+        assert!(
+            services.by_token("30c05ae90a248a4188e620216fa72e349803310ec83e2a77b34fe90be6081f46").is_some()
+        );
+        assert!(
+            services.by_token("312df522183efd404ec1cd22d2ffa4bbc76a8c1ccf541dd692eef281356bb74e").is_none()
+        );
     }
 
     #[test]
@@ -555,7 +567,10 @@ namespaces:
         same_token.hs_token = "another".to_owned();
         let refused = |list: Vec<Registration>| load(list).unwrap_err().to_string();
         assert!(refused(vec![irc.clone(), irc.clone()]).contains("id `IRC Bridge`"));
-        assert!(refused(vec![irc.clone(), same_token]).contains("file1.yaml: another registration already has this as_token"));
+        assert!(
+            refused(vec![irc.clone(), same_token])
+                .contains("file1.yaml: another registration already has this as_token")
+        );
         let bad_regex = registration(&IRC.replace("\"@_irc_bridge_.*\"", "\"@_irc_(\""));
         assert!(refused(vec![bad_regex]).contains("namespaces.users regex `@_irc_(` is invalid"));
         let huge = registration(&IRC.replace("\"@_irc_bridge_.*\"", "\"(a{1000}){1000}\""));

@@ -126,7 +126,8 @@ async fn step(state: &AppState, service: &Appservice, owner: &str) -> Result<Ste
     let id = service.id();
     let upto = state.recent.catch_up(&*state.store).await.map_err(|e| e.to_string())?;
     let store = &state.store;
-    let Some(queue) = store.claim_appservice_queue(id, owner, LEASE_MS).await.map_err(|e| e.to_string())? else {
+    let Some(queue) = store.claim_appservice_queue(id, owner, LEASE_MS).await.map_err(|e| e.to_string())?
+    else {
         return Ok(Step::Elsewhere);
     };
     let claimed = Instant::now();
@@ -167,13 +168,20 @@ async fn step(state: &AppState, service: &Appservice, owner: &str) -> Result<Ste
 }
 
 /// Sends a pending transaction, as stored, under its id.
-async fn deliver(state: &AppState, service: &Appservice, pending: &PendingTxn, claimed: Instant) -> Result<(), String> {
+async fn deliver(
+    state: &AppState,
+    service: &Appservice,
+    pending: &PendingTxn,
+    claimed: Instant,
+) -> Result<(), String> {
     if claimed.elapsed() > SEND_WITHIN {
         // The claim is too old to cover a whole send (a stalled worker): claim again first.
         return Err("the claim on the queue is too old to send under".to_owned());
     }
-    let request = push_events::v1::Request::new(OwnedTransactionId::from(pending.txn_id.as_str()), Vec::new());
-    let sent = state.appservices.call(service, request, Some(pending.body.clone().into_bytes()), SEND_TIMEOUT).await;
+    let request =
+        push_events::v1::Request::new(OwnedTransactionId::from(pending.txn_id.as_str()), Vec::new());
+    let sent =
+        state.appservices.call(service, request, Some(pending.body.clone().into_bytes()), SEND_TIMEOUT).await;
     sent.map(drop).map_err(|error| match error {
         CallError::Status(status, body) => {
             let body: String = body.chars().take(200).collect();
@@ -192,7 +200,8 @@ fn transaction_body(events: &[&StreamEvent]) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     // ruma serialises the request; the transaction id is in the path, not the body.
     let request = push_events::v1::Request::new(OwnedTransactionId::from("0"), events);
-    let http = request.try_into_http_request::<Vec<u8>>("http://localhost", "", ()).map_err(|e| e.to_string())?;
+    let http =
+        request.try_into_http_request::<Vec<u8>>("http://localhost", "", ()).map_err(|e| e.to_string())?;
     String::from_utf8(http.into_body()).map_err(|e| e.to_string())
 }
 

@@ -62,8 +62,7 @@ async fn authenticate_appservice(
     appservice: std::sync::Arc<crate::appservice::Appservice>,
     query: &str,
 ) -> Result<AuthedUser> {
-    let params =
-        actix_web::web::Query::<std::collections::BTreeMap<String, String>>::from_query(query).ok();
+    let params = actix_web::web::Query::<std::collections::BTreeMap<String, String>>::from_query(query).ok();
     let param = |name: &str| params.as_ref().and_then(|p| p.get(name)).filter(|v| !v.is_empty());
     let user_id = match param("user_id") {
         None => appservice.sender.clone(),

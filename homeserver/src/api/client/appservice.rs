@@ -23,7 +23,9 @@ async fn ping(
     request: Ruma<request_ping::v1::Request>,
 ) -> Result<request_ping::v1::Response> {
     let service = match &request.sender {
-        crate::appservice::AppserviceAuth::Known(service) if service.id() == request.body.appservice_id => service,
+        crate::appservice::AppserviceAuth::Known(service) if service.id() == request.body.appservice_id => {
+            service
+        }
         _ => return Err(Error::forbidden("the access token is not this application service's as_token")),
     };
     if service.url().is_none() {
@@ -50,6 +52,8 @@ async fn ping(
             ErrorKind::ConnectionTimeout,
             "the application service did not answer the ping in time",
         )),
-        Err(error) => Err(Error::new(StatusCode::BAD_GATEWAY, ErrorKind::ConnectionFailed, error.to_string())),
+        Err(error) => {
+            Err(Error::new(StatusCode::BAD_GATEWAY, ErrorKind::ConnectionFailed, error.to_string()))
+        }
     }
 }

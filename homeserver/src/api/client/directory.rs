@@ -58,7 +58,10 @@ pub(super) fn local_alias(state: &AppState, alias: &RoomAliasId) -> Result<()> {
 /// service's namespace is asked of the service, which may make it on demand.
 pub(super) async fn resolve(state: &AppState, alias: &RoomAliasId) -> Result<OwnedRoomId> {
     let mut found = state.store.resolve_alias(alias.as_str()).await?;
-    if found.is_none() && alias.server_name() == state.server_name && state.appservices.query_alias(alias).await {
+    if found.is_none()
+        && alias.server_name() == state.server_name
+        && state.appservices.query_alias(alias).await
+    {
         found = state.store.resolve_alias(alias.as_str()).await?;
     }
     let (room, _) = found.ok_or_else(|| Error::not_found("no such room alias"))?;

@@ -26,7 +26,10 @@ pub(super) fn routes(router: &mut Router) {
 /// that does not, which may create it).
 async fn known_user(state: &AppState, user_id: &UserId) -> Result<()> {
     let mut user = state.store.get_user(user_id).await?;
-    if user.is_none() && user_id.server_name() == state.server_name && state.appservices.query_user(user_id).await {
+    if user.is_none()
+        && user_id.server_name() == state.server_name
+        && state.appservices.query_user(user_id).await
+    {
         user = state.store.get_user(user_id).await?;
     }
     match user {

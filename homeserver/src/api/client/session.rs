@@ -114,7 +114,9 @@ async fn authenticate_login(
             #[allow(deprecated)] // `user` is the pre-r0.4 form.
             let user_id = match (&info.identifier, &info.user) {
                 (Some(UserIdentifier::Matrix(id)), _) => user_from_name(state, &id.user)?,
-                (Some(_), _) => return Err(Error::invalid_param("an application service logs in with m.id.user")),
+                (Some(_), _) => {
+                    return Err(Error::invalid_param("an application service logs in with m.id.user"));
+                }
                 (None, Some(user)) => user_from_name(state, user)?,
                 (None, None) => return Err(Error::missing_param("identifier is required")),
             };
