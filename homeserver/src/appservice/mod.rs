@@ -242,7 +242,9 @@ impl Appservices {
 
     fn new(list: Vec<Arc<Appservice>>) -> Self {
         let by_token = list.iter().map(|a| (sha256_hex(&a.registration.as_token), a.clone())).collect();
-        // Redirects would carry the hs_token elsewhere.
+        // Redirects would carry the hs_token elsewhere. (reqwest needs the TLS provider even for
+        // a client that speaks plain HTTP to a service on loopback.)
+        crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -290,8 +292,9 @@ impl Appservices {
             if let Some(url) = r.url.as_deref().filter(|url| !url.is_empty()) {
                 check_url(url).map_err(fail)?;
             }
-            let sender =
-                UserId::parse_with_server_name(r.sender_localpart.as_str(), server_name).map_err(|e| {
+            let sender = UserId::parse_with_server_name(r.sender_localpart.as_str(), server_name)
+                .and_then(|sender| sender.validate_historical().map(|()| sender))
+                .map_err(|e| {
                     fail(format!("sender_localpart `{}` is not a valid localpart: {e}", r.sender_localpart))
                 })?;
             if r.protocols.as_ref().is_some_and(|p| p.len() > MAX_PROTOCOLS) {

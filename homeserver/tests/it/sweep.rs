@@ -207,6 +207,7 @@ impl Fixture {
             "filter_id" => self.filter_id.clone(),
             "session_id" => "sweep-session".to_owned(),
             "version" => self.backup_version.clone(),
+            "appservice_id" => "sweep-bridge".to_owned(),
             _ => return None,
         };
         Some(percent_encode(value.as_bytes(), NON_ALPHANUMERIC).to_string())
