@@ -366,13 +366,6 @@ impl Appservices {
         self.list.iter().find(|a| a.is_exclusive_alias(alias))
     }
 
-    /// Whether the user is exempt from per-user rate limits: a service's sender, or a user of an
-    /// exclusive namespace (whom only the service acts for) of a service registered with
-    /// `rate_limited: false`.
-    pub fn exempt_from_rate_limits(&self, user: &UserId) -> bool {
-        self.list.iter().any(|a| a.sender == user || (!a.rate_limited() && a.is_exclusive_user(user)))
-    }
-
     /// Asks the services whose user namespaces cover a user that does not exist whether it does
     /// (`GET /_matrix/app/v1/users/{userId}`); a service that wants it creates it before
     /// answering 200. True if one did.

@@ -31,6 +31,13 @@ impl AuthedUser {
         !self.device_id.as_str().is_empty()
     }
 
+    /// Whether per-user rate limits pass this request: an application service acting as its own
+    /// user (the spec: "the sender is excluded"), or as a user of its namespace when registered
+    /// with `rate_limited: false`.
+    pub fn exempt_from_rate_limits(&self) -> bool {
+        self.appservice.as_ref().is_some_and(|a| a.sender == self.user_id || !a.rate_limited())
+    }
+
     /// Refuses requests that need a device but act without one.
     pub fn require_device(&self) -> Result<&ruma::DeviceId> {
         if self.has_device() {

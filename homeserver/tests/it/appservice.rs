@@ -732,6 +732,43 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn the_appservice_and_its_users_pass_event_rate_limits_that_hold_people(db: Db) {
+        let service = FakeAppservice::start().await;
+        let server = TestServer::start_with(db, |c| {
+            service.configure(c);
+            c.rate_limits.enabled = true;
+            c.rate_limits.events_per_second = 0.001;
+            c.rate_limits.events_burst = 2;
+        })
+        .await;
+        service.set_hearth(&server);
+        let alice = server.register("alice", PW).await;
+        let room = bridged_room(&server, &service, &alice).await;
+        let (status, body) = server.post(&format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), Some(&alice.token), json!({"user_id": SENDER})).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = server.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), Some(service.token()), json!({})).await;
+        assert_eq!(status, 200, "{body}");
+        let bridged = as_user("", "@_bridge_alice:localhost");
+        for i in 0..5 {
+            // `rate_limited: false`: the users it acts for are not limited, nor is its own.
+            let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/b{i}{bridged}", enc(&room));
+            let (status, answer) = server.request("PUT", &path, Some(service.token()), Some(json!({"msgtype": "m.text", "body": "b"}))).await;
+            assert_eq!(status, 200, "bridged message {i}: {answer}");
+            let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/s{i}", enc(&room));
+            let (status, answer) = server.request("PUT", &path, Some(service.token()), Some(json!({"msgtype": "m.text", "body": "s"}))).await;
+            assert_eq!(status, 200, "the service's own message {i}: {answer}");
+        }
+        send(&server, &alice.token, &room, "a0").await;
+        send(&server, &alice.token, &room, "a1").await;
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/a2", enc(&room));
+        assert_error(
+            &server.request("PUT", &path, Some(&alice.token), Some(json!({"msgtype": "m.text", "body": "a2"}))).await,
+            429,
+            "M_LIMIT_EXCEEDED",
+        );
+        server.stop().await;
+    }
+
     async fn bad_registration_files_stop_the_server_naming_the_file_and_the_problem(db: Db) {
         let test_db = TestDb::new(db).await;
         let service = FakeAppservice::start().await;

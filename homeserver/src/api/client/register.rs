@@ -251,23 +251,7 @@ async fn register_account(
     }
     tracing::info!(user_id = %user_id, "registered");
 
-    let mut response = register::v3::Response::new(user_id.clone());
-    if !body.inhibit_login {
-        let (device_id, tokens) = auth::log_in(
-            state,
-            &user_id,
-            body.device_id,
-            body.initial_device_display_name.as_deref(),
-            request.client_ip,
-            body.refresh_token,
-        )
-        .await?;
-        response.device_id = Some(device_id);
-        response.access_token = Some(tokens.access_token);
-        response.refresh_token = tokens.refresh_token;
-        response.expires_in = tokens.expires_in;
-    }
-    Ok(response)
+    first_login(state, user_id, body, request.client_ip).await
 }
 
 /// `POST /register` with `type: m.login.application_service` and the service's `as_token`: a user
@@ -296,6 +280,17 @@ async fn register_for_appservice(
         return Err(user_in_use());
     }
     tracing::info!(user_id = %user_id, appservice = appservice.id(), "registered by an application service");
+    first_login(state, user_id, body, request.client_ip).await
+}
+
+/// The answer to a registration: the new account's first device logged in, unless the client
+/// asked not to (`inhibit_login`).
+async fn first_login(
+    state: &AppState,
+    user_id: OwnedUserId,
+    body: register::v3::Request,
+    client_ip: std::net::IpAddr,
+) -> Result<register::v3::Response> {
     let mut response = register::v3::Response::new(user_id.clone());
     if !body.inhibit_login {
         let (device_id, tokens) = auth::log_in(
@@ -303,7 +298,7 @@ async fn register_for_appservice(
             &user_id,
             body.device_id,
             body.initial_device_display_name.as_deref(),
-            request.client_ip,
+            client_ip,
             body.refresh_token,
         )
         .await?;

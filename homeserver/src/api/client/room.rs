@@ -573,7 +573,7 @@ async fn send_message(
 ) -> Result<send_message_event::v3::Response> {
     let user = &request.sender;
     let body = &request.body;
-    state.limiter.check(Action::RoomEvent, user.user_id.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, user).await?;
     // A retried transaction is recognised inside the append (see `rooms::append`).
     let event_type = body.event_type.to_string();
     if event_type == "m.room.redaction" {
@@ -601,7 +601,7 @@ async fn send_state(
     request: Ruma<send_state_event::v3::Request>,
 ) -> Result<send_state_event::v3::Response> {
     let body = &request.body;
-    state.limiter.check(Action::RoomEvent, request.sender.user_id.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, &request.sender).await?;
     let event_type = body.event_type.to_string();
     if matches!(event_type.as_str(), "m.room.create" | "m.room.member") {
         return Err(Error::forbidden(format!("{event_type} cannot be set through the state endpoint")));
@@ -764,7 +764,7 @@ async fn redact(
 ) -> Result<redact_event::v3::Response> {
     let user = &request.sender;
     let body = &request.body;
-    state.limiter.check(Action::RoomEvent, user.user_id.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, user).await?;
     if let Some(event_id) =
         state.store.event_by_txn(&user.user_id, user.device_id.as_str(), body.txn_id.as_str()).await?
     {
