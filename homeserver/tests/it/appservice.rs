@@ -609,12 +609,10 @@ crate::on_both_backends! {
         service.set_mode(Mode::Accept);
         service.set_hearth(&server);
         service.wait_for_messages(&["m0", "m1", "m2", "m3", "m4"]).await;
-        let seen = service.state.seen();
-        let resent = seen.txns.iter().find(|t| t.accepted && t.txn_id == failed[0]);
+        let resent = service.state.seen().txns.iter().find(|t| t.accepted && t.txn_id == failed[0]).cloned();
         let resent = resent.unwrap_or_else(|| panic!("transaction {} was never accepted", failed[0]));
         let ids = |events: &[Value]| events.iter().map(|e| e["event_id"].clone()).collect::<Vec<_>>();
         assert_eq!(ids(&resent.events), ids(&first_attempt), "a retry sends the same events");
-        drop(seen);
         service.assert_clean();
         server.stop().await;
         service.stop().await;
