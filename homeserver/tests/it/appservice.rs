@@ -656,6 +656,12 @@ crate::on_both_backends! {
         assert_error(&server.get(&format!("/_matrix/client/v3/directory/room/{}", enc("#_bridge_nope:localhost")), None).await, 404, "M_NOT_FOUND");
         assert_error(&server.get(&format!("/_matrix/client/v3/directory/room/{}", enc("#other:localhost")), None).await, 404, "M_NOT_FOUND");
         assert_eq!(service.state.seen().queries, vec![format!("rooms/{alias}"), "rooms/#_bridge_nope:localhost".to_owned()]);
+        // The alias is the service's to remove, whichever of its users asks; not alice's.
+        let path = format!("/_matrix/client/v3/directory/room/{}", enc(alias));
+        assert_error(&server.request("DELETE", &path, Some(&alice.token), None).await, 403, "M_FORBIDDEN");
+        let bridged = register_bridged(&server, &service, "_bridge_alice").await;
+        let (status, body) = server.request("DELETE", &as_user(&path, &bridged), Some(service.token()), None).await;
+        assert_eq!(status, 200, "{body}");
         service.assert_clean();
         server.stop().await;
     }
@@ -701,6 +707,17 @@ crate::on_both_backends! {
         let with_device = format!("{}&device_id={device}", as_user("/_matrix/client/v3/account/whoami", &bridged));
         let (status, me) = server.get(&with_device, Some(service.token())).await;
         assert_eq!((status, me["device_id"].as_str()), (200, Some(device)), "{me}");
+        // It deletes the device without UIA (its users have no password), which ends the session.
+        let path = as_user(&format!("/_matrix/client/v3/devices/{device}"), &bridged);
+        let (status, body) = server.request("DELETE", &path, Some(service.token()), Some(json!({}))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_error(&server.get("/_matrix/client/v3/account/whoami", Some(token)).await, 401, "M_UNKNOWN_TOKEN");
+        // A user deleting a device still goes through UIA.
+        let (_, bob_session) = server.login("bob", PW, json!({})).await;
+        let path = format!("/_matrix/client/v3/devices/{}", bob_session["device_id"].as_str().unwrap());
+        let (status, challenge) = server.request("DELETE", &path, Some(&bob.token), Some(json!({}))).await;
+        assert_eq!(status, 401, "{challenge}");
+        assert!(challenge["flows"].is_array(), "{challenge}");
         assert_error(&server.post("/_matrix/client/v3/login", Some(service.token()), login(&bob.user_id)).await, 400, "M_EXCLUSIVE");
         assert_error(&server.post("/_matrix/client/v3/login", None, login("_bridge_alice")).await, 401, "M_MISSING_TOKEN");
         assert_error(&server.post("/_matrix/client/v3/login", Some("as_wrong"), login("_bridge_alice")).await, 401, "M_UNKNOWN_TOKEN");
