@@ -64,6 +64,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub user_directory: UserDirectoryConfig,
     pub rooms: RoomsConfig,
+    pub appservices: AppservicesConfig,
     pub threepid: ThreepidConfig,
     pub email: EmailConfig,
     pub sms: SmsConfig,
@@ -312,6 +313,14 @@ impl RoomsConfig {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppservicesConfig {
+    /// Registration files of application services (YAML), read at start-up
+    /// (see [`crate::appservice`]).
+    pub registration_files: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
@@ -395,6 +404,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             user_directory: UserDirectoryConfig::default(),
             rooms: RoomsConfig::default(),
+            appservices: AppservicesConfig::default(),
             threepid: ThreepidConfig::default(),
             email: EmailConfig::default(),
             sms: SmsConfig::default(),

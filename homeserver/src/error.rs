@@ -116,6 +116,14 @@ impl ResponseError for Error {
                 let mut body = serde_json::json!({ "errcode": kind.errcode().to_string(), "error": message });
                 match kind {
                     ErrorKind::UnknownToken(data) => body["soft_logout"] = data.soft_logout.into(),
+                    ErrorKind::BadStatus(data) => {
+                        if let Some(status) = data.status {
+                            body["status"] = status.as_u16().into();
+                        }
+                        if let Some(text) = &data.body {
+                            body["body"] = text.clone().into();
+                        }
+                    }
                     ErrorKind::WrongRoomKeysVersion(data) => {
                         body["current_version"] = data.current_version.clone().into();
                     }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod api;
+pub mod appservice;
 pub mod auth;
 pub mod config;
 pub mod error;

@@ -17,27 +17,31 @@ use actix_web::{
 use ruma::api::{
     IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
     auth_scheme::{
-        AccessToken, AccessTokenOptional, AppserviceTokenOptional, NoAccessToken, NoAuthentication,
+        AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken,
+        NoAuthentication,
     },
     error::{DeserializationError, FromHttpRequestError},
     path_builder::PathBuilder,
 };
 
 use crate::{
-    auth::{AuthedUser, authenticate_token},
+    appservice::AppserviceAuth,
+    auth::{AuthedUser, authenticate_request},
     error::{Error, Result},
     state::AppState,
 };
 
 type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
-/// Maps a ruma authentication scheme to what the handler receives as `sender`.
+/// Maps a ruma authentication scheme to what the handler receives as `sender`. `query` is the
+/// raw query string, where application services name the user they act as.
 pub trait ServerAuth {
     type Sender: 'static;
     fn authenticate<'a>(
         state: &'a AppState,
         token: Option<String>,
         ip: IpAddr,
+        query: &'a str,
     ) -> LocalFuture<'a, Result<Self::Sender>>;
 }
 
@@ -47,11 +51,12 @@ impl ServerAuth for AccessToken {
         state: &'a AppState,
         token: Option<String>,
         ip: IpAddr,
+        query: &'a str,
     ) -> LocalFuture<'a, Result<AuthedUser>> {
         Box::pin(async move {
             let token = token.ok_or_else(Error::missing_token)?;
-            let user = authenticate_token(state, &token).await?;
-            if state.last_seen_due(&user.user_id, &user.device_id) {
+            let user = authenticate_request(state, &token, query).await?;
+            if user.has_device() && state.last_seen_due(&user.user_id, &user.device_id) {
                 state.store.touch_device(&user.user_id, &user.device_id, &ip.to_string()).await?;
             }
             Ok(user)
@@ -65,12 +70,51 @@ impl ServerAuth for AccessTokenOptional {
         state: &'a AppState,
         token: Option<String>,
         _ip: IpAddr,
+        query: &'a str,
     ) -> LocalFuture<'a, Result<Self::Sender>> {
         Box::pin(async move {
             match token {
-                Some(token) => authenticate_token(state, &token).await.map(Some),
+                Some(token) => authenticate_request(state, &token, query).await.map(Some),
                 None => Ok(None),
             }
+        })
+    }
+}
+
+/// Which application service the token names, if any; the handler decides what a missing or
+/// unknown one means (`register` and `login` serve clients without a token too).
+fn appservice_auth(state: &AppState, token: Option<String>) -> AppserviceAuth {
+    match token {
+        None => AppserviceAuth::Absent,
+        Some(token) => {
+            state.appservices.by_token(&token).map_or(AppserviceAuth::Unknown, AppserviceAuth::Known)
+        }
+    }
+}
+
+impl ServerAuth for AppserviceTokenOptional {
+    type Sender = AppserviceAuth;
+    fn authenticate<'a>(
+        state: &'a AppState,
+        token: Option<String>,
+        _: IpAddr,
+        _: &'a str,
+    ) -> LocalFuture<'a, Result<AppserviceAuth>> {
+        Box::pin(async move { Ok(appservice_auth(state, token)) })
+    }
+}
+
+impl ServerAuth for AppserviceToken {
+    type Sender = AppserviceAuth;
+    fn authenticate<'a>(
+        state: &'a AppState,
+        token: Option<String>,
+        _: IpAddr,
+        _: &'a str,
+    ) -> LocalFuture<'a, Result<AppserviceAuth>> {
+        Box::pin(async move {
+            let token = token.ok_or_else(Error::missing_token)?;
+            Ok(appservice_auth(state, Some(token)))
         })
     }
 }
@@ -79,15 +123,15 @@ macro_rules! unauthenticated {
     ($($scheme:ty),*) => {$(
         impl ServerAuth for $scheme {
             type Sender = ();
-            fn authenticate<'a>(_: &'a AppState, _: Option<String>, _: IpAddr) -> LocalFuture<'a, Result<()>> {
+            fn authenticate<'a>(
+                _: &'a AppState, _: Option<String>, _: IpAddr, _: &'a str,
+            ) -> LocalFuture<'a, Result<()>> {
                 Box::pin(async { Ok(()) })
             }
         }
     )*};
 }
-// Application services are not supported yet: their optional token on `register` and `login` is
-// ignored, and those endpoints behave as for any client.
-unauthenticated!(NoAuthentication, NoAccessToken, AppserviceTokenOptional);
+unauthenticated!(NoAuthentication, NoAccessToken);
 
 /// A parsed, authenticated request.
 pub struct Ruma<T: IncomingRequest>
@@ -395,7 +439,9 @@ where
 
             let token = access_token(&req)?;
             let client_ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
-            let sender = <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip).await?;
+            let query = req.query_string();
+            let sender =
+                <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip, query).await?;
             let args = path_args(&req)?;
             let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
             // Clients (matrix-nio among them) send POSTs with no body where the spec's body has
@@ -435,7 +481,8 @@ impl FromRequest for Authenticated {
             check_uri(&req)?;
             let token = access_token(&req)?;
             let ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
-            <AccessToken as ServerAuth>::authenticate(&state, token, ip).await.map(Authenticated)
+            let query = req.query_string().to_owned();
+            <AccessToken as ServerAuth>::authenticate(&state, token, ip, &query).await.map(Authenticated)
         })
     }
 }

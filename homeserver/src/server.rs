@@ -31,8 +31,10 @@ impl RunningServer {
     }
 
     pub async fn stop(self) {
-        // First, while the pool's connections (made on the server's threads) still work.
+        // First, while the pool's connections (made on the server's threads) still work: the
+        // push and appservice senders hand their leases back.
         self.push.stop(&self.state).await;
+        self.state.appservices.stop().await;
         self.handle.stop(true).await;
         let _ = self.task.await;
         if let Err(error) = self.state.stream.stop().await {
@@ -94,6 +96,29 @@ pub async fn open_store(config: &Config) -> anyhow::Result<SqlStore> {
     Ok(store)
 }
 
+/// Creates each application service's own user if missing, starts its queue at the current
+/// stream position if it has none (a service sees events from its registration on), and starts
+/// the senders.
+async fn start_appservices(state: &web::Data<AppState>, instance: &str) -> anyhow::Result<()> {
+    if state.appservices.is_empty() {
+        return Ok(());
+    }
+    let position = state.store.persisted_upto().await?;
+    for service in state.appservices.all() {
+        if state.store.create_user(&service.sender, None, false).await? {
+            tracing::info!(appservice = service.id(), user_id = %service.sender, "created the application service's user");
+        }
+        if service.url().is_some() {
+            state.store.init_appservice_queue(service.id(), position).await?;
+        }
+    }
+    // Names this run of this worker in the queues' leases.
+    let owner = format!("{instance}#{}", crate::auth::tokens::random_token(9));
+    state.appservices.start(&state.clone().into_inner(), &owner);
+    tracing::info!(count = state.appservices.all().len(), "application services registered");
+    Ok(())
+}
+
 /// Connects storage, applies migrations, binds the client listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     crate::install_crypto_provider();
@@ -118,6 +143,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let _ = state.publisher.set(publisher);
     }
     let push = crate::push::start(&state.clone().into_inner());
+    start_appservices(&state, &instance_name(&state.config)).await?;
     let app_state = state.clone();
     let per_ip = match state.config.listen.trust_x_forwarded_for {
         // Behind a proxy every connection comes from the proxy, which must limit its clients.

@@ -53,6 +53,8 @@ pub struct AppState {
     pub sms: Option<Arc<dyn SmsSender>>,
     pub templates: Templates,
     pub jwt_login: Option<JwtLogin>,
+    /// The registered application services.
+    pub appservices: crate::appservice::Appservices,
     /// Keys the HMAC that one-time codes are stored as.
     code_key: Vec<u8>,
     /// Seals the to-device cursors in sync tokens.
@@ -125,6 +127,7 @@ impl AppState {
         let templates = Templates::load(&config.email.templates_dir)
             .map_err(|e| anyhow::anyhow!("email.templates_dir: {e}"))?;
         let jwt_login = JwtLogin::from_config(&config.jwt_login)?;
+        let appservices = crate::appservice::Appservices::load(&config)?;
         // Derived from the token secret, so every worker of a deployment agrees on it.
         let code_key = [b"hearth one-time codes:".as_slice(), &secret].concat();
         let key_file = if config.signing_key_file.is_empty() {
@@ -155,6 +158,7 @@ impl AppState {
             sms,
             templates,
             jwt_login,
+            appservices,
             code_key,
             cursors: crate::queue::CursorSeal::new(&secret),
             code_swept: Mutex::new(None),

@@ -17,8 +17,95 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AuthedUser {
     pub user_id: OwnedUserId,
+    /// Empty for an application service acting without `device_id` (see [`AuthedUser::has_device`]).
     pub device_id: OwnedDeviceId,
     pub session_id: String,
+    /// The application service whose `as_token` the request carried.
+    pub appservice: Option<std::sync::Arc<crate::appservice::Appservice>>,
+}
+
+impl AuthedUser {
+    /// Whether the request acts with a device: always, except for an application service that
+    /// named none (the spec: such requests fail where a device is needed).
+    pub fn has_device(&self) -> bool {
+        !self.device_id.as_str().is_empty()
+    }
+
+    /// Whether per-user rate limits pass this request: an application service acting as its own
+    /// user (the spec: "the sender is excluded"), or as a user of its namespace when registered
+    /// with `rate_limited: false`.
+    pub fn exempt_from_rate_limits(&self) -> bool {
+        self.appservice.as_ref().is_some_and(|a| a.sender == self.user_id || !a.rate_limited())
+    }
+
+    /// Refuses requests that need a device but act without one.
+    pub fn require_device(&self) -> Result<&ruma::DeviceId> {
+        if self.has_device() {
+            Ok(&self.device_id)
+        } else {
+            Err(Error::new(
+                actix_web::http::StatusCode::BAD_REQUEST,
+                crate::error::ErrorKind::UnknownDevice,
+                "this request needs a device: an application service names one with the device_id query parameter",
+            ))
+        }
+    }
+}
+
+/// Authenticates a request's access token: an application service's `as_token` (acting as the
+/// user and device that the `user_id` and `device_id` query parameters name, see
+/// [`authenticate_appservice`]), or a user's access token ([`authenticate_token`]).
+pub async fn authenticate_request(state: &AppState, token: &str, query: &str) -> Result<AuthedUser> {
+    match state.appservices.by_token(token) {
+        Some(appservice) => authenticate_appservice(state, appservice, query).await,
+        None => authenticate_token(state, token).await,
+    }
+}
+
+/// The spec's identity assertion: an application service acts as its own user, or as the user
+/// of its user namespace named by `user_id`, and with the device named by `device_id` if any.
+async fn authenticate_appservice(
+    state: &AppState,
+    appservice: std::sync::Arc<crate::appservice::Appservice>,
+    query: &str,
+) -> Result<AuthedUser> {
+    let params = actix_web::web::Query::<std::collections::BTreeMap<String, String>>::from_query(query).ok();
+    let param = |name: &str| params.as_ref().and_then(|p| p.get(name)).filter(|v| !v.is_empty());
+    let user_id = match param("user_id") {
+        None => appservice.sender.clone(),
+        Some(raw) => {
+            let user_id = OwnedUserId::try_from(raw.as_str())
+                .map_err(|e| Error::invalid_param(format!("user_id is not a user id: {e}")))?;
+            if !appservice.is_user_match(&user_id) {
+                return Err(Error::forbidden(
+                    "the application service cannot act as this user: it is outside its user namespaces",
+                ));
+            }
+            user_id
+        }
+    };
+    if user_id != appservice.sender {
+        match state.store.get_user(&user_id).await? {
+            Some(record) if !record.deactivated => {}
+            Some(_) => return Err(Error::forbidden("this user has been deactivated")),
+            None => return Err(Error::forbidden("the application service has not registered this user")),
+        }
+    }
+    let device_id = match param("device_id") {
+        None => OwnedDeviceId::from(""),
+        Some(raw) => {
+            let device_id = OwnedDeviceId::from(raw.as_str());
+            if raw.len() > MAX_DEVICE_ID || state.store.get_device(&user_id, &device_id).await?.is_none() {
+                return Err(Error::new(
+                    actix_web::http::StatusCode::BAD_REQUEST,
+                    crate::error::ErrorKind::UnknownDevice,
+                    "no such device for this user",
+                ));
+            }
+            device_id
+        }
+    };
+    Ok(AuthedUser { user_id, device_id, session_id: String::new(), appservice: Some(appservice) })
 }
 
 /// Verifies an access token: signature and expiry first (no I/O), then its session, so a
@@ -40,6 +127,7 @@ pub async fn authenticate_token(state: &AppState, token: &str) -> Result<AuthedU
                 user_id: s.user_id.clone(),
                 device_id: s.device_id.clone(),
                 session_id: s.session_id.clone(),
+                appservice: None,
             })
         }
         _ => Err(Error::unknown_token(false, "access token has been revoked")),

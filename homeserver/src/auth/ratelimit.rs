@@ -190,6 +190,15 @@ impl RateLimiter {
         self.update(action, key, Spend::Take).await
     }
 
+    /// Takes one request from the bucket of the user making it, unless they are exempt (an
+    /// application service, see [`super::AuthedUser::exempt_from_rate_limits`]).
+    pub async fn check_user(&self, action: Action, user: &super::AuthedUser) -> Result<()> {
+        if user.exempt_from_rate_limits() {
+            return Ok(());
+        }
+        self.check(action, user.user_id.as_str()).await
+    }
+
     /// Says how long to wait if the bucket of `key` is empty, without taking from it.
     pub async fn peek(&self, action: Action, key: &str) -> Result<()> {
         self.update(action, key, Spend::Peek).await

@@ -10,6 +10,7 @@
 //! The conformance suite (`tests/it/storage.rs`) runs every trait against both backends.
 
 mod accounts;
+mod appservice;
 mod backup;
 mod devices;
 pub mod keys;
@@ -35,6 +36,7 @@ use sqlx::{
 
 pub use self::{
     accounts::{AccountStore, UserRecord},
+    appservice::{AppserviceQueue, AppserviceStore, PendingTxn},
     backup::{BackupKey, BackupStore, BackupVersion},
     devices::{DeviceRecord, DeviceStore},
     keys::{ClaimedKey, Envelope, KeyConflict, KeyStore, SignedTarget},
@@ -77,6 +79,7 @@ pub trait Storage:
     + ReportStore
     + OpenIdStore
     + PushStore
+    + AppserviceStore
 {
 }
 
@@ -132,6 +135,7 @@ impl<T> Storage for T where
         + ReportStore
         + OpenIdStore
         + PushStore
+        + AppserviceStore
 {
 }
 
@@ -319,6 +323,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "features: erased accounts, reports, OpenID tokens",
         include_str!("../../migrations/postgres/0016_features.sql"),
         include_str!("../../migrations/sqlite/0016_features.sql"),
+    ),
+    (
+        17,
+        "appservices",
+        include_str!("../../migrations/postgres/0017_appservices.sql"),
+        include_str!("../../migrations/sqlite/0017_appservices.sql"),
     ),
     (
         18,

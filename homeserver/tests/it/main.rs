@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod accounts;
+mod appservice;
 mod around;
 mod cli;
 mod common;

@@ -208,6 +208,7 @@ impl Fixture {
             "session_id" => "sweep-session".to_owned(),
             "version" => self.backup_version.clone(),
             "tag" => "u.sweep".to_owned(),
+            "appservice_id" => "sweep-bridge".to_owned(),
             _ => return None,
         };
         Some(percent_encode(value.as_bytes(), NON_ALPHANUMERIC).to_string())

@@ -26,8 +26,10 @@ pub(super) fn routes(router: &mut Router) {
 /// GET /_matrix/client/v3/account/whoami
 async fn whoami(_: web::Data<AppState>, request: Ruma<whoami::v3::Request>) -> Result<whoami::v3::Response> {
     let user = request.sender;
+    let has_device = user.has_device();
     let mut response = whoami::v3::Response::new(user.user_id, false);
-    response.device_id = Some(user.device_id);
+    // An application service acting without a device has none to name.
+    response.device_id = has_device.then_some(user.device_id);
     Ok(response)
 }
 

@@ -54,14 +54,22 @@ pub(super) fn local_alias(state: &AppState, alias: &RoomAliasId) -> Result<()> {
     Ok(())
 }
 
-/// The room an alias names, or M_NOT_FOUND.
+/// The room an alias names, or M_NOT_FOUND. An alias nobody made yet in an application
+/// service's namespace is asked of the service, which may make it on demand.
 pub(super) async fn resolve(state: &AppState, alias: &RoomAliasId) -> Result<OwnedRoomId> {
-    let (room, _) = state
-        .store
-        .resolve_alias(alias.as_str())
-        .await?
-        .ok_or_else(|| Error::not_found("no such room alias"))?;
+    let mut found = state.store.resolve_alias(alias.as_str()).await?;
+    if found.is_none()
+        && alias.server_name() == state.server_name
+        && state.appservices.query_alias(alias).await
+    {
+        found = state.store.resolve_alias(alias.as_str()).await?;
+    }
+    let (room, _) = found.ok_or_else(|| Error::not_found("no such room alias"))?;
     OwnedRoomId::try_from(room).map_err(Error::internal)
+}
+
+fn exclusive(message: impl Into<String>) -> Error {
+    Error::new(StatusCode::BAD_REQUEST, ErrorKind::Exclusive, message)
 }
 
 fn room_in_use() -> Error {
@@ -76,6 +84,13 @@ pub(super) async fn add_alias(
     creator: &ruma::UserId,
 ) -> Result<()> {
     local_alias(state, alias)?;
+    // An exclusive alias namespace is its service's: only the service's own users make aliases
+    // there.
+    if let Some(owner) = state.appservices.exclusive_alias_owner(alias.as_str())
+        && !owner.is_user_match(creator)
+    {
+        return Err(exclusive("that alias is reserved for an application service"));
+    }
     if state.store.create_alias(alias.as_str(), room_id, creator).await? {
         Ok(())
     } else {
@@ -89,6 +104,11 @@ async fn create_alias(
     request: Ruma<create_alias::v3::Request>,
 ) -> Result<create_alias::v3::Response> {
     let body = &request.body;
+    if let Some(appservice) = &request.sender.appservice
+        && !appservice.is_alias_match(body.room_alias.as_str())
+    {
+        return Err(exclusive("that alias is outside the application service's alias namespaces"));
+    }
     rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
     add_alias(&state, &body.room_alias, &body.room_id, &request.sender.user_id).await?;
     Ok(create_alias::v3::Response::new())
@@ -112,7 +132,10 @@ async fn delete_alias(
     let (room, creator) =
         state.store.resolve_alias(alias).await?.ok_or_else(|| Error::not_found("no such room alias"))?;
     let user = &request.sender.user_id;
-    if creator != user.as_str() {
+    // An application service controls the aliases of its namespace (the spec's "server admin
+    // style permissions").
+    let own_namespace = request.sender.appservice.as_ref().is_some_and(|a| a.is_alias_match(alias));
+    if creator != user.as_str() && !own_namespace {
         let room_id = OwnedRoomId::try_from(room).map_err(Error::internal)?;
         let (power, _) = rooms::power(&state, &room_id, user).await?;
         if power < 50 {

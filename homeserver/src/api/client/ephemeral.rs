@@ -161,7 +161,7 @@ async fn typing(
     if *user != body.user_id {
         return Err(Error::forbidden("you can only say that you are typing"));
     }
-    state.limiter.check(Action::RoomEvent, user.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, &request.sender).await?;
     rooms::require_joined(&state, &body.room_id, user).await?;
     let timeout = match body.state {
         Typing::Yes(ref typing) => Some(typing.timeout),
@@ -202,7 +202,7 @@ async fn set_presence(
         return Err(Error::forbidden("you can only set your own presence"));
     }
     check_presence(&body.presence)?;
-    state.limiter.check(Action::RoomEvent, body.user_id.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, &request.sender).await?;
     if body.status_msg.as_ref().is_some_and(|m| m.len() > 1024) {
         return Err(Error::invalid_param("status_msg longer than 1024 bytes"));
     }

@@ -169,7 +169,7 @@ async fn upload_keys(
     request: Ruma<upload_keys::v3::Request>,
 ) -> Result<upload_keys::v3::Response> {
     let user = &request.sender.user_id;
-    let device = &request.sender.device_id;
+    let device = request.sender.require_device()?;
     let body = &request.body;
     if body.one_time_keys.len() > MAX_KEYS_PER_UPLOAD || body.fallback_keys.len() > MAX_KEYS_PER_UPLOAD {
         return Err(Error::invalid_param(format!("at most {MAX_KEYS_PER_UPLOAD} keys per upload")));

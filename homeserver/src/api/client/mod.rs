@@ -2,6 +2,7 @@
 
 mod account;
 mod admin;
+mod appservice;
 mod backup;
 mod device;
 mod directory;
@@ -52,6 +53,7 @@ pub fn router() -> Router {
     report::routes(&mut router);
     openid::routes(&mut router);
     admin::routes(&mut router);
+    appservice::routes(&mut router);
     router
 }
 

@@ -35,7 +35,7 @@ async fn request_token(
     if *user != request.body.user_id {
         return Err(Error::forbidden("you can only request OpenID tokens for yourself"));
     }
-    state.limiter.check(Action::RoomEvent, user.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, &request.sender).await?;
     let token = tokens::random_token(32);
     let now = now_ms();
     let lifetime = i64::try_from(LIFETIME.as_millis()).unwrap_or(i64::MAX);

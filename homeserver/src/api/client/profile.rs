@@ -22,8 +22,17 @@ pub(super) fn routes(router: &mut Router) {
     router.add(get_profile).add(get_displayname).add(set_displayname).add(get_avatar).add(set_avatar);
 }
 
+/// Checks the user exists (asking the application service whose namespace covers a local user
+/// that does not, which may create it).
 async fn known_user(state: &AppState, user_id: &UserId) -> Result<()> {
-    match state.store.get_user(user_id).await? {
+    let mut user = state.store.get_user(user_id).await?;
+    if user.is_none()
+        && user_id.server_name() == state.server_name
+        && state.appservices.query_user(user_id).await
+    {
+        user = state.store.get_user(user_id).await?;
+    }
+    match user {
         Some(user) if !user.deactivated => Ok(()),
         _ => Err(Error::not_found("no such user")),
     }

@@ -7,7 +7,7 @@ use ruma::{
     api::client::{
         account::{
             check_registration_token_validity, get_username_availability,
-            register::{self, RegistrationKind},
+            register::{self, LoginType, RegistrationKind},
         },
         uiaa::AuthData,
     },
@@ -40,8 +40,34 @@ fn invalid_username(message: impl Into<String>) -> Error {
     Error::new(StatusCode::BAD_REQUEST, ErrorKind::InvalidUsername, message)
 }
 
-/// Applies the spec's user-id grammar to a requested username (a localpart or a full id here).
+/// Applies the spec's user-id grammar to a requested username (a localpart or a full id here),
+/// and keeps the reserved names and application services' exclusive namespaces for their own.
 fn parse_username(state: &AppState, username: &str) -> Result<OwnedUserId> {
+    let user_id = username_syntax(state, username)?;
+    let localpart = user_id.localpart();
+    if state.config.registration.reserved_usernames.iter().any(|r| r.eq_ignore_ascii_case(localpart)) {
+        // M_EXCLUSIVE, as Synapse answers for the ids it keeps for itself (its server-notices
+        // user, application services' namespaces), and as the spec lists for `/register` and
+        // `/register/available`: the name is well formed, just not for the taking.
+        // M_INVALID_USERNAME would tell the client to fix its syntax.
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::Exclusive,
+            format!("the username `{localpart}` is reserved on this server"),
+        ));
+    }
+    if state.appservices.exclusive_user_owner(&user_id).is_some() {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::Exclusive,
+            format!("the username `{localpart}` is reserved for an application service"),
+        ));
+    }
+    Ok(user_id)
+}
+
+/// The spec's user-id grammar, applied to a localpart or a full id on this server.
+fn username_syntax(state: &AppState, username: &str) -> Result<OwnedUserId> {
     let user_id = if username.starts_with('@') {
         UserId::parse(username).map_err(|e| invalid_username(format!("invalid user id: {e}")))?
     } else {
@@ -57,18 +83,6 @@ fn parse_username(state: &AppState, username: &str) -> Result<OwnedUserId> {
     user_id.validate_strict().map_err(|_| {
         invalid_username("usernames may contain only lower-case letters a-z, digits 0-9 and . _ = - / +")
     })?;
-    let localpart = user_id.localpart();
-    if state.config.registration.reserved_usernames.iter().any(|r| r.eq_ignore_ascii_case(localpart)) {
-        // M_EXCLUSIVE, as Synapse answers for the ids it keeps for itself (its server-notices
-        // user, application services' namespaces), and as the spec lists for `/register` and
-        // `/register/available`: the name is well formed, just not for the taking.
-        // M_INVALID_USERNAME would tell the client to fix its syntax.
-        return Err(Error::new(
-            StatusCode::BAD_REQUEST,
-            ErrorKind::Exclusive,
-            format!("the username `{localpart}` is reserved on this server"),
-        ));
-    }
     Ok(user_id)
 }
 
@@ -146,6 +160,10 @@ async fn register(
     state: web::Data<AppState>,
     request: Ruma<register::v3::Request>,
 ) -> Result<register::v3::Response> {
+    if request.body.login_type == Some(LoginType::ApplicationService) {
+        // No UIA and no per-IP budget: the service's token is the authority.
+        return register_for_appservice(&state, request).await;
+    }
     let ip = request.client_ip.to_string();
     state.limiter.peek(Action::Register, &ip).await?;
     let auth = request.body.auth.as_ref();
@@ -245,6 +263,46 @@ async fn register_account(
     }
     tracing::info!(user_id = %user_id, "registered");
 
+    first_login(state, user_id, body, request.client_ip).await
+}
+
+/// `POST /register` with `type: m.login.application_service` and the service's `as_token`: a user
+/// of the service's user namespace, without a password.
+async fn register_for_appservice(
+    state: &AppState,
+    request: Ruma<register::v3::Request>,
+) -> Result<register::v3::Response> {
+    let appservice = request.sender.require()?;
+    let body = request.body;
+    let username = body.username.as_deref().ok_or_else(|| Error::missing_param("username is required"))?;
+    let user_id = username_syntax(state, username)?;
+    let exclusive = |message: String| Error::new(StatusCode::BAD_REQUEST, ErrorKind::Exclusive, message);
+    if !appservice.is_user_match(&user_id) {
+        return Err(exclusive(format!("{user_id} is outside the application service's user namespaces")));
+    }
+    if state.appservices.exclusive_user_owner(&user_id).is_some_and(|owner| owner.id() != appservice.id()) {
+        return Err(exclusive(format!("{user_id} is in another application service's exclusive namespace")));
+    }
+    if let Some(name) = &body.initial_device_display_name
+        && name.chars().count() > super::device::MAX_DISPLAY_NAME
+    {
+        return Err(Error::invalid_param("initial_device_display_name is too long"));
+    }
+    if !state.store.create_user(&user_id, None, false).await? {
+        return Err(user_in_use());
+    }
+    tracing::info!(user_id = %user_id, appservice = appservice.id(), "registered by an application service");
+    first_login(state, user_id, body, request.client_ip).await
+}
+
+/// The answer to a registration: the new account's first device logged in, unless the client
+/// asked not to (`inhibit_login`).
+async fn first_login(
+    state: &AppState,
+    user_id: OwnedUserId,
+    body: register::v3::Request,
+    client_ip: std::net::IpAddr,
+) -> Result<register::v3::Response> {
     let mut response = register::v3::Response::new(user_id.clone());
     if !body.inhibit_login {
         let (device_id, tokens) = auth::log_in(
@@ -252,7 +310,7 @@ async fn register_account(
             &user_id,
             body.device_id,
             body.initial_device_display_name.as_deref(),
-            request.client_ip,
+            client_ip,
             body.refresh_token,
         )
         .await?;

@@ -57,7 +57,7 @@ async fn report_event(
 ) -> Result<report_content::v3::Response> {
     let body = &request.body;
     let reporter = &request.sender.user_id;
-    state.limiter.check(Action::RoomEvent, reporter.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, &request.sender).await?;
     let reason = body.reason.as_deref();
     if let Some(reason) = reason {
         check_reason(reason)?;
@@ -97,7 +97,7 @@ async fn report_room(
 ) -> Result<report_room::v3::Response> {
     let body = &request.body;
     let reporter = &request.sender.user_id;
-    state.limiter.check(Action::RoomEvent, reporter.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, &request.sender).await?;
     check_reason(&body.reason)?;
     rooms::room_version(&state, &body.room_id).await?;
     let report = ReportRecord {

@@ -464,6 +464,11 @@ async fn invite(
             ));
         }
     };
+    // An invitee of an application service's namespace that does not exist yet is asked of the
+    // service, which may create it.
+    if target.server_name() == state.server_name && state.store.get_user(&target).await?.is_none() {
+        state.appservices.query_user(&target).await;
+    }
     set_membership(&state, &body.room_id, &request.sender.user_id, &target, "invite", None).await?;
     Ok(invite_user::v3::Response::new())
 }
@@ -660,7 +665,7 @@ async fn send_message(
 ) -> Result<send_message_event::v3::Response> {
     let user = &request.sender;
     let body = &request.body;
-    state.limiter.check(Action::RoomEvent, user.user_id.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, user).await?;
     // A retried transaction is recognised inside the append (see `rooms::append`).
     let event_type = body.event_type.to_string();
     if event_type == "m.room.redaction" {
@@ -772,8 +777,7 @@ async fn send_state(
     request: Ruma<send_state_event::v3::Request>,
 ) -> Result<send_state_event::v3::Response> {
     let body = &request.body;
-    let sender = &request.sender.user_id;
-    state.limiter.check(Action::RoomEvent, sender.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, &request.sender).await?;
     let event_type = body.event_type.to_string();
     if event_type == "m.room.create" {
         return Err(Error::forbidden("m.room.create cannot be set through the state endpoint"));
@@ -797,7 +801,8 @@ async fn send_state(
         check_canonical_alias(&state, &body.room_id, &value).await?;
     }
     if let Some(event_id) =
-        unchanged_state(&state, &body.room_id, sender, &event_type, &body.state_key, &value).await?
+        unchanged_state(&state, &body.room_id, &request.sender.user_id, &event_type, &body.state_key, &value)
+            .await?
     {
         return Ok(send_state_event::v3::Response::new(event_id.try_into().map_err(Error::internal)?));
     }
@@ -989,7 +994,7 @@ async fn redact(
 ) -> Result<redact_event::v3::Response> {
     let user = &request.sender;
     let body = &request.body;
-    state.limiter.check(Action::RoomEvent, user.user_id.as_str()).await?;
+    state.limiter.check_user(Action::RoomEvent, user).await?;
     if let Some(event_id) =
         state.store.event_by_txn(&user.user_id, user.device_id.as_str(), body.txn_id.as_str()).await?
     {

@@ -9,7 +9,7 @@ use ruma::{
         session::{
             get_login_types::{
                 self,
-                v3::{LoginType, PasswordLoginType},
+                v3::{ApplicationServiceLoginType, LoginType, PasswordLoginType},
             },
             login::{
                 self,
@@ -23,6 +23,7 @@ use ruma::{
 
 use super::device::{MAX_DISPLAY_NAME, Removal, remove_devices};
 use crate::{
+    appservice::AppserviceAuth,
     auth::{self, jwt_login, password, ratelimit::Action, tokens},
     error::{Error, ErrorKind, Result},
     ruma_wrapper::{Router, Ruma},
@@ -46,6 +47,9 @@ async fn get_login_types(
     _: Ruma<get_login_types::v3::Request>,
 ) -> Result<get_login_types::v3::Response> {
     let mut flows = vec![LoginType::Password(PasswordLoginType::new())];
+    if !state.appservices.is_empty() {
+        flows.push(LoginType::ApplicationService(ApplicationServiceLoginType::new()));
+    }
     let custom = |name: &str| LoginType::new(name, serde_json::Map::new()).map_err(Error::internal);
     if state.jwt_login.is_some() {
         flows.push(custom(jwt_login::LOGIN_TYPE)?);
@@ -99,8 +103,34 @@ async fn user_from_identifier(state: &AppState, identifier: &UserIdentifier) -> 
 }
 
 /// Proves who is logging in, by whichever login type they used.
-async fn authenticate_login(state: &AppState, info: &LoginInfo, client_ip: IpAddr) -> Result<UserRecord> {
+async fn authenticate_login(
+    state: &AppState,
+    info: &LoginInfo,
+    client_ip: IpAddr,
+    appservice: &AppserviceAuth,
+) -> Result<UserRecord> {
     let user_id = match info {
+        LoginInfo::ApplicationService(info) => {
+            // The service's token vouches for the users of its namespace; no password.
+            let appservice = appservice.require()?;
+            #[allow(deprecated)] // `user` is the pre-r0.4 form.
+            let user_id = match (&info.identifier, &info.user) {
+                (Some(UserIdentifier::Matrix(id)), _) => user_from_name(state, &id.user)?,
+                (Some(_), _) => {
+                    return Err(Error::invalid_param("an application service logs in with m.id.user"));
+                }
+                (None, Some(user)) => user_from_name(state, user)?,
+                (None, None) => return Err(Error::missing_param("identifier is required")),
+            };
+            if !appservice.is_user_match(&user_id) {
+                return Err(Error::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::Exclusive,
+                    format!("{user_id} is outside the application service's user namespaces"),
+                ));
+            }
+            user_id
+        }
         LoginInfo::Password(info) => {
             #[allow(deprecated)] // `user` is the pre-r0.4 form some clients still send.
             let user_id = match (&info.identifier, &info.user) {
@@ -186,7 +216,7 @@ async fn login(state: web::Data<AppState>, request: Ruma<login::v3::Request>) ->
     {
         return Err(Error::invalid_param(format!("display name longer than {MAX_DISPLAY_NAME} characters")));
     }
-    let record = authenticate_login(&state, &body.login_info, request.client_ip).await?;
+    let record = authenticate_login(&state, &body.login_info, request.client_ip, &request.sender).await?;
     let (device_id, tokens) = auth::log_in(
         &state,
         &record.user_id,
