@@ -80,7 +80,17 @@ pub struct Ephemeral {
     typing: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
     presence: Mutex<HashMap<OwnedUserId, Presence>>,
     unread: Mutex<HashMap<(OwnedUserId, OwnedRoomId), UnreadCounts>>,
+    /// The member events each device was sent of each room, with lazy-loaded members: what it
+    /// need not be sent again (Synapse keeps the same per process).
+    lazy_members: Mutex<HashMap<LazyKey, HashMap<String, String>>>,
 }
+
+/// A device's view of a room: (user, device, room).
+type LazyKey = (String, String, String);
+
+/// Devices' rooms whose lazy-loaded members are remembered; past it, the memory starts over
+/// (the cost: some member events are sent again).
+const LAZY_CAPACITY: usize = 100_000;
 
 impl Ephemeral {
     /// Records that `user` started (with a timeout) or stopped typing, at `position`.
@@ -152,6 +162,31 @@ impl Ephemeral {
     pub fn unread(&self, user: &UserId, room_id: &RoomId) -> Option<UnreadCounts> {
         let unread = self.unread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         unread.get(&(user.to_owned(), room_id.to_owned())).copied()
+    }
+
+    /// Member events (member → event id) the device was sent of the room; `reset` forgets what
+    /// it was sent before (a response that sends the room anew).
+    pub fn lazy_members_sent(&self, key: (&str, &str, &str), reset: bool) -> HashMap<String, String> {
+        let mut sent = self.lazy_members.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (key.0.to_owned(), key.1.to_owned(), key.2.to_owned());
+        if reset {
+            sent.remove(&key);
+            return HashMap::new();
+        }
+        sent.get(&key).cloned().unwrap_or_default()
+    }
+
+    /// Remembers member events as sent to the device.
+    pub fn remember_lazy_members(
+        &self,
+        key: (&str, &str, &str),
+        members: impl IntoIterator<Item = (String, String)>,
+    ) {
+        let mut sent = self.lazy_members.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sent.len() >= LAZY_CAPACITY {
+            sent.clear();
+        }
+        sent.entry((key.0.to_owned(), key.1.to_owned(), key.2.to_owned())).or_default().extend(members);
     }
 
     pub fn set_unread(&self, user: &UserId, room_id: &RoomId, counts: UnreadCounts) {

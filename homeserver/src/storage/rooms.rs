@@ -137,9 +137,9 @@ pub trait RoomStore: Send + Sync {
     async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<Option<String>>;
     /// Members of a room: (user id, membership).
     async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<(String, String)>>;
-    /// The first members of a room other than `user`, joined or invited ones in the order their
-    /// membership was set, or if there are none those who left: what a client names a room
-    /// without a name after (the room summary's `m.heroes`).
+    /// The first members of a room other than `user` by user id (as Synapse and the compliance
+    /// suite order them), joined or invited ones, or if there are none those who left: what a
+    /// client names a room without a name after (the room summary's `m.heroes`).
     async fn heroes(&self, room_id: &RoomId, user: &UserId, limit: i64) -> StoreResult<Vec<String>>;
     /// Public rooms (room ids).
     async fn public_rooms(&self) -> StoreResult<Vec<String>>;
@@ -674,7 +674,7 @@ impl RoomStore for SqlStore {
         for memberships in ["'join', 'invite'", "'leave', 'ban'"] {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT user_id FROM memberships WHERE room_id = $1 AND user_id <> $2
-                 AND membership IN ({memberships}) ORDER BY stream_ordering LIMIT $3"
+                 AND membership IN ({memberships}) ORDER BY user_id LIMIT $3"
             ));
             let heroes = sqlx::query(sql)
                 .bind(room_id.as_str())

@@ -249,6 +249,86 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn people_met_in_a_sync_come_with_their_presence(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let carol = server.register("carol", PW).await;
+        let room = create(&server, &alice, json!({"preset": "public_chat"})).await;
+        sync(&server, &alice, None, None).await;
+        sync(&server, &carol, None, None).await;
+        let since = sync(&server, &bob, None, None).await["next_batch"].as_str().unwrap().to_owned();
+        join(&server, &bob, &room).await;
+        let met = sync(&server, &bob, Some(&since), None).await;
+        let senders: Vec<&str> = met["presence"]["events"].as_array().map(|e| e.iter().map(|p| p["sender"].as_str().unwrap()).collect()).unwrap_or_default();
+        assert!(senders.contains(&alice.user_id.as_str()), "bob joined alice's room: {met}");
+        let since = sync(&server, &alice, None, None).await["next_batch"].as_str().unwrap().to_owned();
+        join(&server, &carol, &room).await;
+        let met = sync(&server, &alice, Some(&since), None).await;
+        let senders: Vec<&str> = met["presence"]["events"].as_array().map(|e| e.iter().map(|p| p["sender"].as_str().unwrap()).collect()).unwrap_or_default();
+        assert!(senders.contains(&carol.user_id.as_str()), "carol joined alice's room: {met}");
+        server.stop().await;
+    }
+
+    async fn lazy_loaded_members_come_once_per_device_unless_redundant_ones_are_asked_for(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let carol = server.register("carol", PW).await;
+        let room = create(&server, &alice, json!({"preset": "public_chat", "name": "Tea"})).await;
+        join(&server, &bob, &room).await;
+        join(&server, &carol, &room).await;
+        let members = |sync: &Value| -> Vec<String> {
+            let mut found: Vec<String> = sync["rooms"]["join"][room.as_str()]["state"]["events"].as_array()
+                .map(|events| events.iter().filter(|e| e["type"] == "m.room.member").map(|e| e["state_key"].as_str().unwrap().to_owned()).collect())
+                .unwrap_or_default();
+            found.sort();
+            found
+        };
+        for redundant in [false, true] {
+            for n in 0..2 {
+                send(&server, &bob, &room, &format!("b{n}{redundant}"), "from bob").await;
+            }
+            let filter = json!({"room": {"timeline": {"limit": 2}, "state": {"lazy_load_members": true, "include_redundant_members": redundant}}});
+            let first = sync(&server, &alice, None, Some(filter.clone())).await;
+            assert_eq!(members(&first), [alice.user_id.clone(), bob.user_id.clone()], "the timeline's sender and the reader");
+            let since = first["next_batch"].as_str().unwrap().to_owned();
+            send(&server, &carol, &room, &format!("c{redundant}"), "from carol").await;
+            send(&server, &bob, &room, &format!("b{redundant}"), "from bob again").await;
+            let next = sync(&server, &alice, Some(&since), Some(filter)).await;
+            let expected = match redundant {
+                false => vec![carol.user_id.clone()],
+                true => vec![bob.user_id.clone(), carol.user_id.clone()],
+            };
+            assert_eq!(members(&next), expected, "include_redundant_members: {redundant}");
+        }
+        server.stop().await;
+    }
+
+    async fn a_profile_change_is_not_a_new_join_and_a_room_joined_and_left_comes_whole(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = create(&server, &alice, json!({"preset": "public_chat", "name": "Tea"})).await;
+        let since = sync(&server, &alice, None, None).await["next_batch"].as_str().unwrap().to_owned();
+        let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&alice.user_id));
+        put(&server, &alice, &path, json!({"membership": "join", "displayname": "Boris"})).await;
+        let next = sync(&server, &alice, Some(&since), None).await;
+        let events = timeline(&next, &room);
+        assert_eq!(events.len(), 1, "only the change, not the room from its start: {next}");
+        assert_eq!(events[0]["content"]["displayname"], "Boris");
+
+        let other = create(&server, &alice, json!({"preset": "public_chat", "name": "Coffee"})).await;
+        let since = sync(&server, &bob, None, None).await["next_batch"].as_str().unwrap().to_owned();
+        join(&server, &bob, &other).await;
+        let (status, _) = server.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&other)), Some(&bob.token), json!({})).await;
+        assert_eq!(status, 200);
+        let left = sync(&server, &bob, Some(&since), Some(json!({"room": {"timeline": {"limit": 1}}}))).await;
+        let state: Vec<&str> = left["rooms"]["leave"][other.as_str()]["state"]["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert!(state.contains(&"m.room.create") && state.contains(&"m.room.name"), "the whole state: {state:?}");
+        server.stop().await;
+    }
+
     async fn a_gapped_incremental_sync_sends_only_state_changed_since_the_token(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

@@ -81,6 +81,8 @@ struct Options {
     limit: i64,
     /// Send only the member events of the timeline's senders (and the user's own).
     lazy_members: bool,
+    /// With lazy-loaded members, send them even if the device was sent them before.
+    redundant_members: bool,
     /// Which timeline events to send, when the filter narrows them by type or sender.
     timeline: Option<RoomEventFilter>,
     /// Which state events to send (type and sender rules).
@@ -127,6 +129,12 @@ async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Re
         .and_then(|d| d.room.timeline.limit)
         .map_or(DEFAULT_TIMELINE_LIMIT, |l| i64::try_from(u64::from(l)).unwrap_or(MAX_TIMELINE_LIMIT));
     let lazy_members = definition.is_some_and(|d| !d.room.state.lazy_load_options.is_disabled());
+    let redundant_members = definition.is_some_and(|d| {
+        matches!(
+            d.room.state.lazy_load_options,
+            ruma::api::client::filter::LazyLoadOptions::Enabled { include_redundant_members: true }
+        )
+    });
     let timeline = definition.map(|d| &d.room.timeline).filter(|t| {
         t.types.is_some() || t.senders.is_some() || !t.not_types.is_empty() || !t.not_senders.is_empty()
     });
@@ -135,6 +143,7 @@ async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Re
         // A limit of 0 asks for no timeline events, only whether there are any (`limited`).
         limit: limit.clamp(0, MAX_TIMELINE_LIMIT),
         lazy_members,
+        redundant_members,
         timeline: timeline.cloned(),
         state: room.state,
         ephemeral: room.ephemeral,
@@ -368,6 +377,12 @@ async fn build(
     // next sync on.
     let ignored = Ignored::new(state.recent.ignored_users(&*state.store, user, upto).await?);
     let presence = &options.presence;
+    let presence_wanted = |member: &UserId| {
+        type_allowed(&presence.types, &presence.not_types, "m.presence")
+            && presence.senders.as_ref().is_none_or(|senders| senders.iter().any(|s| s == member))
+            && !presence.not_senders.iter().any(|s| s == member)
+    };
+    let mut presence_sent = std::collections::BTreeSet::new();
     if type_allowed(&presence.types, &presence.not_types, "m.presence")
         && state.ephemeral.any_presence_since(since.unwrap_or(0), upto)
     {
@@ -386,27 +401,15 @@ async fn build(
                 }
             }
         }
-        others.retain(|member| {
-            presence.senders.as_ref().is_none_or(|senders| senders.contains(member))
-                && !presence.not_senders.contains(member)
-        });
+        others.retain(|member| presence_wanted(member));
         for (member, presence) in
             state.ephemeral.presence_changes(others.iter().map(|u| &**u), since.unwrap_or(0), upto)
         {
-            let mut content = json!({
-                "presence": presence.state,
-                "last_active_ago": presence.last_active.elapsed().as_millis() as u64,
-                "currently_active": presence.state == "online",
-            });
-            if let Some(status) = &presence.status_msg {
-                content["status_msg"] = status.as_str().into();
-            }
-            response
-                .presence
-                .events
-                .push(raw(&json!({"type": "m.presence", "sender": member, "content": content}))?);
+            response.presence.events.push(presence_event(&member, &presence)?);
+            presence_sent.insert(member);
         }
     }
+    let mut newly_met = std::collections::BTreeSet::new();
     for (room, membership, at) in user_rooms.iter() {
         let Ok(room_id) = OwnedRoomId::try_from(room.as_str()) else { continue };
         let at = *at;
@@ -428,7 +431,13 @@ async fn build(
         let changed_since = since.is_none_or(|since| at > since);
         match membership.as_str() {
             "join" => {
-                let fresh = changed_since || full_state;
+                // New to the sync when the user joined since the token; a member event that only
+                // changed their profile leaves the room as it was.
+                let joined_since = match since {
+                    Some(since) if changed_since => !joined_at(state, &room_id, user, since).await?,
+                    _ => changed_since,
+                };
+                let fresh = joined_since || full_state;
                 let after = if fresh { 0 } else { since.unwrap_or(0) };
                 // A room new to the sync is read from its start, as far as history visibility
                 // allows; otherwise only events since the token, all after the user's join.
@@ -459,6 +468,24 @@ async fn build(
                     let mut empty = JoinedRoom::new();
                     empty.timeline.prev_batch = Some(token(upto));
                     joined = Some(empty);
+                }
+                if let Some(joined) = &joined
+                    && since.is_some()
+                {
+                    // People the user meets in this response: everyone in a room they joined,
+                    // and whoever joined a room they are in.
+                    match joined_since {
+                        true => newly_met.extend(
+                            state
+                                .store
+                                .members(&room_id)
+                                .await?
+                                .into_iter()
+                                .filter(|(_, membership)| membership == "join")
+                                .filter_map(|(member, _)| ruma::OwnedUserId::try_from(member).ok()),
+                        ),
+                        false => newly_met.extend(joins_in(&joined.timeline.events)),
+                    }
                 }
                 if let Some(mut joined) = joined {
                     let (notifications, highlights) =
@@ -502,8 +529,24 @@ async fn build(
                 let start = events.first().map_or(at, |e| e.stream_ordering - 1);
                 let mut left = LeftRoom::new();
                 left.timeline = timeline(state, query.reader(), &events, limited, at).await?;
-                // What changed before the timeline, as seen up to the leave.
-                let mut before = state_before(state, &room_id, start, since, options, &events, user).await?;
+                // What changed before the timeline, as seen up to the leave: all of it if the user
+                // joined after the token too.
+                let known_since = match since {
+                    Some(since) if joined_at(state, &room_id, user, since).await? => Some(since),
+                    _ => None,
+                };
+                let mut before = state_before(
+                    state,
+                    query.reader(),
+                    &room_id,
+                    start,
+                    known_since,
+                    true,
+                    options,
+                    &events,
+                    &[],
+                )
+                .await?;
                 before.retain(|event| rules.may_see(event));
                 left.state = State::Before(StateEvents::from(serve(state, &before, query.reader()).await?));
                 response.rooms.leave.insert(room_id, left);
@@ -511,7 +554,62 @@ async fn build(
             _ => {}
         }
     }
+    // The presence of people the user meets, though it did not change since the token (as
+    // Synapse: `offline` for those who never set one).
+    for member in newly_met {
+        if member != *user && !presence_sent.contains(&member) && presence_wanted(&member) {
+            let event = match state.ephemeral.presence(&member) {
+                Some(presence) => presence_event(&member, &presence)?,
+                None => {
+                    raw(&json!({"type": "m.presence", "sender": member, "content": {"presence": "offline"}}))?
+                }
+            };
+            response.presence.events.push(event);
+        }
+    }
     Ok(response)
+}
+
+/// A user's presence as an `m.presence` event.
+fn presence_event<T>(member: &UserId, presence: &crate::rooms::ephemeral::Presence) -> Result<Raw<T>> {
+    let mut content = json!({
+        "presence": presence.state,
+        "last_active_ago": presence.last_active.elapsed().as_millis() as u64,
+        "currently_active": presence.state == "online",
+    });
+    if let Some(status) = &presence.status_msg {
+        content["status_msg"] = status.as_str().into();
+    }
+    raw(&json!({"type": "m.presence", "sender": member, "content": content}))
+}
+
+/// The users who joined in a timeline (member events that set `join`).
+fn joins_in(events: &[Raw<ruma::events::AnySyncTimelineEvent>]) -> Vec<ruma::OwnedUserId> {
+    #[derive(serde::Deserialize)]
+    struct Member {
+        #[serde(rename = "type")]
+        kind: String,
+        state_key: Option<ruma::OwnedUserId>,
+        content: Option<Box<serde_json::value::RawValue>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Membership {
+        membership: Option<String>,
+    }
+    events
+        .iter()
+        .filter_map(|event| event.deserialize_as_unchecked::<Member>().ok())
+        .filter(|event| event.kind == "m.room.member")
+        .filter(|event| {
+            event
+                .content
+                .as_ref()
+                .and_then(|c| serde_json::from_str::<Membership>(c.get()).ok())
+                .and_then(|m| m.membership)
+                == Some("join".to_owned())
+        })
+        .filter_map(|event| event.state_key)
+        .collect()
 }
 
 /// Most unread events examined for notification counts.
@@ -825,77 +923,87 @@ async fn joined_room(
         room.summary = summary(state, room_id, user).await?;
         heroes = room.summary.heroes.iter().map(|u| u.to_string()).collect();
     }
-    if fresh || limited {
-        // The state before the timeline: complete for a room new to this sync, what changed
-        // since the token otherwise.
+    // The state before the timeline: complete for a room new to this sync, what changed since
+    // the token for a gapped one; with lazy-loaded members, also the members of the timeline's
+    // senders the device was not sent yet.
+    if fresh || limited || options.lazy_members {
         let since = (!fresh).then_some(after);
-        let before = state_before(state, room_id, start, since, options, &events, user).await?;
-        let before = match options.lazy_members {
-            true => with_heroes(state, room_id, start, before, &heroes).await?,
-            false => before,
-        };
+        let before =
+            state_before(state, reader, room_id, start, since, limited, options, &events, &heroes).await?;
         room.state = State::Before(StateEvents::from(serve(state, &before, reader).await?));
     }
     Ok(Some(room))
 }
 
-/// The state before a timeline that starts after `start`, as the filter asks for it: every
-/// event, or with `since` only those set after it; lazy-loaded members only for the senders of
-/// `timeline` and the user.
+/// The state before a timeline that starts after `start`, as the filter asks for it: with no
+/// `since` (a room new to the sync) every event; with `since`, when `gapped`, those set after
+/// it. With lazy-loaded members, member events only for the senders of `timeline`, the reader
+/// and the `heroes` — and, unless the filter asks for redundant ones, only those the device was
+/// not sent already (remembered per process, as Synapse does).
+#[allow(clippy::too_many_arguments)]
 async fn state_before(
     state: &AppState,
+    reader: Reader<'_>,
     room_id: &RoomId,
     start: i64,
     since: Option<i64>,
+    gapped: bool,
     options: &Options,
     timeline: &[StoredEvent],
-    user: &UserId,
+    heroes: &[String],
 ) -> Result<Vec<StoredEvent>> {
     let mut before = state.store.state_at(room_id, start).await?;
-    let senders: std::collections::BTreeSet<String> = timeline
+    let wanted: std::collections::BTreeSet<String> = timeline
         .iter()
         .filter_map(|e| ClientEvent::parse(e).ok())
         .map(|e| e.sender())
-        .chain([user.to_string()])
+        .chain([reader.user.to_string()])
+        .chain(heroes.iter().cloned())
         .collect();
+    let key = (reader.user.as_str(), reader.device.as_str(), room_id.as_str());
+    let sent = match options.lazy_members {
+        true => state.ephemeral.lazy_members_sent(key, since.is_none()),
+        false => Default::default(),
+    };
     before.retain(|event| {
         let Ok(client) = ClientEvent::parse(event) else { return false };
-        let changed = since.is_none_or(|since| event.stream_ordering > since);
-        let is_member = client.kind() == "m.room.member";
-        let of_sender = is_member && client.state_key().is_some_and(|member| senders.contains(&member));
-        matches_filter(&options.state, &client)
-            && match options.lazy_members {
-                // A sender's member event is sent even if older than the token: the client
-                // may never have been sent it.
-                true => of_sender || (!is_member && changed),
-                false => changed,
+        let changed = match since {
+            None => true,
+            Some(since) => gapped && event.stream_ordering > since,
+        };
+        if !matches_filter(&options.state, &client) {
+            return false;
+        }
+        match (options.lazy_members, client.kind() == "m.room.member", client.state_key()) {
+            (true, true, Some(member)) => {
+                // Redundant ones are the other members' (the reader knows their own).
+                let redundant = options.redundant_members && member != reader.user.as_str();
+                let unsent = redundant || sent.get(&member) != Some(&event.event_id);
+                // A room new to the sync sends only the wanted members; a gapped one also the
+                // membership changes in the gap.
+                (wanted.contains(&member) && unsent) || (since.is_some() && changed)
             }
+            _ => changed,
+        }
     });
+    if options.lazy_members {
+        let members = before.iter().filter_map(|event| {
+            let client = ClientEvent::parse(event).ok()?;
+            (client.kind() == "m.room.member").then(|| Some((client.state_key()?, event.event_id.clone())))?
+        });
+        state.ephemeral.remember_lazy_members(key, members);
+    }
     Ok(before)
 }
 
-/// Lazy-loaded state with the member events of the room's heroes added, so that a client can
-/// name the room after them.
-async fn with_heroes(
-    state: &AppState,
-    room_id: &RoomId,
-    start: i64,
-    mut before: Vec<StoredEvent>,
-    heroes: &[String],
-) -> Result<Vec<StoredEvent>> {
-    if heroes.is_empty() {
-        return Ok(before);
-    }
-    for event in state.store.state_at(room_id, start).await? {
-        let Ok(client) = ClientEvent::parse(&event) else { continue };
-        if client.kind() == "m.room.member"
-            && client.state_key().is_some_and(|member| heroes.contains(&member))
-            && !before.iter().any(|e| e.event_id == event.event_id)
-        {
-            before.push(event);
-        }
-    }
-    Ok(before)
+/// Whether the user was joined to the room at stream position `at`.
+async fn joined_at(state: &AppState, room_id: &RoomId, user: &UserId, at: i64) -> Result<bool> {
+    let history = state.store.state_history(room_id, "m.room.member", user.as_str()).await?;
+    let last = history.iter().rev().find(|event| event.stream_ordering <= at);
+    Ok(match last {
+        Some(event) => ClientEvent::parse(event)?.content_str("membership").as_deref() == Some("join"),
+        None => false,
+    })
 }
 
 /// Most heroes a room summary names (the spec's five).
