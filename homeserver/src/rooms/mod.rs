@@ -177,14 +177,26 @@ pub async fn append(state: &AppState, room_id: &RoomId, draft: Draft<'_>) -> Res
     append_at(state, room_id, draft, None).await
 }
 
+/// A new random room id for a room of `version`, or `None` where the version makes it the
+/// create event's hash (12 and later).
+pub fn new_room_id(state: &AppState, version: &RoomVersionId) -> Result<Option<OwnedRoomId>> {
+    let rules = pdu::rules(version).map_err(|e| Error::bad_json(e.to_string()))?;
+    if pdu::room_id_is_create_hash(&rules) {
+        return Ok(None);
+    }
+    let id = format!("!{}:{}", crate::auth::tokens::random_token(18), state.server_name);
+    OwnedRoomId::try_from(id).map(Some).map_err(Error::internal)
+}
+
 /// Creates a room of `version` with its `m.room.create` event (`content` without
-/// `room_version`, which this adds), returning the new room's id: random, or from version 12 the
-/// create event's hash.
+/// `room_version`, which this adds), returning the new room's id: `chosen_id` (from
+/// [`new_room_id`]) or a random one, or from version 12 the create event's hash.
 pub async fn create(
     state: &AppState,
     version: &RoomVersionId,
     creator: &UserId,
     mut content: serde_json::Map<String, serde_json::Value>,
+    chosen_id: Option<OwnedRoomId>,
 ) -> Result<OwnedRoomId> {
     let rules = pdu::rules(version).map_err(|e| Error::bad_json(e.to_string()))?;
     content.insert("room_version".into(), version.as_str().into());
@@ -212,8 +224,10 @@ pub async fn create(
         .map_err(|e| Error::bad_json(e.to_string()))?;
         pdu::room_id_from_create(&create.event_id).map_err(Error::internal)?
     } else {
-        OwnedRoomId::try_from(format!("!{}:{}", crate::auth::tokens::random_token(18), state.server_name))
-            .map_err(Error::internal)?
+        match chosen_id {
+            Some(room_id) => room_id,
+            None => new_room_id(state, version)?.ok_or_else(|| Error::internal("no room id"))?,
+        }
     };
     if !state.store.create_room(&room_id, version.as_str(), creator).await? {
         return Err(Error::internal("room id collision"));

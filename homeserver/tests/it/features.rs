@@ -483,21 +483,30 @@ crate::on_both_backends! {
         ok(&server, "PUT", &v3(&format!("directory/room/{}", enc("#green:localhost"))), &alice, json!({"room_id": room})).await;
 
         ok(&server, "PUT", &alias_path, &alice, json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost"]})).await;
+        // Aliases that do not point here are bad aliases; what is not an alias is a bad parameter.
         for bad in [
             json!({"alias": "#coffee:localhost"}),
             json!({"alias": "#unknown:localhost"}),
-            json!({"alias": "not an alias"}),
-            json!({"alias": 7}),
             json!({"alias": "#tea:elsewhere.org"}),
             json!({"alias": "#tea:localhost", "alt_aliases": ["#coffee:localhost"]}),
-            json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost", "tea"]}),
         ] {
             assert_error(&put(bad.clone()).await, 400, "M_BAD_ALIAS");
         }
+        for malformed in [
+            json!({"alias": "not an alias"}),
+            json!({"alias": 7}),
+            json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost", "tea"]}),
+        ] {
+            assert_error(&put(malformed.clone()).await, 400, "M_INVALID_PARAM");
+        }
         assert_error(&put(json!({"alias": "#tea:localhost", "alt_aliases": "#green:localhost"})).await, 400, "M_INVALID_PARAM");
-        // Only aliases the change adds are checked: one deleted since may stay.
-        assert_eq!(server.request("DELETE", &v3(&format!("directory/room/{}", enc("#green:localhost"))), Some(&alice.token), None).await.0, 200);
+        // Only aliases the change adds are checked: other keys change freely.
         ok(&server, "PUT", &alias_path, &alice, json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost"], "org.example": 1})).await;
+        // A deleted alias leaves the canonical alias, and cannot come back while it leads nowhere.
+        assert_eq!(server.request("DELETE", &v3(&format!("directory/room/{}", enc("#green:localhost"))), Some(&alice.token), None).await.0, 200);
+        let (_, current) = server.get(&alias_path, Some(&alice.token)).await;
+        assert_eq!(current["alt_aliases"], json!([]), "{current}");
+        assert_error(&put(json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost"]})).await, 400, "M_BAD_ALIAS");
         ok(&server, "PUT", &alias_path, &alice, json!({})).await;
         let (_, current) = server.get(&alias_path, Some(&alice.token)).await;
         assert_eq!(current, json!({}));

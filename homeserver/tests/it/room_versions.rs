@@ -238,7 +238,7 @@ crate::on_both_backends! {
         let (status, sync) = server.get("/_matrix/client/v3/sync", Some(&bob.token)).await;
         assert_eq!(status, 200);
         assert!(sync["rooms"]["join"].get(new.as_str()).is_some());
-        assert_eq!(create_event["predecessor"]["event_id"], last.as_str(), "the old room's last event");
+        assert_eq!(create_event["predecessor"]["event_id"], last.as_str(), "a v12 room cannot name the tombstone that names it, but its last event before");
         server.stop().await;
     }
 
@@ -269,6 +269,10 @@ crate::on_both_backends! {
         let new = upgraded["replacement_room"].as_str().unwrap().to_owned();
         let (_, levels) = get_state(&server, &alice, &new, "m.room.power_levels").await;
         assert_eq!(levels["users"][bob.user_id.as_str()], 20, "numeric strings become integers: {levels}");
+        // Below version 12 the new room names the tombstone as its predecessor's last event.
+        let (_, tombstone) = server.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.tombstone/?format=event", enc(&room)), Some(&alice.token)).await;
+        let (_, create_event) = get_state(&server, &alice, &new, "m.room.create").await;
+        assert_eq!(create_event["predecessor"]["event_id"], tombstone["event_id"], "{tombstone}");
         assert_eq!(levels["users"][alice.user_id.as_str()], 100);
         server.stop().await;
     }

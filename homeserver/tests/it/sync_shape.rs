@@ -329,6 +329,25 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn a_room_joined_after_an_invite_comes_with_its_whole_state(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = create(&server, &alice, json!({"room_version": "12", "preset": "private_chat", "invite": [bob.user_id]})).await;
+        let first = sync(&server, &bob, None, None).await;
+        assert!(first["rooms"]["invite"].get(room.as_str()).is_some(), "{first}");
+        let since = first["next_batch"].as_str().unwrap().to_owned();
+        join(&server, &bob, &room).await;
+        send(&server, &alice, &room, "t1", "welcome").await;
+        let next = sync(&server, &bob, Some(&since), None).await;
+        let joined = &next["rooms"]["join"][room.as_str()];
+        let types: Vec<&str> = joined["state"]["events"].as_array().unwrap().iter()
+            .chain(joined["timeline"]["events"].as_array().unwrap())
+            .map(|e| e["type"].as_str().unwrap()).collect();
+        assert!(types.contains(&"m.room.create"), "{joined}");
+        server.stop().await;
+    }
+
     async fn a_gapped_incremental_sync_sends_only_state_changed_since_the_token(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

@@ -209,7 +209,7 @@ async fn create_room(
             "room creators outrank every power level and may not be listed in users",
         ));
     }
-    let room_id = rooms::create(&state, &version, creator, creation).await?;
+    let room_id = rooms::create(&state, &version, creator, creation, None).await?;
     let creator_join = own_join_content(&state, creator, Map::new(), None).await?;
     append_json(&state, &room_id, creator, "m.room.member", Some(creator.as_str()), &creator_join).await?;
 
@@ -706,10 +706,12 @@ fn new_canonical_aliases(content: &Value, previous: Option<&Value>) -> Result<Ve
         match value {
             Value::Null => Ok(None),
             Value::String(text) if text.is_empty() => Ok(None),
+            // Not an alias at all is a bad parameter; an alias that does not point here is
+            // `M_BAD_ALIAS` (as Synapse and the compliance suite tell them apart).
             Value::String(text) => OwnedRoomAliasId::try_from(text.as_str())
                 .map(Some)
-                .map_err(|e| bad_alias(format!("`{text}` is not a room alias: {e}"))),
-            _ => Err(bad_alias("aliases must be strings")),
+                .map_err(|e| Error::invalid_param(format!("`{text}` is not a room alias: {e}"))),
+            _ => Err(Error::invalid_param("aliases must be strings")),
         }
     };
     let alt = |content: &Value| -> Result<Vec<Value>> {
@@ -871,11 +873,15 @@ async fn messages(
     let reader = &request.sender.user_id;
     let rules = ReadRules::for_reader(&state, &body.room_id, reader).await?;
     let ignored = Ignored::load(&state, reader).await?;
-    let shown = |event: &StoredEvent| -> Result<bool> {
-        Ok(rules.may_see(event)
-            && !ignored.hides(event)
-            && matches_filter(&body.filter, &ClientEvent::parse(event)?))
+    let matching = |event: &StoredEvent| -> Result<bool> {
+        Ok(matches_filter(&body.filter, &ClientEvent::parse(event)?))
     };
+    let shown = |event: &StoredEvent| -> Result<bool> {
+        Ok(rules.may_see(event) && !ignored.hides(event) && matching(event)?)
+    };
+    // As Synapse: `end` is left out only when nothing matching the filter was read and nothing
+    // more is there; a page the reader may not see still says where to go on.
+    let mut matched = false;
     let upto = state.store.persisted_upto().await?;
     let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let to = body.to.as_deref().map(parse_token).transpose()?;
@@ -898,6 +904,7 @@ async fn messages(
                 }
                 for event in page.iter().rev() {
                     ceiling = event.stream_ordering - 1;
+                    matched |= matching(event)?;
                     if shown(event)? {
                         chunk.push(event.clone());
                     }
@@ -906,7 +913,7 @@ async fn messages(
                         break;
                     }
                 }
-                response.end = more.then(|| token(ceiling));
+                response.end = (more || matched).then(|| token(ceiling));
                 if !more || chunk.len() as i64 == limit {
                     break;
                 }

@@ -100,11 +100,22 @@ async fn upgrade_room(
             carried.push((kind, key, event.content_value()?));
         }
     }
-    let last_event = state.store.room_events(old_room, 0, i64::MAX, 1, true).await?;
-    let mut predecessor = json!({ "room_id": old_room });
-    if let Some(last) = last_event.first() {
-        predecessor["event_id"] = last.event_id.clone().into();
-    }
+    // Where the new room's id is random, the tombstone goes first and the new room names it as
+    // its predecessor's last event (as Synapse); from version 12 the new room's id is its create
+    // event's hash, which cannot name an event that names it, so the tombstone comes last and
+    // the predecessor names the old room's last event before it (clients such as matrix-nio
+    // require an `event_id`).
+    let chosen_id = rooms::new_room_id(&state, &body.new_version)?;
+    let last_event = match &chosen_id {
+        Some(new_room) => tombstone(&state, old_room, user, new_room).await?,
+        None => state
+            .store
+            .room_events(old_room, 0, i64::MAX, 1, true)
+            .await?
+            .pop()
+            .ok_or_else(|| Error::internal("a room without events"))?,
+    };
+    let predecessor = json!({ "room_id": old_room, "event_id": last_event.event_id });
     create_content.insert("predecessor".into(), predecessor);
     if !body.additional_creators.is_empty() {
         let listed = body.additional_creators.iter().map(|u| Value::from(u.as_str())).collect();
@@ -127,7 +138,7 @@ async fn upgrade_room(
             power["events"]["m.room.tombstone"] = 150.into();
         }
     }
-    let new_room = rooms::create(&state, &body.new_version, user, create_content).await?;
+    let new_room = rooms::create(&state, &body.new_version, user, create_content, chosen_id.clone()).await?;
     append_json(
         &state,
         &new_room,
@@ -162,11 +173,23 @@ async fn upgrade_room(
     }
 
     move_aliases(&state, old_room, &new_room, user, canonical_alias).await?;
-    let tombstone = json!({"body": "This room has been replaced", "replacement_room": new_room});
-    append_json(&state, old_room, user, "m.room.tombstone", Some(""), &tombstone).await?;
+    if chosen_id.is_none() {
+        tombstone(&state, old_room, user, &new_room).await?;
+    }
     restrict_old_room(&state, old_room, user, levels).await?;
     tracing::info!(%old_room, %new_room, version = %body.new_version, "room upgraded");
     Ok(upgrade_room::v3::Response::new(new_room))
+}
+
+/// Marks the old room as replaced by the new one.
+async fn tombstone(
+    state: &AppState,
+    old_room: &RoomId,
+    user: &UserId,
+    new_room: &RoomId,
+) -> Result<crate::storage::StoredEvent> {
+    let content = json!({"body": "This room has been replaced", "replacement_room": new_room});
+    append_json(state, old_room, user, "m.room.tombstone", Some(""), &content).await
 }
 
 /// Power levels that let `user` send every carried state event and the bans, if `power` does
