@@ -152,8 +152,13 @@ const hearsInNewRoom = waitFor(
 );
 await alice.sendTextMessage(newRoomId, "in the new room");
 await hearsInNewRoom;
-const newRoom = bob.getRoom(newRoomId);
-check(newRoom.getVersion() === "12", `a version 12 room: ${newRoom.getVersion()}`);
+// The client stores the room once it has processed the whole sync response that brought it.
+let newRoom = bob.getRoom(newRoomId);
+for (let tries = 0; !newRoom && tries < 100; tries++) {
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  newRoom = bob.getRoom(newRoomId);
+}
+check(newRoom?.getVersion() === "12", `a version 12 room: ${newRoom?.getVersion()}`);
 check(newRoom.findPredecessor()?.roomId === roomId, "bob's client links the new room to the old one");
 
 alice.stopClient();
