@@ -197,6 +197,10 @@ crate::on_both_backends! {
         assert_eq!(banned.0, 200, "{}", banned.1);
         set_state(&server, &alice, &old, "m.room.encryption", "", json!({"algorithm": "m.megolm.v1.aes-sha2"})).await;
         let last = send(&server, &bob, &old, "t1", "before the upgrade").await;
+        put(&server, &alice, &format!("/_matrix/client/v3/user/{}/account_data/m.direct", enc(&alice.user_id)),
+            json!({bob.user_id.clone(): [old]})).await;
+        put(&server, &alice, &format!("/_matrix/client/v3/user/{}/rooms/{}/tags/m.favourite", enc(&alice.user_id), enc(&old)),
+            json!({"order": 0.5})).await;
 
         let (status, upgraded) = server.post(&format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old)),
             Some(&alice.token), json!({"new_version": "12"})).await;
@@ -228,6 +232,12 @@ crate::on_both_backends! {
         let (_, public) = server.get("/_matrix/client/v3/publicRooms", None).await;
         let listed: Vec<&str> = public["chunk"].as_array().unwrap().iter().map(|r| r["room_id"].as_str().unwrap()).collect();
         assert_eq!(listed, [new.as_str()], "the directory lists the new room instead of the old");
+
+        // The upgrader's direct chats and tags follow the room.
+        let (_, direct) = server.get(&format!("/_matrix/client/v3/user/{}/account_data/m.direct", enc(&alice.user_id)), Some(&alice.token)).await;
+        assert_eq!(direct[bob.user_id.as_str()], json!([old, new]), "{direct}");
+        let (_, tags) = server.get(&format!("/_matrix/client/v3/user/{}/rooms/{}/tags", enc(&alice.user_id), enc(&new)), Some(&alice.token)).await;
+        assert_eq!(tags["tags"]["m.favourite"]["order"], 0.5, "{tags}");
 
         // Members follow: bob joins the new room; in the old one only moderators may still speak.
         assert_eq!(join(&server, &bob, &new).await.0, 200);

@@ -122,6 +122,11 @@ async fn upgrade_room(
         create_content.insert("additional_creators".into(), Value::Array(listed));
     }
     let creators = set_creators(&mut create_content, &rules, user, &[])?;
+    // Synapse sets the new room up with the private-chat preset before the old room's state
+    // overrides it: guests may join unless the old room said otherwise.
+    if !carried.iter().any(|(kind, _, _)| kind == "m.room.guest_access") {
+        carried.push(("m.room.guest_access".to_owned(), String::new(), json!({"guest_access": "can_join"})));
+    }
 
     // The new room's power levels are the old ones (as integers), without the creators where
     // they outrank everyone; the upgrader gets, for the time it sets the room up, what it needs.
@@ -177,8 +182,42 @@ async fn upgrade_room(
         tombstone(&state, old_room, user, &new_room).await?;
     }
     restrict_old_room(&state, old_room, user, levels).await?;
+    transfer_user_state(&state, user, old_room, &new_room).await?;
     tracing::info!(%old_room, %new_room, version = %body.new_version, "room upgraded");
     Ok(upgrade_room::v3::Response::new(new_room))
+}
+
+/// What the upgrader kept about the old room for themself goes to the new one, as Synapse does:
+/// the room stays a direct chat (`m.direct`) and keeps its tags (`m.tag`).
+async fn transfer_user_state(
+    state: &AppState,
+    user: &UserId,
+    old_room: &RoomId,
+    new_room: &RoomId,
+) -> Result<()> {
+    if let Some(direct) = state.store.account_data(user, None, "m.direct").await? {
+        let mut direct: Value = crate::storage::parse_stored(&direct).map_err(Error::internal)?;
+        let mut changed = false;
+        if let Some(people) = direct.as_object_mut() {
+            for rooms in people.values_mut().filter_map(Value::as_array_mut) {
+                if rooms.iter().any(|r| r.as_str() == Some(old_room.as_str()))
+                    && !rooms.iter().any(|r| r.as_str() == Some(new_room.as_str()))
+                {
+                    rooms.push(new_room.as_str().into());
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            let content = serde_json::value::to_raw_value(&direct).map_err(Error::internal)?;
+            super::user_data::put(state, user, None, "m.direct", &content).await?;
+        }
+    }
+    if let Some(tags) = state.store.account_data(user, Some(old_room.as_str()), "m.tag").await? {
+        let content = serde_json::value::RawValue::from_string(tags).map_err(Error::internal)?;
+        super::user_data::put(state, user, Some(new_room.as_str()), "m.tag", &content).await?;
+    }
+    Ok(())
 }
 
 /// Marks the old room as replaced by the new one.

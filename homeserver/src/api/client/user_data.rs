@@ -31,7 +31,7 @@ fn own(sender: &UserId, target: &UserId) -> Result<()> {
     if sender == target { Ok(()) } else { Err(Error::forbidden("you can only reach your own account data")) }
 }
 
-async fn put(
+pub(super) async fn put(
     state: &AppState,
     user: &UserId,
     room: Option<&str>,
