@@ -278,6 +278,25 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn events_of_rooms_one_was_never_in_are_not_found_and_redactions_stay_in_their_room(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let carol = server.register("carol", PW).await;
+        let private = create(&server, &alice, json!({"preset": "private_chat"})).await;
+        let other = create(&server, &alice, json!({"preset": "private_chat"})).await;
+        let (_, sent) = send(&server, &alice, &private, "p1", "private").await;
+        let event_id = sent["event_id"].as_str().unwrap().to_owned();
+        let event_path = room_path(&private, &format!("event/{}", percent(&event_id)));
+        assert_error(&server.get(&event_path, Some(&carol.token)).await, 404, "M_NOT_FOUND");
+        // Alice names an event of one room in another: a bad request, as she is in both.
+        let (status, body) = server.request("PUT", &room_path(&other, &format!("redact/{}/r1", percent(&event_id))),
+            Some(&alice.token), Some(json!({}))).await;
+        assert_error(&(status, body), 400, "M_INVALID_PARAM");
+        let (status, event) = server.get(&event_path, Some(&alice.token)).await;
+        assert_eq!((status, &event["content"]["body"]), (200, &json!("private")), "not redacted");
+        server.stop().await;
+    }
+
     async fn sync_filters_from_memory(db: Db) {
         filtered_syncs(db, 20_000).await;
     }

@@ -988,7 +988,14 @@ async fn get_event(
 ) -> Result<get_room_event::v3::Response> {
     let body = &request.body;
     let reader = &request.sender.user_id;
-    let rules = ReadRules::for_reader(&state, &body.room_id, reader).await?;
+    // One event of a room the reader was never in is as missing as a hidden one (404, as
+    // Synapse answers): whether it exists is not theirs to learn.
+    let rules = match ReadRules::for_reader(&state, &body.room_id, reader).await {
+        Err(Error::Matrix { status: StatusCode::FORBIDDEN, .. }) => {
+            return Err(Error::not_found("no such event"));
+        }
+        other => other?,
+    };
     let ignored = Ignored::load(&state, reader).await?;
     let (event, _) = readable_event(&state, &rules, &ignored, &body.room_id, &body.event_id).await?;
     Ok(get_room_event::v3::Response::new(serve_one(&state, &event, reader_of(&request.sender)).await?))
@@ -1009,12 +1016,20 @@ async fn redact(
     }
     let version = rooms::room_version(&state, &body.room_id).await?;
     rooms::require_joined(&state, &body.room_id, &user.user_id).await?;
-    let target = state
-        .store
-        .get_event(body.event_id.as_str())
-        .await?
-        .filter(|e| e.room_id == body.room_id.as_str())
-        .ok_or_else(|| Error::not_found("no such event in this room"))?;
+    let target = state.store.get_event(body.event_id.as_str()).await?;
+    let target = match target {
+        Some(event) if event.room_id == body.room_id.as_str() => event,
+        // Naming an event of another room is a bad request (Synapse's 400); whether it exists
+        // is said only to someone in its room.
+        Some(event) => {
+            let other = OwnedRoomId::try_from(event.room_id.as_str()).map_err(Error::internal)?;
+            if state.store.membership(&other, &user.user_id).await?.as_deref() == Some("join") {
+                return Err(Error::invalid_param("that event is in another room"));
+            }
+            return Err(Error::not_found("no such event in this room"));
+        }
+        None => return Err(Error::not_found("no such event in this room")),
+    };
     if ClientEvent::parse(&target)?.sender() != user.user_id.as_str() {
         let (have, levels) = rooms::power(&state, &body.room_id, &user.user_id).await?;
         let need = levels["redact"].as_i64().unwrap_or(50);
