@@ -187,11 +187,7 @@ async fn register_account(
 ) -> Result<register::v3::Response> {
     let body = request.body;
     if body.kind == RegistrationKind::Guest {
-        return Err(Error::new(
-            StatusCode::FORBIDDEN,
-            ErrorKind::GuestAccessForbidden,
-            "guest access is disabled",
-        ));
+        return register_guest(state, body, request.client_ip).await;
     }
     let flows = registration_flows(state)?;
     // Check what can be checked before the client goes through UIA. Capitals are lowered, as
@@ -263,7 +259,40 @@ async fn register_account(
     }
     tracing::info!(user_id = %user_id, "registered");
 
-    first_login(state, user_id, body, request.client_ip).await
+    first_login(state, user_id, body, request.client_ip, false).await
+}
+
+/// `POST /register?kind=guest`: a guest account with a random localpart, no password and no UIA,
+/// when `registration.allow_guests` is on. The body's other fields (username, password) are
+/// ignored, as Synapse does; only the device fields are used.
+async fn register_guest(
+    state: &AppState,
+    mut body: register::v3::Request,
+    client_ip: std::net::IpAddr,
+) -> Result<register::v3::Response> {
+    if !state.config.registration.allow_guests {
+        return Err(Error::new(
+            StatusCode::FORBIDDEN,
+            ErrorKind::GuestAccessForbidden,
+            "guest access is disabled",
+        ));
+    }
+    if let Some(name) = &body.initial_device_display_name
+        && name.chars().count() > super::device::MAX_DISPLAY_NAME
+    {
+        return Err(Error::invalid_param("initial_device_display_name is too long"));
+    }
+    let user_id = loop {
+        let user_id = UserId::parse_with_server_name(generated_localpart(), &state.server_name)
+            .map_err(Error::internal)?;
+        if state.store.create_guest(&user_id).await? {
+            break user_id;
+        }
+    };
+    tracing::info!(user_id = %user_id, "registered a guest");
+    // A guest without a token could never use the account: `inhibit_login` is not honoured.
+    body.inhibit_login = false;
+    first_login(state, user_id, body, client_ip, true).await
 }
 
 /// `POST /register` with `type: m.login.application_service` and the service's `as_token`: a user
@@ -292,7 +321,7 @@ async fn register_for_appservice(
         return Err(user_in_use());
     }
     tracing::info!(user_id = %user_id, appservice = appservice.id(), "registered by an application service");
-    first_login(state, user_id, body, request.client_ip).await
+    first_login(state, user_id, body, request.client_ip, false).await
 }
 
 /// The answer to a registration: the new account's first device logged in, unless the client
@@ -302,6 +331,7 @@ async fn first_login(
     user_id: OwnedUserId,
     body: register::v3::Request,
     client_ip: std::net::IpAddr,
+    guest: bool,
 ) -> Result<register::v3::Response> {
     let mut response = register::v3::Response::new(user_id.clone());
     if !body.inhibit_login {
@@ -312,6 +342,7 @@ async fn first_login(
             body.initial_device_display_name.as_deref(),
             client_ip,
             body.refresh_token,
+            guest,
         )
         .await?;
         response.device_id = Some(device_id);

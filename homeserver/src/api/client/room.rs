@@ -388,8 +388,14 @@ fn extra_join_keys(raw_body: &[u8]) -> Result<Map<String, Value>> {
 }
 
 /// Joins `user` to a room with `content`, unless they are joined already with exactly that
-/// content: then nothing changes and no event is sent (as Synapse).
-async fn join(state: &AppState, room_id: &RoomId, user: &UserId, content: &Value) -> Result<()> {
+/// content: then nothing changes and no event is sent (as Synapse). A guest joins only rooms
+/// whose `m.room.guest_access` is `can_join` (the spec's "Guest access").
+async fn join(state: &AppState, room_id: &RoomId, user: &crate::auth::AuthedUser, content: &Value) -> Result<()> {
+    let user_id = &user.user_id;
+    if user.is_guest && !guests_can_join(state, room_id).await? {
+        return Err(Error::forbidden("guests may not join this room: its guest access is not can_join"));
+    }
+    let user = user_id;
     if unchanged_state(state, room_id, user, "m.room.member", user.as_str(), content).await?.is_some() {
         return Ok(());
     }
@@ -417,6 +423,14 @@ async fn unchanged_state(
     Ok((client.content_value()? == *content).then_some(current.event_id))
 }
 
+/// Whether the room's `m.room.guest_access` lets guests join.
+async fn guests_can_join(state: &AppState, room_id: &RoomId) -> Result<bool> {
+    let Some(event) = state.store.current_state_event(room_id, "m.room.guest_access", "").await? else {
+        return Ok(false);
+    };
+    Ok(ClientEvent::parse(&event)?.content_str("guest_access").as_deref() == Some("can_join"))
+}
+
 /// POST /_matrix/client/v3/rooms/{roomId}/join
 async fn join_by_id(
     state: web::Data<AppState>,
@@ -426,7 +440,7 @@ async fn join_by_id(
     let room_id = request.body.room_id;
     let extra = extra_join_keys(&request.raw_body)?;
     let content = own_join_content(&state, user, extra, request.body.reason.as_deref()).await?;
-    join(&state, &room_id, user, &content).await?;
+    join(&state, &room_id, &request.sender, &content).await?;
     Ok(join_room_by_id::v3::Response::new(room_id))
 }
 
@@ -444,7 +458,7 @@ async fn join_by_id_or_alias(
     };
     let extra = extra_join_keys(&request.raw_body)?;
     let content = own_join_content(&state, user, extra, request.body.reason.as_deref()).await?;
-    join(&state, &room_id, user, &content).await?;
+    join(&state, &room_id, &request.sender, &content).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
 
