@@ -606,9 +606,11 @@ async fn joined_members(
     request: Ruma<joined_members::v3::Request>,
 ) -> Result<joined_members::v3::Response> {
     let room_id = &request.body.room_id;
-    rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
+    // Members, and anyone in a world-readable room (as Synapse); a departed member sees the
+    // members as of their leave, as `/members` shows them.
+    let rules = ReadRules::for_reader(&state, room_id, &request.sender.user_id).await?;
     let mut joined = BTreeMap::new();
-    for event in members_of(state.store.current_state(room_id).await?)? {
+    for event in members_of(rules.readable_state(&state, room_id).await?)? {
         let event = ClientEvent::parse(&event)?;
         if event.content_str("membership").as_deref() != Some("join") {
             continue;
@@ -877,7 +879,7 @@ const MAX_PAGES: usize = 10;
 /// start of the room, `to`, or the first event the user may read is reached; forwards, once a
 /// page finds nothing (the present). A page the filter, the history-visibility rules or the
 /// user's ignore list leave empty still moves `end` past what was read.
-async fn messages(
+pub(super) async fn messages(
     state: web::Data<AppState>,
     request: Ruma<get_message_events::v3::Request>,
 ) -> Result<get_message_events::v3::Response> {

@@ -1,0 +1,316 @@
+//! The spec's legacy sync endpoints, deprecated but still specified (and still used by SyTest
+//! and old clients): `GET /initialSync`, `GET /rooms/{roomId}/initialSync` and `GET /events`,
+//! the global event stream or, with `room_id`, a peek at one room's new events.
+//!
+//! They are answered with the building blocks of `/sync` and `/messages`, not copies of them:
+//! the global `/events` is a `/sync` from the `from` token, flattened into one list of events;
+//! a room's initial sync is its readable state and a backwards `/messages` page.
+
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use http::Method;
+use ruma::{
+    OwnedRoomId, RoomId, UInt,
+    api::{
+        Direction,
+        client::{
+            message::get_message_events,
+            peeking::get_current_state::{self, v3::PaginationChunk},
+            room::Visibility,
+            sync::sync_events,
+        },
+    },
+    events::room::member::MembershipState,
+    serde::Raw,
+};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::room::{parse_token, reader_of, token};
+use crate::{
+    auth::AuthedUser,
+    error::{Error, Result},
+    rooms::{
+        client_event::{raw, serve},
+        visibility::{ReadRules, erase_for_reader},
+    },
+    ruma_wrapper::{Authenticated, Router, Ruma},
+    state::AppState,
+};
+
+pub(super) fn routes(router: &mut Router) {
+    router.add(get_room_initial_sync);
+    // Not ruma's `listen_to_new_events`: it requires `room_id`, and without one `/events` is the
+    // user's whole event stream. ruma has no type for the global `/initialSync`.
+    for path in ["/_matrix/client/v3/events", "/_matrix/client/r0/events"] {
+        router.add_route(Method::GET, path, || web::get().to(get_events));
+    }
+    for path in ["/_matrix/client/v3/initialSync", "/_matrix/client/r0/initialSync"] {
+        router.add_route(Method::GET, path, || web::get().to(get_initial_sync));
+    }
+}
+
+/// Timeline events in a room's initial sync unless `limit` says otherwise (Synapse's default).
+const DEFAULT_LIMIT: u32 = 10;
+/// The most timeline events one room's initial sync sends.
+const MAX_LIMIT: u32 = 100;
+/// The longest `/events` waits, as `/sync`.
+const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+/// The most events one peek at a room answers with; the client asks again from `end`.
+const MAX_PEEK_EVENTS: i64 = 100;
+
+/// The query parameters of the legacy endpoints; others (`access_token`) are ignored.
+#[derive(Debug, Default, Deserialize)]
+struct LegacyQuery {
+    from: Option<String>,
+    timeout: Option<String>,
+    room_id: Option<String>,
+    limit: Option<String>,
+    archived: Option<String>,
+}
+
+impl LegacyQuery {
+    fn parse(req: &HttpRequest) -> Result<Self> {
+        web::Query::<Self>::from_query(req.query_string())
+            .map(web::Query::into_inner)
+            .map_err(|e| Error::invalid_param(format!("query: {e}")))
+    }
+
+    fn timeout(&self) -> Result<Duration> {
+        let Some(raw) = &self.timeout else { return Ok(Duration::ZERO) };
+        let ms = raw
+            .parse::<u64>()
+            .map_err(|_| Error::invalid_param("timeout must be a number of milliseconds"))?;
+        Ok(Duration::from_millis(ms).min(MAX_TIMEOUT))
+    }
+
+    fn limit(&self) -> Result<u32> {
+        let Some(raw) = &self.limit else { return Ok(DEFAULT_LIMIT) };
+        let limit = raw.parse::<u32>().map_err(|_| Error::invalid_param("limit must be a whole number"))?;
+        Ok(limit.min(MAX_LIMIT))
+    }
+
+    fn archived(&self) -> Result<bool> {
+        match self.archived.as_deref() {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(_) => Err(Error::invalid_param("archived must be true or false")),
+        }
+    }
+}
+
+/// GET /_matrix/client/v3/rooms/{roomId}/initialSync
+///
+/// For members, departed members (the room as of their leave) and anyone in a world-readable
+/// room, as the history-visibility rules let each read it.
+async fn get_room_initial_sync(
+    state: web::Data<AppState>,
+    request: Ruma<get_current_state::v3::Request>,
+) -> Result<get_current_state::v3::Response> {
+    room_initial_sync(&state, &request.sender, request.client_ip, &request.body.room_id, DEFAULT_LIMIT).await
+}
+
+/// One room's initial sync: its readable state, the newest `limit` readable events, the user's
+/// membership, the room's directory visibility and the user's tags for it.
+async fn room_initial_sync(
+    state: &web::Data<AppState>,
+    sender: &AuthedUser,
+    client_ip: std::net::IpAddr,
+    room_id: &RoomId,
+    limit: u32,
+) -> Result<get_current_state::v3::Response> {
+    let user = &sender.user_id;
+    let rules = ReadRules::for_reader(state, room_id, user).await?;
+    let room_state = rules.readable_state(state, room_id).await?;
+    let mut response = get_current_state::v3::Response::new(room_id.to_owned());
+    response.state = serve(state, &room_state, reader_of(sender)).await?;
+    response.membership = state.store.membership(room_id, user).await?.map(MembershipState::from);
+    // The newest page, as `/messages` reads it backwards, served oldest first.
+    let mut page_request = get_message_events::v3::Request::new(room_id.to_owned(), Direction::Backward);
+    page_request.limit = UInt::from(limit);
+    let page = super::room::messages(
+        state.clone(),
+        Ruma { body: page_request, sender: sender.clone(), client_ip, raw_body: web::Bytes::new() },
+    )
+    .await?;
+    let mut chunk = page.chunk;
+    chunk.reverse();
+    let mut messages = PaginationChunk::new(chunk, page.start);
+    messages.start = Some(page.end.unwrap_or_else(|| token(0)));
+    response.messages = Some(messages);
+    response.visibility =
+        Some(if state.store.room_is_public(room_id).await? { Visibility::Public } else { Visibility::Private });
+    if let Some(tags) = state.store.account_data(user, Some(room_id.as_str()), "m.tag").await? {
+        let content: Value = serde_json::from_str(&tags).map_err(Error::internal)?;
+        response.account_data.push(raw(&json!({"type": "m.tag", "content": content}))?);
+    }
+    Ok(response)
+}
+
+/// GET /_matrix/client/v3/initialSync
+///
+/// Every room the user is joined to or invited to, with `archived=true` the rooms they left
+/// too (each as its departed member may read it), and their global account data.
+async fn get_initial_sync(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Authenticated(user): Authenticated,
+) -> Result<HttpResponse> {
+    let query = LegacyQuery::parse(&req)?;
+    let (limit, archived) = (query.limit()?, query.archived()?);
+    let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
+    let upto = state.store.persisted_upto().await?;
+    let mut rooms = Vec::new();
+    for (room_id, membership, _) in state.store.user_rooms(&user.user_id).await? {
+        let Ok(room_id) = OwnedRoomId::try_from(room_id) else { continue };
+        match membership.as_str() {
+            "invite" => rooms.push(json!({"room_id": room_id, "membership": "invite"})),
+            "join" => rooms.push(room_json(room_initial_sync(&state, &user, client_ip, &room_id, limit).await?)),
+            "leave" | "ban" if archived => {
+                // A room the user never read (an invite they rejected) has nothing to show.
+                match room_initial_sync(&state, &user, client_ip, &room_id, limit).await {
+                    Ok(room) => rooms.push(room_json(room)),
+                    Err(Error::Matrix { status, .. }) if status == actix_web::http::StatusCode::FORBIDDEN => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut account_data = Vec::new();
+    for (data_type, content) in state.store.account_data_changes(&user.user_id, 0, upto).await?.into_iter().filter_map(
+        |change| change.room_id.is_none().then_some((change.data_type, change.content)),
+    ) {
+        let content: Value = serde_json::from_str(&content).map_err(Error::internal)?;
+        account_data.push(json!({"type": data_type, "content": content}));
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "end": token(upto),
+        "rooms": rooms,
+        "presence": [],
+        "account_data": account_data,
+    })))
+}
+
+/// A room's initial sync as an entry of the global one's `rooms`.
+fn room_json(room: get_current_state::v3::Response) -> Value {
+    let mut entry = json!({
+        "room_id": room.room_id,
+        "state": room.state,
+        "account_data": room.account_data,
+    });
+    if let Some(membership) = room.membership {
+        entry["membership"] = json!(membership.as_str());
+    }
+    if let Some(visibility) = room.visibility {
+        entry["visibility"] = json!(visibility.as_str());
+    }
+    if let Some(messages) = room.messages {
+        entry["messages"] = json!({"chunk": messages.chunk, "start": messages.start, "end": messages.end});
+    }
+    entry
+}
+
+/// GET /_matrix/client/v3/events
+///
+/// Without `room_id`: the user's event stream from `from` (a `/sync` token; without one, from
+/// now), waiting up to `timeout` ms for something new. With `room_id`: new events of that one
+/// room, which the user need not be joined to if it is world readable (a peek).
+async fn get_events(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Authenticated(user): Authenticated,
+) -> Result<HttpResponse> {
+    let query = LegacyQuery::parse(&req)?;
+    let timeout = query.timeout()?;
+    let from = query.from.as_deref().map(parse_token).transpose()?;
+    let from = match from {
+        Some(from) => from,
+        None => state.store.persisted_upto().await?,
+    };
+    if let Some(room_id) = &query.room_id {
+        let room_id = <&RoomId>::try_from(room_id.as_str())
+            .map_err(|e| Error::invalid_param(format!("room_id is not a room id: {e}")))?;
+        return peek(&state, &user, room_id, from, timeout).await;
+    }
+    let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
+    let mut sync_request = sync_events::v3::Request::new();
+    sync_request.since = Some(token(from));
+    sync_request.timeout = Some(timeout);
+    let synced = super::sync::sync(
+        state.clone(),
+        Ruma { body: sync_request, sender: user, client_ip, raw_body: web::Bytes::new() },
+    )
+    .await?;
+    // The timelines of joined and departed rooms, in one list: each event names its room.
+    let mut chunk = Vec::new();
+    let timelines = synced
+        .rooms
+        .join
+        .iter()
+        .map(|(room_id, room)| (room_id, &room.timeline.events))
+        .chain(synced.rooms.leave.iter().map(|(room_id, room)| (room_id, &room.timeline.events)));
+    for (room_id, events) in timelines {
+        for event in events {
+            chunk.push(with_room_id(event, room_id)?);
+        }
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "chunk": chunk,
+        "start": token(from),
+        "end": strip_cursor(&synced.next_batch),
+    })))
+}
+
+/// A `/sync` timeline event with the `room_id` an event stream's events carry.
+fn with_room_id<T>(event: &Raw<T>, room_id: &RoomId) -> Result<Value> {
+    let mut object: Map<String, Value> = serde_json::from_str(event.json().get()).map_err(Error::internal)?;
+    object.insert("room_id".to_owned(), json!(room_id));
+    Ok(Value::Object(object))
+}
+
+/// The stream position of a `/sync` token, without the to-device cursor `/events` never uses.
+fn strip_cursor(next_batch: &str) -> &str {
+    next_batch.split_once('_').map_or(next_batch, |(position, _)| position)
+}
+
+/// The new events of one room after `from` that the user may read, waiting up to `timeout`
+/// for the first. M_FORBIDDEN for a room the user may not read (not a member, not world
+/// readable), as `/messages` answers.
+async fn peek(
+    state: &web::Data<AppState>,
+    user: &AuthedUser,
+    room_id: &RoomId,
+    from: i64,
+    timeout: Duration,
+) -> Result<HttpResponse> {
+    let rules = ReadRules::for_reader(state, room_id, &user.user_id).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut notifications = state.subscribe();
+    loop {
+        let upto = state.store.persisted_upto().await?;
+        let page = state.store.room_events(room_id, from, upto, MAX_PEEK_EVENTS, false).await?;
+        // A full page ends at its last event; otherwise everything up to now was read.
+        let end = match page.last() {
+            Some(last) if page.len() as i64 == MAX_PEEK_EVENTS => last.stream_ordering,
+            _ => upto.max(from),
+        };
+        let readable: Vec<_> = page.into_iter().filter(|event| rules.may_see(event)).collect();
+        if !readable.is_empty() || tokio::time::Instant::now() >= deadline {
+            let events = erase_for_reader(state, &rules, readable).await?;
+            let chunk: Vec<Raw<Value>> = serve(state, &events, reader_of(user)).await?;
+            return Ok(HttpResponse::Ok().json(json!({
+                "chunk": chunk,
+                "start": token(from),
+                "end": token(end),
+            })));
+        }
+        tokio::select! {
+            woken = notifications.changed() => if woken.is_err() {
+                tokio::time::sleep_until(deadline).await;
+            },
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
