@@ -28,13 +28,14 @@ const ALLOWED: &[(&str, &str)] = &[
     ("POST", "join/*"),
     ("POST", "rooms/*/leave"),
     ("PUT", "rooms/*/send/*/*"),
-    ("POST", "rooms/*/send/*"),
     ("PUT", "rooms/*/typing/*"),
     ("POST", "rooms/*/receipt/*/*"),
     ("POST", "rooms/*/read_markers"),
     ("GET", "profile/*"),
-    ("GET", "profile/*/*"),
-    ("PUT", "profile/*/*"),
+    ("GET", "profile/*/displayname"),
+    ("PUT", "profile/*/displayname"),
+    ("GET", "profile/*/avatar_url"),
+    ("PUT", "profile/*/avatar_url"),
     ("GET", "user/*/account_data/*"),
     ("PUT", "user/*/account_data/*"),
     ("GET", "user/*/rooms/*/account_data/*"),
@@ -108,6 +109,7 @@ mod tests {
         assert!(allowed("GET", "/_matrix/client/v3/sync"));
         assert!(allowed("GET", "/_matrix/client/r0/rooms/{roomId}/messages"));
         assert!(allowed("PUT", "/_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}"));
+        assert!(allowed("PUT", "/_matrix/client/v3/profile/{userId}/displayname"));
         assert!(!allowed("POST", "/_matrix/client/v3/createRoom"));
         assert!(!allowed("DELETE", "/_matrix/client/v3/devices/{deviceId}"));
         assert!(!allowed("GET", "/_matrix/client/v3/rooms/{roomId}/messages/extra"));
