@@ -197,6 +197,15 @@ crate::on_both_backends! {
         assert_eq!(status, 200, "a departed member's room initialSync: {one}");
         assert_eq!(one["membership"], "leave");
         assert_eq!(bodies(&one["messages"]["chunk"]), ["before bob", "while bob is here"]);
+        assert_eq!(one["presence"], json!([]), "{one}");
+        let (status, newest) = server
+            .get(&format!("/_matrix/client/v3/rooms/{}/initialSync?limit=2", enc(&room)), Some(&bob.token))
+            .await;
+        assert_eq!(status, 200, "{newest}");
+        let chunk = newest["messages"]["chunk"].as_array().unwrap();
+        assert_eq!(chunk.len(), 2, "{newest}");
+        assert_eq!(chunk[0]["content"]["body"], "while bob is here", "the newest readable, oldest first");
+        assert_eq!(chunk[1]["content"]["membership"], "leave", "bob's leave is the last he saw");
         server.stop().await;
     }
 
@@ -232,6 +241,24 @@ crate::on_both_backends! {
             assert_eq!(answer["start"], from.as_str());
             assert!(answer["end"].as_str().is_some_and(|end| end != from), "{answer}");
         }
+
+        // A stream read in pages of `limit` gets every event once, oldest first.
+        let mark = woken["end"].as_str().unwrap().to_owned();
+        for n in 0..5 {
+            send_text(&server, &alice, &room, &format!("message {n}")).await;
+        }
+        let mut seen = Vec::new();
+        let mut from = mark;
+        for _ in 0..5 {
+            let (status, page) = server
+                .get(&format!("/_matrix/client/v3/events?from={from}&limit=2&timeout=0"), Some(&alice.token))
+                .await;
+            assert_eq!(status, 200, "{page}");
+            assert!(page["chunk"].as_array().unwrap().len() <= 2, "{page}");
+            seen.extend(bodies(&page["chunk"]));
+            from = page["end"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(seen, (0..5).map(|n| format!("message {n}")).collect::<Vec<_>>());
         server.stop().await;
     }
 
@@ -247,6 +274,7 @@ crate::on_both_backends! {
             "/_matrix/client/v3/events?room_id=not-a-room",
             "/_matrix/client/v3/initialSync?archived=maybe",
             "/_matrix/client/v3/initialSync?limit=-1",
+            "/_matrix/client/v3/events?limit=0",
         ] {
             assert_error(&server.get(path, token).await, 400, "M_INVALID_PARAM");
         }

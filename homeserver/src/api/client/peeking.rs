@@ -18,14 +18,13 @@ use ruma::{
             message::get_message_events,
             peeking::get_current_state::{self, v3::PaginationChunk},
             room::Visibility,
-            sync::sync_events,
         },
     },
     events::room::member::MembershipState,
     serde::Raw,
 };
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::room::{parse_token, reader_of, token};
 use crate::{
@@ -40,7 +39,10 @@ use crate::{
 };
 
 pub(super) fn routes(router: &mut Router) {
-    router.add(get_room_initial_sync);
+    // Not ruma's `get_current_state`: it has no `limit`, and its answer no `presence`.
+    for path in ["/_matrix/client/v3/rooms/{roomId}/initialSync", "/_matrix/client/r0/rooms/{roomId}/initialSync"] {
+        router.add_route(Method::GET, path, || web::get().to(get_room_initial_sync));
+    }
     // Not ruma's `listen_to_new_events`: it requires `room_id`, and without one `/events` is the
     // user's whole event stream. ruma has no type for the global `/initialSync`.
     for path in ["/_matrix/client/v3/events", "/_matrix/client/r0/events"] {
@@ -57,8 +59,9 @@ const DEFAULT_LIMIT: u32 = 10;
 const MAX_LIMIT: u32 = 100;
 /// The longest `/events` waits, as `/sync`.
 const MAX_TIMEOUT: Duration = Duration::from_secs(120);
-/// The most events one peek at a room answers with; the client asks again from `end`.
-const MAX_PEEK_EVENTS: i64 = 100;
+/// Events one `/events` answers with unless `limit` says otherwise, and the most it may ask.
+const DEFAULT_EVENTS: i64 = 100;
+const MAX_EVENTS: i64 = 1000;
 
 /// The query parameters of the legacy endpoints; others (`access_token`) are ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -106,9 +109,16 @@ impl LegacyQuery {
 /// room, as the history-visibility rules let each read it.
 async fn get_room_initial_sync(
     state: web::Data<AppState>,
-    request: Ruma<get_current_state::v3::Request>,
-) -> Result<get_current_state::v3::Response> {
-    room_initial_sync(&state, &request.sender, request.client_ip, &request.body.room_id, DEFAULT_LIMIT).await
+    req: HttpRequest,
+    Authenticated(user): Authenticated,
+) -> Result<HttpResponse> {
+    let query = LegacyQuery::parse(&req)?;
+    let room_id = req.match_info().get("roomId").unwrap_or_default();
+    let room_id = <&RoomId>::try_from(room_id)
+        .map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
+    let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
+    let room = room_initial_sync(&state, &user, client_ip, room_id, query.limit()?).await?;
+    Ok(HttpResponse::Ok().json(room_json(room)))
 }
 
 /// One room's initial sync: its readable state, the newest `limit` readable events, the user's
@@ -206,6 +216,9 @@ fn room_json(room: get_current_state::v3::Response) -> Value {
     if let Some(visibility) = room.visibility {
         entry["visibility"] = json!(visibility.as_str());
     }
+    // Presence and receipts are not part of Hearth's answer yet: empty, as the spec's keys.
+    entry["presence"] = json!([]);
+    entry["receipts"] = json!([]);
     if let Some(messages) = room.messages {
         entry["messages"] = json!({"chunk": messages.chunk, "start": messages.start, "end": messages.end});
     }
@@ -214,9 +227,10 @@ fn room_json(room: get_current_state::v3::Response) -> Value {
 
 /// GET /_matrix/client/v3/events
 ///
-/// Without `room_id`: the user's event stream from `from` (a `/sync` token; without one, from
-/// now), waiting up to `timeout` ms for something new. With `room_id`: new events of that one
-/// room, which the user need not be joined to if it is world readable (a peek).
+/// Without `room_id`: the events of the user's rooms from `from` (a stream token; without one,
+/// from now), oldest first, at most `limit`, waiting up to `timeout` ms for the first. With
+/// `room_id`: the same for that one room, which the user need not be in if it is world readable
+/// (a peek). Each room's history-visibility rules decide what the user sees, as for `/messages`.
 async fn get_events(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -224,86 +238,43 @@ async fn get_events(
 ) -> Result<HttpResponse> {
     let query = LegacyQuery::parse(&req)?;
     let timeout = query.timeout()?;
-    let from = query.from.as_deref().map(parse_token).transpose()?;
-    let from = match from {
-        Some(from) => from,
-        None => state.store.persisted_upto().await?,
+    let limit = match &query.limit {
+        None => DEFAULT_EVENTS,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| Error::invalid_param("limit must be a positive whole number"))?
+            .min(MAX_EVENTS),
     };
-    if let Some(room_id) = &query.room_id {
-        let room_id = <&RoomId>::try_from(room_id.as_str())
-            .map_err(|e| Error::invalid_param(format!("room_id is not a room id: {e}")))?;
-        return peek(&state, &user, room_id, from, timeout).await;
+    let from = query.from.as_deref().map(parse_token).transpose()?;
+    let room = query
+        .room_id
+        .as_deref()
+        .map(|room_id| {
+            OwnedRoomId::try_from(room_id).map_err(|e| Error::invalid_param(format!("room_id is not a room id: {e}")))
+        })
+        .transpose()?;
+    if let Some(room) = &room {
+        // M_FORBIDDEN at once for a room the user may not read.
+        ReadRules::for_reader(&state, room, &user.user_id).await?;
     }
-    let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
-    let mut sync_request = sync_events::v3::Request::new();
-    sync_request.since = Some(token(from));
-    sync_request.timeout = Some(timeout);
-    let synced = super::sync::sync(
-        state.clone(),
-        Ruma { body: sync_request, sender: user, client_ip, raw_body: web::Bytes::new() },
-    )
-    .await?;
-    // The timelines of joined and departed rooms, in one list: each event names its room.
-    let mut chunk = Vec::new();
-    let timelines = synced
-        .rooms
-        .join
-        .iter()
-        .map(|(room_id, room)| (room_id, &room.timeline.events))
-        .chain(synced.rooms.leave.iter().map(|(room_id, room)| (room_id, &room.timeline.events)));
-    for (room_id, events) in timelines {
-        for event in events {
-            chunk.push(with_room_id(event, room_id)?);
-        }
-    }
-    Ok(HttpResponse::Ok().json(json!({
-        "chunk": chunk,
-        "start": token(from),
-        "end": strip_cursor(&synced.next_batch),
-    })))
-}
-
-/// A `/sync` timeline event with the `room_id` an event stream's events carry.
-fn with_room_id<T>(event: &Raw<T>, room_id: &RoomId) -> Result<Value> {
-    let mut object: Map<String, Value> = serde_json::from_str(event.json().get()).map_err(Error::internal)?;
-    object.insert("room_id".to_owned(), json!(room_id));
-    Ok(Value::Object(object))
-}
-
-/// The stream position of a `/sync` token, without the to-device cursor `/events` never uses.
-fn strip_cursor(next_batch: &str) -> &str {
-    next_batch.split_once('_').map_or(next_batch, |(position, _)| position)
-}
-
-/// The new events of one room after `from` that the user may read, waiting up to `timeout`
-/// for the first. M_FORBIDDEN for a room the user may not read (not a member, not world
-/// readable), as `/messages` answers.
-async fn peek(
-    state: &web::Data<AppState>,
-    user: &AuthedUser,
-    room_id: &RoomId,
-    from: i64,
-    timeout: Duration,
-) -> Result<HttpResponse> {
-    let rules = ReadRules::for_reader(state, room_id, &user.user_id).await?;
+    let upto = state.store.persisted_upto().await?;
+    let from = from.unwrap_or(upto).min(upto);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut notifications = state.subscribe();
+    let mut cursor = from;
     loop {
         let upto = state.store.persisted_upto().await?;
-        let page = state.store.room_events(room_id, from, upto, MAX_PEEK_EVENTS, false).await?;
-        // A full page ends at its last event; otherwise everything up to now was read.
-        let end = match page.last() {
-            Some(last) if page.len() as i64 == MAX_PEEK_EVENTS => last.stream_ordering,
-            _ => upto.max(from),
-        };
-        let readable: Vec<_> = page.into_iter().filter(|event| rules.may_see(event)).collect();
-        if !readable.is_empty() || tokio::time::Instant::now() >= deadline {
-            let events = erase_for_reader(state, &rules, readable).await?;
-            let chunk: Vec<Raw<Value>> = serve(state, &events, reader_of(user)).await?;
+        let (found, scanned) = read_stream(&state, &user, room.as_deref(), cursor, upto, limit).await?;
+        cursor = scanned;
+        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+            // Served events name their room, as the event stream's must.
+            let chunk: Vec<Raw<Value>> = serve(&state, &found, reader_of(&user)).await?;
             return Ok(HttpResponse::Ok().json(json!({
                 "chunk": chunk,
                 "start": token(from),
-                "end": token(end),
+                "end": token(cursor),
             })));
         }
         tokio::select! {
@@ -313,4 +284,57 @@ async fn peek(
             () = tokio::time::sleep_until(deadline) => {}
         }
     }
+}
+
+/// Events a page of the stream scan reads at a time.
+const SCAN_PAGE: i64 = 200;
+/// Pages one read scans before answering with what it found (the client goes on from `end`).
+const MAX_SCAN_PAGES: usize = 10;
+
+/// The events after `after` (up to `upto`) of the user's rooms, or of `room`, that the user may
+/// see, at most `limit`; and how far the stream was read, where the next read starts.
+async fn read_stream(
+    state: &AppState,
+    user: &AuthedUser,
+    room: Option<&RoomId>,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<(Vec<crate::storage::StoredEvent>, i64)> {
+    let rooms: std::collections::HashSet<String> = match room {
+        Some(room) => std::iter::once(room.as_str().to_owned()).collect(),
+        None => state.store.user_rooms(&user.user_id).await?.into_iter().map(|(room_id, _, _)| room_id).collect(),
+    };
+    let mut rules: std::collections::HashMap<String, Option<ReadRules>> = Default::default();
+    let mut found = Vec::new();
+    let mut cursor = after;
+    for _ in 0..MAX_SCAN_PAGES {
+        let page = state.store.stream_events(cursor, upto, SCAN_PAGE).await?;
+        let full = page.len() as i64 == SCAN_PAGE;
+        for streamed in page {
+            let event = streamed.event;
+            cursor = event.stream_ordering;
+            if !rooms.contains(&event.room_id) {
+                continue;
+            }
+            if !rules.contains_key(&event.room_id) {
+                let room_id = OwnedRoomId::try_from(event.room_id.as_str()).map_err(Error::internal)?;
+                // A room the user may no longer read at all shows nothing.
+                let loaded = ReadRules::for_reader(state, &room_id, &user.user_id).await.ok();
+                rules.insert(event.room_id.clone(), loaded);
+            }
+            if let Some(Some(room_rules)) = rules.get(&event.room_id)
+                && room_rules.may_see(&event)
+            {
+                found.extend(erase_for_reader(state, room_rules, vec![event]).await?);
+                if found.len() as i64 == limit {
+                    return Ok((found, cursor));
+                }
+            }
+        }
+        if !full {
+            return Ok((found, upto.max(cursor)));
+        }
+    }
+    Ok((found, cursor))
 }

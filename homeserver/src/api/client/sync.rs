@@ -148,7 +148,7 @@ async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Re
 }
 
 /// GET /_matrix/client/v3/sync
-pub(super) async fn sync(
+async fn sync(
     state: web::Data<AppState>,
     request: Ruma<sync_events::v3::Request>,
 ) -> Result<sync_events::v3::Response> {
