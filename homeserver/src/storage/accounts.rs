@@ -31,6 +31,9 @@ pub trait AccountStore: Send + Sync {
     ) -> StoreResult<bool>;
     /// Creates a guest account (no password). Returns `false` when the id is taken.
     async fn create_guest(&self, user_id: &UserId) -> StoreResult<bool>;
+    /// Turns a guest account into a full one with this password. Returns `false` when the
+    /// account is not a guest's (any more).
+    async fn upgrade_guest(&self, user_id: &UserId, password_hash: &str) -> StoreResult<bool>;
     async fn get_user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>>;
     async fn set_password_hash(&self, user_id: &UserId, password_hash: Option<&str>) -> StoreResult<()>;
     /// Marks the account deactivated, forgets its password and deletes its devices, sessions and
@@ -88,6 +91,18 @@ impl AccountStore for SqlStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(created.is_some())
+    }
+
+    async fn upgrade_guest(&self, user_id: &UserId, password_hash: &str) -> StoreResult<bool> {
+        let upgraded = sqlx::query(
+            "UPDATE users SET password_hash = $2, is_guest = 0
+             WHERE user_id = $1 AND is_guest = 1 AND deactivated = 0 RETURNING user_id",
+        )
+        .bind(user_id.as_str())
+        .bind(password_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(upgraded.is_some())
     }
 
     async fn get_user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>> {

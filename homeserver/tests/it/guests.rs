@@ -81,6 +81,7 @@ crate::on_both_backends! {
         let (status, me) = server.get("/_matrix/client/v3/account/whoami", Some(&guest.token)).await;
         assert_eq!(status, 200, "{me}");
         assert_eq!(me["user_id"], guest.user_id.as_str());
+        assert_eq!(me["is_guest"], true);
         let (status, sync) = server.get("/_matrix/client/v3/sync?timeout=0", Some(&guest.token)).await;
         assert_eq!(status, 200, "a guest syncs: {sync}");
         // A full account's registration is unchanged.
@@ -123,6 +124,54 @@ crate::on_both_backends! {
             .await;
         assert_eq!(status, 200);
         assert!(bodies(&page["chunk"]).contains(&"hello from a guest".to_owned()), "{page}");
+        server.stop().await;
+    }
+
+    async fn guests_leave_rooms_whose_guest_access_is_revoked(db: Db) {
+        let server = guest_server(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let guest = register_guest(&server).await;
+        let room = create_room(&server, &alice, json!({"preset": "public_chat"})).await;
+        put_state(&server, &alice, &room, "m.room.guest_access", json!({"guest_access": "can_join"})).await;
+        for who in [&bob, &guest] {
+            let (status, body) = server
+                .post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(&who.token), json!({}))
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        put_state(&server, &alice, &room, "m.room.guest_access", json!({"guest_access": "forbidden"})).await;
+        let membership = |who: &Session| {
+            let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&who.user_id));
+            let (server, token) = (&server, alice.token.clone());
+            async move { server.get(&path, Some(&token)).await.1["membership"].clone() }
+        };
+        assert_eq!(membership(&guest).await, "leave", "the guest left");
+        assert_eq!(membership(&bob).await, "join", "full accounts stay");
+        server.stop().await;
+    }
+
+    async fn a_guest_upgrades_itself_to_a_full_account_and_no_other(db: Db) {
+        let server = guest_server(db).await;
+        let guest = register_guest(&server).await;
+        let other = register_guest(&server).await;
+        let localpart = guest.user_id.trim_start_matches('@').split(':').next().unwrap().to_owned();
+        let body = |token: &str| json!({
+            "username": localpart, "password": PW, "guest_access_token": token,
+            "auth": {"type": "m.login.dummy"},
+        });
+        let refused = server.post("/_matrix/client/v3/register", None, body(&other.token)).await;
+        assert_error(&refused, 403, "M_FORBIDDEN");
+        let (status, upgraded) = server.post("/_matrix/client/v3/register", None, body(&guest.token)).await;
+        assert_eq!(status, 200, "{upgraded}");
+        assert_eq!(upgraded["user_id"], guest.user_id.as_str(), "the same account");
+        let full = session_of(&upgraded);
+        let (status, created) = server.post("/_matrix/client/v3/createRoom", Some(&full.token), json!({})).await;
+        assert_eq!(status, 200, "no longer limited: {created}");
+        let (status, login) = server.login(&localpart, PW, json!({})).await;
+        assert_eq!(status, 200, "the password logs in: {login}");
+        let again = server.post("/_matrix/client/v3/register", None, body(&guest.token)).await;
+        assert_error(&again, 403, "M_FORBIDDEN");
         server.stop().await;
     }
 

@@ -193,9 +193,19 @@ async fn register_account(
     // Check what can be checked before the client goes through UIA. Capitals are lowered, as
     // Synapse does (SyTest: "POST /register downcases capitals in usernames"), rather than
     // refused: logins find the account whatever case is typed.
-    let requested =
+    let mut requested =
         body.username.as_deref().map(|u| parse_username(state, &lower_localpart(u))).transpose()?;
+    // A guest becoming a full account keeps its user id (the spec's `guest_access_token`).
+    let upgrading = match body.guest_access_token.as_deref() {
+        Some(token) => {
+            let guest = guest_to_upgrade(state, token, requested.as_deref()).await?;
+            requested = Some(guest.clone());
+            Some(guest)
+        }
+        None => None,
+    };
     if let Some(user_id) = &requested
+        && upgrading.is_none()
         && state.store.get_user(user_id).await?.is_some()
     {
         return Err(user_in_use());
@@ -234,6 +244,12 @@ async fn register_account(
     let password = body.password.as_deref().ok_or_else(|| Error::missing_param("password is required"))?;
     let hash = password::hash(password).await?;
     let user_id = match requested {
+        Some(user_id) if upgrading.is_some() => {
+            if !state.store.upgrade_guest(&user_id, &hash).await? {
+                return Err(Error::forbidden("that account is no longer a guest account"));
+            }
+            user_id
+        }
         Some(user_id) => {
             if !state.store.create_user(&user_id, Some(&hash), false).await? {
                 return Err(user_in_use());
@@ -260,6 +276,17 @@ async fn register_account(
     tracing::info!(user_id = %user_id, "registered");
 
     first_login(state, user_id, body, request.client_ip, false).await
+}
+
+/// The guest account a `guest_access_token` belongs to, when `username` (if given) names it:
+/// a guest may upgrade only itself.
+async fn guest_to_upgrade(state: &AppState, token: &str, username: Option<&UserId>) -> Result<OwnedUserId> {
+    let not_yours = || Error::forbidden("guest_access_token is not the access token of this guest account");
+    let guest = auth::authenticate_token(state, token).await.map_err(|_| not_yours())?;
+    if !guest.is_guest || username.is_some_and(|user| user != guest.user_id) {
+        return Err(not_yours());
+    }
+    Ok(guest.user_id)
 }
 
 /// `POST /register?kind=guest`: a guest account with a random localpart, no password and no UIA,

@@ -832,7 +832,28 @@ async fn send_state(
         txn: None,
     };
     let stored = rooms::append(&state, &body.room_id, draft).await?;
+    if event_type == "m.room.guest_access"
+        && body.state_key.is_empty()
+        && value.get("guest_access").and_then(Value::as_str) != Some("can_join")
+    {
+        remove_guests(&state, &body.room_id).await?;
+    }
     Ok(send_state_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
+}
+
+/// Makes the guests joined to a room leave it, once its guest access is no longer `can_join`
+/// (as Synapse does): each leaves by itself, so no power level is needed.
+async fn remove_guests(state: &AppState, room_id: &RoomId) -> Result<()> {
+    for (member, membership) in state.store.members(room_id).await? {
+        if membership != "join" {
+            continue;
+        }
+        let Ok(member) = OwnedUserId::try_from(member) else { continue };
+        if state.store.get_user(&member).await?.is_some_and(|user| user.is_guest) {
+            set_membership(state, room_id, &member, &member, "leave", None).await?;
+        }
+    }
+    Ok(())
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
