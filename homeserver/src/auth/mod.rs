@@ -108,7 +108,13 @@ async fn authenticate_appservice(
             device_id
         }
     };
-    Ok(AuthedUser { user_id, device_id, session_id: String::new(), appservice: Some(appservice), is_guest: false })
+    Ok(AuthedUser {
+        user_id,
+        device_id,
+        session_id: String::new(),
+        appservice: Some(appservice),
+        is_guest: false,
+    })
 }
 
 /// Verifies an access token: signature and expiry first (no I/O), then its session, so a

@@ -30,9 +30,11 @@ async fn create_room(server: &TestServer, who: &Session, body: Value) -> String 
 }
 
 async fn send_text(server: &TestServer, who: &Session, room: &str, text: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", enc(room), text.replace(' ', "_"));
-    let (status, sent) =
-        server.request("PUT", &path, Some(&who.token), Some(json!({"msgtype": "m.text", "body": text}))).await;
+    let path =
+        format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", enc(room), text.replace(' ', "_"));
+    let (status, sent) = server
+        .request("PUT", &path, Some(&who.token), Some(json!({"msgtype": "m.text", "body": text})))
+        .await;
     assert_eq!(status, 200, "{sent}");
     sent["event_id"].as_str().unwrap().to_owned()
 }

@@ -40,7 +40,9 @@ use crate::{
 
 pub(super) fn routes(router: &mut Router) {
     // Not ruma's `get_current_state`: it has no `limit`, and its answer no `presence`.
-    for path in ["/_matrix/client/v3/rooms/{roomId}/initialSync", "/_matrix/client/r0/rooms/{roomId}/initialSync"] {
+    for path in
+        ["/_matrix/client/v3/rooms/{roomId}/initialSync", "/_matrix/client/r0/rooms/{roomId}/initialSync"]
+    {
         router.add_route(Method::GET, path, || web::get().to(get_room_initial_sync));
     }
     // Not ruma's `listen_to_new_events`: it requires `room_id`, and without one `/events` is the
@@ -114,8 +116,8 @@ async fn get_room_initial_sync(
 ) -> Result<HttpResponse> {
     let query = LegacyQuery::parse(&req)?;
     let room_id = req.match_info().get("roomId").unwrap_or_default();
-    let room_id = <&RoomId>::try_from(room_id)
-        .map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
+    let room_id =
+        <&RoomId>::try_from(room_id).map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
     let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
     let room = room_initial_sync(&state, &user, client_ip, room_id, query.limit()?).await?;
     Ok(HttpResponse::Ok().json(room_json(room)))
@@ -149,8 +151,11 @@ async fn room_initial_sync(
     let mut messages = PaginationChunk::new(chunk, page.start);
     messages.start = Some(page.end.unwrap_or_else(|| token(0)));
     response.messages = Some(messages);
-    response.visibility =
-        Some(if state.store.room_is_public(room_id).await? { Visibility::Public } else { Visibility::Private });
+    response.visibility = Some(if state.store.room_is_public(room_id).await? {
+        Visibility::Public
+    } else {
+        Visibility::Private
+    });
     if let Some(tags) = state.store.account_data(user, Some(room_id.as_str()), "m.tag").await? {
         let content: Value = serde_json::from_str(&tags).map_err(Error::internal)?;
         response.account_data.push(raw(&json!({"type": "m.tag", "content": content}))?);
@@ -176,12 +181,15 @@ async fn get_initial_sync(
         let Ok(room_id) = OwnedRoomId::try_from(room_id) else { continue };
         match membership.as_str() {
             "invite" => rooms.push(json!({"room_id": room_id, "membership": "invite"})),
-            "join" => rooms.push(room_json(room_initial_sync(&state, &user, client_ip, &room_id, limit).await?)),
+            "join" => {
+                rooms.push(room_json(room_initial_sync(&state, &user, client_ip, &room_id, limit).await?))
+            }
             "leave" | "ban" if archived => {
                 // A room the user never read (an invite they rejected) has nothing to show.
                 match room_initial_sync(&state, &user, client_ip, &room_id, limit).await {
                     Ok(room) => rooms.push(room_json(room)),
-                    Err(Error::Matrix { status, .. }) if status == actix_web::http::StatusCode::FORBIDDEN => {}
+                    Err(Error::Matrix { status, .. }) if status == actix_web::http::StatusCode::FORBIDDEN => {
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -189,9 +197,13 @@ async fn get_initial_sync(
         }
     }
     let mut account_data = Vec::new();
-    for (data_type, content) in state.store.account_data_changes(&user.user_id, 0, upto).await?.into_iter().filter_map(
-        |change| change.room_id.is_none().then_some((change.data_type, change.content)),
-    ) {
+    for (data_type, content) in state
+        .store
+        .account_data_changes(&user.user_id, 0, upto)
+        .await?
+        .into_iter()
+        .filter_map(|change| change.room_id.is_none().then_some((change.data_type, change.content)))
+    {
         let content: Value = serde_json::from_str(&content).map_err(Error::internal)?;
         account_data.push(json!({"type": data_type, "content": content}));
     }
@@ -252,7 +264,8 @@ async fn get_events(
         .room_id
         .as_deref()
         .map(|room_id| {
-            OwnedRoomId::try_from(room_id).map_err(|e| Error::invalid_param(format!("room_id is not a room id: {e}")))
+            OwnedRoomId::try_from(room_id)
+                .map_err(|e| Error::invalid_param(format!("room_id is not a room id: {e}")))
         })
         .transpose()?;
     if let Some(room) = &room {
@@ -303,7 +316,9 @@ async fn read_stream(
 ) -> Result<(Vec<crate::storage::StoredEvent>, i64)> {
     let rooms: std::collections::HashSet<String> = match room {
         Some(room) => std::iter::once(room.as_str().to_owned()).collect(),
-        None => state.store.user_rooms(&user.user_id).await?.into_iter().map(|(room_id, _, _)| room_id).collect(),
+        None => {
+            state.store.user_rooms(&user.user_id).await?.into_iter().map(|(room_id, _, _)| room_id).collect()
+        }
     };
     let mut rules: std::collections::HashMap<String, Option<ReadRules>> = Default::default();
     let mut found = Vec::new();

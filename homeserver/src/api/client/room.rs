@@ -390,7 +390,12 @@ fn extra_join_keys(raw_body: &[u8]) -> Result<Map<String, Value>> {
 /// Joins `user` to a room with `content`, unless they are joined already with exactly that
 /// content: then nothing changes and no event is sent (as Synapse). A guest joins only rooms
 /// whose `m.room.guest_access` is `can_join` (the spec's "Guest access").
-async fn join(state: &AppState, room_id: &RoomId, user: &crate::auth::AuthedUser, content: &Value) -> Result<()> {
+async fn join(
+    state: &AppState,
+    room_id: &RoomId,
+    user: &crate::auth::AuthedUser,
+    content: &Value,
+) -> Result<()> {
     let user_id = &user.user_id;
     if user.is_guest && !guests_can_join(state, room_id).await? {
         return Err(Error::forbidden("guests may not join this room: its guest access is not can_join"));
