@@ -28,6 +28,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ("POST", "join/*"),
     ("POST", "rooms/*/leave"),
     ("PUT", "rooms/*/send/*/*"),
+    ("POST", "rooms/*/send/*"),
     ("PUT", "rooms/*/typing/*"),
     ("POST", "rooms/*/receipt/*/*"),
     ("POST", "rooms/*/read_markers"),

@@ -313,6 +313,27 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn post_send_without_txn_id_sends_a_new_event_each_time(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let room = create_room(&server, &alice, json!({})).await;
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message", enc(&room));
+        let content = json!({"msgtype": "m.text", "body": "twice"});
+        let (status, first) = server.post(&path, Some(&alice.token), content.clone()).await;
+        assert_eq!(status, 200, "{first}");
+        let (status, second) = server.post(&path, Some(&alice.token), content).await;
+        assert_eq!(status, 200, "{second}");
+        assert_ne!(first["event_id"], second["event_id"]);
+        let (_, page) = server
+            .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b", enc(&room)), Some(&alice.token))
+            .await;
+        assert_eq!(bodies(&page["chunk"]), ["twice", "twice"]);
+        assert_error(&server.raw("POST", &path, Some(&alice.token), b"{nope".to_vec()).await, 400, "M_NOT_JSON");
+        assert_error(&server.post(&path, Some(&alice.token), json!([1])).await, 400, "M_BAD_JSON");
+        assert_error(&server.post(&path, None, json!({})).await, 401, "M_MISSING_TOKEN");
+        server.stop().await;
+    }
+
     async fn legacy_endpoints_answer_bad_input_with_matrix_errors(db: Db) {
         let server = guest_server(db).await;
         let alice = server.register("alice", PW).await;

@@ -41,7 +41,7 @@ use crate::{
 pub(super) fn routes(router: &mut Router) {
     // Not ruma's `get_current_state`: it has no `limit`, and its answer no `presence`.
     for path in
-        ["/_matrix/client/v3/rooms/{roomId}/initialSync", "/_matrix/client/r0/rooms/{roomId}/initialSync"]
+        ["/_matrix/client/v3/rooms/{room_id}/initialSync", "/_matrix/client/r0/rooms/{room_id}/initialSync"]
     {
         router.add_route(Method::GET, path, || web::get().to(get_room_initial_sync));
     }
@@ -115,7 +115,7 @@ async fn get_room_initial_sync(
     Authenticated(user): Authenticated,
 ) -> Result<HttpResponse> {
     let query = LegacyQuery::parse(&req)?;
-    let room_id = req.match_info().get("roomId").unwrap_or_default();
+    let room_id = req.match_info().get("room_id").unwrap_or_default();
     let room_id =
         <&RoomId>::try_from(room_id).map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
     let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);

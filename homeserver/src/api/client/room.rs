@@ -61,6 +61,14 @@ pub(super) fn routes(router: &mut Router) {
         .add(get_event)
         .add(context)
         .add(redact);
+    // Without a transaction id: no spec version has it, but Synapse serves it and SyTest and old
+    // clients use it. Each request is a new event.
+    for path in [
+        "/_matrix/client/v3/rooms/{room_id}/send/{event_type}",
+        "/_matrix/client/r0/rooms/{room_id}/send/{event_type}",
+    ] {
+        router.add_route(http::Method::POST, path, || web::post().to(send_message_without_txn));
+    }
 }
 
 fn raw_json(value: &Value) -> Result<Box<serde_json::value::RawValue>> {
@@ -706,6 +714,32 @@ async fn send_message(
     };
     let stored = rooms::append(&state, &body.room_id, draft).await?;
     Ok(send_message_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/send/{eventType}
+///
+/// `PUT …/send/{eventType}/{txnId}` with a fresh transaction id of the server's choosing.
+async fn send_message_without_txn(
+    state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
+    crate::ruma_wrapper::Authenticated(sender): crate::ruma_wrapper::Authenticated,
+    crate::ruma_wrapper::JsonBody(raw_body): crate::ruma_wrapper::JsonBody,
+) -> Result<crate::ruma_wrapper::RumaResponse<send_message_event::v3::Response>> {
+    let room_id = OwnedRoomId::try_from(req.match_info().get("room_id").unwrap_or_default())
+        .map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
+    let event_type = req.match_info().get("event_type").unwrap_or_default();
+    let content: Box<serde_json::value::RawValue> = crate::ruma_wrapper::parse_json_body(&raw_body)?;
+    let txn_id = ruma::OwnedTransactionId::from(format!("hearth-{}", crate::auth::tokens::random_token(12)));
+    let body = send_message_event::v3::Request::new_raw(
+        room_id,
+        txn_id,
+        event_type.into(),
+        ruma::serde::Raw::from_json(content),
+    );
+    let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
+    send_message(state, Ruma { body, sender, client_ip, raw_body })
+        .await
+        .map(crate::ruma_wrapper::RumaResponse)
 }
 
 /// The state event type of a room's published alias.
