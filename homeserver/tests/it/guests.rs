@@ -220,7 +220,10 @@ crate::on_both_backends! {
             .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&bob.token), json!({}))
             .await;
         assert_eq!(status, 200);
-        send_text(&server, &alice, &room, "after bob left").await;
+        let last = send_text(&server, &alice, &room, "after bob left").await;
+        let receipt = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&last));
+        let (status, body) = server.post(&receipt, Some(&alice.token), json!({})).await;
+        assert_eq!(status, 200, "{body}");
 
         let (status, all) = server.get("/_matrix/client/v3/initialSync?limit=10", Some(&alice.token)).await;
         assert_eq!(status, 200, "{all}");
@@ -232,6 +235,13 @@ crate::on_both_backends! {
         assert_eq!(bodies(&entry["messages"]["chunk"]), ["before bob", "while bob is here", "after bob left"],
             "oldest first");
         assert!(entry["state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.name"), "{entry}");
+        let receipt = all["receipts"].as_array().unwrap().iter().find(|r| r["room_id"] == room.as_str());
+        assert!(receipt.expect("alice's receipt")["content"][&last]["m.read"][&alice.user_id]["ts"].is_number(),
+            "{all}");
+        let (_, bare) = server.get("/_matrix/client/v3/initialSync?limit=0", Some(&alice.token)).await;
+        let entry = bare["rooms"].as_array().unwrap().iter().find(|r| r["room_id"] == room.as_str()).unwrap();
+        assert_eq!(entry["messages"]["chunk"], json!([]), "limit=0 is the state alone: {entry}");
+        assert!(entry["state"].as_array().is_some_and(|s| !s.is_empty()));
 
         let (_, bobs) = server.get("/_matrix/client/v3/initialSync", Some(&bob.token)).await;
         assert_eq!(bobs["rooms"], json!([]), "a departed room only with archived=true: {bobs}");

@@ -138,18 +138,27 @@ async fn room_initial_sync(
     let mut response = get_current_state::v3::Response::new(room_id.to_owned());
     response.state = serve(state, &room_state, reader_of(sender)).await?;
     response.membership = state.store.membership(room_id, user).await?.map(MembershipState::from);
-    // The newest page, as `/messages` reads it backwards, served oldest first.
-    let mut page_request = get_message_events::v3::Request::new(room_id.to_owned(), Direction::Backward);
-    page_request.limit = UInt::from(limit);
-    let page = super::room::messages(
-        state.clone(),
-        Ruma { body: page_request, sender: sender.clone(), client_ip, raw_body: web::Bytes::new() },
-    )
-    .await?;
-    let mut chunk = page.chunk;
-    chunk.reverse();
-    let mut messages = PaginationChunk::new(chunk, page.start);
-    messages.start = Some(page.end.unwrap_or_else(|| token(0)));
+    // The newest page, as `/messages` reads it backwards, served oldest first; none for
+    // `limit=0`, which asks for the state alone.
+    let messages = if limit == 0 {
+        let now = token(state.store.persisted_upto().await?);
+        let mut empty = PaginationChunk::new(Vec::new(), now.clone());
+        empty.start = Some(now);
+        empty
+    } else {
+        let mut page_request = get_message_events::v3::Request::new(room_id.to_owned(), Direction::Backward);
+        page_request.limit = UInt::from(limit);
+        let page = super::room::messages(
+            state.clone(),
+            Ruma { body: page_request, sender: sender.clone(), client_ip, raw_body: web::Bytes::new() },
+        )
+        .await?;
+        let mut chunk = page.chunk;
+        chunk.reverse();
+        let mut messages = PaginationChunk::new(chunk, page.start);
+        messages.start = Some(page.end.unwrap_or_else(|| token(0)));
+        messages
+    };
     response.messages = Some(messages);
     response.visibility = Some(if state.store.room_is_public(room_id).await? {
         Visibility::Public
@@ -177,12 +186,22 @@ async fn get_initial_sync(
     let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
     let upto = state.store.persisted_upto().await?;
     let mut rooms = Vec::new();
+    let mut receipts = Vec::new();
     for (room_id, membership, _) in state.store.user_rooms(&user.user_id).await? {
         let Ok(room_id) = OwnedRoomId::try_from(room_id) else { continue };
         match membership.as_str() {
             "invite" => rooms.push(json!({"room_id": room_id, "membership": "invite"})),
             "join" => {
-                rooms.push(room_json(room_initial_sync(&state, &user, client_ip, &room_id, limit).await?))
+                rooms.push(room_json(room_initial_sync(&state, &user, client_ip, &room_id, limit).await?));
+                // The room's read receipts as `/sync` sends them, naming their room.
+                for mut event in
+                    super::sync::ephemeral_events(&state, &user.user_id, &room_id, 0, upto).await?
+                {
+                    if event["type"] == "m.receipt" {
+                        event["room_id"] = json!(room_id);
+                        receipts.push(event);
+                    }
+                }
             }
             "leave" | "ban" if archived => {
                 // A room the user never read (an invite they rejected) has nothing to show.
@@ -210,6 +229,7 @@ async fn get_initial_sync(
     Ok(HttpResponse::Ok().json(json!({
         "end": token(upto),
         "rooms": rooms,
+        "receipts": receipts,
         "presence": [],
         "account_data": account_data,
     })))
@@ -228,9 +248,8 @@ fn room_json(room: get_current_state::v3::Response) -> Value {
     if let Some(visibility) = room.visibility {
         entry["visibility"] = json!(visibility.as_str());
     }
-    // Presence and receipts are not part of Hearth's answer yet: empty, as the spec's keys.
+    // Presence is not part of Hearth's answer yet: empty, as the spec's key.
     entry["presence"] = json!([]);
-    entry["receipts"] = json!([]);
     if let Some(messages) = room.messages {
         entry["messages"] = json!({"chunk": messages.chunk, "start": messages.start, "end": messages.end});
     }
