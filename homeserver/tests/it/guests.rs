@@ -259,6 +259,10 @@ crate::on_both_backends! {
         assert_eq!(one["membership"], "leave");
         assert_eq!(bodies(&one["messages"]["chunk"]), ["before bob", "while bob is here"]);
         assert_eq!(one["presence"], json!([]), "{one}");
+        assert_eq!(one["receipts"], json!([]), "no receipts for a departed member: {one}");
+        let (_, alices) =
+            server.get(&format!("/_matrix/client/v3/rooms/{}/initialSync", enc(&room)), Some(&alice.token)).await;
+        assert_eq!(alices["receipts"][0]["type"], "m.receipt", "a member's room has its receipts: {alices}");
         let (status, newest) = server
             .get(&format!("/_matrix/client/v3/rooms/{}/initialSync?limit=2", enc(&room)), Some(&bob.token))
             .await;

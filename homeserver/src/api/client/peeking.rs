@@ -120,7 +120,11 @@ async fn get_room_initial_sync(
         <&RoomId>::try_from(room_id).map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
     let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
     let room = room_initial_sync(&state, &user, client_ip, room_id, query.limit()?).await?;
-    Ok(HttpResponse::Ok().json(room_json(room)))
+    let receipts = match room.membership {
+        Some(MembershipState::Join) => room_receipts(&state, &user, room_id).await?,
+        _ => Vec::new(),
+    };
+    Ok(HttpResponse::Ok().json(room_json(room, receipts)))
 }
 
 /// One room's initial sync: its readable state, the newest `limit` readable events, the user's
@@ -192,21 +196,15 @@ async fn get_initial_sync(
         match membership.as_str() {
             "invite" => rooms.push(json!({"room_id": room_id, "membership": "invite"})),
             "join" => {
-                rooms.push(room_json(room_initial_sync(&state, &user, client_ip, &room_id, limit).await?));
-                // The room's read receipts as `/sync` sends them, naming their room.
-                for mut event in
-                    super::sync::ephemeral_events(&state, &user.user_id, &room_id, 0, upto).await?
-                {
-                    if event["type"] == "m.receipt" {
-                        event["room_id"] = json!(room_id);
-                        receipts.push(event);
-                    }
-                }
+                let room_receipts = room_receipts(&state, &user, &room_id).await?;
+                let room = room_initial_sync(&state, &user, client_ip, &room_id, limit).await?;
+                rooms.push(room_json(room, room_receipts.clone()));
+                receipts.extend(room_receipts);
             }
             "leave" | "ban" if archived => {
                 // A room the user never read (an invite they rejected) has nothing to show.
                 match room_initial_sync(&state, &user, client_ip, &room_id, limit).await {
-                    Ok(room) => rooms.push(room_json(room)),
+                    Ok(room) => rooms.push(room_json(room, Vec::new())),
                     Err(Error::Matrix { status, .. }) if status == actix_web::http::StatusCode::FORBIDDEN => {
                     }
                     Err(e) => return Err(e),
@@ -235,8 +233,23 @@ async fn get_initial_sync(
     })))
 }
 
-/// A room's initial sync as an entry of the global one's `rooms`.
-fn room_json(room: get_current_state::v3::Response) -> Value {
+/// A joined room's read receipts as `/sync` sends them (one `m.receipt` event), naming their
+/// room. Departed members get none: receipts are not part of what they could see.
+async fn room_receipts(state: &AppState, user: &AuthedUser, room_id: &RoomId) -> Result<Vec<Value>> {
+    let upto = state.store.persisted_upto().await?;
+    let mut receipts = Vec::new();
+    for mut event in super::sync::ephemeral_events(state, &user.user_id, room_id, 0, upto).await? {
+        if event["type"] == "m.receipt" {
+            event["room_id"] = json!(room_id);
+            receipts.push(event);
+        }
+    }
+    Ok(receipts)
+}
+
+/// A room's initial sync as the answer of `/rooms/{roomId}/initialSync` and an entry of the
+/// global one's `rooms`.
+fn room_json(room: get_current_state::v3::Response, receipts: Vec<Value>) -> Value {
     let mut entry = json!({
         "room_id": room.room_id,
         "state": room.state,
@@ -250,6 +263,7 @@ fn room_json(room: get_current_state::v3::Response) -> Value {
     }
     // Presence is not part of Hearth's answer yet: empty, as the spec's key.
     entry["presence"] = json!([]);
+    entry["receipts"] = json!(receipts);
     if let Some(messages) = room.messages {
         entry["messages"] = json!({"chunk": messages.chunk, "start": messages.start, "end": messages.end});
     }
