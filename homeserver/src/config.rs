@@ -135,6 +135,9 @@ pub struct RegistrationConfig {
     /// Usernames nobody may register (`hearth create-user` still may): names people would
     /// take for the operator's.
     pub reserved_usernames: Vec<String>,
+    /// Whether `POST /register?kind=guest` makes guest accounts (no password, the spec's guest
+    /// endpoints only). Off: it answers 403 `M_GUEST_ACCESS_FORBIDDEN`.
+    pub allow_guests: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -436,6 +439,7 @@ impl Default for RegistrationConfig {
             allowed_email_domains: Vec::new(),
             allowed_phone_countries: Vec::new(),
             min_password_length: 8,
+            allow_guests: false,
             reserved_usernames: [
                 "admin",
                 "administrator",

@@ -43,6 +43,11 @@ pub trait ServerAuth {
         ip: IpAddr,
         query: &'a str,
     ) -> LocalFuture<'a, Result<Self::Sender>>;
+
+    /// Whether the sender is a guest account, for the guest gate ([`crate::auth::guest`]).
+    fn is_guest(_sender: &Self::Sender) -> bool {
+        false
+    }
 }
 
 impl ServerAuth for AccessToken {
@@ -62,6 +67,10 @@ impl ServerAuth for AccessToken {
             Ok(user)
         })
     }
+
+    fn is_guest(sender: &AuthedUser) -> bool {
+        sender.is_guest
+    }
 }
 
 impl ServerAuth for AccessTokenOptional {
@@ -78,6 +87,10 @@ impl ServerAuth for AccessTokenOptional {
                 None => Ok(None),
             }
         })
+    }
+
+    fn is_guest(sender: &Option<AuthedUser>) -> bool {
+        sender.as_ref().is_some_and(|user| user.is_guest)
     }
 }
 
@@ -442,6 +455,11 @@ where
             let query = req.query_string();
             let sender =
                 <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip, query).await?;
+            crate::auth::guest::check(
+                <T::Authentication as ServerAuth>::is_guest(&sender),
+                T::METHOD.as_str(),
+                req.app_data::<PathTemplate>().map(|template| template.0),
+            )?;
             let args = path_args(&req)?;
             let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
             // Clients (matrix-nio among them) send POSTs with no body where the spec's body has
@@ -482,7 +500,13 @@ impl FromRequest for Authenticated {
             let token = access_token(&req)?;
             let ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
             let query = req.query_string().to_owned();
-            <AccessToken as ServerAuth>::authenticate(&state, token, ip, &query).await.map(Authenticated)
+            let user = <AccessToken as ServerAuth>::authenticate(&state, token, ip, &query).await?;
+            crate::auth::guest::check(
+                user.is_guest,
+                req.method().as_str(),
+                req.app_data::<PathTemplate>().map(|template| template.0),
+            )?;
+            Ok(Authenticated(user))
         })
     }
 }

@@ -1,5 +1,6 @@
 //! Who is asking: passwords, tokens, User-Interactive Auth, rate limits.
 
+pub mod guest;
 pub mod jwt_login;
 pub mod password;
 pub mod ratelimit;
@@ -22,6 +23,8 @@ pub struct AuthedUser {
     pub session_id: String,
     /// The application service whose `as_token` the request carried.
     pub appservice: Option<std::sync::Arc<crate::appservice::Appservice>>,
+    /// A guest account: only the endpoints of [`guest::allowed`] serve it.
+    pub is_guest: bool,
 }
 
 impl AuthedUser {
@@ -105,7 +108,13 @@ async fn authenticate_appservice(
             device_id
         }
     };
-    Ok(AuthedUser { user_id, device_id, session_id: String::new(), appservice: Some(appservice) })
+    Ok(AuthedUser {
+        user_id,
+        device_id,
+        session_id: String::new(),
+        appservice: Some(appservice),
+        is_guest: false,
+    })
 }
 
 /// Verifies an access token: signature and expiry first (no I/O), then its session, so a
@@ -128,6 +137,7 @@ pub async fn authenticate_token(state: &AppState, token: &str) -> Result<AuthedU
                 device_id: s.device_id.clone(),
                 session_id: s.session_id.clone(),
                 appservice: None,
+                is_guest: claims.guest,
             })
         }
         _ => Err(Error::unknown_token(false, "access token has been revoked")),
@@ -162,6 +172,7 @@ pub async fn log_in(
     display_name: Option<&str>,
     ip: std::net::IpAddr,
     refreshable: bool,
+    guest: bool,
 ) -> Result<(ruma::OwnedDeviceId, IssuedTokens)> {
     let device_id = match device_id {
         Some(id) if id.as_str().is_empty() || id.as_str().len() > MAX_DEVICE_ID => {
@@ -184,6 +195,6 @@ pub async fn log_in(
         Ok(store.login_device(session_ref, refresh_hash, display_name, Some(&ip), position).await?)
     })
     .await?;
-    let (access_token, expires_in) = state.tokens.issue(&session, refreshable)?;
+    let (access_token, expires_in) = state.tokens.issue(&session, refreshable, guest)?;
     Ok((device_id, IssuedTokens { access_token, refresh_token, expires_in }))
 }

@@ -34,6 +34,10 @@ struct Claims {
     iat: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     exp: Option<u64>,
+    /// A guest's token: the guest gate reads it here, with no read per request. Absent in
+    /// tokens of full accounts (and in those issued before guests existed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    guest: bool,
 }
 
 /// What a verified access token says; still to be checked against the session row.
@@ -43,6 +47,7 @@ pub struct TokenClaims {
     pub device_id: String,
     pub session_id: String,
     pub generation: i64,
+    pub guest: bool,
 }
 
 pub struct TokenService {
@@ -79,8 +84,13 @@ impl TokenService {
     }
 
     /// Issues an access token for the session; with `expiring` it lasts the configured lifetime,
-    /// which is returned.
-    pub fn issue(&self, session: &SessionRecord, expiring: bool) -> Result<(String, Option<Duration>)> {
+    /// which is returned. `guest` marks the token of a guest account.
+    pub fn issue(
+        &self,
+        session: &SessionRecord,
+        expiring: bool,
+        guest: bool,
+    ) -> Result<(String, Option<Duration>)> {
         let now = unix_now();
         let claims = Claims {
             iss: self.issuer.clone(),
@@ -90,6 +100,7 @@ impl TokenService {
             generation: session.generation,
             iat: now,
             exp: expiring.then(|| now + self.lifetime.as_secs()),
+            guest,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(Error::internal)?;
@@ -106,7 +117,13 @@ impl TokenService {
             }
         })?;
         let c = data.claims;
-        Ok(TokenClaims { user_id: c.sub, device_id: c.dev, session_id: c.sid, generation: c.generation })
+        Ok(TokenClaims {
+            user_id: c.sub,
+            device_id: c.dev,
+            session_id: c.sid,
+            generation: c.generation,
+            guest: c.guest,
+        })
     }
 }
 
@@ -163,7 +180,7 @@ mod tests {
     #[test]
     fn issue_verify_and_tamper() {
         let service = TokenService::new(&[7u8; 32], "localhost", Duration::from_secs(60));
-        let (token, lifetime) = service.issue(&session(), true).unwrap();
+        let (token, lifetime) = service.issue(&session(), true, false).unwrap();
         assert_eq!(lifetime, Some(Duration::from_secs(60)));
         let claims = service.verify(&token).unwrap();
         assert_eq!((claims.user_id.as_str(), claims.generation), ("@a:localhost", 3));
@@ -173,12 +190,15 @@ mod tests {
         let foreign = TokenService::new(&[7u8; 32], "elsewhere", Duration::from_secs(60));
         assert!(foreign.verify(&token).is_err(), "a token for another server must fail");
         assert!(service.verify("garbage").is_err());
+        assert!(!claims.guest);
+        let (guest, _) = service.issue(&session(), false, true).unwrap();
+        assert!(service.verify(&guest).unwrap().guest, "a guest's token says so");
     }
 
     #[test]
     fn expired_tokens_are_soft_logout() {
         let service = TokenService::new(&[7u8; 32], "localhost", Duration::from_secs(0));
-        let (token, _) = service.issue(&session(), true).unwrap();
+        let (token, _) = service.issue(&session(), true, false).unwrap();
         std::thread::sleep(Duration::from_millis(1100));
         match service.verify(&token) {
             Err(Error::Matrix { kind: crate::error::ErrorKind::UnknownToken(data), .. }) => {

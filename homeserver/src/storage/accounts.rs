@@ -14,6 +14,9 @@ pub struct UserRecord {
     pub is_admin: bool,
     pub deactivated: bool,
     pub created_ts: i64,
+    /// A guest account (`POST /register?kind=guest`): no password, and only the endpoints the
+    /// spec lists for guests.
+    pub is_guest: bool,
 }
 
 #[async_trait]
@@ -26,6 +29,11 @@ pub trait AccountStore: Send + Sync {
         password_hash: Option<&str>,
         is_admin: bool,
     ) -> StoreResult<bool>;
+    /// Creates a guest account (no password). Returns `false` when the id is taken.
+    async fn create_guest(&self, user_id: &UserId) -> StoreResult<bool>;
+    /// Turns a guest account into a full one with this password. Returns `false` when the
+    /// account is not a guest's (any more).
+    async fn upgrade_guest(&self, user_id: &UserId, password_hash: &str) -> StoreResult<bool>;
     async fn get_user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>>;
     async fn set_password_hash(&self, user_id: &UserId, password_hash: Option<&str>) -> StoreResult<()>;
     /// Marks the account deactivated, forgets its password and deletes its devices, sessions and
@@ -48,6 +56,7 @@ fn user_from_row(row: &sqlx::any::AnyRow) -> StoreResult<UserRecord> {
         is_admin: row.try_get::<i16, _>("is_admin")? != 0,
         deactivated: row.try_get::<i16, _>("deactivated")? != 0,
         created_ts: row.try_get("created_ts")?,
+        is_guest: row.try_get::<i16, _>("is_guest")? != 0,
     })
 }
 
@@ -72,9 +81,34 @@ impl AccountStore for SqlStore {
         Ok(created.is_some())
     }
 
+    async fn create_guest(&self, user_id: &UserId) -> StoreResult<bool> {
+        let created = sqlx::query(
+            "INSERT INTO users (user_id, password_hash, is_admin, deactivated, created_ts, is_guest)
+             VALUES ($1, NULL, 0, 0, $2, 1) ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+        )
+        .bind(user_id.as_str())
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(created.is_some())
+    }
+
+    async fn upgrade_guest(&self, user_id: &UserId, password_hash: &str) -> StoreResult<bool> {
+        let upgraded = sqlx::query(
+            "UPDATE users SET password_hash = $2, is_guest = 0
+             WHERE user_id = $1 AND is_guest = 1 AND deactivated = 0 RETURNING user_id",
+        )
+        .bind(user_id.as_str())
+        .bind(password_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(upgraded.is_some())
+    }
+
     async fn get_user(&self, user_id: &UserId) -> StoreResult<Option<UserRecord>> {
         sqlx::query(
-            "SELECT user_id, password_hash, is_admin, deactivated, created_ts FROM users WHERE user_id = $1",
+            "SELECT user_id, password_hash, is_admin, deactivated, created_ts, is_guest
+             FROM users WHERE user_id = $1",
         )
         .bind(user_id.as_str())
         .fetch_optional(&self.pool)

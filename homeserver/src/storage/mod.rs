@@ -336,6 +336,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0018_event_unsigned.sql"),
         include_str!("../../migrations/sqlite/0018_event_unsigned.sql"),
     ),
+    (
+        19,
+        "guests",
+        include_str!("../../migrations/postgres/0019_guests.sql"),
+        include_str!("../../migrations/sqlite/0019_guests.sql"),
+    ),
 ];
 
 #[derive(Debug)]

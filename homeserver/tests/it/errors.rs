@@ -86,7 +86,7 @@ crate::on_both_backends! {
             generation: 0,
         };
         let forger = TokenService::new(b"another-secret-another-secret-another", "localhost", Duration::from_secs(60));
-        let (forged, _) = forger.issue(&session, false).unwrap();
+        let (forged, _) = forger.issue(&session, false, false).unwrap();
         assert_error(&server.get(whoami, Some(&forged)).await, 401, "M_UNKNOWN_TOKEN");
         let mut tampered = alice.token.clone();
         tampered.pop();
@@ -98,7 +98,7 @@ crate::on_both_backends! {
         let claims = server.server.state.tokens.verify(body["access_token"].as_str().unwrap()).unwrap();
         let real = SessionRecord { session_id: claims.session_id, generation: claims.generation, ..session };
         let short = TokenService::new(TOKEN_SECRET.as_bytes(), "localhost", Duration::from_secs(0));
-        let (expired, _) = short.issue(&real, true).unwrap();
+        let (expired, _) = short.issue(&real, true, false).unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let result = server.get(whoami, Some(&expired)).await;
         assert_error(&result, 401, "M_UNKNOWN_TOKEN");

@@ -14,6 +14,7 @@ mod e2ee;
 mod errors;
 mod faults;
 mod features;
+mod guests;
 mod hardening;
 mod interop;
 mod limits;

@@ -483,7 +483,8 @@ impl Sweep<'_> {
         let device = Some(stale.device_id.as_str().into());
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         let state = &self.fixture.server.server.state;
-        let (_, tokens) = homeserver::auth::log_in(state, &user, device, None, ip, false).await.unwrap();
+        let (_, tokens) =
+            homeserver::auth::log_in(state, &user, device, None, ip, false, false).await.unwrap();
         self.fixture.bob.lock().unwrap().token = tokens.access_token;
         self.relogins.fetch_add(1, Ordering::Relaxed);
     }

@@ -27,7 +27,7 @@ pub(super) fn routes(router: &mut Router) {
 async fn whoami(_: web::Data<AppState>, request: Ruma<whoami::v3::Request>) -> Result<whoami::v3::Response> {
     let user = request.sender;
     let has_device = user.has_device();
-    let mut response = whoami::v3::Response::new(user.user_id, false);
+    let mut response = whoami::v3::Response::new(user.user_id, user.is_guest);
     // An application service acting without a device has none to name.
     response.device_id = has_device.then_some(user.device_id);
     Ok(response)

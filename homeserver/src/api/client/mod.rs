@@ -10,6 +10,7 @@ mod discovery;
 mod ephemeral;
 mod keys;
 mod openid;
+mod peeking;
 mod profile;
 pub mod push;
 mod register;
@@ -41,6 +42,7 @@ pub fn router() -> Router {
     room::routes(&mut router);
     upgrade::routes(&mut router);
     sync::routes(&mut router);
+    peeking::routes(&mut router);
     profile::routes(&mut router);
     user_data::routes(&mut router);
     ephemeral::routes(&mut router);

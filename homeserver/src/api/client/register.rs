@@ -187,19 +187,25 @@ async fn register_account(
 ) -> Result<register::v3::Response> {
     let body = request.body;
     if body.kind == RegistrationKind::Guest {
-        return Err(Error::new(
-            StatusCode::FORBIDDEN,
-            ErrorKind::GuestAccessForbidden,
-            "guest access is disabled",
-        ));
+        return register_guest(state, body, request.client_ip).await;
     }
     let flows = registration_flows(state)?;
     // Check what can be checked before the client goes through UIA. Capitals are lowered, as
     // Synapse does (SyTest: "POST /register downcases capitals in usernames"), rather than
     // refused: logins find the account whatever case is typed.
-    let requested =
+    let mut requested =
         body.username.as_deref().map(|u| parse_username(state, &lower_localpart(u))).transpose()?;
+    // A guest becoming a full account keeps its user id (the spec's `guest_access_token`).
+    let upgrading = match body.guest_access_token.as_deref() {
+        Some(token) => {
+            let guest = guest_to_upgrade(state, token, requested.as_deref()).await?;
+            requested = Some(guest.clone());
+            Some(guest)
+        }
+        None => None,
+    };
     if let Some(user_id) = &requested
+        && upgrading.is_none()
         && state.store.get_user(user_id).await?.is_some()
     {
         return Err(user_in_use());
@@ -238,6 +244,12 @@ async fn register_account(
     let password = body.password.as_deref().ok_or_else(|| Error::missing_param("password is required"))?;
     let hash = password::hash(password).await?;
     let user_id = match requested {
+        Some(user_id) if upgrading.is_some() => {
+            if !state.store.upgrade_guest(&user_id, &hash).await? {
+                return Err(Error::forbidden("that account is no longer a guest account"));
+            }
+            user_id
+        }
         Some(user_id) => {
             if !state.store.create_user(&user_id, Some(&hash), false).await? {
                 return Err(user_in_use());
@@ -263,7 +275,51 @@ async fn register_account(
     }
     tracing::info!(user_id = %user_id, "registered");
 
-    first_login(state, user_id, body, request.client_ip).await
+    first_login(state, user_id, body, request.client_ip, false).await
+}
+
+/// The guest account a `guest_access_token` belongs to, when `username` (if given) names it:
+/// a guest may upgrade only itself.
+async fn guest_to_upgrade(state: &AppState, token: &str, username: Option<&UserId>) -> Result<OwnedUserId> {
+    let not_yours = || Error::forbidden("guest_access_token is not the access token of this guest account");
+    let guest = auth::authenticate_token(state, token).await.map_err(|_| not_yours())?;
+    if !guest.is_guest || username.is_some_and(|user| user != guest.user_id) {
+        return Err(not_yours());
+    }
+    Ok(guest.user_id)
+}
+
+/// `POST /register?kind=guest`: a guest account with a random localpart, no password and no UIA,
+/// when `registration.allow_guests` is on. The body's other fields (username, password) are
+/// ignored, as Synapse does; only the device fields are used.
+async fn register_guest(
+    state: &AppState,
+    mut body: register::v3::Request,
+    client_ip: std::net::IpAddr,
+) -> Result<register::v3::Response> {
+    if !state.config.registration.allow_guests {
+        return Err(Error::new(
+            StatusCode::FORBIDDEN,
+            ErrorKind::GuestAccessForbidden,
+            "guest access is disabled",
+        ));
+    }
+    if let Some(name) = &body.initial_device_display_name
+        && name.chars().count() > super::device::MAX_DISPLAY_NAME
+    {
+        return Err(Error::invalid_param("initial_device_display_name is too long"));
+    }
+    let user_id = loop {
+        let user_id = UserId::parse_with_server_name(generated_localpart(), &state.server_name)
+            .map_err(Error::internal)?;
+        if state.store.create_guest(&user_id).await? {
+            break user_id;
+        }
+    };
+    tracing::info!(user_id = %user_id, "registered a guest");
+    // A guest without a token could never use the account: `inhibit_login` is not honoured.
+    body.inhibit_login = false;
+    first_login(state, user_id, body, client_ip, true).await
 }
 
 /// `POST /register` with `type: m.login.application_service` and the service's `as_token`: a user
@@ -292,7 +348,7 @@ async fn register_for_appservice(
         return Err(user_in_use());
     }
     tracing::info!(user_id = %user_id, appservice = appservice.id(), "registered by an application service");
-    first_login(state, user_id, body, request.client_ip).await
+    first_login(state, user_id, body, request.client_ip, false).await
 }
 
 /// The answer to a registration: the new account's first device logged in, unless the client
@@ -302,6 +358,7 @@ async fn first_login(
     user_id: OwnedUserId,
     body: register::v3::Request,
     client_ip: std::net::IpAddr,
+    guest: bool,
 ) -> Result<register::v3::Response> {
     let mut response = register::v3::Response::new(user_id.clone());
     if !body.inhibit_login {
@@ -312,6 +369,7 @@ async fn first_login(
             body.initial_device_display_name.as_deref(),
             client_ip,
             body.refresh_token,
+            guest,
         )
         .await?;
         response.device_id = Some(device_id);

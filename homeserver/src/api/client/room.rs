@@ -61,6 +61,14 @@ pub(super) fn routes(router: &mut Router) {
         .add(get_event)
         .add(context)
         .add(redact);
+    // Without a transaction id: no spec version has it, but Synapse serves it and SyTest and old
+    // clients use it. Each request is a new event.
+    for path in [
+        "/_matrix/client/v3/rooms/{room_id}/send/{event_type}",
+        "/_matrix/client/r0/rooms/{room_id}/send/{event_type}",
+    ] {
+        router.add_route(http::Method::POST, path, || web::post().to(send_message_without_txn));
+    }
 }
 
 fn raw_json(value: &Value) -> Result<Box<serde_json::value::RawValue>> {
@@ -388,8 +396,19 @@ fn extra_join_keys(raw_body: &[u8]) -> Result<Map<String, Value>> {
 }
 
 /// Joins `user` to a room with `content`, unless they are joined already with exactly that
-/// content: then nothing changes and no event is sent (as Synapse).
-async fn join(state: &AppState, room_id: &RoomId, user: &UserId, content: &Value) -> Result<()> {
+/// content: then nothing changes and no event is sent (as Synapse). A guest joins only rooms
+/// whose `m.room.guest_access` is `can_join` (the spec's "Guest access").
+async fn join(
+    state: &AppState,
+    room_id: &RoomId,
+    user: &crate::auth::AuthedUser,
+    content: &Value,
+) -> Result<()> {
+    let user_id = &user.user_id;
+    if user.is_guest && !guests_can_join(state, room_id).await? {
+        return Err(Error::forbidden("guests may not join this room: its guest access is not can_join"));
+    }
+    let user = user_id;
     if unchanged_state(state, room_id, user, "m.room.member", user.as_str(), content).await?.is_some() {
         return Ok(());
     }
@@ -417,6 +436,14 @@ async fn unchanged_state(
     Ok((client.content_value()? == *content).then_some(current.event_id))
 }
 
+/// Whether the room's `m.room.guest_access` lets guests join.
+async fn guests_can_join(state: &AppState, room_id: &RoomId) -> Result<bool> {
+    let Some(event) = state.store.current_state_event(room_id, "m.room.guest_access", "").await? else {
+        return Ok(false);
+    };
+    Ok(ClientEvent::parse(&event)?.content_str("guest_access").as_deref() == Some("can_join"))
+}
+
 /// POST /_matrix/client/v3/rooms/{roomId}/join
 async fn join_by_id(
     state: web::Data<AppState>,
@@ -426,7 +453,7 @@ async fn join_by_id(
     let room_id = request.body.room_id;
     let extra = extra_join_keys(&request.raw_body)?;
     let content = own_join_content(&state, user, extra, request.body.reason.as_deref()).await?;
-    join(&state, &room_id, user, &content).await?;
+    join(&state, &room_id, &request.sender, &content).await?;
     Ok(join_room_by_id::v3::Response::new(room_id))
 }
 
@@ -444,7 +471,7 @@ async fn join_by_id_or_alias(
     };
     let extra = extra_join_keys(&request.raw_body)?;
     let content = own_join_content(&state, user, extra, request.body.reason.as_deref()).await?;
-    join(&state, &room_id, user, &content).await?;
+    join(&state, &room_id, &request.sender, &content).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
 
@@ -592,9 +619,11 @@ async fn joined_members(
     request: Ruma<joined_members::v3::Request>,
 ) -> Result<joined_members::v3::Response> {
     let room_id = &request.body.room_id;
-    rooms::require_joined(&state, room_id, &request.sender.user_id).await?;
+    // Members, and anyone in a world-readable room (as Synapse); a departed member sees the
+    // members as of their leave, as `/members` shows them.
+    let rules = ReadRules::for_reader(&state, room_id, &request.sender.user_id).await?;
     let mut joined = BTreeMap::new();
-    for event in members_of(state.store.current_state(room_id).await?)? {
+    for event in members_of(rules.readable_state(&state, room_id).await?)? {
         let event = ClientEvent::parse(&event)?;
         if event.content_str("membership").as_deref() != Some("join") {
             continue;
@@ -685,6 +714,32 @@ async fn send_message(
     };
     let stored = rooms::append(&state, &body.room_id, draft).await?;
     Ok(send_message_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
+}
+
+/// POST /_matrix/client/v3/rooms/{roomId}/send/{eventType}
+///
+/// `PUT …/send/{eventType}/{txnId}` with a fresh transaction id of the server's choosing.
+async fn send_message_without_txn(
+    state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
+    crate::ruma_wrapper::Authenticated(sender): crate::ruma_wrapper::Authenticated,
+    crate::ruma_wrapper::JsonBody(raw_body): crate::ruma_wrapper::JsonBody,
+) -> Result<crate::ruma_wrapper::RumaResponse<send_message_event::v3::Response>> {
+    let room_id = OwnedRoomId::try_from(req.match_info().get("room_id").unwrap_or_default())
+        .map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
+    let event_type = req.match_info().get("event_type").unwrap_or_default();
+    let content: Box<serde_json::value::RawValue> = crate::ruma_wrapper::parse_json_body(&raw_body)?;
+    let txn_id = ruma::OwnedTransactionId::from(format!("hearth-{}", crate::auth::tokens::random_token(12)));
+    let body = send_message_event::v3::Request::new_raw(
+        room_id,
+        txn_id,
+        event_type.into(),
+        ruma::serde::Raw::from_json(content),
+    );
+    let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
+    send_message(state, Ruma { body, sender, client_ip, raw_body })
+        .await
+        .map(crate::ruma_wrapper::RumaResponse)
 }
 
 /// The state event type of a room's published alias.
@@ -818,7 +873,28 @@ async fn send_state(
         txn: None,
     };
     let stored = rooms::append(&state, &body.room_id, draft).await?;
+    if event_type == "m.room.guest_access"
+        && body.state_key.is_empty()
+        && value.get("guest_access").and_then(Value::as_str) != Some("can_join")
+    {
+        remove_guests(&state, &body.room_id).await?;
+    }
     Ok(send_state_event::v3::Response::new(stored.event_id.try_into().map_err(Error::internal)?))
+}
+
+/// Makes the guests joined to a room leave it, once its guest access is no longer `can_join`
+/// (as Synapse does): each leaves by itself, so no power level is needed.
+async fn remove_guests(state: &AppState, room_id: &RoomId) -> Result<()> {
+    for (member, membership) in state.store.members(room_id).await? {
+        if membership != "join" {
+            continue;
+        }
+        let Ok(member) = OwnedUserId::try_from(member) else { continue };
+        if state.store.get_user(&member).await?.is_some_and(|user| user.is_guest) {
+            set_membership(state, room_id, &member, &member, "leave", None).await?;
+        }
+    }
+    Ok(())
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
@@ -865,7 +941,7 @@ const MAX_PAGES: usize = 10;
 /// start of the room, `to`, or the first event the user may read is reached; forwards, once a
 /// page finds nothing (the present). A page the filter, the history-visibility rules or the
 /// user's ignore list leave empty still moves `end` past what was read.
-async fn messages(
+pub(super) async fn messages(
     state: web::Data<AppState>,
     request: Ruma<get_message_events::v3::Request>,
 ) -> Result<get_message_events::v3::Response> {

@@ -224,6 +224,7 @@ async fn login(state: web::Data<AppState>, request: Ruma<login::v3::Request>) ->
         body.initial_device_display_name.as_deref(),
         request.client_ip,
         body.refresh_token,
+        record.is_guest,
     )
     .await?;
     let mut response = login::v3::Response::new(record.user_id, tokens.access_token, device_id);
@@ -266,7 +267,9 @@ async fn refresh(
     })
     .await?
     .ok_or_else(|| Error::unknown_token(false, "unknown or already used refresh token"))?;
-    let (access_token, expires_in) = state.tokens.issue(&session, true)?;
+    // A guest's refreshed token is a guest's still.
+    let guest = state.store.get_user(&session.user_id).await?.is_some_and(|user| user.is_guest);
+    let (access_token, expires_in) = state.tokens.issue(&session, true, guest)?;
     let mut response = refresh_token::v3::Response::new(access_token);
     response.refresh_token = Some(new_refresh);
     response.expires_in_ms = expires_in;

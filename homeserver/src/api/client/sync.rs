@@ -781,7 +781,7 @@ async fn unread_counts(
 }
 
 /// Typing and receipts that changed in `(after, upto]`, as ephemeral events.
-async fn ephemeral_events(
+pub(super) async fn ephemeral_events(
     state: &AppState,
     user: &UserId,
     room_id: &RoomId,
