@@ -788,7 +788,11 @@ crate::on_both_backends! {
         assert_error(&server.request("PUT", &format!("{rules}/override/nothing/enabled"), token, Some(json!({"enabled": true}))).await, 404, "M_NOT_FOUND");
         assert_error(&server.request("PUT", &format!("{rules}/override/nothing/actions"), token, Some(json!({"actions": []}))).await, 404, "M_NOT_FOUND");
         // Paths that are not a rule's.
-        for path in ["/pushrules", "/pushrules/global", "/pushrules/device/", "/pushrules/device/override/a",
+        assert_error(&server.get(&format!("{V3}/pushrules"), token).await, 404, "M_UNRECOGNIZED");
+        for path in ["/pushrules/", "/pushrules/global/"] {
+            assert_error(&server.request("PUT", &format!("{V3}{path}"), token, Some(json!({"actions": []}))).await, 400, "M_UNRECOGNIZED");
+        }
+        for path in ["/pushrules/global", "/pushrules/device/", "/pushrules/device/override/a",
                      "/pushrules/global/override", "/pushrules/global/override/a/bogus", "/pushrules/global/override//enabled",
                      "/pushrules/global/override/a/enabled/more"] {
             assert_error(&server.get(&format!("{V3}{path}"), token).await, 400, "M_UNRECOGNIZED");
@@ -847,6 +851,11 @@ crate::on_both_backends! {
         assert_error(&server.request("PUT", &format!("{rules}/room/{}", "x".repeat(300)), token, Some(notify.clone())).await, 400, "M_INVALID_PARAM");
         assert_error(&server.request("PUT", &format!("{rules}/room/%23e:example.com"), token, Some(json!({"actions": "notify"}))).await, 400, "M_BAD_JSON");
         assert_error(&server.request("PUT", &format!("{rules}/room/%23e:example.com"), token, Some(json!({}))).await, 400, "M_MISSING_PARAM");
+        // Actions are the spec's (and the retired dont_notify and coalesce, which Synapse keeps).
+        let unknown = json!({"actions": ["not_an_action"]});
+        assert_error(&server.request("PUT", &format!("{rules}/room/%23e:example.com"), token, Some(unknown.clone())).await, 400, "M_INVALID_PARAM");
+        assert_error(&server.request("PUT", &format!("{rules}/sender/bob/actions"), token, Some(unknown)).await, 400, "M_INVALID_PARAM");
+        assert_eq!(server.request("PUT", &format!("{rules}/sender/bob/actions"), token, Some(json!({"actions": ["dont_notify"]}))).await.0, 200);
 
         // /sync carries the rules the server applies: the room-id rule, not those that match nothing.
         let (_, synced) = server.get(&format!("{V3}/sync"), token).await;

@@ -84,6 +84,17 @@ pub(super) fn routes(router: &mut Router) {
             .add_route(http::Method::PUT, path, || web::put().to(no_rule_id))
             .add_route(http::Method::DELETE, path, || web::delete().to(no_rule_id));
     }
+    // Writing to the ruleset as a whole or to a scope is no request: 400, not 405.
+    for path in [
+        "/_matrix/client/r0/pushrules/",
+        "/_matrix/client/v3/pushrules/",
+        "/_matrix/client/r0/pushrules/global/",
+        "/_matrix/client/v3/pushrules/global/",
+    ] {
+        router
+            .add_route(http::Method::PUT, path, || web::put().to(malformed_rule_path))
+            .add_route(http::Method::DELETE, path, || web::delete().to(malformed_rule_path));
+    }
     for path in [
         "/_matrix/client/r0/pushrules/global/{kind}/{rule_id}",
         "/_matrix/client/v3/pushrules/global/{kind}/{rule_id}",
@@ -194,6 +205,27 @@ fn insert_simple(
     Ok(())
 }
 
+/// Refuses actions the spec does not define (ruma reads any string as a custom action), as
+/// Synapse does; `dont_notify` and `coalesce`, which the spec retired but clients still send,
+/// are kept.
+fn check_actions(actions: &[Action]) -> Result<()> {
+    for action in actions {
+        match action {
+            Action::Notify | Action::SetTweak(_) => {}
+            other => {
+                let name = serde_json::to_value(other).map_err(Error::internal)?;
+                if !matches!(name.as_str(), Some("dont_notify" | "coalesce")) {
+                    return Err(Error::invalid_param(format!(
+                        "unknown push rule action {name}: notify, set_tweak, or the retired \
+                         dont_notify and coalesce"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn server_default_rule_id() -> Error {
     Error::invalid_param(
         "rule ids starting with `.` belong to the server's default rules, which cannot be created or \
@@ -216,6 +248,10 @@ fn not_found() -> Error {
 /// A push-rule path that is not one: 400 `M_UNRECOGNIZED`, as Synapse answers.
 async fn malformed_rule_path(req: HttpRequest) -> Result<HttpResponse> {
     let after = RULE_PREFIXES.iter().find_map(|prefix| req.path().strip_prefix(prefix)).unwrap_or_default();
+    if after.is_empty() {
+        // `/pushrules` itself names nothing (Synapse: 404; SyTest expects it).
+        return Err(Error::unrecognized(StatusCode::NOT_FOUND, "push rules are at /pushrules/"));
+    }
     let message = match after.split('/').nth(1) {
         None | Some("") => "push rule paths are /pushrules/ or /pushrules/global/...".to_owned(),
         Some("global") => {
@@ -373,6 +409,7 @@ async fn set_rule(
         check_rule_id(relative)?;
     }
     let body: Body = parse_json_body(&body.0)?;
+    check_actions(&body.actions)?;
     let mut rules = Rules::load(&state, user).await?;
     let (before, after) = (position.before.as_deref(), position.after.as_deref());
     if let Some(list) = rules.simple(&kind) {
@@ -468,6 +505,7 @@ async fn set_actions(
     let body = request.body;
     check_kind(&body.kind)?;
     check_rule_id(&body.rule_id)?;
+    check_actions(&body.actions)?;
     let mut rules = Rules::load(&state, user).await?;
     if let Some(list) = rules.simple(&body.kind) {
         let rule = list.iter_mut().find(|rule| rule.rule_id == body.rule_id).ok_or_else(not_found)?;
