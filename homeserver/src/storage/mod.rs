@@ -336,6 +336,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0018_event_unsigned.sql"),
         include_str!("../../migrations/sqlite/0018_event_unsigned.sql"),
     ),
+    (
+        20,
+        "uia params",
+        include_str!("../../migrations/postgres/0020_uia_params.sql"),
+        include_str!("../../migrations/sqlite/0020_uia_params.sql"),
+    ),
 ];
 
 #[derive(Debug)]

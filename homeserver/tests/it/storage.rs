@@ -183,9 +183,15 @@ crate::on_both_backends! {
             completed: vec![],
             threepid_sids: vec![],
             created_ts: now_ms(),
+            params: Some(r#"{"device_id":"D"}"#.into()),
+            result: None,
         };
         store.create_uia_session(&record).await.unwrap();
         assert_eq!(store.get_uia_session("u1").await.unwrap().unwrap(), record);
+        store.set_uia_params("u1", "{}").await.unwrap();
+        store.set_uia_result("u1", "@alice:localhost").await.unwrap();
+        let stored = store.get_uia_session("u1").await.unwrap().unwrap();
+        assert_eq!((stored.params.as_deref(), stored.result.as_deref()), (Some("{}"), Some("@alice:localhost")));
         store.set_uia_completed("u1", &["m.login.email.identity".to_owned()], &["sid1".to_owned()]).await.unwrap();
         let stored = store.get_uia_session("u1").await.unwrap().unwrap();
         assert_eq!(stored.completed, ["m.login.email.identity"]);

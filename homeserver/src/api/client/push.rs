@@ -91,9 +91,11 @@ pub(super) fn routes(router: &mut Router) {
         "/_matrix/client/r0/pushrules/global/",
         "/_matrix/client/v3/pushrules/global/",
     ] {
-        router
-            .add_route(http::Method::PUT, path, || web::put().to(malformed_rule_path))
-            .add_route(http::Method::DELETE, path, || web::delete().to(malformed_rule_path));
+        router.add_route(http::Method::PUT, path, || web::put().to(malformed_rule_path)).add_route(
+            http::Method::DELETE,
+            path,
+            || web::delete().to(malformed_rule_path),
+        );
     }
     for path in [
         "/_matrix/client/r0/pushrules/global/{kind}/{rule_id}",
