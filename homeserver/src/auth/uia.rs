@@ -174,6 +174,15 @@ async fn run(
     // `auth` with only a session (the spec's acknowledgement after fallback auth, and how
     // clients poll) runs no stage: it asks where the session stands.
     let auth = auth.filter(|auth| !matches!(auth, AuthData::FallbackAcknowledgement(_)));
+    // A password stage naming another account than the one acting (someone with a stolen access
+    // token offering their own password) is refused outright, 403 and not a UIA challenge, as
+    // Synapse answers; the session stays as it was.
+    if let (Some(AuthData::Password(data)), Some(user)) = (auth, request.user)
+        && let UserIdentifier::Matrix(id) = &data.identifier
+        && !names(user, &id.user)
+    {
+        return Err(Error::forbidden("the password stage must name the account making this request"));
+    }
     // A password stage takes one failure from the account's and the IP's budgets before the
     // password is compared, and a right one gives it back: a stolen access token cannot be used
     // to guess the password, and a locked-out client gets 429, not another try.
@@ -241,6 +250,12 @@ async fn run(
     Err(challenge(&request, &session, stage_error))
 }
 
+/// Whether `given` (a user id or localpart) names `user`, whatever the case, as at login (every
+/// account here has a lower-case id).
+fn names(user: &UserId, given: &str) -> bool {
+    given.eq_ignore_ascii_case(user.as_str()) || given.eq_ignore_ascii_case(user.localpart())
+}
+
 fn stage_of(auth: &AuthData) -> Option<Stage> {
     match auth {
         AuthData::Dummy(_) => Some(Stage::Dummy),
@@ -283,11 +298,7 @@ async fn run_stage(
                 StandardErrorBody::new(ErrorKind::Forbidden, "no account to check a password for".to_owned())
             })?;
             let names_user = match &data.identifier {
-                // Whatever the case, as at login (every account here has a lower-case id).
-                UserIdentifier::Matrix(id) => {
-                    id.user.eq_ignore_ascii_case(user.as_str())
-                        || id.user.eq_ignore_ascii_case(user.localpart())
-                }
+                UserIdentifier::Matrix(id) => names(user, &id.user),
                 _ => false,
             };
             let record = state.store.get_user(user).await.map_err(|e| internal(e.into()))?;

@@ -334,6 +334,32 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn uia_password_of_another_account_is_refused_with_403_and_the_device_stays(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let eve = server.register("eve", "eve's own password").await;
+        let (_, body) = server.login("alice", PW, json!({"device_id": "LOGIN_DEVICE"})).await;
+        let other = session_of(&body);
+        let path = format!("/_matrix/client/v3/devices/{}", other.device_id);
+        let (status, challenge) = server.request("DELETE", &path, Some(&alice.token), Some(json!({}))).await;
+        assert_eq!(status, 401, "{challenge}");
+        let session = challenge["session"].as_str().unwrap().to_owned();
+        // Eve, with alice's token, offers her own (right) password: 403, not a challenge.
+        let stolen = server
+            .request("DELETE", &path, Some(&alice.token), Some(json!({"auth": password_auth(&eve.user_id, "eve's own password", &session)})))
+            .await;
+        assert_error(&stolen, 403, "M_FORBIDDEN");
+        assert!(stolen.1.get("flows").is_none(), "{}", stolen.1);
+        assert_eq!(server.get(&path, Some(&alice.token)).await.0, 200, "the device is still there");
+        // Alice's own password, in the same session, still works.
+        let (status, body) = server
+            .request("DELETE", &path, Some(&alice.token), Some(json!({"auth": password_auth(&alice.user_id, PW, &session)})))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_error(&server.get(&path, Some(&alice.token)).await, 404, "M_NOT_FOUND");
+        server.stop().await;
+    }
+
     async fn login_and_registration_are_rate_limited(db: Db) {
         let server = TestServer::start_with(db, |c| {
             c.rate_limits.enabled = true;
