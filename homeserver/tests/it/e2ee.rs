@@ -294,6 +294,18 @@ crate::on_both_backends! {
         assert_eq!(server.get("/_matrix/client/v3/room_keys/version/2", token).await.1["auth_data"]["public_key"], "def");
         let other = json!({"algorithm": "org.example.other", "auth_data": {}});
         assert_error(&server.request("PUT", "/_matrix/client/v3/room_keys/version/2", token, Some(other)).await, 400, "M_INVALID_PARAM");
+
+        // auth_data is the owner's opaque data: any JSON value is kept as given (as Synapse
+        // does), but it must be there.
+        let opaque = json!({"algorithm": "m.megolm_backup.v1", "auth_data": "anopaquestring"});
+        let (status, created) = server.post("/_matrix/client/v3/room_keys/version", token, opaque).await;
+        assert_eq!(status, 200, "{created}");
+        let path = format!("/_matrix/client/v3/room_keys/version/{}", created["version"].as_str().unwrap());
+        let updated = json!({"algorithm": "m.megolm_backup.v1", "auth_data": "adifferentopaquestring"});
+        assert_eq!(server.request("PUT", &path, token, Some(updated)).await.0, 200);
+        assert_eq!(server.get(&path, token).await.1["auth_data"], "adifferentopaquestring");
+        let missing = server.post("/_matrix/client/v3/room_keys/version", token, json!({"algorithm": "m.megolm_backup.v1"})).await;
+        assert_eq!(missing.0, 400, "{}", missing.1);
         server.stop().await;
     }
 
