@@ -166,6 +166,15 @@ crate::on_both_backends! {
         with_auth["auth"] = json!({"type": "m.login.password", "session": challenge["session"],
             "identifier": {"type": "m.id.user", "user": "alice"}, "password": PW});
         assert_eq!(server.post(signing_upload, Some(&alice.token), with_auth).await.0, 200);
+        // The password stage's pre-r0.4 form (`user`, no identifier), in one step, at the unstable
+        // path SyTest uses: taken as Synapse takes it; a wrong password still is not.
+        let unstable = "/_matrix/client/unstable/keys/device_signing/upload";
+        let mut legacy = json!({"user_signing_key": usk_json});
+        legacy["auth"] = json!({"type": "m.login.password", "user": alice.user_id, "password": "wrong"});
+        assert_eq!(server.post(unstable, Some(&alice.token), legacy.clone()).await.0, 401);
+        legacy["auth"]["password"] = json!(PW);
+        let (status, body) = server.post(unstable, Some(&alice.token), legacy).await;
+        assert_eq!(status, 200, "{body}");
 
         // Everyone sees master and self-signing keys; only alice her user-signing key.
         let query = |who: &Session, whom: &str| {
