@@ -310,11 +310,23 @@ crate::on_both_backends! {
         let (status, created) = server.post("/_matrix/client/v3/room_keys/version", token, opaque).await;
         assert_eq!(status, 200, "{created}");
         let path = format!("/_matrix/client/v3/room_keys/version/{}", created["version"].as_str().unwrap());
-        let updated = json!({"algorithm": "m.megolm_backup.v1", "auth_data": "adifferentopaquestring"});
+        let version = created["version"].as_str().unwrap();
+        let updated = json!({"algorithm": "m.megolm_backup.v1", "auth_data": "adifferentopaquestring", "version": version});
         assert_eq!(server.request("PUT", &path, token, Some(updated)).await.0, 200);
         assert_eq!(server.get(&path, token).await.1["auth_data"], "adifferentopaquestring");
         let missing = server.post("/_matrix/client/v3/room_keys/version", token, json!({"algorithm": "m.megolm_backup.v1"})).await;
         assert_eq!(missing.0, 400, "{}", missing.1);
+        // A version in the body equal to the path's, written as a number, names the same version.
+        let numbered = json!({"algorithm": "m.megolm_backup.v1", "auth_data": "x", "version": version.parse::<u64>().unwrap()});
+        assert_eq!(server.request("PUT", &path, token, Some(numbered)).await.0, 200);
+        let elsewhere = json!({"algorithm": "m.megolm_backup.v1", "auth_data": "x", "version": "999"});
+        assert_error(&server.request("PUT", &path, token, Some(elsewhere)).await, 400, "M_INVALID_PARAM");
+        // Session data is opaque too: a string is kept as given.
+        let key_path = format!("/_matrix/client/v3/room_keys/keys/!abcd/1234?version={version}");
+        let key = json!({"first_message_index": 3, "forwarded_count": 0, "is_verified": false, "session_data": "anopaquestring"});
+        let (status, body) = server.request("PUT", &key_path, token, Some(key)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(server.get(&key_path, token).await.1["session_data"], "anopaquestring");
         server.stop().await;
     }
 
@@ -420,6 +432,7 @@ crate::on_both_backends! {
         assert_eq!(body["one_time_key_counts"]["my_algorithm"], 1);
         let (_, query) = server.post("/_matrix/client/v3/keys/query", Some(&bob.token), json!({"device_keys": {alice.user_id.clone(): []}})).await;
         assert_eq!(query["device_keys"][&alice.user_id][&device]["keys"][format!("ed25519:{device}")], "ed25519+key", "{query}");
+        assert_eq!(query["device_keys"][&alice.user_id][&device]["unsigned"], json!({}), "always there, empty without a name");
         // Its identity keys still never change.
         let mut other = made_up_with(&alice, "other+key");
         assert_error(&upload(&server, &alice, json!({"device_keys": other.take()})).await, 400, "M_BAD_JSON");

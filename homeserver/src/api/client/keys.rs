@@ -298,9 +298,11 @@ async fn get_keys(
         let mut keys = BTreeMap::new();
         for (device, json) in state.store.device_keys(user, &wanted).await? {
             let mut value: Value = serde_json::from_str(&json).map_err(Error::internal)?;
-            if let Some(Some(name)) = names.get(&device) {
-                value["unsigned"] = json!({"device_display_name": name});
-            }
+            // Always there, as Synapse has it (SyTest reads it), with the name when there is one.
+            value["unsigned"] = match names.get(&device) {
+                Some(Some(name)) => json!({"device_display_name": name}),
+                _ => json!({}),
+            };
             let device = ruma::OwnedDeviceId::from(device);
             keys.insert(device, raw(&value)?);
         }
