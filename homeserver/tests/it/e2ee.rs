@@ -462,6 +462,20 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn renaming_a_device_puts_its_user_in_device_lists_changed_for_room_mates(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        shared_room(&server, &alice, &bob).await;
+        let since = sync(&server, &alice, None).await["next_batch"].as_str().unwrap().to_owned();
+        let path = format!("/_matrix/client/v3/devices/{}", bob.device_id);
+        assert_eq!(server.request("PUT", &path, Some(&bob.token), Some(json!({"display_name": "wibble"}))).await.0, 200);
+        let after = sync(&server, &alice, Some(&since)).await;
+        let changed = after["device_lists"]["changed"].as_array().cloned().unwrap_or_default();
+        assert!(changed.contains(&json!(bob.user_id)), "{after}");
+        server.stop().await;
+    }
+
     async fn to_device_messages(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;
