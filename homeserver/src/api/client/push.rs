@@ -186,9 +186,8 @@ fn insert_simple(
         return Err(invalid_rule_id());
     }
     list.retain(|existing| existing.rule_id != rule.rule_id);
-    let position = |id: &str| {
-        list.iter().position(|existing| existing.rule_id == id).ok_or_else(|| unknown_relative_rule())
-    };
+    let position =
+        |id: &str| list.iter().position(|existing| existing.rule_id == id).ok_or_else(unknown_relative_rule);
     let at = match (before, after) {
         (Some(before), Some(after)) => {
             let (before, after) = (position(before)?, position(after)?);
