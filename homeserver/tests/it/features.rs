@@ -483,21 +483,41 @@ crate::on_both_backends! {
         ok(&server, "PUT", &v3(&format!("directory/room/{}", enc("#green:localhost"))), &alice, json!({"room_id": room})).await;
 
         ok(&server, "PUT", &alias_path, &alice, json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost"]})).await;
+        // Aliases that do not lead here: M_BAD_ALIAS; what is no alias at all: M_INVALID_PARAM.
         for bad in [
             json!({"alias": "#coffee:localhost"}),
             json!({"alias": "#unknown:localhost"}),
-            json!({"alias": "not an alias"}),
-            json!({"alias": 7}),
             json!({"alias": "#tea:elsewhere.org"}),
             json!({"alias": "#tea:localhost", "alt_aliases": ["#coffee:localhost"]}),
-            json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost", "tea"]}),
         ] {
             assert_error(&put(bad.clone()).await, 400, "M_BAD_ALIAS");
         }
-        assert_error(&put(json!({"alias": "#tea:localhost", "alt_aliases": "#green:localhost"})).await, 400, "M_INVALID_PARAM");
-        // Only aliases the change adds are checked: one deleted since may stay.
+        for invalid in [
+            json!({"alias": "not an alias"}),
+            json!({"alias": 7}),
+            json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost", "tea"]}),
+            json!({"alias": "#tea:localhost", "alt_aliases": "#green:localhost"}),
+        ] {
+            assert_error(&put(invalid.clone()).await, 400, "M_INVALID_PARAM");
+        }
+        // A deleted alias leaves the canonical alias event (as Synapse does), sent by the deleter.
         assert_eq!(server.request("DELETE", &v3(&format!("directory/room/{}", enc("#green:localhost"))), Some(&alice.token), None).await.0, 200);
-        ok(&server, "PUT", &alias_path, &alice, json!({"alias": "#tea:localhost", "alt_aliases": ["#green:localhost"], "org.example": 1})).await;
+        let (_, current) = server.get(&alias_path, Some(&alice.token)).await;
+        assert_eq!(current, json!({"alias": "#tea:localhost", "alt_aliases": []}));
+        // Only aliases the change adds are checked.
+        ok(&server, "PUT", &alias_path, &alice, json!({"alias": "#tea:localhost", "org.example": 1})).await;
+        assert_eq!(server.request("DELETE", &v3(&format!("directory/room/{}", enc("#tea:localhost"))), Some(&alice.token), None).await.0, 200);
+        let (_, current) = server.get(&alias_path, Some(&alice.token)).await;
+        assert_eq!(current, json!({"org.example": 1}), "the main alias goes too");
+        // Deleted by someone who may not change the event: the deletion stands, the event stays.
+        let bob = server.register("bob", PW).await;
+        ok(&server, "POST", &room_path(&room, "invite"), &alice, json!({"user_id": bob.user_id})).await;
+        assert_eq!(server.post(&room_path(&room, "join"), Some(&bob.token), json!({})).await.0, 200);
+        ok(&server, "PUT", &v3(&format!("directory/room/{}", enc("#bobs:localhost"))), &bob, json!({"room_id": room})).await;
+        ok(&server, "PUT", &alias_path, &alice, json!({"alt_aliases": ["#bobs:localhost"]})).await;
+        assert_eq!(server.request("DELETE", &v3(&format!("directory/room/{}", enc("#bobs:localhost"))), Some(&bob.token), None).await.0, 200);
+        assert_eq!(server.get(&v3(&format!("directory/room/{}", enc("#bobs:localhost"))), Some(&bob.token)).await.0, 404);
+        assert_eq!(server.get(&alias_path, Some(&alice.token)).await.1, json!({"alt_aliases": ["#bobs:localhost"]}));
         ok(&server, "PUT", &alias_path, &alice, json!({})).await;
         let (_, current) = server.get(&alias_path, Some(&alice.token)).await;
         assert_eq!(current, json!({}));

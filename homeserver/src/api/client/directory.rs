@@ -136,14 +136,52 @@ async fn delete_alias(
     // style permissions").
     let own_namespace = request.sender.appservice.as_ref().is_some_and(|a| a.is_alias_match(alias));
     if creator != user.as_str() && !own_namespace {
-        let room_id = OwnedRoomId::try_from(room).map_err(Error::internal)?;
+        let room_id = OwnedRoomId::try_from(room.as_str()).map_err(Error::internal)?;
         let (power, _) = rooms::power(&state, &room_id, user).await?;
         if power < 50 {
             return Err(Error::forbidden("only the alias's creator or a room moderator may remove it"));
         }
     }
     state.store.delete_alias(alias).await?;
+    drop_from_canonical_alias(&state, &room, user, alias).await?;
     Ok(delete_alias::v3::Response::new())
+}
+
+/// Takes a deleted alias out of its room's `m.room.canonical_alias` (`alias` and
+/// `alt_aliases`), as Synapse does, so that the room stops advertising an alias that no longer
+/// leads to it. Sent as the user who deleted the alias; if they may not change that state
+/// event, the alias stays advertised (as in Synapse) and the deletion still stands.
+async fn drop_from_canonical_alias(
+    state: &AppState,
+    room: &str,
+    user: &ruma::UserId,
+    alias: &str,
+) -> Result<()> {
+    let room_id = OwnedRoomId::try_from(room).map_err(Error::internal)?;
+    let Some(event) = state.store.current_state_event(&room_id, "m.room.canonical_alias", "").await? else {
+        return Ok(());
+    };
+    let mut content = ClientEvent::parse(&event)?.content_value()?;
+    let Some(object) = content.as_object_mut() else { return Ok(()) };
+    let mut changed = false;
+    if object.get("alias").and_then(|a| a.as_str()) == Some(alias) {
+        object.remove("alias");
+        changed = true;
+    }
+    if let Some(alt) = object.get_mut("alt_aliases").and_then(|a| a.as_array_mut()) {
+        let before = alt.len();
+        alt.retain(|a| a.as_str() != Some(alias));
+        changed |= alt.len() != before;
+    }
+    if !changed {
+        return Ok(());
+    }
+    match super::room::append_json(state, &room_id, user, "m.room.canonical_alias", Some(""), &content).await
+    {
+        Ok(_) => Ok(()),
+        Err(Error::Matrix { status, .. }) if status == StatusCode::FORBIDDEN => Ok(()),
+        Err(other) => Err(other),
+    }
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/aliases

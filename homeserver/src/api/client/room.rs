@@ -700,7 +700,9 @@ fn bad_alias(message: impl Into<String>) -> Error {
 /// The aliases `m.room.canonical_alias` content names (`alias`, `alt_aliases`) that `previous`
 /// content did not: those must be checked to point to the room (as Synapse, only new ones, so
 /// that an alias deleted since does not block every later change). Each must be a room alias
-/// (`M_BAD_ALIAS`); `alt_aliases` must be a list (`M_INVALID_PARAM`). An empty `alias` is none.
+/// (`M_INVALID_PARAM` when it is not one, as the spec and Synapse answer; `M_BAD_ALIAS` is for
+/// aliases that do not lead to the room); `alt_aliases` must be a list (`M_INVALID_PARAM`). An
+/// empty `alias` is none.
 fn new_canonical_aliases(content: &Value, previous: Option<&Value>) -> Result<Vec<OwnedRoomAliasId>> {
     let parse = |value: &Value| -> Result<Option<OwnedRoomAliasId>> {
         match value {
@@ -708,8 +710,8 @@ fn new_canonical_aliases(content: &Value, previous: Option<&Value>) -> Result<Ve
             Value::String(text) if text.is_empty() => Ok(None),
             Value::String(text) => OwnedRoomAliasId::try_from(text.as_str())
                 .map(Some)
-                .map_err(|e| bad_alias(format!("`{text}` is not a room alias: {e}"))),
-            _ => Err(bad_alias("aliases must be strings")),
+                .map_err(|e| Error::invalid_param(format!("`{text}` is not a room alias: {e}"))),
+            _ => Err(Error::invalid_param("aliases must be strings")),
         }
     };
     let alt = |content: &Value| -> Result<Vec<Value>> {
