@@ -394,6 +394,21 @@ fn legacy_password_auth(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&object).ok()
 }
 
+/// `{"typing": true}` without `timeout`, given the 30 s Synapse assumes (SyTest sends it so);
+/// ruma requires the field. `None` for any other body or endpoint.
+fn typing_default_timeout<T: 'static>(body: &[u8]) -> Option<Vec<u8>> {
+    use std::any::TypeId;
+    if TypeId::of::<T>() != TypeId::of::<ruma::api::client::typing::create_typing_event::v3::Request>() {
+        return None;
+    }
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    if object.get("typing")? != &serde_json::Value::Bool(true) || object.contains_key("timeout") {
+        return None;
+    }
+    object.insert("timeout".to_owned(), 30_000.into());
+    serde_json::to_vec(&object).ok()
+}
+
 /// Refuses, with the error ruma means to give, bodies on which ruma's parsers panic: ruma 0.17's
 /// `LoginInfo` indexes its `type` field before checking it is there, so a `/login` body without
 /// `type` panicked the worker (and the client saw its connection dropped).
@@ -469,7 +484,7 @@ where
             let raw_body = body.clone();
             let body: &[u8] = if body.is_empty() && T::METHOD != http::Method::GET { b"{}" } else { &body };
             check_known_parser_panics::<T>(body)?;
-            let rewritten = legacy_password_auth(body);
+            let rewritten = legacy_password_auth(body).or_else(|| typing_default_timeout::<T>(body));
             let body = rewritten.as_deref().unwrap_or(body);
             let http_request = to_http_request(&req, body)?;
             // Should a parser still panic on some input, that request gets a 500 (it is a bug, and
