@@ -1030,7 +1030,9 @@ async fn redact(
         .get_event(body.event_id.as_str())
         .await?
         .filter(|e| e.room_id == body.room_id.as_str())
-        .ok_or_else(|| Error::not_found("no such event in this room"))?;
+        // 400 as Synapse answers for an event of another room (SyTest), and the same for one
+        // that does not exist, so that the answer tells nothing of other rooms' events.
+        .ok_or_else(|| Error::invalid_param("no such event in this room"))?;
     if ClientEvent::parse(&target)?.sender() != user.user_id.as_str() {
         let (have, levels) = rooms::power(&state, &body.room_id, &user.user_id).await?;
         let need = levels["redact"].as_i64().unwrap_or(50);
