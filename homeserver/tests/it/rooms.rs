@@ -259,6 +259,19 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn an_event_of_a_room_one_may_not_read_is_404_like_one_that_does_not_exist(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = create(&server, &alice, json!({"preset": "private_chat"})).await;
+        let (_, sent) = send(&server, &alice, &room, "t1", "private").await;
+        let path = room_path(&room, &format!("event/{}", percent(sent["event_id"].as_str().unwrap())));
+        assert_error(&server.get(&path, Some(&bob.token)).await, 404, "M_NOT_FOUND");
+        assert_error(&server.get(&room_path(&room, "event/%24nothing"), Some(&bob.token)).await, 404, "M_NOT_FOUND");
+        assert_eq!(server.get(&path, Some(&alice.token)).await.0, 200);
+        server.stop().await;
+    }
+
     async fn a_departed_member_reads_the_room_as_it_was_when_they_left(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

@@ -1004,7 +1004,14 @@ async fn get_event(
 ) -> Result<get_room_event::v3::Response> {
     let body = &request.body;
     let reader = &request.sender.user_id;
-    let rules = ReadRules::for_reader(&state, &body.room_id, reader).await?;
+    // The spec's answer to an event the reader may not see is 404, as for one that does not
+    // exist (Synapse's too; SyTest: "/event/ on non world readable room does not work").
+    let rules = match ReadRules::for_reader(&state, &body.room_id, reader).await {
+        Err(Error::Matrix { status, .. }) if status == StatusCode::FORBIDDEN => {
+            return Err(Error::not_found("no such event"));
+        }
+        rules => rules?,
+    };
     let ignored = Ignored::load(&state, reader).await?;
     let (event, _) = readable_event(&state, &rules, &ignored, &body.room_id, &body.event_id).await?;
     Ok(get_room_event::v3::Response::new(serve_one(&state, &event, reader_of(&request.sender)).await?))
