@@ -332,6 +332,20 @@ async fn set_pusher(server: &TestServer, who: &Session, body: Value) {
     assert_eq!(status, 200, "{answer}");
 }
 
+/// The pushkeys of `who`'s pushers, sorted.
+async fn pushkeys(server: &TestServer, who: &Session) -> Vec<String> {
+    let (status, body) = server.get(&format!("{V3}/pushers"), Some(&who.token)).await;
+    assert_eq!(status, 200, "{body}");
+    let mut keys: Vec<String> = body["pushers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pushkey"].as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
 async fn set_name(server: &TestServer, who: &Session, name: &str) {
     let path = format!("{V3}/profile/{}/displayname", enc(&who.user_id));
     assert_eq!(
@@ -863,6 +877,35 @@ crate::on_both_backends! {
         let synced_rooms: Vec<&str> = pushed["content"]["global"]["room"].as_array().unwrap().iter().map(|r| r["rule_id"].as_str().unwrap()).collect();
         assert_eq!(synced_rooms, [room_id.as_str()]);
         assert!(pushed["content"]["global"]["sender"].as_array().is_none_or(|list| list.is_empty()), "{pushed}");
+        server.stop().await;
+    }
+
+    async fn pushers_go_with_the_device_that_set_them_on_logout_and_password_change(db: Db) {
+        let server = server(db).await;
+        let alice = server.register("alice", PW).await;
+        let login = |device: &'static str| {
+            let server = &server;
+            async move {
+                let (status, body) = server.login("alice", PW, json!({"device_id": device})).await;
+                assert_eq!(status, 200, "{body}");
+                crate::common::session_of(&body)
+            }
+        };
+        let (phone, laptop) = (login("PHONE").await, login("LAPTOP").await);
+        let url = "https://push.example.org/_matrix/push/v1/notify";
+        for (who, key) in [(&alice, "first"), (&phone, "phone"), (&laptop, "laptop")] {
+            set_pusher(&server, who, pusher_body(url, key, json!({}))).await;
+        }
+        assert_eq!(pushkeys(&server, &alice).await, ["first", "laptop", "phone"]);
+        // Logging out deletes the device, and its pusher.
+        assert_eq!(server.post(&format!("{V3}/logout"), Some(&laptop.token), json!({})).await.0, 200);
+        assert_eq!(pushkeys(&server, &alice).await, ["first", "phone"]);
+        // A password change that logs the other devices out deletes theirs too.
+        let change = json!({"new_password": "an even better password", "auth": {"type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": "alice"}, "password": PW}});
+        let (status, body) = server.post(&format!("{V3}/account/password"), Some(&alice.token), change).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(pushkeys(&server, &alice).await, ["first"]);
         server.stop().await;
     }
 

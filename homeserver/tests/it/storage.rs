@@ -50,7 +50,7 @@ crate::on_both_backends! {
 
         // Pushers: a new one starts at the evaluator's position, so it has nothing to send yet.
         let key = PusherKey { user_id: "@alice:localhost".into(), app_id: "app".into(), pushkey: "k".into() };
-        store.put_pusher(&key, "http", "{}", true).await.unwrap();
+        store.put_pusher(&key, "http", "{}", true, Some("DEV")).await.unwrap();
         assert!(store.claim_pushers("w1", 60_000, 10).await.unwrap().is_empty());
         assert!(store.record_notifications("a", 60_000, start + 10, &[found(start + 10)]).await.unwrap());
         let claimed = store.claim_pushers("w1", 60_000, 10).await.unwrap();
@@ -62,7 +62,7 @@ crate::on_both_backends! {
         store.pusher_backoff(&key, "w1", 1, 60_000).await.unwrap();
         assert!(store.claim_pushers("w2", 60_000, 10).await.unwrap().is_empty(), "not before its retry is due");
         assert!(!store.renew_pusher(&key, "w1", 60_000).await.unwrap(), "released");
-        store.put_pusher(&key, "http", "{}", true).await.unwrap();
+        store.put_pusher(&key, "http", "{}", true, Some("DEV")).await.unwrap();
         let claimed = store.claim_pushers("w2", 60_000, 10).await.unwrap();
         assert_eq!((claimed.len(), claimed[0].failures), (1, 0), "set again, it starts afresh on retries");
         assert!(store.pusher_advanced(&key, "w2", start + 10).await.unwrap());

@@ -586,7 +586,10 @@ async fn set_pusher(
                     format!("at most {MAX_PUSHERS} pushers per user; delete one first"),
                 ));
             }
-            state.store.put_pusher(&key, "http", &data, !post.append).await?;
+            // Kept with the device that set it: deleting the device (logout, a password change
+            // that logs the others out) deletes the pusher, as Synapse does.
+            let device = request.sender.device_id.as_str();
+            state.store.put_pusher(&key, "http", &data, !post.append, Some(device)).await?;
         }
         set_pusher::v3::PusherAction::Delete(ids) => {
             let key = PusherKey {
