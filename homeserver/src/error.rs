@@ -145,6 +145,11 @@ impl ResponseError for Error {
                 if body.get("params").is_none() {
                     body["params"] = serde_json::json!({});
                 }
+                // Always listed, empty or not, as Synapse does (SyTest reads it); ruma omits it
+                // when empty.
+                if body.get("completed").is_none() {
+                    body["completed"] = serde_json::json!([]);
+                }
                 body
             }
             Error::Internal(detail) => {

@@ -387,6 +387,41 @@ impl FromRequest for JsonBody {
     }
 }
 
+/// A UIA password stage in the form of the spec before r0.4, `{"type": "m.login.password",
+/// "user": ..., "password": ...}`, rewritten with the `identifier` that ruma requires: Synapse
+/// still takes it, and so do clients' and SyTest's requests (`keys/device_signing/upload`).
+/// `None` when the body has no such stage (most bodies: only those naming the stage are parsed).
+fn legacy_password_auth(body: &[u8]) -> Option<Vec<u8>> {
+    const STAGE: &[u8] = b"m.login.password";
+    if !body.windows(STAGE.len()).any(|w| w == STAGE) {
+        return None;
+    }
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    let auth = object.get_mut("auth")?.as_object_mut()?;
+    if auth.get("type")?.as_str()? != "m.login.password" || auth.contains_key("identifier") {
+        return None;
+    }
+    let user = auth.remove("user")?;
+    user.as_str()?;
+    auth.insert("identifier".to_owned(), serde_json::json!({"type": "m.id.user", "user": user}));
+    serde_json::to_vec(&object).ok()
+}
+
+/// `{"typing": true}` without `timeout`, given the 30 s Synapse assumes (SyTest sends it so);
+/// ruma requires the field. `None` for any other body or endpoint.
+fn typing_default_timeout<T: 'static>(body: &[u8]) -> Option<Vec<u8>> {
+    use std::any::TypeId;
+    if TypeId::of::<T>() != TypeId::of::<ruma::api::client::typing::create_typing_event::v3::Request>() {
+        return None;
+    }
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    if object.get("typing")? != &serde_json::Value::Bool(true) || object.contains_key("timeout") {
+        return None;
+    }
+    object.insert("timeout".to_owned(), 30_000.into());
+    serde_json::to_vec(&object).ok()
+}
+
 /// Refuses, with the error ruma means to give, bodies on which ruma's parsers panic: ruma 0.17's
 /// `LoginInfo` indexes its `type` field before checking it is there, so a `/login` body without
 /// `type` panicked the worker (and the client saw its connection dropped).
@@ -467,6 +502,8 @@ where
             let raw_body = body.clone();
             let body: &[u8] = if body.is_empty() && T::METHOD != http::Method::GET { b"{}" } else { &body };
             check_known_parser_panics::<T>(body)?;
+            let rewritten = legacy_password_auth(body).or_else(|| typing_default_timeout::<T>(body));
+            let body = rewritten.as_deref().unwrap_or(body);
             let http_request = to_http_request(&req, body)?;
             // Should a parser still panic on some input, that request gets a 500 (it is a bug, and
             // the sweep test reports it) instead of a panic that takes down the worker and every

@@ -1,5 +1,6 @@
 // matrix-js-sdk drives Hearth's rooms: register, sync, create, invite, join, chat both ways,
-// paginate back, typing, receipts, presence, display names, redaction.
+// paginate back, typing, receipts, presence, display names, redaction, upgrade, and ignoring a
+// user (whose messages then stay out of the ignorer's /sync).
 //
 // Usage: node rooms.mjs BASE_URL. Prints "ALL CHECKS PASSED" when every check held.
 
@@ -37,6 +38,7 @@ async function user(name) {
 const suffix = Math.random().toString(36).slice(2, 8);
 const alice = await user(`jsalice${suffix}`);
 const bob = await user(`jsbob${suffix}`);
+const carol = await user(`jscarol${suffix}`);
 
 const bobInvited = waitFor(
   bob,
@@ -161,7 +163,52 @@ for (let tries = 0; !newRoom && tries < 100; tries++) {
 check(newRoom?.getVersion() === "12", `a version 12 room: ${newRoom?.getVersion()}`);
 check(newRoom.findPredecessor()?.roomId === roomId, "bob's client links the new room to the old one");
 
+// Carol joins; bob ignores her: her next message never reaches bob's /sync while alice's, sent
+// after it, does (alice, who ignores nobody, hears both).
+const carolInvited = waitFor(
+  carol,
+  sdk.RoomMemberEvent.Membership,
+  (_event, member) => member.userId === carol.getUserId() && member.membership === "invite",
+  "carol sees the invite",
+);
+await alice.invite(newRoomId, carol.getUserId());
+await carolInvited;
+await carol.joinRoom(newRoomId);
+check(true, "carol joins the new room");
+const ignoreListSynced = waitFor(
+  bob,
+  sdk.ClientEvent.AccountData,
+  (event) => event.getType() === "m.ignored_user_list",
+  "bob's ignore list comes back through /sync",
+);
+await bob.setIgnoredUsers([carol.getUserId()]);
+await ignoreListSynced;
+check(bob.isUserIgnored(carol.getUserId()), "bob ignores carol");
+const bobHeard = [];
+bob.on(sdk.RoomEvent.Timeline, (event, room) => {
+  if (room?.roomId === newRoomId && event.getType() === "m.room.message") bobHeard.push(event.getContent().body);
+});
+const bobHearsAlice = waitFor(
+  bob,
+  sdk.RoomEvent.Timeline,
+  (event, room) => room?.roomId === newRoomId && event.getContent().body === "alice after carol",
+  "bob still hears alice",
+);
+const aliceHearsCarol = waitFor(
+  alice,
+  sdk.RoomEvent.Timeline,
+  (event, room) => room?.roomId === newRoomId && event.getContent().body === "carol whispers",
+  "alice hears carol",
+);
+await carol.sendTextMessage(newRoomId, "carol whispers");
+await aliceHearsCarol;
+await alice.sendTextMessage(newRoomId, "alice after carol");
+await bobHearsAlice;
+check(bobHeard.includes("alice after carol"), `bob still hears alice: ${bobHeard}`);
+check(!bobHeard.includes("carol whispers"), `bob does not hear ignored carol: ${bobHeard}`);
+
 alice.stopClient();
 bob.stopClient();
+carol.stopClient();
 console.log("ALL CHECKS PASSED");
 process.exit(0);

@@ -1,10 +1,12 @@
 """matrix-nio drives Hearth's rooms: create, invite, join, chat both ways, paginate back,
-change the room's name, see typing, receipts, presence and display names, redact.
+change the room's name, see typing, receipts, presence and display names, redact, upgrade,
+and ignore a user (whose messages then stay out of the ignorer's /sync).
 
 Usage: rooms.py BASE_URL. Prints "ALL CHECKS PASSED" when every check held.
 """
 
 import asyncio
+import json
 import secrets
 import sys
 
@@ -63,6 +65,7 @@ async def main() -> None:
     suffix = secrets.token_hex(3)
     alice = await new_user(f"alice{suffix}")
     bob = await new_user(f"bob{suffix}")
+    carol = await new_user(f"carol{suffix}")
     try:
         first = await bob.sync(timeout=0)
         check(isinstance(first, SyncResponse), "bob's first sync")
@@ -189,10 +192,35 @@ async def main() -> None:
         seen = await texts_until(bob, new_room, "in the new room")
         check("in the new room" in seen, f"bob hears alice in the new room: {seen}")
         check(bob.rooms[new_room].room_version == "12", f"a version 12 room: {bob.rooms[new_room].room_version}")
+
+        # Carol joins; bob ignores her (m.ignored_user_list account data, which nio has no call
+        # for): her next message never reaches bob's /sync while alice's, sent after it, does.
+        invited = await alice.room_invite(new_room, carol.user_id)
+        check(not getattr(invited, "status_code", None), f"alice invites carol: {invited}")
+        joined = await carol.join(new_room)
+        check(isinstance(joined, JoinResponse), f"carol joins the new room: {joined}")
+        ignored = await bob.send(
+            "PUT",
+            f"/_matrix/client/v3/user/{bob.user_id}/account_data/m.ignored_user_list",
+            json.dumps({"ignored_users": {carol.user_id: {}}}),
+            headers={"Authorization": f"Bearer {bob.access_token}", "Content-Type": "application/json"},
+        )
+        check(ignored.status == 200, f"bob ignores carol: {await ignored.text()}")
+        await bob.sync(timeout=0)
+        await alice.sync(timeout=0)
+        said = await carol.room_send(new_room, "m.room.message", {"msgtype": "m.text", "body": "carol whispers"})
+        check(isinstance(said, RoomSendResponse), f"carol sends: {said}")
+        await alice.room_send(new_room, "m.room.message", {"msgtype": "m.text", "body": "alice after carol"})
+        seen = await texts_until(bob, new_room, "alice after carol")
+        check("alice after carol" in seen, f"bob still hears alice: {seen}")
+        check("carol whispers" not in seen, f"bob does not hear ignored carol: {seen}")
+        seen = await texts_until(alice, new_room, "alice after carol")
+        check("carol whispers" in seen, f"alice, who ignores nobody, hears carol: {seen}")
         print("ALL CHECKS PASSED", flush=True)
     finally:
         await alice.close()
         await bob.close()
+        await carol.close()
 
 
 asyncio.run(main())

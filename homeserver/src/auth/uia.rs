@@ -6,6 +6,10 @@
 //! stage. When the completed stages cover a whole flow, the session is consumed and the endpoint
 //! proceeds. Sessions live in the database, so a client may continue on any worker.
 //!
+//! Registration also keeps its parameters in the session ([`authenticate_remembering`]): a
+//! client may send them only in the first step, as Synapse allows, and a completed registration
+//! replayed with its session gives the same account again (registration is idempotent).
+//!
 //! Stages are plain functions of [`Stage`]. The email and phone stages check a verification
 //! session (see [`crate::threepid`]) and remember its `sid`, so the endpoint can bind the proven
 //! address once the flow is complete.
@@ -77,6 +81,12 @@ pub struct UiaRequest<'a> {
 pub struct UiaDone {
     /// Verification sessions whose addresses the flow proved, for the endpoint to use up.
     pub threepid_sids: Vec<String>,
+    /// With [`authenticate_remembering`]: the session, if the client has its id (kept, for
+    /// [`set_result`]), the parameters in force, and what an earlier completion produced (a
+    /// replay: the endpoint answers as it did then, and runs nothing again).
+    pub session_id: Option<String>,
+    pub params: Option<String>,
+    pub result: Option<String>,
 }
 
 /// Runs one step of UIA. `Ok` means a flow is complete and the operation may proceed.
@@ -84,6 +94,34 @@ pub async fn authenticate(
     state: &AppState,
     auth: Option<&AuthData>,
     request: UiaRequest<'_>,
+) -> Result<UiaDone> {
+    run(state, auth, request, None).await
+}
+
+/// [`authenticate`] for an operation that keeps its parameters in the session: `params` (JSON,
+/// bounded by the request's size) are this request's, or `None` when it sent only `auth`, and
+/// then those of an earlier step are used. Synapse's rule: a later step that brings parameters
+/// replaces them. The session outlives completion (until it expires), so that a replay finds
+/// the result recorded with [`set_result`].
+pub async fn authenticate_remembering(
+    state: &AppState,
+    auth: Option<&AuthData>,
+    request: UiaRequest<'_>,
+    params: Option<String>,
+) -> Result<UiaDone> {
+    run(state, auth, request, Some(params)).await
+}
+
+/// Records what a completed operation produced, for replays of its session.
+pub async fn set_result(state: &AppState, session_id: &str, result: &str) -> Result<()> {
+    Ok(state.store.set_uia_result(session_id, result).await?)
+}
+
+async fn run(
+    state: &AppState,
+    auth: Option<&AuthData>,
+    request: UiaRequest<'_>,
+    remember: Option<Option<String>>,
 ) -> Result<UiaDone> {
     let lifetime_ms =
         i64::try_from(state.config.auth.uia_session_lifetime_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -112,14 +150,39 @@ pub async fn authenticate(
                 completed: Vec::new(),
                 threepid_sids: Vec::new(),
                 created_ts: now_ms(),
+                params: None,
+                result: None,
             };
             (session, false)
         }
     };
+    let keeps = remember.is_some();
+    if keeps && stored && session.result.is_some() {
+        // A completed operation, replayed: the same answer, no stage run again.
+        return Ok(UiaDone {
+            threepid_sids: Vec::new(),
+            session_id: Some(session.session_id),
+            params: session.params,
+            result: session.result,
+        });
+    }
+    let new_params = remember.flatten();
+    if let Some(params) = &new_params {
+        session.params = Some(params.clone());
+    }
 
     // `auth` with only a session (the spec's acknowledgement after fallback auth, and how
     // clients poll) runs no stage: it asks where the session stands.
     let auth = auth.filter(|auth| !matches!(auth, AuthData::FallbackAcknowledgement(_)));
+    // A password stage naming another account than the one acting (someone with a stolen access
+    // token offering their own password) is refused outright, 403 and not a UIA challenge, as
+    // Synapse answers; the session stays as it was.
+    if let (Some(AuthData::Password(data)), Some(user)) = (auth, request.user)
+        && let UserIdentifier::Matrix(id) = &data.identifier
+        && !names(user, &id.user)
+    {
+        return Err(Error::forbidden("the password stage must name the account making this request"));
+    }
     // A password stage takes one failure from the account's and the IP's budgets before the
     // password is compared, and a right one gives it back: a stolen access token cannot be used
     // to guess the password, and a locked-out client gets 429, not another try.
@@ -148,10 +211,24 @@ pub async fn authenticate(
     };
     let done = request.flows.iter().any(|flow| flow.iter().all(|s| session.completed.contains(&s.name())));
     if done {
-        if stored {
+        if stored && !keeps {
             state.store.delete_uia_session(&session.session_id).await?;
         }
-        return Ok(UiaDone { threepid_sids: session.threepid_sids });
+        if stored && keeps {
+            state
+                .store
+                .set_uia_completed(&session.session_id, &session.completed, &session.threepid_sids)
+                .await?;
+            if let Some(params) = &new_params {
+                state.store.set_uia_params(&session.session_id, params).await?;
+            }
+        }
+        return Ok(UiaDone {
+            threepid_sids: session.threepid_sids,
+            session_id: stored.then_some(session.session_id),
+            params: session.params,
+            result: None,
+        });
     }
     if stored {
         if stage_error.is_none() && auth.is_some() {
@@ -159,6 +236,9 @@ pub async fn authenticate(
                 .store
                 .set_uia_completed(&session.session_id, &session.completed, &session.threepid_sids)
                 .await?;
+        }
+        if let Some(params) = &new_params {
+            state.store.set_uia_params(&session.session_id, params).await?;
         }
     } else {
         if state.uia_cleanup_due() {
@@ -168,6 +248,12 @@ pub async fn authenticate(
         state.store.create_uia_session(&session).await?;
     }
     Err(challenge(&request, &session, stage_error))
+}
+
+/// Whether `given` (a user id or localpart) names `user`, whatever the case, as at login (every
+/// account here has a lower-case id).
+fn names(user: &UserId, given: &str) -> bool {
+    given.eq_ignore_ascii_case(user.as_str()) || given.eq_ignore_ascii_case(user.localpart())
 }
 
 fn stage_of(auth: &AuthData) -> Option<Stage> {
@@ -212,11 +298,7 @@ async fn run_stage(
                 StandardErrorBody::new(ErrorKind::Forbidden, "no account to check a password for".to_owned())
             })?;
             let names_user = match &data.identifier {
-                // Whatever the case, as at login (every account here has a lower-case id).
-                UserIdentifier::Matrix(id) => {
-                    id.user.eq_ignore_ascii_case(user.as_str())
-                        || id.user.eq_ignore_ascii_case(user.localpart())
-                }
+                UserIdentifier::Matrix(id) => names(user, &id.user),
                 _ => false,
             };
             let record = state.store.get_user(user).await.map_err(|e| internal(e.into()))?;

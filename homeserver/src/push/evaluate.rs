@@ -112,17 +112,39 @@ pub fn server_default(user: &UserId) -> Ruleset {
 /// A user's rules: what they stored, or the server's defaults. Stored rules are brought up to
 /// date with the server's defaults (new default rules appear, with the user's `enabled` and
 /// `actions` kept for the ones they changed).
+///
+/// Room and sender rules whose ids are no room or user id (Synapse takes any id there, such as
+/// an alias; see [`stored_rules`]) are left out: they can match no event, and ruma's ruleset,
+/// which clients also parse from `/sync`, cannot hold them.
 pub async fn ruleset(state: &AppState, user: &UserId) -> Result<Ruleset> {
     let defaults = server_default(user);
-    match state.store.account_data(user, None, "m.push_rules").await? {
-        Some(stored) => {
-            let value: serde_json::Value = parse_stored(&stored).map_err(Error::internal)?;
-            let mut rules: Ruleset =
-                serde_json::from_value(value["global"].clone()).map_err(Error::internal)?;
+    match stored_rules(state, user).await? {
+        Some(mut global) => {
+            for (kind, valid) in [
+                ("room", (|id: &str| ruma::RoomId::parse(id).is_ok()) as fn(&str) -> bool),
+                ("sender", |id: &str| UserId::parse(id).is_ok()),
+            ] {
+                if let Some(list) = global.get_mut(kind).and_then(|l| l.as_array_mut()) {
+                    list.retain(|rule| rule["rule_id"].as_str().is_some_and(valid));
+                }
+            }
+            let mut rules: Ruleset = serde_json::from_value(global).map_err(Error::internal)?;
             rules.update_with_server_default(defaults);
             Ok(rules)
         }
         None => Ok(defaults),
+    }
+}
+
+/// The `global` object of a user's stored `m.push_rules`, as stored (room and sender rules of
+/// any id included), if they stored any.
+pub async fn stored_rules(state: &AppState, user: &UserId) -> Result<Option<serde_json::Value>> {
+    match state.store.account_data(user, None, "m.push_rules").await? {
+        Some(stored) => {
+            let mut value: serde_json::Value = parse_stored(&stored).map_err(Error::internal)?;
+            Ok(Some(value["global"].take()))
+        }
+        None => Ok(None),
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-pub use self::evaluate::{RoomPush, ruleset, server_default};
+pub use self::evaluate::{RoomPush, ruleset, server_default, stored_rules};
 use crate::{config::PushConfig, state::AppState};
 
 /// This process's part of push delivery, held in [`AppState`].

@@ -167,6 +167,7 @@ impl DeviceStore for SqlStore {
                 "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id = $2",
                 "DELETE FROM fallback_keys WHERE user_id = $1 AND device_id = $2",
                 "DELETE FROM to_device WHERE user_id = $1 AND device_id = $2",
+                "DELETE FROM pushers WHERE user_id = $1 AND device_id = $2",
             ] {
                 sqlx::query(table).bind(user_id.as_str()).bind(device_id.as_str()).execute(&mut *tx).await?;
             }
@@ -192,6 +193,7 @@ impl DeviceStore for SqlStore {
             "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id <> $2",
             "DELETE FROM fallback_keys WHERE user_id = $1 AND device_id <> $2",
             "DELETE FROM to_device WHERE user_id = $1 AND device_id <> $2",
+            "DELETE FROM pushers WHERE user_id = $1 AND device_id <> $2",
         ] {
             sqlx::query(table).bind(user_id.as_str()).bind(keep).execute(&mut *tx).await?;
         }

@@ -342,6 +342,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0019_guests.sql"),
         include_str!("../../migrations/sqlite/0019_guests.sql"),
     ),
+    (
+        20,
+        "uia params",
+        include_str!("../../migrations/postgres/0020_uia_params.sql"),
+        include_str!("../../migrations/sqlite/0020_uia_params.sql"),
+    ),
 ];
 
 #[derive(Debug)]

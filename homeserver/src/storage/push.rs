@@ -89,7 +89,15 @@ pub trait PushStore: Send + Sync {
     /// Creates or replaces a pusher. A new one starts at the evaluator's position: it is sent
     /// what is found from now on, not the user's older notifications. With `exclusive`, the same
     /// app id and pushkey are removed from other users (the spec's `append: false`).
-    async fn put_pusher(&self, key: &PusherKey, kind: &str, data: &str, exclusive: bool) -> StoreResult<()>;
+    /// `device_id`: the device that set it, whose deletion deletes it.
+    async fn put_pusher(
+        &self,
+        key: &PusherKey,
+        kind: &str,
+        data: &str,
+        exclusive: bool,
+        device_id: Option<&str>,
+    ) -> StoreResult<()>;
     /// Removes a pusher; `false` if there was none.
     async fn delete_pusher(&self, key: &PusherKey) -> StoreResult<bool>;
     /// A user's pushers, as stored JSON.
@@ -220,7 +228,14 @@ const INSERT_CHUNK: usize = 100;
 
 #[async_trait]
 impl PushStore for SqlStore {
-    async fn put_pusher(&self, key: &PusherKey, kind: &str, data: &str, exclusive: bool) -> StoreResult<()> {
+    async fn put_pusher(
+        &self,
+        key: &PusherKey,
+        kind: &str,
+        data: &str,
+        exclusive: bool,
+        device_id: Option<&str>,
+    ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         if exclusive {
             sqlx::query("DELETE FROM pushers WHERE app_id = $1 AND pushkey = $2 AND user_id <> $3")
@@ -232,10 +247,10 @@ impl PushStore for SqlStore {
         }
         // A pusher set again keeps its place in the notifications, and starts afresh on retries.
         sqlx::query(
-            "INSERT INTO pushers (user_id, app_id, pushkey, data, kind, created_ts, position)
-             VALUES ($1, $2, $3, $4, $5, $6, (SELECT position FROM push_progress WHERE id = 1))
+            "INSERT INTO pushers (user_id, app_id, pushkey, data, kind, created_ts, position, device_id)
+             VALUES ($1, $2, $3, $4, $5, $6, (SELECT position FROM push_progress WHERE id = 1), $7)
              ON CONFLICT (app_id, pushkey, user_id) DO UPDATE SET data = excluded.data, kind = excluded.kind,
-                 created_ts = excluded.created_ts, failures = 0, retry_at = 0",
+                 created_ts = excluded.created_ts, failures = 0, retry_at = 0, device_id = excluded.device_id",
         )
         .bind(&key.user_id)
         .bind(&key.app_id)
@@ -243,6 +258,7 @@ impl PushStore for SqlStore {
         .bind(data)
         .bind(kind)
         .bind(now_ms())
+        .bind(device_id)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -19,6 +19,11 @@ pub struct UiaSessionRecord {
     /// Verification sessions (`sid`s) whose addresses the completed stages proved.
     pub threepid_sids: Vec<String>,
     pub created_ts: i64,
+    /// The request's parameters (JSON) as the endpoint keeps them, for later steps that send
+    /// only `auth`.
+    pub params: Option<String>,
+    /// What the completed operation produced (the registered user id), for a replay.
+    pub result: Option<String>,
 }
 
 #[async_trait]
@@ -32,6 +37,10 @@ pub trait UiaStore: Send + Sync {
         completed: &[String],
         threepid_sids: &[String],
     ) -> StoreResult<()>;
+    /// Replaces the remembered parameters.
+    async fn set_uia_params(&self, session_id: &str, params: &str) -> StoreResult<()>;
+    /// Records what the completed operation produced.
+    async fn set_uia_result(&self, session_id: &str, result: &str) -> StoreResult<()>;
     async fn delete_uia_session(&self, session_id: &str) -> StoreResult<()>;
     /// Removes sessions created before `before_ts`; returns how many.
     async fn delete_uia_sessions_before(&self, before_ts: i64) -> StoreResult<u64>;
@@ -49,8 +58,9 @@ fn from_json(text: &str) -> StoreResult<Vec<String>> {
 impl UiaStore for SqlStore {
     async fn create_uia_session(&self, session: &UiaSessionRecord) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO uia_sessions (session_id, operation, user_id, completed, threepid_sids, created_ts)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO uia_sessions
+                 (session_id, operation, user_id, completed, threepid_sids, created_ts, params, result)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&session.session_id)
         .bind(&session.operation)
@@ -58,6 +68,8 @@ impl UiaStore for SqlStore {
         .bind(to_json(&session.completed)?)
         .bind(to_json(&session.threepid_sids)?)
         .bind(session.created_ts)
+        .bind(&session.params)
+        .bind(&session.result)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -65,7 +77,7 @@ impl UiaStore for SqlStore {
 
     async fn get_uia_session(&self, session_id: &str) -> StoreResult<Option<UiaSessionRecord>> {
         let row = sqlx::query(
-            "SELECT operation, user_id, completed, threepid_sids, created_ts FROM uia_sessions
+            "SELECT operation, user_id, completed, threepid_sids, created_ts, params, result FROM uia_sessions
              WHERE session_id = $1",
         )
         .bind(session_id)
@@ -79,6 +91,8 @@ impl UiaStore for SqlStore {
                 completed: from_json(&row.try_get::<String, _>("completed")?)?,
                 threepid_sids: from_json(&row.try_get::<String, _>("threepid_sids")?)?,
                 created_ts: row.try_get("created_ts")?,
+                params: row.try_get("params")?,
+                result: row.try_get("result")?,
             })
         })
         .transpose()
@@ -94,6 +108,24 @@ impl UiaStore for SqlStore {
             .bind(session_id)
             .bind(to_json(completed)?)
             .bind(to_json(threepid_sids)?)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_uia_params(&self, session_id: &str, params: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE uia_sessions SET params = $2 WHERE session_id = $1")
+            .bind(session_id)
+            .bind(params)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_uia_result(&self, session_id: &str, result: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE uia_sessions SET result = $2 WHERE session_id = $1")
+            .bind(session_id)
+            .bind(result)
             .execute(&self.pool)
             .await?;
         Ok(())

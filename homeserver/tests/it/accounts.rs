@@ -270,7 +270,93 @@ crate::on_both_backends! {
             .await;
         assert_eq!(status, 200);
         assert!(body.get("access_token").is_none());
-        assert!(body.get("device_id").is_none_or(serde_json::Value::is_null));
+        assert!(body.get("device_id").is_none(), "no device_id key without a login: {body}");
+        server.stop().await;
+    }
+
+    async fn registration_remembers_first_step_parameters_and_a_replayed_session_gives_the_same_account(db: Db) {
+        let server = TestServer::start(db).await;
+        let register = "/_matrix/client/v3/register";
+        // The first step names everything; the last sends only `auth`.
+        let (status, challenge) = server
+            .post(register, None, json!({"username": "kim", "password": "übers3kr1t", "device_id": "XYZZY",
+                                         "initial_device_display_name": "kim's phone"}))
+            .await;
+        assert_eq!(status, 401, "{challenge}");
+        assert_eq!(challenge["completed"], json!([]), "listed even when empty: {challenge}");
+        let session = challenge["session"].as_str().unwrap().to_owned();
+        let auth = json!({"auth": {"type": "m.login.dummy", "session": session}});
+        let (status, body) = server.post(register, None, auth.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!((body["user_id"].as_str(), body["device_id"].as_str()), (Some("@kim:localhost"), Some("XYZZY")));
+        let first = session_of(&body);
+        let (_, device) = server.get("/_matrix/client/v3/devices/XYZZY", Some(&first.token)).await;
+        assert_eq!(device["display_name"], "kim's phone");
+        let (status, login) = server.login("kim", "übers3kr1t", json!({})).await;
+        assert_eq!(status, 200, "the remembered password is the account's: {login}");
+
+        // The completed session replayed, with or without the parameters: the same account, a
+        // fresh login, and no second account.
+        let (status, again) = server.post(register, None, auth).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["user_id"], "@kim:localhost");
+        assert_ne!(again["access_token"], body["access_token"]);
+        let (status, again) = server
+            .post(register, None, json!({"username": "kim", "password": "übers3kr1t",
+                                         "auth": {"type": "m.login.dummy", "session": session}}))
+            .await;
+        assert_eq!((status, again["user_id"].as_str()), (200, Some("@kim:localhost")), "{again}");
+
+        // Without a username, the replay gives the generated one again.
+        let (_, challenge) = server.post(register, None, json!({"password": PW})).await;
+        let session = challenge["session"].as_str().unwrap();
+        let auth = json!({"password": PW, "auth": {"type": "m.login.dummy", "session": session}});
+        let (status, made) = server.post(register, None, auth.clone()).await;
+        assert_eq!(status, 200, "{made}");
+        let (status, replayed) = server.post(register, None, auth).await;
+        assert_eq!((status, &replayed["user_id"]), (200, &made["user_id"]));
+
+        // A later step's parameters replace the first's; a taken name is still refused at the start.
+        let (_, challenge) = server.post(register, None, json!({"username": "lee", "password": PW})).await;
+        let session = challenge["session"].as_str().unwrap();
+        let (status, body) = server
+            .post(register, None, json!({"username": "lea", "password": PW, "inhibit_login": true,
+                                         "auth": {"type": "m.login.dummy", "session": session}}))
+            .await;
+        assert_eq!((status, body["user_id"].as_str()), (200, Some("@lea:localhost")), "{body}");
+        assert!(body.get("access_token").is_none() && body.get("device_id").is_none(), "{body}");
+        assert_error(&server.post(register, None, json!({"username": "kim", "password": PW})).await, 400, "M_USER_IN_USE");
+        // A session with no password in any step cannot make an account.
+        let (_, challenge) = server.post(register, None, json!({"username": "max"})).await;
+        let session = challenge["session"].as_str().unwrap();
+        let done = server.post(register, None, json!({"auth": {"type": "m.login.dummy", "session": session}})).await;
+        assert_error(&done, 400, "M_MISSING_PARAM");
+        server.stop().await;
+    }
+
+    async fn uia_password_of_another_account_is_refused_with_403_and_the_device_stays(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let eve = server.register("eve", "eve's own password").await;
+        let (_, body) = server.login("alice", PW, json!({"device_id": "LOGIN_DEVICE"})).await;
+        let other = session_of(&body);
+        let path = format!("/_matrix/client/v3/devices/{}", other.device_id);
+        let (status, challenge) = server.request("DELETE", &path, Some(&alice.token), Some(json!({}))).await;
+        assert_eq!(status, 401, "{challenge}");
+        let session = challenge["session"].as_str().unwrap().to_owned();
+        // Eve, with alice's token, offers her own (right) password: 403, not a challenge.
+        let stolen = server
+            .request("DELETE", &path, Some(&alice.token), Some(json!({"auth": password_auth(&eve.user_id, "eve's own password", &session)})))
+            .await;
+        assert_error(&stolen, 403, "M_FORBIDDEN");
+        assert!(stolen.1.get("flows").is_none(), "{}", stolen.1);
+        assert_eq!(server.get(&path, Some(&alice.token)).await.0, 200, "the device is still there");
+        // Alice's own password, in the same session, still works.
+        let (status, body) = server
+            .request("DELETE", &path, Some(&alice.token), Some(json!({"auth": password_auth(&alice.user_id, PW, &session)})))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_error(&server.get(&path, Some(&alice.token)).await, 404, "M_NOT_FOUND");
         server.stop().await;
     }
 

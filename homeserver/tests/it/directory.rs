@@ -93,20 +93,6 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
-    async fn deleting_an_alias_takes_it_out_of_the_canonical_alias(db: Db) {
-        let server = TestServer::start(db).await;
-        let alice = server.register("alice", PW).await;
-        let room = create_room(&server, &alice, json!({"preset": "public_chat", "room_alias_name": "tea"})).await;
-        let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.canonical_alias/", room.replace('!', "%21").replace(':', "%3A"));
-        let (_, before) = server.get(&path, Some(&alice.token)).await;
-        assert_eq!(before["alias"], "#tea:localhost");
-        let (status, _) = server.request("DELETE", "/_matrix/client/v3/directory/room/%23tea%3Alocalhost", Some(&alice.token), None).await;
-        assert_eq!(status, 200);
-        let (_, after) = server.get(&path, Some(&alice.token)).await;
-        assert!(after.get("alias").is_none(), "the room no longer names a deleted alias: {after}");
-        server.stop().await;
-    }
-
     async fn aliases_and_public_rooms(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

@@ -332,6 +332,20 @@ async fn set_pusher(server: &TestServer, who: &Session, body: Value) {
     assert_eq!(status, 200, "{answer}");
 }
 
+/// The pushkeys of `who`'s pushers, sorted.
+async fn pushkeys(server: &TestServer, who: &Session) -> Vec<String> {
+    let (status, body) = server.get(&format!("{V3}/pushers"), Some(&who.token)).await;
+    assert_eq!(status, 200, "{body}");
+    let mut keys: Vec<String> = body["pushers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pushkey"].as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
 async fn set_name(server: &TestServer, who: &Session, name: &str) {
     let path = format!("{V3}/profile/{}/displayname", enc(&who.user_id));
     assert_eq!(
@@ -756,9 +770,9 @@ crate::on_both_backends! {
         assert_eq!(server.request("DELETE", &room_rule, token, None).await.0, 200);
         assert_error(&server.get(&room_rule, token).await, 404, "M_NOT_FOUND");
 
-        // Rule ids per kind: room rules name rooms, sender rules users; dots are the server's.
-        assert_error(&server.request("PUT", &format!("{rules}/room/not-a-room"), token, Some(json!({"actions": []}))).await, 400, "M_INVALID_PARAM");
-        assert_error(&server.request("PUT", &format!("{rules}/sender/bob"), token, Some(json!({"actions": []}))).await, 400, "M_INVALID_PARAM");
+        // Rule ids: no `/` or `\\` in any kind; dots are the server's.
+        assert_error(&server.request("PUT", &format!("{rules}/room/a%5Cb"), token, Some(json!({"actions": []}))).await, 400, "M_INVALID_PARAM");
+        assert_error(&server.request("PUT", &format!("{rules}/sender/.bob"), token, Some(json!({"actions": []}))).await, 400, "M_INVALID_PARAM");
         let conditions = json!({"actions": ["notify"], "conditions": [{"kind": "event_match", "key": "type", "pattern": "m.room.topic"}]});
         assert_error(&server.request("PUT", &format!("{rules}/override/.m.rule.mine"), token, Some(conditions.clone())).await, 400, "M_INVALID_PARAM");
         assert_error(&server.request("PUT", &format!("{rules}/override/.m.rule.master"), token, Some(conditions.clone())).await, 400, "M_INVALID_PARAM");
@@ -788,7 +802,11 @@ crate::on_both_backends! {
         assert_error(&server.request("PUT", &format!("{rules}/override/nothing/enabled"), token, Some(json!({"enabled": true}))).await, 404, "M_NOT_FOUND");
         assert_error(&server.request("PUT", &format!("{rules}/override/nothing/actions"), token, Some(json!({"actions": []}))).await, 404, "M_NOT_FOUND");
         // Paths that are not a rule's.
-        for path in ["/pushrules", "/pushrules/global", "/pushrules/device/", "/pushrules/device/override/a",
+        assert_error(&server.get(&format!("{V3}/pushrules"), token).await, 404, "M_UNRECOGNIZED");
+        for path in ["/pushrules/", "/pushrules/global/"] {
+            assert_error(&server.request("PUT", &format!("{V3}{path}"), token, Some(json!({"actions": []}))).await, 400, "M_UNRECOGNIZED");
+        }
+        for path in ["/pushrules/global", "/pushrules/device/", "/pushrules/device/override/a",
                      "/pushrules/global/override", "/pushrules/global/override/a/bogus", "/pushrules/global/override//enabled",
                      "/pushrules/global/override/a/enabled/more"] {
             assert_error(&server.get(&format!("{V3}{path}"), token).await, 400, "M_UNRECOGNIZED");
@@ -802,6 +820,92 @@ crate::on_both_backends! {
         assert_error(&server.get(&format!("{rules}/weird/"), token).await, 400, "M_INVALID_PARAM");
         assert_error(&server.request("PUT", &format!("{rules}/override/{}", "x".repeat(300)), token, Some(conditions)).await, 400, "M_INVALID_PARAM");
         assert_error(&server.get(&format!("{rules}/override/"), None).await, 401, "M_MISSING_TOKEN");
+        server.stop().await;
+    }
+
+    async fn room_and_sender_rules_take_any_id_as_synapse_does_and_keep_their_order(db: Db) {
+        let server = server(db).await;
+        let alice = server.register("alice", PW).await;
+        let token = Some(alice.token.as_str());
+        let rules = format!("{V3}/pushrules/global");
+        let notify = json!({"actions": ["notify"]});
+        let room_id = room_with(&server, &alice, &[], json!({})).await;
+
+        // Aliases name room rules (as SyTest's do): new ones first, `before` and `after` place them.
+        for id in ["%23a:example.com", "%23b:example.com", "%23c:example.com?before=%23a:example.com"] {
+            assert_eq!(server.request("PUT", &format!("{rules}/room/{id}"), token, Some(notify.clone())).await.0, 200, "{id}");
+        }
+        assert_eq!(server.request("PUT", &format!("{rules}/room/%23d:example.com?after=%23b:example.com"), token, Some(notify.clone())).await.0, 200);
+        assert_eq!(server.request("PUT", &format!("{rules}/room/{}", enc(&room_id)), token, Some(json!({"actions": []}))).await.0, 200);
+        let (status, listed) = server.get(&format!("{rules}/room/"), token).await;
+        assert_eq!(status, 200, "{listed}");
+        let order: Vec<&str> = listed.as_array().unwrap().iter().map(|r| r["rule_id"].as_str().unwrap()).collect();
+        assert_eq!(order, [room_id.as_str(), "#b:example.com", "#d:example.com", "#c:example.com", "#a:example.com"]);
+        let (status, rule) = server.get(&format!("{rules}/room/%23a:example.com"), token).await;
+        assert_eq!((status, &rule), (200, &json!({"rule_id": "#a:example.com", "actions": ["notify"], "enabled": true, "default": false})));
+        let (_, all) = server.get(&format!("{V3}/pushrules/"), token).await;
+        assert_eq!(all["global"]["room"], listed, "the whole ruleset lists them too");
+        let (_, global) = server.get(&format!("{rules}/"), token).await;
+        assert_eq!(global["room"], listed);
+
+        // Enabled, actions and deletion work on them as on any rule.
+        let a = format!("{rules}/room/%23a:example.com");
+        assert_eq!(server.request("PUT", &format!("{a}/enabled"), token, Some(json!({"enabled": false}))).await.0, 200);
+        assert_eq!(server.get(&format!("{a}/enabled"), token).await.1, json!({"enabled": false}));
+        assert_eq!(server.request("PUT", &format!("{a}/actions"), token, Some(json!({"actions": []}))).await.0, 200);
+        assert_eq!(server.get(&format!("{a}/actions"), token).await.1, json!({"actions": []}));
+        assert_eq!(server.request("DELETE", &a, token, None).await.0, 200);
+        assert_error(&server.get(&a, token).await, 404, "M_NOT_FOUND");
+        assert_error(&server.request("PUT", &format!("{a}/enabled"), token, Some(json!({"enabled": true}))).await, 404, "M_NOT_FOUND");
+
+        // Sender rules likewise take any id; a relative rule must exist; ids stay bounded.
+        assert_eq!(server.request("PUT", &format!("{rules}/sender/bob"), token, Some(notify.clone())).await.0, 200);
+        assert_eq!(server.get(&format!("{rules}/sender/bob/actions"), token).await.1, notify);
+        assert_error(&server.request("PUT", &format!("{rules}/sender/carol?before=nobody"), token, Some(notify.clone())).await, 400, "M_INVALID_PARAM");
+        assert_error(&server.request("PUT", &format!("{rules}/room/{}", "x".repeat(300)), token, Some(notify.clone())).await, 400, "M_INVALID_PARAM");
+        assert_error(&server.request("PUT", &format!("{rules}/room/%23e:example.com"), token, Some(json!({"actions": "notify"}))).await, 400, "M_BAD_JSON");
+        assert_error(&server.request("PUT", &format!("{rules}/room/%23e:example.com"), token, Some(json!({}))).await, 400, "M_MISSING_PARAM");
+        // Actions are the spec's (and the retired dont_notify and coalesce, which Synapse keeps).
+        let unknown = json!({"actions": ["not_an_action"]});
+        assert_error(&server.request("PUT", &format!("{rules}/room/%23e:example.com"), token, Some(unknown.clone())).await, 400, "M_INVALID_PARAM");
+        assert_error(&server.request("PUT", &format!("{rules}/sender/bob/actions"), token, Some(unknown)).await, 400, "M_INVALID_PARAM");
+        assert_eq!(server.request("PUT", &format!("{rules}/sender/bob/actions"), token, Some(json!({"actions": ["dont_notify"]}))).await.0, 200);
+
+        // /sync carries the rules the server applies: the room-id rule, not those that match nothing.
+        let (_, synced) = server.get(&format!("{V3}/sync"), token).await;
+        let pushed = synced["account_data"]["events"].as_array().unwrap().iter().find(|e| e["type"] == "m.push_rules").unwrap();
+        let synced_rooms: Vec<&str> = pushed["content"]["global"]["room"].as_array().unwrap().iter().map(|r| r["rule_id"].as_str().unwrap()).collect();
+        assert_eq!(synced_rooms, [room_id.as_str()]);
+        assert!(pushed["content"]["global"]["sender"].as_array().is_none_or(|list| list.is_empty()), "{pushed}");
+        server.stop().await;
+    }
+
+    async fn pushers_go_with_the_device_that_set_them_on_logout_and_password_change(db: Db) {
+        let server = server(db).await;
+        let alice = server.register("alice", PW).await;
+        let login = |device: &'static str| {
+            let server = &server;
+            async move {
+                let (status, body) = server.login("alice", PW, json!({"device_id": device})).await;
+                assert_eq!(status, 200, "{body}");
+                crate::common::session_of(&body)
+            }
+        };
+        let (phone, laptop) = (login("PHONE").await, login("LAPTOP").await);
+        let url = "https://push.example.org/_matrix/push/v1/notify";
+        for (who, key) in [(&alice, "first"), (&phone, "phone"), (&laptop, "laptop")] {
+            set_pusher(&server, who, pusher_body(url, key, json!({}))).await;
+        }
+        assert_eq!(pushkeys(&server, &alice).await, ["first", "laptop", "phone"]);
+        // Logging out deletes the device, and its pusher.
+        assert_eq!(server.post(&format!("{V3}/logout"), Some(&laptop.token), json!({})).await.0, 200);
+        assert_eq!(pushkeys(&server, &alice).await, ["first", "phone"]);
+        // A password change that logs the other devices out deletes theirs too.
+        let change = json!({"new_password": "an even better password", "auth": {"type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": "alice"}, "password": PW}});
+        let (status, body) = server.post(&format!("{V3}/account/password"), Some(&alice.token), change).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(pushkeys(&server, &alice).await, ["first"]);
         server.stop().await;
     }
 

@@ -240,6 +240,38 @@ fn percent_encode(s: &str) -> String {
 }
 
 crate::on_both_backends! {
+    async fn redacting_an_event_of_another_room_or_of_none_is_400_and_redacts_nothing(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let alices = create(&server, &alice, json!({})).await;
+        let bobs = create(&server, &bob, json!({})).await;
+        let (_, sent) = send(&server, &alice, &alices, "t1", "keep me").await;
+        let event_id = sent["event_id"].as_str().unwrap().to_owned();
+        let redact = |room: &str, event: &str, txn: &str| room_path(room, &format!("redact/{}/{txn}", percent(event)));
+        // Bob, in his own room, names alice's event; or an event that does not exist: the same 400.
+        let elsewhere = server.request("PUT", &redact(&bobs, &event_id, "r1"), Some(&bob.token), Some(json!({}))).await;
+        assert_error(&elsewhere, 400, "M_INVALID_PARAM");
+        let unknown = server.request("PUT", &redact(&bobs, "$nothing", "r2"), Some(&bob.token), Some(json!({}))).await;
+        assert_error(&unknown, 400, "M_INVALID_PARAM");
+        let (status, event) = server.get(&room_path(&alices, &format!("event/{}", percent(&event_id))), Some(&alice.token)).await;
+        assert_eq!((status, &event["content"]["body"]), (200, &json!("keep me")));
+        server.stop().await;
+    }
+
+    async fn an_event_of_a_room_one_may_not_read_is_404_like_one_that_does_not_exist(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = create(&server, &alice, json!({"preset": "private_chat"})).await;
+        let (_, sent) = send(&server, &alice, &room, "t1", "private").await;
+        let path = room_path(&room, &format!("event/{}", percent(sent["event_id"].as_str().unwrap())));
+        assert_error(&server.get(&path, Some(&bob.token)).await, 404, "M_NOT_FOUND");
+        assert_error(&server.get(&room_path(&room, "event/%24nothing"), Some(&bob.token)).await, 404, "M_NOT_FOUND");
+        assert_eq!(server.get(&path, Some(&alice.token)).await.0, 200);
+        server.stop().await;
+    }
+
     async fn a_departed_member_reads_the_room_as_it_was_when_they_left(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

@@ -50,7 +50,7 @@ crate::on_both_backends! {
 
         // Pushers: a new one starts at the evaluator's position, so it has nothing to send yet.
         let key = PusherKey { user_id: "@alice:localhost".into(), app_id: "app".into(), pushkey: "k".into() };
-        store.put_pusher(&key, "http", "{}", true).await.unwrap();
+        store.put_pusher(&key, "http", "{}", true, Some("DEV")).await.unwrap();
         assert!(store.claim_pushers("w1", 60_000, 10).await.unwrap().is_empty());
         assert!(store.record_notifications("a", 60_000, start + 10, &[found(start + 10)]).await.unwrap());
         let claimed = store.claim_pushers("w1", 60_000, 10).await.unwrap();
@@ -62,7 +62,7 @@ crate::on_both_backends! {
         store.pusher_backoff(&key, "w1", 1, 60_000).await.unwrap();
         assert!(store.claim_pushers("w2", 60_000, 10).await.unwrap().is_empty(), "not before its retry is due");
         assert!(!store.renew_pusher(&key, "w1", 60_000).await.unwrap(), "released");
-        store.put_pusher(&key, "http", "{}", true).await.unwrap();
+        store.put_pusher(&key, "http", "{}", true, Some("DEV")).await.unwrap();
         let claimed = store.claim_pushers("w2", 60_000, 10).await.unwrap();
         assert_eq!((claimed.len(), claimed[0].failures), (1, 0), "set again, it starts afresh on retries");
         assert!(store.pusher_advanced(&key, "w2", start + 10).await.unwrap());
@@ -183,9 +183,15 @@ crate::on_both_backends! {
             completed: vec![],
             threepid_sids: vec![],
             created_ts: now_ms(),
+            params: Some(r#"{"device_id":"D"}"#.into()),
+            result: None,
         };
         store.create_uia_session(&record).await.unwrap();
         assert_eq!(store.get_uia_session("u1").await.unwrap().unwrap(), record);
+        store.set_uia_params("u1", "{}").await.unwrap();
+        store.set_uia_result("u1", "@alice:localhost").await.unwrap();
+        let stored = store.get_uia_session("u1").await.unwrap().unwrap();
+        assert_eq!((stored.params.as_deref(), stored.result.as_deref()), (Some("{}"), Some("@alice:localhost")));
         store.set_uia_completed("u1", &["m.login.email.identity".to_owned()], &["sid1".to_owned()]).await.unwrap();
         let stored = store.get_uia_session("u1").await.unwrap().unwrap();
         assert_eq!(stored.completed, ["m.login.email.identity"]);

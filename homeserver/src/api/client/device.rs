@@ -107,6 +107,9 @@ async fn update_device(
     if !found {
         return Err(Error::not_found("no such device"));
     }
+    // The name is part of what `keys/query` shows of the device (`unsigned`): those who share a
+    // room learn of the change through `device_lists`, as Synapse tells them.
+    super::keys::device_list_changed(&state, &request.sender.user_id).await?;
     Ok(update_device::v3::Response::new())
 }
 

@@ -135,37 +135,40 @@ async fn delete_alias(
     // An application service controls the aliases of its namespace (the spec's "server admin
     // style permissions").
     let own_namespace = request.sender.appservice.as_ref().is_some_and(|a| a.is_alias_match(alias));
-    let room_id = OwnedRoomId::try_from(room).map_err(Error::internal)?;
     if creator != user.as_str() && !own_namespace {
+        let room_id = OwnedRoomId::try_from(room.as_str()).map_err(Error::internal)?;
         let (power, _) = rooms::power(&state, &room_id, user).await?;
         if power < 50 {
             return Err(Error::forbidden("only the alias's creator or a room moderator may remove it"));
         }
     }
     state.store.delete_alias(alias).await?;
-    drop_canonical_alias(&state, &room_id, user, alias).await?;
+    drop_from_canonical_alias(&state, &room, user, alias).await?;
     Ok(delete_alias::v3::Response::new())
 }
 
-/// Takes a deleted alias out of its room's `m.room.canonical_alias`, as Synapse does, so that the
-/// room does not name an alias that leads nowhere; left as it is if the user may not change it.
-async fn drop_canonical_alias(
+/// Takes a deleted alias out of its room's `m.room.canonical_alias` (`alias` and
+/// `alt_aliases`), as Synapse does, so that the room stops advertising an alias that no longer
+/// leads to it. Sent as the user who deleted the alias; if they may not change that state
+/// event, the alias stays advertised (as in Synapse) and the deletion still stands.
+async fn drop_from_canonical_alias(
     state: &AppState,
-    room_id: &ruma::RoomId,
+    room: &str,
     user: &ruma::UserId,
     alias: &str,
 ) -> Result<()> {
-    let Some(current) = state.store.current_state_event(room_id, "m.room.canonical_alias", "").await? else {
+    let room_id = OwnedRoomId::try_from(room).map_err(Error::internal)?;
+    let Some(event) = state.store.current_state_event(&room_id, "m.room.canonical_alias", "").await? else {
         return Ok(());
     };
-    let mut content = crate::rooms::client_event::ClientEvent::parse(&current)?.content_value()?;
-    let Some(fields) = content.as_object_mut() else { return Ok(()) };
+    let mut content = ClientEvent::parse(&event)?.content_value()?;
+    let Some(object) = content.as_object_mut() else { return Ok(()) };
     let mut changed = false;
-    if fields.get("alias").and_then(serde_json::Value::as_str) == Some(alias) {
-        fields.remove("alias");
+    if object.get("alias").and_then(|a| a.as_str()) == Some(alias) {
+        object.remove("alias");
         changed = true;
     }
-    if let Some(serde_json::Value::Array(alt)) = fields.get_mut("alt_aliases") {
+    if let Some(alt) = object.get_mut("alt_aliases").and_then(|a| a.as_array_mut()) {
         let before = alt.len();
         alt.retain(|a| a.as_str() != Some(alias));
         changed |= alt.len() != before;
@@ -173,19 +176,11 @@ async fn drop_canonical_alias(
     if !changed {
         return Ok(());
     }
-    let content = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
-    let draft = rooms::Draft {
-        sender: user,
-        event_type: "m.room.canonical_alias",
-        state_key: Some(""),
-        content: &content,
-        redacts: None,
-        redacted_json: None,
-        txn: None,
-    };
-    match rooms::append(state, room_id, draft).await {
-        Err(Error::Matrix { status: actix_web::http::StatusCode::FORBIDDEN, .. }) => Ok(()),
-        other => other.map(drop),
+    match super::room::append_json(state, &room_id, user, "m.room.canonical_alias", Some(""), &content).await
+    {
+        Ok(_) => Ok(()),
+        Err(Error::Matrix { status, .. }) if status == StatusCode::FORBIDDEN => Ok(()),
+        Err(other) => Err(other),
     }
 }
 

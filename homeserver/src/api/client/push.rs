@@ -7,7 +7,11 @@
 //!   starting with `.`) can only be enabled, disabled and given other actions. A path that is
 //!   not a rule's (an unknown scope, a missing rule id or part) is 400 `M_UNRECOGNIZED`, as
 //!   Synapse answers; an unknown kind 400 `M_INVALID_PARAM`; an unknown rule 404 `M_NOT_FOUND`.
-//!   `GET /pushrules/global/{kind}/` lists one kind (a Synapse extension SyTest uses).
+//!   `GET /pushrules/global/{kind}/` lists one kind (a Synapse extension SyTest uses). Room and
+//!   sender rules take any rule id without `/` or `\\`, as Synapse's do (SyTest names room rules
+//!   by alias), though the spec names them by room or user id; those that are no such id match
+//!   no event, so only the push-rule API shows them, not ruma's ruleset that the evaluator and
+//!   `/sync` use ([`crate::push::ruleset`]).
 //! - **Pushers**: only HTTP pushers are taken (this server sends no email), with a URL that
 //!   follows the spec and, unless `push.allow_private_addresses`, names no private address.
 //! - **`/notifications`**: what the evaluator stored ([`crate::push::evaluate`]), newest first.
@@ -17,20 +21,24 @@ use std::collections::HashMap;
 use actix_web::{HttpRequest, HttpResponse, http::StatusCode, web};
 use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedRoomId, RoomId, UInt,
+    api::client::push::PushRule,
     api::client::push::{
         PusherKind, delete_pushrule, get_notifications, get_pushers, get_pushrule, get_pushrule_actions,
-        get_pushrule_enabled, get_pushrules_all, get_pushrules_global_scope, set_pusher, set_pushrule,
+        get_pushrule_enabled, get_pushrules_all, get_pushrules_global_scope, set_pusher,
         set_pushrule_actions, set_pushrule_enabled,
     },
-    push::{InsertPushRuleError, RemovePushRuleError, RuleKind, Ruleset},
+    push::{
+        Action, InsertPushRuleError, NewConditionalPushRule, NewPatternedPushRule, NewPushRule,
+        PushCondition, RemovePushRuleError, RuleKind, Ruleset, SimplePushRule, SimplePushRuleInit,
+    },
 };
 use serde_json::json;
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    push::ruleset,
+    push::{ruleset, stored_rules},
     rooms::{self, client_event::ClientEvent, visibility::ReadRules},
-    ruma_wrapper::{Authenticated, Router, Ruma},
+    ruma_wrapper::{Authenticated, JsonBody, Router, Ruma, parse_json_body},
     state::AppState,
     storage::PusherKey,
 };
@@ -55,12 +63,11 @@ const RULE_PREFIXES: [&str; 2] = ["/_matrix/client/r0/pushrules", "/_matrix/clie
 
 pub(super) fn routes(router: &mut Router) {
     router
-        .add(get_all)
-        .add(get_global)
+        .add_responding(get_all)
+        .add_responding(get_global)
         .add(get_rule)
         .add(get_enabled)
         .add(get_actions)
-        .add(set_rule)
         .add(delete_rule)
         .add(set_enabled)
         .add(set_actions)
@@ -77,6 +84,162 @@ pub(super) fn routes(router: &mut Router) {
             .add_route(http::Method::PUT, path, || web::put().to(no_rule_id))
             .add_route(http::Method::DELETE, path, || web::delete().to(no_rule_id));
     }
+    // Writing to the ruleset as a whole or to a scope is no request: 400, not 405.
+    for path in [
+        "/_matrix/client/r0/pushrules/",
+        "/_matrix/client/v3/pushrules/",
+        "/_matrix/client/r0/pushrules/global/",
+        "/_matrix/client/v3/pushrules/global/",
+    ] {
+        router.add_route(http::Method::PUT, path, || web::put().to(malformed_rule_path)).add_route(
+            http::Method::DELETE,
+            path,
+            || web::delete().to(malformed_rule_path),
+        );
+    }
+    for path in [
+        "/_matrix/client/r0/pushrules/global/{kind}/{rule_id}",
+        "/_matrix/client/v3/pushrules/global/{kind}/{rule_id}",
+    ] {
+        router.add_route(http::Method::PUT, path, || web::put().to(set_rule));
+    }
+}
+
+/// A user's rules as the push-rule API shows them: ruma's ruleset, and the room and sender
+/// rules in their order under any id (see the module's doc).
+struct Rules {
+    ruleset: Ruleset,
+    room: Vec<SimplePushRule<String>>,
+    sender: Vec<SimplePushRule<String>>,
+}
+
+impl Rules {
+    async fn load(state: &AppState, user: &ruma::UserId) -> Result<Self> {
+        let ruleset = ruleset(state, user).await?;
+        let stored = stored_rules(state, user).await?;
+        // Written by `save` only; a list that cannot be read is left as empty (as `ruleset` fails).
+        let list = |kind: &str| {
+            stored
+                .as_ref()
+                .and_then(|global| global.get(kind))
+                .and_then(|list| serde_json::from_value::<Vec<SimplePushRule<String>>>(list.clone()).ok())
+                .unwrap_or_default()
+        };
+        Ok(Self { ruleset, room: list("room"), sender: list("sender") })
+    }
+
+    /// The room or sender rules, which this type keeps itself; `None` for the other kinds.
+    fn simple(&mut self, kind: &RuleKind) -> Option<&mut Vec<SimplePushRule<String>>> {
+        match kind {
+            RuleKind::Room => Some(&mut self.room),
+            RuleKind::Sender => Some(&mut self.sender),
+            _ => None,
+        }
+    }
+
+    fn get(&mut self, kind: &RuleKind, rule_id: &str) -> Option<PushRule> {
+        match self.simple(kind) {
+            Some(list) => list.iter().find(|rule| rule.rule_id == rule_id).cloned().map(Into::into),
+            None => self.ruleset.get(kind.clone(), rule_id).map(|rule| rule.to_owned().into()),
+        }
+    }
+
+    /// The `global` object: ruma's ruleset with the room and sender lists as kept here.
+    fn to_json(&self) -> Result<serde_json::Value> {
+        let mut global = serde_json::to_value(&self.ruleset).map_err(Error::internal)?;
+        global["room"] = serde_json::to_value(&self.room).map_err(Error::internal)?;
+        global["sender"] = serde_json::to_value(&self.sender).map_err(Error::internal)?;
+        Ok(global)
+    }
+
+    async fn save(&self, state: &AppState, user: &ruma::UserId) -> Result<()> {
+        let content = json!({ "global": self.to_json()? }).to_string();
+        if content.len() > MAX_RULES_BYTES {
+            return Err(Error::invalid_param(format!(
+                "push rules may take at most {MAX_RULES_BYTES} bytes; remove some first"
+            )));
+        }
+        rooms::at_new_position(state, |position| async move {
+            state
+                .store
+                .put_account_data(user, None, "m.push_rules", &content, position)
+                .await
+                .map_err(Into::into)
+        })
+        .await
+        .map(drop)
+    }
+}
+
+/// Inserts a room or sender rule as ruma's ruleset inserts the others: replacing one of the same
+/// id, first of its kind unless `before` or `after` names another.
+fn insert_simple(
+    list: &mut Vec<SimplePushRule<String>>,
+    rule: SimplePushRule<String>,
+    before: Option<&str>,
+    after: Option<&str>,
+) -> Result<()> {
+    if rule.rule_id.starts_with('.') {
+        return Err(server_default_rule_id());
+    }
+    if rule.rule_id.contains(['/', '\\']) {
+        return Err(invalid_rule_id());
+    }
+    list.retain(|existing| existing.rule_id != rule.rule_id);
+    let position =
+        |id: &str| list.iter().position(|existing| existing.rule_id == id).ok_or_else(unknown_relative_rule);
+    let at = match (before, after) {
+        (Some(before), Some(after)) => {
+            let (before, after) = (position(before)?, position(after)?);
+            if before < after {
+                return Err(Error::invalid_param(
+                    "`before` names a rule that comes before the one `after` names",
+                ));
+            }
+            before
+        }
+        (Some(before), None) => position(before)?,
+        (None, Some(after)) => position(after)? + 1,
+        (None, None) => 0,
+    };
+    list.insert(at, rule);
+    Ok(())
+}
+
+/// Refuses actions the spec does not define (ruma reads any string as a custom action), as
+/// Synapse does; `dont_notify` and `coalesce`, which the spec retired but clients still send,
+/// are kept.
+fn check_actions(actions: &[Action]) -> Result<()> {
+    for action in actions {
+        match action {
+            Action::Notify | Action::SetTweak(_) => {}
+            other => {
+                let name = serde_json::to_value(other).map_err(Error::internal)?;
+                if !matches!(name.as_str(), Some("dont_notify" | "coalesce")) {
+                    return Err(Error::invalid_param(format!(
+                        "unknown push rule action {name}: notify, set_tweak, or the retired \
+                         dont_notify and coalesce"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn server_default_rule_id() -> Error {
+    Error::invalid_param(
+        "rule ids starting with `.` belong to the server's default rules, which cannot be created or \
+         replaced (their actions and `enabled` can be changed)",
+    )
+}
+
+fn invalid_rule_id() -> Error {
+    Error::invalid_param("rule ids may not contain `/` or `\\`")
+}
+
+fn unknown_relative_rule() -> Error {
+    Error::invalid_param("`before` or `after` names no rule of this kind")
 }
 
 fn not_found() -> Error {
@@ -86,6 +249,10 @@ fn not_found() -> Error {
 /// A push-rule path that is not one: 400 `M_UNRECOGNIZED`, as Synapse answers.
 async fn malformed_rule_path(req: HttpRequest) -> Result<HttpResponse> {
     let after = RULE_PREFIXES.iter().find_map(|prefix| req.path().strip_prefix(prefix)).unwrap_or_default();
+    if after.is_empty() {
+        // `/pushrules` itself names nothing (Synapse: 404; SyTest expects it).
+        return Err(Error::unrecognized(StatusCode::NOT_FOUND, "push rules are at /pushrules/"));
+    }
     let message = match after.split('/').nth(1) {
         None | Some("") => "push rule paths are /pushrules/ or /pushrules/global/...".to_owned(),
         Some("global") => {
@@ -132,41 +299,32 @@ fn check_rule_id(rule_id: &str) -> Result<()> {
     Ok(())
 }
 
-async fn save(state: &AppState, user: &ruma::UserId, rules: &Ruleset) -> Result<()> {
-    let content = json!({ "global": rules }).to_string();
-    if content.len() > MAX_RULES_BYTES {
-        return Err(Error::invalid_param(format!(
-            "push rules may take at most {MAX_RULES_BYTES} bytes; remove some first"
-        )));
-    }
-    rooms::at_new_position(state, |position| async move {
-        state.store.put_account_data(user, None, "m.push_rules", &content, position).await.map_err(Into::into)
-    })
-    .await
-    .map(drop)
-}
-
 /// GET /_matrix/client/v3/pushrules/
+///
+/// Answered as JSON of its own (ruma's response type holds room and sender rules by room or
+/// user id only).
 async fn get_all(
     state: web::Data<AppState>,
     request: Ruma<get_pushrules_all::v3::Request>,
-) -> Result<get_pushrules_all::v3::Response> {
-    Ok(get_pushrules_all::v3::Response::new(ruleset(&state, &request.sender.user_id).await?))
+) -> Result<HttpResponse> {
+    let rules = Rules::load(&state, &request.sender.user_id).await?;
+    Ok(HttpResponse::Ok().json(json!({ "global": rules.to_json()? })))
 }
 
 /// GET /_matrix/client/v3/pushrules/global/
 async fn get_global(
     state: web::Data<AppState>,
     request: Ruma<get_pushrules_global_scope::v3::Request>,
-) -> Result<get_pushrules_global_scope::v3::Response> {
-    Ok(get_pushrules_global_scope::v3::Response::new(ruleset(&state, &request.sender.user_id).await?))
+) -> Result<HttpResponse> {
+    let rules = Rules::load(&state, &request.sender.user_id).await?;
+    Ok(HttpResponse::Ok().json(rules.to_json()?))
 }
 
 /// GET /_matrix/client/v3/pushrules/global/{kind}/
 async fn get_kind(state: web::Data<AppState>, auth: Authenticated, req: HttpRequest) -> Result<HttpResponse> {
     let kind = RuleKind::from(req.match_info().get("kind").unwrap_or_default());
     check_kind(&kind)?;
-    let rules = serde_json::to_value(ruleset(&state, &auth.0.user_id).await?).map_err(Error::internal)?;
+    let rules = Rules::load(&state, &auth.0.user_id).await?.to_json()?;
     Ok(HttpResponse::Ok().json(&rules[kind.as_str()]))
 }
 
@@ -178,9 +336,9 @@ async fn get_rule(
     let body = &request.body;
     check_kind(&body.kind)?;
     check_rule_id(&body.rule_id)?;
-    let rules = ruleset(&state, &request.sender.user_id).await?;
-    let rule = rules.get(body.kind.clone(), &body.rule_id).ok_or_else(not_found)?;
-    Ok(get_pushrule::v3::Response::new(rule.to_owned().into()))
+    let mut rules = Rules::load(&state, &request.sender.user_id).await?;
+    let rule = rules.get(&body.kind, &body.rule_id).ok_or_else(not_found)?;
+    Ok(get_pushrule::v3::Response::new(rule))
 }
 
 /// GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled
@@ -191,9 +349,9 @@ async fn get_enabled(
     let body = &request.body;
     check_kind(&body.kind)?;
     check_rule_id(&body.rule_id)?;
-    let rules = ruleset(&state, &request.sender.user_id).await?;
-    let rule = rules.get(body.kind.clone(), &body.rule_id).ok_or_else(not_found)?;
-    Ok(get_pushrule_enabled::v3::Response::new(rule.enabled()))
+    let mut rules = Rules::load(&state, &request.sender.user_id).await?;
+    let rule = rules.get(&body.kind, &body.rule_id).ok_or_else(not_found)?;
+    Ok(get_pushrule_enabled::v3::Response::new(rule.enabled))
 }
 
 /// GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions
@@ -204,39 +362,94 @@ async fn get_actions(
     let body = &request.body;
     check_kind(&body.kind)?;
     check_rule_id(&body.rule_id)?;
-    let rules = ruleset(&state, &request.sender.user_id).await?;
-    let rule = rules.get(body.kind.clone(), &body.rule_id).ok_or_else(not_found)?;
-    Ok(get_pushrule_actions::v3::Response::new(rule.actions().to_vec()))
+    let mut rules = Rules::load(&state, &request.sender.user_id).await?;
+    let rule = rules.get(&body.kind, &body.rule_id).ok_or_else(not_found)?;
+    Ok(get_pushrule_actions::v3::Response::new(rule.actions))
 }
 
 /// PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}
+///
+/// Outside ruma's request type, which refuses room and sender rules not named by a room or user
+/// id (see the module's doc); the body is the spec's for each kind.
 async fn set_rule(
     state: web::Data<AppState>,
-    request: Ruma<set_pushrule::v3::Request>,
-) -> Result<set_pushrule::v3::Response> {
-    let user = &request.sender.user_id;
-    let body = request.body;
-    check_rule_id(body.rule.rule_id())?;
-    let mut rules = ruleset(&state, user).await?;
-    rules.insert(body.rule, body.after.as_deref(), body.before.as_deref()).map_err(|e| match e {
-        InsertPushRuleError::ServerDefaultRuleId => Error::invalid_param(
-            "rule ids starting with `.` belong to the server's default rules, which cannot be created \
-             or replaced (their actions and `enabled` can be changed)",
-        ),
-        InsertPushRuleError::InvalidRuleId => Error::invalid_param("rule ids may not contain `/` or `\\`"),
-        InsertPushRuleError::RelativeToServerDefaultRule => {
-            Error::invalid_param("`before` and `after` must name rules of your own, not the server's")
-        }
-        InsertPushRuleError::UnknownRuleId => {
-            Error::invalid_param("`before` or `after` names no rule of this kind")
-        }
-        InsertPushRuleError::BeforeHigherThanAfter => {
-            Error::invalid_param("`before` names a rule that comes before the one `after` names")
-        }
-        other => Error::invalid_param(other.to_string()),
-    })?;
-    save(&state, user, &rules).await?;
-    Ok(set_pushrule::v3::Response::new())
+    auth: Authenticated,
+    req: HttpRequest,
+    body: JsonBody,
+) -> Result<HttpResponse> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        actions: Vec<Action>,
+        #[serde(default)]
+        conditions: Option<Vec<PushCondition>>,
+        #[serde(default)]
+        pattern: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Position {
+        before: Option<String>,
+        after: Option<String>,
+    }
+    let user = &auth.0.user_id;
+    // The raw segments, decoded here (`/pushrules/global/{kind}/{ruleId}`).
+    let segments: Vec<&str> = req.path().rsplitn(3, '/').collect();
+    let decode = |raw: &str| {
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map(|text| text.into_owned())
+            .map_err(|_| Error::invalid_param("path segment is not valid UTF-8"))
+    };
+    let rule_id = decode(segments.first().copied().unwrap_or_default())?;
+    let kind = RuleKind::from(decode(segments.get(1).copied().unwrap_or_default())?);
+    check_kind(&kind)?;
+    check_rule_id(&rule_id)?;
+    let position = web::Query::<Position>::from_query(req.query_string())
+        .map_err(|e| Error::invalid_param(format!("bad `before` or `after`: {e}")))?
+        .into_inner();
+    for relative in [&position.before, &position.after].into_iter().flatten() {
+        check_rule_id(relative)?;
+    }
+    let body: Body = parse_json_body(&body.0)?;
+    check_actions(&body.actions)?;
+    let mut rules = Rules::load(&state, user).await?;
+    let (before, after) = (position.before.as_deref(), position.after.as_deref());
+    if let Some(list) = rules.simple(&kind) {
+        let rule =
+            SimplePushRuleInit { actions: body.actions, default: false, enabled: true, rule_id }.into();
+        insert_simple(list, rule, before, after)?;
+    } else {
+        let rule = match kind {
+            RuleKind::Content => NewPushRule::Content(NewPatternedPushRule::new(
+                rule_id,
+                body.pattern.ok_or_else(|| Error::missing_param("content rules need a `pattern`"))?,
+                body.actions,
+            )),
+            RuleKind::Override => NewPushRule::Override(NewConditionalPushRule::new(
+                rule_id,
+                body.conditions.unwrap_or_default(),
+                body.actions,
+            )),
+            _ => NewPushRule::Underride(NewConditionalPushRule::new(
+                rule_id,
+                body.conditions.unwrap_or_default(),
+                body.actions,
+            )),
+        };
+        rules.ruleset.insert(rule, after, before).map_err(|e| match e {
+            InsertPushRuleError::ServerDefaultRuleId => server_default_rule_id(),
+            InsertPushRuleError::InvalidRuleId => invalid_rule_id(),
+            InsertPushRuleError::RelativeToServerDefaultRule => {
+                Error::invalid_param("`before` and `after` must name rules of your own, not the server's")
+            }
+            InsertPushRuleError::UnknownRuleId => unknown_relative_rule(),
+            InsertPushRuleError::BeforeHigherThanAfter => {
+                Error::invalid_param("`before` names a rule that comes before the one `after` names")
+            }
+            other => Error::invalid_param(other.to_string()),
+        })?;
+    }
+    rules.save(&state, user).await?;
+    Ok(HttpResponse::Ok().json(json!({})))
 }
 
 /// DELETE /_matrix/client/v3/pushrules/global/{kind}/{ruleId}
@@ -248,14 +461,19 @@ async fn delete_rule(
     let body = &request.body;
     check_kind(&body.kind)?;
     check_rule_id(&body.rule_id)?;
-    let mut rules = ruleset(&state, user).await?;
-    rules.remove(body.kind.clone(), &body.rule_id).map_err(|e| match e {
-        RemovePushRuleError::ServerDefault => Error::forbidden(
-            "the server's default rules cannot be deleted; disable them through /enabled instead",
-        ),
-        _ => not_found(),
-    })?;
-    save(&state, user, &rules).await?;
+    let mut rules = Rules::load(&state, user).await?;
+    if let Some(list) = rules.simple(&body.kind) {
+        let at = list.iter().position(|rule| rule.rule_id == body.rule_id).ok_or_else(not_found)?;
+        list.remove(at);
+    } else {
+        rules.ruleset.remove(body.kind.clone(), &body.rule_id).map_err(|e| match e {
+            RemovePushRuleError::ServerDefault => Error::forbidden(
+                "the server's default rules cannot be deleted; disable them through /enabled instead",
+            ),
+            _ => not_found(),
+        })?;
+    }
+    rules.save(&state, user).await?;
     Ok(delete_pushrule::v3::Response::new())
 }
 
@@ -268,9 +486,14 @@ async fn set_enabled(
     let body = &request.body;
     check_kind(&body.kind)?;
     check_rule_id(&body.rule_id)?;
-    let mut rules = ruleset(&state, user).await?;
-    rules.set_enabled(body.kind.clone(), &body.rule_id, body.enabled).map_err(|_| not_found())?;
-    save(&state, user, &rules).await?;
+    let mut rules = Rules::load(&state, user).await?;
+    if let Some(list) = rules.simple(&body.kind) {
+        let rule = list.iter_mut().find(|rule| rule.rule_id == body.rule_id).ok_or_else(not_found)?;
+        rule.enabled = body.enabled;
+    } else {
+        rules.ruleset.set_enabled(body.kind.clone(), &body.rule_id, body.enabled).map_err(|_| not_found())?;
+    }
+    rules.save(&state, user).await?;
     Ok(set_pushrule_enabled::v3::Response::new())
 }
 
@@ -283,9 +506,15 @@ async fn set_actions(
     let body = request.body;
     check_kind(&body.kind)?;
     check_rule_id(&body.rule_id)?;
-    let mut rules = ruleset(&state, user).await?;
-    rules.set_actions(body.kind.clone(), &body.rule_id, body.actions).map_err(|_| not_found())?;
-    save(&state, user, &rules).await?;
+    check_actions(&body.actions)?;
+    let mut rules = Rules::load(&state, user).await?;
+    if let Some(list) = rules.simple(&body.kind) {
+        let rule = list.iter_mut().find(|rule| rule.rule_id == body.rule_id).ok_or_else(not_found)?;
+        rule.actions = body.actions;
+    } else {
+        rules.ruleset.set_actions(body.kind.clone(), &body.rule_id, body.actions).map_err(|_| not_found())?;
+    }
+    rules.save(&state, user).await?;
     Ok(set_pushrule_actions::v3::Response::new())
 }
 
@@ -357,7 +586,10 @@ async fn set_pusher(
                     format!("at most {MAX_PUSHERS} pushers per user; delete one first"),
                 ));
             }
-            state.store.put_pusher(&key, "http", &data, !post.append).await?;
+            // Kept with the device that set it: deleting the device (logout, a password change
+            // that logs the others out) deletes the pusher, as Synapse does.
+            let device = request.sender.device_id.as_str();
+            state.store.put_pusher(&key, "http", &data, !post.append, Some(device)).await?;
         }
         set_pusher::v3::PusherAction::Delete(ids) => {
             let key = PusherKey {

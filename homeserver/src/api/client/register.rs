@@ -1,9 +1,9 @@
 //! Registration: `register` (behind User-Interactive Auth), `register/available`, and the
 //! registration-token validity check.
 
-use actix_web::{http::StatusCode, web};
+use actix_web::{HttpResponse, http::StatusCode, web};
 use ruma::{
-    OwnedUserId, UserId,
+    OwnedDeviceId, OwnedUserId, UserId,
     api::client::{
         account::{
             check_registration_token_validity, get_username_availability,
@@ -32,8 +32,41 @@ use crate::{
 /// unbounded input is an easy way to burn CPU.
 pub(super) const MAX_PASSWORD_BYTES: usize = 512;
 
+/// What a registration asks for beside `auth`, kept in its UIA session: a client may send it only
+/// in the first step (SyTest: "registration remembers parameters"). The password is kept hashed.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct RegistrationParams {
+    username: Option<String>,
+    password_hash: Option<String>,
+    device_id: Option<OwnedDeviceId>,
+    initial_device_display_name: Option<String>,
+    #[serde(default)]
+    inhibit_login: bool,
+    #[serde(default)]
+    refresh_token: bool,
+}
+
+/// How the new account's first device logs in.
+struct FirstLogin {
+    device_id: Option<OwnedDeviceId>,
+    initial_device_display_name: Option<String>,
+    inhibit_login: bool,
+    refresh_token: bool,
+}
+
+impl From<&RegistrationParams> for FirstLogin {
+    fn from(params: &RegistrationParams) -> Self {
+        Self {
+            device_id: params.device_id.clone(),
+            initial_device_display_name: params.initial_device_display_name.clone(),
+            inhibit_login: params.inhibit_login,
+            refresh_token: params.refresh_token,
+        }
+    }
+}
+
 pub(super) fn routes(router: &mut Router) {
-    router.add(register).add(get_username_availability).add(check_registration_token_validity);
+    router.add_responding(register).add(get_username_availability).add(check_registration_token_validity);
 }
 
 fn invalid_username(message: impl Into<String>) -> Error {
@@ -156,7 +189,22 @@ pub(super) fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
 /// nothing, and neither does a failed email or phone stage, which mostly means the code has not
 /// been entered yet (clients poll every few seconds meanwhile). So people behind one NAT can
 /// each go through a verification flow, while a flood of new or failed attempts is limited.
-async fn register(
+async fn register(state: web::Data<AppState>, request: Ruma<register::v3::Request>) -> Result<HttpResponse> {
+    without_null_device(register_outcome(state, request).await?)
+}
+
+/// ruma writes `"device_id": null` for a registration without login (`inhibit_login`); the spec
+/// and Synapse leave the key out (SyTest: "registration with inhibit_login inhibits login").
+fn without_null_device(response: register::v3::Response) -> Result<HttpResponse> {
+    use ruma::api::OutgoingResponseExt;
+    let http = response.try_into_http_response::<Vec<u8>>().map_err(Error::internal)?;
+    let mut body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(http.body()).map_err(Error::internal)?;
+    body.retain(|_, value| !value.is_null());
+    Ok(HttpResponse::Ok().json(body))
+}
+
+async fn register_outcome(
     state: web::Data<AppState>,
     request: Ruma<register::v3::Request>,
 ) -> Result<register::v3::Response> {
@@ -192,7 +240,9 @@ async fn register_account(
     let flows = registration_flows(state)?;
     // Check what can be checked before the client goes through UIA. Capitals are lowered, as
     // Synapse does (SyTest: "POST /register downcases capitals in usernames"), rather than
-    // refused: logins find the account whatever case is typed.
+    // refused: logins find the account whatever case is typed. A name is checked for being
+    // taken when a session starts; a later step may be the replay of a completed registration
+    // (which took it), and the account's creation checks again anyway.
     let mut requested =
         body.username.as_deref().map(|u| parse_username(state, &lower_localpart(u))).transpose()?;
     // A guest becoming a full account keeps its user id (the spec's `guest_access_token`).
@@ -206,6 +256,7 @@ async fn register_account(
     };
     if let Some(user_id) = &requested
         && upgrading.is_none()
+        && body.auth.as_ref().and_then(AuthData::session).is_none()
         && state.store.get_user(user_id).await?.is_some()
     {
         return Err(user_in_use());
@@ -226,7 +277,40 @@ async fn register_account(
         threepid_purpose: Some(Purpose::Register),
         client_ip: request.client_ip,
     };
-    let done = uia::authenticate(state, body.auth.as_ref(), operation).await?;
+    let sent_params = body.username.is_some()
+        || body.password.is_some()
+        || body.device_id.is_some()
+        || body.initial_device_display_name.is_some()
+        || body.inhibit_login
+        || body.refresh_token;
+    let params = if sent_params {
+        let password_hash = match &body.password {
+            Some(password) => Some(password::hash(password).await?),
+            None => None,
+        };
+        let params = RegistrationParams {
+            username: requested.as_ref().map(|user_id| user_id.localpart().to_owned()),
+            password_hash,
+            device_id: body.device_id.clone(),
+            initial_device_display_name: body.initial_device_display_name.clone(),
+            inhibit_login: body.inhibit_login,
+            refresh_token: body.refresh_token,
+        };
+        Some(serde_json::to_string(&params).map_err(Error::internal)?)
+    } else {
+        None
+    };
+    let done = uia::authenticate_remembering(state, body.auth.as_ref(), operation, params).await?;
+    let params: RegistrationParams = match &done.params {
+        Some(stored) => serde_json::from_str(stored).map_err(Error::internal)?,
+        None => RegistrationParams::default(),
+    };
+    if let Some(registered) = &done.result {
+        // The replay of a completed registration: the same account, logged in again.
+        let user_id = UserId::parse(registered.as_str()).map_err(Error::internal)?;
+        return first_login(state, user_id, &FirstLogin::from(&params), request.client_ip, false).await;
+    }
+    let requested = params.username.as_deref().map(|u| parse_username(state, u)).transpose()?;
     // The addresses the flow proved must still be free when the account is made.
     let mut proven = Vec::new();
     for sid in &done.threepid_sids {
@@ -241,8 +325,7 @@ async fn register_account(
         proven.push(session);
     }
 
-    let password = body.password.as_deref().ok_or_else(|| Error::missing_param("password is required"))?;
-    let hash = password::hash(password).await?;
+    let hash = params.password_hash.as_deref().ok_or_else(|| Error::missing_param("password is required"))?;
     let user_id = match requested {
         Some(user_id) if upgrading.is_some() => {
             if !state.store.upgrade_guest(&user_id, &hash).await? {
@@ -251,7 +334,7 @@ async fn register_account(
             user_id
         }
         Some(user_id) => {
-            if !state.store.create_user(&user_id, Some(&hash), false).await? {
+            if !state.store.create_user(&user_id, Some(hash), false).await? {
                 return Err(user_in_use());
             }
             user_id
@@ -259,7 +342,7 @@ async fn register_account(
         None => loop {
             let user_id = UserId::parse_with_server_name(generated_localpart(), &state.server_name)
                 .map_err(Error::internal)?;
-            if state.store.create_user(&user_id, Some(&hash), false).await? {
+            if state.store.create_user(&user_id, Some(hash), false).await? {
                 break user_id;
             }
         },
@@ -274,8 +357,11 @@ async fn register_account(
         }
     }
     tracing::info!(user_id = %user_id, "registered");
+    if let Some(session_id) = &done.session_id {
+        uia::set_result(state, session_id, user_id.as_str()).await?;
+    }
 
-    first_login(state, user_id, body, request.client_ip, false).await
+    first_login(state, user_id, &FirstLogin::from(&params), request.client_ip, false).await
 }
 
 /// The guest account a `guest_access_token` belongs to, when `username` (if given) names it:
@@ -319,7 +405,13 @@ async fn register_guest(
     tracing::info!(user_id = %user_id, "registered a guest");
     // A guest without a token could never use the account: `inhibit_login` is not honoured.
     body.inhibit_login = false;
-    first_login(state, user_id, body, client_ip, true).await
+    let login = FirstLogin {
+        device_id: body.device_id,
+        initial_device_display_name: body.initial_device_display_name,
+        inhibit_login: body.inhibit_login,
+        refresh_token: body.refresh_token,
+    };
+    first_login(state, user_id, &login, client_ip, true).await
 }
 
 /// `POST /register` with `type: m.login.application_service` and the service's `as_token`: a user
@@ -348,7 +440,13 @@ async fn register_for_appservice(
         return Err(user_in_use());
     }
     tracing::info!(user_id = %user_id, appservice = appservice.id(), "registered by an application service");
-    first_login(state, user_id, body, request.client_ip, false).await
+    let login = FirstLogin {
+        device_id: body.device_id,
+        initial_device_display_name: body.initial_device_display_name,
+        inhibit_login: body.inhibit_login,
+        refresh_token: body.refresh_token,
+    };
+    first_login(state, user_id, &login, request.client_ip, false).await
 }
 
 /// The answer to a registration: the new account's first device logged in, unless the client
@@ -356,19 +454,19 @@ async fn register_for_appservice(
 async fn first_login(
     state: &AppState,
     user_id: OwnedUserId,
-    body: register::v3::Request,
+    login: &FirstLogin,
     client_ip: std::net::IpAddr,
     guest: bool,
 ) -> Result<register::v3::Response> {
     let mut response = register::v3::Response::new(user_id.clone());
-    if !body.inhibit_login {
+    if !login.inhibit_login {
         let (device_id, tokens) = auth::log_in(
             state,
             &user_id,
-            body.device_id,
-            body.initial_device_display_name.as_deref(),
+            login.device_id.clone(),
+            login.initial_device_display_name.as_deref(),
             client_ip,
-            body.refresh_token,
+            login.refresh_token,
             guest,
         )
         .await?;
