@@ -328,7 +328,7 @@ async fn register_account(
     let hash = params.password_hash.as_deref().ok_or_else(|| Error::missing_param("password is required"))?;
     let user_id = match requested {
         Some(user_id) if upgrading.is_some() => {
-            if !state.store.upgrade_guest(&user_id, &hash).await? {
+            if !state.store.upgrade_guest(&user_id, hash).await? {
                 return Err(Error::forbidden("that account is no longer a guest account"));
             }
             user_id

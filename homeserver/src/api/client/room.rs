@@ -642,9 +642,9 @@ async fn joined_members_of(
     let room_id = &request.body.room_id;
     // Members, and anyone in a world-readable room (as Synapse); a departed member sees the
     // members as of their leave, as `/members` shows them.
-    let rules = ReadRules::for_reader(&state, room_id, &request.sender.user_id).await?;
+    let rules = ReadRules::for_reader(state, room_id, &request.sender.user_id).await?;
     let mut joined = BTreeMap::new();
-    for event in members_of(rules.readable_state(&state, room_id).await?)? {
+    for event in members_of(rules.readable_state(state, room_id).await?)? {
         let event = ClientEvent::parse(&event)?;
         if event.content_str("membership").as_deref() != Some("join") {
             continue;
