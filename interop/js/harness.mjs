@@ -1,4 +1,7 @@
-// What every js-sdk harness shares: checks that print as they pass, and waiting for events.
+// What every js-sdk harness shares: checks that print as they pass, waiting for events, and
+// users registered with a started client.
+
+import * as sdk from "matrix-js-sdk";
 
 /** Prints `ok: what`, or `FAILED: what` and exits when `condition` does not hold. */
 export function check(condition, what) {
@@ -22,4 +25,27 @@ export function waitFor(emitter, name, predicate, what, ms = 30000) {
     };
     emitter.on(name, listener);
   });
+}
+
+/** Registers `name` with `password` at `base` and returns its client, started and synced. */
+export async function registeredClient(base, name, password) {
+  const anonymous = sdk.createClient({ baseUrl: base });
+  const registered = await anonymous.registerRequest({
+    username: name,
+    password,
+    auth: { type: "m.login.dummy" },
+    initial_device_display_name: `${name}'s js-sdk`,
+  });
+  check(registered.user_id === `@${name}:localhost`, `register ${name}`);
+  const client = sdk.createClient({
+    baseUrl: base,
+    accessToken: registered.access_token,
+    userId: registered.user_id,
+    deviceId: registered.device_id,
+  });
+  const prepared = waitFor(client, sdk.ClientEvent.Sync, (state) => state === "PREPARED", `${name} syncs`);
+  await client.startClient({ initialSyncLimit: 20 });
+  await prepared;
+  check(true, `${name}'s client is prepared`);
+  return client;
 }

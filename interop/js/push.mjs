@@ -8,7 +8,7 @@
 import * as sdk from "matrix-js-sdk";
 import { logger } from "matrix-js-sdk/lib/logger.js";
 
-import { check, waitFor } from "./harness.mjs";
+import { check, registeredClient, waitFor } from "./harness.mjs";
 
 logger.disableAll();
 const base = process.argv[2];
@@ -16,26 +16,8 @@ const gateway = process.argv[3];
 const password = "js-password-" + Math.random().toString(36).slice(2);
 const pushkey = "js-pushkey-" + Math.random().toString(36).slice(2, 10);
 
-async function user(name) {
-  const anonymous = sdk.createClient({ baseUrl: base });
-  const registered = await anonymous.registerRequest({
-    username: name,
-    password,
-    auth: { type: "m.login.dummy" },
-    initial_device_display_name: `${name}'s js-sdk`,
-  });
-  check(registered.user_id === `@${name}:localhost`, `register ${name}`);
-  const client = sdk.createClient({
-    baseUrl: base,
-    accessToken: registered.access_token,
-    userId: registered.user_id,
-    deviceId: registered.device_id,
-  });
-  const prepared = waitFor(client, sdk.ClientEvent.Sync, (state) => state === "PREPARED", `${name} syncs`);
-  await client.startClient({ initialSyncLimit: 20 });
-  await prepared;
-  check(true, `${name}'s client is prepared`);
-  return client;
+function user(name) {
+  return registeredClient(base, name, password);
 }
 
 /** Polls /notifications until the event is listed (the server evaluates beside the send). */

@@ -12,18 +12,18 @@ import sys
 
 from nio import (
     AsyncClient,
-    AsyncClientConfig,
     JoinResponse,
     PushNotify,
     PushRuleKind,
     PushRulesEvent,
     PushSetTweak,
-    RegisterResponse,
     RoomCreateResponse,
     RoomSendResponse,
     SetPushRuleResponse,
     SyncResponse,
 )
+
+from harness import check, registered_client
 
 BASE = sys.argv[1]
 GATEWAY = sys.argv[2]
@@ -31,24 +31,8 @@ PASSWORD = "nio-password-" + secrets.token_hex(4)
 PUSHKEY = "nio-pushkey-" + secrets.token_hex(4)
 
 
-def check(condition: bool, what: str) -> None:
-    if not condition:
-        print(f"FAILED: {what}", flush=True)
-        raise SystemExit(1)
-    print(f"ok: {what}", flush=True)
-
-
 async def new_user(name: str) -> AsyncClient:
-    config = AsyncClientConfig(max_limit_exceeded=0, max_timeouts=2, request_timeout=30)
-    client = AsyncClient(BASE, name, config=config)
-    registered = await client.register(name, PASSWORD, device_name=f"{name}'s nio")
-    check(isinstance(registered, RegisterResponse), f"register {name}: {registered}")
-    client.access_token, client.user_id, client.device_id = (
-        registered.access_token,
-        registered.user_id,
-        registered.device_id,
-    )
-    return client
+    return await registered_client(BASE, name, PASSWORD)
 
 
 async def call(client: AsyncClient, method: str, path: str, body=None) -> tuple[int, dict]:

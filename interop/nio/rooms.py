@@ -12,9 +12,7 @@ import sys
 
 from nio import (
     AsyncClient,
-    AsyncClientConfig,
     JoinResponse,
-    RegisterResponse,
     RoomCreateResponse,
     RoomMessagesResponse,
     RoomMessageText,
@@ -23,28 +21,14 @@ from nio import (
     SyncResponse,
 )
 
+from harness import check, registered_client
+
 BASE = sys.argv[1]
 PASSWORD = "nio-password-" + secrets.token_hex(4)
 
 
-def check(condition: bool, what: str) -> None:
-    if not condition:
-        print(f"FAILED: {what}", flush=True)
-        raise SystemExit(1)
-    print(f"ok: {what}", flush=True)
-
-
 async def new_user(name: str) -> AsyncClient:
-    config = AsyncClientConfig(max_limit_exceeded=0, max_timeouts=2, request_timeout=30)
-    client = AsyncClient(BASE, name, config=config)
-    registered = await client.register(name, PASSWORD, device_name=f"{name}'s nio")
-    check(isinstance(registered, RegisterResponse), f"register {name}: {registered}")
-    client.access_token, client.user_id, client.device_id = (
-        registered.access_token,
-        registered.user_id,
-        registered.device_id,
-    )
-    return client
+    return await registered_client(BASE, name, PASSWORD)
 
 
 async def texts_until(client: AsyncClient, room_id: str, wanted: str, rounds: int = 10) -> list:

@@ -260,6 +260,59 @@ impl TestServer {
     }
 }
 
+/// Percent-encodes an id for a path (version 3 event ids are standard base64, with `+` and `/`).
+pub fn enc(s: &str) -> String {
+    s.replace('%', "%25")
+        .replace('!', "%21")
+        .replace(':', "%3A")
+        .replace('#', "%23")
+        .replace('@', "%40")
+        .replace('$', "%24")
+        .replace('/', "%2F")
+        .replace('+', "%2B")
+}
+
+/// Creates a room as `who`, returning its id.
+pub async fn create_room(server: &TestServer, who: &Session, body: Value) -> String {
+    let (status, created) = server.post("/_matrix/client/v3/createRoom", Some(&who.token), body).await;
+    assert_eq!(status, 200, "{created}");
+    created["room_id"].as_str().expect("room_id").to_owned()
+}
+
+/// A PUT that must succeed, returning its answer.
+pub async fn put_ok(server: &TestServer, who: &Session, path: &str, body: Value) -> Value {
+    let (status, answer) = server.request("PUT", path, Some(&who.token), Some(body)).await;
+    assert_eq!(status, 200, "PUT {path}: {answer}");
+    answer
+}
+
+/// Sends a text message as `who`, returning its event id.
+pub async fn send_text(server: &TestServer, who: &Session, room: &str, txn: &str, body: &str) -> String {
+    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
+    put_ok(server, who, &path, json!({"msgtype": "m.text", "body": body})).await["event_id"]
+        .as_str()
+        .expect("event_id")
+        .to_owned()
+}
+
+/// Sets a room's state as `who`, returning the event id.
+pub async fn put_state(
+    server: &TestServer,
+    who: &Session,
+    room: &str,
+    kind: &str,
+    key: &str,
+    content: Value,
+) -> String {
+    let path = format!("/_matrix/client/v3/rooms/{}/state/{kind}/{}", enc(room), enc(key));
+    put_ok(server, who, &path, content).await["event_id"].as_str().expect("event_id").to_owned()
+}
+
+/// Joins a room by id or alias, answering status and body.
+pub async fn join_room(server: &TestServer, who: &Session, room: &str) -> (u16, Value) {
+    server.post(&format!("/_matrix/client/v3/join/{}", enc(room)), Some(&who.token), json!({})).await
+}
+
 /// Parses a response as clients without a recursion limit do (Python's and JavaScript's parsers
 /// take far deeper JSON than serde_json's default of 128 levels).
 pub fn parse_json(text: &str) -> serde_json::Result<Value> {

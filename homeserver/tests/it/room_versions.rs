@@ -2,46 +2,12 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{Db, Session, TestServer, assert_error};
+use crate::common::{
+    Db, Session, TestServer, assert_error, create_room as create, enc, join_room as join, put_ok as put,
+    put_state, send_text as send,
+};
 
 const PW: &str = "correct horse battery";
-
-/// Percent-encodes an id for a path (version 3 event ids are standard base64, with `+` and `/`).
-fn enc(s: &str) -> String {
-    s.replace('%', "%25")
-        .replace('!', "%21")
-        .replace(':', "%3A")
-        .replace('#', "%23")
-        .replace('@', "%40")
-        .replace('$', "%24")
-        .replace('/', "%2F")
-        .replace('+', "%2B")
-}
-
-async fn create(server: &TestServer, who: &Session, body: Value) -> String {
-    let (status, created) = server.post("/_matrix/client/v3/createRoom", Some(&who.token), body).await;
-    assert_eq!(status, 200, "{created}");
-    created["room_id"].as_str().unwrap().to_owned()
-}
-
-async fn put(server: &TestServer, who: &Session, path: &str, body: Value) -> Value {
-    let (status, answer) = server.request("PUT", path, Some(&who.token), Some(body)).await;
-    assert_eq!(status, 200, "PUT {path}: {answer}");
-    answer
-}
-
-async fn send(server: &TestServer, who: &Session, room: &str, txn: &str, body: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
-    put(server, who, &path, json!({"msgtype": "m.text", "body": body})).await["event_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
-async fn set_state(server: &TestServer, who: &Session, room: &str, kind: &str, key: &str, content: Value) {
-    let path = format!("/_matrix/client/v3/rooms/{}/state/{kind}/{}", enc(room), enc(key));
-    put(server, who, &path, content).await;
-}
 
 async fn get_state(server: &TestServer, who: &Session, room: &str, kind: &str) -> (u16, Value) {
     server.get(&format!("/_matrix/client/v3/rooms/{}/state/{kind}/", enc(room)), Some(&who.token)).await
@@ -52,10 +18,6 @@ async fn full_state(server: &TestServer, who: &Session, room: &str) -> Vec<Value
         server.get(&format!("/_matrix/client/v3/rooms/{}/state", enc(room)), Some(&who.token)).await;
     assert_eq!(status, 200, "{state}");
     state.as_array().unwrap().clone()
-}
-
-async fn join(server: &TestServer, who: &Session, room: &str) -> (u16, Value) {
-    server.post(&format!("/_matrix/client/v3/join/{}", enc(room)), Some(&who.token), json!({})).await
 }
 
 /// The bodies of a room's messages, oldest first, as `who` pages back through them.
@@ -105,12 +67,12 @@ crate::on_both_backends! {
             assert_eq!(status, 200, "bob joins v{version}: {joined}");
             send(&server, &alice, &room, &format!("a{version}"), "hello").await;
             let secret = send(&server, &bob, &room, &format!("b{version}"), "secret").await;
-            set_state(&server, &alice, &room, "m.room.topic", "", json!({"topic": "tea"})).await;
+            put_state(&server, &alice, &room, "m.room.topic", "", json!({"topic": "tea"})).await;
             // Alice gives bob moderator rights, who then redacts his own message and kicks no one
             // he may not.
             let (_, mut levels) = get_state(&server, &alice, &room, "m.room.power_levels").await;
             levels["users"][bob.user_id.as_str()] = 50.into();
-            set_state(&server, &alice, &room, "m.room.power_levels", "", levels).await;
+            put_state(&server, &alice, &room, "m.room.power_levels", "", levels).await;
             let path = format!("/_matrix/client/v3/rooms/{}/redact/{}/r{version}", enc(&room), enc(&secret));
             put(&server, &bob, &path, json!({"reason": "oops"})).await;
             let kick = server.post(&format!("/_matrix/client/v3/rooms/{}/kick", enc(&room)), Some(&bob.token),
@@ -165,7 +127,7 @@ crate::on_both_backends! {
         // Bob, a creator with no listed level, may change power levels; listing a creator is refused.
         let mut raised = levels.clone();
         raised["users"][carol.user_id.as_str()] = 100.into();
-        set_state(&server, &bob, &room, "m.room.power_levels", "", raised.clone()).await;
+        put_state(&server, &bob, &room, "m.room.power_levels", "", raised.clone()).await;
         raised["users"][alice.user_id.as_str()] = 100.into();
         let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room));
         let refused = server.request("PUT", &path, Some(&bob.token), Some(raised)).await;
@@ -195,7 +157,7 @@ crate::on_both_backends! {
         let banned = server.post(&format!("/_matrix/client/v3/rooms/{}/ban", enc(&old)), Some(&alice.token),
             json!({"user_id": carol.user_id, "reason": "spam"})).await;
         assert_eq!(banned.0, 200, "{}", banned.1);
-        set_state(&server, &alice, &old, "m.room.encryption", "", json!({"algorithm": "m.megolm.v1.aes-sha2"})).await;
+        put_state(&server, &alice, &old, "m.room.encryption", "", json!({"algorithm": "m.megolm.v1.aes-sha2"})).await;
         let last = send(&server, &bob, &old, "t1", "before the upgrade").await;
         put(&server, &alice, &format!("/_matrix/client/v3/user/{}/account_data/m.direct", enc(&alice.user_id)),
             json!({bob.user_id.clone(): [old]})).await;
@@ -273,7 +235,7 @@ crate::on_both_backends! {
         // From version 1 (string power levels allowed) to 11 (integers only).
         let (_, mut levels) = get_state(&server, &alice, &room, "m.room.power_levels").await;
         levels["users"][bob.user_id.as_str()] = "20".into();
-        set_state(&server, &alice, &room, "m.room.power_levels", "", levels).await;
+        put_state(&server, &alice, &room, "m.room.power_levels", "", levels).await;
         let (status, upgraded) = upgrade(&alice, &room, json!({"new_version": "11"})).await;
         assert_eq!(status, 200, "{upgraded}");
         let new = upgraded["replacement_room"].as_str().unwrap().to_owned();

@@ -3,13 +3,12 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{Db, Session, TestServer, session_of};
+use crate::common::{
+    Db, Session, TestServer, create_room as create, enc, join_room, put_ok as put, put_state,
+    send_text as send, session_of,
+};
 
 const PW: &str = "correct horse battery";
-
-fn enc(s: &str) -> String {
-    s.replace('%', "%25").replace('!', "%21").replace(':', "%3A").replace('@', "%40").replace('$', "%24")
-}
 
 fn encode_query(s: &str) -> String {
     s.replace('%', "%25")
@@ -27,34 +26,12 @@ fn encode_query(s: &str) -> String {
         .replace('.', "%2E")
 }
 
-async fn create(server: &TestServer, who: &Session, body: Value) -> String {
-    let (status, created) = server.post("/_matrix/client/v3/createRoom", Some(&who.token), body).await;
-    assert_eq!(status, 200, "{created}");
-    created["room_id"].as_str().unwrap().to_owned()
-}
-
-async fn put(server: &TestServer, who: &Session, path: &str, body: Value) -> Value {
-    let (status, answer) = server.request("PUT", path, Some(&who.token), Some(body)).await;
-    assert_eq!(status, 200, "PUT {path}: {answer}");
-    answer
-}
-
-async fn send(server: &TestServer, who: &Session, room: &str, txn: &str, body: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
-    put(server, who, &path, json!({"msgtype": "m.text", "body": body})).await["event_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 async fn set_state(server: &TestServer, who: &Session, room: &str, kind: &str, content: Value) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{}/state/{kind}/", enc(room));
-    put(server, who, &path, content).await["event_id"].as_str().unwrap().to_owned()
+    put_state(server, who, room, kind, "", content).await
 }
 
 async fn join(server: &TestServer, who: &Session, room: &str) {
-    let (status, body) =
-        server.post(&format!("/_matrix/client/v3/join/{}", enc(room)), Some(&who.token), json!({})).await;
+    let (status, body) = join_room(server, who, room).await;
     assert_eq!(status, 200, "{body}");
 }
 
