@@ -135,6 +135,16 @@ impl SqlStore {
     }
 }
 
+/// One account data entry's content (global ones have the empty `room_id`).
+const SELECT_ACCOUNT_DATA: &str =
+    "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3";
+
+/// Sets one account data entry at a stream position.
+const UPSERT_ACCOUNT_DATA: &str =
+    "INSERT INTO account_data (user_id, room_id, data_type, content, stream_ordering) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (user_id, room_id, data_type)
+     DO UPDATE SET content = excluded.content, stream_ordering = excluded.stream_ordering";
+
 #[async_trait]
 impl UserDataStore for SqlStore {
     async fn profile(&self, user_id: &UserId) -> StoreResult<(Option<String>, Option<String>)> {
@@ -176,18 +186,14 @@ impl UserDataStore for SqlStore {
         content: &str,
         position: i64,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO account_data (user_id, room_id, data_type, content, stream_ordering) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (user_id, room_id, data_type)
-             DO UPDATE SET content = excluded.content, stream_ordering = excluded.stream_ordering",
-        )
-        .bind(user_id.as_str())
-        .bind(room_id.unwrap_or_default())
-        .bind(data_type)
-        .bind(content)
-        .bind(position)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(UPSERT_ACCOUNT_DATA)
+            .bind(user_id.as_str())
+            .bind(room_id.unwrap_or_default())
+            .bind(data_type)
+            .bind(content)
+            .bind(position)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -197,14 +203,12 @@ impl UserDataStore for SqlStore {
         room_id: Option<&str>,
         data_type: &str,
     ) -> StoreResult<Option<String>> {
-        let row = sqlx::query(
-            "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3",
-        )
-        .bind(user_id.as_str())
-        .bind(room_id.unwrap_or_default())
-        .bind(data_type)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(SELECT_ACCOUNT_DATA)
+            .bind(user_id.as_str())
+            .bind(room_id.unwrap_or_default())
+            .bind(data_type)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|r| r.try_get("content").map_err(Into::into)).transpose()
     }
 
@@ -223,32 +227,26 @@ impl UserDataStore for SqlStore {
             .bind(user_id.as_str())
             .execute(&mut *tx)
             .await?;
-        let row = sqlx::query(
-            "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3",
-        )
-        .bind(user_id.as_str())
-        .bind(room_id.unwrap_or_default())
-        .bind(data_type)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let row = sqlx::query(SELECT_ACCOUNT_DATA)
+            .bind(user_id.as_str())
+            .bind(room_id.unwrap_or_default())
+            .bind(data_type)
+            .fetch_optional(&mut *tx)
+            .await?;
         let current: Option<String> = row.map(|r| r.try_get("content")).transpose()?;
         let content = match update(current.as_deref()) {
             Ok(Some(content)) => content,
             Ok(None) => return Ok(Ok(false)),
             Err(refused) => return Ok(Err(refused)),
         };
-        sqlx::query(
-            "INSERT INTO account_data (user_id, room_id, data_type, content, stream_ordering) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (user_id, room_id, data_type)
-             DO UPDATE SET content = excluded.content, stream_ordering = excluded.stream_ordering",
-        )
-        .bind(user_id.as_str())
-        .bind(room_id.unwrap_or_default())
-        .bind(data_type)
-        .bind(content)
-        .bind(position)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(UPSERT_ACCOUNT_DATA)
+            .bind(user_id.as_str())
+            .bind(room_id.unwrap_or_default())
+            .bind(data_type)
+            .bind(content)
+            .bind(position)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Ok(true))
     }

@@ -195,24 +195,29 @@ async fn transfer_user_state(
     old_room: &RoomId,
     new_room: &RoomId,
 ) -> Result<()> {
-    if let Some(direct) = state.store.account_data(user, None, "m.direct").await? {
-        let mut direct: Value = crate::storage::parse_stored(&direct).map_err(Error::internal)?;
+    // Read and written in one locked step, so a client's concurrent change is not lost.
+    let add_new_room = |current: Option<&str>| -> std::result::Result<Option<String>, String> {
+        let Some(mut direct) = current.and_then(|c| crate::storage::parse_stored::<Value>(c).ok()) else {
+            return Ok(None);
+        };
         let mut changed = false;
-        if let Some(people) = direct.as_object_mut() {
-            for rooms in people.values_mut().filter_map(Value::as_array_mut) {
-                if rooms.iter().any(|r| r.as_str() == Some(old_room.as_str()))
-                    && !rooms.iter().any(|r| r.as_str() == Some(new_room.as_str()))
-                {
-                    rooms.push(new_room.as_str().into());
-                    changed = true;
-                }
+        for rooms in direct.as_object_mut().into_iter().flat_map(|people| people.values_mut()) {
+            if let Some(rooms) = rooms.as_array_mut()
+                && rooms.iter().any(|r| r.as_str() == Some(old_room.as_str()))
+                && !rooms.iter().any(|r| r.as_str() == Some(new_room.as_str()))
+            {
+                rooms.push(new_room.as_str().into());
+                changed = true;
             }
         }
-        if changed {
-            let content = serde_json::value::to_raw_value(&direct).map_err(Error::internal)?;
-            super::user_data::put(state, user, None, "m.direct", &content).await?;
-        }
-    }
+        Ok(changed.then(|| direct.to_string()))
+    };
+    let store = &state.store;
+    rooms::at_new_position(state, |position| async move {
+        Ok(store.update_account_data(user, None, "m.direct", position, &add_new_room).await?)
+    })
+    .await?
+    .map_err(Error::internal)?;
     if let Some(tags) = state.store.account_data(user, Some(old_room.as_str()), "m.tag").await? {
         let content = serde_json::value::RawValue::from_string(tags).map_err(Error::internal)?;
         super::user_data::put(state, user, Some(new_room.as_str()), "m.tag", &content).await?;
