@@ -786,6 +786,15 @@ impl Config {
         !self.sms.account_sid.is_empty()
     }
 
+    /// Where the server's signing key is: `signing_key_file`, or `<data_dir>/signing.key`.
+    pub fn signing_key_path(&self) -> std::path::PathBuf {
+        if self.signing_key_file.is_empty() {
+            self.data_dir.join("signing.key")
+        } else {
+            std::path::PathBuf::from(&self.signing_key_file)
+        }
+    }
+
     pub fn client_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.listen.client.parse().map_err(|_| {
             invalid("listen.client", format!("`{}` is not an IP:port address", self.listen.client))

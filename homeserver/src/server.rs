@@ -96,6 +96,32 @@ pub async fn open_store(config: &Config) -> anyhow::Result<SqlStore> {
     Ok(store)
 }
 
+/// Refuses to start a worker whose signing key or token secret differs from what the
+/// deployment's database recorded when its first worker started: with several, remote servers
+/// would see events of one room signed by different keys, and tokens minted by one worker
+/// would be refused by the others.
+async fn check_identity(state: &AppState) -> anyhow::Result<()> {
+    let key = format!("{} {}", state.signing_key.key_id(), state.signing_key.public_key_base64());
+    let known = state.store.claim_identity("signing_key", &key).await?;
+    if known != key {
+        anyhow::bail!(
+            "this worker's signing key ({}, from {}) is not the one this deployment signs with ({}): \
+             give every worker the same signing_key_file (HEARTH_SIGNING_KEY_FILE)",
+            key.split(' ').next().unwrap_or_default(),
+            state.config.signing_key_path().display(),
+            known.split(' ').next().unwrap_or_default(),
+        );
+    }
+    let known = state.store.claim_identity("token_secret", &state.secret_fingerprint).await?;
+    if known != state.secret_fingerprint {
+        anyhow::bail!(
+            "this worker's token secret is not the one this deployment uses: give every worker the \
+             same auth.token_secret (HEARTH_AUTH__TOKEN_SECRET), or the same data_dir/token.key"
+        );
+    }
+    Ok(())
+}
+
 /// Creates each application service's own user if missing, starts its queue at the current
 /// stream position if it has none (a service sees events from its registration on), and starts
 /// the senders.
@@ -139,6 +165,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| "connecting to Redis (redis.url)".to_owned())?;
     let state = web::Data::new(AppState::new(config, store, stream, queue)?);
+    check_identity(&state).await?;
     if let Some(publisher) = crate::notifier::start(&state.clone().into_inner(), &channel)? {
         let _ = state.publisher.set(publisher);
     }

@@ -59,6 +59,9 @@ pub struct AppState {
     code_key: Vec<u8>,
     /// Seals the to-device cursors in sync tokens.
     pub cursors: crate::queue::CursorSeal,
+    /// A fingerprint of the token secret (SHA-256 of it with a label), which every worker of a
+    /// deployment compares at start (`server::check_identity`).
+    pub secret_fingerprint: String,
     code_swept: Mutex<Option<Instant>>,
     uia_cleaned: Mutex<Option<Instant>>,
     last_seen: Mutex<HashMap<(OwnedUserId, OwnedDeviceId), Instant>>,
@@ -130,11 +133,7 @@ impl AppState {
         let appservices = crate::appservice::Appservices::load(&config)?;
         // Derived from the token secret, so every worker of a deployment agrees on it.
         let code_key = [b"hearth one-time codes:".as_slice(), &secret].concat();
-        let key_file = if config.signing_key_file.is_empty() {
-            config.data_dir.join("signing.key")
-        } else {
-            std::path::PathBuf::from(&config.signing_key_file)
-        };
+        let key_file = config.signing_key_path();
         let signing_key = SigningKey::load_or_generate(&key_file)
             .map_err(|e| anyhow::anyhow!("signing key {}: {e}", key_file.display()))?;
         let recent_changes = config.limits.recent_changes;
@@ -161,6 +160,10 @@ impl AppState {
             appservices,
             code_key,
             cursors: crate::queue::CursorSeal::new(&secret),
+            secret_fingerprint: tokens::sha256_hex(&format!(
+                "hearth token secret fingerprint:{}",
+                String::from_utf8_lossy(&secret)
+            )),
             code_swept: Mutex::new(None),
             uia_cleaned: Mutex::new(None),
             last_seen: Mutex::new(HashMap::new()),
@@ -242,6 +245,14 @@ impl AppState {
     /// A receiver that wakes when this process writes to the stream.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
         self.notifier.subscribe()
+    }
+
+    /// The stream position a read serves up to, with the in-memory window loaded that far: past
+    /// every write that had answered when the read began, whichever worker took it, so that a
+    /// client reads its own writes (see [`crate::rooms::recent::Recent::catch_up_past_writes`]).
+    pub async fn readable(&self) -> crate::error::Result<i64> {
+        let mut waker = self.subscribe();
+        Ok(self.recent.catch_up_past_writes(&*self.store, &mut waker).await?)
     }
 }
 

@@ -29,6 +29,9 @@ use crate::storage::{ReceiptRecord, SessionRecord, Storage, StoreResult, StoredE
 /// Memoised entries kept per memo before it is cleared.
 const MEMO_CAPACITY: usize = 100_000;
 
+/// The longest a read waits for the writes in flight before it to finish.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Changes known only by who they concern and where they are in the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mark {
@@ -69,6 +72,12 @@ struct Window {
     receipts: HashMap<String, VecDeque<ReceiptRecord>>,
     /// Positions of the other changes, by kind and whom they concern.
     marks: HashMap<(Mark, String), VecDeque<i64>>,
+    /// The stream's highest position handed out, as last read: every write that had answered
+    /// before that read is at or below it.
+    allocated: i64,
+    /// Users with a session revoked or refreshed beyond `upto`, as last read: their sessions are
+    /// read again until the window covers the change.
+    sessions_ahead: std::collections::HashSet<String>,
 }
 
 /// The part of a position-ordered deque that lies in `(after, upto]`.
@@ -91,7 +100,14 @@ impl Window {
     }
 
     fn restart_at(&mut self, position: i64) {
-        *self = Window { start: position, upto: position, ..Window::default() };
+        let (allocated, sessions_ahead) = (self.allocated, std::mem::take(&mut self.sessions_ahead));
+        *self = Window { start: position, upto: position, allocated, sessions_ahead, ..Window::default() };
+    }
+
+    /// Takes in what a read of the stream's positions said beyond the loaded range.
+    fn note(&mut self, positions: crate::storage::stream::Positions) {
+        self.allocated = self.allocated.max(positions.allocated);
+        self.sessions_ahead = positions.session_changes.into_iter().collect();
     }
 
     fn push(&mut self, position: i64, change: Change) {
@@ -178,18 +194,25 @@ impl Recent {
             return Ok(self.read().upto);
         }
         *refreshed = Instant::now();
-        let upto = store.persisted_upto().await?;
         let from = self.read().upto;
+        let mut positions = store.positions(from).await?;
+        let upto = positions.upto;
+        let write = || self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if upto <= from {
+            write().note(positions);
             return Ok(from);
         }
         if upto - from > 8 * self.capacity as i64 {
-            self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner).restart_at(upto);
+            let mut window = write();
+            window.restart_at(upto);
+            window.note(positions);
             return Ok(upto);
         }
         let events = store.stream_events(from, upto, self.capacity as i64 + 1).await?;
         if events.len() > self.capacity {
-            self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner).restart_at(upto);
+            let mut window = write();
+            window.restart_at(upto);
+            window.note(positions);
             return Ok(upto);
         }
         let receipts = store.stream_receipts(from, upto).await?;
@@ -206,7 +229,8 @@ impl Recent {
         }
 
         let mut changes: Vec<(i64, Change)> = Vec::with_capacity(events.len() + receipts.len());
-        let mut window = self.window.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut window = write();
+        window.note(std::mem::take(&mut positions));
         if window.upto != from {
             // Restarted meanwhile (cannot happen under the refresh lock, but stay consistent).
             return Ok(window.upto);
@@ -431,15 +455,53 @@ impl Recent {
         user: &str,
         upto: i64,
     ) -> StoreResult<Option<Arc<SessionRecord>>> {
-        let valid = |at| self.marked(Mark::Sessions, user, at, upto) == Some(false);
+        // The window as it is now, which may be past `upto`: a revocation is either in it or
+        // among the changes read beyond it, by the same refresh.
+        let (ahead, upto) = {
+            let window = self.read();
+            (window.sessions_ahead.contains(user), upto.max(window.upto))
+        };
         let load = || async { Ok(store.get_session(session_id).await?.map(Arc::new)) };
+        if ahead {
+            let session = load().await?;
+            self.sessions.put(session_id, upto, session.clone());
+            return Ok(session);
+        }
+        let valid = |at| self.marked(Mark::Sessions, user, at, upto) == Some(false);
         self.sessions.get_or_load(session_id, upto, valid, load).await
     }
 
-    /// The position everything in memory is complete up to. A request that authenticated has
-    /// caught up, so this covers every change committed before it arrived.
+    /// The position everything in memory is complete up to: every change committed before the
+    /// latest refresh began, up to the stream's safe position then. Writes still in flight may
+    /// hold that below a write that has already answered; [`Recent::catch_up_past_writes`] waits
+    /// for them.
     pub fn upto(&self) -> i64 {
         self.read().upto
+    }
+
+    /// Like [`Recent::catch_up`], and then further, until the window covers every write that
+    /// had answered when this was called, on any worker (a client reads its own writes): such a
+    /// write holds a position at or below the counter read by the refresh, and the safe position
+    /// passes it once the writes in flight then have finished. `waker` says when to look again
+    /// (announced writes), besides a short poll. Gives up after [`READ_WAIT`] (a writer gone
+    /// silent is passed by readers within its lease, shorter than that) with what it has.
+    pub async fn catch_up_past_writes(
+        &self,
+        store: &dyn Storage,
+        waker: &mut tokio::sync::watch::Receiver<i64>,
+    ) -> StoreResult<i64> {
+        let mut upto = self.catch_up(store).await?;
+        let target = self.read().allocated;
+        let started = Instant::now();
+        while upto < target {
+            if started.elapsed() > READ_WAIT {
+                tracing::warn!(upto, target, "reads went on before every write in flight had finished");
+                break;
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(5), waker.changed()).await;
+            upto = self.catch_up(store).await?;
+        }
+        Ok(upto)
     }
 
     /// A user's device ids, as of `upto` or later (devices coming and going mark the user's

@@ -12,6 +12,7 @@
 mod accounts;
 mod appservice;
 mod backup;
+mod deployment;
 mod devices;
 pub mod keys;
 mod openid;
@@ -38,6 +39,7 @@ pub use self::{
     accounts::{AccountStore, UserRecord},
     appservice::{AppserviceQueue, AppserviceStore, PendingTxn},
     backup::{BackupKey, BackupStore, BackupVersion},
+    deployment::DeploymentStore,
     devices::{DeviceRecord, DeviceStore},
     keys::{ClaimedKey, Envelope, KeyConflict, KeyStore, SignedTarget},
     openid::{MAX_OPENID_TOKENS_PER_USER, OpenIdStore},
@@ -80,14 +82,20 @@ pub trait Storage:
     + OpenIdStore
     + PushStore
     + AppserviceStore
+    + DeploymentStore
 {
 }
 
-/// Reading the stream's safe position (see `stream.rs`).
+/// Reading the stream's positions (see `stream.rs`).
 #[async_trait::async_trait]
 pub trait StreamStore: Send + Sync {
+    /// The stream's positions, with the users whose sessions changed after `sessions_after`.
+    async fn positions(&self, sessions_after: i64) -> StoreResult<stream::Positions>;
+
     /// The highest position every reader may go up to.
-    async fn persisted_upto(&self) -> StoreResult<i64>;
+    async fn persisted_upto(&self) -> StoreResult<i64> {
+        Ok(self.positions(i64::MAX).await?.upto)
+    }
 }
 
 #[async_trait::async_trait]
@@ -95,28 +103,32 @@ impl StreamStore for SqlStore {
     /// Read on a connection of its own, outside the pool: every authenticated request waits for
     /// this query (shared by the requests in flight, see `rooms::recent`), and a pooled query
     /// costs a second round trip, since the pool pings each connection it takes back.
-    async fn persisted_upto(&self) -> StoreResult<i64> {
+    async fn positions(&self, sessions_after: i64) -> StoreResult<stream::Positions> {
         let mut slot = self.upto_connection.lock().await;
         // Taken out while in use: a query cancelled midway (or failed) leaves the connection in
         // an unknown state, and it is dropped with this future.
         // On failure, perhaps because the database restarted, once more on a fresh connection.
         let read = match slot.take() {
-            Some(mut connection) => match stream::persisted_upto(&mut connection, &self.liveness).await {
-                Ok(upto) => Some((upto, connection)),
-                Err(_) => None,
-            },
+            Some(mut connection) => {
+                match stream::read_positions(&mut connection, &self.liveness, sessions_after).await {
+                    Ok(positions) => Some((positions, connection)),
+                    Err(_) => None,
+                }
+            }
             None => None,
         };
-        let (upto, connection) = match read {
+        let (mut positions, connection) = match read {
             Some(read) => read,
             None => {
                 let mut connection = self.pool.acquire().await?.detach();
-                (stream::persisted_upto(&mut connection, &self.liveness).await?, connection)
+                (stream::read_positions(&mut connection, &self.liveness, sessions_after).await?, connection)
             }
         };
         *slot = Some(connection);
-        let previous = self.upto_read.fetch_max(upto, std::sync::atomic::Ordering::AcqRel);
-        Ok(upto.max(previous))
+        let previous = self.upto_read.fetch_max(positions.upto, std::sync::atomic::Ordering::AcqRel);
+        positions.upto = positions.upto.max(previous);
+        self.counter_seen.fetch_max(positions.allocated, std::sync::atomic::Ordering::AcqRel);
+        Ok(positions)
     }
 }
 
@@ -136,6 +148,7 @@ impl<T> Storage for T where
         + OpenIdStore
         + PushStore
         + AppserviceStore
+        + DeploymentStore
 {
 }
 
@@ -208,6 +221,8 @@ pub struct SqlStore {
     /// The highest safe position read so far: answers never go back, even when a writer that
     /// readers had given up on renews its lease (its old positions are doomed, see `stream.rs`).
     upto_read: Arc<std::sync::atomic::AtomicI64>,
+    /// The highest stream counter value seen, shared with the stream writer (see `stream.rs`).
+    counter_seen: Arc<std::sync::atomic::AtomicI64>,
     liveness: stream::Liveness,
 }
 
@@ -348,6 +363,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0020_uia_params.sql"),
         include_str!("../../migrations/sqlite/0020_uia_params.sql"),
     ),
+    (
+        21,
+        "deployment identity",
+        include_str!("../../migrations/postgres/0021_deployment_identity.sql"),
+        include_str!("../../migrations/sqlite/0021_deployment_identity.sql"),
+    ),
 ];
 
 #[derive(Debug)]
@@ -403,27 +424,20 @@ pub(crate) async fn mark_user(
     Ok(())
 }
 
-impl SqlStore {
-    /// Connects to `sqlite://…` or `postgres://…`. SQLite gets WAL and a busy timeout so that
-    /// concurrent requests wait for the writer instead of failing.
-    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
-        sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
-        // No ping before each use: it would double the round trips of every query. A connection
-        // that died is dropped when its query fails, and idle ones are recycled.
-        let mut options = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            // A request waits this long for a connection; past it (the database is down, or
-            // every connection busy), it is answered 503 and the client retries.
-            .acquire_timeout(Duration::from_secs(5))
-            .test_before_acquire(false)
-            .idle_timeout(Duration::from_secs(60));
-        let tag = format!("hearth-{}", crate::auth::tokens::random_token(12));
-        let liveness = match backend {
-            Backend::Postgres => stream::Liveness::Lease { tag: tag.clone() },
-            Backend::Sqlite => stream::Liveness::LockFiles(sqlite_writers_dir(url)),
-        };
-        if backend == Backend::Postgres {
+/// How Hearth's pools connect. No ping before each use: it would double the round trips of
+/// every query. A connection that died is dropped when its query fails, and idle ones are
+/// recycled. SQLite gets WAL and a busy timeout so that concurrent requests wait for the writer
+/// instead of failing.
+fn pool_options(backend: Backend, liveness: &stream::Liveness, max_connections: u32) -> AnyPoolOptions {
+    let options = AnyPoolOptions::new()
+        .max_connections(max_connections)
+        // A request waits this long for a connection; past it (the database is down, or every
+        // connection busy), it is answered 503 and the client retries.
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .idle_timeout(Duration::from_secs(60));
+    match (backend, liveness) {
+        (Backend::Postgres, stream::Liveness::Lease { tag }) => {
             // Every session says which run of which process it belongs to (stream.rs releases a
             // restarted worker's rows when none of its old sessions is left); the keepalives let
             // Postgres notice a client host that vanished within seconds, not hours.
@@ -431,35 +445,58 @@ impl SqlStore {
                 "SET application_name = '{tag}'; SET tcp_keepalives_idle = 2; \
                  SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3"
             );
-            options = options.after_connect(move |conn, _| {
+            options.after_connect(move |conn, _| {
                 let setup = setup.clone();
                 Box::pin(async move {
                     conn.execute(sqlx::AssertSqlSafe(setup)).await?;
                     Ok(())
                 })
-            });
+            })
         }
-        if backend == Backend::Sqlite {
-            options = options.after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                         PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
-                    )
-                    .await?;
-                    Ok(())
-                })
-            });
-        }
-        let pool = options.connect(url).await?;
+        _ => options.after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                )
+                .await?;
+                Ok(())
+            })
+        }),
+    }
+}
+
+impl SqlStore {
+    /// Connects to `sqlite://…` or `postgres://…` (see [`pool_options`]).
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
+        let tag = format!("hearth-{}", crate::auth::tokens::random_token(12));
+        let liveness = match backend {
+            Backend::Postgres => stream::Liveness::Lease { tag: tag.clone() },
+            Backend::Sqlite => stream::Liveness::LockFiles(sqlite_writers_dir(url)),
+        };
+        let pool = pool_options(backend, &liveness, max_connections).connect(url).await?;
         Ok(Self {
             pool,
             backend,
             immutable: Arc::default(),
             upto_connection: Arc::default(),
             upto_read: Arc::default(),
+            counter_seen: Arc::default(),
             liveness,
         })
+    }
+
+    /// Another pool on the same database with the same session settings, for work that must not
+    /// wait for (or hold) the server's connections.
+    pub async fn side_pool(&self, max_connections: u32) -> StoreResult<AnyPool> {
+        let options = pool_options(self.backend, &self.liveness, max_connections);
+        Ok(options.connect_with((*self.pool.connect_options()).clone()).await?)
+    }
+
+    pub(crate) fn counter_seen(&self) -> Arc<std::sync::atomic::AtomicI64> {
+        self.counter_seen.clone()
     }
 
     pub fn liveness(&self) -> stream::Liveness {

@@ -309,9 +309,6 @@ impl RoomStore for SqlStore {
         with_extremity_json: bool,
         build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
     ) -> StoreResult<Result<StoredEvent, AppendError>> {
-        // The position is taken before the transaction: allocation writes through another
-        // connection, which SQLite would make wait behind this transaction's write lock.
-        let position = writer.allocate().await?;
         let mut tx = self.pool.begin().await?;
         // Lock the room first: the write comes before any read, so two writers cannot both read
         // the same head (and SQLite takes its write lock up front instead of deadlocking).
@@ -323,6 +320,9 @@ impl RoomStore for SqlStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(Err(AppendError::NoRoom)) };
+        // Taken while the room is locked, so the room's events get positions in the order of its
+        // graph, whichever worker writes them (see `stream.rs`).
+        let position = writer.allocate_in(&mut tx).await?;
         let room_version: String = row.try_get("room_version")?;
         let extremities: Vec<OwnedEventId> =
             serde_json::from_str(&row.try_get::<String, _>("extremities")?).map_err(corrupt)?;

@@ -1,20 +1,29 @@
 //! Stream positions with several writers: the hard point of `architecture.md`.
 //!
 //! `/sync` tokens are positions in one global stream. Writers (server processes) take positions
-//! from a shared counter, in blocks so that allocation rarely touches the database, and their
-//! transactions may commit in any order: position 101 can be visible while 100 is still being
-//! written. A reader that answered "up to 101" would then never see 100. So:
+//! one at a time from a shared counter, and their transactions may commit in any order: position
+//! 101 can be visible while 100 is still being written. A reader that answered "up to 101" would
+//! then never see 100. So:
 //!
 //! - each writer publishes, in `stream_writers`, the lowest position it may still commit
 //!   (`lowest_unfinished`), *before* it can hold any position at or above it;
-//! - a reader's safe position ([`persisted_upto`]) is the counter, capped just below the lowest
+//! - a reader's safe position ([`read_positions`]) is the counter, capped just below the lowest
 //!   `lowest_unfinished` of every live writer. Everything at or below it has committed or will
 //!   never exist.
 //!
-//! A writer that goes idle drops the rest of its block and publishes "nothing in flight".
-//! Publishing advances is lazy — a background task coalesces them — which is always safe: a
-//! published bound lower than the truth only makes readers wait a few milliseconds longer. This
-//! is the design of Synapse's multi-writer id generator, reduced to one stream.
+//! A writer with nothing in flight publishes "nothing in flight". Publishing advances is lazy — a
+//! background task coalesces them — which is always safe: a published bound lower than the truth
+//! only makes readers wait a few milliseconds longer. This is the design of Synapse's
+//! multi-writer id generator, reduced to one stream.
+//!
+//! Positions are never handed out in blocks: a worker holding a block would give a later write a
+//! lower position than an earlier one written elsewhere, and a room's events would be read out of
+//! the order they were sent. A room event takes its position while its room is locked
+//! ([`StreamWriter::allocate_in`]), so within a room stream order is the order of the room's graph
+//! whatever worker wrote each event. On Postgres the counter is bumped on a connection of the
+//! writer's own, outside the room's transaction (which would otherwise hold the counter's row lock
+//! until it commits, one room write at a time for the whole deployment); on SQLite, where one
+//! transaction writes at a time anyway, inside it, so the position appears with its event.
 //!
 //! A writer that dies mid-write must stop holding readers back, quickly, without readers ever
 //! passing a position a live writer may still commit ([`Liveness`]):
@@ -33,7 +42,10 @@ use std::{
     collections::BTreeMap,
     fs::File,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicI64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -42,8 +54,9 @@ use tokio::sync::Notify;
 
 use super::{Backend, SqlStore, StoreError, StoreResult, now_ms};
 
-/// Positions a writer reserves at once.
-const BLOCK: i64 = 8;
+/// Connections of a Postgres writer's own pool: allocations run on them while room transactions
+/// hold the server's pool, which they could otherwise exhaust.
+const WRITER_CONNECTIONS: u32 = 4;
 /// A Postgres writer whose heartbeat (by the database's clock) is older than this is dead.
 pub const LEASE_MS: i64 = 4_000;
 /// A Postgres writer that has not renewed its lease for this long commits nothing more: half
@@ -74,9 +87,10 @@ struct WriterState {
     /// out in and whether they are doomed (refused by [`PositionGuard::still_leased`], so their
     /// transaction will not commit).
     unfinished: BTreeMap<i64, (u64, bool)>,
-    /// Next position of the current block, and one past its end.
-    next: i64,
-    end: i64,
+    /// Allocations under way, by id: the lowest position each can get (the counter as last seen,
+    /// plus one: the counter only grows).
+    allocating: BTreeMap<u64, i64>,
+    next_allocation: u64,
     /// What `stream_writers` says now.
     published: Option<i64>,
     /// Bumped when the writer lost its lease: positions of earlier generations never commit.
@@ -89,7 +103,12 @@ struct WriterState {
 impl WriterState {
     /// The lowest position this writer may still commit; `None` when idle.
     fn bound(&self) -> Option<i64> {
-        self.unfinished.iter().find(|(_, (_, doomed))| !doomed).map(|(p, _)| *p)
+        let held = self.unfinished.iter().find(|(_, (_, doomed))| !doomed).map(|(p, _)| *p);
+        let allocating = self.allocating.values().min().copied();
+        match (held, allocating) {
+            (Some(held), Some(allocating)) => Some(held.min(allocating)),
+            (held, allocating) => held.or(allocating),
+        }
     }
 
     fn lease_lapsed(&self, liveness: &Liveness) -> bool {
@@ -100,8 +119,11 @@ impl WriterState {
 /// One process's handle on the stream.
 #[derive(Debug)]
 pub struct StreamWriter {
+    /// Postgres: a small pool of the writer's own; SQLite: the server's.
     pool: AnyPool,
     backend: Backend,
+    /// The highest counter value this process has seen: every position taken later is above it.
+    counter_seen: Arc<AtomicI64>,
     writer_id: String,
     /// The worker this writer belongs to, across restarts.
     instance: String,
@@ -122,11 +144,16 @@ pub struct PositionGuard {
     pub position: i64,
     generation: u64,
     writer: Arc<StreamWriter>,
+    /// Whether the writer holds readers back for it; not when the position was taken inside the
+    /// transaction that writes at it (SQLite), which makes both visible at once.
+    tracked: bool,
 }
 
 impl Drop for PositionGuard {
     fn drop(&mut self) {
-        self.writer.finish(self.position);
+        if self.tracked {
+            self.writer.finish(self.position);
+        }
     }
 }
 
@@ -134,6 +161,9 @@ impl PositionGuard {
     /// Checks, just before the write at this position commits, that the writer still holds its
     /// lease; if not, the position is doomed and the caller must not commit (`503`, retry).
     pub fn still_leased(&self) -> StoreResult<()> {
+        if !self.tracked {
+            return Ok(());
+        }
         let mut state = self.writer.lock();
         if state.generation == self.generation && !state.lease_lapsed(&self.writer.liveness) {
             return Ok(());
@@ -141,7 +171,6 @@ impl PositionGuard {
         if state.generation == self.generation {
             // Lapsed: later positions come from a fresh registration.
             state.generation += 1;
-            state.next = state.end;
         }
         if let Some(entry) = state.unfinished.get_mut(&self.position) {
             entry.1 = true;
@@ -216,9 +245,14 @@ impl StreamWriter {
             .bind(now_ms() - FORGET_IDLE_MS)
             .execute(store.pool())
             .await?;
+        let pool = match store.backend() {
+            Backend::Postgres => store.side_pool(WRITER_CONNECTIONS).await?,
+            Backend::Sqlite => store.pool().clone(),
+        };
         let writer = Arc::new(Self {
-            pool: store.pool().clone(),
+            pool,
             backend: store.backend(),
+            counter_seen: store.counter_seen(),
             writer_id,
             instance: instance.to_owned(),
             liveness,
@@ -275,76 +309,121 @@ impl StreamWriter {
         }
     }
 
-    /// Takes the next position. Hold the guard until the transaction writing at it is over.
+    /// Takes the next position from the shared counter, for writes that commit as they go (not
+    /// room events: see [`StreamWriter::allocate_in`]). Hold the guard until they are over.
     pub async fn allocate(self: &Arc<Self>) -> StoreResult<PositionGuard> {
-        {
+        let (id, generation) = match self.start_allocation() {
+            Some(started) => started,
+            None => {
+                let _publishing = self.publish_lock.lock().await;
+                match self.start_allocation() {
+                    Some(started) => started,
+                    None => self.register().await?,
+                }
+            }
+        };
+        let taken =
+            sqlx::query("UPDATE stream_counter SET position = position + 1 WHERE id = 1 RETURNING position")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::from)
+                .and_then(|row| Ok(row.try_get::<i64, _>("position")?));
+        let mut state = self.lock();
+        state.allocating.remove(&id);
+        let position = match taken {
+            Ok(position) => position,
+            Err(error) => {
+                drop(state);
+                self.dirty.notify_one();
+                return Err(error);
+            }
+        };
+        self.counter_seen.fetch_max(position, Ordering::AcqRel);
+        state.unfinished.insert(position, (generation, false));
+        Ok(PositionGuard { position, generation, writer: self.clone(), tracked: true })
+    }
+
+    /// Takes the next position for a room event, inside the transaction that holds its room
+    /// locked: events of one room get positions in the order they are written, on any worker.
+    pub async fn allocate_in(
+        self: &Arc<Self>,
+        transaction: &mut sqlx::AnyConnection,
+    ) -> StoreResult<PositionGuard> {
+        match self.backend {
+            // Outside the transaction (see the module documentation); the room stays locked.
+            Backend::Postgres => self.allocate().await,
+            Backend::Sqlite => {
+                let row = sqlx::query(
+                    "UPDATE stream_counter SET position = position + 1 WHERE id = 1 RETURNING position",
+                )
+                .fetch_one(transaction)
+                .await?;
+                let position: i64 = row.try_get("position")?;
+                Ok(PositionGuard { position, generation: 0, writer: self.clone(), tracked: false })
+            }
+        }
+    }
+
+    /// Starts an allocation without I/O when this writer is busy (its published bound is at or
+    /// below anything it can take next) and leased; `None` when it must register first.
+    fn start_allocation(&self) -> Option<(u64, u64)> {
+        let mut state = self.lock();
+        if state.bound().is_none() || state.lease_lapsed(&self.liveness) {
+            return None;
+        }
+        Some(self.add_allocation(&mut state))
+    }
+
+    fn add_allocation(&self, state: &mut WriterState) -> (u64, u64) {
+        let id = state.next_allocation;
+        state.next_allocation += 1;
+        state.allocating.insert(id, self.counter_seen.load(Ordering::Acquire) + 1);
+        (id, state.generation)
+    }
+
+    /// Going from idle to busy (or renewing a lapsed lease): says so in this writer's row before
+    /// holding anything, then starts an allocation. Every position taken from here on is above
+    /// the counter read in this statement. Called with `publish_lock` held.
+    async fn register(&self) -> StoreResult<(u64, u64)> {
+        let held = {
             let mut state = self.lock();
             if state.lease_lapsed(&self.liveness) {
-                // What this writer holds is doomed (see `PositionGuard::still_leased`); new
-                // positions come after a renewal.
+                // What this writer holds is doomed (see `PositionGuard::still_leased`).
                 state.generation += 1;
-                state.next = state.end;
             }
-            if state.next < state.end {
-                let position = state.next;
-                state.next += 1;
-                let generation = state.generation;
-                state.unfinished.insert(position, (generation, false));
-                return Ok(PositionGuard { position, generation, writer: self.clone() });
+            state.bound()
+        };
+        let register = || {
+            self.row_update(
+                "UPDATE stream_writers SET heartbeat_ts = {now},
+                     lowest_unfinished = COALESCE($2, (SELECT position + 1 FROM stream_counter WHERE id = 1))
+                 WHERE writer_id = $1
+                 RETURNING lowest_unfinished, (SELECT position FROM stream_counter WHERE id = 1) AS counter",
+                held,
+            )
+            .fetch_optional(&self.pool)
+        };
+        let row = match register().await? {
+            Some(row) => row,
+            None => {
+                // The row was deleted (by an operator, or as a dead writer's): add it again.
+                self.insert_row().await?;
+                register()
+                    .await?
+                    .ok_or_else(|| StoreError::Unavailable("this stream writer's row is gone".into()))?
             }
-        }
-        let _publishing = self.publish_lock.lock().await;
-        if self.lock().bound().is_none() || self.lock().lease_lapsed(&self.liveness) {
-            // Going from idle to busy (or renewing a lapsed lease): say so before holding
-            // anything. Every position reserved from here on is above the counter read in this
-            // statement.
-            let held = self.lock().bound();
-            let register = || {
-                self.row_update(
-                    "UPDATE stream_writers SET heartbeat_ts = {now},
-                         lowest_unfinished = COALESCE($2, (SELECT position + 1 FROM stream_counter WHERE id = 1))
-                     WHERE writer_id = $1 RETURNING lowest_unfinished",
-                    held,
-                )
-                .fetch_optional(&self.pool)
-            };
-            let row = match register().await? {
-                Some(row) => row,
-                None => {
-                    // The row was deleted (by an operator, or as a dead writer's): add it again.
-                    self.insert_row().await?;
-                    register()
-                        .await?
-                        .ok_or_else(|| StoreError::Unavailable("this stream writer's row is gone".into()))?
-                }
-            };
-            let bound = row.try_get::<i64, _>("lowest_unfinished")?;
-            let mut state = self.lock();
-            state.published = Some(bound);
-            state.renewed = Some(Instant::now());
-        }
-        let row =
-            sqlx::query("UPDATE stream_counter SET position = position + $1 WHERE id = 1 RETURNING position")
-                .bind(BLOCK)
-                .fetch_one(&self.pool)
-                .await?;
-        let end: i64 = row.try_get("position")?;
+        };
+        let bound = row.try_get::<i64, _>("lowest_unfinished")?;
+        self.counter_seen.fetch_max(row.try_get::<i64, _>("counter")?, Ordering::AcqRel);
         let mut state = self.lock();
-        let position = end - BLOCK + 1;
-        state.next = position + 1;
-        state.end = end + 1;
-        let generation = state.generation;
-        state.unfinished.insert(position, (generation, false));
-        Ok(PositionGuard { position, generation, writer: self.clone() })
+        state.published = Some(bound);
+        state.renewed = Some(Instant::now());
+        Ok(self.add_allocation(&mut state))
     }
 
     fn finish(&self, position: i64) {
         let mut state = self.lock();
         state.unfinished.remove(&position);
-        if state.unfinished.is_empty() {
-            // Idle: the rest of the block will never be written, so it must not hold readers back.
-            state.next = state.end;
-        }
         if state.bound() != state.published {
             self.dirty.notify_one();
         }
@@ -424,33 +503,60 @@ async fn publisher(writer: Weak<StreamWriter>) {
     }
 }
 
-/// The highest position below which every position has committed or never will: the most a
-/// `/sync` may return.
-pub async fn persisted_upto(connection: &mut sqlx::AnyConnection, liveness: &Liveness) -> StoreResult<i64> {
+/// What a reader learns of the stream in one read ([`read_positions`]).
+#[derive(Debug, Clone, Default)]
+pub struct Positions {
+    /// The highest position handed out: every write that has answered is at or below it.
+    pub allocated: i64,
+    /// The highest position below which every position has committed or never will: the most a
+    /// `/sync` may return.
+    pub upto: i64,
+    /// Users with a session revoked or refreshed after the position the reader asked about,
+    /// committed whether or not readers may pass it yet: revocation must not wait for the safe
+    /// position, which a slow or dead writer holds back.
+    pub session_changes: Vec<String>,
+}
+
+/// Reads the stream's [`Positions`], with the session changes after `sessions_after`.
+pub async fn read_positions(
+    connection: &mut sqlx::AnyConnection,
+    liveness: &Liveness,
+    sessions_after: i64,
+) -> StoreResult<Positions> {
     match liveness {
         Liveness::Lease { .. } => {
+            // One round trip: every authenticated request waits for this read.
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT (SELECT position FROM stream_counter WHERE id = 1) AS allocated,
                         (SELECT MIN(lowest_unfinished) FROM stream_writers
-                          WHERE lowest_unfinished IS NOT NULL AND heartbeat_ts > {PG_NOW_MS} - $1) AS low"
+                          WHERE lowest_unfinished IS NOT NULL AND heartbeat_ts > {PG_NOW_MS} - $1) AS low,
+                        (SELECT CAST(json_agg(user_id) AS TEXT) FROM session_changes
+                          WHERE stream_ordering > $2) AS sessions"
             )))
             .bind(LEASE_MS)
+            .bind(sessions_after)
             .fetch_one(connection)
             .await?;
             let allocated: i64 = row.try_get("allocated")?;
             let low: Option<i64> = row.try_get("low")?;
-            Ok(low.map_or(allocated, |low| allocated.min(low - 1)))
+            let sessions: Option<String> = row.try_get("sessions")?;
+            Ok(Positions {
+                allocated,
+                upto: low.map_or(allocated, |low| allocated.min(low - 1)),
+                session_changes: parse_users(sessions.as_deref())?,
+            })
         }
         Liveness::LockFiles(dir) => {
             let rows = sqlx::query(
                 "SELECT w.writer_id, w.lowest_unfinished, c.position AS allocated FROM stream_counter c
                  LEFT JOIN stream_writers w ON w.lowest_unfinished IS NOT NULL WHERE c.id = 1",
             )
-            .fetch_all(connection)
+            .fetch_all(&mut *connection)
             .await?;
-            let mut upto = i64::MAX;
+            let (mut upto, mut allocated) = (i64::MAX, 0);
             for row in rows {
-                upto = upto.min(row.try_get("allocated")?);
+                allocated = row.try_get("allocated")?;
+                upto = upto.min(allocated);
                 let writer: Option<String> = row.try_get("writer_id")?;
                 let bound: Option<i64> = row.try_get("lowest_unfinished")?;
                 if let (Some(writer), Some(bound)) = (writer, bound)
@@ -459,7 +565,19 @@ pub async fn persisted_upto(connection: &mut sqlx::AnyConnection, liveness: &Liv
                     upto = upto.min(bound - 1);
                 }
             }
-            Ok(upto)
+            let sessions: Option<String> = sqlx::query_scalar(
+                "SELECT json_group_array(user_id) FROM session_changes WHERE stream_ordering > $1",
+            )
+            .bind(sessions_after)
+            .fetch_one(connection)
+            .await?;
+            Ok(Positions { allocated, upto, session_changes: parse_users(sessions.as_deref())? })
         }
     }
+}
+
+fn parse_users(json: Option<&str>) -> StoreResult<Vec<String>> {
+    json.map_or(Ok(Vec::new()), |json| {
+        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("session changes: {e}")))
+    })
 }

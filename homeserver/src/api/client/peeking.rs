@@ -145,7 +145,7 @@ async fn room_initial_sync(
     // The newest page, as `/messages` reads it backwards, served oldest first; none for
     // `limit=0`, which asks for the state alone.
     let messages = if limit == 0 {
-        let now = token(state.store.persisted_upto().await?);
+        let now = token(state.readable().await?);
         let mut empty = PaginationChunk::new(Vec::new(), now.clone());
         empty.start = Some(now);
         empty
@@ -188,7 +188,7 @@ async fn get_initial_sync(
     let query = LegacyQuery::parse(&req)?;
     let (limit, archived) = (query.limit()?, query.archived()?);
     let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
-    let upto = state.store.persisted_upto().await?;
+    let upto = state.readable().await?;
     let mut rooms = Vec::new();
     let mut receipts = Vec::new();
     for (room_id, membership, _) in state.store.user_rooms(&user.user_id).await? {
@@ -236,7 +236,7 @@ async fn get_initial_sync(
 /// A joined room's read receipts as `/sync` sends them (one `m.receipt` event), naming their
 /// room. Departed members get none: receipts are not part of what they could see.
 async fn room_receipts(state: &AppState, user: &AuthedUser, room_id: &RoomId) -> Result<Vec<Value>> {
-    let upto = state.store.persisted_upto().await?;
+    let upto = state.readable().await?;
     let mut receipts = Vec::new();
     for mut event in super::sync::ephemeral_events(state, &user.user_id, room_id, 0, upto).await? {
         if event["type"] == "m.receipt" {
@@ -305,13 +305,13 @@ async fn get_events(
         // M_FORBIDDEN at once for a room the user may not read.
         ReadRules::for_reader(&state, room, &user.user_id).await?;
     }
-    let upto = state.store.persisted_upto().await?;
+    let upto = state.readable().await?;
     let from = from.unwrap_or(upto).min(upto);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut notifications = state.subscribe();
     let mut cursor = from;
     loop {
-        let upto = state.store.persisted_upto().await?;
+        let upto = state.readable().await?;
         let (found, scanned) = read_stream(&state, &user, room.as_deref(), cursor, upto, limit).await?;
         cursor = scanned;
         if !found.is_empty() || tokio::time::Instant::now() >= deadline {

@@ -66,7 +66,7 @@ async fn report_event(
     let not_found = || Error::not_found("no such event, or you cannot see it");
     rooms::room_version(&state, &body.room_id).await.map_err(|_| not_found())?;
     let rules = ReadRules::load(&state, &body.room_id, reporter).await?;
-    let upto = state.store.persisted_upto().await?;
+    let upto = state.readable().await?;
     state
         .store
         .get_event(body.event_id.as_str())

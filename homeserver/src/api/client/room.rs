@@ -981,7 +981,7 @@ pub(super) async fn messages(
     // As Synapse: `end` is left out only when nothing matching the filter was read and nothing
     // more is there; a page the reader may not see still says where to go on.
     let mut matched = false;
-    let upto = state.store.persisted_upto().await?;
+    let upto = state.readable().await?;
     let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let to = body.to.as_deref().map(parse_token).transpose()?;
     // Nothing below the floor is readable, so paging stops there.
@@ -1061,7 +1061,7 @@ async fn readable_event(
     room_id: &RoomId,
     event_id: &ruma::EventId,
 ) -> Result<(StoredEvent, i64)> {
-    let upto = state.store.persisted_upto().await?;
+    let upto = state.readable().await?;
     let event = state
         .store
         .get_event(event_id.as_str())

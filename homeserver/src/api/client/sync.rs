@@ -212,12 +212,9 @@ async fn sync(
     let mut read_queue = true;
     // The response is built in boxed futures: a long-poll spends its life waiting, and should
     // hold only the small state of the wait, not room for the whole build.
-    // Authentication has just brought the window up to date; it needs refreshing only if a write
-    // was announced since (later ones wake the wait below).
-    let mut upto = state.recent.upto();
-    if *notifications.borrow() > upto {
-        upto = state.recent.catch_up(&*state.store).await?;
-    }
+    // Past every write that had answered when the request came, on any worker: the sender of
+    // a message finds it in their next sync (later writes wake the wait below).
+    let mut upto = state.readable().await?;
     loop {
         let response = Box::pin(build(&state, &query, upto, read_queue, acknowledge.take())).await?;
         read_queue = false;
