@@ -59,6 +59,12 @@ enum Command {
     },
     /// Print a complete, commented example configuration.
     GenerateConfig,
+    /// Write a new signing key to FILE (which must not exist) and print its id: the key every
+    /// worker of a deployment shares (`signing_key_file`).
+    GenerateSigningKey {
+        /// Where to write it (mode 0600).
+        output: PathBuf,
+    },
 }
 
 fn init_logging(config: &Config) {
@@ -93,6 +99,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::GenerateConfig => {
             print!("{}", homeserver::config::EXAMPLE);
+            Ok(())
+        }
+        Command::GenerateSigningKey { output } => {
+            if output.exists() {
+                bail!("{} exists; a signing key is never overwritten", output.display());
+            }
+            let key = federation::signing_key::SigningKey::load_or_generate(&output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!("{} written to {}", key.key_id(), output.display());
             Ok(())
         }
         Command::Serve(arg) => serve(load(&arg)?).await,

@@ -33,6 +33,31 @@ fn generate_config_prints_the_documented_example() {
 }
 
 #[test]
+fn generate_signing_key_writes_a_key_that_workers_load_and_never_overwrites() {
+    let dir = std::env::temp_dir().join(format!("hearth-key-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("signing.key");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_hearth")).arg("generate-signing-key").arg(&path).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let loaded = federation::signing_key::SigningKey::load_or_generate(&path).unwrap();
+    assert!(printed.starts_with(&loaded.key_id()), "{printed}");
+    let written = std::fs::read(&path).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let again =
+        Command::new(env!("CARGO_BIN_EXE_hearth")).arg("generate-signing-key").arg(&path).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
+    assert_eq!(std::fs::read(&path).unwrap(), written);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn invalid_configuration_refuses_to_start_and_names_the_key() {
     let cases = [
         ("HEARTH_REGISTRATION__MODE", "sometimes", "registration.mode"),

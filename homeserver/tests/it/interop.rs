@@ -118,12 +118,30 @@ impl HearthProcess {
 /// Runs one harness script from `interop/` against the server (Python for `.py`, Node for
 /// `.mjs`); panics with its output on failure.
 pub async fn run_harness(script: &str, hearth: &HearthProcess) {
-    let output = harness(script, &hearth.base, &[]).output();
+    run_harness_at(script, &hearth.base, &|| hearth.log()).await;
+}
+
+/// Runs one harness script against the server at `base` (one worker or a proxy in front of
+/// several); `log` gives the servers' logs to show on failure.
+pub async fn run_harness_at(script: &str, base: &str, log: &dyn Fn() -> String) {
+    let output = harness(script, base, &[]).output();
     let output = tokio::time::timeout(Duration::from_secs(120), output)
         .await
         .expect("harness finished in time")
         .expect("harness ran");
-    check_harness(script, &output, &hearth.log());
+    check_harness(script, &output, &log());
+}
+
+/// matrix-js-sdk's Rust crypto and a matrix-nio peer chat encrypted through the server at
+/// `base` (`js/e2ee.mjs`, which drives `nio/e2ee_peer.py`).
+pub async fn run_e2ee_with_nio_peer(base: &str, log: &dyn Fn() -> String) {
+    let peer = workspace_root().join("interop/nio/e2ee_peer.py");
+    let output = harness("js/e2ee.mjs", base, &[&python(), &peer]).output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("harness finished in time")
+        .expect("harness ran");
+    check_harness("js/e2ee.mjs", &output, &log());
 }
 
 /// The command that runs a harness script with its arguments.
@@ -243,13 +261,7 @@ crate::on_both_backends! {
     async fn matrix_js_sdk_e2ee_with_nio(db: Db) {
         let test_db = TestDb::new(db).await;
         let hearth = HearthProcess::start(&test_db, db).await;
-        let peer = workspace_root().join("interop/nio/e2ee_peer.py");
-        let output = harness("js/e2ee.mjs", &hearth.base, &[&python(), &peer]).output();
-        let output = tokio::time::timeout(Duration::from_secs(120), output)
-            .await
-            .expect("harness finished in time")
-            .expect("harness ran");
-        check_harness("js/e2ee.mjs", &output, &hearth.log());
+        run_e2ee_with_nio_peer(&hearth.base, &|| hearth.log()).await;
         hearth.stop().await;
         test_db.remove().await;
     }

@@ -7,6 +7,7 @@ mod accounts;
 mod appservice;
 mod around;
 mod cli;
+mod cluster;
 mod common;
 mod directory;
 mod durability;
