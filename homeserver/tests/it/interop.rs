@@ -63,8 +63,12 @@ impl HearthProcess {
         for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEARTH_")) {
             command.env_remove(key);
         }
+        // The signing key and token secret of the in-process test servers on the same
+        // database (`common::test_config`): a worker with others would refuse to start.
         command
             .env("HEARTH_LISTEN__CLIENT", format!("127.0.0.1:{port}"))
+            .env("HEARTH_SIGNING_KEY_FILE", db.dir.join("signing.key"))
+            .env("HEARTH_AUTH__TOKEN_SECRET", crate::common::TOKEN_SECRET)
             .env("HEARTH_RATE_LIMITS__ENABLED", "false")
             .env("HEARTH_LOG", "info,homeserver=debug");
         // SQLite runs on the defaults alone: ./hearth-data under the working directory.
