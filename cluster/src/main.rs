@@ -17,9 +17,13 @@ struct Args {
     /// Where the proxy listens.
     #[arg(long, default_value = "127.0.0.1:8008")]
     listen: std::net::SocketAddr,
-    /// A Postgres server: a fresh database named `hearth_cluster_<time>` is made on it.
+    /// A Postgres server: a fresh database is made on it (its query string, such as
+    /// `?sslmode=disable`, is kept for the workers).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres: String,
+    /// The database's name, also the workers' Redis key prefix (default `hearth_cluster_<time>`).
+    #[arg(long)]
+    name: Option<String>,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis: String,
     /// The `hearth` binary (default: next to this one).
@@ -42,10 +46,18 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let name = format!("hearth_cluster_{stamp}");
+    let name = args.name.unwrap_or_else(|| format!("hearth_cluster_{stamp}"));
+    anyhow::ensure!(
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+        "--name takes lower-case letters, digits and underscores"
+    );
     let mut admin = sqlx::PgConnection::connect(&args.postgres).await.context("connecting to Postgres")?;
     admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await?;
-    let base = args.postgres.rsplit_once('/').map_or(args.postgres.as_str(), |(base, _)| base);
+    let (server, query) = match args.postgres.split_once('?') {
+        Some((server, query)) => (server, format!("?{query}")),
+        None => (args.postgres.as_str(), String::new()),
+    };
+    let base = server.rsplit_once('/').map_or(server, |(base, _)| base);
     let hearth = match args.hearth {
         Some(path) => path,
         None => std::env::current_exe()?.with_file_name("hearth"),
@@ -54,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
     let config = ClusterConfig {
         hearth,
         workers: args.workers,
-        database_url: format!("{base}/{name}"),
+        database_url: format!("{base}/{name}{query}"),
         redis_url: args.redis,
         redis_prefix: name.clone(),
         dir: dir.clone(),

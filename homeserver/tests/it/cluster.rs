@@ -365,7 +365,9 @@ async fn refused_everywhere(setup: &Setup, token: &str) -> Vec<usize> {
     accepted
 }
 
-/// A revocation of each kind, through worker `n`, of a token first used through another.
+/// A revocation of each kind — logout, device deletion, refresh, password change, deactivation —
+/// answered by worker `n + 2` for a token last used through worker `n + 1`; the token must then be
+/// refused by every worker. Returns what was not.
 async fn revoke_each_way(setup: &Setup, user: &User, n: usize) -> Vec<String> {
     let (http, name) =
         (&setup.http, user.user_id.trim_start_matches('@').split(':').next().unwrap().to_owned());
@@ -431,6 +433,55 @@ async fn revoke_each_way(setup: &Setup, user: &User, n: usize) -> Vec<String> {
             .await;
     assert_eq!(status, 200, "{body}");
     check("refresh", refused_everywhere(setup, &old).await);
+    // A password change logs out the user's other devices.
+    let owner = register(http, &setup.worker(n), &format!("pw{n}")).await;
+    let other = login(http, &setup.worker(n), &format!("pw{n}"), json!({})).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = call(
+        http,
+        "GET",
+        format!("{}/_matrix/client/v3/account/whoami", setup.worker(n + 1)),
+        Some(&other),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": format!("pw{n}")}, "password": PW});
+    let body = json!({"new_password": "a new password, long enough", "auth": auth});
+    let (status, body) = call(
+        http,
+        "POST",
+        format!("{}/_matrix/client/v3/account/password", setup.worker(n + 2)),
+        Some(&owner.token),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    check("a password change", refused_everywhere(setup, &other).await);
+    // Deactivation.
+    let gone = register(http, &setup.worker(n), &format!("gone{n}")).await;
+    let (status, _) = call(
+        http,
+        "GET",
+        format!("{}/_matrix/client/v3/account/whoami", setup.worker(n + 1)),
+        Some(&gone.token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": format!("gone{n}")}, "password": PW});
+    let (status, body) = call(
+        http,
+        "POST",
+        format!("{}/_matrix/client/v3/account/deactivate", setup.worker(n + 2)),
+        Some(&gone.token),
+        Some(json!({"auth": auth})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    check("deactivation", refused_everywhere(setup, &gone.token).await);
     failures
 }
 
