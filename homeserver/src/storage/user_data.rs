@@ -74,7 +74,8 @@ pub trait UserDataStore: Send + Sync {
     async fn create_filter(&self, user_id: &UserId, filter: &str) -> StoreResult<i64>;
     async fn filter(&self, user_id: &UserId, filter_id: i64) -> StoreResult<Option<String>>;
 
-    /// Moves a user's receipt forward (a receipt never moves back to an older position).
+    /// Moves a user's receipt forward: one for an event older in the room than the event it is at
+    /// now changes nothing (as in Synapse).
     async fn put_receipt(&self, receipt: &ReceiptRecord) -> StoreResult<()>;
     /// Receipts in a room changed in `(after, upto]`.
     async fn receipt_changes(&self, room_id: &str, after: i64, upto: i64) -> StoreResult<Vec<ReceiptRecord>>;
@@ -306,7 +307,9 @@ impl UserDataStore for SqlStore {
             "INSERT INTO receipts (room_id, user_id, receipt_type, thread_id, event_id, ts, stream_ordering)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (room_id, user_id, receipt_type, thread_id) DO UPDATE SET
-                 event_id = excluded.event_id, ts = excluded.ts, stream_ordering = excluded.stream_ordering",
+                 event_id = excluded.event_id, ts = excluded.ts, stream_ordering = excluded.stream_ordering
+             WHERE COALESCE((SELECT e.stream_ordering FROM events e WHERE e.event_id = receipts.event_id), -1)
+                 < (SELECT e.stream_ordering FROM events e WHERE e.event_id = excluded.event_id)",
         )
         .bind(&r.room_id)
         .bind(&r.user_id)

@@ -331,6 +331,151 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    /// The legacy endpoints carry what `/sync` does besides events: presence (of the user, who
+    /// is online for syncing, and of the members of their rooms), all account data (global, and
+    /// per room in the room's entry, tags among it), read receipts, which never move back, and in
+    /// the event stream typing too, for members and for someone peeking at the room.
+    async fn legacy_sync_endpoints_carry_presence_account_data_and_receipts(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let room = create_room(&server, &alice, json!({"preset": "public_chat"})).await;
+        let (status, _) = server.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob.token), json!({})).await;
+        assert_eq!(status, 200);
+        let (status, _) = server.get("/_matrix/client/v3/sync?timeout=0", Some(&bob.token)).await;
+        assert_eq!(status, 200);
+        let put = |path: String, content: Value| {
+            let token = alice.token.clone();
+            let server = &server;
+            async move {
+                let (status, body) = server.request("PUT", &path, Some(&token), Some(content)).await;
+                assert_eq!(status, 200, "{path}: {body}");
+            }
+        };
+        let user = enc(&alice.user_id);
+        put(format!("/_matrix/client/v3/user/{user}/account_data/my.global"), json!({"cats": 1})).await;
+        put(format!("/_matrix/client/v3/user/{user}/rooms/{}/account_data/my.room", enc(&room)), json!({"rats": 2})).await;
+        put(format!("/_matrix/client/v3/user/{user}/rooms/{}/tags/u.work", enc(&room)), json!({"order": 0.5})).await;
+        let first = send_text(&server, &alice, &room, "first").await;
+        let second = send_text(&server, &alice, &room, "second").await;
+        let receipt = |event: String| {
+            let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&event));
+            let server = &server;
+            let token = alice.token.clone();
+            async move {
+                let (status, body) = server.post(&path, Some(&token), json!({})).await;
+                assert_eq!(status, 200, "{body}");
+            }
+        };
+        receipt(second.clone()).await;
+        // Back to an older event: the receipt stays where it was.
+        receipt(first.clone()).await;
+
+        let (status, initial) = server.get("/_matrix/client/v3/initialSync", Some(&alice.token)).await;
+        assert_eq!(status, 200, "{initial}");
+        let presence_of = |list: &Value, who: &str| {
+            list.as_array().unwrap().iter().find(|e| e["content"]["user_id"] == who).cloned()
+        };
+        let own = presence_of(&initial["presence"], &alice.user_id).expect("the user's own presence");
+        assert_eq!(own["type"], "m.presence");
+        assert_eq!(own["content"]["presence"], "online", "syncing is activity: {own}");
+        assert!(own["content"]["last_active_ago"].is_u64(), "{own}");
+        let bobs = presence_of(&initial["presence"], &bob.user_id).expect("a room member's presence");
+        assert_eq!(bobs["content"]["presence"], "online");
+        assert!(initial["account_data"].as_array().unwrap().iter().any(|e| e["type"] == "my.global" && e["content"]["cats"] == 1), "{initial}");
+        let entry = initial["rooms"].as_array().unwrap().iter().find(|r| r["room_id"] == room.as_str()).unwrap();
+        let room_data = entry["account_data"].as_array().unwrap();
+        assert!(room_data.iter().any(|e| e["type"] == "my.room" && e["content"]["rats"] == 2), "{entry}");
+        assert!(room_data.iter().any(|e| e["type"] == "m.tag" && e["content"]["tags"]["u.work"]["order"] == 0.5), "{entry}");
+        assert!(presence_of(&entry["presence"], &bob.user_id).is_some(), "{entry}");
+        assert!(own["content"].as_object().unwrap().contains_key("status_msg"), "{own}");
+        // Events in the legacy format name their sender as `user_id` too.
+        for event in entry["state"].as_array().unwrap().iter().chain(entry["messages"]["chunk"].as_array().unwrap()) {
+            assert_eq!(event["user_id"], event["sender"], "{event}");
+        }
+        let read_at = |receipts: &Value| -> Vec<String> {
+            receipts.as_array().unwrap().iter()
+                .filter(|r| r["type"] == "m.receipt" && r["room_id"] == room.as_str())
+                .flat_map(|r| r["content"].as_object().unwrap().iter()
+                    .filter(|(_, types)| types["m.read"][&alice.user_id].is_object())
+                    .map(|(event, _)| event.clone()).collect::<Vec<_>>())
+                .collect()
+        };
+        assert_eq!(read_at(&initial["receipts"]), vec![second.clone()], "{initial}");
+
+        let (status, room_initial) =
+            server.get(&format!("/_matrix/client/v3/rooms/{}/initialSync", enc(&room)), Some(&alice.token)).await;
+        assert_eq!(status, 200, "{room_initial}");
+        assert!(room_initial["account_data"].as_array().unwrap().iter().any(|e| e["type"] == "my.room"), "{room_initial}");
+        assert!(presence_of(&room_initial["presence"], &alice.user_id).is_some(), "{room_initial}");
+        assert_eq!(read_at(&room_initial["receipts"]), vec![second.clone()]);
+
+        // The event stream carries account data (naming the room where it has one) and receipts.
+        let (_, now) = server.get("/_matrix/client/v3/events?timeout=0", Some(&alice.token)).await;
+        let from = now["end"].as_str().unwrap().to_owned();
+        put(format!("/_matrix/client/v3/user/{user}/rooms/{}/account_data/my.room", enc(&room)), json!({"rats": 3})).await;
+        put(format!("/_matrix/client/v3/user/{user}/account_data/my.global"), json!({"cats": 4})).await;
+        let third = send_text(&server, &alice, &room, "third").await;
+        receipt(third.clone()).await;
+        let mut chunk = Vec::new();
+        let mut from = from;
+        for _ in 0..10 {
+            let (status, page) = server.get(&format!("/_matrix/client/v3/events?from={from}&timeout=1000"), Some(&alice.token)).await;
+            assert_eq!(status, 200, "{page}");
+            chunk.extend(page["chunk"].as_array().unwrap().clone());
+            from = page["end"].as_str().unwrap().to_owned();
+            if chunk.iter().any(|e| e["type"] == "m.receipt") {
+                break;
+            }
+        }
+        let chunk = Value::Array(chunk);
+        assert!(chunk.as_array().unwrap().iter().any(|e| e["type"] == "my.room" && e["room_id"] == room.as_str() && e["content"]["rats"] == 3), "{chunk}");
+        assert!(chunk.as_array().unwrap().iter().any(|e| e["type"] == "my.global" && e["content"]["cats"] == 4 && e.get("room_id").is_none()), "{chunk}");
+        assert_eq!(read_at(&chunk), vec![third]);
+        let message = chunk.as_array().unwrap().iter().find(|e| e["type"] == "m.room.message").expect("the new message");
+        assert_eq!(message["user_id"], alice.user_id.as_str(), "{message}");
+
+        // Someone peeking at a world-readable room sees its members' presence and receipts.
+        put_state(&server, &alice, &room, "m.room.history_visibility", json!({"history_visibility": "world_readable"})).await;
+        let carol = server.register("carol", PW).await;
+        let peek = |from: Option<String>| {
+            let server = &server;
+            let (token, room) = (carol.token.clone(), room.clone());
+            async move {
+                let from = from.map(|f| format!("&from={f}")).unwrap_or_default();
+                let path = format!("/_matrix/client/v3/events?room_id={}&timeout=1000{from}", enc(&room));
+                let (status, page) = server.get(&path, Some(&token)).await;
+                assert_eq!(status, 200, "{page}");
+                page
+            }
+        };
+        let mut from = peek(None).await["end"].as_str().unwrap().to_owned();
+        let status = json!({"presence": "unavailable", "status_msg": "brewing"});
+        put(format!("/_matrix/client/v3/presence/{user}/status"), status).await;
+        let fourth = send_text(&server, &alice, &room, "fourth").await;
+        put(format!("/_matrix/client/v3/rooms/{}/typing/{user}", enc(&room)), json!({"typing": true, "timeout": 30000})).await;
+        receipt(fourth.clone()).await;
+        let mut peeked = Vec::new();
+        for _ in 0..10 {
+            let page = peek(Some(from.clone())).await;
+            peeked.extend(page["chunk"].as_array().unwrap().clone());
+            from = page["end"].as_str().unwrap().to_owned();
+            if peeked.iter().any(|e| e["type"] == "m.receipt") {
+                break;
+            }
+        }
+        let peeked = Value::Array(peeked);
+        let presence = presence_of(&peeked, &alice.user_id).expect("a member's presence in the peek");
+        assert_eq!(presence["content"]["presence"], "unavailable", "{peeked}");
+        assert_eq!(presence["content"]["status_msg"], "brewing");
+        assert!(presence_of(&peeked, &carol.user_id).is_none(), "the peeker is not a member: {peeked}");
+        assert_eq!(read_at(&peeked), vec![fourth]);
+        let typing = peeked.as_array().unwrap().iter().find(|e| e["type"] == "m.typing").expect("typing in the peek");
+        assert_eq!(typing["room_id"], room.as_str());
+        assert_eq!(typing["content"]["user_ids"], json!([alice.user_id]));
+        server.stop().await;
+    }
+
     async fn post_send_without_txn_id_sends_a_new_event_each_time(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

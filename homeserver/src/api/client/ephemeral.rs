@@ -192,6 +192,39 @@ pub(super) fn check_presence(presence: &PresenceState) -> Result<()> {
     }
 }
 
+/// A client syncing says its user is `wanted` (`/sync`'s `set_presence`; the legacy initial syncs
+/// say `online`): their presence is updated, keeping the status message, but only when it changes
+/// and never to `offline` (a sync that wrote every time would wake every other sync in turn).
+pub(super) async fn note_syncing(state: &AppState, user: &ruma::UserId, wanted: &str) -> Result<()> {
+    if wanted == "offline" || state.ephemeral.presence(user).is_some_and(|p| p.state == wanted) {
+        return Ok(());
+    }
+    rooms::at_new_position(state, |position| async move {
+        let status_msg = state.ephemeral.presence(user).and_then(|p| p.status_msg);
+        let update =
+            Update::Presence { user_id: user.to_owned(), state: wanted.to_owned(), status_msg, position };
+        state.share(update);
+        Ok(())
+    })
+    .await
+}
+
+/// A user's presence as the legacy endpoints (`/initialSync`, `/events`) send it: an
+/// `m.presence` event whose content names the user and always has `status_msg` (null if none);
+/// `offline` for someone never seen.
+pub(super) fn legacy_presence(state: &AppState, user: &ruma::UserId) -> serde_json::Value {
+    let mut content = serde_json::json!({"user_id": user, "presence": "offline", "status_msg": null});
+    if let Some(presence) = state.ephemeral.presence(user) {
+        content["presence"] = presence.state.as_str().into();
+        content["last_active_ago"] = (presence.last_active.elapsed().as_millis() as u64).into();
+        content["currently_active"] = (presence.state == "online").into();
+        if let Some(status) = &presence.status_msg {
+            content["status_msg"] = status.as_str().into();
+        }
+    }
+    serde_json::json!({"type": "m.presence", "content": content})
+}
+
 /// PUT /_matrix/client/v3/presence/{userId}/status
 async fn set_presence(
     state: web::Data<AppState>,

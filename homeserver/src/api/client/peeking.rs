@@ -119,12 +119,28 @@ async fn get_room_initial_sync(
     let room_id =
         <&RoomId>::try_from(room_id).map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
     let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
+    super::ephemeral::note_syncing(&state, &user.user_id, "online").await?;
     let room = room_initial_sync(&state, &user, client_ip, room_id, query.limit()?).await?;
-    let receipts = match room.membership {
-        Some(MembershipState::Join) => room_receipts(&state, &user, room_id).await?,
-        _ => Vec::new(),
+    let (receipts, presence) = match room.membership {
+        Some(MembershipState::Join) => {
+            (room_receipts(&state, &user, room_id).await?, room_presence(&state, room_id).await?)
+        }
+        _ => (Vec::new(), Vec::new()),
     };
-    Ok(HttpResponse::Ok().json(room_json(room, receipts)))
+    Ok(HttpResponse::Ok().json(room_json(room, receipts, presence)))
+}
+
+/// The presence of a room's joined members, as the legacy endpoints send it.
+async fn room_presence(state: &AppState, room_id: &RoomId) -> Result<Vec<Value>> {
+    let mut presence = Vec::new();
+    for (member, membership) in state.store.members(room_id).await? {
+        if membership == "join"
+            && let Ok(member) = ruma::OwnedUserId::try_from(member)
+        {
+            presence.push(super::ephemeral::legacy_presence(state, &member));
+        }
+    }
+    Ok(presence)
 }
 
 /// One room's initial sync: its readable state, the newest `limit` readable events, the user's
@@ -169,9 +185,13 @@ async fn room_initial_sync(
     } else {
         Visibility::Private
     });
-    if let Some(tags) = state.store.account_data(user, Some(room_id.as_str()), "m.tag").await? {
-        let content: Value = serde_json::from_str(&tags).map_err(Error::internal)?;
-        response.account_data.push(raw(&json!({"type": "m.tag", "content": content}))?);
+    // The user's account data for the room, its tags among it.
+    let upto = state.readable().await?;
+    for change in state.store.account_data_changes(user, 0, upto).await? {
+        if change.room_id.as_deref() == Some(room_id.as_str()) {
+            let content: Value = serde_json::from_str(&change.content).map_err(Error::internal)?;
+            response.account_data.push(raw(&json!({"type": change.data_type, "content": content}))?);
+        }
     }
     Ok(response)
 }
@@ -188,23 +208,35 @@ async fn get_initial_sync(
     let query = LegacyQuery::parse(&req)?;
     let (limit, archived) = (query.limit()?, query.archived()?);
     let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
+    // Syncing is activity, as on `/sync`.
+    super::ephemeral::note_syncing(&state, &user.user_id, "online").await?;
     let upto = state.readable().await?;
     let mut rooms = Vec::new();
     let mut receipts = Vec::new();
+    // The user's own presence, and that of everyone in their joined rooms, once each.
+    let mut presence = vec![super::ephemeral::legacy_presence(&state, &user.user_id)];
+    let mut presence_of = std::collections::HashSet::from([user.user_id.to_string()]);
     for (room_id, membership, _) in state.store.user_rooms(&user.user_id).await? {
         let Ok(room_id) = OwnedRoomId::try_from(room_id) else { continue };
         match membership.as_str() {
             "invite" => rooms.push(json!({"room_id": room_id, "membership": "invite"})),
             "join" => {
                 let room_receipts = room_receipts(&state, &user, &room_id).await?;
+                let room_presence = room_presence(&state, &room_id).await?;
+                for event in &room_presence {
+                    if presence_of.insert(event["content"]["user_id"].as_str().unwrap_or_default().to_owned())
+                    {
+                        presence.push(event.clone());
+                    }
+                }
                 let room = room_initial_sync(&state, &user, client_ip, &room_id, limit).await?;
-                rooms.push(room_json(room, room_receipts.clone()));
+                rooms.push(room_json(room, room_receipts.clone(), room_presence));
                 receipts.extend(room_receipts);
             }
             "leave" | "ban" if archived => {
                 // A room the user never read (an invite they rejected) has nothing to show.
                 match room_initial_sync(&state, &user, client_ip, &room_id, limit).await {
-                    Ok(room) => rooms.push(room_json(room, Vec::new())),
+                    Ok(room) => rooms.push(room_json(room, Vec::new(), Vec::new())),
                     Err(Error::Matrix { status, .. }) if status == actix_web::http::StatusCode::FORBIDDEN => {
                     }
                     Err(e) => return Err(e),
@@ -228,7 +260,7 @@ async fn get_initial_sync(
         "end": token(upto),
         "rooms": rooms,
         "receipts": receipts,
-        "presence": [],
+        "presence": presence,
         "account_data": account_data,
     })))
 }
@@ -249,10 +281,10 @@ async fn room_receipts(state: &AppState, user: &AuthedUser, room_id: &RoomId) ->
 
 /// A room's initial sync as the answer of `/rooms/{roomId}/initialSync` and an entry of the
 /// global one's `rooms`.
-fn room_json(room: get_current_state::v3::Response, receipts: Vec<Value>) -> Value {
+fn room_json(room: get_current_state::v3::Response, receipts: Vec<Value>, presence: Vec<Value>) -> Value {
     let mut entry = json!({
         "room_id": room.room_id,
-        "state": room.state,
+        "state": legacy_format(&room.state),
         "account_data": room.account_data,
     });
     if let Some(membership) = room.membership {
@@ -261,13 +293,33 @@ fn room_json(room: get_current_state::v3::Response, receipts: Vec<Value>) -> Val
     if let Some(visibility) = room.visibility {
         entry["visibility"] = json!(visibility.as_str());
     }
-    // Presence is not part of Hearth's answer yet: empty, as the spec's key.
-    entry["presence"] = json!([]);
+    entry["presence"] = json!(presence);
     entry["receipts"] = json!(receipts);
     if let Some(messages) = room.messages {
-        entry["messages"] = json!({"chunk": messages.chunk, "start": messages.start, "end": messages.end});
+        let chunk = legacy_format(&messages.chunk);
+        entry["messages"] = json!({"chunk": chunk, "start": messages.start, "end": messages.end});
     }
     entry
+}
+
+/// Events as the legacy endpoints serve them (the spec's v1 format, as Synapse's): with the
+/// sender also as `user_id`, which older clients read. Only the top level is touched: contents
+/// stay as stored, however deep. An event that is not an object is served as it is.
+fn legacy_format<T>(events: &[Raw<T>]) -> Vec<Box<serde_json::value::RawValue>> {
+    events
+        .iter()
+        .map(|event| {
+            let mut fields: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>> =
+                match serde_json::from_str(event.json().get()) {
+                    Ok(fields) => fields,
+                    Err(_) => return event.json().to_owned(),
+                };
+            if let Some(sender) = fields.get("sender").cloned() {
+                fields.insert("user_id".to_owned(), sender);
+            }
+            serde_json::value::to_raw_value(&fields).unwrap_or_else(|_| event.json().to_owned())
+        })
+        .collect()
 }
 
 /// GET /_matrix/client/v3/events
@@ -305,6 +357,8 @@ async fn get_events(
         // M_FORBIDDEN at once for a room the user may not read.
         ReadRules::for_reader(&state, room, &user.user_id).await?;
     }
+    // Listening to the event stream is activity, as syncing is.
+    super::ephemeral::note_syncing(&state, &user.user_id, "online").await?;
     let upto = state.readable().await?;
     let from = from.unwrap_or(upto).min(upto);
     let deadline = tokio::time::Instant::now() + timeout;
@@ -313,10 +367,17 @@ async fn get_events(
     loop {
         let upto = state.readable().await?;
         let (found, scanned) = read_stream(&state, &user, room.as_deref(), cursor, upto, limit).await?;
+        // What else changed in the same range: receipts and presence, and the user's account
+        // data on the whole stream.
+        let extras = stream_extras(&state, &user.user_id, room.as_deref(), cursor, scanned).await?;
         cursor = scanned;
-        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+        if !found.is_empty() || !extras.is_empty() || tokio::time::Instant::now() >= deadline {
             // Served events name their room, as the event stream's must.
-            let chunk: Vec<Raw<Value>> = serve(&state, &found, reader_of(&user)).await?;
+            let served: Vec<Raw<Value>> = serve(&state, &found, reader_of(&user)).await?;
+            let mut chunk = legacy_format(&served);
+            for extra in &extras {
+                chunk.push(serde_json::value::to_raw_value(extra).map_err(Error::internal)?);
+            }
             return Ok(HttpResponse::Ok().json(json!({
                 "chunk": chunk,
                 "start": token(from),
@@ -330,6 +391,69 @@ async fn get_events(
             () = tokio::time::sleep_until(deadline) => {}
         }
     }
+}
+
+/// What else changed in `(after, upto]`, as events of the legacy event stream: the read
+/// receipts and typing of the user's joined rooms and the presence of the people in them (the
+/// user's own included), and the user's account data (global, and per room naming the room: tags
+/// among it). With `room`, a peek: that room's receipts and typing and its joined members'
+/// presence only.
+async fn stream_extras(
+    state: &AppState,
+    user: &ruma::UserId,
+    room: Option<&RoomId>,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<Value>> {
+    let mut extras = Vec::new();
+    if after >= upto {
+        return Ok(extras);
+    }
+    let rooms: Vec<OwnedRoomId> = match room {
+        Some(room) => vec![room.to_owned()],
+        None => {
+            for change in state.store.account_data_changes(user, after, upto).await? {
+                let content: Value = serde_json::from_str(&change.content).map_err(Error::internal)?;
+                let mut event = json!({"type": change.data_type, "content": content});
+                if let Some(room_id) = change.room_id {
+                    event["room_id"] = room_id.into();
+                }
+                extras.push(event);
+            }
+            state
+                .recent
+                .user_rooms(&*state.store, user, upto)
+                .await?
+                .iter()
+                .filter(|(_, membership, _)| membership == "join")
+                .filter_map(|(room_id, _, _)| OwnedRoomId::try_from(room_id.as_str()).ok())
+                .collect()
+        }
+    };
+    let mut people = std::collections::BTreeSet::new();
+    if room.is_none() {
+        people.insert(user.to_owned());
+    }
+    for room_id in &rooms {
+        // Receipts and typing, naming their room.
+        for mut event in super::sync::ephemeral_events(state, user, room_id, after, upto).await? {
+            event["room_id"] = json!(room_id);
+            extras.push(event);
+        }
+        if state.ephemeral.any_presence_since(after, upto) {
+            for (member, membership) in state.store.members(room_id).await? {
+                if membership == "join"
+                    && let Ok(member) = ruma::OwnedUserId::try_from(member)
+                {
+                    people.insert(member);
+                }
+            }
+        }
+    }
+    for (member, _) in state.ephemeral.presence_changes(people.iter().map(|u| &**u), after, upto) {
+        extras.push(super::ephemeral::legacy_presence(state, &member));
+    }
+    Ok(extras)
 }
 
 /// Events a page of the stream scan reads at a time.

@@ -173,24 +173,7 @@ async fn sync(
         .map(|sealed| state.cursors.open(user, device, &sealed).map(str::to_owned))
         .transpose()?;
     super::ephemeral::check_presence(&body.set_presence)?;
-    // `set_presence` updates the user's presence, but only when it changes: a sync that wrote on
-    // every call would wake every other sync in turn.
-    let wanted = body.set_presence.as_str();
-    if state.ephemeral.presence(user).is_none_or(|p| p.state != wanted) && wanted != "offline" {
-        let shared = &state;
-        crate::rooms::at_new_position(&state, |position| async move {
-            let status_msg = shared.ephemeral.presence(user).and_then(|p| p.status_msg);
-            let update = crate::notifier::Update::Presence {
-                user_id: user.clone(),
-                state: wanted.to_owned(),
-                status_msg,
-                position,
-            };
-            shared.share(update);
-            Ok(())
-        })
-        .await?;
-    }
+    super::ephemeral::note_syncing(&state, user, body.set_presence.as_str()).await?;
     let options = options(&state, user, body.filter.as_ref()).await?;
     // The token says the device has its to-device messages up to `received`: they go, with the
     // first read of the queue when that read is certain (in one round trip), or now.
