@@ -163,6 +163,11 @@ crate::on_both_backends! {
             json!({bob.user_id.clone(): [old]})).await;
         put(&server, &alice, &format!("/_matrix/client/v3/user/{}/rooms/{}/tags/m.favourite", enc(&alice.user_id), enc(&old)),
             json!({"order": 0.5})).await;
+        // Bob's own tag and direct chat for the old room, which follow him when he joins the new one.
+        put(&server, &bob, &format!("/_matrix/client/v3/user/{}/rooms/{}/tags/u.work", enc(&bob.user_id), enc(&old)),
+            json!({"order": 0.25})).await;
+        put(&server, &bob, &format!("/_matrix/client/v3/user/{}/account_data/m.direct", enc(&bob.user_id)),
+            json!({alice.user_id.clone(): [old]})).await;
 
         let (status, upgraded) = server.post(&format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old)),
             Some(&alice.token), json!({"new_version": "12"})).await;
@@ -201,8 +206,15 @@ crate::on_both_backends! {
         let (_, tags) = server.get(&format!("/_matrix/client/v3/user/{}/rooms/{}/tags", enc(&alice.user_id), enc(&new)), Some(&alice.token)).await;
         assert_eq!(tags["tags"]["m.favourite"]["order"], 0.5, "{tags}");
 
-        // Members follow: bob joins the new room; in the old one only moderators may still speak.
+        // Members follow: bob joins the new room, and his tags and direct chat with it; in the old
+        // one only moderators may still speak.
+        let (_, tags) = server.get(&format!("/_matrix/client/v3/user/{}/rooms/{}/tags", enc(&bob.user_id), enc(&new)), Some(&bob.token)).await;
+        assert_eq!(tags["tags"], json!({}), "nothing moves before he joins: {tags}");
         assert_eq!(join(&server, &bob, &new).await.0, 200);
+        let (_, tags) = server.get(&format!("/_matrix/client/v3/user/{}/rooms/{}/tags", enc(&bob.user_id), enc(&new)), Some(&bob.token)).await;
+        assert_eq!(tags["tags"]["u.work"]["order"], 0.25, "{tags}");
+        let (_, direct) = server.get(&format!("/_matrix/client/v3/user/{}/account_data/m.direct", enc(&bob.user_id)), Some(&bob.token)).await;
+        assert_eq!(direct[alice.user_id.as_str()], json!([old, new]), "{direct}");
         send(&server, &bob, &new, "t2", "after the upgrade").await;
         let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t3", enc(&old));
         let refused = server.request("PUT", &path, Some(&bob.token), Some(json!({"msgtype": "m.text", "body": "x"}))).await;

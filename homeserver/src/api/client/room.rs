@@ -412,7 +412,23 @@ async fn join(
     if unchanged_state(state, room_id, user, "m.room.member", user.as_str(), content).await?.is_some() {
         return Ok(());
     }
-    append_json(state, room_id, user, "m.room.member", Some(user.as_str()), content).await.map(drop)
+    let was_joined = state.store.membership(room_id, user).await?.as_deref() == Some("join");
+    append_json(state, room_id, user, "m.room.member", Some(user.as_str()), content).await?;
+    // Joining an upgraded room: what the user kept about the room it replaced follows them, as
+    // in Synapse (the upgrader's moved at the upgrade).
+    if !was_joined && let Some(old_room) = predecessor(state, room_id).await? {
+        super::upgrade::transfer_user_state(state, user, &old_room, room_id).await?;
+    }
+    Ok(())
+}
+
+/// The room an upgraded room replaced (its create event's `predecessor`).
+async fn predecessor(state: &AppState, room_id: &RoomId) -> Result<Option<ruma::OwnedRoomId>> {
+    let Some(create) = state.store.current_state_event(room_id, "m.room.create", "").await? else {
+        return Ok(None);
+    };
+    let content = ClientEvent::parse(&create)?.content_value()?;
+    Ok(content["predecessor"]["room_id"].as_str().and_then(|id| ruma::OwnedRoomId::try_from(id).ok()))
 }
 
 /// The event in a room's current state at `(event_type, state_key)` if `sender` sent it with

@@ -187,9 +187,10 @@ async fn upgrade_room(
     Ok(upgrade_room::v3::Response::new(new_room))
 }
 
-/// What the upgrader kept about the old room for themself goes to the new one, as Synapse does:
-/// the room stays a direct chat (`m.direct`) and keeps its tags (`m.tag`).
-async fn transfer_user_state(
+/// What a user kept about the old room for themself goes to the new one, as Synapse does: the
+/// room stays a direct chat (`m.direct`) and keeps its tags (`m.tag`), unless the user tagged the
+/// new room already. For the upgrader at the upgrade, for other members when they join.
+pub(super) async fn transfer_user_state(
     state: &AppState,
     user: &UserId,
     old_room: &RoomId,
@@ -218,7 +219,9 @@ async fn transfer_user_state(
     })
     .await?
     .map_err(Error::internal)?;
-    if let Some(tags) = state.store.account_data(user, Some(old_room.as_str()), "m.tag").await? {
+    if state.store.account_data(user, Some(new_room.as_str()), "m.tag").await?.is_none()
+        && let Some(tags) = state.store.account_data(user, Some(old_room.as_str()), "m.tag").await?
+    {
         let content = serde_json::value::RawValue::from_string(tags).map_err(Error::internal)?;
         super::user_data::put(state, user, Some(new_room.as_str()), "m.tag", &content).await?;
     }
