@@ -352,7 +352,14 @@ async fn a_write_is_in_the_writers_next_sync_and_messages_on_any_worker() {
     setup.stop().await;
 }
 
-/// Whether `token` is refused (401 M_UNKNOWN_TOKEN) by every worker.
+/// Uses `token` through one worker (so that the worker knows its session), which must take it.
+async fn used_on(setup: &Setup, worker: usize, token: &str) {
+    let url = format!("{}/_matrix/client/v3/account/whoami", setup.worker(worker));
+    let (status, body) = call(&setup.http, "GET", url, Some(token), None).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The workers that still take `token`: every worker must answer 401 M_UNKNOWN_TOKEN.
 async fn refused_everywhere(setup: &Setup, token: &str) -> Vec<usize> {
     let mut accepted = Vec::new();
     for worker in 0..setup.cluster.workers() {
@@ -380,15 +387,7 @@ async fn revoke_each_way(setup: &Setup, user: &User, n: usize) -> Vec<String> {
     // Logout.
     let token =
         login(http, &setup.worker(n), &name, json!({})).await["access_token"].as_str().unwrap().to_owned();
-    let (status, _) = call(
-        http,
-        "GET",
-        format!("{}/_matrix/client/v3/account/whoami", setup.worker(n + 1)),
-        Some(&token),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    used_on(setup, n + 1, &token).await;
     let (status, _) = call(
         http,
         "POST",
@@ -401,15 +400,7 @@ async fn revoke_each_way(setup: &Setup, user: &User, n: usize) -> Vec<String> {
     check("logout", refused_everywhere(setup, &token).await);
     // Device deletion, by another device of the user.
     let doomed = user_of(&login(http, &setup.worker(n), &name, json!({})).await);
-    let (status, _) = call(
-        http,
-        "GET",
-        format!("{}/_matrix/client/v3/account/whoami", setup.worker(n + 1)),
-        Some(&doomed.token),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    used_on(setup, n + 1, &doomed.token).await;
     let auth = json!({"auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": name}, "password": PW}});
     let url = format!("{}/_matrix/client/v3/devices/{}", setup.worker(n + 2), doomed.device_id);
     let (status, body) = call(http, "DELETE", url, Some(&user.token), Some(auth)).await;
@@ -418,15 +409,7 @@ async fn revoke_each_way(setup: &Setup, user: &User, n: usize) -> Vec<String> {
     // Refresh: the old access token dies.
     let refreshable = login(http, &setup.worker(n), &name, json!({"refresh_token": true})).await;
     let old = refreshable["access_token"].as_str().unwrap().to_owned();
-    let (status, _) = call(
-        http,
-        "GET",
-        format!("{}/_matrix/client/v3/account/whoami", setup.worker(n + 1)),
-        Some(&old),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    used_on(setup, n + 1, &old).await;
     let body = json!({"refresh_token": refreshable["refresh_token"]});
     let (status, body) =
         call(http, "POST", format!("{}/_matrix/client/v3/refresh", setup.worker(n + 2)), None, Some(body))
@@ -439,15 +422,7 @@ async fn revoke_each_way(setup: &Setup, user: &User, n: usize) -> Vec<String> {
         .as_str()
         .unwrap()
         .to_owned();
-    let (status, _) = call(
-        http,
-        "GET",
-        format!("{}/_matrix/client/v3/account/whoami", setup.worker(n + 1)),
-        Some(&other),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    used_on(setup, n + 1, &other).await;
     let auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": format!("pw{n}")}, "password": PW});
     let body = json!({"new_password": "a new password, long enough", "auth": auth});
     let (status, body) = call(
@@ -462,15 +437,7 @@ async fn revoke_each_way(setup: &Setup, user: &User, n: usize) -> Vec<String> {
     check("a password change", refused_everywhere(setup, &other).await);
     // Deactivation.
     let gone = register(http, &setup.worker(n), &format!("gone{n}")).await;
-    let (status, _) = call(
-        http,
-        "GET",
-        format!("{}/_matrix/client/v3/account/whoami", setup.worker(n + 1)),
-        Some(&gone.token),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    used_on(setup, n + 1, &gone.token).await;
     let auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": format!("gone{n}")}, "password": PW});
     let (status, body) = call(
         http,
