@@ -160,12 +160,19 @@ impl Cluster {
         }
     }
 
-    /// Stops a worker with SIGTERM and waits for it to finish what it was doing and exit.
-    pub async fn terminate(&mut self, index: usize) -> anyhow::Result<std::process::ExitStatus> {
-        let mut worker = self.workers[index].take().context("worker is not running")?;
+    /// Sends a worker SIGTERM, which asks it to finish what it is doing and exit; see
+    /// [`Cluster::wait_exit`].
+    pub async fn terminate(&self, index: usize) -> anyhow::Result<()> {
+        let worker = self.workers[index].as_ref().context("worker is not running")?;
         let pid = worker.child.id().context("worker has exited")?;
         let signal = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;
         anyhow::ensure!(signal.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    /// Waits (up to a minute) for a worker to exit, and returns how it did.
+    pub async fn wait_exit(&mut self, index: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let mut worker = self.workers[index].take().context("worker is not running")?;
         Ok(tokio::time::timeout(Duration::from_secs(60), worker.child.wait()).await??)
     }
 

@@ -666,9 +666,10 @@ async fn every_acknowledged_message_reaches_every_member_once_through_a_kill_and
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let terminated = Instant::now();
-    let status = setup.cluster.terminate(2).await.unwrap();
+    setup.cluster.terminate(2).await.unwrap();
     let after_sigterm =
         time_until_reads_resume(&setup, &members[0].token, &room, "probe-term", terminated).await;
+    let status = setup.cluster.wait_exit(2).await.unwrap();
     assert!(status.success(), "a worker stops cleanly on SIGTERM: {status}\n{}", setup.cluster.log(2));
     setup.cluster.restart(2).await.unwrap();
     for sender in senders {
