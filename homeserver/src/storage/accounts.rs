@@ -128,7 +128,7 @@ impl AccountStore for SqlStore {
     }
 
     async fn deactivate_user(&self, user_id: &UserId, position: i64) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         mark_user(&mut tx, UserMark::Sessions, user_id.as_str(), position).await?;
         sqlx::query("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = $1")
             .bind(user_id.as_str())
@@ -147,7 +147,7 @@ impl AccountStore for SqlStore {
     }
 
     async fn erase_user(&self, user_id: &UserId) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for sql in [
             "UPDATE users SET erased = 1 WHERE user_id = $1",
             "UPDATE profiles SET displayname = NULL, avatar_url = NULL WHERE user_id = $1",

@@ -135,7 +135,7 @@ const KEY_COLUMNS: &str =
 #[async_trait]
 impl BackupStore for SqlStore {
     async fn create_backup_version(&self, user_id: &UserId, algorithm: &str) -> StoreResult<i64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // Lock out a concurrent creation for the same user (SQLite locks the file anyway).
         let row = sqlx::query(
             "INSERT INTO backup_versions (user_id, version, algorithm, etag, deleted)
@@ -198,7 +198,7 @@ impl BackupStore for SqlStore {
     }
 
     async fn delete_backup_version(&self, user_id: &UserId, version: i64) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let deleted = sqlx::query(
             "UPDATE backup_versions SET deleted = 1 WHERE user_id = $1 AND version = $2 AND deleted = 0
              RETURNING version",
@@ -223,7 +223,7 @@ impl BackupStore for SqlStore {
         keys: &[BackupKey],
     ) -> StoreResult<(i64, i64)> {
         let user = user_id.as_str();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // Take the version's row first: concurrent uploads to one version go one at a time.
         sqlx::query("UPDATE backup_versions SET etag = etag WHERE user_id = $1 AND version = $2")
             .bind(user)
@@ -301,7 +301,7 @@ impl BackupStore for SqlStore {
         session_id: Option<&str>,
     ) -> StoreResult<(i64, i64)> {
         let user = user_id.as_str();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let sql = sqlx::AssertSqlSafe(format!(
             "DELETE FROM backup_keys WHERE user_id = $1 AND version = $2 {}",
             scope(room_id, session_id)

@@ -157,7 +157,7 @@ impl DeviceStore for SqlStore {
         device_ids: &[OwnedDeviceId],
         position: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         mark_user(&mut tx, UserMark::Sessions, user_id.as_str(), position).await?;
         for device_id in device_ids {
             for table in [
@@ -184,7 +184,7 @@ impl DeviceStore for SqlStore {
     ) -> StoreResult<()> {
         // An empty string is never a device id, so it stands for "keep nothing".
         let keep = keep.map_or("", DeviceId::as_str);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         mark_user(&mut tx, UserMark::Sessions, user_id.as_str(), position).await?;
         for table in [
             "DELETE FROM sessions WHERE user_id = $1 AND device_id <> $2",

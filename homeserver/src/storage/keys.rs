@@ -154,7 +154,7 @@ impl KeyStore for SqlStore {
         position: i64,
     ) -> StoreResult<Result<(), KeyConflict>> {
         let (user, device) = (user_id.as_str(), device_id.as_str());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         if let Some((json, identity)) = device_keys {
             let existing = sqlx::query("SELECT json FROM device_keys WHERE user_id = $1 AND device_id = $2")
                 .bind(user)
@@ -305,7 +305,7 @@ impl KeyStore for SqlStore {
         // Two claims can pick the same key; the loser's DELETE then finds nothing and tries the
         // next key, so every key goes to exactly one claimer.
         for _ in 0..16 {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let candidate = sqlx::query(
                 "SELECT key_id FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
                  ORDER BY key_id LIMIT 1",
@@ -334,7 +334,7 @@ impl KeyStore for SqlStore {
                 return Ok(Some(ClaimedKey { id: format!("{algorithm}:{key_id}"), json }));
             }
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let fallback = sqlx::query(
             "UPDATE fallback_keys SET used = 1 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
              RETURNING key_id, json",
@@ -355,7 +355,7 @@ impl KeyStore for SqlStore {
     }
 
     async fn device_list_changed(&self, user_id: &UserId, position: i64) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         mark_user(&mut tx, UserMark::DeviceList, user_id.as_str(), position).await?;
         tx.commit().await?;
         Ok(())
@@ -382,7 +382,7 @@ impl KeyStore for SqlStore {
         messages: &[(String, String, String)],
         position: i64,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let first = sqlx::query(
             "INSERT INTO to_device_txns (user_id, device_id, txn_id, created_ts) VALUES ($1, $2, $3, $4)
              ON CONFLICT (user_id, device_id, txn_id) DO NOTHING RETURNING txn_id",
@@ -493,7 +493,7 @@ impl KeyStore for SqlStore {
         keys: &[(String, String)],
         position: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for (usage, json) in keys {
             sqlx::query(
                 "INSERT INTO cross_signing_keys (user_id, usage, json) VALUES ($1, $2, $3)
@@ -529,7 +529,7 @@ impl KeyStore for SqlStore {
                 "master",
             ),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let Some(row) = sqlx::query(select).bind(user_id.as_str()).bind(key).fetch_optional(&mut *tx).await?
         else {
             return Ok(false);
@@ -555,7 +555,7 @@ impl KeyStore for SqlStore {
         (key_id, signature): (&str, &str),
         position: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO cross_signing_signatures (signer_id, target_id, key_id, signature) VALUES ($1, $2, $3, $4)
              ON CONFLICT (signer_id, target_id, key_id) DO UPDATE SET signature = excluded.signature",

@@ -495,6 +495,17 @@ impl SqlStore {
         Ok(options.connect_with((*self.pool.connect_options()).clone()).await?)
     }
 
+    /// A transaction. On SQLite it takes the write lock as it begins (`BEGIN IMMEDIATE`): a
+    /// deferred one that reads first fails at once when it comes to write (`SQLITE_BUSY`, without
+    /// waiting out the busy timeout) if another connection wrote in between, which the server's
+    /// background writers (the stream writer's heartbeat, push evaluation) make happen.
+    pub(crate) async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
     pub(crate) fn counter_seen(&self) -> Arc<std::sync::atomic::AtomicI64> {
         self.counter_seen.clone()
     }

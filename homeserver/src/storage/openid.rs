@@ -35,7 +35,7 @@ impl OpenIdStore for SqlStore {
         expires_ts: i64,
         now: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM openid_tokens WHERE expires_ts <= $1").bind(now).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO openid_tokens (token_hash, user_id, expires_ts) VALUES ($1, $2, $3)")
             .bind(token_hash)

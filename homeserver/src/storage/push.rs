@@ -236,7 +236,7 @@ impl PushStore for SqlStore {
         exclusive: bool,
         device_id: Option<&str>,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         if exclusive {
             sqlx::query("DELETE FROM pushers WHERE app_id = $1 AND pushkey = $2 AND user_id <> $3")
                 .bind(&key.app_id)
@@ -304,7 +304,7 @@ impl PushStore for SqlStore {
         position: i64,
         notifications: &[NewNotification],
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // First, so that the row stays locked (Postgres) or the database (SQLite) until commit:
         // a worker that takes the lease over afterwards reads the new position.
         let held = sqlx::query(self.with_now(

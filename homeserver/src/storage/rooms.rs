@@ -309,7 +309,7 @@ impl RoomStore for SqlStore {
         with_extremity_json: bool,
         build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
     ) -> StoreResult<Result<StoredEvent, AppendError>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // Lock the room first: the write comes before any read, so two writers cannot both read
         // the same head (and SQLite takes its write lock up front instead of deadlocking).
         let row = sqlx::query(

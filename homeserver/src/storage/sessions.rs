@@ -60,7 +60,7 @@ impl SessionStore for SqlStore {
         position: i64,
     ) -> StoreResult<()> {
         let (user_id, device_id, now) = (session.user_id.as_str(), session.device_id.as_str(), now_ms());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // The user's mark first, as every transaction that revokes sessions takes it: revoking
         // first and marking after deadlocked on Postgres with a logout of the same device, which
         // takes them in that order (found by the sweep test). Marking a login that revoked
@@ -125,7 +125,7 @@ impl SessionStore for SqlStore {
         let Some(user) = user else {
             return Ok(None);
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         mark_user(&mut tx, UserMark::Sessions, &user, position).await?;
         let refreshed = sqlx::query(
             "UPDATE sessions SET refresh_token_hash = $2, generation = generation + 1

@@ -221,7 +221,7 @@ impl UserDataStore for SqlStore {
         position: i64,
         update: &(dyn for<'c> Fn(Option<&'c str>) -> Result<Option<String>, String> + Send + Sync),
     ) -> StoreResult<Result<bool, String>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // A write first: it locks the user's row on Postgres, and takes SQLite's write lock up
         // front, so the read below sees what the previous update wrote.
         sqlx::query("UPDATE users SET user_id = user_id WHERE user_id = $1")
