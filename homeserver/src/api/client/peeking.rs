@@ -120,10 +120,11 @@ async fn get_room_initial_sync(
         <&RoomId>::try_from(room_id).map_err(|e| Error::invalid_param(format!("not a room id: {e}")))?;
     let client_ip = crate::ruma_wrapper::client_ip(&req, state.config.listen.trust_x_forwarded_for);
     super::ephemeral::note_syncing(&state, &user.user_id, "online").await?;
-    let room = room_initial_sync(&state, &user, client_ip, room_id, query.limit()?).await?;
+    let upto = state.readable().await?;
+    let room = room_initial_sync(&state, &user, client_ip, room_id, query.limit()?, upto).await?;
     let (receipts, presence) = match room.membership {
         Some(MembershipState::Join) => {
-            (room_receipts(&state, &user, room_id).await?, room_presence(&state, room_id).await?)
+            (room_receipts(&state, &user, room_id, upto).await?, room_presence(&state, room_id).await?)
         }
         _ => (Vec::new(), Vec::new()),
     };
@@ -132,15 +133,20 @@ async fn get_room_initial_sync(
 
 /// The presence of a room's joined members, as the legacy endpoints send it.
 async fn room_presence(state: &AppState, room_id: &RoomId) -> Result<Vec<Value>> {
-    let mut presence = Vec::new();
-    for (member, membership) in state.store.members(room_id).await? {
-        if membership == "join"
-            && let Ok(member) = ruma::OwnedUserId::try_from(member)
-        {
-            presence.push(super::ephemeral::legacy_presence(state, &member));
-        }
-    }
-    Ok(presence)
+    let members = joined_members(state, room_id).await?;
+    Ok(members.iter().map(|member| super::ephemeral::legacy_presence(state, member)).collect())
+}
+
+/// A room's joined members.
+async fn joined_members(state: &AppState, room_id: &RoomId) -> Result<Vec<ruma::OwnedUserId>> {
+    Ok(state
+        .store
+        .members(room_id)
+        .await?
+        .into_iter()
+        .filter(|(_, membership)| membership == "join")
+        .filter_map(|(member, _)| ruma::OwnedUserId::try_from(member).ok())
+        .collect())
 }
 
 /// One room's initial sync: its readable state, the newest `limit` readable events, the user's
@@ -151,6 +157,7 @@ async fn room_initial_sync(
     client_ip: std::net::IpAddr,
     room_id: &RoomId,
     limit: u32,
+    upto: i64,
 ) -> Result<get_current_state::v3::Response> {
     let user = &sender.user_id;
     let rules = ReadRules::for_reader(state, room_id, user).await?;
@@ -161,7 +168,7 @@ async fn room_initial_sync(
     // The newest page, as `/messages` reads it backwards, served oldest first; none for
     // `limit=0`, which asks for the state alone.
     let messages = if limit == 0 {
-        let now = token(state.readable().await?);
+        let now = token(upto);
         let mut empty = PaginationChunk::new(Vec::new(), now.clone());
         empty.start = Some(now);
         empty
@@ -186,7 +193,6 @@ async fn room_initial_sync(
         Visibility::Private
     });
     // The user's account data for the room, its tags among it.
-    let upto = state.readable().await?;
     for change in state.store.account_data_changes(user, 0, upto).await? {
         if change.room_id.as_deref() == Some(room_id.as_str()) {
             let content: Value = serde_json::from_str(&change.content).map_err(Error::internal)?;
@@ -221,7 +227,7 @@ async fn get_initial_sync(
         match membership.as_str() {
             "invite" => rooms.push(json!({"room_id": room_id, "membership": "invite"})),
             "join" => {
-                let room_receipts = room_receipts(&state, &user, &room_id).await?;
+                let room_receipts = room_receipts(&state, &user, &room_id, upto).await?;
                 let room_presence = room_presence(&state, &room_id).await?;
                 for event in &room_presence {
                     if presence_of.insert(event["content"]["user_id"].as_str().unwrap_or_default().to_owned())
@@ -229,13 +235,13 @@ async fn get_initial_sync(
                         presence.push(event.clone());
                     }
                 }
-                let room = room_initial_sync(&state, &user, client_ip, &room_id, limit).await?;
+                let room = room_initial_sync(&state, &user, client_ip, &room_id, limit, upto).await?;
                 rooms.push(room_json(room, room_receipts.clone(), room_presence));
                 receipts.extend(room_receipts);
             }
             "leave" | "ban" if archived => {
                 // A room the user never read (an invite they rejected) has nothing to show.
-                match room_initial_sync(&state, &user, client_ip, &room_id, limit).await {
+                match room_initial_sync(&state, &user, client_ip, &room_id, limit, upto).await {
                     Ok(room) => rooms.push(room_json(room, Vec::new(), Vec::new())),
                     Err(Error::Matrix { status, .. }) if status == actix_web::http::StatusCode::FORBIDDEN => {
                     }
@@ -267,8 +273,12 @@ async fn get_initial_sync(
 
 /// A joined room's read receipts as `/sync` sends them (one `m.receipt` event), naming their
 /// room. Departed members get none: receipts are not part of what they could see.
-async fn room_receipts(state: &AppState, user: &AuthedUser, room_id: &RoomId) -> Result<Vec<Value>> {
-    let upto = state.readable().await?;
+async fn room_receipts(
+    state: &AppState,
+    user: &AuthedUser,
+    room_id: &RoomId,
+    upto: i64,
+) -> Result<Vec<Value>> {
     let mut receipts = Vec::new();
     for mut event in super::sync::ephemeral_events(state, &user.user_id, room_id, 0, upto).await? {
         if event["type"] == "m.receipt" {
@@ -441,13 +451,7 @@ async fn stream_extras(
             extras.push(event);
         }
         if state.ephemeral.any_presence_since(after, upto) {
-            for (member, membership) in state.store.members(room_id).await? {
-                if membership == "join"
-                    && let Ok(member) = ruma::OwnedUserId::try_from(member)
-                {
-                    people.insert(member);
-                }
-            }
+            people.extend(joined_members(state, room_id).await?);
         }
     }
     for (member, _) in state.ephemeral.presence_changes(people.iter().map(|u| &**u), after, upto) {
