@@ -316,12 +316,24 @@ impl RoomsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppservicesConfig {
     /// Registration files of application services (YAML), read at start-up
     /// (see [`crate::appservice`]).
     pub registration_files: Vec<String>,
+    /// A PEM file of certificates trusted besides the system's roots when calling the services
+    /// over HTTPS (a private CA). Empty: the system's roots only.
+    pub extra_ca_file: String,
+    /// How long a service may take to answer a transaction before it is sent again, in seconds
+    /// (1 to 30: a send must end well inside the 60-second claim on the service's queue).
+    pub transaction_timeout_secs: u64,
+}
+
+impl Default for AppservicesConfig {
+    fn default() -> Self {
+        Self { registration_files: Vec::new(), extra_ca_file: String::new(), transaction_timeout_secs: 30 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -350,6 +362,9 @@ pub struct PushConfig {
     /// Pushers are URLs users choose: off, a user cannot make the server call into its own
     /// network (as Synapse's `ip_range_blacklist`).
     pub allow_private_addresses: bool,
+    /// A PEM file of certificates trusted besides the system's roots when calling push gateways
+    /// (a private CA). Empty: the system's roots only.
+    pub extra_ca_file: String,
     /// Attempts at delivering one notification before it is given up on.
     pub max_attempts: u32,
     /// Wait before the first retry, in milliseconds; it doubles with each failed attempt.
@@ -366,6 +381,7 @@ impl Default for PushConfig {
     fn default() -> Self {
         Self {
             allow_private_addresses: false,
+            extra_ca_file: String::new(),
             max_attempts: 10,
             initial_backoff_ms: 1_000,
             max_backoff_secs: 3_600,
@@ -691,6 +707,9 @@ impl Config {
         self.validate_jwt_login()?;
         if !self.turn.uris.is_empty() && self.turn.shared_secret.is_empty() {
             return Err(invalid("turn.shared_secret", "needed when turn.uris is set"));
+        }
+        if !(1..=30).contains(&self.appservices.transaction_timeout_secs) {
+            return Err(invalid("appservices.transaction_timeout_secs", "must be 1 to 30"));
         }
         if self.push.max_attempts == 0 {
             return Err(invalid("push.max_attempts", "must be at least 1"));

@@ -422,6 +422,32 @@ fn typing_default_timeout<T: 'static>(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&object).ok()
 }
 
+/// Refuses a room version that is not even a version's name (`my_bad_version`) as the spec's
+/// unsupported version, as any other version Hearth does not know is: ruma's parser refuses it
+/// first, as malformed JSON.
+fn check_room_version_name<T: 'static>(body: &[u8]) -> Result<()> {
+    use ruma::api::client::room::{create_room, upgrade_room};
+    use std::any::TypeId;
+    let field = if TypeId::of::<T>() == TypeId::of::<upgrade_room::v3::Request>() {
+        "new_version"
+    } else if TypeId::of::<T>() == TypeId::of::<create_room::v3::Request>() {
+        "room_version"
+    } else {
+        return Ok(());
+    };
+    let Ok(object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
+        return Ok(());
+    };
+    match object.get(field).and_then(serde_json::Value::as_str) {
+        Some(version) if ruma::RoomVersionId::try_from(version).is_err() => Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            crate::error::ErrorKind::UnsupportedRoomVersion,
+            format!("this server does not support room version `{version}`"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses, with the error ruma means to give, bodies on which ruma's parsers panic: ruma 0.17's
 /// `LoginInfo` indexes its `type` field before checking it is there, so a `/login` body without
 /// `type` panicked the worker (and the client saw its connection dropped).
@@ -502,6 +528,7 @@ where
             let raw_body = body.clone();
             let body: &[u8] = if body.is_empty() && T::METHOD != http::Method::GET { b"{}" } else { &body };
             check_known_parser_panics::<T>(body)?;
+            check_room_version_name::<T>(body)?;
             let rewritten = legacy_password_auth(body).or_else(|| typing_default_timeout::<T>(body));
             let body = rewritten.as_deref().unwrap_or(body);
             let http_request = to_http_request(&req, body)?;

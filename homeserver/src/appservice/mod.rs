@@ -11,6 +11,7 @@
 //!   namespaces cover a user or alias that does not exist, so they can create it on demand.
 
 pub mod sender;
+pub mod thirdparty;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -184,6 +185,8 @@ pub struct Appservices {
     /// Stops the senders ([`sender`]) when the server stops.
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Third-party protocol metadata already fetched ([`thirdparty`]).
+    protocol_cache: Mutex<thirdparty::ProtocolCache>,
 }
 
 impl std::fmt::Debug for Appservices {
@@ -242,14 +245,24 @@ impl Appservices {
 
     fn new(list: Vec<Arc<Appservice>>) -> Self {
         let by_token = list.iter().map(|a| (sha256_hex(&a.registration.as_token), a.clone())).collect();
-        // Redirects would carry the hs_token elsewhere. (reqwest needs the TLS provider even for
-        // a client that speaks plain HTTP to a service on loopback.)
+        let http = Self::http_client(None).unwrap_or_else(|_| reqwest::Client::new());
+        Self {
+            list,
+            by_token,
+            http,
+            stop: tokio::sync::watch::channel(false).0,
+            tasks: Mutex::default(),
+            protocol_cache: Mutex::default(),
+        }
+    }
+
+    fn http_client(extra_ca_file: Option<&str>) -> anyhow::Result<reqwest::Client> {
+        // reqwest needs the TLS provider even for a client that speaks plain HTTP to a service
+        // on loopback.
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Self { list, by_token, http, stop: tokio::sync::watch::channel(false).0, tasks: Mutex::default() }
+        // Redirects would carry the hs_token elsewhere.
+        let builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+        Ok(crate::trust_extra_ca(builder, extra_ca_file)?.build()?)
     }
 
     /// Reads and checks every registration file the configuration names.
@@ -269,7 +282,10 @@ impl Appservices {
             })?;
             registrations.push((path.clone(), registration));
         }
-        Self::from_registrations(registrations, server_name)
+        let mut services = Self::from_registrations(registrations, server_name)?;
+        services.http = Self::http_client(Some(&config.appservices.extra_ca_file))
+            .context("appservices.extra_ca_file")?;
+        Ok(services)
     }
 
     /// Checks registrations (each with where it came from, for the messages) and compiles their
@@ -397,9 +413,7 @@ impl Appservices {
         R: OutgoingRequest<PathBuilder = SinglePath>,
         for<'a> R::Authentication: AuthScheme<Input<'a> = &'a str>,
     {
-        // Bounded per service: lookups of made-up names must not open connections without end.
-        let _permit = service.queries.acquire().await.map_err(|_| CallError::Timeout)?;
-        self.call(service, request, None, QUERY_TIMEOUT).await.map(drop)
+        self.lookup(service, request).await.map(drop)
     }
 
     /// `POST /_matrix/app/v1/ping` on the service, for its own request to be pinged: how long the

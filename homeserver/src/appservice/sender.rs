@@ -41,9 +41,6 @@ use crate::{
 
 /// How long a claim lasts, in milliseconds; renewed at every step.
 const LEASE_MS: i64 = 60_000;
-/// How long a service may take to answer a transaction: well inside the lease, so the lease
-/// cannot lapse while a send is under way.
-const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// A send starts only this soon after the claim that covers it.
 const SEND_WITHIN: Duration = Duration::from_secs(20);
 /// Most events in one transaction.
@@ -180,8 +177,11 @@ async fn deliver(
     }
     let request =
         push_events::v1::Request::new(OwnedTransactionId::from(pending.txn_id.as_str()), Vec::new());
+    // At most 30 s (`appservices.transaction_timeout_secs`): well inside the lease, so the lease
+    // cannot lapse while a send is under way.
+    let timeout = Duration::from_secs(state.config.appservices.transaction_timeout_secs);
     let sent =
-        state.appservices.call(service, request, Some(pending.body.clone().into_bytes()), SEND_TIMEOUT).await;
+        state.appservices.call(service, request, Some(pending.body.clone().into_bytes()), timeout).await;
     sent.map(drop).map_err(|error| match error {
         CallError::Status(status, body) => {
             let body: String = body.chars().take(200).collect();

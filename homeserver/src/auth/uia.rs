@@ -28,6 +28,7 @@ use serde_json::value::to_raw_value;
 
 use super::{password, tokens};
 use crate::{
+    auth::AuthedUser,
     error::{Error, ErrorKind, Result},
     state::AppState,
     storage::{UiaSessionRecord, now_ms},
@@ -74,6 +75,24 @@ pub struct UiaRequest<'a> {
     pub threepid_purpose: Option<Purpose>,
     /// Where the request came from: wrong passwords are limited per IP as well as per account.
     pub client_ip: IpAddr,
+    /// An application service acting for a user of its namespace: no stage is asked. Its users
+    /// have no password to confirm with, and the service holds their accounts (the spec says so
+    /// for deleting devices; Synapse does it for every operation).
+    pub by_appservice: bool,
+}
+
+impl<'a> UiaRequest<'a> {
+    /// An operation of a signed-in user, confirmed with their password.
+    pub fn password(operation: &'a str, user: &'a AuthedUser, client_ip: IpAddr) -> Self {
+        Self {
+            operation,
+            user: Some(&user.user_id),
+            flows: vec![vec![Stage::Password]],
+            threepid_purpose: None,
+            client_ip,
+            by_appservice: user.appservice.is_some(),
+        }
+    }
 }
 
 /// A completed flow.
@@ -123,6 +142,9 @@ async fn run(
     request: UiaRequest<'_>,
     remember: Option<Option<String>>,
 ) -> Result<UiaDone> {
+    if request.by_appservice {
+        return Ok(UiaDone::default());
+    }
     let lifetime_ms =
         i64::try_from(state.config.auth.uia_session_lifetime_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let (mut session, stored) = match auth.and_then(AuthData::session) {

@@ -287,8 +287,12 @@ async fn notification_for(
             },
         };
     let alias = state_field(state, &room_id, "m.room.canonical_alias", "", "alias").await?;
+    // The room's name as people read it: its name, or else its alias (as Synapse names it).
+    notification.room_name = match state_field(state, &room_id, "m.room.name", "", "name").await? {
+        Some(name) if !name.is_empty() => Some(name),
+        _ => alias.clone(),
+    };
     notification.room_alias = alias.and_then(|alias| OwnedRoomAliasId::try_from(alias).ok());
-    notification.room_name = state_field(state, &room_id, "m.room.name", "", "name").await?;
     notification.user_is_target =
         stored.event_type == "m.room.member" && event.state_key().as_deref() == Some(user.as_str());
     notification.content = Some(event.content().to_owned());

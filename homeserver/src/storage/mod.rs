@@ -46,7 +46,7 @@ pub use self::{
     push::{NewNotification, NotificationRecord, PushStore, PusherKey, PusherRecord, StoredUnread},
     registration_tokens::RegistrationTokenStore,
     reports::{ReportRecord, ReportStore},
-    rooms::{AppendError, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
+    rooms::{AppendError, Directory, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
     sessions::{SessionRecord, SessionStore},
     threepids::{ThreepidRecord, ThreepidSession, ThreepidStore},
     uia::{UiaSessionRecord, UiaStore},
@@ -368,6 +368,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "deployment identity",
         include_str!("../../migrations/postgres/0021_deployment_identity.sql"),
         include_str!("../../migrations/sqlite/0021_deployment_identity.sql"),
+    ),
+    (
+        22,
+        "appservice room lists",
+        include_str!("../../migrations/postgres/0022_appservice_room_lists.sql"),
+        include_str!("../../migrations/sqlite/0022_appservice_room_lists.sql"),
     ),
 ];
 

@@ -137,7 +137,8 @@ pub trait PushStore: Send + Sync {
     ) -> StoreResult<Vec<NotificationRecord>>;
     /// What a push gateway shows on the user's badge: unread notifications in the rooms they are
     /// joined to (after their read receipt, or without one after their membership event, as
-    /// Synapse counts), and how many of those are calls (`m.call.invite`).
+    /// Synapse counts) plus the invites they have not answered (as Synapse counts them too), and
+    /// how many of the notifications are calls (`m.call.invite`).
     async fn badge_counts(&self, user_id: &UserId) -> StoreResult<(u64, u64)>;
     /// Deletes notifications older than `ts`; how many went.
     async fn prune_notifications(&self, before_ts: i64) -> StoreResult<u64>;
@@ -428,7 +429,9 @@ impl PushStore for SqlStore {
 
     async fn badge_counts(&self, user_id: &UserId) -> StoreResult<(u64, u64)> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS unread, COUNT(CASE WHEN n.event_type = 'm.call.invite' THEN 1 END) AS calls
+            "SELECT COUNT(*) + (SELECT COUNT(*) FROM memberships i WHERE i.user_id = $1 AND i.membership = 'invite')
+                 AS unread,
+                 COUNT(CASE WHEN n.event_type = 'm.call.invite' THEN 1 END) AS calls
              FROM notifications n
              JOIN memberships m ON m.room_id = n.room_id AND m.user_id = n.user_id AND m.membership = 'join'
              WHERE n.user_id = $1 AND n.stream_ordering > COALESCE(

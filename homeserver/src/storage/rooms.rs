@@ -18,6 +18,17 @@ use super::{Backend, ImmutableCache, SqlStore, StoreError, StoreResult, now_ms, 
 /// `(event_type, state_key)` → event id.
 pub type StateMap = BTreeMap<(String, String), String>;
 
+/// A room directory: the server's own, or an application service's for one network.
+#[derive(Debug, Clone, Copy)]
+pub enum Directory<'a> {
+    /// Rooms listed with `PUT /directory/list/room/{roomId}`.
+    Matrix,
+    /// Rooms an application service listed for a network of its own.
+    Network { appservice_id: &'a str, network_id: &'a str },
+    /// Both: every room any directory lists.
+    All,
+}
+
 /// A room as a writer sees it, under its lock.
 #[derive(Debug, Clone)]
 pub struct RoomHead {
@@ -141,8 +152,17 @@ pub trait RoomStore: Send + Sync {
     /// suite order them), joined or invited ones, or if there are none those who left: what a
     /// client names a room without a name after (the room summary's `m.heroes`).
     async fn heroes(&self, room_id: &RoomId, user: &UserId, limit: i64) -> StoreResult<Vec<String>>;
-    /// Public rooms (room ids).
-    async fn public_rooms(&self) -> StoreResult<Vec<String>>;
+    /// The rooms listed in a directory (room ids), oldest first.
+    async fn public_rooms(&self, directory: Directory<'_>) -> StoreResult<Vec<String>>;
+    /// Lists a room in, or takes it out of, an application service's directory for one of its
+    /// networks.
+    async fn set_appservice_room_listed(
+        &self,
+        appservice_id: &str,
+        network_id: &str,
+        room_id: &RoomId,
+        listed: bool,
+    ) -> StoreResult<()>;
     /// Creates an alias; `false` if it exists.
     async fn create_alias(&self, alias: &str, room_id: &RoomId, creator: &UserId) -> StoreResult<bool>;
     /// (room id, creator) of an alias.
@@ -692,13 +712,45 @@ impl RoomStore for SqlStore {
         Ok(Vec::new())
     }
 
-    async fn public_rooms(&self) -> StoreResult<Vec<String>> {
-        sqlx::query("SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY created_ts")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| r.try_get("room_id").map_err(Into::into))
-            .collect()
+    async fn public_rooms(&self, directory: Directory<'_>) -> StoreResult<Vec<String>> {
+        let query = match directory {
+            Directory::Matrix => {
+                sqlx::query("SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY created_ts")
+            }
+            Directory::Network { appservice_id, network_id } => sqlx::query(
+                "SELECT r.room_id FROM appservice_room_lists l JOIN rooms r ON r.room_id = l.room_id \
+                 WHERE l.appservice_id = $1 AND l.network_id = $2 ORDER BY r.created_ts",
+            )
+            .bind(appservice_id)
+            .bind(network_id),
+            Directory::All => sqlx::query(
+                "SELECT room_id FROM rooms WHERE is_public = 1 \
+                 OR room_id IN (SELECT room_id FROM appservice_room_lists) ORDER BY created_ts",
+            ),
+        };
+        query.fetch_all(&self.pool).await?.iter().map(|r| r.try_get("room_id").map_err(Into::into)).collect()
+    }
+
+    async fn set_appservice_room_listed(
+        &self,
+        appservice_id: &str,
+        network_id: &str,
+        room_id: &RoomId,
+        listed: bool,
+    ) -> StoreResult<()> {
+        let sql = if listed {
+            "INSERT INTO appservice_room_lists (appservice_id, network_id, room_id) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING"
+        } else {
+            "DELETE FROM appservice_room_lists WHERE appservice_id = $1 AND network_id = $2 AND room_id = $3"
+        };
+        sqlx::query(sql)
+            .bind(appservice_id)
+            .bind(network_id)
+            .bind(room_id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn stream_events(&self, after: i64, upto: i64, limit: i64) -> StoreResult<Vec<StreamEvent>> {

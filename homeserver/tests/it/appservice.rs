@@ -18,7 +18,10 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use homeserver::config::Config;
 use serde_json::{Value, json};
 
-use crate::common::{Db, Session, TestDb, TestServer, assert_error};
+use crate::{
+    common::{Db, Session, TestDb, TestServer, assert_error},
+    tls::TestCa,
+};
 
 const PW: &str = "correct horse battery";
 const ID: &str = "bridge";
@@ -65,6 +68,8 @@ struct AsState {
     /// How long each transaction takes to answer, in milliseconds.
     slow_ms: AtomicU64,
     seen: Mutex<Seen>,
+    /// Set: the service speaks HTTPS.
+    tls: Option<rustls::ServerConfig>,
 }
 
 impl AsState {
@@ -148,6 +153,44 @@ async fn transaction(
     if accepted { HttpResponse::Ok().json(json!({})) } else { HttpResponse::InternalServerError().finish() }
 }
 
+/// `GET /_matrix/app/v1/thirdparty/{kind}[/{protocol}]`: the bridge's protocol ("bridge"),
+/// described as bridges describe theirs (an instance without `fields`), and lookups that answer
+/// with what they were asked, beside an entry that is not a user or location at all.
+async fn thirdparty(request: HttpRequest, state: web::Data<Arc<AsState>>) -> HttpResponse {
+    if !state.authorised(&request) {
+        return forbidden();
+    }
+    let path = request.path().trim_start_matches("/_matrix/app/v1/thirdparty/").to_owned();
+    let query: Value = serde_json::to_value(
+        web::Query::<std::collections::BTreeMap<String, String>>::from_query(request.query_string())
+            .map(web::Query::into_inner)
+            .unwrap_or_default(),
+    )
+    .unwrap();
+    state.seen().queries.push(format!("thirdparty/{path}?{}", request.query_string()));
+    let broken = json!({"protocol": "bridge", "fields": "not an object"});
+    match path.as_str() {
+        "protocol/bridge" => HttpResponse::Ok().json(json!({
+            "user_fields": ["nick"], "location_fields": ["channel"], "icon": "mxc://localhost/icon",
+            "field_types": {},
+            "instances": [{"desc": "Main network", "network_id": "main"}, {"desc": "No network id"}],
+        })),
+        "user/bridge" => HttpResponse::Ok().json(json!([
+            {"userid": "@_bridge_nick:localhost", "protocol": "bridge", "fields": query}, broken,
+        ])),
+        "location/bridge" => HttpResponse::Ok().json(json!([
+            {"alias": "#_bridge_chan:localhost", "protocol": "bridge", "fields": query}, broken,
+        ])),
+        "user" => HttpResponse::Ok().json(json!([
+            {"userid": query["userid"], "protocol": "bridge", "fields": {"nick": "found"}},
+        ])),
+        "location" => HttpResponse::Ok().json(json!([
+            {"alias": query["alias"], "protocol": "bridge", "fields": {"channel": "found"}},
+        ])),
+        _ => not_found(),
+    }
+}
+
 /// `GET /_matrix/app/v1/users/{userId}`: users named `@_bridge_auto…` are created on demand.
 async fn query_user(
     request: HttpRequest,
@@ -222,6 +265,15 @@ struct FakeAppservice {
 
 impl FakeAppservice {
     async fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A service that speaks HTTPS, with a certificate from `ca`.
+    async fn start_tls(ca: &TestCa) -> Self {
+        Self::start_with(Some(ca.server_config()))
+    }
+
+    fn start_with(tls: Option<rustls::ServerConfig>) -> Self {
         let state = Arc::new(AsState {
             as_token: format!("as_{}", homeserver::auth::tokens::random_token(16)),
             hs_token: format!("hs_{}", homeserver::auth::tokens::random_token(16)),
@@ -229,6 +281,7 @@ impl FakeAppservice {
             mode: AtomicU8::new(Mode::Accept as u8),
             slow_ms: AtomicU64::new(0),
             seen: Mutex::new(Seen::default()),
+            tls,
         });
         Self::serve(TcpListener::bind("127.0.0.1:0").unwrap(), state)
     }
@@ -243,10 +296,14 @@ impl FakeAppservice {
                 .route("/_matrix/app/v1/users/{user_id}", web::get().to(query_user))
                 .route("/_matrix/app/v1/rooms/{alias}", web::get().to(query_alias))
                 .route("/_matrix/app/v1/ping", web::post().to(ping))
+                .route("/_matrix/app/v1/thirdparty/{tail:.*}", web::get().to(thirdparty))
         })
         .workers(2)
-        .disable_signals()
-        .listen(listener)
+        .disable_signals();
+        let server = match state.tls.clone() {
+            Some(tls) => server.listen_rustls_0_23(listener, tls),
+            None => server.listen(listener),
+        }
         .unwrap()
         .run();
         let handle = server.handle();
@@ -286,7 +343,7 @@ impl FakeAppservice {
         let yaml = format!(
             r##"# A bridge, as the bridges write their registration files.
 id: {ID}
-url: "http://127.0.0.1:{port}"
+url: "{scheme}://127.0.0.1:{port}"
 as_token: "{as_token}"
 hs_token: "{hs_token}"
 sender_localpart: _bridge_bot
@@ -301,6 +358,7 @@ namespaces:
 rate_limited: false
 protocols: ["bridge"]
 "##,
+            scheme = if self.state.tls.is_some() { "https" } else { "http" },
             port = self.port,
             as_token = self.state.as_token,
             hs_token = self.state.hs_token,
@@ -531,13 +589,18 @@ crate::on_both_backends! {
             400,
             "M_EXCLUSIVE",
         );
-        // The service itself may; an alias outside its namespaces it may not.
-        let (status, body) = server.post(&format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), Some(&mallory.token), json!({"user_id": SENDER})).await;
-        assert_eq!(status, 200, "{body}");
-        let (status, body) = server.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), Some(service.token()), json!({})).await;
-        assert_eq!(status, 200, "{body}");
+        // The service itself may, for a room it is not in (as Synapse lets it); an alias outside
+        // its namespaces it may not, nor one for a room that does not exist.
         let (status, body) = server.request("PUT", &alias, Some(service.token()), Some(json!({"room_id": room}))).await;
         assert_eq!(status, 200, "{body}");
+        let (status, found) = server.get(&alias, Some(&mallory.token)).await;
+        assert_eq!((status, found["room_id"].as_str()), (200, Some(room.as_str())), "{found}");
+        let nowhere = format!("/_matrix/client/v3/directory/room/{}", enc("#_bridge_nowhere:localhost"));
+        assert_error(
+            &server.request("PUT", &nowhere, Some(service.token()), Some(json!({"room_id": "!missing:localhost"}))).await,
+            404,
+            "M_NOT_FOUND",
+        );
         let other = format!("/_matrix/client/v3/directory/room/{}", enc("#elsewhere:localhost"));
         assert_error(
             &server.request("PUT", &other, Some(service.token()), Some(json!({"room_id": room}))).await,
@@ -576,6 +639,130 @@ crate::on_both_backends! {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(service.accepted_messages(), expected);
         service.assert_clean();
+        server.stop().await;
+    }
+
+    async fn transactions_reach_an_appservice_behind_a_private_ca_when_hearth_trusts_that_ca(db: Db) {
+        let ca = TestCa::new();
+        let service = FakeAppservice::start_tls(&ca).await;
+        let server = TestServer::start_with(db, |c| {
+            service.configure(c);
+            c.appservices.extra_ca_file = ca.ca_file();
+        })
+        .await;
+        service.set_hearth(&server);
+        let alice = server.register("alice", PW).await;
+        let room = bridged_room(&server, &service, &alice).await;
+        send(&server, &alice.token, &room, "over-tls").await;
+        service.wait_for_messages(&["over-tls"]).await;
+        service.assert_clean();
+        server.stop().await;
+        service.stop().await;
+    }
+
+    async fn third_party_lookups_are_answered_by_the_bridging_service(db: Db) {
+        let (server, service) = start(db).await;
+        let alice = server.register("alice", PW).await;
+        let get = |path: String| {
+            let server = &server;
+            let token = alice.token.clone();
+            async move { server.get(&path, Some(&token)).await }
+        };
+        // The protocol as the bridge describes it, with an instance id for the instance that has
+        // a network, asked once and then remembered.
+        let (status, protocols) = get("/_matrix/client/v3/thirdparty/protocols".into()).await;
+        assert_eq!(status, 200, "{protocols}");
+        let instances = protocols["bridge"]["instances"].as_array().unwrap();
+        assert_eq!(instances[0], json!({"desc": "Main network", "network_id": "main", "instance_id": "bridge|main"}));
+        assert_eq!(instances[1], json!({"desc": "No network id"}), "passed through as the bridge sent it");
+        assert_eq!(protocols["bridge"]["user_fields"], json!(["nick"]));
+        let (status, one) = get("/_matrix/client/v3/thirdparty/protocol/bridge".into()).await;
+        assert_eq!((status, &one), (200, &protocols["bridge"]));
+        assert_error(&get("/_matrix/client/v3/thirdparty/protocol/irc".into()).await, 404, "M_NOT_FOUND");
+        let asked = |what: &str| service.state.seen().queries.iter().filter(|q| q.starts_with(what)).count();
+        assert_eq!(asked("thirdparty/protocol/bridge"), 1, "the metadata is cached");
+
+        // Lookups carry the client's fields, not its token; entries that are not users or
+        // locations are dropped.
+        let (status, users) = get("/_matrix/client/v3/thirdparty/user/bridge?nick=bob&access_token=x".into()).await;
+        assert_eq!(status, 200, "{users}");
+        assert_eq!(users, json!([{"userid": "@_bridge_nick:localhost", "protocol": "bridge", "fields": {"nick": "bob"}}]));
+        let (status, locations) = get("/_matrix/client/v3/thirdparty/location/bridge?channel=rust".into()).await;
+        assert_eq!(status, 200, "{locations}");
+        assert_eq!(locations, json!([{"alias": "#_bridge_chan:localhost", "protocol": "bridge", "fields": {"channel": "rust"}}]));
+        // A protocol no service bridges asks nobody.
+        assert_eq!(get("/_matrix/client/v3/thirdparty/user/irc?nick=bob".into()).await, (200, json!([])));
+        // Reverse lookups.
+        let (status, users) = get(format!("/_matrix/client/v3/thirdparty/user?userid={}", enc("@_bridge_x:localhost"))).await;
+        assert_eq!((status, users[0]["userid"].as_str()), (200, Some("@_bridge_x:localhost")), "{users}");
+        let (status, locations) = get(format!("/_matrix/client/v3/thirdparty/location?alias={}", enc("#_bridge_y:localhost"))).await;
+        assert_eq!((status, locations[0]["alias"].as_str()), (200, Some("#_bridge_y:localhost")), "{locations}");
+        assert_error(&get("/_matrix/client/v3/thirdparty/user?userid=nobody".into()).await, 400, "M_INVALID_PARAM");
+        assert_error(&server.get("/_matrix/client/v3/thirdparty/protocols", None).await, 401, "M_MISSING_TOKEN");
+        let queries = service.state.seen().queries.clone();
+        assert!(queries.iter().all(|q| !q.contains("access_token")), "{queries:?}");
+        service.assert_clean();
+        server.stop().await;
+    }
+
+    async fn the_appservice_lists_rooms_in_its_own_directory_apart_from_the_main_one(db: Db) {
+        let (server, service) = start(db).await;
+        let alice = server.register("alice", PW).await;
+        let room = create_room(&server, &alice.token, json!({"preset": "public_chat", "name": "Bridged"})).await;
+        let list = format!("/_matrix/client/v3/directory/list/appservice/main/{}", enc(&room));
+        let listed = |body: Value| {
+            let server = &server;
+            let token = alice.token.clone();
+            async move {
+                let (status, page) = server.post("/_matrix/client/v3/publicRooms", Some(&token), body).await;
+                assert_eq!(status, 200, "{page}");
+                page["chunk"].as_array().unwrap().iter().map(|r| r["room_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+            }
+        };
+        let (status, body) = server.request("PUT", &list, Some(service.token()), Some(json!({"visibility": "public"}))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(listed(json!({})).await, Vec::<String>::new(), "not in the server's own directory");
+        assert_eq!(listed(json!({"third_party_instance_id": "bridge|main"})).await, vec![room.clone()]);
+        assert_eq!(listed(json!({"third_party_instance_id": "bridge|other"})).await, Vec::<String>::new());
+        assert_eq!(listed(json!({"include_all_networks": true})).await, vec![room.clone()]);
+        // Listed in the main directory too, it shows once in the whole list.
+        let main = format!("/_matrix/client/v3/directory/list/room/{}", enc(&room));
+        assert_eq!(server.request("PUT", &main, Some(&alice.token), Some(json!({"visibility": "public"}))).await.0, 200);
+        assert_eq!(listed(json!({"include_all_networks": true})).await, vec![room.clone()]);
+        // Taken out with DELETE, or with PUT `private`.
+        assert_eq!(server.request("DELETE", &list, Some(service.token()), None).await.0, 200);
+        assert_eq!(listed(json!({"third_party_instance_id": "bridge|main"})).await, Vec::<String>::new());
+        assert_eq!(server.request("PUT", &list, Some(service.token()), Some(json!({"visibility": "public"}))).await.0, 200);
+        assert_eq!(server.request("PUT", &list, Some(service.token()), Some(json!({"visibility": "private"}))).await.0, 200);
+        assert_eq!(listed(json!({"third_party_instance_id": "bridge|main"})).await, Vec::<String>::new());
+        // Only services edit their directories; bad input is refused.
+        let public = Some(json!({"visibility": "public"}));
+        assert_error(&server.request("PUT", &list, Some(&alice.token), public.clone()).await, 403, "M_FORBIDDEN");
+        assert_error(&server.request("DELETE", &list, Some(&alice.token), None).await, 403, "M_FORBIDDEN");
+        assert_error(&server.request("PUT", &list, None, public.clone()).await, 401, "M_MISSING_TOKEN");
+        let nowhere = format!("/_matrix/client/v3/directory/list/appservice/main/{}", enc("!nowhere:localhost"));
+        assert_error(&server.request("PUT", &nowhere, Some(service.token()), public.clone()).await, 404, "M_NOT_FOUND");
+        let piped = format!("/_matrix/client/v3/directory/list/appservice/a%7Cb/{}", enc(&room));
+        assert_error(&server.request("PUT", &piped, Some(service.token()), public).await, 400, "M_INVALID_PARAM");
+        let (status, page) = server.post("/_matrix/client/v3/publicRooms", Some(&alice.token), json!({"third_party_instance_id": "nopipe"})).await;
+        assert_error(&(status, page), 400, "M_INVALID_PARAM");
+        server.stop().await;
+    }
+
+    async fn the_appservice_deactivates_its_users_without_being_asked_for_a_password(db: Db) {
+        let (server, service) = start(db).await;
+        let bridged = register_bridged(&server, &service, "_bridge_gone").await;
+        let deactivate = as_user("/_matrix/client/v3/account/deactivate", &bridged);
+        let (status, body) = server.post(&deactivate, Some(service.token()), json!({})).await;
+        assert_eq!(status, 200, "{body}");
+        let login = json!({"type": "m.login.application_service", "identifier": {"type": "m.id.user", "user": bridged}});
+        let (status, body) = server.post("/_matrix/client/v3/login", Some(service.token()), login).await;
+        assert_eq!((status, body["errcode"].as_str()), (403, Some("M_USER_DEACTIVATED")), "{body}");
+        // People are still asked.
+        let alice = server.register("alice", PW).await;
+        let (status, body) = server.post("/_matrix/client/v3/account/deactivate", Some(&alice.token), json!({})).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body["flows"].is_array(), "{body}");
         server.stop().await;
     }
 

@@ -58,6 +58,16 @@ crate::on_both_backends! {
         assert_error(&server.request("PUT", &path, Some(&bob.token), Some(json!({"displayname": "x"}))).await, 403, "M_FORBIDDEN");
         assert_error(&server.request("PUT", &path, Some(&alice.token), Some(json!({"displayname": "x".repeat(300)}))).await, 400, "M_INVALID_PARAM");
         assert_error(&server.get("/_matrix/client/v3/profile/%40nobody%3Alocalhost", None).await, 404, "M_NOT_FOUND");
+        // Avatars are kept as set, mxc:// or not (as Synapse), up to 1000 bytes.
+        let avatar = format!("/_matrix/client/v3/profile/{}/avatar_url", enc(&alice.user_id));
+        for url in ["mxc://localhost/abc", "https://example.org/pic.png", "LemurLover"] {
+            assert_eq!(server.request("PUT", &avatar, Some(&alice.token), Some(json!({"avatar_url": url}))).await.0, 200);
+            assert_eq!(server.get(&avatar, None).await.1["avatar_url"], url);
+        }
+        let long = format!("https://example.org/{}", "p".repeat(1000));
+        let set = server.request("PUT", &avatar, Some(&alice.token), Some(json!({"avatar_url": long}))).await;
+        assert_error(&set, 400, "M_INVALID_PARAM");
+        let since = sync(&server, &bob, Some(&since)).await["next_batch"].as_str().unwrap().to_owned();
 
         // Typing.
         let typing = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&alice.user_id));

@@ -28,3 +28,4 @@ mod stream;
 mod sweep;
 mod sync_shape;
 mod threepid;
+mod tls;

@@ -14,7 +14,10 @@ use std::{
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 
-use crate::common::{Db, Session, TestDb, TestServer, assert_error};
+use crate::{
+    common::{Db, Session, TestDb, TestServer, assert_error},
+    tls::TestCa,
+};
 
 const PW: &str = "correct horse battery";
 const V3: &str = "/_matrix/client/v3";
@@ -64,7 +67,9 @@ fn spec_problems(body: &Value) -> Vec<String> {
         problem("no `notification` object".into());
         return problems;
     };
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 14] = [
+        "id",
+        "membership",
         "event_id",
         "room_id",
         "type",
@@ -84,6 +89,21 @@ fn spec_problems(body: &Value) -> Vec<String> {
         }
     }
     let about_event = n.contains_key("event_id");
+    // `id`: the legacy name of `event_id`, sent beside it as Synapse does, never in
+    // `event_id_only` notifications (those have no `type`).
+    if n.contains_key("id") && (n.get("id") != n.get("event_id") || !n.contains_key("type")) {
+        problem("`id` that is not a full notification's `event_id`".into());
+    }
+    if n.contains_key("type") && about_event && !n.contains_key("id") {
+        problem("a full notification without the legacy `id`".into());
+    }
+    // `membership`: a member event's, beside its content, as Synapse sends it.
+    if n.get("membership").is_some_and(|m| {
+        n.get("type") != Some(&"m.room.member".into())
+            || Some(m) != n.get("content").and_then(|c| c.get("membership"))
+    }) {
+        problem("`membership` that is not a member event's".into());
+    }
     if about_event && !n.contains_key("room_id") {
         problem("an event's notification without room_id".into());
     }
@@ -165,13 +185,12 @@ fn spec_problems(body: &Value) -> Vec<String> {
                 {
                     problem("pushkey_ts is not a timestamp in seconds".into());
                 }
-                if let Some(data) = device.get("data") {
-                    if !data.is_object() {
-                        problem("device data is not an object".into());
-                    }
-                    if data.get("url").is_some() {
-                        problem("device data still has `url`".into());
-                    }
+                // Synapse always sends `data`, empty or not; so does Hearth.
+                match device.get("data") {
+                    None => problem("a device without `data`".into()),
+                    Some(data) if !data.is_object() => problem("device data is not an object".into()),
+                    Some(data) if data.get("url").is_some() => problem("device data still has `url`".into()),
+                    Some(_) => {}
                 }
                 if let Some(tweaks) = device.get("tweaks") {
                     match tweaks.as_object() {
@@ -237,6 +256,15 @@ async fn notify(request: HttpRequest, body: web::Bytes, state: web::Data<Arc<Gat
 
 impl Gateway {
     pub(crate) async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// A gateway that speaks HTTPS, with a certificate from `ca`.
+    async fn start_tls(ca: &TestCa) -> Self {
+        Self::serve(Some(ca.server_config())).await
+    }
+
+    async fn serve(tls: Option<rustls::ServerConfig>) -> Self {
         let state = Arc::new(GatewayState::default());
         let data = web::Data::new(state.clone());
         let server = HttpServer::new(move || {
@@ -248,14 +276,18 @@ impl Gateway {
                 }))
         })
         .workers(1)
-        .disable_signals()
-        .bind("127.0.0.1:0")
+        .disable_signals();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server = match tls {
+            Some(tls) => server.bind_rustls_0_23("127.0.0.1:0", tls),
+            None => server.bind("127.0.0.1:0"),
+        }
         .unwrap();
         let addr = server.addrs()[0];
         let server = server.run();
         let handle = server.handle();
         tokio::spawn(server);
-        Self { url: format!("http://{addr}/_matrix/push/v1/notify"), state, handle }
+        Self { url: format!("{scheme}://{addr}/_matrix/push/v1/notify"), state, handle }
     }
 
     /// Every request so far (the spec problems are checked on each call).
@@ -449,8 +481,10 @@ crate::on_both_backends! {
         let invite = invite.iter().find(|n| n["type"] == "m.room.member").unwrap();
         assert_eq!(invite["user_is_target"], true, "{invite}");
         assert_eq!(invite["content"]["membership"], "invite");
+        assert_eq!(invite["membership"], "invite", "as Synapse sends it: {invite}");
         assert_eq!((invite["room_id"].as_str(), invite["sender"].as_str()), (Some(room.as_str()), Some(bob.user_id.as_str())));
-        assert!(invite.get("counts").is_none(), "nothing unread in a room not joined: {invite}");
+        assert_eq!(invite["counts"], json!({"unread": 1}), "the invite counts on the badge, as in Synapse: {invite}");
+        assert_eq!(invite["id"], invite["event_id"], "the legacy id beside the event id: {invite}");
         let (status, joined) = server.post(&format!("{V3}/rooms/{}/join", enc(&room)), Some(&alice.token), json!({})).await;
         assert_eq!(status, 200, "{joined}");
 
@@ -971,6 +1005,53 @@ crate::on_both_backends! {
         assert_eq!(gateway.received(), Vec::<Value>::new());
         strict.stop().await;
         gateway.stop().await;
+    }
+
+    async fn a_gateway_behind_a_private_ca_is_reached_when_push_trusts_that_ca(db: Db) {
+        let ca = TestCa::new();
+        let gateway = Gateway::start_tls(&ca).await;
+        assert!(gateway.url.starts_with("https://127.0.0.1:"), "{}", gateway.url);
+        let server = TestServer::start_with(db, |config| {
+            config.push.allow_private_addresses = true;
+            config.push.initial_backoff_ms = 100;
+            config.push.extra_ca_file = ca.ca_file();
+        })
+        .await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        set_pusher(&server, &alice, pusher_body(&gateway.url, "alice-phone", json!({}))).await;
+        let room = room_with(&server, &bob, &[&alice], json!({"room_alias_name": "tls"})).await;
+        let message = say(&server, &bob, &room, text("over TLS")).await;
+        let notification = gateway.notification_for(&message).await;
+        assert_eq!(notification["devices"][0]["pushkey"], "alice-phone", "{notification}");
+        assert_eq!(notification["devices"][0]["data"], json!({}), "data, even empty: {notification}");
+        // A room without a name is named by its alias.
+        assert_eq!(notification["room_name"], "#tls:localhost", "{notification}");
+        server.stop().await;
+        gateway.stop().await;
+    }
+
+    async fn an_extra_ca_file_that_is_missing_or_holds_no_certificate_stops_the_server(db: Db) {
+        let test_db = TestDb::new(db).await;
+        let empty = test_db.dir.join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let missing = test_db.dir.join("missing.pem");
+        for file in [&empty, &missing] {
+            for setting in ["push.extra_ca_file", "appservices.extra_ca_file"] {
+                let mut config = crate::common::test_config(&test_db);
+                let path = file.display().to_string();
+                match setting {
+                    "push.extra_ca_file" => config.push.extra_ca_file = path.clone(),
+                    _ => config.appservices.extra_ca_file = path.clone(),
+                }
+                let error = match homeserver::server::start(config).await {
+                    Ok(_) => panic!("{setting} = {path}: the server started"),
+                    Err(error) => format!("{error:#}"),
+                };
+                assert!(error.contains(setting) && error.contains(&path), "{setting}: {error}");
+            }
+        }
+        test_db.remove().await;
     }
 
     async fn two_workers_deliver_each_notification_once(db: Db) {

@@ -58,14 +58,7 @@ async fn change_password(
     check_new_password(&state, &body.new_password)?;
     let (user_id, keep_device) = match &request.sender {
         Some(user) => {
-            let flows = vec![vec![Stage::Password]];
-            let operation = UiaRequest {
-                operation: "change_password",
-                user: Some(&user.user_id),
-                flows,
-                threepid_purpose: None,
-                client_ip: request.client_ip,
-            };
+            let operation = UiaRequest::password("change_password", user, request.client_ip);
             uia::authenticate(&state, body.auth.as_ref(), operation).await?;
             (user.user_id.clone(), Some(user.device_id.clone()))
         }
@@ -80,6 +73,7 @@ async fn change_password(
                 flows,
                 threepid_purpose: Some(Purpose::Reset),
                 client_ip: request.client_ip,
+                by_appservice: false,
             };
             let done = uia::authenticate(&state, body.auth.as_ref(), operation).await?;
             let sid =
@@ -128,13 +122,7 @@ async fn deactivate(
     // Optional by the spec for servers that can identify the user from UIA alone; Hearth asks
     // for the account's password, so it needs to know whose.
     let user = request.sender.as_ref().ok_or_else(Error::missing_token)?;
-    let operation = UiaRequest {
-        operation: "deactivate",
-        user: Some(&user.user_id),
-        flows: vec![vec![Stage::Password]],
-        threepid_purpose: None,
-        client_ip: request.client_ip,
-    };
+    let operation = UiaRequest::password("deactivate", user, request.client_ip);
     uia::authenticate(&state, request.body.auth.as_ref(), operation).await?;
     if request.body.erase {
         // The profile goes while the account can still send: its member events lose the name

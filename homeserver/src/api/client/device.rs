@@ -9,7 +9,7 @@ use ruma::{
 use crate::{
     auth::{
         AuthedUser, tokens,
-        uia::{self, Stage, UiaRequest},
+        uia::{self, UiaRequest},
     },
     error::{Error, Result},
     ruma_wrapper::{Router, Ruma},
@@ -121,28 +121,11 @@ async fn authorize_deletion(
     auth: Option<&ruma::api::client::uiaa::AuthData>,
     client_ip: std::net::IpAddr,
 ) -> Result<()> {
-    if user.appservice.is_some() {
-        // The spec (1.17): an application service manages its users' devices without UIA (they
-        // have no password to confirm with).
-        return Ok(());
-    }
     // The operation names the devices, so a session approved for one set cannot delete another.
     let mut names: Vec<&str> = devices.iter().map(|d| d.as_str()).collect();
     names.sort_unstable();
     let operation = format!("delete_devices:{}", tokens::sha256_hex(&names.join("\n")));
-    uia::authenticate(
-        state,
-        auth,
-        UiaRequest {
-            operation: &operation,
-            user: Some(&user.user_id),
-            flows: vec![vec![Stage::Password]],
-            threepid_purpose: None,
-            client_ip,
-        },
-    )
-    .await
-    .map(drop)
+    uia::authenticate(state, auth, UiaRequest::password(&operation, user, client_ip)).await.map(drop)
 }
 
 /// DELETE /_matrix/client/v3/devices/{deviceId}

@@ -15,7 +15,7 @@ use ruma::{
         user_directory::search_users,
         voip::get_turn_server_info,
     },
-    directory::{PublicRoomsChunk, PublicRoomsChunkInit},
+    directory::{PublicRoomsChunk, PublicRoomsChunkInit, RoomNetwork},
     room::JoinRuleKind,
 };
 
@@ -24,6 +24,7 @@ use crate::{
     rooms::{self, client_event::ClientEvent},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
+    storage::Directory,
 };
 
 /// Most rooms or users one directory page returns.
@@ -109,7 +110,13 @@ async fn create_alias(
     {
         return Err(exclusive("that alias is outside the application service's alias namespaces"));
     }
-    rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
+    // A service points the aliases of its namespace at any room (as in Synapse: it answers alias
+    // queries for rooms it has not joined); a user only at a room they are in.
+    if request.sender.appservice.is_some() {
+        rooms::room_version(&state, &body.room_id).await?;
+    } else {
+        rooms::require_joined(&state, &body.room_id, &request.sender.user_id).await?;
+    }
     add_alias(&state, &body.room_alias, &body.room_id, &request.sender.user_id).await?;
     Ok(create_alias::v3::Response::new())
 }
@@ -241,6 +248,7 @@ async fn chunk(state: &AppState, room_id: &ruma::RoomId) -> Result<PublicRoomsCh
 /// One page of the directory: rooms matching `term`, from offset `since` (`p<n>`).
 async fn directory_page(
     state: &AppState,
+    directory: Directory<'_>,
     limit: Option<UInt>,
     since: Option<&str>,
     term: Option<&str>,
@@ -256,7 +264,7 @@ async fn directory_page(
         limit.map_or(MAX_PAGE, |l| usize::try_from(u64::from(l)).unwrap_or(MAX_PAGE)).clamp(1, MAX_PAGE);
     let term = term.map(str::to_lowercase).filter(|t| !t.is_empty());
     let mut all = Vec::new();
-    for room in state.store.public_rooms().await? {
+    for room in state.store.public_rooms(directory).await? {
         let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
         let chunk = chunk(state, &room_id).await?;
         let matches = term.as_ref().is_none_or(|term| {
@@ -286,7 +294,8 @@ async fn public_rooms(
     request: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<get_public_rooms::v3::Response> {
     let body = &request.body;
-    let (chunk, next, prev, total) = directory_page(&state, body.limit, body.since.as_deref(), None).await?;
+    let (chunk, next, prev, total) =
+        directory_page(&state, Directory::Matrix, body.limit, body.since.as_deref(), None).await?;
     let mut response = get_public_rooms::v3::Response::new(chunk);
     response.next_batch = next;
     response.prev_batch = prev;
@@ -301,7 +310,20 @@ async fn public_rooms_filtered(
 ) -> Result<get_public_rooms_filtered::v3::Response> {
     let body = &request.body;
     let term = body.filter.generic_search_term.as_deref();
-    let (chunk, next, prev, total) = directory_page(&state, body.limit, body.since.as_deref(), term).await?;
+    let directory = match &body.room_network {
+        RoomNetwork::Matrix => Directory::Matrix,
+        RoomNetwork::All => Directory::All,
+        // What `/thirdparty/protocols` gives as an instance's `instance_id`.
+        RoomNetwork::ThirdParty(instance) => {
+            let (appservice_id, network_id) = instance.split_once('|').ok_or_else(|| {
+                Error::invalid_param("third_party_instance_id is not an instance id this server gave")
+            })?;
+            Directory::Network { appservice_id, network_id }
+        }
+        _ => Directory::Matrix,
+    };
+    let (chunk, next, prev, total) =
+        directory_page(&state, directory, body.limit, body.since.as_deref(), term).await?;
     let mut response = get_public_rooms_filtered::v3::Response::new();
     response.chunk = chunk;
     response.next_batch = next;

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 use super::room::parse_token;
 use crate::{
-    auth::uia::{self, Stage, UiaRequest},
+    auth::uia::{self, UiaRequest},
     error::{Error, ErrorKind, Result},
     rooms::{
         self,
@@ -377,13 +377,7 @@ async fn upload_signing_keys(
     let stored: BTreeMap<String, String> = state.store.cross_signing_keys(user).await?.into_iter().collect();
     // The first keys need no password (there is nothing to protect yet); replacing them does.
     if stored.contains_key("master") {
-        let operation = UiaRequest {
-            operation: "cross_signing_upload",
-            user: Some(user),
-            flows: vec![vec![Stage::Password]],
-            threepid_purpose: None,
-            client_ip: request.client_ip,
-        };
+        let operation = UiaRequest::password("cross_signing_upload", &request.sender, request.client_ip);
         uia::authenticate(&state, body.auth.as_ref(), operation).await?;
     }
     let mut keys = Vec::new();

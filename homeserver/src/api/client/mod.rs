@@ -20,6 +20,7 @@ mod session;
 mod sync;
 mod sync_wire;
 mod tags;
+mod thirdparty;
 mod threepid;
 mod to_device;
 mod upgrade;
@@ -29,6 +30,14 @@ use actix_web::{HttpResponse, web};
 use http::Method;
 
 use crate::ruma_wrapper::Router;
+
+/// A ruma response as the JSON ruma writes, for endpoints that answer in a shape beyond ruma's
+/// types (keys Synapse writes as `null` where ruma leaves them out, and the like).
+fn response_json<R: ruma::api::OutgoingResponse>(response: R) -> crate::error::Result<serde_json::Value> {
+    use ruma::api::OutgoingResponseExt;
+    let http = response.try_into_http_response::<Vec<u8>>().map_err(crate::error::Error::internal)?;
+    serde_json::from_slice(http.body()).map_err(crate::error::Error::internal)
+}
 
 /// Every client-server endpoint Hearth serves.
 pub fn router() -> Router {
@@ -56,6 +65,7 @@ pub fn router() -> Router {
     openid::routes(&mut router);
     admin::routes(&mut router);
     appservice::routes(&mut router);
+    thirdparty::routes(&mut router);
     router
 }
 

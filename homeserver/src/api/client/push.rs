@@ -73,7 +73,7 @@ pub(super) fn routes(router: &mut Router) {
         .add(set_actions)
         .add(get_pushers)
         .add(set_pusher)
-        .add(get_notifications);
+        .add_responding(get_notifications);
     for prefix in RULE_PREFIXES {
         router.fallback(prefix, || web::route().to(malformed_rule_path));
     }
@@ -605,9 +605,25 @@ async fn set_pusher(
 }
 
 /// GET /_matrix/client/v3/notifications
+///
+/// Every notification has `profile_tag`, `null` as Synapse writes it (Hearth has no per-profile
+/// rule sets); ruma leaves an unset one out.
 async fn get_notifications(
     state: web::Data<AppState>,
     request: Ruma<get_notifications::v3::Request>,
+) -> Result<HttpResponse> {
+    let mut body = super::response_json(notifications_of(&state, &request).await?)?;
+    if let Some(list) = body.get_mut("notifications").and_then(serde_json::Value::as_array_mut) {
+        for notification in list.iter_mut().filter_map(serde_json::Value::as_object_mut) {
+            notification.entry("profile_tag").or_insert(serde_json::Value::Null);
+        }
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
+async fn notifications_of(
+    state: &AppState,
+    request: &Ruma<get_notifications::v3::Request>,
 ) -> Result<get_notifications::v3::Response> {
     let user = &request.sender.user_id;
     let body = &request.body;
@@ -637,7 +653,7 @@ async fn get_notifications(
         if !rooms.contains_key(&notification.room_id) {
             let room_id = <&RoomId>::try_from(notification.room_id.as_str()).map_err(Error::internal)?;
             let read = state.store.read_up_to(room_id.as_str(), user).await?.unwrap_or(0);
-            let rules = ReadRules::load(&state, room_id, user).await?;
+            let rules = ReadRules::load(state, room_id, user).await?;
             rooms.insert(notification.room_id.clone(), (read, rules));
         }
         let Some((read, rules)) = rooms.get(&notification.room_id) else { continue };

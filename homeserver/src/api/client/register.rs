@@ -196,11 +196,10 @@ async fn register(state: web::Data<AppState>, request: Ruma<register::v3::Reques
 /// ruma writes `"device_id": null` for a registration without login (`inhibit_login`); the spec
 /// and Synapse leave the key out (SyTest: "registration with inhibit_login inhibits login").
 fn without_null_device(response: register::v3::Response) -> Result<HttpResponse> {
-    use ruma::api::OutgoingResponseExt;
-    let http = response.try_into_http_response::<Vec<u8>>().map_err(Error::internal)?;
-    let mut body: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(http.body()).map_err(Error::internal)?;
-    body.retain(|_, value| !value.is_null());
+    let mut body = super::response_json(response)?;
+    if let Some(body) = body.as_object_mut() {
+        body.retain(|_, value| !value.is_null());
+    }
     Ok(HttpResponse::Ok().json(body))
 }
 
@@ -276,6 +275,7 @@ async fn register_account(
         flows,
         threepid_purpose: Some(Purpose::Register),
         client_ip: request.client_ip,
+        by_appservice: false,
     };
     let sent_params = body.username.is_some()
         || body.password.is_some()

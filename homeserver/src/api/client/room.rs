@@ -637,10 +637,7 @@ async fn joined_members(
     state: web::Data<AppState>,
     request: Ruma<joined_members::v3::Request>,
 ) -> Result<actix_web::HttpResponse> {
-    use ruma::api::OutgoingResponseExt;
-    let response = joined_members_of(&state, &request).await?;
-    let http = response.try_into_http_response::<Vec<u8>>().map_err(Error::internal)?;
-    let mut body: Value = serde_json::from_slice(http.body()).map_err(Error::internal)?;
+    let mut body = super::response_json(joined_members_of(&state, &request).await?)?;
     if let Some(joined) = body.get_mut("joined").and_then(Value::as_object_mut) {
         for member in joined.values_mut().filter_map(Value::as_object_mut) {
             for key in ["display_name", "avatar_url"] {

@@ -19,7 +19,7 @@ use super::{account::threepid_used, register::threepid_in_use};
 use crate::{
     auth::{
         tokens,
-        uia::{self, Stage, UiaRequest},
+        uia::{self, UiaRequest},
     },
     config::RegistrationMode,
     error::{Error, ErrorKind, Result},
@@ -265,13 +265,7 @@ async fn add_3pid(
 ) -> Result<add_3pid::v3::Response> {
     let user = &request.sender;
     let body = &request.body;
-    let operation = UiaRequest {
-        operation: "add_3pid",
-        user: Some(&user.user_id),
-        flows: vec![vec![Stage::Password]],
-        threepid_purpose: None,
-        client_ip: request.client_ip,
-    };
+    let operation = UiaRequest::password("add_3pid", user, request.client_ip);
     // Check the verification before asking for the password, so a bad session fails fast.
     let session =
         threepid::verified_session(&state, body.sid.as_str(), body.client_secret.as_str(), Purpose::Add)
