@@ -81,17 +81,30 @@ impl<'a> ClientEvent<'a> {
 
     /// The event in the client format, with `extra` in its `unsigned`, as JSON text.
     fn to_json_with(&self, extra: &Unsigned<'_>) -> Result<Box<RawValue>> {
+        self.serialize(extra, false)
+    }
+
+    /// The event in the client format, or with every field of the stored PDU (`federation`: the
+    /// filters' `event_format: federation`: `prev_events`, `auth_events`, `depth`, `hashes`,
+    /// `signatures` and the rest), with `extra` in its `unsigned`.
+    fn serialize(&self, extra: &Unsigned<'_>, federation: bool) -> Result<Box<RawValue>> {
         let mut out = String::with_capacity(self.stored.json.len() + 96);
         out.push('{');
-        for name in CLIENT_FIELDS {
-            if let Some(raw) = self.fields.get(*name) {
+        for (name, raw) in &self.fields {
+            let served = match federation {
+                // `room_id` and `event_id` come from the row, `unsigned` is the reader's.
+                true => !matches!(name.as_str(), "room_id" | "event_id" | "unsigned"),
+                false => CLIENT_FIELDS.contains(&name.as_str()),
+            };
+            if served {
                 push_field(&mut out, name, raw.get());
             }
         }
         for (name, value) in [("room_id", &self.stored.room_id), ("event_id", &self.stored.event_id)] {
             push_field(&mut out, name, &serde_json::to_string(value).map_err(Error::internal)?);
         }
-        if !self.fields.contains_key("redacts")
+        if !federation
+            && !self.fields.contains_key("redacts")
             && self.kind() == "m.room.redaction"
             && let Some(redacts) = self.content_str("redacts")
         {
@@ -197,6 +210,8 @@ struct Unsigned<'a> {
 pub struct Reader<'a> {
     pub user: &'a UserId,
     pub device: &'a DeviceId,
+    /// Serve events in the federation format (a sync filter's `event_format`).
+    pub federation_format: bool,
 }
 
 /// Events in the client format as `reader` sees them: `unsigned.transaction_id` on those its
@@ -222,7 +237,9 @@ pub async fn serve<T>(state: &AppState, events: &[StoredEvent], reader: Reader<'
                 })
                 .map(|(_, txn)| txn.as_str());
             let replaced = event.replaces_state.as_ref().and_then(|id| replaced.get(id));
-            client.to_json_with(&Unsigned { transaction_id, replaced }).map(Raw::from_json)
+            client
+                .serialize(&Unsigned { transaction_id, replaced }, reader.federation_format)
+                .map(Raw::from_json)
         })
         .collect()
 }

@@ -47,6 +47,8 @@ pub enum Mark {
     ToDevice,
     /// A revocation or refresh of some session of a user (keyed by user).
     Sessions,
+    /// A change of keys only the user sees, their user-signing key (keyed by user).
+    OwnKeys,
 }
 
 /// The key of a device in [`Mark::KeyCounts`] and [`Mark::ToDevice`].
@@ -268,6 +270,7 @@ impl Recent {
                 "d" => Change::Mark(Mark::DeviceList, user),
                 "k" => Change::Mark(Mark::KeyCounts, device_key(&user, &device)),
                 "s" => Change::Mark(Mark::Sessions, user),
+                "o" => Change::Mark(Mark::OwnKeys, user),
                 _ => Change::Mark(Mark::ToDevice, device_key(&user, &device)),
             };
             changes.push((position, change));

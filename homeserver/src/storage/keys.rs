@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use ruma::{DeviceId, UserId};
 use sqlx::Row;
 
-use super::{SqlStore, StoreResult, UserMark, mark_user, now_ms};
+use super::{SqlStore, StoreResult, UserMark, mark_own_keys, mark_user, now_ms};
 
 /// Why a key upload was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,6 +116,9 @@ pub trait KeyStore: Send + Sync {
         keys: &[(String, String)],
         position: i64,
     ) -> StoreResult<()>;
+    /// Users whose keys changed in `(after, upto]` as only this user sees them (their own
+    /// user-signing key, their signatures of others' master keys).
+    async fn own_key_changes(&self, user_id: &UserId, after: i64, upto: i64) -> StoreResult<Vec<String>>;
     /// Adds `(signer, key_id, signature)` to one of the user's own keys (a device's keys, or the
     /// master key) and marks the device list changed; false if there is no such key.
     async fn add_key_signature(
@@ -138,7 +141,7 @@ pub trait KeyStore: Send + Sync {
 
     /// Stream changes known by whom they concern in `(after, upto]`, for the in-memory window:
     /// `(kind, user, device, position)` with kind `d` (device list), `k` (key counts), `t`
-    /// (to-device message) or `s` (sessions revoked or refreshed).
+    /// (to-device message), `s` (sessions revoked or refreshed) or `o` (keys only the user sees).
     async fn stream_marks(&self, after: i64, upto: i64) -> StoreResult<Vec<(String, String, String, i64)>>;
 }
 
@@ -460,6 +463,9 @@ impl KeyStore for SqlStore {
                WHERE stream_ordering > $1 AND stream_ordering <= $2
              UNION ALL
              SELECT 's', user_id, '', stream_ordering FROM session_changes
+               WHERE stream_ordering > $1 AND stream_ordering <= $2
+             UNION ALL
+             SELECT 'o', user_id, '', stream_ordering FROM own_key_changes
                WHERE stream_ordering > $1 AND stream_ordering <= $2",
         )
         .bind(after)
@@ -505,9 +511,29 @@ impl KeyStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         }
-        mark_user(&mut tx, UserMark::DeviceList, user_id.as_str(), position).await?;
+        // A user-signing key alone is the user's own business: others query nothing again.
+        if keys.iter().all(|(usage, _)| usage == "user_signing") {
+            mark_own_keys(&mut tx, user_id.as_str(), user_id.as_str(), position).await?;
+        } else {
+            mark_user(&mut tx, UserMark::DeviceList, user_id.as_str(), position).await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn own_key_changes(&self, user_id: &UserId, after: i64, upto: i64) -> StoreResult<Vec<String>> {
+        sqlx::query(
+            "SELECT changed_user FROM own_key_changes
+             WHERE user_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3",
+        )
+        .bind(user_id.as_str())
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| row.try_get("changed_user").map_err(Into::into))
+        .collect()
     }
 
     async fn add_key_signature(
@@ -566,8 +592,9 @@ impl KeyStore for SqlStore {
         .bind(signature)
         .execute(&mut *tx)
         .await?;
-        // The signer's other devices learn of it through the signer's device list.
-        mark_user(&mut tx, UserMark::DeviceList, signer.as_str(), position).await?;
+        // Only the signer sees the signature: the signer's devices are told the target changed
+        // (as Synapse tells them), and no one else is told anything.
+        mark_own_keys(&mut tx, signer.as_str(), target.as_str(), position).await?;
         tx.commit().await?;
         Ok(())
     }

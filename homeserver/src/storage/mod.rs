@@ -375,6 +375,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0022_appservice_room_lists.sql"),
         include_str!("../../migrations/sqlite/0022_appservice_room_lists.sql"),
     ),
+    (
+        23,
+        "own key changes",
+        include_str!("../../migrations/postgres/0023_own_key_changes.sql"),
+        include_str!("../../migrations/sqlite/0023_own_key_changes.sql"),
+    ),
 ];
 
 #[derive(Debug)]
@@ -427,6 +433,26 @@ pub(crate) async fn mark_user(
         }
     };
     sqlx::query(sql).bind(user).bind(position).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Tells `user`'s own devices, and no one else, that `changed`'s keys changed as `user` sees
+/// them (`own_key_changes`).
+pub(crate) async fn mark_own_keys(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    user: &str,
+    changed: &str,
+    position: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO own_key_changes (user_id, changed_user, stream_ordering) VALUES ($1, $2, $3)
+         ON CONFLICT (user_id, changed_user) DO UPDATE SET stream_ordering = excluded.stream_ordering",
+    )
+    .bind(user)
+    .bind(changed)
+    .bind(position)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

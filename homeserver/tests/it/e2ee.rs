@@ -476,6 +476,51 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn a_new_user_signing_key_is_news_to_its_owner_only(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        shared_room(&server, &alice, &bob).await;
+        let signing_upload = "/_matrix/client/v3/keys/device_signing/upload";
+        let changed = |sync: &Value| sync["device_lists"]["changed"].as_array().cloned().unwrap_or_default();
+        // Master and self-signing keys: everyone who shares a room is told.
+        let (master, master_json) = cross_key(&alice.user_id, "master", None);
+        let (_, ssk_json) = cross_key(&alice.user_id, "self_signing", Some(&master));
+        let (alice_since, bob_since) = (next(&sync(&server, &alice, None).await), next(&sync(&server, &bob, None).await));
+        let keys = json!({"master_key": master_json, "self_signing_key": ssk_json});
+        assert_eq!(server.post(signing_upload, Some(&alice.token), keys).await.0, 200);
+        let (alice_sync, bob_sync) = (sync(&server, &alice, Some(&alice_since)).await, sync(&server, &bob, Some(&bob_since)).await);
+        assert!(changed(&alice_sync).contains(&json!(alice.user_id)), "{alice_sync}");
+        assert!(changed(&bob_sync).contains(&json!(alice.user_id)), "{bob_sync}");
+        // The user-signing key alone: only alice's own devices, which may see it.
+        let (usk, usk_json) = cross_key(&alice.user_id, "user_signing", Some(&master));
+        let (alice_since, bob_since) = (next(&alice_sync), next(&bob_sync));
+        let body = json!({"user_signing_key": usk_json, "auth": {"type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": "alice"}, "password": PW}});
+        let (status, answer) = server.post(signing_upload, Some(&alice.token), body).await;
+        assert_eq!(status, 200, "{answer}");
+        let (alice_sync, bob_sync) = (sync(&server, &alice, Some(&alice_since)).await, sync(&server, &bob, Some(&bob_since)).await);
+        assert!(changed(&alice_sync).contains(&json!(alice.user_id)), "{alice_sync}");
+        assert!(!changed(&bob_sync).contains(&json!(alice.user_id)), "{bob_sync}");
+        // Alice signs bob's master key with it: her devices are told bob changed (for her);
+        // bob is told nothing of alice.
+        let (bob_master, bob_master_json) = cross_key(&bob.user_id, "master", None);
+        assert_eq!(server.post(signing_upload, Some(&bob.token), json!({"master_key": bob_master_json})).await.0, 200);
+        // Past bob's own upload, which everyone sharing a room with him is told of.
+        let alice_since = next(&sync(&server, &alice, Some(&next(&alice_sync))).await);
+        let bob_since = next(&sync(&server, &bob, Some(&next(&bob_sync))).await);
+        let signed = usk.sign(&alice.user_id, bob_master_json);
+        let (status, result) = server.post("/_matrix/client/v3/keys/signatures/upload", Some(&alice.token),
+            json!({bob.user_id.clone(): {bob_master.public.clone(): signed}})).await;
+        assert_eq!(status, 200, "{result}");
+        assert!(result["failures"].as_object().is_none_or(serde_json::Map::is_empty), "{result}");
+        let (alice_sync, bob_sync) = (sync(&server, &alice, Some(&alice_since)).await, sync(&server, &bob, Some(&bob_since)).await);
+        assert!(changed(&alice_sync).contains(&json!(bob.user_id)), "{alice_sync}");
+        assert!(!changed(&alice_sync).contains(&json!(alice.user_id)), "{alice_sync}");
+        assert!(!changed(&bob_sync).contains(&json!(alice.user_id)), "{bob_sync}");
+        server.stop().await;
+    }
+
     async fn to_device_messages(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

@@ -209,6 +209,8 @@ impl Fixture {
             "version" => self.backup_version.clone(),
             "tag" => "u.sweep".to_owned(),
             "appservice_id" => "sweep-bridge".to_owned(),
+            "network_id" => "sweep-network".to_owned(),
+            "protocol" => "sweep-protocol".to_owned(),
             _ => return None,
         };
         Some(percent_encode(value.as_bytes(), NON_ALPHANUMERIC).to_string())

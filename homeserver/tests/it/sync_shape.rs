@@ -150,6 +150,29 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn a_filter_asking_for_the_federation_format_gets_events_as_stored(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let room = create(&server, &alice, json!({})).await;
+        let sent = send(&server, &alice, &room, "t1", "as stored").await;
+        let filter = json!({"event_format": "federation", "room": {"timeline": {"limit": 1}}});
+        let body = sync(&server, &alice, None, Some(filter)).await;
+        let event = &timeline(&body, &room)[0];
+        for key in ["event_id", "room_id", "sender", "type", "content", "origin_server_ts", "prev_events",
+            "auth_events", "depth", "hashes", "signatures", "unsigned"] {
+            assert!(event.get(key).is_some(), "no {key} in {event}");
+        }
+        assert_eq!((event["event_id"].as_str(), event["content"]["body"].as_str()), (Some(sent.as_str()), Some("as stored")));
+        assert_eq!(event["unsigned"]["transaction_id"], "t1", "the reader's unsigned still: {event}");
+        // The client format leaves the PDU's fields out.
+        let body = sync(&server, &alice, None, Some(json!({"room": {"timeline": {"limit": 1}}}))).await;
+        let event = &timeline(&body, &room)[0];
+        for key in ["prev_events", "auth_events", "depth", "hashes", "signatures"] {
+            assert!(event.get(key).is_none(), "{key} in the client format: {event}");
+        }
+        server.stop().await;
+    }
+
     async fn room_summaries_count_members_and_name_heroes_of_unnamed_rooms(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;
@@ -322,6 +345,19 @@ crate::on_both_backends! {
             .chain(joined["timeline"]["events"].as_array().unwrap())
             .map(|e| e["type"].as_str().unwrap()).collect();
         assert!(types.contains(&"m.room.create"), "{joined}");
+        // The room is new to the client: its timeline is marked limited, as Synapse marks it,
+        // also when a filter leaves few events in it.
+        assert_eq!(joined["timeline"]["limited"], true, "{joined}");
+        let filter = json!({"room": {"timeline": {"types": ["m.room.message"], "limit": 10}}});
+        let next = sync(&server, &bob, Some(&since), Some(filter)).await;
+        let joined = &next["rooms"]["join"][room.as_str()];
+        assert_eq!(timeline(&next, &room).len(), 1, "{joined}");
+        assert_eq!(joined["timeline"]["limited"], true, "{joined}");
+        // Once known, a room's timeline is limited only when events were left out.
+        let later = sync(&server, &bob, Some(next["next_batch"].as_str().unwrap()), None).await;
+        send(&server, &alice, &room, "t2", "again").await;
+        let again = sync(&server, &bob, Some(later["next_batch"].as_str().unwrap()), None).await;
+        assert_eq!(again["rooms"]["join"][room.as_str()]["timeline"]["limited"], false, "{again}");
         server.stop().await;
     }
 

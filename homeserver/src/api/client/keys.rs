@@ -622,8 +622,17 @@ pub(super) async fn device_list_updates(
     };
     let memberships_moved =
         recent.all_marked(Mark::Membership, since, upto).is_none_or(|users| !users.is_empty());
+    // Keys as only the user sees them (their user-signing key, their signatures of others'
+    // master keys) are news to their own devices alone.
+    let own_keys = match recent.marked(Mark::OwnKeys, user.as_str(), since, upto) {
+        Some(false) => Vec::new(),
+        _ => state.store.own_key_changes(user, since, upto).await?,
+    };
     if device_changes.is_empty() && !memberships_moved {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok((
+            own_keys.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect(),
+            Vec::new(),
+        ));
     }
     let rooms = recent.user_rooms(&*state.store, user, upto).await?;
     let mut shared: BTreeSet<String> = BTreeSet::from([user.to_string()]);
@@ -666,6 +675,7 @@ pub(super) async fn device_list_updates(
     }
     changed.extend(device_changes.into_iter().filter(|u| shared.contains(u)));
     changed.retain(|u| shared.contains(u));
+    changed.extend(own_keys);
     let left = gone.into_iter().filter(|u| !shared.contains(u));
     let parse = |u: String| OwnedUserId::try_from(u).ok();
     Ok((changed.into_iter().filter_map(parse).collect(), left.filter_map(parse).collect()))

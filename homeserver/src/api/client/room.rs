@@ -675,7 +675,7 @@ async fn joined_members_of(
 
 /// The reader behind a request: its user and device.
 pub(super) fn reader_of(sender: &crate::auth::AuthedUser) -> Reader<'_> {
-    Reader { user: &sender.user_id, device: &sender.device_id }
+    Reader { user: &sender.user_id, device: &sender.device_id, federation_format: false }
 }
 
 /// Parses a pagination token (`s<position>`).

@@ -98,6 +98,8 @@ struct Options {
     /// Rooms to include (all if `None`) and to leave out.
     rooms: Option<Vec<OwnedRoomId>>,
     not_rooms: Vec<OwnedRoomId>,
+    /// Events as stored, in the federation format (`event_format: federation`).
+    federation_format: bool,
 }
 
 impl Options {
@@ -153,6 +155,8 @@ async fn options(state: &AppState, user: &UserId, filter: Option<&Filter>) -> Re
         include_leave: room.include_leave,
         rooms: room.rooms,
         not_rooms: room.not_rooms,
+        federation_format: definition
+            .is_some_and(|d| d.event_format == ruma::api::client::filter::EventFormat::Federation),
     })
 }
 
@@ -274,7 +278,7 @@ struct Query<'a> {
 
 impl Query<'_> {
     fn reader(&self) -> Reader<'_> {
-        Reader { user: self.user, device: self.device }
+        Reader { user: self.user, device: self.device, federation_format: self.options.federation_format }
     }
 }
 
@@ -444,6 +448,14 @@ async fn build(
                         .as_str()
                         .is_some_and(|kind| type_allowed(&wanted.types, &wanted.not_types, kind))
                 });
+                // A room joined since the token is `limited`, as Synapse marks it: the client
+                // has none of its history, which may go back before what the timeline holds.
+                if let Some(joined) = joined.as_mut()
+                    && since.is_some()
+                    && joined_since
+                {
+                    joined.timeline.limited = true;
+                }
                 if joined.is_none() && (!account_data.is_empty() || !ephemeral.is_empty()) {
                     let mut empty = JoinedRoom::new();
                     empty.timeline.prev_batch = Some(token(upto));
