@@ -200,6 +200,25 @@ crate::on_both_backends! {
         world.stop().await;
     }
 
+    async fn an_address_may_be_given_at_registration_when_none_is_required(db: Db) {
+        let world = World::start(db, require(RequiredThreepid::None)).await;
+        let (_, challenge) = world.server.post("/_matrix/client/v3/register", None, json!({})).await;
+        assert_eq!(
+            challenge["flows"],
+            json!([{"stages": ["m.login.dummy"]}, {"stages": ["m.login.email.identity"]}, {"stages": ["m.login.msisdn"]}]),
+            "registering without an address, or with one this server can verify"
+        );
+        let sid = world.verify_email("register", "fay@example.org", "s1").await;
+        let (status, body) = world.register_with("fay", creds("m.login.email.identity", &sid, "s1", None)).await;
+        assert_eq!(status, 200, "{body}");
+        let fay = session_of(&body);
+        let (_, threepids) = world.server.get("/_matrix/client/v3/account/3pid", Some(&fay.token)).await;
+        assert_eq!(threepids["threepids"][0]["address"], "fay@example.org", "the address is bound: {threepids}");
+        let (status, body) = world.register_with("gus", json!({"type": "m.login.dummy"})).await;
+        assert_eq!(status, 200, "{body}");
+        world.stop().await;
+    }
+
     async fn password_reset_by_email_and_by_sms(db: Db) {
         let world = World::start(db, require(RequiredThreepid::EmailOrMsisdn)).await;
         let sid = world.verify_email("register", "fay@example.org", "s1").await;

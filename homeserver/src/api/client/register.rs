@@ -162,17 +162,27 @@ pub(super) fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
         RegistrationMode::Token => vec![Stage::RegistrationToken],
         RegistrationMode::Closed => return Err(Error::forbidden("registration is closed on this server")),
     };
-    let proofs: &[Option<Stage>] = match state.config.registration.require {
-        RequiredThreepid::None => &[None],
-        RequiredThreepid::Email => &[Some(Stage::EmailIdentity)],
-        RequiredThreepid::Msisdn => &[Some(Stage::Msisdn)],
-        RequiredThreepid::EmailOrMsisdn => &[Some(Stage::EmailIdentity), Some(Stage::Msisdn)],
+    // Without a required address, the ways to give one anyway that this server can verify are
+    // offered beside registering without (as Synapse offers them): the address is then bound.
+    let optional: Vec<Option<Stage>> = [
+        (!state.config.email.smtp_host.is_empty()).then_some(Stage::EmailIdentity),
+        (!state.config.sms.account_sid.is_empty()).then_some(Stage::Msisdn),
+    ]
+    .into_iter()
+    .flatten()
+    .map(Some)
+    .collect();
+    let proofs: Vec<Option<Stage>> = match state.config.registration.require {
+        RequiredThreepid::None => std::iter::once(None).chain(optional).collect(),
+        RequiredThreepid::Email => vec![Some(Stage::EmailIdentity)],
+        RequiredThreepid::Msisdn => vec![Some(Stage::Msisdn)],
+        RequiredThreepid::EmailOrMsisdn => vec![Some(Stage::EmailIdentity), Some(Stage::Msisdn)],
     };
     Ok(proofs
         .iter()
         .map(|proof| {
             let mut flow = base.clone();
-            flow.extend(*proof);
+            flow.extend(proof);
             if flow.is_empty() {
                 flow.push(Stage::Dummy);
             }

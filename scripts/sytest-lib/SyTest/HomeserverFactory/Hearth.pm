@@ -1,7 +1,7 @@
 # SyTest's `-I Hearth`: one Hearth that SyTest starts itself, so that it can be given what SyTest
 # makes at run time: the application services' registration files, with tokens SyTest draws
-# anew each run. Manual mode (`-I Manual`) tests a server that is already running, which
-# cannot be given them.
+# anew each run, and its mail server. Manual mode (`-I Manual`) tests a server that is already
+# running, which cannot be given them.
 #
 # The options are Manual's (-L, --server-name): where the TLS front will listen. Starting Hearth
 # and its TLS front is left to the command in SYTEST_HEARTH_START (scripts/sytest-lib/start-hearth),
