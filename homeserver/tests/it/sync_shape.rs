@@ -361,6 +361,32 @@ crate::on_both_backends! {
         server.stop().await;
     }
 
+    async fn who_left_and_joined_again_since_the_token_reads_only_what_history_visibility_allows(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let bob = server.register("bob", PW).await;
+        let carol = server.register("carol", PW).await;
+        let room = create(&server, &alice, json!({"preset": "public_chat"})).await;
+        join(&server, &bob, &room).await;
+        set_state(&server, &alice, &room, "m.room.history_visibility", json!({"history_visibility": "joined"})).await;
+        let since = sync(&server, &bob, None, None).await["next_batch"].as_str().unwrap().to_owned();
+        let (status, body) = server.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&bob.token), json!({})).await;
+        assert_eq!(status, 200, "{body}");
+        join(&server, &carol, &room).await;
+        for n in 0..3 {
+            send(&server, &alice, &room, &format!("away{n}"), "said while bob was away").await;
+        }
+        join(&server, &bob, &room).await;
+        let body = sync(&server, &bob, Some(&since), None).await;
+        let joined = &body["rooms"]["join"][room.as_str()];
+        let events = timeline(&body, &room);
+        assert!(events.iter().all(|e| e["content"]["body"] != "said while bob was away"), "{joined}");
+        // Carol's join is current state: it shows, in the timeline, as Synapse shows it.
+        assert!(events.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == carol.user_id.as_str()), "{joined}");
+        assert_eq!(joined["timeline"]["limited"], true, "the room is new to the client again: {joined}");
+        server.stop().await;
+    }
+
     async fn a_gapped_incremental_sync_sends_only_state_changed_since_the_token(db: Db) {
         let server = TestServer::start(db).await;
         let alice = server.register("alice", PW).await;

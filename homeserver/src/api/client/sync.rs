@@ -415,10 +415,12 @@ async fn build(
         let changed_since = since.is_none_or(|since| at > since);
         match membership.as_str() {
             "join" => {
-                // New to the sync when the user joined since the token; a member event that only
-                // changed their profile leaves the room as it was.
+                // New to the sync when the user joined since the token, or left and joined again
+                // (what happened while they were away is theirs to read only as history
+                // visibility allows); a member event that only changed their profile leaves the
+                // room as it was.
                 let joined_since = match since {
-                    Some(since) if changed_since => !joined_at(state, &room_id, user, since).await?,
+                    Some(since) if changed_since => !joined_throughout(state, &room_id, user, since).await?,
                     _ => changed_since,
                 };
                 let fresh = joined_since || full_state;
@@ -822,12 +824,15 @@ async fn window(
     let limit = options.limit;
     let after = rules.map_or(after, |rules| after.max(rules.floor()));
     let keep = |event: &StoredEvent| {
-        rules.is_none_or(|rules| rules.may_see(event))
-            && !ignored.hides(event)
+        !ignored.hides(event)
             && options.timeline.as_ref().is_none_or(|filter| {
                 ClientEvent::parse(event).is_ok_and(|client| matches_filter(filter, &client))
             })
     };
+    // Events of the room's current state pass whatever the history rules say of them, as in
+    // Synapse: the reader is sent that state anyway, and sees in the timeline how it came about
+    // (someone who joined while the reader was away). Read once, at the first hidden event.
+    let mut current_state: Option<std::collections::HashSet<String>> = None;
     if options.timeline.is_none() && rules.is_none() && ignored.is_empty() {
         // One more than the limit tells whether the timeline is complete.
         let mut events =
@@ -846,7 +851,17 @@ async fn window(
         let exhausted = (batch.len() as i64) < FILTER_BATCH;
         ceiling = batch.first().map_or(after, |e| e.stream_ordering - 1);
         for event in batch.into_iter().rev() {
-            if keep(&event) {
+            let readable = match rules {
+                Some(rules) if !rules.may_see(&event) => {
+                    if current_state.is_none() {
+                        let ids = state.store.current_state(room_id).await?.into_iter().map(|e| e.event_id);
+                        current_state = Some(ids.collect());
+                    }
+                    current_state.as_ref().is_some_and(|ids| ids.contains(&event.event_id))
+                }
+                _ => true,
+            };
+            if readable && keep(&event) {
                 if kept.len() as i64 == limit {
                     kept.reverse();
                     return Ok((kept, true));
@@ -990,12 +1005,35 @@ async fn state_before(
 
 /// Whether the user was joined to the room at stream position `at`.
 async fn joined_at(state: &AppState, room_id: &RoomId, user: &UserId, at: i64) -> Result<bool> {
+    Ok(membership_around(state, room_id, user, at).await?.0)
+}
+
+/// Whether the user was joined to the room at stream position `since` and has been ever since
+/// (every later member event of theirs a join: a profile change).
+async fn joined_throughout(state: &AppState, room_id: &RoomId, user: &UserId, since: i64) -> Result<bool> {
+    let (joined, stayed) = membership_around(state, room_id, user, since).await?;
+    Ok(joined && stayed)
+}
+
+/// Whether the user was joined at `at`, and whether every member event of theirs after it is a
+/// join.
+async fn membership_around(
+    state: &AppState,
+    room_id: &RoomId,
+    user: &UserId,
+    at: i64,
+) -> Result<(bool, bool)> {
     let history = state.store.state_history(room_id, "m.room.member", user.as_str()).await?;
-    let last = history.iter().rev().find(|event| event.stream_ordering <= at);
-    Ok(match last {
-        Some(event) => ClientEvent::parse(event)?.content_str("membership").as_deref() == Some("join"),
-        None => false,
-    })
+    let (mut joined, mut stayed) = (false, true);
+    for event in &history {
+        let join = ClientEvent::parse(event)?.content_str("membership").as_deref() == Some("join");
+        if event.stream_ordering <= at {
+            joined = join;
+        } else {
+            stayed &= join;
+        }
+    }
+    Ok((joined, stayed))
 }
 
 /// Most heroes a room summary names (the spec's five).
