@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use ruma::{DeviceId, UserId};
 use sqlx::Row;
 
-use super::{SqlStore, StoreResult, UserMark, mark_own_keys, mark_user, now_ms};
+use super::{PairMark, SqlStore, StoreResult, UserMark, mark_pair, mark_user, now_ms};
 
 /// Why a key upload was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -242,7 +242,7 @@ impl KeyStore for SqlStore {
             .await?;
         }
         if !one_time_keys.is_empty() || !fallback_keys.is_empty() {
-            mark_key_counts(&mut tx, user, device, position).await?;
+            mark_pair(&mut tx, PairMark::KeyCounts, user, device, position).await?;
         }
         tx.commit().await?;
         Ok(Ok(()))
@@ -332,7 +332,7 @@ impl KeyStore for SqlStore {
             .await?;
             if let Some(row) = taken {
                 let json: String = row.try_get("json")?;
-                mark_key_counts(&mut tx, user, device, position).await?;
+                mark_pair(&mut tx, PairMark::KeyCounts, user, device, position).await?;
                 tx.commit().await?;
                 return Ok(Some(ClaimedKey { id: format!("{algorithm}:{key_id}"), json }));
             }
@@ -352,7 +352,7 @@ impl KeyStore for SqlStore {
             id: format!("{algorithm}:{}", row.try_get::<String, _>("key_id")?),
             json: row.try_get("json")?,
         };
-        mark_key_counts(&mut tx, user, device, position).await?;
+        mark_pair(&mut tx, PairMark::KeyCounts, user, device, position).await?;
         tx.commit().await?;
         Ok(Some(claimed))
     }
@@ -513,7 +513,7 @@ impl KeyStore for SqlStore {
         }
         // A user-signing key alone is the user's own business: others query nothing again.
         if keys.iter().all(|(usage, _)| usage == "user_signing") {
-            mark_own_keys(&mut tx, user_id.as_str(), user_id.as_str(), position).await?;
+            mark_pair(&mut tx, PairMark::OwnKeys, user_id.as_str(), user_id.as_str(), position).await?;
         } else {
             mark_user(&mut tx, UserMark::DeviceList, user_id.as_str(), position).await?;
         }
@@ -594,7 +594,7 @@ impl KeyStore for SqlStore {
         .await?;
         // Only the signer sees the signature: the signer's devices are told the target changed
         // (as Synapse tells them), and no one else is told anything.
-        mark_own_keys(&mut tx, signer.as_str(), target.as_str(), position).await?;
+        mark_pair(&mut tx, PairMark::OwnKeys, signer.as_str(), target.as_str(), position).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -611,24 +611,6 @@ impl KeyStore for SqlStore {
         .map(|row| Ok((row.try_get("key_id")?, row.try_get("signature")?)))
         .collect()
     }
-}
-
-async fn mark_key_counts(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    user: &str,
-    device: &str,
-    position: i64,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO key_count_changes (user_id, device_id, stream_ordering) VALUES ($1, $2, $3)
-         ON CONFLICT (user_id, device_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
-    )
-    .bind(user)
-    .bind(device)
-    .bind(position)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// `new` with every signature of `stored` it lacks added.

@@ -436,23 +436,36 @@ pub(crate) async fn mark_user(
     Ok(())
 }
 
-/// Tells `user`'s own devices, and no one else, that `changed`'s keys changed as `user` sees
-/// them (`own_key_changes`).
-pub(crate) async fn mark_own_keys(
+/// A change that concerns one user about a second thing: a device's key counts, or another
+/// user's keys as only this user sees them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PairMark {
+    /// `(user, device)`: the device's one-time or fallback key counts (`key_count_changes`).
+    KeyCounts,
+    /// `(user, changed user)`: tells the user's own devices, and no one else, that the changed
+    /// user's keys changed as the user sees them (`own_key_changes`).
+    OwnKeys,
+}
+
+/// Records a [`PairMark`] at `position` (the latest position per pair).
+pub(crate) async fn mark_pair(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    mark: PairMark,
     user: &str,
-    changed: &str,
+    second: &str,
     position: i64,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO own_key_changes (user_id, changed_user, stream_ordering) VALUES ($1, $2, $3)
-         ON CONFLICT (user_id, changed_user) DO UPDATE SET stream_ordering = excluded.stream_ordering",
-    )
-    .bind(user)
-    .bind(changed)
-    .bind(position)
-    .execute(&mut **tx)
-    .await?;
+    let sql = match mark {
+        PairMark::KeyCounts => {
+            "INSERT INTO key_count_changes (user_id, device_id, stream_ordering) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id, device_id) DO UPDATE SET stream_ordering = excluded.stream_ordering"
+        }
+        PairMark::OwnKeys => {
+            "INSERT INTO own_key_changes (user_id, changed_user, stream_ordering) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id, changed_user) DO UPDATE SET stream_ordering = excluded.stream_ordering"
+        }
+    };
+    sqlx::query(sql).bind(user).bind(second).bind(position).execute(&mut **tx).await?;
     Ok(())
 }
 
