@@ -677,6 +677,7 @@ crate::on_both_backends! {
         assert!(entry["ts"].as_u64().is_some_and(|ts| ts > 1_600_000_000_000), "{entry}");
         assert!(entry["actions"].as_array().unwrap().iter().any(|a| a == "notify"), "{entry}");
         assert_eq!(entry["event"]["content"]["body"], "message 4");
+        assert_eq!(entry.get("profile_tag"), Some(&Value::Null), "written out, null, as Synapse: {entry}");
         // The name "alice" is a content rule of hers: those highlight.
         let highlights = notifications(&server, &alice, "?only=highlight").await;
         assert_eq!(listed_ids(&highlights), [sent[3].clone(), sent[1].clone()]);
