@@ -990,6 +990,21 @@ mod tests {
     }
 
     #[test]
+    fn an_appservice_transaction_timeout_outside_1_to_30_seconds_is_refused() {
+        for bad in ["0", "31"] {
+            let err =
+                Config::load_with_env(None, env(&[("HEARTH_APPSERVICES__TRANSACTION_TIMEOUT_SECS", bad)]))
+                    .unwrap_err();
+            assert!(err.to_string().contains("appservices.transaction_timeout_secs"), "{bad}: {err}");
+        }
+        let config =
+            Config::load_with_env(None, env(&[("HEARTH_APPSERVICES__TRANSACTION_TIMEOUT_SECS", "3")]))
+                .unwrap();
+        assert_eq!(config.appservices.transaction_timeout_secs, 3);
+        assert_eq!(Config::default().appservices.transaction_timeout_secs, 30);
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let err = Config::load_with_env(None, env(&[("HEARTH_RATE_LIMITS__ENABLED", "maybe")])).unwrap_err();
         assert!(err.to_string().contains("HEARTH_RATE_LIMITS__ENABLED"), "{err}");

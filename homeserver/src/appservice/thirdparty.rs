@@ -208,3 +208,31 @@ impl Appservices {
         self.call(service, request, None, QUERY_TIMEOUT).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_nested_deeper_than_the_server_accepts_are_ignored() {
+        let deep = format!(
+            "{}{}",
+            "[".repeat(crate::json::MAX_JSON_DEPTH + 1),
+            "]".repeat(crate::json::MAX_JSON_DEPTH + 1)
+        );
+        assert!(parse::<Value>(deep.as_bytes()).is_none());
+        let shallow =
+            format!("{}{}", "[".repeat(crate::json::MAX_JSON_DEPTH), "]".repeat(crate::json::MAX_JSON_DEPTH));
+        assert!(parse::<Value>(shallow.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn list_entries_that_do_not_parse_are_dropped() {
+        let answer = br#"[{"userid": "@a:example.org", "protocol": "irc", "fields": {}},
+            {"userid": "not a user id", "protocol": "irc", "fields": {}}, 7]"#;
+        let users: Vec<User> = parse_list(answer);
+        assert_eq!(users.len(), 1);
+        assert_eq!(users[0].userid, "@a:example.org");
+        assert!(parse_list::<User>(b"{\"not\": \"a list\"}").is_empty());
+    }
+}
