@@ -138,6 +138,38 @@ pub struct RegistrationConfig {
     /// Whether `POST /register?kind=guest` makes guest accounts (no password, the spec's guest
     /// endpoints only). Off: it answers 403 `M_GUEST_ACCESS_FORBIDDEN`.
     pub allow_guests: bool,
+    pub recaptcha: RecaptchaConfig,
+}
+
+/// The `m.login.recaptcha` registration stage (Google reCAPTCHA v2, or a service with the same
+/// verification API).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecaptchaConfig {
+    /// The site key, handed to clients in the stage's `params`. Empty: no captcha stage.
+    pub public_key: String,
+    /// The secret key, sent to the verifier with each answer.
+    pub private_key: Secret,
+    /// The verification endpoint (`siteverify`).
+    pub siteverify_url: String,
+    /// Every registration flow asks for the captcha. Off: no flow asks for it, but a client
+    /// that completes the stage anyway is answered as for any stage (Synapse does the same).
+    pub required: bool,
+    /// A PEM file of certificates trusted besides the system's roots when calling the verifier
+    /// (a private CA). Empty: the system's roots only.
+    pub extra_ca_file: String,
+}
+
+impl Default for RecaptchaConfig {
+    fn default() -> Self {
+        Self {
+            public_key: String::new(),
+            private_key: Secret::default(),
+            siteverify_url: "https://www.google.com/recaptcha/api/siteverify".to_owned(),
+            required: true,
+            extra_ca_file: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,11 +333,15 @@ pub struct RoomsConfig {
     /// The room version of rooms created without one (`createRoom`'s `room_version`), also
     /// announced as the default in `/capabilities`. Any of 1–12.
     pub default_version: String,
+    /// Self-destructing messages (MSC2228, an unstable proposal): a message whose content has
+    /// `org.matrix.self_destruct_after` (a time in milliseconds) is emptied once that time has
+    /// passed, as a redaction empties it but without a redaction event.
+    pub self_destructing_messages: bool,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { default_version: "10".to_owned() }
+        Self { default_version: "10".to_owned(), self_destructing_messages: false }
     }
 }
 
@@ -456,6 +492,7 @@ impl Default for RegistrationConfig {
             allowed_phone_countries: Vec::new(),
             min_password_length: 8,
             allow_guests: false,
+            recaptcha: RecaptchaConfig::default(),
             reserved_usernames: [
                 "admin",
                 "administrator",
@@ -704,6 +741,7 @@ impl Config {
             return Err(invalid("rooms.default_version", format!("allowed: {}", list.join(", "))));
         }
         self.validate_threepids()?;
+        self.validate_recaptcha()?;
         self.validate_jwt_login()?;
         if !self.turn.uris.is_empty() && self.turn.shared_secret.is_empty() {
             return Err(invalid("turn.shared_secret", "needed when turn.uris is set"));
@@ -761,6 +799,24 @@ impl Config {
         }
         if self.threepid.max_attempts == 0 {
             return Err(invalid("threepid.max_attempts", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_recaptcha(&self) -> Result<(), ConfigError> {
+        let captcha = &self.registration.recaptcha;
+        if captcha.public_key.is_empty() {
+            return Ok(());
+        }
+        if captcha.private_key.is_empty() {
+            return Err(invalid("registration.recaptcha.private_key", "must be set with public_key"));
+        }
+        if !(captcha.siteverify_url.starts_with("https://") || captcha.siteverify_url.starts_with("http://"))
+        {
+            return Err(invalid(
+                "registration.recaptcha.siteverify_url",
+                "must be an http:// or https:// URL",
+            ));
         }
         Ok(())
     }

@@ -170,6 +170,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let _ = state.publisher.set(publisher);
     }
     let push = crate::push::start(&state.clone().into_inner());
+    if state.config.rooms.self_destructing_messages {
+        // It ends by itself once the server's state is dropped.
+        tokio::spawn(crate::rooms::expiry::run(Arc::downgrade(&state.clone().into_inner())));
+    }
     start_appservices(&state, &instance_name(&state.config)).await?;
     let app_state = state.clone();
     let per_ip = match state.config.listen.trust_x_forwarded_for {

@@ -53,6 +53,8 @@ pub struct AppState {
     pub sms: Option<Arc<dyn SmsSender>>,
     pub templates: Templates,
     pub jwt_login: Option<JwtLogin>,
+    /// The registration captcha's verifier, when one is configured.
+    pub recaptcha: Option<crate::auth::recaptcha::Recaptcha>,
     /// The registered application services.
     pub appservices: crate::appservice::Appservices,
     /// Keys the HMAC that one-time codes are stored as.
@@ -130,6 +132,7 @@ impl AppState {
         let templates = Templates::load(&config.email.templates_dir)
             .map_err(|e| anyhow::anyhow!("email.templates_dir: {e}"))?;
         let jwt_login = JwtLogin::from_config(&config.jwt_login)?;
+        let recaptcha = crate::auth::recaptcha::Recaptcha::from_config(&config.registration.recaptcha)?;
         let appservices = crate::appservice::Appservices::load(&config)?;
         // Derived from the token secret, so every worker of a deployment agrees on it.
         let code_key = [b"hearth one-time codes:".as_slice(), &secret].concat();
@@ -157,6 +160,7 @@ impl AppState {
             sms,
             templates,
             jwt_login,
+            recaptcha,
             appservices,
             code_key,
             cursors: crate::queue::CursorSeal::new(&secret),

@@ -4,6 +4,7 @@ pub mod guest;
 pub mod jwt_login;
 pub mod password;
 pub mod ratelimit;
+pub mod recaptcha;
 pub mod tokens;
 pub mod uia;
 

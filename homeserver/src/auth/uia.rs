@@ -26,7 +26,7 @@ use ruma::{
 };
 use serde_json::value::to_raw_value;
 
-use super::{password, tokens};
+use super::{password, recaptcha, tokens};
 use crate::{
     auth::AuthedUser,
     error::{Error, ErrorKind, Result},
@@ -43,6 +43,7 @@ pub enum Stage {
     RegistrationToken,
     EmailIdentity,
     Msisdn,
+    Recaptcha,
 }
 
 impl Stage {
@@ -53,6 +54,7 @@ impl Stage {
             Stage::RegistrationToken => AuthType::RegistrationToken,
             Stage::EmailIdentity => AuthType::EmailIdentity,
             Stage::Msisdn => AuthType::Msisdn,
+            Stage::Recaptcha => AuthType::ReCaptcha,
         }
     }
 
@@ -70,6 +72,9 @@ pub struct UiaRequest<'a> {
     pub user: Option<&'a UserId>,
     /// Accepted flows, each a list of stages.
     pub flows: Vec<Vec<Stage>>,
+    /// Stages a client may complete though no flow needs them (a captcha that is configured but
+    /// not required): they are recorded in `completed` like any other.
+    pub optional: Vec<Stage>,
     /// What the email and phone stages must have verified their address for; `None` when the
     /// flows have no such stage.
     pub threepid_purpose: Option<Purpose>,
@@ -88,6 +93,7 @@ impl<'a> UiaRequest<'a> {
             operation,
             user: Some(&user.user_id),
             flows: vec![vec![Stage::Password]],
+            optional: Vec::new(),
             threepid_purpose: None,
             client_ip,
             by_appservice: user.appservice.is_some(),
@@ -269,7 +275,7 @@ async fn run(
         }
         state.store.create_uia_session(&session).await?;
     }
-    Err(challenge(&request, &session, stage_error))
+    Err(challenge(state, &request, &session, stage_error))
 }
 
 /// Whether `given` (a user id or localpart) names `user`, whatever the case, as at login (every
@@ -285,6 +291,7 @@ fn stage_of(auth: &AuthData) -> Option<Stage> {
         AuthData::RegistrationToken(_) => Some(Stage::RegistrationToken),
         AuthData::EmailIdentity(_) => Some(Stage::EmailIdentity),
         AuthData::Msisdn(_) => Some(Stage::Msisdn),
+        AuthData::ReCaptcha(_) => Some(Stage::Recaptcha),
         _ => None,
     }
 }
@@ -303,7 +310,7 @@ async fn run_stage(
             format!("authentication type `{kind}` is not supported"),
         )
     })?;
-    if !request.flows.iter().flatten().any(|s| *s == stage) {
+    if !request.flows.iter().flatten().chain(&request.optional).any(|s| *s == stage) {
         return Err(StandardErrorBody::new(
             ErrorKind::Forbidden,
             format!("authentication type `{}` is not offered for this request", stage.name()),
@@ -368,11 +375,30 @@ async fn run_stage(
             }
             Ok((stage, Some(session.sid)))
         }
+        AuthData::ReCaptcha(data) => {
+            let captcha = state.recaptcha.as_ref().ok_or_else(|| {
+                StandardErrorBody::new(ErrorKind::Forbidden, "no captcha is configured".to_owned())
+            })?;
+            match captcha.verify(&data.response, request.client_ip).await {
+                Ok(()) => Ok((stage, None)),
+                Err(refused @ recaptcha::Refused::Wrong) => {
+                    Err(StandardErrorBody::new(ErrorKind::Unauthorized, refused.to_string()))
+                }
+                Err(recaptcha::Refused::Unavailable(why)) => {
+                    tracing::warn!(%why, "the captcha verifier did not answer");
+                    Err(StandardErrorBody::new(
+                        ErrorKind::Unknown,
+                        "the captcha could not be checked; try again later".to_owned(),
+                    ))
+                }
+            }
+        }
         _ => Err(StandardErrorBody::new(ErrorKind::Unrecognized, "unsupported stage".to_owned())),
     }
 }
 
 fn challenge(
+    state: &AppState,
     request: &UiaRequest<'_>,
     session: &UiaSessionRecord,
     error: Option<StandardErrorBody>,
@@ -385,7 +411,14 @@ fn challenge(
     let mut info = UiaaInfo::new(flows);
     info.session = Some(session.session_id.clone());
     info.completed = session.completed.iter().map(|s| AuthType::from(s.as_str())).collect();
-    info.params = to_raw_value(&BTreeMap::<String, serde_json::Value>::new()).ok();
+    // What a client needs to complete the stages offered: the captcha's site key.
+    let mut params = BTreeMap::<String, serde_json::Value>::new();
+    if let Some(captcha) = &state.recaptcha
+        && request.flows.iter().flatten().chain(&request.optional).any(|s| *s == Stage::Recaptcha)
+    {
+        params.insert(Stage::Recaptcha.name(), serde_json::json!({ "public_key": captcha.public_key }));
+    }
+    info.params = to_raw_value(&params).ok();
     info.auth_error = error.map(Box::new);
     Error::Uia(Box::new(info))
 }

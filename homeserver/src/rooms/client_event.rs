@@ -97,7 +97,11 @@ impl<'a> ClientEvent<'a> {
                 false => CLIENT_FIELDS.contains(&name.as_str()),
             };
             if served {
-                push_field(&mut out, name, raw.get());
+                let value = match extra.expired && name == "content" {
+                    true => "{}",
+                    false => raw.get(),
+                };
+                push_field(&mut out, name, value);
             }
         }
         for (name, value) in [("room_id", &self.stored.room_id), ("event_id", &self.stored.event_id)] {
@@ -203,6 +207,9 @@ struct Unsigned<'a> {
     transaction_id: Option<&'a str>,
     /// The state event this one replaced, as stored now (redacted if it was).
     replaced: Option<&'a StoredEvent>,
+    /// A self-destructed message not yet pruned where it was read from: served with `{}` as its
+    /// content (see [`crate::rooms::expiry`]).
+    expired: bool,
 }
 
 /// Who reads events: a user, and the device whose transaction ids they see.
@@ -225,10 +232,12 @@ pub async fn serve<T>(state: &AppState, events: &[StoredEvent], reader: Reader<'
             state.store.events_by_id(&wanted).await?.into_iter().map(|e| (e.event_id.clone(), e)).collect()
         }
     };
+    let (expiring, now) = (state.config.rooms.self_destructing_messages, now_ms());
     events
         .iter()
         .map(|event| {
             let client = ClientEvent::parse(event)?;
+            let expired = expiring && super::expiry::is_due(&client, now);
             let transaction_id = event
                 .txn
                 .as_ref()
@@ -238,7 +247,7 @@ pub async fn serve<T>(state: &AppState, events: &[StoredEvent], reader: Reader<'
                 .map(|(_, txn)| txn.as_str());
             let replaced = event.replaces_state.as_ref().and_then(|id| replaced.get(id));
             client
-                .serialize(&Unsigned { transaction_id, replaced }, reader.federation_format)
+                .serialize(&Unsigned { transaction_id, replaced, expired }, reader.federation_format)
                 .map(Raw::from_json)
         })
         .collect()

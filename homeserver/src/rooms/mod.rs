@@ -6,6 +6,7 @@
 
 pub mod client_event;
 pub mod ephemeral;
+pub mod expiry;
 pub mod recent;
 pub mod visibility;
 
@@ -78,6 +79,13 @@ fn hashes_of(json: &str) -> std::result::Result<ruma::CanonicalJsonValue, Append
         serde_json::from_str(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
     let hashes = fields.get("hashes").ok_or_else(|| AppendError::Invalid("event without hashes".into()))?;
     serde_json::from_str(hashes.get()).map_err(|e| AppendError::Invalid(e.to_string()))
+}
+
+/// An event's JSON as a redaction leaves it, under the rules of room `version`.
+pub fn pruned_json(version: &RoomVersionId, json: &str) -> Result<String> {
+    let object: ruma::CanonicalJsonObject = crate::storage::parse_stored(json).map_err(Error::internal)?;
+    let redacted = federation::pdu::redacted(object, version, None).map_err(Error::internal)?;
+    Ok(ruma::CanonicalJsonValue::Object(redacted).to_string())
 }
 
 /// Builds, signs and authorises `draft` against the room's head.
@@ -165,6 +173,12 @@ fn build(
         membership,
         redaction: draft.redacts.zip(draft.redacted_json.clone()).map(|(id, json)| (id.to_string(), json)),
         txn: draft.txn.map(|(device, txn)| (draft.sender.to_string(), device.to_owned(), txn.to_owned())),
+        expires_ts: state
+            .config
+            .rooms
+            .self_destructing_messages
+            .then(|| expiry::expiry_of(draft.event_type, draft.state_key, draft.content))
+            .flatten(),
         replaces_state: draft
             .state_key
             .and_then(|key| head.state.get(&(draft.event_type.to_owned(), key.to_owned())))

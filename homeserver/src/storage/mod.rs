@@ -381,6 +381,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0023_own_key_changes.sql"),
         include_str!("../../migrations/sqlite/0023_own_key_changes.sql"),
     ),
+    (
+        24,
+        "event expiry",
+        include_str!("../../migrations/postgres/0024_event_expiry.sql"),
+        include_str!("../../migrations/sqlite/0024_event_expiry.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -61,6 +61,8 @@ pub struct NewEvent {
     pub txn: Option<(String, String, String)>,
     /// For state events: the event it replaces at its type and state key, if any.
     pub replaces_state: Option<String>,
+    /// When its content is to be emptied (a self-destructing message, MSC2228), in ms.
+    pub expires_ts: Option<i64>,
 }
 
 /// A stored event.
@@ -187,6 +189,13 @@ pub trait RoomStore: Send + Sync {
     /// Every room's events in `(after, upto]`, oldest first, at most `limit`: what the in-memory
     /// stream cache ([`crate::rooms::recent`]) loads.
     async fn stream_events(&self, after: i64, upto: i64, limit: i64) -> StoreResult<Vec<StreamEvent>>;
+
+    /// Self-destructing messages due at `now` (ms), soonest first, at most `limit`: (event id,
+    /// room id).
+    async fn due_expiries(&self, now: i64, limit: i64) -> StoreResult<Vec<(String, String)>>;
+    /// Stores an expired message's pruned JSON in its place (`None`: the event is gone) and
+    /// forgets its expiry.
+    async fn expire_event(&self, event_id: &str, pruned_json: Option<&str>) -> StoreResult<()>;
 }
 
 /// An event with the columns the stream cache indexes it by.
@@ -455,6 +464,14 @@ impl RoomStore for SqlStore {
             .bind(position.position)
             .execute(&mut *tx)
             .await?;
+        }
+        if let Some(expires_ts) = event.expires_ts {
+            sqlx::query("INSERT INTO event_expiry (event_id, room_id, expires_ts) VALUES ($1, $2, $3)")
+                .bind(event.event_id.as_str())
+                .bind(room_id.as_str())
+                .bind(expires_ts)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some((redacted, redacted_json)) = &event.redaction {
             sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND room_id = $4")
@@ -773,6 +790,31 @@ impl RoomStore for SqlStore {
                 })
             })
             .collect()
+    }
+
+    async fn due_expiries(&self, now: i64, limit: i64) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT event_id, room_id FROM event_expiry WHERE expires_ts <= $1 ORDER BY expires_ts LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| Ok((row.try_get("event_id")?, row.try_get("room_id")?))).collect()
+    }
+
+    async fn expire_event(&self, event_id: &str, pruned_json: Option<&str>) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(json) = pruned_json {
+            sqlx::query("UPDATE events SET json = $2 WHERE event_id = $1")
+                .bind(event_id)
+                .bind(json)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM event_expiry WHERE event_id = $1").bind(event_id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn rooms_changed(&self, after: i64, upto: i64) -> StoreResult<std::collections::HashSet<String>> {

@@ -192,7 +192,7 @@ async fn messages(
 }
 
 /// Decodes `application/x-www-form-urlencoded`.
-fn serde_html_form_decode(bytes: &[u8]) -> Vec<(String, String)> {
+pub(crate) fn serde_html_form_decode(bytes: &[u8]) -> Vec<(String, String)> {
     let text = String::from_utf8_lossy(bytes);
     text.split('&')
         .filter(|pair| !pair.is_empty())

@@ -71,6 +71,7 @@ async fn change_password(
                 operation: "reset_password",
                 user: None,
                 flows,
+                optional: Vec::new(),
                 threepid_purpose: Some(Purpose::Reset),
                 client_ip: request.client_ip,
                 by_appservice: false,

@@ -153,7 +153,6 @@ fn generated_localpart() -> String {
     tokens::random_token(9).to_ascii_lowercase().replace(['_', '-'], "x")
 }
 
-/// The UIA flows registration offers under the configured policy.
 /// The UIA flows registration offers: who may register (`registration.mode`) combined with the
 /// address they must prove (`registration.require`).
 pub(super) fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
@@ -178,10 +177,13 @@ pub(super) fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
         RequiredThreepid::Msisdn => vec![Some(Stage::Msisdn)],
         RequiredThreepid::EmailOrMsisdn => vec![Some(Stage::EmailIdentity), Some(Stage::Msisdn)],
     };
+    // A required captcha comes first in every flow, as Synapse orders it: it is the cheapest
+    // stage to check, and the one that keeps bots from the others (sending codes costs).
+    let captcha = state.recaptcha.as_ref().filter(|c| c.required).map(|_| Stage::Recaptcha);
     Ok(proofs
         .iter()
         .map(|proof| {
-            let mut flow = base.clone();
+            let mut flow: Vec<Stage> = captcha.into_iter().chain(base.iter().copied()).collect();
             flow.extend(proof);
             if flow.is_empty() {
                 flow.push(Stage::Dummy);
@@ -189,6 +191,12 @@ pub(super) fn registration_flows(state: &AppState) -> Result<Vec<Vec<Stage>>> {
             flow
         })
         .collect())
+}
+
+/// The stages registration accepts though no flow needs them: a captcha configured as not
+/// required.
+fn optional_registration_stages(state: &AppState) -> Vec<Stage> {
+    state.recaptcha.as_ref().filter(|c| !c.required).map(|_| Stage::Recaptcha).into_iter().collect()
 }
 
 /// POST /_matrix/client/v3/register
@@ -283,6 +291,7 @@ async fn register_account(
         operation: "register",
         user: None,
         flows,
+        optional: optional_registration_stages(state),
         threepid_purpose: Some(Purpose::Register),
         client_ip: request.client_ip,
         by_appservice: false,

@@ -1145,9 +1145,6 @@ async fn redact(
             )));
         }
     }
-    let object: ruma::CanonicalJsonObject =
-        crate::storage::parse_stored(&target.json).map_err(Error::internal)?;
-    let redacted = federation::pdu::redacted(object, &version, None).map_err(Error::internal)?;
     let mut content = json!({});
     if let Some(reason) = &body.reason {
         content["reason"] = reason.as_str().into();
@@ -1159,7 +1156,7 @@ async fn redact(
         state_key: None,
         content: &content,
         redacts: Some(&body.event_id),
-        redacted_json: Some(ruma::CanonicalJsonValue::Object(redacted).to_string()),
+        redacted_json: Some(rooms::pruned_json(&version, &target.json)?),
         txn: Some((user.device_id.as_str(), body.txn_id.as_str())),
     };
     let stored = rooms::append(&state, &body.room_id, draft).await?;

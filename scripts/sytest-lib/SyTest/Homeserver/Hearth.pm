@@ -53,6 +53,10 @@ sub start
    my $smtp = $self->{smtp_server_config};
    local $ENV{SYTEST_HEARTH_APPSERVICES} = join ":", @{ $self->{app_service_config_files} // [] };
    local $ENV{SYTEST_HEARTH_SMTP} = $smtp ? "$smtp->{host}:$smtp->{port}" : "";
+   my $captcha = $self->{recaptcha_config} // {};
+   local $ENV{SYTEST_HEARTH_RECAPTCHA_URL} = $captcha->{siteverify_api} // "";
+   local $ENV{SYTEST_HEARTH_RECAPTCHA_PUBLIC_KEY} = $captcha->{public_key} // "";
+   local $ENV{SYTEST_HEARTH_RECAPTCHA_PRIVATE_KEY} = $captcha->{private_key} // "";
 
    # It returns once Hearth answers through its TLS front; the processes stay behind it.
    system( $command ) == 0
