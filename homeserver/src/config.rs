@@ -1061,6 +1061,20 @@ mod tests {
     }
 
     #[test]
+    fn a_captcha_needs_both_keys_and_a_web_url_and_hides_its_secret() {
+        let public = ("HEARTH_REGISTRATION__RECAPTCHA__PUBLIC_KEY", "site");
+        let err = Config::load_with_env(None, env(&[public])).unwrap_err();
+        assert!(err.to_string().contains("registration.recaptcha.private_key"), "{err}");
+        let secret = ("HEARTH_REGISTRATION__RECAPTCHA__PRIVATE_KEY", "very-secret-key");
+        let bad_url = ("HEARTH_REGISTRATION__RECAPTCHA__SITEVERIFY_URL", "ftp://x");
+        let err = Config::load_with_env(None, env(&[public, secret, bad_url])).unwrap_err();
+        assert!(err.to_string().contains("registration.recaptcha.siteverify_url"), "{err}");
+        let config = Config::load_with_env(None, env(&[public, secret])).unwrap();
+        assert!(config.registration.recaptcha.required);
+        assert!(!format!("{config:?}").contains("very-secret-key"));
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let err = Config::load_with_env(None, env(&[("HEARTH_RATE_LIMITS__ENABLED", "maybe")])).unwrap_err();
         assert!(err.to_string().contains("HEARTH_RATE_LIMITS__ENABLED"), "{err}");

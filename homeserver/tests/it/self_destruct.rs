@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::{Db, Session, TestServer, create_room, enc, put_ok, put_state};
+use crate::common::{Db, Session, TestServer, create_room, enc, join_room, put_ok, put_state};
 
 fn now_ms() -> i64 {
     i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
@@ -50,7 +50,9 @@ crate::on_both_backends! {
     async fn a_message_that_asks_to_self_destruct_is_emptied_once_its_time_has_passed(db: Db) {
         let server = TestServer::start_with(db, |config| config.rooms.self_destructing_messages = true).await;
         let alice = server.register("alice", "a long password").await;
-        let room = create_room(&server, &alice, json!({})).await;
+        let bob = server.register("bob", "a long password").await;
+        let room = create_room(&server, &alice, json!({"invite": [bob.user_id]})).await;
+        assert_eq!(join_room(&server, &bob, &room).await.0, 200);
         let (_, first) = server.get("/_matrix/client/v3/sync?timeout=0", Some(&alice.token)).await;
         let since = first["next_batch"].as_str().unwrap().to_owned();
 
@@ -82,6 +84,20 @@ crate::on_both_backends! {
         assert_eq!(served["content"], json!({}));
         // The sync reads the message from the stream window in memory, as it was first read.
         assert_eq!(synced_content(&server, &alice, &room, &since, &doomed_id).await, json!({}));
+
+        // Bob was notified of it (a message in a room of two): the notification shows it empty.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let notified = loop {
+            let (status, list) = server.get("/_matrix/client/v3/notifications", Some(&bob.token)).await;
+            assert_eq!(status, 200, "{list}");
+            let found = list["notifications"].as_array().unwrap().iter().find(|n| n["event"]["event_id"] == doomed_id).cloned();
+            if let Some(found) = found {
+                break found;
+            }
+            assert!(std::time::Instant::now() < deadline, "no notification: {list}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(notified["event"]["content"], json!({}));
 
         assert_eq!(event_content(&server, &alice, &room, &odd_id).await, odd);
         assert_eq!(stored_content(&server, &topic_id).await, topic);

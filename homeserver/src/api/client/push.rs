@@ -37,7 +37,7 @@ use serde_json::json;
 use crate::{
     error::{Error, ErrorKind, Result},
     push::{ruleset, stored_rules},
-    rooms::{self, client_event::ClientEvent, visibility::ReadRules},
+    rooms::{self, visibility::ReadRules},
     ruma_wrapper::{Authenticated, JsonBody, Router, Ruma, parse_json_body},
     state::AppState,
     storage::PusherKey,
@@ -662,7 +662,13 @@ async fn notifications_of(
             continue;
         }
         let actions = serde_json::from_str(&notification.actions).unwrap_or_default();
-        let event = ClientEvent::parse(&notification.event)?.to_raw()?;
+        // As every endpoint serves events: a self-destructed message not yet pruned is empty.
+        let event = rooms::client_event::serve_one(
+            state,
+            &notification.event,
+            super::room::reader_of(&request.sender),
+        )
+        .await?;
         let room_id = OwnedRoomId::try_from(notification.room_id.as_str()).map_err(Error::internal)?;
         let ts = MilliSecondsSinceUnixEpoch(
             UInt::try_from(u64::try_from(notification.ts).unwrap_or_default()).unwrap_or_default(),
