@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
 pub mod auth;
+pub mod keys;
 pub mod pdu;
 pub mod signing_key;

@@ -56,6 +56,8 @@ pub struct Config {
     /// The server's ed25519 signing key. Empty: `<data_dir>/signing.key`, created on first start.
     pub signing_key_file: String,
     pub listen: ListenConfig,
+    pub tls: TlsConfig,
+    pub federation: FederationConfig,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     pub registration: RegistrationConfig,
@@ -83,6 +85,62 @@ pub struct ListenConfig {
     /// entry, which the reverse proxy in front of Hearth appends. Only for deployments behind
     /// such a proxy: otherwise clients could pick their own IP.
     pub trust_x_forwarded_for: bool,
+    /// Address of the federation listener (other servers reach it, port 8448 by convention).
+    /// Empty: no federation.
+    pub federation: String,
+}
+
+/// The certificate the federation listener serves. Empty: it speaks plain HTTP, for a
+/// deployment with a TLS proxy in front.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file of the certificate chain.
+    pub certificate: String,
+    /// PEM file of its private key.
+    pub private_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Talk to other servers. Takes effect only with `listen.federation` set.
+    pub enabled: bool,
+    /// A PEM file of certificates trusted besides the system's roots when calling other servers
+    /// (a private CA). Empty: the system's roots only.
+    pub extra_ca_file: String,
+    /// Call servers on loopback, private, link-local and other non-public addresses. Off, a
+    /// server name cannot make Hearth call into its own network (tests on loopback turn it on).
+    pub allow_private_addresses: bool,
+    /// How long one request to another server may take, in seconds.
+    pub request_timeout_secs: u64,
+    /// Keys this server signed with before, still published (`old_verify_keys`) so that what it
+    /// signed with them can be checked.
+    pub old_signing_keys: Vec<OldSigningKey>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            extra_ca_file: String::new(),
+            allow_private_addresses: false,
+            request_timeout_secs: 30,
+            old_signing_keys: Vec::new(),
+        }
+    }
+}
+
+/// A signing key retired from use.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OldSigningKey {
+    /// `ed25519:<version>`, as it was published.
+    pub key_id: String,
+    /// The public key, unpadded base64.
+    pub public_key: String,
+    /// When it stopped being used, in ms since the epoch.
+    pub expired_ts: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -451,6 +509,8 @@ impl Default for Config {
             public_baseurl: String::new(),
             signing_key_file: String::new(),
             listen: ListenConfig::default(),
+            tls: TlsConfig::default(),
+            federation: FederationConfig::default(),
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),
             registration: RegistrationConfig::default(),
@@ -473,7 +533,7 @@ impl Default for Config {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self { client: "127.0.0.1:8008".to_owned(), trust_x_forwarded_for: false }
+        Self { client: "127.0.0.1:8008".to_owned(), trust_x_forwarded_for: false, federation: String::new() }
     }
 }
 
@@ -742,6 +802,7 @@ impl Config {
         }
         self.validate_threepids()?;
         self.validate_recaptcha()?;
+        self.validate_federation()?;
         self.validate_jwt_login()?;
         if !self.turn.uris.is_empty() && self.turn.shared_secret.is_empty() {
             return Err(invalid("turn.shared_secret", "needed when turn.uris is set"));
@@ -799,6 +860,28 @@ impl Config {
         }
         if self.threepid.max_attempts == 0 {
             return Err(invalid("threepid.max_attempts", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_federation(&self) -> Result<(), ConfigError> {
+        self.federation_listen_addr()?;
+        if self.tls.certificate.is_empty() != self.tls.private_key.is_empty() {
+            return Err(invalid("tls", "certificate and private_key must be set together"));
+        }
+        if !(1..=300).contains(&self.federation.request_timeout_secs) {
+            return Err(invalid("federation.request_timeout_secs", "must be from 1 to 300"));
+        }
+        for old in &self.federation.old_signing_keys {
+            let valid = old.key_id.starts_with("ed25519:")
+                && ruma::serde::Base64::<ruma::serde::base64::Standard>::parse(&old.public_key)
+                    .is_ok_and(|key| key.as_bytes().len() == 32);
+            if !valid {
+                return Err(invalid(
+                    "federation.old_signing_keys",
+                    format!("`{}` needs an ed25519:<version> id and a 32-byte base64 public key", old.key_id),
+                ));
+            }
         }
         Ok(())
     }
@@ -868,6 +951,21 @@ impl Config {
         } else {
             std::path::PathBuf::from(&self.signing_key_file)
         }
+    }
+
+    /// Whether this server federates: enabled, with a federation listener.
+    pub fn federates(&self) -> bool {
+        self.federation.enabled && !self.listen.federation.is_empty()
+    }
+
+    /// The federation listener's address, when the server federates.
+    pub fn federation_listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if !self.federates() {
+            return Ok(None);
+        }
+        self.listen.federation.parse().map(Some).map_err(|_| {
+            invalid("listen.federation", format!("`{}` is not an IP:port address", self.listen.federation))
+        })
     }
 
     pub fn client_listen_addr(&self) -> Result<SocketAddr, ConfigError> {

@@ -31,7 +31,15 @@ use crate::{
     state::AppState,
 };
 
-type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+pub(crate) type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// The request as sent, for schemes that authenticate all of it (X-Matrix signs the method,
+/// URI and body).
+#[derive(Clone, Copy)]
+pub struct Incoming<'a> {
+    pub request: &'a HttpRequest,
+    pub body: &'a [u8],
+}
 
 /// Maps a ruma authentication scheme to what the handler receives as `sender`. `query` is the
 /// raw query string, where application services name the user they act as.
@@ -42,6 +50,7 @@ pub trait ServerAuth {
         token: Option<String>,
         ip: IpAddr,
         query: &'a str,
+        incoming: Incoming<'a>,
     ) -> LocalFuture<'a, Result<Self::Sender>>;
 
     /// Whether the sender is a guest account, for the guest gate ([`crate::auth::guest`]).
@@ -57,6 +66,7 @@ impl ServerAuth for AccessToken {
         token: Option<String>,
         ip: IpAddr,
         query: &'a str,
+        _: Incoming<'a>,
     ) -> LocalFuture<'a, Result<AuthedUser>> {
         Box::pin(async move {
             let token = token.ok_or_else(Error::missing_token)?;
@@ -80,6 +90,7 @@ impl ServerAuth for AccessTokenOptional {
         token: Option<String>,
         _ip: IpAddr,
         query: &'a str,
+        _: Incoming<'a>,
     ) -> LocalFuture<'a, Result<Self::Sender>> {
         Box::pin(async move {
             match token {
@@ -112,6 +123,7 @@ impl ServerAuth for AppserviceTokenOptional {
         token: Option<String>,
         _: IpAddr,
         _: &'a str,
+        _: Incoming<'a>,
     ) -> LocalFuture<'a, Result<AppserviceAuth>> {
         Box::pin(async move { Ok(appservice_auth(state, token)) })
     }
@@ -124,6 +136,7 @@ impl ServerAuth for AppserviceToken {
         token: Option<String>,
         _: IpAddr,
         _: &'a str,
+        _: Incoming<'a>,
     ) -> LocalFuture<'a, Result<AppserviceAuth>> {
         Box::pin(async move {
             let token = token.ok_or_else(Error::missing_token)?;
@@ -137,7 +150,7 @@ macro_rules! unauthenticated {
         impl ServerAuth for $scheme {
             type Sender = ();
             fn authenticate<'a>(
-                _: &'a AppState, _: Option<String>, _: IpAddr, _: &'a str,
+                _: &'a AppState, _: Option<String>, _: IpAddr, _: &'a str, _: Incoming<'a>,
             ) -> LocalFuture<'a, Result<()>> {
                 Box::pin(async { Ok(()) })
             }
@@ -167,6 +180,10 @@ pub(crate) struct PathTemplate(pub(crate) &'static str);
 fn access_token(req: &HttpRequest) -> Result<Option<String>> {
     if let Some(header) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
         let value = header.to_str().unwrap_or_default();
+        if value.starts_with("X-Matrix ") {
+            // A server's signature, which the federation endpoints check (`ServerSignatures`).
+            return Ok(None);
+        }
         return match value.strip_prefix("Bearer ") {
             Some(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_owned())),
             _ => Err(Error::new(
@@ -463,7 +480,7 @@ fn check_known_parser_panics<T: 'static>(body: &[u8]) -> Result<()> {
 }
 
 /// Converts an actix (http 0.2) request into the http 1.x request ruma parses.
-fn to_http_request<'b>(req: &HttpRequest, body: &'b [u8]) -> Result<http::Request<&'b [u8]>> {
+pub(crate) fn to_http_request<'b>(req: &HttpRequest, body: &'b [u8]) -> Result<http::Request<&'b [u8]>> {
     let mut builder = http::Request::builder()
         .method(http::Method::from_bytes(req.method().as_str().as_bytes()).map_err(Error::internal)?)
         .uri(req.uri().to_string());
@@ -514,8 +531,10 @@ where
             let token = access_token(&req)?;
             let client_ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
             let query = req.query_string();
+            let incoming = Incoming { request: &req, body: &body };
             let sender =
-                <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip, query).await?;
+                <T::Authentication as ServerAuth>::authenticate(&state, token, client_ip, query, incoming)
+                    .await?;
             crate::auth::guest::check(
                 <T::Authentication as ServerAuth>::is_guest(&sender),
                 T::METHOD.as_str(),
@@ -564,7 +583,8 @@ impl FromRequest for Authenticated {
             let token = access_token(&req)?;
             let ip = client_ip(&req, state.config.listen.trust_x_forwarded_for);
             let query = req.query_string().to_owned();
-            let user = <AccessToken as ServerAuth>::authenticate(&state, token, ip, &query).await?;
+            let incoming = Incoming { request: &req, body: &[] };
+            let user = <AccessToken as ServerAuth>::authenticate(&state, token, ip, &query, incoming).await?;
             crate::auth::guest::check(
                 user.is_guest,
                 req.method().as_str(),

@@ -22,9 +22,23 @@ pub struct RunningServer {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     /// Push-rule evaluation and delivery to push gateways.
     push: crate::push::Background,
+    /// The federation listener, when the server federates.
+    federation: Option<Listener>,
+}
+
+/// A second listener: its address and how to stop it.
+struct Listener {
+    addr: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl RunningServer {
+    /// Where the federation listener listens, when the server federates.
+    pub fn federation_addr(&self) -> Option<SocketAddr> {
+        self.federation.as_ref().map(|listener| listener.addr)
+    }
+
     /// Waits until the server stops (a signal, or [`RunningServer::stop`]).
     pub async fn wait(self) -> anyhow::Result<()> {
         self.task.await.context("server task")?.context("server")
@@ -37,6 +51,10 @@ impl RunningServer {
         self.state.appservices.stop().await;
         self.handle.stop(true).await;
         let _ = self.task.await;
+        if let Some(federation) = self.federation {
+            federation.handle.stop(true).await;
+            let _ = federation.task.await;
+        }
         if let Err(error) = self.state.stream.stop().await {
             tracing::warn!(%error, "could not retire the stream writer");
         }
@@ -152,6 +170,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     store.migrate().await.context("running database migrations")?;
     let listener = std::net::TcpListener::bind(config.client_listen_addr()?)
         .with_context(|| format!("binding the client listener to {}", config.listen.client))?;
+    let federation_listener =
+        match config.federation_listen_addr()? {
+            Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| {
+                format!("binding the federation listener to {}", config.listen.federation)
+            })?),
+            None => None,
+        };
+    let federation_tls = federation_tls(&config.tls)?;
     let addr = listener.local_addr()?;
     let mut config = config;
     if config.public_baseurl.is_empty() {
@@ -237,5 +263,56 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let server = server.run();
     let handle = server.handle();
     let task = tokio::spawn(server);
-    Ok(RunningServer { addr, state, handle, task, push })
+    let federation = match federation_listener {
+        Some(listener) => Some(start_federation(&state, listener, federation_tls)?),
+        None => None,
+    };
+    Ok(RunningServer { addr, state, handle, task, push, federation })
+}
+
+/// The federation listener's TLS, when a certificate is configured.
+fn federation_tls(tls: &crate::config::TlsConfig) -> anyhow::Result<Option<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    if tls.certificate.is_empty() {
+        return Ok(None);
+    }
+    let certificates = CertificateDer::pem_file_iter(&tls.certificate)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .with_context(|| format!("tls.certificate: reading {}", tls.certificate))?;
+    anyhow::ensure!(!certificates.is_empty(), "tls.certificate: {} holds no certificate", tls.certificate);
+    let key = PrivateKeyDer::from_pem_file(&tls.private_key)
+        .with_context(|| format!("tls.private_key: reading {}", tls.private_key))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certificates, key)
+        .context("tls: the certificate and private key do not go together")?;
+    Ok(Some(config))
+}
+
+/// Serves the server-server API on its own listener: TLS itself, or plain behind a proxy.
+fn start_federation(
+    state: &web::Data<AppState>,
+    listener: std::net::TcpListener,
+    tls: Option<rustls::ServerConfig>,
+) -> anyhow::Result<Listener> {
+    let addr = listener.local_addr()?;
+    let app_state = state.clone();
+    let server = HttpServer::new(move || {
+        let router = api::federation::router();
+        App::new()
+            .app_data(app_state.clone())
+            .configure(|cfg| router.configure(cfg))
+            .configure(api::federation::configure_custom)
+            .default_service(web::to(unrecognized))
+    })
+    .disable_signals();
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+        None => server.listen(listener)?,
+    }
+    .run();
+    let handle = server.handle();
+    let task = tokio::spawn(server);
+    tracing::info!(%addr, "federation listener started");
+    Ok(Listener { addr, handle, task })
 }

@@ -53,6 +53,8 @@ pub struct AppState {
     pub sms: Option<Arc<dyn SmsSender>>,
     pub templates: Templates,
     pub jwt_login: Option<JwtLogin>,
+    /// Calls to other servers, when this one federates.
+    remote: Option<crate::remote::Remote>,
     /// The registration captcha's verifier, when one is configured.
     pub recaptcha: Option<crate::auth::recaptcha::Recaptcha>,
     /// The registered application services.
@@ -133,6 +135,10 @@ impl AppState {
             .map_err(|e| anyhow::anyhow!("email.templates_dir: {e}"))?;
         let jwt_login = JwtLogin::from_config(&config.jwt_login)?;
         let recaptcha = crate::auth::recaptcha::Recaptcha::from_config(&config.registration.recaptcha)?;
+        let remote = match config.federates() {
+            true => Some(crate::remote::Remote::new(&config.federation)?),
+            false => None,
+        };
         let appservices = crate::appservice::Appservices::load(&config)?;
         // Derived from the token secret, so every worker of a deployment agrees on it.
         let code_key = [b"hearth one-time codes:".as_slice(), &secret].concat();
@@ -161,6 +167,7 @@ impl AppState {
             templates,
             jwt_login,
             recaptcha,
+            remote,
             appservices,
             code_key,
             cursors: crate::queue::CursorSeal::new(&secret),
@@ -191,6 +198,11 @@ impl AppState {
     }
 
     /// Whether expired UIA sessions are due to be swept (at most once a minute per process).
+    /// The client for other servers; an error when this server does not federate.
+    pub fn remote(&self) -> Result<&crate::remote::Remote, crate::remote::RemoteError> {
+        self.remote.as_ref().ok_or(crate::remote::RemoteError::Disabled)
+    }
+
     pub fn uia_cleanup_due(&self) -> bool {
         once_a_minute(&self.uia_cleaned)
     }

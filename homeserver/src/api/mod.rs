@@ -1,3 +1,4 @@
-//! HTTP APIs. `client` is the client-server API; federation comes with its own module.
+//! HTTP APIs: `client` is the client-server API, `federation` the server-server API.
 
 pub mod client;
+pub mod federation;

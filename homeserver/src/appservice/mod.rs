@@ -262,7 +262,7 @@ impl Appservices {
         crate::install_crypto_provider();
         // Redirects would carry the hs_token elsewhere.
         let builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
-        Ok(crate::trust_extra_ca(builder, extra_ca_file)?.build()?)
+        Ok(crate::outbound::trust_extra_ca(builder, extra_ca_file)?.build()?)
     }
 
     /// Reads and checks every registration file the configuration names.

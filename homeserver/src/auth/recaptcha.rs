@@ -54,7 +54,7 @@ impl Recaptcha {
             .timeout(TIMEOUT)
             .connect_timeout(TIMEOUT)
             .redirect(reqwest::redirect::Policy::none());
-        let http = crate::trust_extra_ca(builder, Some(&config.extra_ca_file))
+        let http = crate::outbound::trust_extra_ca(builder, Some(&config.extra_ca_file))
             .map_err(|e| e.context("registration.recaptcha.extra_ca_file"))?
             .build()?;
         Ok(Some(Self {

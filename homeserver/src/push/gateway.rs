@@ -7,18 +7,17 @@
 //! client's resolver, so a name cannot resolve to a public address when checked and to a private
 //! one when connected). Redirects are not followed and no proxy is used.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use ruma::api::{
     IncomingResponseExt, OutgoingRequestExt,
     push_gateway::send_event_notification::v1::{Notification, Request, Response},
 };
 
-use crate::config::PushConfig;
+use crate::{
+    config::PushConfig,
+    outbound::{PublicOnly, RefusedAddress, is_public},
+};
 
 /// The path the spec requires of an HTTP pusher's URL.
 pub const NOTIFY_PATH: &str = "/_matrix/push/v1/notify";
@@ -62,90 +61,6 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<reqwest::Url, String>
     Ok(parsed)
 }
 
-/// Whether an address is on the public internet: not loopback, private, link-local, shared
-/// (CGNAT), documentation, benchmarking, multicast, reserved or unspecified.
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(ip) => is_public_v4(ip),
-        IpAddr::V6(ip) => {
-            if let Some(v4) = ip.to_ipv4_mapped() {
-                return is_public_v4(v4);
-            }
-            let segments = ip.segments();
-            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4 address to reach.
-            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                let [a, b] = segments[6].to_be_bytes();
-                let [c, d] = segments[7].to_be_bytes();
-                return is_public_v4(Ipv4Addr::new(a, b, c, d));
-            }
-            if segments[0] == 0x2002 {
-                let [a, b] = segments[1].to_be_bytes();
-                let [c, d] = segments[2].to_be_bytes();
-                return is_public_v4(Ipv4Addr::new(a, b, c, d));
-            }
-            !(ip.is_unspecified()
-                || ip.is_loopback()
-                || ip.is_multicast()
-                || (segments[0] & 0xfe00) == 0xfc00 // unique local
-                || (segments[0] & 0xffc0) == 0xfe80 // link-local
-                || (segments[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
-                || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
-                || ip == Ipv6Addr::from([0u16, 0, 0, 0, 0, 0, 0, 1]))
-        }
-    }
-}
-
-fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, c, _] = ip.octets();
-    !(ip.is_unspecified()
-        || a == 0 // "this network"
-        || ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-        || a >= 240 // reserved
-        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
-        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
-        || (a == 192 && b == 0 && c == 2) // documentation
-        || (a == 198 && b == 51 && c == 100)
-        || (a == 203 && b == 0 && c == 113)
-        || (a == 198 && (18..20).contains(&b))) // benchmarking
-}
-
-/// A name resolved only to addresses the server may not call.
-#[derive(Debug)]
-struct RefusedAddress(String);
-
-impl std::fmt::Display for RefusedAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} resolves only to addresses that are not public", self.0)
-    }
-}
-
-impl std::error::Error for RefusedAddress {}
-
-/// The system resolver, keeping only public addresses (unless private ones are allowed).
-struct PublicOnly {
-    allow_private: bool,
-}
-
-impl reqwest::dns::Resolve for PublicOnly {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let kept: Vec<SocketAddr> =
-                found.into_iter().filter(|addr| allow_private || is_public(addr.ip())).collect();
-            if kept.is_empty() {
-                return Err(Box::new(RefusedAddress(host)) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 /// The HTTP client for push gateways.
 pub struct Gateway {
     http: reqwest::Client,
@@ -160,8 +75,8 @@ impl Gateway {
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .dns_resolver(Arc::new(PublicOnly { allow_private: config.allow_private_addresses }));
-        let http = crate::trust_extra_ca(builder, Some(&config.extra_ca_file))
+            .dns_resolver(Arc::new(PublicOnly::new(config.allow_private_addresses)));
+        let http = crate::outbound::trust_extra_ca(builder, Some(&config.extra_ca_file))
             .map_err(|e| e.context("push.extra_ca_file"))?
             .build()?;
         Ok(Self { http, allow_private: config.allow_private_addresses })

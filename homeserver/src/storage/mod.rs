@@ -20,6 +20,7 @@ pub mod push;
 mod registration_tokens;
 mod reports;
 pub mod rooms;
+mod server_keys;
 mod sessions;
 pub mod stream;
 mod threepids;
@@ -47,6 +48,7 @@ pub use self::{
     registration_tokens::RegistrationTokenStore,
     reports::{ReportRecord, ReportStore},
     rooms::{AppendError, Directory, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
+    server_keys::{ServerKeyRecord, ServerKeyStore},
     sessions::{SessionRecord, SessionStore},
     threepids::{ThreepidRecord, ThreepidSession, ThreepidStore},
     uia::{UiaSessionRecord, UiaStore},
@@ -83,6 +85,7 @@ pub trait Storage:
     + PushStore
     + AppserviceStore
     + DeploymentStore
+    + ServerKeyStore
 {
 }
 
@@ -149,6 +152,7 @@ impl<T> Storage for T where
         + PushStore
         + AppserviceStore
         + DeploymentStore
+        + ServerKeyStore
 {
 }
 
@@ -386,6 +390,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "event expiry",
         include_str!("../../migrations/postgres/0024_event_expiry.sql"),
         include_str!("../../migrations/sqlite/0024_event_expiry.sql"),
+    ),
+    (
+        25,
+        "server keys",
+        include_str!("../../migrations/postgres/0025_server_keys.sql"),
+        include_str!("../../migrations/sqlite/0025_server_keys.sql"),
     ),
 ];
 

@@ -36,12 +36,29 @@ impl TestCa {
             std::env::temp_dir().join(format!("hearth-ca-{}", homeserver::auth::tokens::random_token(12)));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("server.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
         Self { dir, server }
     }
 
     /// The CA's certificate, PEM.
     pub(crate) fn ca_file(&self) -> String {
         self.dir.join("ca.pem").display().to_string()
+    }
+
+    /// The certificate the CA signed for 127.0.0.1 and its private key, PEM files (Hearth's
+    /// `tls.certificate` and `tls.private_key`).
+    pub(crate) fn server_files(&self) -> (String, String) {
+        let path = |name: &str| self.dir.join(name).display().to_string();
+        (path("server.pem"), path("server.key"))
+    }
+
+    /// An HTTP client that trusts the CA.
+    pub(crate) fn client(&self) -> reqwest::Client {
+        homeserver::outbound::trust_extra_ca(reqwest::Client::builder(), Some(&self.ca_file()))
+            .unwrap()
+            .build()
+            .unwrap()
     }
 
     /// TLS for a server on 127.0.0.1 with the certificate the CA signed.

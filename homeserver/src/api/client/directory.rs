@@ -57,7 +57,7 @@ pub(super) fn local_alias(state: &AppState, alias: &RoomAliasId) -> Result<()> {
 
 /// The room an alias names, or M_NOT_FOUND. An alias nobody made yet in an application
 /// service's namespace is asked of the service, which may make it on demand.
-pub(super) async fn resolve(state: &AppState, alias: &RoomAliasId) -> Result<OwnedRoomId> {
+pub async fn resolve(state: &AppState, alias: &RoomAliasId) -> Result<OwnedRoomId> {
     let mut found = state.store.resolve_alias(alias.as_str()).await?;
     if found.is_none()
         && alias.server_name() == state.server_name
@@ -126,7 +126,17 @@ async fn get_alias(
     state: web::Data<AppState>,
     request: Ruma<get_alias::v3::Request>,
 ) -> Result<get_alias::v3::Response> {
-    let room = resolve(&state, &request.body.room_alias).await?;
+    let alias = &request.body.room_alias;
+    if alias.server_name() != state.server_name {
+        // Another server's alias: that server says which room it names (`query/directory`).
+        let question = ruma::api::federation::query::get_room_information::v1::Request::new(alias.clone());
+        let answer = state
+            .remote()?
+            .send(&state.server_name, state.signing_key.key_pair(), alias.server_name(), question)
+            .await?;
+        return Ok(get_alias::v3::Response::new(answer.room_id, answer.servers));
+    }
+    let room = resolve(&state, alias).await?;
     Ok(get_alias::v3::Response::new(room, vec![state.server_name.clone()]))
 }
 

@@ -10,6 +10,8 @@ mod discovery;
 mod ephemeral;
 mod keys;
 mod openid;
+pub use directory::resolve as resolve_alias;
+pub use openid::userinfo as openid_userinfo;
 mod peeking;
 mod profile;
 pub mod push;
@@ -105,8 +107,8 @@ fn custom() -> Vec<CustomRoute> {
         // ruma leaves capabilities with the spec's default out; clients look for them.
         (Method::GET, "/_matrix/client/v3/capabilities", || web::get().to(discovery::get_capabilities)),
         (Method::GET, "/_matrix/client/r0/capabilities", || web::get().to(discovery::get_capabilities)),
-        // A federation endpoint that widgets reach through the client's homeserver; served
-        // here until Hearth has a federation listener.
+        // A federation endpoint that widgets reach through the client's homeserver; also on
+        // the federation listener, where the spec puts it.
         (Method::GET, "/_matrix/federation/v1/openid/userinfo", || web::get().to(openid::userinfo)),
         // For load balancers and health checks: plain `OK`.
         (Method::GET, "/health", || web::get().to(|| async { HttpResponse::Ok().body("OK") })),

@@ -55,7 +55,7 @@ async fn request_token(
 ///
 /// `{"sub": user id}` for a live token; 401 `M_MISSING_TOKEN` without one, `M_UNKNOWN_TOKEN`
 /// for one unknown, expired, or of a deactivated account.
-pub(super) async fn userinfo(state: web::Data<AppState>, request: HttpRequest) -> Result<HttpResponse> {
+pub async fn userinfo(state: web::Data<AppState>, request: HttpRequest) -> Result<HttpResponse> {
     check_uri(&request)?;
     let query = web::Query::<std::collections::BTreeMap<String, String>>::from_query(request.query_string())
         .map_err(|e| Error::invalid_param(format!("query: {e}")))?;

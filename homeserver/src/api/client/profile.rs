@@ -40,14 +40,35 @@ async fn known_user(state: &AppState, user_id: &UserId) -> Result<()> {
     }
 }
 
+/// A user's display name and avatar URL: a local user's from the database, another server's
+/// user's asked of that server (`query/profile`).
+async fn profile_of(state: &AppState, user_id: &UserId) -> Result<(Option<String>, Option<String>)> {
+    if user_id.server_name() == state.server_name {
+        known_user(state, user_id).await?;
+        return Ok(state.store.profile(user_id).await?);
+    }
+    let request = ruma::api::federation::query::get_profile_information::v1::Request::new(user_id.to_owned());
+    let answer = state
+        .remote()?
+        .send(&state.server_name, state.signing_key.key_pair(), user_id.server_name(), request)
+        .await?;
+    // What another server says is bounded here as what users here may set.
+    let field = |name: &str, max: usize| {
+        answer
+            .get(name)
+            .and_then(|value| value.as_str())
+            .filter(|value| value.len() <= max)
+            .map(str::to_owned)
+    };
+    Ok((field("displayname", MAX_DISPLAYNAME * 4), field("avatar_url", MAX_AVATAR_URL_BYTES)))
+}
+
 /// GET /_matrix/client/v3/profile/{userId}
 async fn get_profile(
     state: web::Data<AppState>,
     request: Ruma<get_profile::v3::Request>,
 ) -> Result<get_profile::v3::Response> {
-    let user_id = &request.body.user_id;
-    known_user(&state, user_id).await?;
-    let (name, avatar) = state.store.profile(user_id).await?;
+    let (name, avatar) = profile_of(&state, &request.body.user_id).await?;
     let mut response = get_profile::v3::Response::new();
     if let Some(name) = name {
         response.data.set("displayname".to_owned(), name.into());
@@ -63,8 +84,7 @@ async fn get_displayname(
     state: web::Data<AppState>,
     request: Ruma<get_display_name::v3::Request>,
 ) -> Result<get_display_name::v3::Response> {
-    known_user(&state, &request.body.user_id).await?;
-    Ok(get_display_name::v3::Response::new(state.store.profile(&request.body.user_id).await?.0))
+    Ok(get_display_name::v3::Response::new(profile_of(&state, &request.body.user_id).await?.0))
 }
 
 /// GET /_matrix/client/v3/profile/{userId}/avatar_url
@@ -72,8 +92,7 @@ async fn get_avatar(
     state: web::Data<AppState>,
     request: Ruma<get_avatar_url::v3::Request>,
 ) -> Result<get_avatar_url::v3::Response> {
-    known_user(&state, &request.body.user_id).await?;
-    let avatar = state.store.profile(&request.body.user_id).await?.1.map(OwnedMxcUri::from);
+    let avatar = profile_of(&state, &request.body.user_id).await?.1.map(OwnedMxcUri::from);
     Ok(get_avatar_url::v3::Response::new(avatar))
 }
 
