@@ -18,14 +18,14 @@ use crate::{
 };
 
 /// A Hearth that federates, and how to reach its federation listener.
-struct Federating {
-    server: TestServer,
-    name: OwnedServerName,
+pub(crate) struct Federating {
+    pub(crate) server: TestServer,
+    pub(crate) name: OwnedServerName,
     federation_base: String,
 }
 
 impl Federating {
-    async fn start(db: Db, ca: &TestCa) -> Self {
+    pub(crate) async fn start(db: Db, ca: &TestCa) -> Self {
         let port = free_port();
         let name = OwnedServerName::try_from(format!("127.0.0.1:{port}")).unwrap();
         let (certificate, private_key) = ca.server_files();
@@ -49,7 +49,7 @@ impl Federating {
         Self { server, name, federation_base: format!("https://127.0.0.1:{port}") }
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.server.stop().await;
     }
 }

@@ -29,6 +29,7 @@ mod self_destruct;
 mod storage;
 mod stream;
 mod sweep;
+mod synapse;
 mod sync_shape;
 mod threepid;
 mod tls;
