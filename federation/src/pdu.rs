@@ -136,8 +136,14 @@ fn canonical<T: serde::Serialize>(value: T) -> Result<CanonicalJsonValue, PduErr
 }
 
 impl PduBuilder<'_> {
-    /// Builds, hashes and signs the event as `server`.
-    pub fn sign(&self, server: &ServerName, key: &SigningKey) -> Result<SignedPdu, PduError> {
+    /// The event as another server fills it in before signing it: what `make_join` and
+    /// `make_leave` answer. No hashes, signatures or (room versions 1 and 2) event id.
+    pub fn template(&self) -> Result<CanonicalJsonObject, PduError> {
+        Ok(self.fields()?.0)
+    }
+
+    /// The event's fields before hashing and signing, and its room version's rules.
+    fn fields(&self) -> Result<(CanonicalJsonObject, RoomVersionRules), PduError> {
         let rules = rules(self.room_version)?;
         if self.prev_events.len() > MAX_PREV_EVENTS {
             return Err(PduError::TooManyReferences("prev_events"));
@@ -182,15 +188,21 @@ impl PduBuilder<'_> {
         let sender_chooses_id = ids_chosen_by_sender(&rules);
         object.insert("prev_events".into(), self.references(self.prev_events, sender_chooses_id)?);
         object.insert("auth_events".into(), self.references(self.auth_events, sender_chooses_id)?);
-        let chosen_id = if sender_chooses_id {
+        object.insert("depth".into(), canonical(self.depth)?);
+        object.insert("origin_server_ts".into(), canonical(self.origin_server_ts)?);
+        Ok((object, rules))
+    }
+
+    /// Builds, hashes and signs the event as `server`.
+    pub fn sign(&self, server: &ServerName, key: &SigningKey) -> Result<SignedPdu, PduError> {
+        let (mut object, rules) = self.fields()?;
+        let chosen_id = if ids_chosen_by_sender(&rules) {
             let id = EventId::new_v1(server);
             object.insert("event_id".into(), canonical(&id)?);
             Some(id)
         } else {
             None
         };
-        object.insert("depth".into(), canonical(self.depth)?);
-        object.insert("origin_server_ts".into(), canonical(self.origin_server_ts)?);
 
         hash_and_sign_event(server.as_str(), key.key_pair(), &mut object, &rules.redaction)
             .map_err(signing_error)?;

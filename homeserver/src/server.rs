@@ -196,6 +196,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let _ = state.publisher.set(publisher);
     }
     let push = crate::push::start(&state.clone().into_inner());
+    if state.config.federates() {
+        let _ = state.outbox.set(crate::remote::outbox::Outbox::start(&state.clone().into_inner()));
+    }
     if state.config.rooms.self_destructing_messages {
         // It ends by itself once the server's state is dropped.
         tokio::spawn(crate::rooms::expiry::run(Arc::downgrade(&state.clone().into_inner())));

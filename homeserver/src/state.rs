@@ -55,6 +55,8 @@ pub struct AppState {
     pub jwt_login: Option<JwtLogin>,
     /// Calls to other servers, when this one federates.
     remote: Option<crate::remote::Remote>,
+    /// Sends events to other servers; set at start when this server federates.
+    pub(crate) outbox: std::sync::OnceLock<crate::remote::outbox::Outbox>,
     /// The registration captcha's verifier, when one is configured.
     pub recaptcha: Option<crate::auth::recaptcha::Recaptcha>,
     /// The registered application services.
@@ -168,6 +170,7 @@ impl AppState {
             jwt_login,
             recaptcha,
             remote,
+            outbox: std::sync::OnceLock::new(),
             appservices,
             code_key,
             cursors: crate::queue::CursorSeal::new(&secret),
@@ -197,12 +200,17 @@ impl AppState {
         }
     }
 
-    /// Whether expired UIA sessions are due to be swept (at most once a minute per process).
     /// The client for other servers; an error when this server does not federate.
     pub fn remote(&self) -> Result<&crate::remote::Remote, crate::remote::RemoteError> {
         self.remote.as_ref().ok_or(crate::remote::RemoteError::Disabled)
     }
 
+    /// The queues of events for other servers, when this server federates.
+    pub fn outbox(&self) -> Option<&crate::remote::outbox::Outbox> {
+        self.outbox.get()
+    }
+
+    /// Whether expired UIA sessions are due to be swept (at most once a minute per process).
     pub fn uia_cleanup_due(&self) -> bool {
         once_a_minute(&self.uia_cleaned)
     }

@@ -7,6 +7,8 @@
 
 pub mod discovery;
 pub mod keys;
+pub mod outbox;
+pub mod received;
 
 use std::{sync::Arc, time::Duration};
 
@@ -63,6 +65,7 @@ pub struct Remote {
     allow_private: bool,
     discovery: discovery::Discovery,
     pub keys: keys::RemoteKeys,
+    pub received: received::Received,
 }
 
 impl Remote {
@@ -82,6 +85,7 @@ impl Remote {
             allow_private: config.allow_private_addresses,
             discovery: discovery::Discovery::default(),
             keys: keys::RemoteKeys::default(),
+            received: received::Received::default(),
         })
     }
 

@@ -7,7 +7,9 @@
 pub mod client_event;
 pub mod ephemeral;
 pub mod expiry;
+pub mod graph;
 pub mod recent;
+pub mod remote;
 pub mod visibility;
 
 use std::collections::{BTreeMap, HashMap};
@@ -88,14 +90,19 @@ pub fn pruned_json(version: &RoomVersionId, json: &str) -> Result<String> {
     Ok(ruma::CanonicalJsonValue::Object(redacted).to_string())
 }
 
-/// Builds, signs and authorises `draft` against the room's head.
-fn build(
-    state: &AppState,
-    room_id: &RoomId,
-    draft: &Draft<'_>,
-    origin_server_ts: MilliSecondsSinceUnixEpoch,
-    head: &RoomHead,
-) -> std::result::Result<NewEvent, AppendError> {
+/// Where a new event goes in its room: the auth events the rules name for it (and the state
+/// they are checked against), the references its room version writes, its depth.
+struct Placement {
+    version: RoomVersionId,
+    rules: ruma::room_version_rules::RoomVersionRules,
+    state_pdus: HashMap<(StateEventType, String), Pdu>,
+    auth_ids: Vec<OwnedEventId>,
+    auth_events: HashMap<OwnedEventId, Pdu>,
+    reference_hashes: BTreeMap<OwnedEventId, ruma::CanonicalJsonValue>,
+    depth: u64,
+}
+
+fn place(draft: &Draft<'_>, head: &RoomHead) -> std::result::Result<Placement, AppendError> {
     let version = RoomVersionId::try_from(head.room_version.as_str())
         .map_err(|e| AppendError::Invalid(e.to_string()))?;
     let rules = pdu::rules(&version).map_err(|e| AppendError::Invalid(e.to_string()))?;
@@ -134,29 +141,68 @@ fn build(
         }
     }
     let depth = u64::try_from(head.depth + 1).unwrap_or(1);
-    let creates_room_id = kind == TimelineEventType::RoomCreate && pdu::room_id_is_create_hash(&rules);
-    let builder = PduBuilder {
-        room_id: (!creates_room_id).then_some(room_id),
-        room_version: &version,
-        sender: draft.sender,
-        event_type: draft.event_type,
-        state_key: draft.state_key,
-        content: draft.content,
-        prev_events: &head.extremities,
-        auth_events: &auth_ids,
-        reference_hashes: &reference_hashes,
-        depth,
-        origin_server_ts,
-        redacts: draft.redacts,
-    };
-    let SignedPdu { event_id, json } = builder
-        .sign(&state.server_name, &state.signing_key)
-        .map_err(|e| AppendError::Invalid(e.to_string()))?;
+    Ok(Placement { version, rules, state_pdus, auth_ids, auth_events, reference_hashes, depth })
+}
+
+impl Placement {
+    fn builder<'a>(
+        &'a self,
+        room_id: Option<&'a RoomId>,
+        draft: &'a Draft<'_>,
+        head: &'a RoomHead,
+        origin_server_ts: MilliSecondsSinceUnixEpoch,
+    ) -> PduBuilder<'a> {
+        PduBuilder {
+            room_id,
+            room_version: &self.version,
+            sender: draft.sender,
+            event_type: draft.event_type,
+            state_key: draft.state_key,
+            content: draft.content,
+            prev_events: &head.extremities,
+            auth_events: &self.auth_ids,
+            reference_hashes: &self.reference_hashes,
+            depth: self.depth,
+            origin_server_ts,
+            redacts: draft.redacts,
+        }
+    }
+
+    /// Signs `builder`'s event as this server and checks it against the auth rules.
+    fn sign_and_check(
+        &self,
+        state: &AppState,
+        builder: &PduBuilder<'_>,
+    ) -> std::result::Result<SignedPdu, AppendError> {
+        let signed = builder
+            .sign(&state.server_name, &state.signing_key)
+            .map_err(|e| AppendError::Invalid(e.to_string()))?;
+        let pdu = Pdu::from_json(signed.event_id.clone(), &signed.json)
+            .map_err(|e| AppendError::Invalid(e.to_string()))?;
+        auth::check(&self.version, &pdu, &self.auth_events, &self.state_pdus)
+            .map_err(AppendError::Refused)?;
+        Ok(signed)
+    }
+}
+
+/// Builds, signs and authorises `draft` against the room's head.
+fn build(
+    state: &AppState,
+    room_id: &RoomId,
+    draft: &Draft<'_>,
+    origin_server_ts: MilliSecondsSinceUnixEpoch,
+    head: &RoomHead,
+) -> std::result::Result<NewEvent, AppendError> {
+    let placement = place(draft, head)?;
+    let kind = TimelineEventType::from(draft.event_type);
+    let creates_room_id =
+        kind == TimelineEventType::RoomCreate && pdu::room_id_is_create_hash(&placement.rules);
+    let builder = placement.builder((!creates_room_id).then_some(room_id), draft, head, origin_server_ts);
+    let SignedPdu { event_id, json } = placement.sign_and_check(state, &builder)?;
     if creates_room_id && pdu::room_id_from_create(&event_id).ok().as_deref() != Some(room_id) {
         return Err(AppendError::Invalid("the create event does not hash to the room id".into()));
     }
-    let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| AppendError::Invalid(e.to_string()))?;
-    auth::check(&version, &pdu, &auth_events, &state_pdus).map_err(AppendError::Refused)?;
+    let depth = placement.depth;
 
     let membership = (kind == TimelineEventType::RoomMember)
         .then(|| serde_json::from_str::<serde_json::Value>(draft.content.get()).ok())
@@ -173,6 +219,7 @@ fn build(
         membership,
         redaction: draft.redacts.zip(draft.redacted_json.clone()).map(|(id, json)| (id.to_string(), json)),
         txn: draft.txn.map(|(device, txn)| (draft.sender.to_string(), device.to_owned(), txn.to_owned())),
+        prev_events: head.extremities.clone(),
         expires_ts: state
             .config
             .rooms
@@ -184,6 +231,62 @@ fn build(
             .and_then(|key| head.state.get(&(draft.event_type.to_owned(), key.to_owned())))
             .map(|(event_id, _)| event_id.clone()),
     })
+}
+
+/// The state an event's builder reads from the room's head: its auth events, the create event
+/// (the auth rules read it even where it is not an auth event, from version 12), and for a state
+/// event the one it replaces (which its readers see in `unsigned`).
+pub(crate) fn head_keys(
+    version: &RoomVersionId,
+    sender: &UserId,
+    event_type: &str,
+    state_key: Option<&str>,
+    content: &RawValue,
+) -> std::result::Result<Vec<(String, String)>, federation::pdu::PduError> {
+    let kind = TimelineEventType::from(event_type);
+    let mut keys: Vec<(String, String)> = auth::auth_types(version, &kind, sender, state_key, content)?
+        .into_iter()
+        .map(|(kind, key)| (kind.to_string(), key))
+        .collect();
+    let create_key = ("m.room.create".to_owned(), String::new());
+    if !keys.contains(&create_key) {
+        keys.push(create_key);
+    }
+    if let Some(key) = state_key {
+        let replaced = (event_type.to_owned(), key.to_owned());
+        if !keys.contains(&replaced) {
+            keys.push(replaced);
+        }
+    }
+    Ok(keys)
+}
+
+/// The event a user of another server would add to a room here (`make_join`, `make_leave`), for
+/// that server to fill in and sign: unsigned, and only if the auth rules would let it in now.
+pub async fn template(
+    state: &AppState,
+    room_id: &RoomId,
+    draft: &Draft<'_>,
+) -> Result<(RoomVersionId, ruma::CanonicalJsonObject)> {
+    let version = room_version(state, room_id).await?;
+    let rules = pdu::rules(&version).map_err(Error::internal)?;
+    let keys = head_keys(&version, draft.sender, draft.event_type, draft.state_key, draft.content)
+        .map_err(|e| Error::bad_json(e.to_string()))?;
+    let head = state
+        .store
+        .room_head(room_id, &keys, pdu::ids_chosen_by_sender(&rules))
+        .await?
+        .ok_or_else(|| Error::not_found("no such room"))?;
+    let refused = |error: AppendError| match error {
+        AppendError::Refused(why) => forbidden(why),
+        other => Error::bad_json(other.to_string()),
+    };
+    let placement = place(draft, &head).map_err(refused)?;
+    let builder = placement.builder(Some(room_id), draft, &head, MilliSecondsSinceUnixEpoch::now());
+    // Signed here only to put it through the auth rules as the other server will send it.
+    placement.sign_and_check(state, &builder).map_err(refused)?;
+    let template = builder.template().map_err(|e| Error::bad_json(e.to_string()))?;
+    Ok((version, template))
 }
 
 /// Appends an event to a room, returning it as stored.
@@ -277,25 +380,8 @@ async fn append_at(
     }
     let version = room_version(state, room_id).await?;
     let rules = pdu::rules(&version).map_err(Error::internal)?;
-    let kind = TimelineEventType::from(draft.event_type);
-    let mut auth_keys: Vec<(String, String)> =
-        auth::auth_types(&version, &kind, draft.sender, draft.state_key, draft.content)
-            .map_err(|e| Error::bad_json(e.to_string()))?
-            .into_iter()
-            .map(|(kind, key)| (kind.to_string(), key))
-            .collect();
-    let create_key = ("m.room.create".to_owned(), String::new());
-    if !auth_keys.contains(&create_key) {
-        // The auth rules read the create event even where it is not an auth event (version 12).
-        auth_keys.push(create_key);
-    }
-    if let Some(key) = draft.state_key {
-        // The state event this one replaces, which its readers see in `unsigned`.
-        let replaced = (draft.event_type.to_owned(), key.to_owned());
-        if !auth_keys.contains(&replaced) {
-            auth_keys.push(replaced);
-        }
-    }
+    let auth_keys = head_keys(&version, draft.sender, draft.event_type, draft.state_key, draft.content)
+        .map_err(|e| Error::bad_json(e.to_string()))?;
     let builder = |head: &RoomHead| {
         build(state, room_id, &draft, origin_server_ts.unwrap_or_else(MilliSecondsSinceUnixEpoch::now), head)
     };
@@ -316,6 +402,10 @@ async fn append_at(
             // Make the event readable before answering, so the sender's next sync has it.
             state.stream.flush().await?;
             state.notify(stored.stream_ordering);
+            if let Err(error) = remote::forward(state, room_id, &stored, None).await {
+                // Stored and answered all the same: the other servers fetch it when a later event names it.
+                tracing::warn!(%error, event_id = %stored.event_id, "an event was not queued for the other servers");
+            }
             Ok(stored)
         }
         Err(AppendError::DuplicateTxn) => Err(Error::internal("transaction id used, but its event is gone")),

@@ -87,6 +87,12 @@ impl ReadRules {
         Ok(Self { memberships, settings })
     }
 
+    /// The rules for someone with no membership of the room: its world-readable history.
+    async fn outsider(state: &AppState, room_id: &RoomId) -> Result<Self> {
+        let outsider = ruma::user_id!("@nobody:invalid");
+        Self::load(state, room_id, outsider).await
+    }
+
     /// The rules for a user reading a room's history through the API: M_NOT_FOUND for a room
     /// that does not exist, M_FORBIDDEN for one the user was never in and that is not world
     /// readable.
@@ -181,6 +187,43 @@ impl ReadRules {
             .collect();
         points.sort_unstable();
         points.into_iter().find(|p| self.allows(*p)).map_or(i64::MAX, |p| (p - 1).max(0))
+    }
+}
+
+/// What another server may read of a room: what any of its users may, and a world-readable
+/// room's history whoever asks (Synapse judges servers the same way). Events it may not read
+/// are served to it redacted, so its copy of the room's graph has no holes.
+#[derive(Debug, Clone)]
+pub struct ServerRules(Vec<ReadRules>);
+
+impl ServerRules {
+    pub async fn load(state: &AppState, room_id: &RoomId, server: &ruma::ServerName) -> Result<Self> {
+        let mut rules = vec![ReadRules::outsider(state, room_id).await?];
+        for (member, _) in state.store.members(room_id).await? {
+            if let Ok(member) = <&UserId>::try_from(member.as_str())
+                && member.server_name() == server
+            {
+                rules.push(ReadRules::load(state, room_id, member).await?);
+            }
+        }
+        Ok(Self(rules))
+    }
+
+    pub fn may_see(&self, event: &StoredEvent) -> bool {
+        self.0.iter().any(|rules| rules.may_see(event))
+    }
+
+    /// The PDU of `event` as the server may have it: whole, or redacted.
+    pub fn serve(
+        &self,
+        version: &RoomVersionId,
+        event: &StoredEvent,
+    ) -> Result<Box<serde_json::value::RawValue>> {
+        let json = match self.may_see(event) {
+            true => event.json.clone(),
+            false => super::pruned_json(version, &event.json)?,
+        };
+        serde_json::value::RawValue::from_string(json).map_err(Error::internal)
     }
 }
 

@@ -63,6 +63,9 @@ pub struct NewEvent {
     pub replaces_state: Option<String>,
     /// When its content is to be emptied (a self-destructing message, MSC2228), in ms.
     pub expires_ts: Option<i64>,
+    /// The events it follows: the room's extremities among them stop being extremities. A local
+    /// event follows them all; another server's may follow fewer (it had not seen the newest).
+    pub prev_events: Vec<OwnedEventId>,
 }
 
 /// A stored event.
@@ -109,6 +112,15 @@ pub trait RoomStore: Send + Sync {
         with_extremity_json: bool,
         build: &(dyn for<'h> Fn(&'h RoomHead) -> Result<NewEvent, AppendError> + Send + Sync),
     ) -> StoreResult<Result<StoredEvent, AppendError>>;
+    /// The room's head as [`RoomStore::append_event`] gives it to its builder, read without
+    /// taking the room's lock (for an event another server will fill in and sign); `None` if
+    /// there is no such room.
+    async fn room_head(
+        &self,
+        room_id: &RoomId,
+        auth_keys: &[(String, String)],
+        with_extremity_json: bool,
+    ) -> StoreResult<Option<RoomHead>>;
     async fn event_by_txn(
         &self,
         user_id: &UserId,
@@ -273,6 +285,65 @@ impl SqlStore {
         snapshots.insert(room_id.to_string(), (snapshot_id, state));
     }
 
+    /// The head of a room whose `rooms` row (version, extremities, depth, snapshot) is `row`:
+    /// the state under `auth_keys` with its JSON, and the whole state map.
+    async fn head_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        room_id: &RoomId,
+        row: &AnyRow,
+        auth_keys: &[(String, String)],
+        with_extremity_json: bool,
+    ) -> StoreResult<(RoomHead, Arc<StateMap>)> {
+        let room_version: String = row.try_get("room_version")?;
+        let extremities: Vec<OwnedEventId> =
+            serde_json::from_str(&row.try_get::<String, _>("extremities")?).map_err(corrupt)?;
+        let depth: i64 = row.try_get("depth")?;
+        let snapshot: Option<i64> = row.try_get("current_snapshot")?;
+
+        let state_map = match snapshot {
+            Some(snapshot) => self.snapshot(tx, room_id, snapshot).await?,
+            None => Arc::default(),
+        };
+        // Only the state the auth rules will look at (and the extremities if asked), in one query.
+        let wanted: Vec<(&(String, String), &String)> =
+            auth_keys.iter().filter_map(|key| state_map.get_key_value(key)).collect();
+        let mut ids: Vec<&str> = wanted.iter().map(|(_, id)| id.as_str()).collect();
+        if with_extremity_json {
+            ids.extend(extremities.iter().map(|id| id.as_str()));
+        }
+        let mut json: BTreeMap<String, String> = BTreeMap::new();
+        if !ids.is_empty() {
+            let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT event_id, json FROM events WHERE event_id IN ({})",
+                placeholders.join(", ")
+            ));
+            let mut query = sqlx::query(sql);
+            for event_id in &ids {
+                query = query.bind(*event_id);
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                json.insert(row.try_get("event_id")?, row.try_get("json")?);
+            }
+        }
+        let mut state = BTreeMap::new();
+        for (key, event_id) in wanted {
+            let text = json
+                .get(event_id.as_str())
+                .ok_or_else(|| corrupt(format!("state event {event_id} missing")))?;
+            state.insert(key.clone(), (event_id.clone(), text.clone()));
+        }
+        let mut extremity_json = BTreeMap::new();
+        if with_extremity_json {
+            for id in &extremities {
+                let text = json.get(id.as_str()).ok_or_else(|| corrupt(format!("extremity {id} missing")))?;
+                extremity_json.insert(id.clone(), text.clone());
+            }
+        }
+        Ok((RoomHead { room_version, extremities, depth, state, extremity_json }, state_map))
+    }
+
     async fn events_by_ids(&self, ids: &[String]) -> StoreResult<Vec<StoredEvent>> {
         let mut events = Vec::with_capacity(ids.len());
         // One query per id keeps the SQL portable; state maps are small for now.
@@ -352,53 +423,8 @@ impl RoomStore for SqlStore {
         // Taken while the room is locked, so the room's events get positions in the order of its
         // graph, whichever worker writes them (see `stream.rs`).
         let position = writer.allocate_in(&mut tx).await?;
-        let room_version: String = row.try_get("room_version")?;
-        let extremities: Vec<OwnedEventId> =
-            serde_json::from_str(&row.try_get::<String, _>("extremities")?).map_err(corrupt)?;
-        let depth: i64 = row.try_get("depth")?;
+        let (head, state_map) = self.head_in(&mut tx, room_id, &row, auth_keys, with_extremity_json).await?;
         let snapshot: Option<i64> = row.try_get("current_snapshot")?;
-
-        let state_map = match snapshot {
-            Some(snapshot) => self.snapshot(&mut tx, room_id, snapshot).await?,
-            None => Arc::default(),
-        };
-        // Only the state the auth rules will look at (and the extremities if asked), in one query.
-        let wanted: Vec<(&(String, String), &String)> =
-            auth_keys.iter().filter_map(|key| state_map.get_key_value(key)).collect();
-        let mut ids: Vec<&str> = wanted.iter().map(|(_, id)| id.as_str()).collect();
-        if with_extremity_json {
-            ids.extend(extremities.iter().map(|id| id.as_str()));
-        }
-        let mut json: BTreeMap<String, String> = BTreeMap::new();
-        if !ids.is_empty() {
-            let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT event_id, json FROM events WHERE event_id IN ({})",
-                placeholders.join(", ")
-            ));
-            let mut query = sqlx::query(sql);
-            for event_id in &ids {
-                query = query.bind(*event_id);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                json.insert(row.try_get("event_id")?, row.try_get("json")?);
-            }
-        }
-        let mut state = BTreeMap::new();
-        for (key, event_id) in wanted {
-            let text = json
-                .get(event_id.as_str())
-                .ok_or_else(|| corrupt(format!("state event {event_id} missing")))?;
-            state.insert(key.clone(), (event_id.clone(), text.clone()));
-        }
-        let mut extremity_json = BTreeMap::new();
-        if with_extremity_json {
-            for id in &extremities {
-                let text = json.get(id.as_str()).ok_or_else(|| corrupt(format!("extremity {id} missing")))?;
-                extremity_json.insert(id.clone(), text.clone());
-            }
-        }
-        let head = RoomHead { room_version, extremities, depth, state, extremity_json };
         let event = match build(&head) {
             Ok(event) => event,
             Err(refused) => return Ok(Err(refused)),
@@ -482,13 +508,20 @@ impl RoomStore for SqlStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let extremities = serde_json::to_string(&[event.event_id.as_str()]).map_err(corrupt)?;
+        let mut new_extremities: Vec<&str> = head
+            .extremities
+            .iter()
+            .filter(|id| !event.prev_events.contains(id))
+            .map(|id| id.as_str())
+            .collect();
+        new_extremities.push(event.event_id.as_str());
+        let extremities = serde_json::to_string(&new_extremities).map_err(corrupt)?;
         sqlx::query(
             "UPDATE rooms SET extremities = $2, depth = $3, current_snapshot = $4 WHERE room_id = $1",
         )
         .bind(room_id.as_str())
         .bind(extremities)
-        .bind(event.depth)
+        .bind(event.depth.max(head.depth))
         .bind(snapshot_id)
         .execute(&mut *tx)
         .await?;
@@ -526,6 +559,25 @@ impl RoomStore for SqlStore {
         };
         drop(position);
         Ok(Ok(stored))
+    }
+
+    async fn room_head(
+        &self,
+        room_id: &RoomId,
+        auth_keys: &[(String, String)],
+        with_extremity_json: bool,
+    ) -> StoreResult<Option<RoomHead>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT room_version, extremities, depth, current_snapshot FROM rooms WHERE room_id = $1",
+        )
+        .bind(room_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let (head, _) = self.head_in(&mut tx, room_id, &row, auth_keys, with_extremity_json).await?;
+        tx.commit().await?;
+        Ok(Some(head))
     }
 
     async fn event_by_txn(

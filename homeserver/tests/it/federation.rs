@@ -3,12 +3,19 @@
 //! `127.0.0.1:PORT` as the spec allows without DNS.
 
 use ruma::{
-    OwnedServerName, ServerName,
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomVersionId, ServerName,
     api::{
-        OutgoingRequestExt,
-        federation::{authentication::XMatrixSigningInput, query::get_profile_information},
+        OutgoingRequest, OutgoingRequestExt,
+        federation::{
+            authentication::{ServerSignatures, XMatrixSigningInput},
+            membership::{create_join_event, prepare_join_event},
+            query::get_profile_information,
+            transactions::send_transaction_message,
+        },
+        path_builder::SinglePath,
     },
 };
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::{
@@ -52,6 +59,53 @@ impl Federating {
     pub(crate) async fn stop(self) {
         self.server.stop().await;
     }
+
+    /// Sends `request` to `to`'s federation listener as this server; the status and body.
+    pub(crate) async fn send<R>(&self, ca: &TestCa, to: &Federating, request: R) -> (u16, Value)
+    where
+        R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
+    {
+        let key = self.server.server.state.signing_key.key_pair();
+        let signing = XMatrixSigningInput::new(self.name.clone(), to.name.clone(), key);
+        let request = request.try_into_http_request::<Vec<u8>>(&to.federation_base, signing, ()).unwrap();
+        let response = ca.client().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Hashes and signs an event as this server; its id (room version 12) and JSON.
+    pub(crate) fn sign(&self, mut event: CanonicalJsonObject) -> (OwnedEventId, CanonicalJsonObject) {
+        let rules = RoomVersionId::V12.rules().unwrap();
+        let key = self.server.server.state.signing_key.key_pair();
+        ruma::signatures::hash_and_sign_event(self.name.as_str(), key, &mut event, &rules.redaction).unwrap();
+        let id = ::federation::pdu::event_id_of(&event, &RoomVersionId::V12).unwrap();
+        (id, event)
+    }
+
+    /// Puts a transaction of `pdus` to `to` as this server; the status and body.
+    pub(crate) async fn transaction(
+        &self,
+        ca: &TestCa,
+        to: &Federating,
+        txn: &str,
+        pdus: &[CanonicalJsonObject],
+    ) -> (u16, Value) {
+        let mut request = send_transaction_message::v1::Request::new(
+            txn.into(),
+            self.name.clone(),
+            ruma::MilliSecondsSinceUnixEpoch::now(),
+        );
+        request.pdus = pdus
+            .iter()
+            .map(|pdu| RawValue::from_string(CanonicalJsonValue::Object(pdu.clone()).to_string()).unwrap())
+            .collect();
+        self.send(ca, to, request).await
+    }
+}
+
+/// Canonical JSON from a `json!` value.
+fn object(value: Value) -> CanonicalJsonObject {
+    serde_json::from_value(value).unwrap()
 }
 
 /// A profile query from `from` to `to` about `user`, signed by `from` (as `origin`, with `key`),
@@ -216,4 +270,132 @@ crate::on_both_backends! {
         a.stop().await;
         b.stop().await;
     }
+
+    /// Events from another server are taken only when signed by the sender's server, within
+    /// the auth rules and the size limit, in transactions of at most 50 PDUs, each transaction
+    /// once; an event whose content no longer matches its hash is kept redacted. Nothing refused
+    /// is stored, and the server keeps serving.
+    async fn events_from_another_server_are_checked_and_bad_ones_refused(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(Db::Sqlite, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+        let carol = format!("@carol:{}", b.name);
+        let (join, power) = join_by_hand(&ca, &b, &a, &room, &carol).await;
+        let (_, members) = a.server
+            .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), Some(&alice.token)).await;
+        assert!(members["joined"].get(&carol).is_some(), "{members}");
+
+        let mut depth = 10;
+        let mut event = |sender: &str, kind: &str, state_key: Option<&str>, content: Value| {
+            depth += 1;
+            let mut event = json!({
+                "room_id": room, "sender": sender, "type": kind, "content": content,
+                "prev_events": [join], "auth_events": [power, join], "depth": depth,
+                "origin_server_ts": 1_700_000_000_000u64 + depth,
+            });
+            if let Some(key) = state_key {
+                event["state_key"] = json!(key);
+            }
+            object(event)
+        };
+        let text = |body: &str| json!({"msgtype": "m.text", "body": body});
+
+        // A good one, in a transaction that is then sent again with other contents.
+        let (good, good_json) = b.sign(event(&carol, "m.room.message", None, text("hello from b")));
+        let (status, answer) = b.transaction(&ca, &a, "t1", std::slice::from_ref(&good_json)).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["pdus"], json!({good.as_str(): {}}));
+        let seen = readable(&a.server, &alice, &room, good.as_str()).await.expect("the good event is stored");
+        assert_eq!(seen["content"]["body"], "hello from b");
+        let (replayed, replayed_json) = b.sign(event(&carol, "m.room.message", None, text("sneaked in")));
+        let (status, again) = b.transaction(&ca, &a, "t1", &[replayed_json]).await;
+        assert_eq!((status, &again), (200, &answer), "a replayed transaction is answered as the first");
+        assert!(readable(&a.server, &alice, &room, replayed.as_str()).await.is_none());
+
+        let refused = |answer: &Value, id: &OwnedEventId| {
+            assert!(answer["pdus"][id.as_str()]["error"].is_string(), "{id} was not refused: {answer}");
+        };
+        // A forged signature: signed, then the signature swapped for another event's.
+        let (forged, mut forged_json) = b.sign(event(&carol, "m.room.message", None, text("forged")));
+        let (_, other) = b.sign(event(&carol, "m.room.message", None, text("other")));
+        forged_json.insert("signatures".into(), other["signatures"].clone());
+        // Claiming a sender of A while signed by B only.
+        let (impostor, impostor_json) =
+            b.sign(event(alice.user_id.as_str(), "m.room.message", None, text("I am alice")));
+        // Power B's user does not have.
+        let (coup, coup_json) = b.sign(event(
+            &carol,
+            "m.room.power_levels",
+            Some(""),
+            json!({"users": {carol.clone(): 100}}),
+        ));
+        // Larger than a PDU may be (grown after signing: a signer refuses to sign it).
+        let (huge, mut huge_json) = b.sign(event(&carol, "m.room.message", None, text("small")));
+        huge_json.insert("content".into(), CanonicalJsonValue::Object(object(text(&"x".repeat(70_000)))));
+        // Altered after signing: the hash no longer matches, so it is kept redacted.
+        let (altered, mut altered_json) = b.sign(event(&carol, "m.room.message", None, text("original")));
+        altered_json.insert("content".into(), CanonicalJsonValue::Object(object(text("altered"))));
+        let pdus = [forged_json, impostor_json, coup_json, huge_json, altered_json];
+        let (status, answer) = b.transaction(&ca, &a, "t2", &pdus).await;
+        assert_eq!(status, 200, "{answer}");
+        for id in [&forged, &impostor, &coup, &huge] {
+            refused(&answer, id);
+            assert!(readable(&a.server, &alice, &room, id.as_str()).await.is_none(), "{id} was stored");
+        }
+        assert_eq!(answer["pdus"][altered.as_str()], json!({}), "{answer}");
+        let kept = readable(&a.server, &alice, &room, altered.as_str()).await.expect("kept redacted");
+        assert_eq!(kept["content"], json!({}), "{kept}");
+
+        // More than 50 PDUs in one transaction.
+        let many: Vec<CanonicalJsonObject> = (0..51).map(|_| good_json.clone()).collect();
+        let (status, answer) = b.transaction(&ca, &a, "t3", &many).await;
+        assert_eq!((status, answer["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{answer}");
+
+        // Still serving both ways.
+        crate::common::send_text(&a.server, &alice, &room, "a1", "still here").await;
+        let (later, later_json) = b.sign(event(&carol, "m.room.message", None, text("still here too")));
+        let (status, answer) = b.transaction(&ca, &a, "t4", &[later_json]).await;
+        assert_eq!((status, &answer["pdus"][later.as_str()]), (200, &json!({})), "{answer}");
+        a.stop().await;
+        b.stop().await;
+    }
+}
+
+/// `server`'s user `user` in `room` on `to`, joined by hand: `make_join`, the template signed
+/// here, `send_join`. Returns the join's id and the room's power levels event id.
+async fn join_by_hand(
+    ca: &TestCa,
+    server: &Federating,
+    to: &Federating,
+    room: &str,
+    user: &str,
+) -> (String, String) {
+    let mut make = prepare_join_event::v1::Request::new(room.try_into().unwrap(), user.try_into().unwrap());
+    make.ver = vec![RoomVersionId::V12];
+    let (status, made) = server.send(ca, to, make).await;
+    assert_eq!(status, 200, "make_join: {made}");
+    assert_eq!(made["room_version"], "12");
+    let mut template = object(made["event"].clone());
+    template.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ruma::Int::from(1_700_000_000)));
+    let (join_id, join) = server.sign(template);
+    let pdu = RawValue::from_string(CanonicalJsonValue::Object(join).to_string()).unwrap();
+    let send = create_join_event::v2::Request::new(room.try_into().unwrap(), join_id.clone(), pdu);
+    let (status, joined) = server.send(ca, to, send).await;
+    assert_eq!(status, 200, "send_join: {joined}");
+    let state = joined["state"].as_array().unwrap();
+    assert!(state.iter().any(|e| e["type"] == "m.room.create"), "{joined}");
+    assert!(!state.iter().any(|e| e["event_id"] == json!(join_id.as_str())));
+    let power = state.iter().find(|e| e["type"] == "m.room.power_levels").unwrap();
+    let power_id = ::federation::pdu::event_id_of(&object(power.clone()), &RoomVersionId::V12).unwrap();
+    assert!(!joined["auth_chain"].as_array().unwrap().is_empty());
+    (join_id.to_string(), power_id.to_string())
+}
+
+/// Whether `who` can read event `id` of `room` on `server`.
+async fn readable(server: &TestServer, who: &Session, room: &str, id: &str) -> Option<Value> {
+    let (status, event) = server
+        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room), enc(id)), Some(&who.token))
+        .await;
+    (status == 200).then_some(event)
 }

@@ -3,8 +3,11 @@
 //! Requests from other servers are authenticated with X-Matrix ([`xmatrix`]): the handler's
 //! `sender` is the server that signed the request.
 
+mod history;
 mod keys;
+mod membership;
 mod query;
+mod transactions;
 pub mod xmatrix;
 
 use actix_web::web;
@@ -22,6 +25,9 @@ pub fn router() -> Router {
     router.add(version);
     keys::routes(&mut router);
     query::routes(&mut router);
+    membership::routes(&mut router);
+    history::routes(&mut router);
+    transactions::routes(&mut router);
     router
 }
 

@@ -1,0 +1,295 @@
+//! Events made by other servers, taken into a room here: checked, then appended.
+//!
+//! The checks, in the spec's order: the PDU is within the size limit and of this room; its
+//! signatures hold (the sender's server, and for room versions 1 and 2 the server that chose
+//! the id), with keys fetched from the signing servers; a content hash that does not match
+//! means the event is kept redacted; the events it follows and names as its auth events are
+//! known here; it passes the auth rules given its auth events and given the room's current
+//! state. An event that fails is refused and not stored.
+//!
+//! Not yet: fetching unknown prev or auth events (`get_missing_events`, `event_auth`),
+//! rejected and soft-failed events kept for the graph, state resolution across forks (an
+//! accepted event applies to the current state, which is what resolution gives when the fork
+//! did not change the same state).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use federation::{
+    auth::{self, Pdu},
+    pdu,
+};
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId, UserId,
+    events::{StateEventType, TimelineEventType},
+};
+
+use crate::{
+    state::AppState,
+    storage::{AppendError, NewEvent, RoomHead, StoredEvent},
+};
+
+/// The most servers and keys per server whose signatures on one event are checked: a PDU
+/// cannot make this server fetch keys without end.
+const MAX_SIGNING_SERVERS: usize = 4;
+const MAX_KEYS_PER_SERVER: usize = 4;
+
+/// Why another server's event was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the event fails the auth rules: {0}")]
+    Auth(String),
+    #[error("this server does not know the events it follows or is authorised by: {0}")]
+    Unknown(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<crate::error::Error> for Refused {
+    fn from(error: crate::error::Error) -> Self {
+        Refused::Internal(error.to_string())
+    }
+}
+
+impl From<crate::storage::StoreError> for Refused {
+    fn from(error: crate::storage::StoreError) -> Self {
+        Refused::Internal(error.to_string())
+    }
+}
+
+fn invalid(why: impl std::fmt::Display) -> Refused {
+    Refused::Invalid(why.to_string())
+}
+
+/// The keys of the servers that signed `json` (server → key id → key), as far as they can be
+/// had: a server whose key is missing then fails the signature check.
+async fn signing_keys(
+    state: &AppState,
+    json: &CanonicalJsonObject,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, Refused> {
+    let Some(CanonicalJsonValue::Object(signatures)) = json.get("signatures") else {
+        return Err(invalid("the event is not signed"));
+    };
+    let remote = state.remote().map_err(|e| Refused::Internal(e.to_string()))?;
+    let mut keys = BTreeMap::new();
+    for (server, by_key) in signatures.iter().take(MAX_SIGNING_SERVERS) {
+        let (Ok(name), CanonicalJsonValue::Object(by_key)) =
+            (<&ruma::ServerName>::try_from(server.as_str()), by_key)
+        else {
+            continue;
+        };
+        let mut found = BTreeMap::new();
+        for key_id in by_key.keys().take(MAX_KEYS_PER_SERVER) {
+            match remote.keys.current_key(state, name, key_id).await {
+                Ok(Some(key)) => {
+                    found.insert(key_id.clone(), key);
+                }
+                Ok(None) => {}
+                Err(error) => tracing::info!(%error, %server, "no keys to check an event's signature with"),
+            }
+        }
+        keys.insert(server.clone(), found);
+    }
+    Ok(keys)
+}
+
+/// Checks a PDU received from another server and appends it to `room_id`. An event already
+/// here is answered as stored.
+pub async fn accept(
+    state: &AppState,
+    room_id: &RoomId,
+    version: &RoomVersionId,
+    mut json: CanonicalJsonObject,
+) -> Result<StoredEvent, Refused> {
+    let size = CanonicalJsonValue::Object(json.clone()).to_string().len();
+    if size > super::MAX_EVENT_BYTES {
+        return Err(invalid(format!("the event is larger than {} bytes", super::MAX_EVENT_BYTES)));
+    }
+    let event_id = pdu::event_id_of(&json, version).map_err(invalid)?;
+    if let Some(stored) = state.store.get_event(event_id.as_str()).await? {
+        return Ok(stored);
+    }
+    let keys = signing_keys(state, &json).await?;
+    if !pdu::verify(&json, version, &keys).map_err(|e| invalid(format!("bad signature: {e}")))? {
+        // Signed as sent, altered since: kept only as a redaction would leave it.
+        tracing::info!(%event_id, "an event's content hash does not match; it is kept redacted");
+        json = pdu::redacted(json, version, None).map_err(invalid)?;
+    }
+    let parsed = Pdu::from_json(event_id.clone(), &json).map_err(invalid)?;
+    if parsed.room_id.as_deref() != Some(room_id) {
+        return Err(invalid(format!("the event is not of room {room_id}")));
+    }
+    let prev_events = parsed.prev_events.clone();
+    let auth_ids = parsed.auth_events.clone();
+    let known_prev =
+        state.store.events_by_id(&prev_events.iter().map(|id| id.as_str()).collect::<Vec<_>>()).await?;
+    if known_prev.len() < prev_events.len() || known_prev.iter().any(|e| e.room_id != room_id.as_str()) {
+        return Err(Refused::Unknown(format!("prev_events of {event_id}")));
+    }
+    let known_auth =
+        state.store.events_by_id(&auth_ids.iter().map(|id| id.as_str()).collect::<Vec<_>>()).await?;
+    if known_auth.len() < auth_ids.len() || known_auth.iter().any(|e| e.room_id != room_id.as_str()) {
+        return Err(Refused::Unknown(format!("auth_events of {event_id}")));
+    }
+    let mut auth_events = HashMap::new();
+    for event in &known_auth {
+        let id =
+            OwnedEventId::try_from(event.event_id.as_str()).map_err(|e| Refused::Internal(e.to_string()))?;
+        let object: CanonicalJsonObject =
+            crate::storage::parse_stored(&event.json).map_err(|e| Refused::Internal(e.to_string()))?;
+        auth_events
+            .insert(id.clone(), Pdu::from_json(id, &object).map_err(|e| Refused::Internal(e.to_string()))?);
+    }
+
+    let kind = parsed.kind.clone();
+    let state_key = parsed.state_key.clone();
+    let sender = parsed.sender.clone();
+    let auth_keys =
+        super::head_keys(version, &sender, &kind.to_string(), state_key.as_deref(), &parsed.content)
+            .map_err(invalid)?;
+    let text = CanonicalJsonValue::Object(json.clone()).to_string();
+    let depth = i64::try_from(parsed.depth).map_err(invalid)?;
+    let origin_server_ts = i64::try_from(u64::from(parsed.origin_server_ts.0)).map_err(invalid)?;
+    let membership = match kind {
+        TimelineEventType::RoomMember => {
+            #[derive(serde::Deserialize)]
+            struct Membership {
+                membership: String,
+            }
+            let content: Membership = serde_json::from_str(parsed.content.get()).map_err(invalid)?;
+            Some(content.membership)
+        }
+        _ => None,
+    };
+    let create_not_an_auth_event = pdu::room_id_is_create_hash(&pdu::rules(version).map_err(invalid)?);
+    let build = |head: &RoomHead| -> Result<NewEvent, AppendError> {
+        // Against the room's current state: an event the room has since moved past (the sender
+        // was banned meanwhile, say) is not taken.
+        let mut current: HashMap<(StateEventType, String), Pdu> = HashMap::new();
+        for ((event_type, key), (id, json)) in &head.state {
+            let id = OwnedEventId::try_from(id.as_str()).map_err(|e| AppendError::Invalid(e.to_string()))?;
+            let object: CanonicalJsonObject =
+                crate::storage::parse_stored(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
+            let pdu = Pdu::from_json(id, &object).map_err(|e| AppendError::Invalid(e.to_string()))?;
+            current.insert((StateEventType::from(event_type.as_str()), key.clone()), pdu);
+        }
+        let mut auth_events = auth_events.clone();
+        if create_not_an_auth_event
+            && let Some(create) = current.get(&(StateEventType::RoomCreate, String::new()))
+        {
+            // From room version 12 the rules still read the create event (the room id is its hash).
+            auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
+        }
+        auth::check(version, &parsed, &auth_events, &current).map_err(AppendError::Refused)?;
+        Ok(NewEvent {
+            event_id: event_id.clone(),
+            json: text.clone(),
+            sender: sender.to_string(),
+            event_type: kind.to_string(),
+            state_key: state_key.clone(),
+            depth,
+            origin_server_ts,
+            membership: membership.clone(),
+            redaction: None,
+            txn: None,
+            replaces_state: state_key
+                .as_ref()
+                .and_then(|key| head.state.get(&(kind.to_string(), key.clone())))
+                .map(|(id, _)| id.clone()),
+            expires_ts: None,
+            prev_events: prev_events.clone(),
+        })
+    };
+    let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, false, &build).await?;
+    match outcome {
+        Ok(stored) => {
+            state.stream.flush().await?;
+            state.notify(stored.stream_ordering);
+            Ok(stored)
+        }
+        Err(AppendError::Refused(why)) => Err(Refused::Auth(why)),
+        Err(AppendError::NoRoom) => Err(invalid(format!("this server has no room {room_id}"))),
+        Err(other) => Err(invalid(other)),
+    }
+}
+
+impl Refused {
+    /// The answer to the server that sent the event.
+    pub fn into_error(self) -> crate::error::Error {
+        use crate::error::Error;
+        match self {
+            Refused::Auth(why) => Error::forbidden(why),
+            Refused::Invalid(why) | Refused::Unknown(why) => Error::bad_json(why),
+            Refused::Internal(why) => Error::internal(why),
+        }
+    }
+}
+
+/// The servers with a member joined to the room, this one included if it has one.
+pub async fn servers_in_room(
+    state: &AppState,
+    room_id: &RoomId,
+) -> crate::error::Result<BTreeSet<OwnedServerName>> {
+    let members = state.store.members(room_id).await?;
+    Ok(members
+        .iter()
+        .filter(|(_, membership)| membership == "join")
+        .filter_map(|(user, _)| <&UserId>::try_from(user.as_str()).ok())
+        .map(|user| user.server_name().to_owned())
+        .collect())
+}
+
+/// The room's state just before `event`: the state it was checked against (with, for a state
+/// event, the one it replaced), which other servers ask for (`state`, `state_ids`, a join).
+pub async fn state_before(
+    state: &AppState,
+    room_id: &RoomId,
+    event: &StoredEvent,
+) -> crate::error::Result<Vec<StoredEvent>> {
+    let mut events: Vec<StoredEvent> = state
+        .store
+        .state_at(room_id, event.stream_ordering)
+        .await?
+        .into_iter()
+        .filter(|e| e.event_id != event.event_id)
+        .collect();
+    if let Some(replaced) = &event.replaces_state
+        && let Some(replaced) = state.store.get_event(replaced).await?
+    {
+        events.push(replaced);
+    }
+    Ok(events)
+}
+
+/// Hands an event to the other servers in its room (all but `except`, which has it); for a
+/// membership event, to the server of the member too, which must learn it was kicked, say.
+pub async fn forward(
+    state: &AppState,
+    room_id: &RoomId,
+    event: &StoredEvent,
+    except: Option<&ruma::ServerName>,
+) -> crate::error::Result<()> {
+    let Some(outbox) = state.outbox() else { return Ok(()) };
+    let mut servers = servers_in_room(state, room_id).await?;
+    #[derive(serde::Deserialize)]
+    struct Fields {
+        #[serde(rename = "type")]
+        kind: String,
+        state_key: Option<String>,
+    }
+    if let Ok(Fields { kind, state_key: Some(member) }) = serde_json::from_str::<Fields>(&event.json)
+        && kind == "m.room.member"
+        && let Ok(member) = <&UserId>::try_from(member.as_str())
+    {
+        servers.insert(member.server_name().to_owned());
+    }
+    servers.remove(&state.server_name);
+    if let Some(except) = except {
+        servers.remove(except);
+    }
+    if !servers.is_empty() {
+        outbox.send(servers, event);
+    }
+    Ok(())
+}
