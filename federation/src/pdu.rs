@@ -241,6 +241,27 @@ impl PduBuilder<'_> {
     }
 }
 
+/// Hashes and signs an event another server filled in (a `make_join` template) as `server`, the
+/// sender's: in room versions 1 and 2 this server also names it.
+pub fn sign_template(
+    mut template: CanonicalJsonObject,
+    version: &RoomVersionId,
+    server: &ServerName,
+    key: &SigningKey,
+) -> Result<SignedPdu, PduError> {
+    let rules = rules(version)?;
+    for field in ["hashes", "signatures", "unsigned", "event_id"] {
+        template.remove(field);
+    }
+    if ids_chosen_by_sender(&rules) {
+        template.insert("event_id".into(), canonical(EventId::new_v1(server))?);
+    }
+    hash_and_sign_event(server.as_str(), key.key_pair(), &mut template, &rules.redaction)
+        .map_err(signing_error)?;
+    let event_id = event_id_of(&template, version)?;
+    Ok(SignedPdu { event_id, json: template })
+}
+
 /// The event id of a PDU received from elsewhere: its reference hash, or in room versions 1 and
 /// 2 the `event_id` it carries.
 pub fn event_id_of(json: &CanonicalJsonObject, version: &RoomVersionId) -> Result<OwnedEventId, PduError> {

@@ -25,9 +25,10 @@ use ruma::{
 
 use crate::{config::FederationConfig, outbound::PublicOnly};
 
-/// The largest answer read from another server. Part 1 of federation asks for keys, profiles
-/// and aliases only.
+/// The largest answer read from another server, but for a room's state.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// The largest room state read (`send_join`, `state`): a room of tens of thousands of members.
+pub const MAX_STATE_BYTES: usize = 64 * 1024 * 1024;
 
 /// What went wrong with a call to another server.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,22 @@ impl Remote {
         R: OutgoingRequest<PathBuilder = SinglePath>,
         R::Authentication: RequestAuth,
     {
+        self.send_limited(origin, key, destination, request, MAX_ANSWER_BYTES).await
+    }
+
+    /// [`Remote::send`], reading an answer of up to `limit` bytes.
+    pub async fn send_limited<R>(
+        &self,
+        origin: &ServerName,
+        key: &Ed25519KeyPair,
+        destination: &ServerName,
+        request: R,
+        limit: usize,
+    ) -> Result<R::IncomingResponse, RemoteError>
+    where
+        R: OutgoingRequest<PathBuilder = SinglePath>,
+        R::Authentication: RequestAuth,
+    {
         let server = destination.to_string();
         let target = self.discovery.resolve(&self.http, destination, self.allow_private).await?;
         let input = <R::Authentication as RequestAuth>::input(origin, destination, key);
@@ -114,7 +131,7 @@ impl Remote {
         let response =
             self.http.execute(request).await.map_err(|e| unreachable(e.without_url().to_string()))?;
         let status = response.status();
-        let body = read_limited(response, MAX_ANSWER_BYTES).await.map_err(unreachable)?;
+        let body = read_limited(response, limit).await.map_err(unreachable)?;
         if status.as_u16() >= 400 {
             let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let field = |name: &str| error.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();

@@ -94,29 +94,77 @@ async fn signing_keys(
     Ok(keys)
 }
 
-/// Checks a PDU received from another server and appends it to `room_id`. An event already
-/// here is answered as stored.
-pub async fn accept(
-    state: &AppState,
-    room_id: &RoomId,
-    version: &RoomVersionId,
-    mut json: CanonicalJsonObject,
-) -> Result<StoredEvent, Refused> {
+/// A verified PDU as it is stored (without the state event it replaces, which depends on where
+/// it goes).
+pub fn stored_form(parsed: &Pdu, json: &CanonicalJsonObject) -> Result<NewEvent, Refused> {
+    let membership = match parsed.kind {
+        TimelineEventType::RoomMember => {
+            #[derive(serde::Deserialize)]
+            struct Membership {
+                membership: String,
+            }
+            let content: Membership = serde_json::from_str(parsed.content.get()).map_err(invalid)?;
+            Some(content.membership)
+        }
+        _ => None,
+    };
+    Ok(NewEvent {
+        event_id: parsed.event_id.clone(),
+        json: CanonicalJsonValue::Object(json.clone()).to_string(),
+        sender: parsed.sender.to_string(),
+        event_type: parsed.kind.to_string(),
+        state_key: parsed.state_key.clone(),
+        depth: i64::try_from(parsed.depth).map_err(invalid)?,
+        origin_server_ts: i64::try_from(u64::from(parsed.origin_server_ts.0)).map_err(invalid)?,
+        membership,
+        redaction: None,
+        txn: None,
+        replaces_state: None,
+        expires_ts: None,
+        prev_events: parsed.prev_events.clone(),
+    })
+}
+
+/// The id of a PDU within the size limit.
+pub fn checked_id(json: &CanonicalJsonObject, version: &RoomVersionId) -> Result<OwnedEventId, Refused> {
     let size = CanonicalJsonValue::Object(json.clone()).to_string().len();
     if size > super::MAX_EVENT_BYTES {
         return Err(invalid(format!("the event is larger than {} bytes", super::MAX_EVENT_BYTES)));
     }
-    let event_id = pdu::event_id_of(&json, version).map_err(invalid)?;
-    if let Some(stored) = state.store.get_event(event_id.as_str()).await? {
-        return Ok(stored);
-    }
+    pdu::event_id_of(json, version).map_err(invalid)
+}
+
+/// A PDU whose signatures hold, as it is to be kept: as sent, or redacted if its content no
+/// longer matches its hash.
+pub async fn verified(
+    state: &AppState,
+    event_id: OwnedEventId,
+    version: &RoomVersionId,
+    mut json: CanonicalJsonObject,
+) -> Result<(CanonicalJsonObject, Pdu), Refused> {
     let keys = signing_keys(state, &json).await?;
     if !pdu::verify(&json, version, &keys).map_err(|e| invalid(format!("bad signature: {e}")))? {
         // Signed as sent, altered since: kept only as a redaction would leave it.
         tracing::info!(%event_id, "an event's content hash does not match; it is kept redacted");
         json = pdu::redacted(json, version, None).map_err(invalid)?;
     }
-    let parsed = Pdu::from_json(event_id.clone(), &json).map_err(invalid)?;
+    let parsed = Pdu::from_json(event_id, &json).map_err(invalid)?;
+    Ok((json, parsed))
+}
+
+/// Checks a PDU received from another server and appends it to `room_id`. An event already
+/// here is answered as stored.
+pub async fn accept(
+    state: &AppState,
+    room_id: &RoomId,
+    version: &RoomVersionId,
+    json: CanonicalJsonObject,
+) -> Result<StoredEvent, Refused> {
+    let event_id = checked_id(&json, version)?;
+    if let Some(stored) = state.store.get_event(event_id.as_str()).await? {
+        return Ok(stored);
+    }
+    let (json, parsed) = verified(state, event_id.clone(), version, json).await?;
     if parsed.room_id.as_deref() != Some(room_id) {
         return Err(invalid(format!("the event is not of room {room_id}")));
     }
@@ -148,20 +196,7 @@ pub async fn accept(
     let auth_keys =
         super::head_keys(version, &sender, &kind.to_string(), state_key.as_deref(), &parsed.content)
             .map_err(invalid)?;
-    let text = CanonicalJsonValue::Object(json.clone()).to_string();
-    let depth = i64::try_from(parsed.depth).map_err(invalid)?;
-    let origin_server_ts = i64::try_from(u64::from(parsed.origin_server_ts.0)).map_err(invalid)?;
-    let membership = match kind {
-        TimelineEventType::RoomMember => {
-            #[derive(serde::Deserialize)]
-            struct Membership {
-                membership: String,
-            }
-            let content: Membership = serde_json::from_str(parsed.content.get()).map_err(invalid)?;
-            Some(content.membership)
-        }
-        _ => None,
-    };
+    let stored_form = stored_form(&parsed, &json)?;
     let create_not_an_auth_event = pdu::room_id_is_create_hash(&pdu::rules(version).map_err(invalid)?);
     let build = |head: &RoomHead| -> Result<NewEvent, AppendError> {
         // Against the room's current state: an event the room has since moved past (the sender
@@ -183,22 +218,11 @@ pub async fn accept(
         }
         auth::check(version, &parsed, &auth_events, &current).map_err(AppendError::Refused)?;
         Ok(NewEvent {
-            event_id: event_id.clone(),
-            json: text.clone(),
-            sender: sender.to_string(),
-            event_type: kind.to_string(),
-            state_key: state_key.clone(),
-            depth,
-            origin_server_ts,
-            membership: membership.clone(),
-            redaction: None,
-            txn: None,
             replaces_state: state_key
                 .as_ref()
                 .and_then(|key| head.state.get(&(kind.to_string(), key.clone())))
                 .map(|(id, _)| id.clone()),
-            expires_ts: None,
-            prev_events: prev_events.clone(),
+            ..stored_form.clone()
         })
     };
     let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, false, &build).await?;

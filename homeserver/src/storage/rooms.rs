@@ -121,6 +121,21 @@ pub trait RoomStore: Send + Sync {
         auth_keys: &[(String, String)],
         with_extremity_json: bool,
     ) -> StoreResult<Option<RoomHead>>;
+    /// Stores a room this server joins through another (`send_join`), as one unit: `outliers`
+    /// (the state before the join and its auth chain; in no timeline), then `join` as the newest
+    /// event of the room's timeline, with `state` (type, state key, event id) and the join as the
+    /// room's state. A room this server did not have is created.
+    #[allow(clippy::too_many_arguments)]
+    async fn join_remote_room(
+        &self,
+        room_id: &RoomId,
+        version: &str,
+        creator: &str,
+        writer: &Arc<StreamWriter>,
+        outliers: &[NewEvent],
+        state: &[(String, String, String)],
+        join: NewEvent,
+    ) -> StoreResult<StoredEvent>;
     async fn event_by_txn(
         &self,
         user_id: &UserId,
@@ -249,6 +264,92 @@ fn snapshot_from_json(text: &str) -> StoreResult<StateMap> {
     let list: Vec<[String; 3]> = serde_json::from_str(text).map_err(corrupt)?;
     Ok(list.into_iter().map(|[t, k, id]| ((t, k), id)).collect())
 }
+
+/// Sets the room's current state at `(event_type, state_key)`.
+async fn set_current_state(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    room_id: &RoomId,
+    event_type: &str,
+    state_key: &str,
+    event_id: &str,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
+    )
+    .bind(room_id.as_str())
+    .bind(event_type)
+    .bind(state_key)
+    .bind(event_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Writes an event's row at `position` (negative for an outlier) with the state after it, and
+/// `with_membership`, for a membership event, the member's membership.
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    room_id: &RoomId,
+    position: i64,
+    event: &NewEvent,
+    snapshot_id: i64,
+    with_membership: bool,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
+             origin_server_ts, json, state_snapshot, replaces_state, txn_device, txn_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(position)
+    .bind(event.event_id.as_str())
+    .bind(room_id.as_str())
+    .bind(&event.sender)
+    .bind(&event.event_type)
+    .bind(event.state_key.as_deref())
+    .bind(event.depth)
+    .bind(event.origin_server_ts)
+    .bind(&event.json)
+    .bind(snapshot_id)
+    .bind(event.replaces_state.as_deref())
+    .bind(event.txn.as_ref().map(|(_, device, _)| device.as_str()))
+    .bind(event.txn.as_ref().map(|(_, _, txn)| txn.as_str()))
+    .execute(&mut **tx)
+    .await?;
+    if with_membership && let (Some(membership), Some(user)) = (&event.membership, &event.state_key) {
+        set_membership(tx, room_id, user, membership, event.event_id.as_str(), position).await?;
+    }
+    Ok(())
+}
+
+async fn set_membership(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    room_id: &RoomId,
+    user: &str,
+    membership: &str,
+    event_id: &str,
+    position: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+             event_id = excluded.event_id, stream_ordering = excluded.stream_ordering",
+    )
+    .bind(room_id.as_str())
+    .bind(user)
+    .bind(membership)
+    .bind(event_id)
+    .bind(position)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Outliers of a room joined at stream position `p` are stored at `-(p * OUTLIERS_PER_JOIN + i)`:
+/// negative, so no timeline, sync or pagination (which read positions above 0) shows them, and
+/// unique. A join brings at most this many.
+pub const OUTLIERS_PER_JOIN: i64 = 1 << 20;
 
 /// Locks a cache, shrugging off poisoning (a cache holds no invariant a panic could break).
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -442,55 +543,12 @@ impl RoomStore for SqlStore {
                     .execute(&mut *tx)
                     .await?;
                 new_snapshot = Some(Arc::new(state_map));
-                sqlx::query(
-                    "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
-                )
-                .bind(room_id.as_str())
-                .bind(&event.event_type)
-                .bind(key)
-                .bind(event.event_id.as_str())
-                .execute(&mut *tx)
-                .await?;
+                set_current_state(&mut tx, room_id, &event.event_type, key, event.event_id.as_str()).await?;
                 position.position
             }
             None => snapshot.ok_or_else(|| corrupt("a non-state event in a room without state"))?,
         };
-        sqlx::query(
-            "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
-                 origin_server_ts, json, state_snapshot, replaces_state, txn_device, txn_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(position.position)
-        .bind(event.event_id.as_str())
-        .bind(room_id.as_str())
-        .bind(&event.sender)
-        .bind(&event.event_type)
-        .bind(event.state_key.as_deref())
-        .bind(event.depth)
-        .bind(event.origin_server_ts)
-        .bind(&event.json)
-        .bind(snapshot_id)
-        .bind(event.replaces_state.as_deref())
-        .bind(event.txn.as_ref().map(|(_, device, _)| device.as_str()))
-        .bind(event.txn.as_ref().map(|(_, _, txn)| txn.as_str()))
-        .execute(&mut *tx)
-        .await?;
-        if let (Some(membership), Some(user)) = (&event.membership, &event.state_key) {
-            sqlx::query(
-                "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
-                     event_id = excluded.event_id, stream_ordering = excluded.stream_ordering",
-            )
-            .bind(room_id.as_str())
-            .bind(user)
-            .bind(membership)
-            .bind(event.event_id.as_str())
-            .bind(position.position)
-            .execute(&mut *tx)
-            .await?;
-        }
+        insert_event(&mut tx, room_id, position.position, &event, snapshot_id, true).await?;
         if let Some(expires_ts) = event.expires_ts {
             sqlx::query("INSERT INTO event_expiry (event_id, room_id, expires_ts) VALUES ($1, $2, $3)")
                 .bind(event.event_id.as_str())
@@ -578,6 +636,113 @@ impl RoomStore for SqlStore {
         let (head, _) = self.head_in(&mut tx, room_id, &row, auth_keys, with_extremity_json).await?;
         tx.commit().await?;
         Ok(Some(head))
+    }
+
+    async fn join_remote_room(
+        &self,
+        room_id: &RoomId,
+        version: &str,
+        creator: &str,
+        writer: &Arc<StreamWriter>,
+        outliers: &[NewEvent],
+        state: &[(String, String, String)],
+        join: NewEvent,
+    ) -> StoreResult<StoredEvent> {
+        if let Some(stored) = self.get_event(join.event_id.as_str()).await? {
+            return Ok(stored);
+        }
+        if i64::try_from(outliers.len()).map_or(true, |n| n >= OUTLIERS_PER_JOIN) {
+            return Err(corrupt("a room's state larger than a join can bring"));
+        }
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts, extremities, depth)
+             VALUES ($1, $2, $3, 0, $4, '[]', 0) ON CONFLICT (room_id) DO NOTHING",
+        )
+        .bind(room_id.as_str())
+        .bind(version)
+        .bind(creator)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        // Locks the room, as an append does.
+        let row =
+            sqlx::query("UPDATE rooms SET depth = depth WHERE room_id = $1 RETURNING room_version, depth")
+                .bind(room_id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+        if row.try_get::<String, _>("room_version")? != version {
+            return Err(corrupt(format!("room {room_id} is here with another version than {version}")));
+        }
+        let depth: i64 = row.try_get("depth")?;
+        let position = writer.allocate_in(&mut tx).await?;
+        let p = position.position;
+
+        let mut stored_at = std::collections::HashMap::new();
+        for (i, event) in (1..).zip(outliers) {
+            let exists = sqlx::query("SELECT stream_ordering FROM events WHERE event_id = $1")
+                .bind(event.event_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let at = match exists {
+                Some(row) => row.try_get::<i64, _>("stream_ordering")?,
+                None => {
+                    let at = -(p * OUTLIERS_PER_JOIN + i);
+                    insert_event(&mut tx, room_id, at, event, p, false).await?;
+                    at
+                }
+            };
+            stored_at.insert(event.event_id.as_str(), (at, event));
+        }
+        let mut state_map = StateMap::new();
+        sqlx::query("DELETE FROM current_state WHERE room_id = $1")
+            .bind(room_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        for (event_type, state_key, event_id) in state {
+            state_map.insert((event_type.clone(), state_key.clone()), event_id.clone());
+            set_current_state(&mut tx, room_id, event_type, state_key, event_id).await?;
+            if let Some((at, NewEvent { membership: Some(membership), .. })) =
+                stored_at.get(event_id.as_str())
+            {
+                set_membership(&mut tx, room_id, state_key, membership, event_id, *at).await?;
+            }
+        }
+        let key = join.state_key.clone().unwrap_or_default();
+        state_map.insert((join.event_type.clone(), key.clone()), join.event_id.to_string());
+        set_current_state(&mut tx, room_id, &join.event_type, &key, join.event_id.as_str()).await?;
+        let state_map = Arc::new(state_map);
+        sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
+            .bind(p)
+            .bind(room_id.as_str())
+            .bind(snapshot_to_json(&state_map)?)
+            .execute(&mut *tx)
+            .await?;
+        insert_event(&mut tx, room_id, p, &join, p, true).await?;
+        let extremities = serde_json::to_string(&[join.event_id.as_str()]).map_err(corrupt)?;
+        sqlx::query(
+            "UPDATE rooms SET extremities = $2, depth = $3, current_snapshot = $4 WHERE room_id = $1",
+        )
+        .bind(room_id.as_str())
+        .bind(extremities)
+        .bind(join.depth.max(depth))
+        .bind(p)
+        .execute(&mut *tx)
+        .await?;
+        position.still_leased()?;
+        tx.commit().await?;
+        self.remember_snapshot(room_id, p, state_map);
+        let stored = StoredEvent {
+            stream_ordering: p,
+            event_id: join.event_id.to_string(),
+            room_id: room_id.to_string(),
+            json: join.json,
+            redacted_by: None,
+            replaces_state: join.replaces_state,
+            txn: None,
+        };
+        drop(position);
+        Ok(stored)
     }
 
     async fn event_by_txn(

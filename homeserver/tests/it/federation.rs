@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::{
     common::{Db, Session, TestServer, create_room, enc, put_ok},
+    federated_chat::Client,
     interop::free_port,
     tls::TestCa,
 };
@@ -267,6 +268,21 @@ crate::on_both_backends! {
         // Still serving.
         let (status, _) = profile_query(&ca, &a, &b, user, as_is, unchanged).await;
         assert_eq!(status, 200);
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// Two Hearths join each other's rooms by alias and chat both ways (the scenario of
+    /// [`crate::federated_chat`]).
+    async fn two_hearths_join_each_others_rooms_by_alias_and_chat_both_ways(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let bob = b.server.register("bob", "a long password").await;
+        let (on_a, on_b) = (Client::Hearth(&a.server, &alice.token), Client::Hearth(&b.server, &bob.token));
+        let context = || format!("{db:?}");
+        crate::federated_chat::chat(&on_a, &a.name, &on_b, "hall", &context).await;
+        crate::federated_chat::chat(&on_b, &b.name, &on_a, "plaza", &context).await;
         a.stop().await;
         b.stop().await;
     }

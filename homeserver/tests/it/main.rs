@@ -15,6 +15,7 @@ mod e2ee;
 mod errors;
 mod faults;
 mod features;
+mod federated_chat;
 mod federation;
 mod guests;
 mod hardening;

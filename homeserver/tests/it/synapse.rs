@@ -12,6 +12,7 @@ use tokio::process::{Child, Command};
 
 use crate::{
     common::{Db, TestServer, enc},
+    federated_chat::Client,
     federation::Federating,
     interop::{free_port, python},
     tls::TestCa,
@@ -257,129 +258,22 @@ async fn hearth_and_synapse_find_each_others_users_and_aliases() {
     synapse.stop().await;
 }
 
-/// Waits (up to 30 s) for `check` to find what it looks for.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// The `m.room.message` bodies of a room's timeline in a `/sync` answer, in order.
-fn message_bodies(sync: &Value, room: &str) -> Vec<String> {
-    sync["rooms"]["join"][room]["timeline"]["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|event| event["type"] == "m.room.message")
-        .filter_map(|event| event["content"]["body"].as_str().map(str::to_owned))
-        .collect()
-}
-
-/// Follows `/sync` (through `sync`, given each `since`) from `since` until `count` messages
-/// arrived in `room` (up to 30 s); their bodies in order.
-async fn messages_after<F, Fut>(mut since: String, room: &str, count: usize, sync: F) -> Vec<String>
-where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = Value>,
-{
-    let started = Instant::now();
-    let mut bodies = Vec::new();
-    while bodies.len() < count {
-        assert!(started.elapsed() < Duration::from_secs(30), "timed out; messages so far: {bodies:?}");
-        let answer = sync(since.clone()).await;
-        bodies.extend(message_bodies(&answer, room));
-        since = answer["next_batch"].as_str().unwrap_or(&since).to_owned();
-    }
-    bodies
-}
-
-/// A Synapse user joins a room on Hearth by its alias (`make_join`, `send_join`); then messages
-/// sent on either server reach the other's `/sync` in the order sent (transactions both ways),
-/// and a name set on Hearth is the room's name on Synapse too.
+/// Rooms shared between Hearth and Synapse, each side hosting in turn: a user of the other
+/// server joins by alias, then messages and state flow both ways ([`crate::federated_chat`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn synapse_joins_a_hearth_room_by_alias_and_messages_flow_both_ways() {
+async fn hearth_and_synapse_join_each_others_rooms_by_alias_and_chat_both_ways() {
     let ca = TestCa::new();
     let synapse = Synapse::start(&ca).await;
     for (n, db) in [Db::Sqlite, Db::Postgres].into_iter().enumerate() {
-        let (bob, bob_token) = synapse.register(&ca, &format!("bob{n}")).await;
         let hearth = Federating::start(db, &ca).await;
-        let server: &TestServer = &hearth.server;
-        let alice = server.register("alice", "a long password").await;
-        let room = crate::common::create_room(
-            server,
-            &alice,
-            json!({"room_alias_name": "hall", "preset": "public_chat", "room_version": "12"}),
-        )
-        .await;
-        let alias = format!("#hall:{}", hearth.name);
-        let (status, joined) = synapse
-            .request(
-                &ca,
-                "POST",
-                &format!("/_matrix/client/v3/join/{}", enc(&alias)),
-                &bob_token,
-                Some(json!({})),
-            )
+        let alice = hearth.server.register("alice", "a long password").await;
+        let (_, bob_token) = synapse.register(&ca, &format!("bob{n}")).await;
+        let on_hearth = Client::Hearth(&hearth.server, &alice.token);
+        let on_synapse = Client::Synapse(&synapse, &ca, &bob_token);
+        let context = || format!("{db:?}; synapse log:\n{}", synapse.log());
+        crate::federated_chat::chat(&on_hearth, &hearth.name, &on_synapse, "hall", &context).await;
+        crate::federated_chat::chat(&on_synapse, &synapse.name, &on_hearth, &format!("plaza{n}"), &context)
             .await;
-        assert_eq!((status, &joined["room_id"]), (200, &json!(room)), "{db:?}: {joined}\n{}", synapse.log());
-
-        // Hearth sees the join, then Synapse's messages, in order.
-        let (_, first) = server.get("/_matrix/client/v3/sync", Some(&alice.token)).await;
-        let since = first["next_batch"].as_str().unwrap().to_owned();
-        for (i, body) in ["one from synapse", "two from synapse"].iter().enumerate() {
-            let (status, sent) = synapse
-                .request(
-                    &ca,
-                    "PUT",
-                    &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/s{i}", enc(&room)),
-                    &bob_token,
-                    Some(json!({"msgtype": "m.text", "body": body})),
-                )
-                .await;
-            assert_eq!(status, 200, "{sent}");
-        }
-        let bodies = messages_after(since, &room, 2, |since| {
-            let path = format!("/_matrix/client/v3/sync?since={since}&timeout=1000");
-            let token = &alice.token;
-            async move { server.get(&path, Some(token)).await.1 }
-        })
-        .await;
-        assert_eq!(bodies, ["one from synapse", "two from synapse"], "{db:?}");
-        let (_, members) = server
-            .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), Some(&alice.token))
-            .await;
-        assert!(members["joined"].get(&bob).is_some(), "{db:?}: {members}");
-
-        // Synapse sees Hearth's messages in order, and the name Hearth set.
-        let (_, first) = synapse.request(&ca, "GET", "/_matrix/client/v3/sync", &bob_token, None).await;
-        let since = first["next_batch"].as_str().unwrap().to_owned();
-        for (i, body) in ["one from hearth", "two from hearth", "three from hearth"].iter().enumerate() {
-            crate::common::send_text(server, &alice, &room, &format!("h{i}"), body).await;
-        }
-        crate::common::put_state(server, &alice, &room, "m.room.name", "", json!({"name": "The Hall"})).await;
-        let bodies = messages_after(since, &room, 3, |since| {
-            let path = format!("/_matrix/client/v3/sync?since={since}&timeout=1000");
-            let (synapse, ca, token) = (&synapse, &ca, &bob_token);
-            async move { synapse.request(ca, "GET", &path, token, None).await.1 }
-        })
-        .await;
-        assert_eq!(bodies, ["one from hearth", "two from hearth", "three from hearth"], "{db:?}");
-        let name = eventually("the room's name on Synapse", || async {
-            let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room));
-            let (status, name) = synapse.request(&ca, "GET", &path, &bob_token, None).await;
-            (status == 200).then_some(name)
-        })
-        .await;
-        assert_eq!(name["name"], "The Hall", "{db:?}");
         hearth.stop().await;
     }
     synapse.stop().await;

@@ -126,18 +126,25 @@ async fn get_alias(
     state: web::Data<AppState>,
     request: Ruma<get_alias::v3::Request>,
 ) -> Result<get_alias::v3::Response> {
-    let alias = &request.body.room_alias;
-    if alias.server_name() != state.server_name {
-        // Another server's alias: that server says which room it names (`query/directory`).
-        let question = ruma::api::federation::query::get_room_information::v1::Request::new(alias.clone());
-        let answer = state
-            .remote()?
-            .send(&state.server_name, state.signing_key.key_pair(), alias.server_name(), question)
-            .await?;
-        return Ok(get_alias::v3::Response::new(answer.room_id, answer.servers));
+    let (room, servers) = resolve_anywhere(&state, &request.body.room_alias).await?;
+    Ok(get_alias::v3::Response::new(room, servers))
+}
+
+/// The room an alias of any server names, and servers in it: another server's alias is asked
+/// of that server (`query/directory`).
+pub async fn resolve_anywhere(
+    state: &AppState,
+    alias: &RoomAliasId,
+) -> Result<(OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+    if alias.server_name() == state.server_name {
+        return Ok((resolve(state, alias).await?, vec![state.server_name.clone()]));
     }
-    let room = resolve(&state, alias).await?;
-    Ok(get_alias::v3::Response::new(room, vec![state.server_name.clone()]))
+    let question = ruma::api::federation::query::get_room_information::v1::Request::new(alias.to_owned());
+    let answer = state
+        .remote()?
+        .send(&state.server_name, state.signing_key.key_pair(), alias.server_name(), question)
+        .await?;
+    Ok((answer.room_id, answer.servers))
 }
 
 /// DELETE /_matrix/client/v3/directory/room/{roomAlias}

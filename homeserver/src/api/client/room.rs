@@ -403,8 +403,22 @@ async fn join(
     room_id: &RoomId,
     user: &crate::auth::AuthedUser,
     content: &Value,
+    via: &[ruma::OwnedServerName],
 ) -> Result<()> {
     let user_id = &user.user_id;
+    if state.remote().is_ok()
+        && !rooms::remote::servers_in_room(state, room_id).await?.contains(&state.server_name)
+    {
+        // No one here is in the room: it is joined through a server that is.
+        let via: Vec<_> = via.iter().filter(|server| **server != state.server_name).cloned().collect();
+        if !via.is_empty() {
+            if user.is_guest {
+                return Err(Error::forbidden("guests may not join rooms of other servers"));
+            }
+            rooms::join::join_remote(state, room_id, &via, user_id, content).await?;
+            return Ok(());
+        }
+    }
     if user.is_guest && !guests_can_join(state, room_id).await? {
         return Err(Error::forbidden("guests may not join this room: its guest access is not can_join"));
     }
@@ -469,7 +483,8 @@ async fn join_by_id(
     let room_id = request.body.room_id;
     let extra = extra_join_keys(&request.raw_body)?;
     let content = own_join_content(&state, user, extra, request.body.reason.as_deref()).await?;
-    join(&state, &room_id, &request.sender, &content).await?;
+    let via = rooms::join::servers_for(&room_id, &[]);
+    join(&state, &room_id, &request.sender, &content, &via).await?;
     Ok(join_room_by_id::v3::Response::new(room_id))
 }
 
@@ -480,14 +495,20 @@ async fn join_by_id_or_alias(
 ) -> Result<join_room_by_id_or_alias::v3::Response> {
     let user = &request.sender.user_id;
     let target = &request.body.room_id_or_alias;
-    let room_id = match <&ruma::RoomAliasId>::try_from(target.as_str()) {
-        Ok(alias) => super::directory::resolve(&state, alias).await?,
-        Err(_) => OwnedRoomId::try_from(target.as_str())
-            .map_err(|_| Error::invalid_param("not a room id or alias"))?,
+    let (room_id, servers) = match <&ruma::RoomAliasId>::try_from(target.as_str()) {
+        Ok(alias) => super::directory::resolve_anywhere(&state, alias).await?,
+        Err(_) => (
+            OwnedRoomId::try_from(target.as_str())
+                .map_err(|_| Error::invalid_param("not a room id or alias"))?,
+            Vec::new(),
+        ),
     };
+    let mut via = request.body.via.clone();
+    via.extend(servers);
+    let via = rooms::join::servers_for(&room_id, &via);
     let extra = extra_join_keys(&request.raw_body)?;
     let content = own_join_content(&state, user, extra, request.body.reason.as_deref()).await?;
-    join(&state, &room_id, &request.sender, &content).await?;
+    join(&state, &room_id, &request.sender, &content, &via).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
 
