@@ -262,6 +262,18 @@ pub fn sign_template(
     Ok(SignedPdu { event_id, json: template })
 }
 
+/// Adds `server`'s signature to an event another server signed (an invite of this server's user
+/// is signed by both); the other signatures stay.
+pub fn add_signature(
+    json: &mut CanonicalJsonObject,
+    version: &RoomVersionId,
+    server: &ServerName,
+    key: &SigningKey,
+) -> Result<(), PduError> {
+    let rules = rules(version)?;
+    hash_and_sign_event(server.as_str(), key.key_pair(), json, &rules.redaction).map_err(signing_error)
+}
+
 /// The event id of a PDU received from elsewhere: its reference hash, or in room versions 1 and
 /// 2 the `event_id` it carries.
 pub fn event_id_of(json: &CanonicalJsonObject, version: &RoomVersionId) -> Result<OwnedEventId, PduError> {

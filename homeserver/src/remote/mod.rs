@@ -170,7 +170,8 @@ impl std::fmt::Debug for Remote {
 }
 
 /// What a client is told when a call to another server on its behalf fails: the other server's
-/// "not found" as ours, anything else as 502 (the spec's answer for an unreachable server).
+/// "not found" and "forbidden" as ours, anything else as 502 (the spec's answer for an
+/// unreachable server).
 impl From<RemoteError> for crate::error::Error {
     fn from(error: RemoteError) -> Self {
         use crate::error::{Error, ErrorKind};
@@ -179,6 +180,10 @@ impl From<RemoteError> for crate::error::Error {
             RemoteError::Disabled => Error::not_found("this server does not federate with other servers"),
             RemoteError::Answered { status: 404, error, server, .. } => {
                 Error::not_found(format!("{server} knows no such thing: {error}"))
+            }
+            // The other server's refusal is the client's answer (a ban, an invite-only room).
+            RemoteError::Answered { status: 403, error, server, .. } => {
+                Error::forbidden(format!("{server} refused: {error}"))
             }
             other => {
                 tracing::info!(error = %other, "a call to another server failed");

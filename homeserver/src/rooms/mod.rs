@@ -8,6 +8,7 @@ pub mod client_event;
 pub mod ephemeral;
 pub mod expiry;
 pub mod graph;
+pub mod invite;
 pub mod join;
 pub mod recent;
 pub mod remote;

@@ -397,6 +397,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0025_server_keys.sql"),
         include_str!("../../migrations/sqlite/0025_server_keys.sql"),
     ),
+    (
+        26,
+        "invite states",
+        include_str!("../../migrations/postgres/0026_invite_states.sql"),
+        include_str!("../../migrations/sqlite/0026_invite_states.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -136,6 +136,19 @@ pub trait RoomStore: Send + Sync {
         state: &[(String, String, String)],
         join: NewEvent,
     ) -> StoreResult<StoredEvent>;
+    /// Stores an invite from another server to a room this server is not in: the invite as the
+    /// newest event of the room (created here if need be) and the invitee's membership, with
+    /// the stripped state (a JSON list) the invitee is shown until they join.
+    async fn receive_invite(
+        &self,
+        room_id: &RoomId,
+        version: &str,
+        writer: &Arc<StreamWriter>,
+        invite: NewEvent,
+        stripped_state: &str,
+    ) -> StoreResult<StoredEvent>;
+    /// The stripped state sent with `user`'s invite to a room of another server (a JSON list).
+    async fn invite_state(&self, room_id: &RoomId, user: &UserId) -> StoreResult<Option<String>>;
     async fn event_by_txn(
         &self,
         user_id: &UserId,
@@ -343,6 +356,13 @@ async fn set_membership(
     .bind(position)
     .execute(&mut **tx)
     .await?;
+    if membership != "invite" {
+        sqlx::query("DELETE FROM invite_states WHERE room_id = $1 AND user_id = $2")
+            .bind(room_id.as_str())
+            .bind(user)
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 
@@ -743,6 +763,92 @@ impl RoomStore for SqlStore {
         };
         drop(position);
         Ok(stored)
+    }
+
+    async fn receive_invite(
+        &self,
+        room_id: &RoomId,
+        version: &str,
+        writer: &Arc<StreamWriter>,
+        invite: NewEvent,
+        stripped_state: &str,
+    ) -> StoreResult<StoredEvent> {
+        if let Some(stored) = self.get_event(invite.event_id.as_str()).await? {
+            return Ok(stored);
+        }
+        let invitee = invite.state_key.clone().ok_or_else(|| corrupt("an invite without a state key"))?;
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts, extremities, depth)
+             VALUES ($1, $2, $3, 0, $4, '[]', 0) ON CONFLICT (room_id) DO NOTHING",
+        )
+        .bind(room_id.as_str())
+        .bind(version)
+        .bind(&invite.sender)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "UPDATE rooms SET depth = depth WHERE room_id = $1 RETURNING room_version, current_snapshot",
+        )
+        .bind(room_id.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        if row.try_get::<String, _>("room_version")? != version {
+            return Err(corrupt(format!("room {room_id} is here with another version than {version}")));
+        }
+        let position = writer.allocate_in(&mut tx).await?;
+        let p = position.position;
+        let mut state_map = match row.try_get::<Option<i64>, _>("current_snapshot")? {
+            Some(snapshot) => (*self.snapshot(&mut tx, room_id, snapshot).await?).clone(),
+            None => StateMap::new(),
+        };
+        state_map.insert(("m.room.member".to_owned(), invitee.clone()), invite.event_id.to_string());
+        sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
+            .bind(p)
+            .bind(room_id.as_str())
+            .bind(snapshot_to_json(&state_map)?)
+            .execute(&mut *tx)
+            .await?;
+        set_current_state(&mut tx, room_id, "m.room.member", &invitee, invite.event_id.as_str()).await?;
+        insert_event(&mut tx, room_id, p, &invite, p, true).await?;
+        sqlx::query(
+            "INSERT INTO invite_states (room_id, user_id, state) VALUES ($1, $2, $3)
+             ON CONFLICT (room_id, user_id) DO UPDATE SET state = excluded.state",
+        )
+        .bind(room_id.as_str())
+        .bind(&invitee)
+        .bind(stripped_state)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE rooms SET current_snapshot = $2 WHERE room_id = $1")
+            .bind(room_id.as_str())
+            .bind(p)
+            .execute(&mut *tx)
+            .await?;
+        position.still_leased()?;
+        tx.commit().await?;
+        self.remember_snapshot(room_id, p, Arc::new(state_map));
+        let stored = StoredEvent {
+            stream_ordering: p,
+            event_id: invite.event_id.to_string(),
+            room_id: room_id.to_string(),
+            json: invite.json,
+            redacted_by: None,
+            replaces_state: invite.replaces_state,
+            txn: None,
+        };
+        drop(position);
+        Ok(stored)
+    }
+
+    async fn invite_state(&self, room_id: &RoomId, user: &UserId) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT state FROM invite_states WHERE room_id = $1 AND user_id = $2")
+            .bind(room_id.as_str())
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| row.try_get("state")).transpose()?)
     }
 
     async fn event_by_txn(

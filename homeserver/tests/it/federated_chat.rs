@@ -146,4 +146,138 @@ pub(crate) async fn chat(
         assert_eq!(status, 200, "{members}");
         assert_eq!(members["joined"].as_object().map(|m| m.len()), Some(2), "{members}; {}", context());
     }
+
+    // Kicked: the guest's server learns it; the room being public, the guest comes back.
+    let guest_id = joined_member_other_than(host, &room).await;
+    let since = guest.sync(None).await["next_batch"].as_str().unwrap().to_owned();
+    host.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/kick", enc(&room)),
+        json!({"user_id": guest_id, "reason": "out"}),
+    )
+    .await;
+    let reason =
+        sync_until(guest, since, context, |sync| membership_change(sync, &room, &guest_id, "leave")).await;
+    assert_eq!(reason, "out");
+    let (status, joined) = guest
+        .request("POST", &format!("/_matrix/client/v3/join/{}", enc(&full_alias)), Some(json!({})))
+        .await;
+    assert_eq!(status, 200, "rejoining after a kick: {joined}; {}", context());
+}
+
+/// The member of `room` other than `who`.
+async fn joined_member_other_than(who: &Client<'_>, room: &str) -> String {
+    let (_, me) = who.request("GET", "/_matrix/client/v3/account/whoami", None).await;
+    let (_, members) =
+        who.request("GET", &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(room)), None).await;
+    members["joined"].as_object().unwrap().keys().find(|id| **id != me["user_id"]).unwrap().clone()
+}
+
+/// Follows `who`'s `/sync` from `since` until `found` picks something out of an answer (up to
+/// 30 s).
+async fn sync_until<T>(
+    who: &Client<'_>,
+    mut since: String,
+    context: &dyn Fn() -> String,
+    found: impl Fn(&Value) -> Option<T>,
+) -> T {
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(30), "timed out; {}", context());
+        let answer = who.sync(Some(&since)).await;
+        if let Some(found) = found(&answer) {
+            return found;
+        }
+        since = answer["next_batch"].as_str().unwrap_or(&since).to_owned();
+    }
+}
+
+/// The reason of `member`'s change to `membership` in `room`, if a `/sync` answer has it in the
+/// timeline of the room (left or joined).
+fn membership_change(sync: &Value, room: &str, member: &str, membership: &str) -> Option<String> {
+    ["leave", "join"].iter().find_map(|section| {
+        sync["rooms"][*section][room]["timeline"]["events"].as_array()?.iter().find_map(|e| {
+            (e["type"] == "m.room.member"
+                && e["state_key"] == member
+                && e["content"]["membership"] == membership)
+                .then(|| e["content"]["reason"].as_str().unwrap_or_default().to_owned())
+        })
+    })
+}
+
+/// The second scenario: `host` invites `guest` (user id `guest_id`) to a private room; the
+/// guest sees the invite with the room's name, joins by the room's id, gets power from the
+/// host, then is banned; each change holds on both servers.
+pub(crate) async fn invite_and_ban(
+    host: &Client<'_>,
+    guest: &Client<'_>,
+    guest_id: &str,
+    context: &dyn Fn() -> String,
+) {
+    let created = host
+        .ok(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "private_chat", "name": "Private", "room_version": "12"}),
+        )
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let since = guest.sync(None).await["next_batch"].as_str().unwrap().to_owned();
+    host.ok("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), json!({"user_id": guest_id}))
+        .await;
+    let invite_state = sync_until(guest, since, context, |sync| {
+        sync["rooms"]["invite"][room.as_str()]["invite_state"]["events"].as_array().cloned()
+    })
+    .await;
+    assert!(
+        invite_state.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Private"),
+        "{invite_state:?}"
+    );
+    assert!(invite_state.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == guest_id));
+    let (status, joined) = guest
+        .request("POST", &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(json!({})))
+        .await;
+    assert_eq!(status, 200, "{joined}; {}", context());
+
+    // Power given on the host holds on the guest's server.
+    let power_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room));
+    let (_, mut power) = host.request("GET", &power_path, None).await;
+    power["users"][guest_id] = json!(50);
+    host.ok("PUT", &power_path, power).await;
+    let started = Instant::now();
+    loop {
+        let (_, seen) = guest.request("GET", &power_path, None).await;
+        if seen["users"][guest_id] == 50 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "power levels on the guest's server: {seen}; {}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Banned: the guest's server learns it (a server that was kicked out first would not:
+    // it is no longer in the room).
+    let since = guest.sync(None).await["next_batch"].as_str().unwrap().to_owned();
+    host.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/ban", enc(&room)),
+        json!({"user_id": guest_id, "reason": "gone"}),
+    )
+    .await;
+    let reason =
+        sync_until(guest, since, context, |sync| membership_change(sync, &room, guest_id, "ban")).await;
+    assert_eq!(reason, "gone");
+    let member_path =
+        format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(guest_id));
+    let (status, member) = host.request("GET", &member_path, None).await;
+    assert_eq!((status, &member["membership"]), (200, &json!("ban")), "{member}");
+    // Banned, the guest cannot come back: refused by the host (Hearth relays its 403), or by a
+    // server that no longer knows whom to ask (Synapse answers 404).
+    let (status, refused) = guest
+        .request("POST", &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(json!({})))
+        .await;
+    assert!(matches!(status, 403 | 404), "{status} {refused}; {}", context());
 }

@@ -259,21 +259,24 @@ async fn hearth_and_synapse_find_each_others_users_and_aliases() {
 }
 
 /// Rooms shared between Hearth and Synapse, each side hosting in turn: a user of the other
-/// server joins by alias, then messages and state flow both ways ([`crate::federated_chat`]).
+/// server joins by alias and by invite, messages and state flow both ways, a kick and a ban
+/// hold on both ([`crate::federated_chat`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hearth_and_synapse_join_each_others_rooms_by_alias_and_chat_both_ways() {
+async fn hearth_and_synapse_join_each_others_rooms_by_alias_and_invite_and_chat_both_ways() {
     let ca = TestCa::new();
     let synapse = Synapse::start(&ca).await;
     for (n, db) in [Db::Sqlite, Db::Postgres].into_iter().enumerate() {
         let hearth = Federating::start(db, &ca).await;
         let alice = hearth.server.register("alice", "a long password").await;
-        let (_, bob_token) = synapse.register(&ca, &format!("bob{n}")).await;
+        let (bob, bob_token) = synapse.register(&ca, &format!("bob{n}")).await;
         let on_hearth = Client::Hearth(&hearth.server, &alice.token);
         let on_synapse = Client::Synapse(&synapse, &ca, &bob_token);
         let context = || format!("{db:?}; synapse log:\n{}", synapse.log());
         crate::federated_chat::chat(&on_hearth, &hearth.name, &on_synapse, "hall", &context).await;
         crate::federated_chat::chat(&on_synapse, &synapse.name, &on_hearth, &format!("plaza{n}"), &context)
             .await;
+        crate::federated_chat::invite_and_ban(&on_hearth, &on_synapse, &bob, &context).await;
+        crate::federated_chat::invite_and_ban(&on_synapse, &on_hearth, &alice.user_id, &context).await;
         hearth.stop().await;
     }
     synapse.stop().await;

@@ -409,8 +409,15 @@ async fn join(
     if state.remote().is_ok()
         && !rooms::remote::servers_in_room(state, room_id).await?.contains(&state.server_name)
     {
-        // No one here is in the room: it is joined through a server that is.
-        let via: Vec<_> = via.iter().filter(|server| **server != state.server_name).cloned().collect();
+        // No one here is in the room: it is joined through a server that is, the inviter's first.
+        let mut via: Vec<_> = via.iter().filter(|server| **server != state.server_name).cloned().collect();
+        if let Some(invite) =
+            state.store.current_state_event(room_id, "m.room.member", user_id.as_str()).await?
+            && let Ok(sender) = ruma::OwnedUserId::try_from(ClientEvent::parse(&invite)?.sender())
+            && sender.server_name() != state.server_name
+        {
+            via.insert(0, sender.server_name().to_owned());
+        }
         if !via.is_empty() {
             if user.is_guest {
                 return Err(Error::forbidden("guests may not join rooms of other servers"));
@@ -518,8 +525,10 @@ async fn invite(
     request: Ruma<invite_user::v3::Request>,
 ) -> Result<invite_user::v3::Response> {
     let body = &request.body;
-    let target = match &body.recipient {
-        invite_user::v3::InvitationRecipient::UserId(recipient) => recipient.user_id.clone(),
+    let (target, reason) = match &body.recipient {
+        invite_user::v3::InvitationRecipient::UserId(recipient) => {
+            (recipient.user_id.clone(), recipient.reason.clone())
+        }
         _ => {
             return Err(Error::new(
                 StatusCode::BAD_REQUEST,
@@ -533,7 +542,21 @@ async fn invite(
     if target.server_name() == state.server_name && state.store.get_user(&target).await?.is_none() {
         state.appservices.query_user(&target).await;
     }
-    set_membership(&state, &body.room_id, &request.sender.user_id, &target, "invite", None).await?;
+    if target.server_name() != state.server_name {
+        // Another server's user: that server signs the invite too.
+        check_reason(reason.as_deref())?;
+        rooms::invite::invite_remote(
+            &state,
+            &body.room_id,
+            &request.sender.user_id,
+            &target,
+            reason.as_deref(),
+        )
+        .await?;
+        return Ok(invite_user::v3::Response::new());
+    }
+    set_membership(&state, &body.room_id, &request.sender.user_id, &target, "invite", reason.as_deref())
+        .await?;
     Ok(invite_user::v3::Response::new())
 }
 

@@ -29,6 +29,7 @@ use super::{
     room::{parse_token, token},
     sync_wire::SyncResponse,
 };
+use crate::rooms::invite::INVITE_STATE;
 use crate::rooms::recent::{Mark, device_key};
 use crate::{
     error::{Error, Result},
@@ -54,16 +55,6 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(120);
 const COALESCE: Duration = Duration::from_millis(5);
 /// How long to wait for a position this process wrote to become safe to read.
 const PUBLISH_WAIT: Duration = Duration::from_millis(250);
-/// State event types shown to invitees (the spec's recommended stripped state).
-const INVITE_STATE: &[&str] = &[
-    "m.room.create",
-    "m.room.name",
-    "m.room.avatar",
-    "m.room.topic",
-    "m.room.join_rules",
-    "m.room.canonical_alias",
-    "m.room.encryption",
-];
 
 pub(super) fn routes(router: &mut Router) {
     router.add_responding(|state, request| async move { sync(state, request).await.map(SyncResponse) });
@@ -505,6 +496,11 @@ async fn build(
                 }
                 if from_ignored {
                     continue;
+                }
+                // Invited to a room of another server: what that server said of the room.
+                if let Some(stripped) = state.store.invite_state(&room_id, user).await? {
+                    let stripped: Vec<Raw<_>> = serde_json::from_str(&stripped).map_err(Error::internal)?;
+                    events.extend(stripped);
                 }
                 let mut invite_state = InviteState::new();
                 invite_state.events = events;

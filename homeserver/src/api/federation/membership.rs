@@ -1,5 +1,6 @@
 //! Another server's users joining and leaving rooms here: `make_join` then `send_join` (v2),
-//! `make_leave` then `send_leave` (v2).
+//! `make_leave` then `send_leave` (v2); and this server's users invited to rooms elsewhere
+//! (`invite`, v2).
 //!
 //! `make_*` answers with an event to fill in and sign, built on the room's head and refused
 //! unless the auth rules would let it in; `send_*` takes the signed event through the same checks
@@ -11,7 +12,8 @@ use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId,
     ServerName, UserId,
     api::federation::membership::{
-        create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
+        RawStrippedState, create_invite, create_join_event, create_leave_event, prepare_join_event,
+        prepare_leave_event,
     },
 };
 use serde_json::value::{RawValue, to_raw_value};
@@ -24,7 +26,7 @@ use crate::{
 };
 
 pub(super) fn routes(router: &mut Router) {
-    router.add(make_join).add(send_join).add(make_leave).add(send_leave);
+    router.add(make_join).add(send_join).add(make_leave).add(send_leave).add(invite);
 }
 
 /// Checks `origin` may act for `user_id` in `room_id`, a room this server is in, and gives the
@@ -224,4 +226,81 @@ async fn send_leave(
     let create_leave_event::v2::Request { room_id, event_id, pdu, .. } = request.body;
     take_membership(&state, &request.sender, &room_id, &event_id, &pdu, "leave").await?;
     Ok(create_leave_event::v2::Response::new())
+}
+
+/// PUT /_matrix/federation/v2/invite/{roomId}/{eventId}
+///
+/// The invite is checked (signed by the inviter's server, an invite of a user here who exists),
+/// signed here and answered. A room this server is in gets the invite like any other event; for
+/// one it is not in, the invite and the stripped state sent with it are kept for the invitee.
+async fn invite(
+    state: web::Data<AppState>,
+    request: Ruma<create_invite::v2::Request>,
+) -> Result<create_invite::v2::Response> {
+    let origin = &request.sender;
+    let body = request.body;
+    let version = body.room_version;
+    if federation::pdu::rules(&version).is_err() {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::IncompatibleRoomVersion(ruma::api::error::IncompatibleRoomVersionErrorData::new(
+                version.clone(),
+            )),
+            format!("room version {version} is not supported here"),
+        ));
+    }
+    let json: CanonicalJsonObject = serde_json::from_str(body.event.get())
+        .map_err(|e| Error::bad_json(format!("the invite is not a PDU: {e}")))?;
+    let event_id = remote::checked_id(&json, &version).map_err(remote::Refused::into_error)?;
+    if event_id != body.event_id {
+        return Err(Error::bad_json(format!("the event's id is {event_id}, not {}", body.event_id)));
+    }
+    let (mut json, pdu) =
+        remote::verified(&state, event_id, &version, json).await.map_err(remote::Refused::into_error)?;
+    let membership: Option<String> = serde_json::from_str::<serde_json::Value>(pdu.content.get())
+        .ok()
+        .and_then(|content| content["membership"].as_str().map(str::to_owned));
+    let invitee = pdu.state_key.as_deref().and_then(|key| OwnedUserId::try_from(key).ok());
+    let (true, Some("invite"), Some(invitee)) =
+        (pdu.kind.to_string() == "m.room.member", membership.as_deref(), invitee)
+    else {
+        return Err(Error::bad_json("the event is not an invite"));
+    };
+    if pdu.room_id.as_deref() != Some(&*body.room_id) {
+        return Err(Error::bad_json(format!("the invite is not to room {}", body.room_id)));
+    }
+    if pdu.sender.server_name() != origin {
+        return Err(Error::forbidden(format!("{origin} may only send invites from its own users")));
+    }
+    if invitee.server_name() != state.server_name
+        || state.store.get_user(&invitee).await?.is_none_or(|user| user.deactivated)
+    {
+        return Err(Error::not_found(format!("there is no user {invitee} here")));
+    }
+    federation::pdu::add_signature(&mut json, &version, &state.server_name, &state.signing_key)
+        .map_err(Error::internal)?;
+    let in_room = remote::servers_in_room(&state, &body.room_id).await?.contains(&state.server_name);
+    if !in_room {
+        let stripped: Vec<serde_json::Value> = body
+            .invite_room_state
+            .iter()
+            .filter_map(|event| match event {
+                RawStrippedState::Pdu(pdu) => rooms::invite::stripped(pdu),
+                #[allow(deprecated)]
+                RawStrippedState::Stripped(event) => rooms::invite::stripped(event.json()),
+                _ => None,
+            })
+            .take(rooms::invite::INVITE_STATE.len() * 2)
+            .collect();
+        let stripped = serde_json::to_string(&stripped).map_err(Error::internal)?;
+        let new_event = remote::stored_form(&pdu, &json).map_err(remote::Refused::into_error)?;
+        let stored = state
+            .store
+            .receive_invite(&body.room_id, version.as_str(), &state.stream, new_event, &stripped)
+            .await?;
+        state.stream.flush().await?;
+        state.notify(stored.stream_ordering);
+    }
+    let event = to_raw_value(&CanonicalJsonValue::Object(json)).map_err(Error::internal)?;
+    Ok(create_invite::v2::Response::new(event))
 }
