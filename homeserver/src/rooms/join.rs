@@ -274,15 +274,7 @@ async fn checked_state(
             continue;
         }
         checked.add_create(version, &mut auth_events);
-        let as_state: HashMap<(StateEventType, String), Pdu> = auth_events
-            .values()
-            .filter_map(|auth| {
-                auth.state_key
-                    .clone()
-                    .map(|key| ((StateEventType::from(auth.kind.to_string()), key), auth.clone()))
-            })
-            .collect();
-        if let Err(why) = auth::check(version, pdu, &auth_events, &as_state) {
+        if let Err(why) = remote::check_given_auth_events(version, pdu, &auth_events) {
             tracing::info!(%event_id, %why, "an event of a joined room failing the auth rules was dropped");
             continue;
         }

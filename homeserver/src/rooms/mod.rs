@@ -4,6 +4,7 @@
 //! PDU (`federation::pdu`), checks it against the auth rules (`federation::auth`, ruma's
 //! state-res), stores it with its stream position, and wakes the syncs waiting on the notifier.
 
+pub mod backfill;
 pub mod client_event;
 pub mod ephemeral;
 pub mod expiry;

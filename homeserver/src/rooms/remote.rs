@@ -125,6 +125,47 @@ pub fn stored_form(parsed: &Pdu, json: &CanonicalJsonObject) -> Result<NewEvent,
     })
 }
 
+/// Checks an event against the auth rules given only its own auth events (an event of the
+/// room's past, whose state this server does not have): all must be here, and from room version
+/// 12 the create event is added (the rules read it though events do not name it).
+pub async fn check_with_own_auth_events(
+    state: &AppState,
+    room_id: &RoomId,
+    version: &RoomVersionId,
+    event: &Pdu,
+    mut auth_events: HashMap<OwnedEventId, Pdu>,
+) -> Result<(), String> {
+    if auth_events.len() < event.auth_events.len() {
+        return Err("some of its auth events are unknown here".to_owned());
+    }
+    if pdu::room_id_is_create_hash(&pdu::rules(version).map_err(|e| e.to_string())?)
+        && let Some(create) =
+            state.store.current_state_event(room_id, "m.room.create", "").await.map_err(|e| e.to_string())?
+        && let Ok(id) = OwnedEventId::try_from(create.event_id.as_str())
+        && let Ok(object) = crate::storage::parse_stored::<CanonicalJsonObject>(&create.json)
+        && let Ok(create) = Pdu::from_json(id.clone(), &object)
+    {
+        auth_events.entry(id).or_insert(create);
+    }
+    check_given_auth_events(version, event, &auth_events)
+}
+
+/// Checks an event against the auth rules with its auth events as the state it applies to.
+pub fn check_given_auth_events(
+    version: &RoomVersionId,
+    event: &Pdu,
+    auth_events: &HashMap<OwnedEventId, Pdu>,
+) -> Result<(), String> {
+    let as_state: HashMap<(StateEventType, String), Pdu> = auth_events
+        .values()
+        .filter_map(|auth| {
+            let key = auth.state_key.clone()?;
+            Some(((StateEventType::from(auth.kind.to_string()), key), auth.clone()))
+        })
+        .collect();
+    auth::check(version, event, auth_events, &as_state)
+}
+
 /// The id of a PDU within the size limit.
 pub fn checked_id(json: &CanonicalJsonObject, version: &RoomVersionId) -> Result<OwnedEventId, Refused> {
     let size = CanonicalJsonValue::Object(json.clone()).to_string().len();

@@ -129,9 +129,19 @@ impl ReadRules {
     }
 
     /// The setting in force just after (`inclusive`) or just before the event at `position`.
+    ///
+    /// Below zero are the events of a room joined through another server: its state at the join
+    /// (outliers) and its history fetched since (backfill), whose positions do not follow the
+    /// order of the state at each event. There, before any setting known here, the earliest
+    /// known setting holds (the one the join brought): the past is read as strictly as the
+    /// room is now, unless the history fetched showed otherwise.
     fn setting(&self, position: i64, inclusive: bool) -> Setting {
         let n = self.settings.partition_point(|(p, _)| *p < position || (inclusive && *p == position));
-        n.checked_sub(1).and_then(|i| self.settings.get(i)).map_or(Setting::Shared, |(_, s)| *s)
+        match n.checked_sub(1).and_then(|i| self.settings.get(i)) {
+            Some((_, setting)) => *setting,
+            None if position < 0 => self.settings.first().map_or(Setting::Shared, |(_, s)| *s),
+            None => Setting::Shared,
+        }
     }
 
     /// The user's membership just after the event at `position`.
@@ -181,12 +191,14 @@ impl ReadRules {
     /// (Visibility changes only at membership and visibility events, so the first of those at
     /// which something is readable bounds every readable event.)
     pub fn floor(&self) -> i64 {
-        let mut points: Vec<i64> = std::iter::once(0)
+        // From the lowest position there is (history fetched from other servers lies below 0).
+        let mut points: Vec<i64> = [i64::MIN + 1, 0]
+            .into_iter()
             .chain(self.memberships.iter().map(|(p, _)| *p))
             .chain(self.settings.iter().map(|(p, _)| *p))
             .collect();
         points.sort_unstable();
-        points.into_iter().find(|p| self.allows(*p)).map_or(i64::MAX, |p| (p - 1).max(0))
+        points.into_iter().find(|p| self.allows(*p)).map_or(i64::MAX, |p| p - 1)
     }
 }
 

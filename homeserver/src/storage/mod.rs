@@ -403,6 +403,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0026_invite_states.sql"),
         include_str!("../../migrations/sqlite/0026_invite_states.sql"),
     ),
+    (
+        27,
+        "outliers and backfill",
+        include_str!("../../migrations/postgres/0027_outliers_and_backfill.sql"),
+        include_str!("../../migrations/sqlite/0027_outliers_and_backfill.sql"),
+    ),
 ];
 
 #[derive(Debug)]

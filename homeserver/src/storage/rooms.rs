@@ -149,6 +149,14 @@ pub trait RoomStore: Send + Sync {
     ) -> StoreResult<StoredEvent>;
     /// The stripped state sent with `user`'s invite to a room of another server (a JSON list).
     async fn invite_state(&self, room_id: &RoomId, user: &UserId) -> StoreResult<Option<String>>;
+    /// The room's earliest event in its timeline (outliers left out).
+    async fn earliest_event(&self, room_id: &RoomId) -> StoreResult<Option<StoredEvent>>;
+    /// How many of `event_ids` are in a timeline (outliers left out).
+    async fn timeline_has(&self, event_ids: &[&str]) -> StoreResult<usize>;
+    /// Stores events fetched from before the room's earliest (`backfill`), newest first, below
+    /// everything in its timeline: an outlier among them moves into the timeline, events already
+    /// in it are skipped. Returns how many joined the timeline.
+    async fn store_backfilled(&self, room_id: &RoomId, events: &[NewEvent]) -> StoreResult<usize>;
     async fn event_by_txn(
         &self,
         user_id: &UserId,
@@ -299,20 +307,38 @@ async fn set_current_state(
     Ok(())
 }
 
-/// Writes an event's row at `position` (negative for an outlier) with the state after it, and
-/// `with_membership`, for a membership event, the member's membership.
+/// How an event is written: live (in the timeline, its membership applied), as an outlier (in
+/// no timeline), or backfilled (in the timeline before what was seen live; the room's current
+/// memberships are not its to change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Live,
+    Outlier,
+    Backfilled,
+}
+
+/// Takes `n` positions below every outlier and backfilled event so far; returns the highest.
+async fn allocate_backward(tx: &mut sqlx::Transaction<'_, sqlx::Any>, n: i64) -> StoreResult<i64> {
+    let row = sqlx::query("UPDATE backward_positions SET next = next - $1 WHERE id = 1 RETURNING next")
+        .bind(n)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(row.try_get::<i64, _>("next")? + n)
+}
+
+/// Writes an event's row at `position` with the state after it (see [`Written`]).
 async fn insert_event(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     room_id: &RoomId,
     position: i64,
     event: &NewEvent,
     snapshot_id: i64,
-    with_membership: bool,
+    written: Written,
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
-             origin_server_ts, json, state_snapshot, replaces_state, txn_device, txn_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             origin_server_ts, json, state_snapshot, replaces_state, txn_device, txn_id, outlier)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(position)
     .bind(event.event_id.as_str())
@@ -327,9 +353,12 @@ async fn insert_event(
     .bind(event.replaces_state.as_deref())
     .bind(event.txn.as_ref().map(|(_, device, _)| device.as_str()))
     .bind(event.txn.as_ref().map(|(_, _, txn)| txn.as_str()))
+    .bind(i16::from(written == Written::Outlier))
     .execute(&mut **tx)
     .await?;
-    if with_membership && let (Some(membership), Some(user)) = (&event.membership, &event.state_key) {
+    if written == Written::Live
+        && let (Some(membership), Some(user)) = (&event.membership, &event.state_key)
+    {
         set_membership(tx, room_id, user, membership, event.event_id.as_str(), position).await?;
     }
     Ok(())
@@ -365,11 +394,6 @@ async fn set_membership(
     }
     Ok(())
 }
-
-/// Outliers of a room joined at stream position `p` are stored at `-(p * OUTLIERS_PER_JOIN + i)`:
-/// negative, so no timeline, sync or pagination (which read positions above 0) shows them, and
-/// unique. A join brings at most this many.
-pub const OUTLIERS_PER_JOIN: i64 = 1 << 20;
 
 /// Locks a cache, shrugging off poisoning (a cache holds no invariant a panic could break).
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -568,7 +592,7 @@ impl RoomStore for SqlStore {
             }
             None => snapshot.ok_or_else(|| corrupt("a non-state event in a room without state"))?,
         };
-        insert_event(&mut tx, room_id, position.position, &event, snapshot_id, true).await?;
+        insert_event(&mut tx, room_id, position.position, &event, snapshot_id, Written::Live).await?;
         if let Some(expires_ts) = event.expires_ts {
             sqlx::query("INSERT INTO event_expiry (event_id, room_id, expires_ts) VALUES ($1, $2, $3)")
                 .bind(event.event_id.as_str())
@@ -671,9 +695,6 @@ impl RoomStore for SqlStore {
         if let Some(stored) = self.get_event(join.event_id.as_str()).await? {
             return Ok(stored);
         }
-        if i64::try_from(outliers.len()).map_or(true, |n| n >= OUTLIERS_PER_JOIN) {
-            return Err(corrupt("a room's state larger than a join can bring"));
-        }
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts, extremities, depth)
@@ -699,7 +720,8 @@ impl RoomStore for SqlStore {
         let p = position.position;
 
         let mut stored_at = std::collections::HashMap::new();
-        for (i, event) in (1..).zip(outliers) {
+        let mut next = allocate_backward(&mut tx, i64::try_from(outliers.len()).map_err(corrupt)?).await?;
+        for event in outliers {
             let exists = sqlx::query("SELECT stream_ordering FROM events WHERE event_id = $1")
                 .bind(event.event_id.as_str())
                 .fetch_optional(&mut *tx)
@@ -707,8 +729,9 @@ impl RoomStore for SqlStore {
             let at = match exists {
                 Some(row) => row.try_get::<i64, _>("stream_ordering")?,
                 None => {
-                    let at = -(p * OUTLIERS_PER_JOIN + i);
-                    insert_event(&mut tx, room_id, at, event, p, false).await?;
+                    let at = next;
+                    next -= 1;
+                    insert_event(&mut tx, room_id, at, event, p, Written::Outlier).await?;
                     at
                 }
             };
@@ -738,7 +761,7 @@ impl RoomStore for SqlStore {
             .bind(snapshot_to_json(&state_map)?)
             .execute(&mut *tx)
             .await?;
-        insert_event(&mut tx, room_id, p, &join, p, true).await?;
+        insert_event(&mut tx, room_id, p, &join, p, Written::Live).await?;
         let extremities = serde_json::to_string(&[join.event_id.as_str()]).map_err(corrupt)?;
         sqlx::query(
             "UPDATE rooms SET extremities = $2, depth = $3, current_snapshot = $4 WHERE room_id = $1",
@@ -811,7 +834,7 @@ impl RoomStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         set_current_state(&mut tx, room_id, "m.room.member", &invitee, invite.event_id.as_str()).await?;
-        insert_event(&mut tx, room_id, p, &invite, p, true).await?;
+        insert_event(&mut tx, room_id, p, &invite, p, Written::Live).await?;
         sqlx::query(
             "INSERT INTO invite_states (room_id, user_id, state) VALUES ($1, $2, $3)
              ON CONFLICT (room_id, user_id) DO UPDATE SET state = excluded.state",
@@ -849,6 +872,78 @@ impl RoomStore for SqlStore {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|row| row.try_get("state")).transpose()?)
+    }
+
+    async fn earliest_event(&self, room_id: &RoomId) -> StoreResult<Option<StoredEvent>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = $1 AND outlier = 0 ORDER BY stream_ordering LIMIT 1"
+        ));
+        sqlx::query(sql)
+            .bind(room_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(event_from_row)
+            .transpose()
+    }
+
+    async fn timeline_has(&self, event_ids: &[&str]) -> StoreResult<usize> {
+        let mut found = 0;
+        for id in event_ids {
+            let row = sqlx::query("SELECT 1 AS found FROM events WHERE event_id = $1 AND outlier = 0")
+                .bind(*id)
+                .fetch_optional(&self.pool)
+                .await?;
+            found += usize::from(row.is_some());
+        }
+        Ok(found)
+    }
+
+    async fn store_backfilled(&self, room_id: &RoomId, events: &[NewEvent]) -> StoreResult<usize> {
+        let mut tx = self.begin().await?;
+        let earliest = sqlx::query(
+            "SELECT state_snapshot FROM events WHERE room_id = $1 AND outlier = 0 ORDER BY stream_ordering LIMIT 1",
+        )
+        .bind(room_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(earliest) = earliest else { return Ok(0) };
+        // The state recorded at a backfilled event is the earliest state known here; the state
+        // at each event of the past is not kept yet.
+        let snapshot: i64 = earliest.try_get("state_snapshot")?;
+        // (event, whether it is here as an outlier)
+        let mut new = Vec::new();
+        for event in events {
+            let known = sqlx::query("SELECT outlier FROM events WHERE event_id = $1")
+                .bind(event.event_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            match known {
+                None => new.push((event, false)),
+                Some(row) if row.try_get::<i16, _>("outlier")? == 1 => new.push((event, true)),
+                Some(_) => {}
+            }
+        }
+        if new.is_empty() {
+            return Ok(0);
+        }
+        let mut at = allocate_backward(&mut tx, i64::try_from(new.len()).map_err(corrupt)?).await?;
+        for (event, outlier) in &new {
+            if *outlier {
+                // An event of the state a join brought takes its place in the history.
+                for sql in [
+                    "UPDATE events SET stream_ordering = $2, outlier = 0 WHERE event_id = $1",
+                    "UPDATE memberships SET stream_ordering = $2 WHERE event_id = $1",
+                ] {
+                    sqlx::query(sql).bind(event.event_id.as_str()).bind(at).execute(&mut *tx).await?;
+                }
+            } else {
+                insert_event(&mut tx, room_id, at, event, snapshot, Written::Backfilled).await?;
+            }
+            at -= 1;
+        }
+        tx.commit().await?;
+        Ok(new.len())
     }
 
     async fn event_by_txn(
@@ -909,7 +1004,8 @@ impl RoomStore for SqlStore {
     ) -> StoreResult<Vec<StoredEvent>> {
         let order = if newest { "DESC" } else { "ASC" };
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3 AND outlier = 0
              ORDER BY stream_ordering {order} LIMIT $4"
         ));
         let mut events: Vec<StoredEvent> = sqlx::query(sql)

@@ -49,39 +49,70 @@ impl Client<'_> {
     }
 }
 
-/// The `m.room.message` bodies of a room's timeline in a `/sync` answer, in order.
-fn message_bodies(sync: &Value, room: &str) -> Vec<String> {
+/// The `m.room.message` events of a room's timeline in a `/sync` answer, in order: (id, body).
+fn messages(sync: &Value, room: &str) -> Vec<(String, String)> {
     sync["rooms"]["join"][room]["timeline"]["events"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|event| event["type"] == "m.room.message")
-        .filter_map(|event| event["content"]["body"].as_str().map(str::to_owned))
+        .filter_map(|event| {
+            Some((event["event_id"].as_str()?.to_owned(), event["content"]["body"].as_str()?.to_owned()))
+        })
         .collect()
 }
 
-/// Follows `who`'s `/sync` from `since` until `count` messages arrived in `room` (up to 30 s);
-/// their bodies in order.
-async fn messages_after(
-    who: &Client<'_>,
-    mut since: String,
-    room: &str,
-    count: usize,
-    context: &dyn Fn() -> String,
-) -> Vec<String> {
-    let started = Instant::now();
-    let mut bodies = Vec::new();
-    while bodies.len() < count {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "timed out; messages so far: {bodies:?}; {}",
-            context()
-        );
-        let answer = who.sync(Some(&since)).await;
-        bodies.extend(message_bodies(&answer, room));
-        since = answer["next_batch"].as_str().unwrap_or(&since).to_owned();
+/// A `/sync` followed from some point on, and the messages of a room it already showed.
+struct Listener {
+    since: String,
+    seen: std::collections::HashSet<String>,
+}
+
+impl Listener {
+    /// Starts at the present (an initial sync), every message of the room so far seen.
+    async fn start(who: &Client<'_>, room: &str) -> Self {
+        let first = who.sync(None).await;
+        let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room));
+        let (status, history) = who.request("GET", &path, None).await;
+        assert_eq!(status, 200, "{history}");
+        let seen = history["chunk"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|event| event["event_id"].as_str().map(str::to_owned))
+            .chain(messages(&first, room).into_iter().map(|(id, _)| id))
+            .collect();
+        Self { since: first["next_batch"].as_str().unwrap().to_owned(), seen }
     }
-    bodies
+
+    /// Follows the sync until `count` new messages arrived in `room` (up to 30 s); their bodies
+    /// in order. A limited timeline may repeat older events (Synapse's does): what was seen
+    /// already is not counted again.
+    async fn messages(
+        mut self,
+        who: &Client<'_>,
+        room: &str,
+        count: usize,
+        context: &dyn Fn() -> String,
+    ) -> Vec<String> {
+        let started = Instant::now();
+        let mut bodies = Vec::new();
+        while bodies.len() < count {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "timed out; messages so far: {bodies:?}; {}",
+                context()
+            );
+            let answer = who.sync(Some(&self.since)).await;
+            for (id, body) in messages(&answer, room) {
+                if self.seen.insert(id) {
+                    bodies.push(body);
+                }
+            }
+            self.since = answer["next_batch"].as_str().unwrap_or(&self.since).to_owned();
+        }
+        bodies
+    }
 }
 
 /// The scenario: `host` (of server `host_name`) makes a room with alias `#{alias}`, `guest`
@@ -101,28 +132,36 @@ pub(crate) async fn chat(
         )
         .await;
     let room = created["room_id"].as_str().unwrap().to_owned();
+    for (i, body) in ["said before 1", "said before 2", "said before 3"].iter().enumerate() {
+        host.send_text(&room, &format!("b{i}"), body).await;
+    }
     let full_alias = format!("#{alias}:{host_name}");
     let (status, joined) = guest
         .request("POST", &format!("/_matrix/client/v3/join/{}", enc(&full_alias)), Some(json!({})))
         .await;
     assert_eq!((status, &joined["room_id"]), (200, &json!(room)), "{joined}; {}", context());
 
+    // What was said before the guest joined is there for the guest, in order, the history
+    // being shared (fetched from the host's server when the guest's server has not got it).
+    let history = history_bodies(guest, &room).await;
+    assert_eq!(history, ["said before 1", "said before 2", "said before 3"], "{}", context());
+
     // The host hears the guest, in order.
-    let since = host.sync(None).await["next_batch"].as_str().unwrap().to_owned();
+    let listener = Listener::start(host, &room).await;
     for (i, body) in ["one from the guest", "two from the guest"].iter().enumerate() {
         guest.send_text(&room, &format!("g{i}"), body).await;
     }
-    let bodies = messages_after(host, since, &room, 2, context).await;
+    let bodies = listener.messages(host, &room, 2, context).await;
     assert_eq!(bodies, ["one from the guest", "two from the guest"], "{}", context());
 
     // The guest hears the host, in order, and sees the name the host sets.
-    let since = guest.sync(None).await["next_batch"].as_str().unwrap().to_owned();
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room));
+    let listener = Listener::start(guest, &room).await;
     for (i, body) in ["one from the host", "two from the host", "three from the host"].iter().enumerate() {
         host.send_text(&room, &format!("h{i}"), body).await;
     }
-    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room));
     host.ok("PUT", &path, json!({"name": "The Hall"})).await;
-    let bodies = messages_after(guest, since, &room, 3, context).await;
+    let bodies = listener.messages(guest, &room, 3, context).await;
     assert_eq!(bodies, ["one from the host", "two from the host", "three from the host"], "{}", context());
     let started = Instant::now();
     loop {
@@ -163,6 +202,34 @@ pub(crate) async fn chat(
         .request("POST", &format!("/_matrix/client/v3/join/{}", enc(&full_alias)), Some(json!({})))
         .await;
     assert_eq!(status, 200, "rejoining after a kick: {joined}; {}", context());
+}
+
+/// The message bodies of `room` as `who` pages back through all of it (`/messages`), oldest
+/// first.
+async fn history_bodies(who: &Client<'_>, room: &str) -> Vec<String> {
+    let mut bodies = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..20 {
+        let mut path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10", enc(room));
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={from}"));
+        }
+        let (status, page) = who.request("GET", &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        for event in page["chunk"].as_array().into_iter().flatten() {
+            if event["type"] == "m.room.message"
+                && let Some(body) = event["content"]["body"].as_str()
+            {
+                bodies.push(body.to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(end) if !page["chunk"].as_array().is_none_or(Vec::is_empty) => from = Some(end.to_owned()),
+            _ => break,
+        }
+    }
+    bodies.reverse();
+    bodies
 }
 
 /// The member of `room` other than `who`.
@@ -222,6 +289,10 @@ pub(crate) async fn invite_and_ban(
         )
         .await;
     let room = created["room_id"].as_str().unwrap().to_owned();
+    // Said while only members who had joined might read it: never the guest's.
+    let visibility = format!("/_matrix/client/v3/rooms/{}/state/m.room.history_visibility/", enc(&room));
+    host.ok("PUT", &visibility, json!({"history_visibility": "joined"})).await;
+    host.send_text(&room, "secret", "a secret").await;
     let since = guest.sync(None).await["next_batch"].as_str().unwrap().to_owned();
     host.ok("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), json!({"user_id": guest_id}))
         .await;
@@ -238,6 +309,8 @@ pub(crate) async fn invite_and_ban(
         .request("POST", &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(json!({})))
         .await;
     assert_eq!(status, 200, "{joined}; {}", context());
+    let history = history_bodies(guest, &room).await;
+    assert!(!history.contains(&"a secret".to_owned()), "{history:?}; {}", context());
 
     // Power given on the host holds on the guest's server.
     let power_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room));

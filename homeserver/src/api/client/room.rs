@@ -733,6 +733,20 @@ pub(super) fn parse_token(token: &str) -> Result<i64> {
         .ok_or_else(|| Error::invalid_param(format!("`{token}` is not a token this server issued")))
 }
 
+/// A pagination token of `/messages`, which may point below zero: into history fetched from
+/// other servers, stored before everything seen live.
+fn parse_page_token(token: &str) -> Result<i64> {
+    match token.strip_prefix("s-") {
+        Some(digits) => digits
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0 && n.to_string() == digits)
+            .map(|n| -n)
+            .ok_or_else(|| Error::invalid_param(format!("`{token}` is not a token this server issued"))),
+        None => parse_token(token),
+    }
+}
+
 pub(super) fn token(position: i64) -> String {
     format!("s{position}")
 }
@@ -1040,19 +1054,29 @@ pub(super) async fn messages(
     let mut matched = false;
     let upto = state.readable().await?;
     let limit = i64::try_from(u64::from(body.limit)).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
-    let to = body.to.as_deref().map(parse_token).transpose()?;
+    let to = body.to.as_deref().map(parse_page_token).transpose()?;
     // Nothing below the floor is readable, so paging stops there.
     let floor = rules.floor();
     let mut response = get_message_events::v3::Response::new();
     let mut chunk = Vec::new();
     match body.dir {
         Direction::Backward => {
-            let from = body.from.as_deref().map(parse_token).transpose()?.unwrap_or(upto).min(upto);
+            let from = body.from.as_deref().map(parse_page_token).transpose()?.unwrap_or(upto).min(upto);
             response.start = token(from);
-            let bottom = to.unwrap_or(0).max(floor);
+            let bottom = to.unwrap_or(i64::MIN).max(floor);
             let mut ceiling = from;
+            let mut backfilled = false;
             for _ in 0..MAX_PAGES {
                 let page = state.store.room_events(&body.room_id, bottom, ceiling, limit, true).await?;
+                if (page.len() as i64) < limit && to.is_none() && !backfilled {
+                    // The oldest event here is reached: a room joined through another server
+                    // has history there, which is fetched, then read with the rest.
+                    backfilled = true;
+                    let wanted = usize::try_from(limit).unwrap_or(1);
+                    if rooms::backfill::fill(&state, &body.room_id, wanted).await? > 0 {
+                        continue;
+                    }
+                }
                 // A full page may have more before it; one that is not reached the bottom.
                 let mut more = page.len() as i64 == limit;
                 if page.is_empty() {
@@ -1076,7 +1100,7 @@ pub(super) async fn messages(
             }
         }
         Direction::Forward => {
-            let from = body.from.as_deref().map(parse_token).transpose()?.unwrap_or(0);
+            let from = body.from.as_deref().map(parse_page_token).transpose()?.unwrap_or(i64::MIN);
             response.start = token(from);
             let ceiling = to.unwrap_or(upto).min(upto);
             let mut bottom = from.max(floor);
