@@ -3,4 +3,5 @@
 pub mod auth;
 pub mod keys;
 pub mod pdu;
+pub mod resolve;
 pub mod signing_key;

@@ -357,6 +357,10 @@ pub struct RateLimitConfig {
     /// send per second, sustained, and in a burst.
     pub events_per_second: f64,
     pub events_burst: u32,
+    /// Requests one other server may make of the federation API per second, sustained, and in a
+    /// burst (counted once its signature is checked).
+    pub federation_requests_per_second: f64,
+    pub federation_requests_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -604,6 +608,8 @@ impl Default for RateLimitConfig {
             password_failures_per_ip_burst: 20,
             events_per_second: 5.0,
             events_burst: 50,
+            federation_requests_per_second: 50.0,
+            federation_requests_burst: 500,
         }
     }
 }
@@ -770,6 +776,7 @@ impl Config {
             rl.password_failures_per_account_per_second,
             rl.password_failures_per_ip_per_second,
             rl.events_per_second,
+            rl.federation_requests_per_second,
         ]
         .iter()
         .any(|rate| *rate <= 0.0)
@@ -787,6 +794,7 @@ impl Config {
             rl.password_failures_per_account_burst,
             rl.password_failures_per_ip_burst,
             rl.events_burst,
+            rl.federation_requests_burst,
         ]
         .contains(&0)
         {

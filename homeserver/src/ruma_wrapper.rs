@@ -355,10 +355,19 @@ async fn state_and_body(req: &HttpRequest, payload: Payload) -> Result<(web::Dat
     Ok((state, body))
 }
 
-/// Reads a request body within `limits.max_request_bytes` and `limits.body_timeout_secs`, and
-/// checks a non-empty one with [`check_json`].
+/// The largest body another server may send: a full transaction (50 PDUs of 65,536 bytes and
+/// 100 EDUs) with room to spare.
+const FEDERATION_MAX_BODY: usize = 12 * 1024 * 1024;
+
+/// Reads a request body within `limits.max_request_bytes` (for the federation API, at least
+/// [`FEDERATION_MAX_BODY`]) and `limits.body_timeout_secs`, and checks a non-empty one with
+/// [`check_json`].
 async fn read_body(req: &HttpRequest, payload: Payload, state: &AppState) -> Result<web::Bytes> {
-    let limit = state.config.limits.max_request_bytes;
+    let limit = match req.path().starts_with("/_matrix/federation/") {
+        // Another server's transaction may hold 50 PDUs of up to 64 KiB each and 100 EDUs.
+        true => state.config.limits.max_request_bytes.max(FEDERATION_MAX_BODY),
+        false => state.config.limits.max_request_bytes,
+    };
     let declared = req
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)

@@ -118,6 +118,10 @@ impl AppState {
                     rate(limits.password_failures_per_ip_per_second, limits.password_failures_per_ip_burst),
                 ),
                 (Action::RoomEvent, rate(limits.events_per_second, limits.events_burst)),
+                (
+                    Action::FederationRequest,
+                    rate(limits.federation_requests_per_second, limits.federation_requests_burst),
+                ),
             ],
         );
         // With Redis, every worker spends from the same buckets.

@@ -36,6 +36,8 @@ pub enum Action {
     PasswordFailureFromIp,
     /// Room events, typing and presence one user sends.
     RoomEvent,
+    /// Requests one other server makes of the federation API.
+    FederationRequest,
 }
 
 #[derive(Debug, Clone, Copy)]

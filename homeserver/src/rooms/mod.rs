@@ -162,7 +162,7 @@ impl Placement {
             event_type: draft.event_type,
             state_key: draft.state_key,
             content: draft.content,
-            prev_events: &head.extremities,
+            prev_events: followed(head),
             auth_events: &self.auth_ids,
             reference_hashes: &self.reference_hashes,
             depth: self.depth,
@@ -186,6 +186,12 @@ impl Placement {
             .map_err(AppendError::Refused)?;
         Ok(signed)
     }
+}
+
+/// The extremities a new event follows: all of them, or the newest the spec allows (20) when
+/// other servers' events left more; the rest stay extremities until later events follow them.
+fn followed(head: &RoomHead) -> &[OwnedEventId] {
+    &head.extremities[head.extremities.len().saturating_sub(pdu::MAX_PREV_EVENTS)..]
 }
 
 /// Builds, signs and authorises `draft` against the room's head.
@@ -222,7 +228,8 @@ fn build(
         membership,
         redaction: draft.redacts.zip(draft.redacted_json.clone()).map(|(id, json)| (id.to_string(), json)),
         txn: draft.txn.map(|(device, txn)| (draft.sender.to_string(), device.to_owned(), txn.to_owned())),
-        prev_events: head.extremities.clone(),
+        prev_events: followed(head).to_vec(),
+        resolved: None,
         expires_ts: state
             .config
             .rooms
@@ -412,6 +419,7 @@ async fn append_at(
             Ok(stored)
         }
         Err(AppendError::DuplicateTxn) => Err(Error::internal("transaction id used, but its event is gone")),
+        Err(AppendError::HeadMoved) => Err(Error::internal("the room moved while a local event was built")),
         Err(AppendError::NoRoom) => Err(Error::not_found("no such room")),
         Err(AppendError::Refused(why)) => Err(forbidden(why)),
         Err(AppendError::Invalid(why)) => {

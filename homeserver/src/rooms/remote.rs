@@ -12,7 +12,10 @@
 //! accepted event applies to the current state, which is what resolution gives when the fork
 //! did not change the same state).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use federation::{
     auth::{self, Pdu},
@@ -25,7 +28,7 @@ use ruma::{
 
 use crate::{
     state::AppState,
-    storage::{AppendError, NewEvent, RoomHead, StoredEvent},
+    storage::{AppendError, NewEvent, Resolved, RoomHead, StateMap, StoredEvent},
 };
 
 /// The most servers and keys per server whose signatures on one event are checked: a PDU
@@ -122,6 +125,7 @@ pub fn stored_form(parsed: &Pdu, json: &CanonicalJsonObject) -> Result<NewEvent,
         replaces_state: None,
         expires_ts: None,
         prev_events: parsed.prev_events.clone(),
+        resolved: None,
     })
 }
 
@@ -238,45 +242,201 @@ pub async fn accept(
         super::head_keys(version, &sender, &kind.to_string(), state_key.as_deref(), &parsed.content)
             .map_err(invalid)?;
     let stored_form = stored_form(&parsed, &json)?;
-    let create_not_an_auth_event = pdu::room_id_is_create_hash(&pdu::rules(version).map_err(invalid)?);
-    let build = |head: &RoomHead| -> Result<NewEvent, AppendError> {
-        // Against the room's current state: an event the room has since moved past (the sender
-        // was banned meanwhile, say) is not taken.
-        let mut current: HashMap<(StateEventType, String), Pdu> = HashMap::new();
-        for ((event_type, key), (id, json)) in &head.state {
-            let id = OwnedEventId::try_from(id.as_str()).map_err(|e| AppendError::Invalid(e.to_string()))?;
-            let object: CanonicalJsonObject =
-                crate::storage::parse_stored(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
-            let pdu = Pdu::from_json(id, &object).map_err(|e| AppendError::Invalid(e.to_string()))?;
-            current.insert((StateEventType::from(event_type.as_str()), key.clone()), pdu);
-        }
-        let mut auth_events = auth_events.clone();
-        if create_not_an_auth_event
-            && let Some(create) = current.get(&(StateEventType::RoomCreate, String::new()))
-        {
-            // From room version 12 the rules still read the create event (the room id is its hash).
-            auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
-        }
-        auth::check(version, &parsed, &auth_events, &current).map_err(AppendError::Refused)?;
-        Ok(NewEvent {
-            replaces_state: state_key
+    let rules = pdu::rules(version).map_err(invalid)?;
+    let create_not_an_auth_event = pdu::room_id_is_create_hash(&rules);
+    let resolves_forks = matches!(rules.state_res, ruma::room_version_rules::StateResolutionVersion::V2(_));
+    let prev_set: BTreeSet<&OwnedEventId> = prev_events.iter().collect();
+    // An event that follows all of the room's extremities applies to the current state; one
+    // that follows fewer (made on a fork) applies to the state its own prev events resolve to,
+    // and the room's state is then resolved across the fork. The head may move meanwhile: then
+    // this is worked out again.
+    for _ in 0..MAX_FORK_ATTEMPTS {
+        let head = state
+            .store
+            .room_head(room_id, &[], false)
+            .await?
+            .ok_or_else(|| invalid(format!("this server has no room {room_id}")))?;
+        let on_fork = |extremities: &[OwnedEventId]| {
+            resolves_forks && extremities.iter().collect::<BTreeSet<_>>() != prev_set
+        };
+        let resolved = match on_fork(&head.extremities) {
+            true => {
+                Some(Arc::new(fork_state(state, version, &parsed, &auth_events, &head.extremities).await?))
+            }
+            false => None,
+        };
+        let expected = head.extremities.clone();
+        let build = |head: &RoomHead| -> Result<NewEvent, AppendError> {
+            if on_fork(&head.extremities) != resolved.is_some()
+                || (resolved.is_some() && head.extremities != expected)
+            {
+                return Err(AppendError::HeadMoved);
+            }
+            let replaces_state = state_key
                 .as_ref()
                 .and_then(|key| head.state.get(&(kind.to_string(), key.clone())))
-                .map(|(id, _)| id.clone()),
-            ..stored_form.clone()
-        })
-    };
-    let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, false, &build).await?;
-    match outcome {
-        Ok(stored) => {
-            state.stream.flush().await?;
-            state.notify(stored.stream_ordering);
-            Ok(stored)
-        }
-        Err(AppendError::Refused(why)) => Err(Refused::Auth(why)),
-        Err(AppendError::NoRoom) => Err(invalid(format!("this server has no room {room_id}"))),
-        Err(other) => Err(invalid(other)),
+                .map(|(id, _)| id.clone());
+            if let Some(resolved) = &resolved {
+                // Checked against the state at the event when the fork was resolved.
+                return Ok(NewEvent {
+                    replaces_state,
+                    resolved: Some(resolved.clone()),
+                    ..stored_form.clone()
+                });
+            }
+            // Against the room's current state: an event the room has since moved past (the
+            // sender was banned meanwhile, say) is not taken.
+            let mut current: HashMap<(StateEventType, String), Pdu> = HashMap::new();
+            for ((event_type, key), (id, json)) in &head.state {
+                let id =
+                    OwnedEventId::try_from(id.as_str()).map_err(|e| AppendError::Invalid(e.to_string()))?;
+                let object: CanonicalJsonObject =
+                    crate::storage::parse_stored(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
+                let pdu = Pdu::from_json(id, &object).map_err(|e| AppendError::Invalid(e.to_string()))?;
+                current.insert((StateEventType::from(event_type.as_str()), key.clone()), pdu);
+            }
+            let mut auth_events = auth_events.clone();
+            if create_not_an_auth_event
+                && let Some(create) = current.get(&(StateEventType::RoomCreate, String::new()))
+            {
+                // From room version 12 the rules still read the create event (the room id is its hash).
+                auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
+            }
+            auth::check(version, &parsed, &auth_events, &current).map_err(AppendError::Refused)?;
+            Ok(NewEvent { replaces_state, ..stored_form.clone() })
+        };
+        let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, false, &build).await?;
+        return match outcome {
+            Ok(stored) => {
+                state.stream.flush().await?;
+                state.notify(stored.stream_ordering);
+                Ok(stored)
+            }
+            Err(AppendError::HeadMoved) => continue,
+            Err(AppendError::Refused(why)) => Err(Refused::Auth(why)),
+            Err(AppendError::NoRoom) => Err(invalid(format!("this server has no room {room_id}"))),
+            Err(other) => Err(invalid(other)),
+        };
     }
+    Err(Refused::Internal(format!("room {room_id} kept moving while {event_id} was taken")))
+}
+
+/// How often an event of a fork is worked out again because the room moved meanwhile.
+const MAX_FORK_ATTEMPTS: usize = 5;
+
+/// The states an event made on a fork brings: the state before it (the states after its prev
+/// events, resolved), which it must pass the auth rules against, with it applied; and the room's
+/// state resolved across the extremities it leaves.
+async fn fork_state(
+    state: &AppState,
+    version: &RoomVersionId,
+    event: &Pdu,
+    auth_events: &HashMap<OwnedEventId, Pdu>,
+    extremities: &[OwnedEventId],
+) -> Result<Resolved, Refused> {
+    let mut before_prev = Vec::new();
+    for prev in &event.prev_events {
+        let after = state.store.state_after(prev.as_str()).await?;
+        before_prev.push(after.ok_or_else(|| Refused::Unknown(format!("the state after {prev}")))?);
+    }
+    let before = resolve_states(state, version, before_prev, None).await?;
+    let mut before_pdus: HashMap<(StateEventType, String), Pdu> = HashMap::new();
+    let wanted: BTreeSet<String> = before.values().cloned().collect();
+    let loaded = load_pdus(state, &wanted, false).await?;
+    for ((kind, key), id) in &before {
+        if let Some(pdu) = OwnedEventId::try_from(id.as_str()).ok().and_then(|id| loaded.get(&id)) {
+            before_pdus.insert((StateEventType::from(kind.as_str()), key.clone()), pdu.clone());
+        }
+    }
+    let mut auth_events = auth_events.clone();
+    let create_not_an_auth_event = pdu::room_id_is_create_hash(&pdu::rules(version).map_err(invalid)?);
+    if create_not_an_auth_event
+        && let Some(create) = before_pdus.get(&(StateEventType::RoomCreate, String::new()))
+    {
+        auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
+    }
+    auth::check(version, event, &auth_events, &before_pdus).map_err(Refused::Auth)?;
+    let mut after_event = before;
+    if let Some(key) = &event.state_key {
+        after_event.insert((event.kind.to_string(), key.clone()), event.event_id.to_string());
+    }
+    let mut tips = vec![after_event.clone()];
+    for extremity in extremities.iter().filter(|id| !event.prev_events.contains(id)) {
+        let after = state.store.state_after(extremity.as_str()).await?;
+        tips.push(after.ok_or_else(|| Refused::Internal(format!("no state after extremity {extremity}")))?);
+    }
+    let current = resolve_states(state, version, tips, Some(event)).await?;
+    let mut memberships = BTreeMap::new();
+    let members: BTreeSet<String> =
+        current.iter().filter(|((kind, _), _)| kind == "m.room.member").map(|(_, id)| id.clone()).collect();
+    let mut member_pdus = load_pdus(state, &members, false).await?;
+    member_pdus.insert(event.event_id.clone(), event.clone());
+    for id in &members {
+        let Some(pdu) = OwnedEventId::try_from(id.as_str()).ok().and_then(|id| member_pdus.get(&id).cloned())
+        else {
+            continue;
+        };
+        if let Ok(content) = serde_json::from_str::<serde_json::Value>(pdu.content.get())
+            && let Some(membership) = content["membership"].as_str()
+        {
+            memberships.insert(id.clone(), membership.to_owned());
+        }
+    }
+    Ok(Resolved { after_event, current, memberships })
+}
+
+/// The stored events of `ids` (and with `with_auth_chains`, every event of their auth chains)
+/// as the auth rules read them.
+async fn load_pdus(
+    state: &AppState,
+    ids: &BTreeSet<String>,
+    with_auth_chains: bool,
+) -> Result<HashMap<OwnedEventId, Pdu>, Refused> {
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut stored = state.store.events_by_id(&ids).await?;
+    if with_auth_chains {
+        let chain = super::graph::auth_chain(state, &stored).await?;
+        stored.extend(chain);
+    }
+    let mut pdus = HashMap::new();
+    for event in stored {
+        let id =
+            OwnedEventId::try_from(event.event_id.as_str()).map_err(|e| Refused::Internal(e.to_string()))?;
+        let object: CanonicalJsonObject =
+            crate::storage::parse_stored(&event.json).map_err(|e| Refused::Internal(e.to_string()))?;
+        pdus.insert(id.clone(), Pdu::from_json(id, &object).map_err(|e| Refused::Internal(e.to_string()))?);
+    }
+    Ok(pdus)
+}
+
+/// The state `states` resolve to (one of them when they agree); `extra` is an event they may
+/// name that is not stored yet.
+async fn resolve_states(
+    state: &AppState,
+    version: &RoomVersionId,
+    states: Vec<StateMap>,
+    extra: Option<&Pdu>,
+) -> Result<StateMap, Refused> {
+    let Some(first) = states.first() else { return Err(Refused::Internal("no state to resolve".into())) };
+    if states.iter().all(|other| other == first) {
+        return Ok(first.clone());
+    }
+    let mut ids: BTreeSet<String> = states.iter().flat_map(|map| map.values().cloned()).collect();
+    if let Some(extra) = extra {
+        ids.remove(extra.event_id.as_str());
+        ids.extend(extra.auth_events.iter().map(ToString::to_string));
+    }
+    let mut events = load_pdus(state, &ids, true).await?;
+    if let Some(extra) = extra {
+        events.insert(extra.event_id.clone(), extra.clone());
+    }
+    let maps = states
+        .iter()
+        .map(|map| federation::resolve::state_map(map.iter()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Refused::Internal)?;
+    let resolved = federation::resolve::resolve(version, &maps, &events).map_err(Refused::Auth)?;
+    Ok(resolved.into_iter().map(|((kind, key), id)| ((kind.to_string(), key), id.to_string())).collect())
 }
 
 impl Refused {
@@ -353,8 +513,48 @@ pub async fn forward(
     if let Some(except) = except {
         servers.remove(except);
     }
+    let mut allowed = BTreeSet::new();
+    for server in servers {
+        // A server the room's ACL denies is not sent the room's events.
+        if acl_allows(state, room_id, &server).await? {
+            allowed.insert(server);
+        }
+    }
+    let servers = allowed;
     if !servers.is_empty() {
         outbox.send(servers, event);
     }
     Ok(())
+}
+
+/// Whether the room's server ACL (`m.room.server_acl`) lets `server` take part: send its
+/// events, join, read. A room without one lets every server.
+pub async fn acl_allows(
+    state: &AppState,
+    room_id: &RoomId,
+    server: &ruma::ServerName,
+) -> crate::error::Result<bool> {
+    let Some(acl) = state.store.current_state_event(room_id, "m.room.server_acl", "").await? else {
+        return Ok(true);
+    };
+    let content = super::client_event::ClientEvent::parse(&acl)?;
+    // An ACL whose content is not one (redacted, malformed) denies nothing, as in Synapse.
+    Ok(serde_json::from_str::<ruma::events::room::server_acl::RoomServerAclEventContent>(
+        content.content().get(),
+    )
+    .map_or(true, |acl| acl.is_allowed(server)))
+}
+
+/// [`acl_allows`], as the answer to a server the ACL denies: 403 `M_FORBIDDEN`.
+pub async fn check_acl(
+    state: &AppState,
+    room_id: &RoomId,
+    server: &ruma::ServerName,
+) -> crate::error::Result<()> {
+    match acl_allows(state, room_id, server).await? {
+        true => Ok(()),
+        false => {
+            Err(crate::error::Error::forbidden(format!("the server ACL of room {room_id} denies {server}")))
+        }
+    }
 }

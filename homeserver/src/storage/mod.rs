@@ -47,7 +47,9 @@ pub use self::{
     push::{NewNotification, NotificationRecord, PushStore, PusherKey, PusherRecord, StoredUnread},
     registration_tokens::RegistrationTokenStore,
     reports::{ReportRecord, ReportStore},
-    rooms::{AppendError, Directory, NewEvent, RoomHead, RoomStore, StoredEvent, StreamEvent},
+    rooms::{
+        AppendError, Directory, NewEvent, Resolved, RoomHead, RoomStore, StateMap, StoredEvent, StreamEvent,
+    },
     server_keys::{ServerKeyRecord, ServerKeyStore},
     sessions::{SessionRecord, SessionStore},
     threepids::{ThreepidRecord, ThreepidSession, ThreepidStore},

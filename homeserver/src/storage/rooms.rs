@@ -66,6 +66,21 @@ pub struct NewEvent {
     /// The events it follows: the room's extremities among them stop being extremities. A local
     /// event follows them all; another server's may follow fewer (it had not seen the newest).
     pub prev_events: Vec<OwnedEventId>,
+    /// For an event of a fork (it does not follow all of the room's extremities): the state after
+    /// it and the room's state resolved across the fork, instead of the current state with the
+    /// event applied.
+    pub resolved: Option<Arc<Resolved>>,
+}
+
+/// The states a forked event brings (see [`NewEvent::resolved`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The state after the event: the state it was checked against, with it applied.
+    pub after_event: StateMap,
+    /// The room's state resolved across its extremities once the event is one of them.
+    pub current: StateMap,
+    /// The membership each member event of `current` sets, by event id.
+    pub memberships: BTreeMap<String, String>,
 }
 
 /// A stored event.
@@ -94,6 +109,9 @@ pub enum AppendError {
     /// The client transaction already produced an event (a retry raced the first send).
     #[error("transaction already used")]
     DuplicateTxn,
+    /// The room's head is not the one the event was worked out for (see `rooms::remote`).
+    #[error("the room moved meanwhile")]
+    HeadMoved,
 }
 
 #[async_trait]
@@ -157,6 +175,8 @@ pub trait RoomStore: Send + Sync {
     /// everything in its timeline: an outlier among them moves into the timeline, events already
     /// in it are skipped. Returns how many joined the timeline.
     async fn store_backfilled(&self, room_id: &RoomId, events: &[NewEvent]) -> StoreResult<usize>;
+    /// The room state after an event (`(type, state key) → event id`), if the event is here.
+    async fn state_after(&self, event_id: &str) -> StoreResult<Option<StateMap>>;
     async fn event_by_txn(
         &self,
         user_id: &UserId,
@@ -489,6 +509,86 @@ impl SqlStore {
         Ok((RoomHead { room_version, extremities, depth, state, extremity_json }, state_map))
     }
 
+    /// Writes an event of a fork (see [`NewEvent::resolved`]): the state after it as its own
+    /// snapshot, the resolved state as the room's current state (a snapshot of its own when it
+    /// differs, under the negated position), and the memberships the resolution changed.
+    #[allow(clippy::too_many_arguments)]
+    async fn append_resolved(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        room_id: &RoomId,
+        position: super::stream::PositionGuard,
+        head: &RoomHead,
+        old_state: &StateMap,
+        event: NewEvent,
+        resolved: &Resolved,
+    ) -> StoreResult<StoredEvent> {
+        let p = position.position;
+        let insert_snapshot =
+            |id: i64, state: &StateMap| -> StoreResult<(i64, String)> { Ok((id, snapshot_to_json(state)?)) };
+        let mut snapshots = vec![insert_snapshot(p, &resolved.after_event)?];
+        let current_id = match resolved.current == resolved.after_event {
+            true => p,
+            false => {
+                snapshots.push(insert_snapshot(-p, &resolved.current)?);
+                -p
+            }
+        };
+        for (id, json) in snapshots {
+            sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(room_id.as_str())
+                .bind(json)
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert_event(&mut tx, room_id, p, &event, p, Written::Backfilled).await?;
+        sqlx::query("DELETE FROM current_state WHERE room_id = $1")
+            .bind(room_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        for ((kind, key), id) in &resolved.current {
+            set_current_state(&mut tx, room_id, kind, key, id).await?;
+            let changed = old_state.get(&(kind.clone(), key.clone())) != Some(id);
+            if kind == "m.room.member"
+                && changed
+                && let Some(membership) = resolved.memberships.get(id)
+            {
+                set_membership(&mut tx, room_id, key, membership, id, p).await?;
+            }
+        }
+        let mut extremities: Vec<&str> = head
+            .extremities
+            .iter()
+            .filter(|id| !event.prev_events.contains(id))
+            .map(|id| id.as_str())
+            .collect();
+        extremities.push(event.event_id.as_str());
+        sqlx::query(
+            "UPDATE rooms SET extremities = $2, depth = $3, current_snapshot = $4 WHERE room_id = $1",
+        )
+        .bind(room_id.as_str())
+        .bind(serde_json::to_string(&extremities).map_err(corrupt)?)
+        .bind(event.depth.max(head.depth))
+        .bind(current_id)
+        .execute(&mut *tx)
+        .await?;
+        position.still_leased()?;
+        tx.commit().await?;
+        self.remember_snapshot(room_id, current_id, Arc::new(resolved.current.clone()));
+        let stored = StoredEvent {
+            stream_ordering: p,
+            event_id: event.event_id.to_string(),
+            room_id: room_id.to_string(),
+            json: event.json,
+            redacted_by: None,
+            replaces_state: event.replaces_state,
+            txn: None,
+        };
+        drop(position);
+        Ok(stored)
+    }
+
     async fn events_by_ids(&self, ids: &[String]) -> StoreResult<Vec<StoredEvent>> {
         let mut events = Vec::with_capacity(ids.len());
         // One query per id keeps the SQL portable; state maps are small for now.
@@ -575,6 +675,11 @@ impl RoomStore for SqlStore {
             Err(refused) => return Ok(Err(refused)),
         };
 
+        if let Some(resolved) = event.resolved.clone() {
+            let stored =
+                self.append_resolved(tx, room_id, position, &head, &state_map, event, &resolved).await?;
+            return Ok(Ok(stored));
+        }
         let mut new_snapshot = None;
         let snapshot_id = match &event.state_key {
             Some(key) => {
@@ -944,6 +1049,17 @@ impl RoomStore for SqlStore {
         }
         tx.commit().await?;
         Ok(new.len())
+    }
+
+    async fn state_after(&self, event_id: &str) -> StoreResult<Option<StateMap>> {
+        let row = sqlx::query(
+            "SELECT s.state FROM events e JOIN state_snapshots s ON s.snapshot_id = e.state_snapshot
+             WHERE e.event_id = $1",
+        )
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| snapshot_from_json(&row.try_get::<String, _>("state")?)).transpose()
     }
 
     async fn event_by_txn(

@@ -331,6 +331,29 @@ pub(crate) async fn invite_and_ban(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
+    // Both set the topic at once: whether or not the room's history forks, both servers end
+    // with the same topic (state resolution where it forked).
+    let topic_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room));
+    let (host_set, guest_set) = tokio::join!(
+        host.request("PUT", &topic_path, Some(json!({"topic": "the host's"}))),
+        guest.request("PUT", &topic_path, Some(json!({"topic": "the guest's"}))),
+    );
+    assert_eq!((host_set.0, guest_set.0), (200, 200), "{host_set:?} {guest_set:?}");
+    let started = Instant::now();
+    loop {
+        let (_, on_host) = host.request("GET", &topic_path, None).await;
+        let (_, on_guest) = guest.request("GET", &topic_path, None).await;
+        if on_host["topic"].is_string() && on_host == on_guest {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the topics differ: {on_host} and {on_guest}; {}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     // Banned: the guest's server learns it (a server that was kicked out first would not:
     // it is no longer in the room).
     let since = guest.sync(None).await["next_batch"].as_str().unwrap().to_owned();

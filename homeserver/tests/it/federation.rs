@@ -8,6 +8,7 @@ use ruma::{
         OutgoingRequest, OutgoingRequestExt,
         federation::{
             authentication::{ServerSignatures, XMatrixSigningInput},
+            event::{get_event, get_missing_events, get_room_state_ids},
             membership::{create_join_event, prepare_join_event},
             query::get_profile_information,
             transactions::send_transaction_message,
@@ -34,6 +35,15 @@ pub(crate) struct Federating {
 
 impl Federating {
     pub(crate) async fn start(db: Db, ca: &TestCa) -> Self {
+        Self::start_with(db, ca, |_| {}).await
+    }
+
+    /// [`Federating::start`], with `tweak` applied to the configuration.
+    pub(crate) async fn start_with(
+        db: Db,
+        ca: &TestCa,
+        tweak: impl FnOnce(&mut homeserver::config::Config),
+    ) -> Self {
         let port = free_port();
         let name = OwnedServerName::try_from(format!("127.0.0.1:{port}")).unwrap();
         let (certificate, private_key) = ca.server_files();
@@ -51,6 +61,7 @@ impl Federating {
                 public_key: "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ".to_owned(),
                 expired_ts: 1_700_000_000_000,
             }];
+            tweak(config);
         })
         .await;
         assert_eq!(server.server.federation_addr().map(|a| a.port()), Some(port));
@@ -371,12 +382,145 @@ crate::on_both_backends! {
         assert_eq!((status, answer["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{answer}");
 
         // Still serving both ways.
-        crate::common::send_text(&a.server, &alice, &room, "a1", "still here").await;
+        let still_here = crate::common::send_text(&a.server, &alice, &room, "a1", "still here").await;
         let (later, later_json) = b.sign(event(&carol, "m.room.message", None, text("still here too")));
         let (status, answer) = b.transaction(&ca, &a, "t4", &[later_json]).await;
         assert_eq!((status, &answer["pdus"][later.as_str()]), (200, &json!({})), "{answer}");
+
+        // A transaction larger than a client's request may be (20 PDUs of 60 KB) is read whole.
+        let big: Vec<(OwnedEventId, CanonicalJsonObject)> =
+            (0..20).map(|i| b.sign(event(&carol, "m.room.message", None, text(&format!("{i}{}", "y".repeat(60_000)))))).collect();
+        let pdus: Vec<CanonicalJsonObject> = big.iter().map(|(_, json)| json.clone()).collect();
+        let (status, answer) = b.transaction(&ca, &a, "t6", &pdus).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(big.iter().all(|(id, _)| answer["pdus"][id.as_str()] == json!({})), "{answer}");
+
+        // What B may ask of the room it is in: the state at an event, an event, the events
+        // between two.
+        let room_id: ruma::OwnedRoomId = room.as_str().try_into().unwrap();
+        let (status, ids) =
+            b.send(&ca, &a, get_room_state_ids::v1::Request::new(good.clone(), room_id.clone())).await;
+        assert_eq!(status, 200, "{ids}");
+        for id in [&join, &power] {
+            assert!(ids["pdu_ids"].as_array().unwrap().contains(&json!(id)), "{id} not in {ids}");
+        }
+        assert!(!ids["auth_chain_ids"].as_array().unwrap().is_empty(), "{ids}");
+        let (status, fetched) = b.send(&ca, &a, get_event::v1::Request::new(good.clone())).await;
+        assert_eq!((status, &fetched["pdus"][0]["content"]["body"]), (200, &json!("hello from b")), "{fetched}");
+        let mut missing = get_missing_events::v1::Request::new(
+            room_id.clone(),
+            vec![join.as_str().try_into().unwrap()],
+            vec![still_here.as_str().try_into().unwrap()],
+        );
+        missing.limit = 10u32.into();
+        let (status, between) = b.send(&ca, &a, missing).await;
+        assert_eq!(status, 200, "{between}");
+        // What alice's message follows, back to the join: B's good event among them.
+        assert!(between["events"].as_array().unwrap().iter().any(|e| e["content"]["body"] == "hello from b"), "{between}");
+
+        // Once the room's server ACL denies B (an IP literal), B's events are refused and B may
+        // not read the room.
+        crate::common::put_state(
+            &a.server,
+            &alice,
+            &room,
+            "m.room.server_acl",
+            "",
+            json!({"allow": ["*"], "allow_ip_literals": false}),
+        )
+        .await;
+        let (denied, denied_json) = b.sign(event(&carol, "m.room.message", None, text("after the ACL")));
+        let (status, answer) = b.transaction(&ca, &a, "t5", &[denied_json]).await;
+        assert_eq!(status, 200, "{answer}");
+        refused(&answer, &denied);
+        assert!(readable(&a.server, &alice, &room, denied.as_str()).await.is_none());
+        let (status, ids) = b.send(&ca, &a, get_room_state_ids::v1::Request::new(good.clone(), room_id)).await;
+        assert_eq!((status, ids["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{ids}");
         a.stop().await;
         b.stop().await;
+    }
+
+    /// An event made on a fork (it follows an older event than the room's newest) applies to
+    /// the state at its own prev events, and the room's state is resolved across the fork by the
+    /// spec's rules: here the topic set earlier loses to the one set later, whichever arrived
+    /// last.
+    async fn a_fork_resolves_to_the_state_the_rules_give(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(Db::Sqlite, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+        let carol = format!("@carol:{}", b.name);
+        let (join, _) = join_by_hand(&ca, &b, &a, &room, &carol).await;
+        let power_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room));
+        let (_, mut power) = a.server.get(&power_path, Some(&alice.token)).await;
+        power["users"][&carol] = json!(50);
+        let power = put_ok(&a.server, &alice, &power_path, power).await["event_id"].as_str().unwrap().to_owned();
+        let topic_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room));
+        let (_, power_event) = a.server
+            .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&power)), Some(&alice.token)).await;
+        let power_ts = power_event["origin_server_ts"].as_u64().unwrap();
+
+        // Carol's topic, made on B as if B had not seen anything after the power levels.
+        let topic = |body: &str, ts: u64| {
+            b.sign(object(json!({
+                "room_id": room, "sender": carol, "type": "m.room.topic", "state_key": "",
+                "content": {"topic": body}, "prev_events": [power], "auth_events": [power, join],
+                "depth": 100, "origin_server_ts": ts,
+            })))
+        };
+        // Alice's topic, after the power levels, but stamped later than carol's first.
+        put_ok(&a.server, &alice, &topic_path, json!({"topic": "alice's"})).await;
+        let (early, early_json) = topic("carol's, older", power_ts + 1);
+        let (status, answer) = b.transaction(&ca, &a, "f1", &[early_json]).await;
+        assert_eq!((status, &answer["pdus"][early.as_str()]), (200, &json!({})), "{answer}");
+        assert!(readable(&a.server, &alice, &room, early.as_str()).await.is_some());
+        let (_, current) = a.server.get(&topic_path, Some(&alice.token)).await;
+        assert_eq!(current["topic"], "alice's", "the older topic of the fork loses");
+
+        // Carol's second, later than everything: it wins though it too comes from the fork.
+        let later = u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap() + 60_000;
+        let (late, late_json) = topic("carol's, newer", later);
+        let (status, answer) = b.transaction(&ca, &a, "f2", &[late_json]).await;
+        assert_eq!((status, &answer["pdus"][late.as_str()]), (200, &json!({})), "{answer}");
+        let (_, current) = a.server.get(&topic_path, Some(&alice.token)).await;
+        assert_eq!(current["topic"], "carol's, newer");
+
+        // Alice's next event follows every tip of the fork, and the room goes on from the
+        // resolved state.
+        let merged = crate::common::send_text(&a.server, &alice, &room, "m1", "after the fork").await;
+        let (_, merged) = a.server
+            .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&merged)), Some(&alice.token)).await;
+        assert!(merged["event_id"].is_string(), "{merged}");
+        let (_, current) = a.server.get(&topic_path, Some(&alice.token)).await;
+        assert_eq!(current["topic"], "carol's, newer");
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// Each server's requests are limited once their signature is checked (429 past the burst),
+    /// whoever else asks.
+    async fn another_servers_requests_are_rate_limited(db: Db) {
+        let ca = TestCa::new();
+        let a = Federating::start_with(db, &ca, |config| {
+            config.rate_limits.enabled = true;
+            config.rate_limits.federation_requests_per_second = 0.01;
+            config.rate_limits.federation_requests_burst = 3;
+        })
+        .await;
+        let (b, c) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let query = || get_profile_information::v1::Request::new(alice.user_id.as_str().try_into().unwrap());
+        for _ in 0..3 {
+            let (status, answer) = b.send(&ca, &a, query()).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+        let (status, answer) = b.send(&ca, &a, query()).await;
+        assert_eq!((status, answer["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{answer}");
+        let (status, answer) = c.send(&ca, &a, query()).await;
+        assert_eq!(status, 200, "another server is not limited by the first: {answer}");
+        for server in [a, b, c] {
+            server.stop().await;
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! events between two points (`get_missing_events`).
 //!
 //! Only a server with a member joined to the room may ask about it (as Synapse requires), except
-//! for a single event, which any server may fetch if it may see it. Events a server may not see
+//! for a single event, which any server may fetch if it may see it; never one the room's server
+//! ACL denies. Events a server may not see
 //! under the room's history visibility are served redacted ([`ServerRules`]).
 
 use std::collections::BTreeSet;
@@ -34,6 +35,7 @@ pub(super) fn routes(router: &mut Router) {
 /// The room's version, once `origin` is found to have a member joined to it.
 async fn joined_room(state: &AppState, origin: &ServerName, room_id: &RoomId) -> Result<RoomVersionId> {
     let version = rooms::room_version(state, room_id).await?;
+    remote::check_acl(state, room_id, origin).await?;
     if !remote::servers_in_room(state, room_id).await?.contains(origin) {
         return Err(Error::forbidden(format!("{origin} has no member in room {room_id}")));
     }
@@ -74,7 +76,7 @@ async fn event(
         .ok_or_else(|| Error::not_found(format!("no event {event_id}")))?;
     let room_id = <&RoomId>::try_from(stored.room_id.as_str()).map_err(Error::internal)?;
     let rules = ServerRules::load(&state, room_id, &request.sender).await?;
-    if !rules.may_see(&stored) {
+    if !rules.may_see(&stored) || !remote::acl_allows(&state, room_id, &request.sender).await? {
         // As if it did not exist: whether it does is not the asking server's to know.
         return Err(Error::not_found(format!("no event {event_id}")));
     }

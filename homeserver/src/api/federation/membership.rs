@@ -41,6 +41,7 @@ async fn room_for(
         return Err(Error::forbidden(format!("{origin} may only act for its own users, not {user_id}")));
     }
     let version = rooms::room_version(state, room_id).await?;
+    remote::check_acl(state, room_id, origin).await?;
     if !remote::servers_in_room(state, room_id).await?.contains(&state.server_name) {
         return Err(Error::not_found(format!("{} is not in room {room_id}", state.server_name)));
     }
@@ -280,6 +281,9 @@ async fn invite(
     federation::pdu::add_signature(&mut json, &version, &state.server_name, &state.signing_key)
         .map_err(Error::internal)?;
     let in_room = remote::servers_in_room(&state, &body.room_id).await?.contains(&state.server_name);
+    if in_room {
+        remote::check_acl(&state, &body.room_id, origin).await?;
+    }
     if !in_room {
         let stripped: Vec<serde_json::Value> = body
             .invite_room_state

@@ -64,6 +64,10 @@ async fn send(
             tracing::info!(%origin, "a PDU without a valid event id was dropped");
             continue;
         };
+        if !remote::acl_allows(&state, &room_id, &origin).await? {
+            outcome.insert(event_id, Err(format!("the server ACL of room {room_id} denies {origin}")));
+            continue;
+        }
         let result = match remote::accept(&state, &room_id, &version, json).await {
             Ok(_) => Ok(()),
             Err(remote::Refused::Internal(why)) => return Err(Error::internal(why)),

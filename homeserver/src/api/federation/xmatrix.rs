@@ -71,5 +71,7 @@ async fn verify(state: &AppState, incoming: Incoming<'_>) -> Result<OwnedServerN
     xmatrix
         .verify_http_request(&request, &state.server_name, &keys)
         .map_err(|e| unauthorized(format!("the X-Matrix signature does not check out: {e}")))?;
+    // Per server, once it is known who asks: a busy server cannot crowd out the others.
+    state.limiter.check(crate::auth::ratelimit::Action::FederationRequest, origin.as_str()).await?;
     Ok(origin)
 }
