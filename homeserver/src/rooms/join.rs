@@ -17,7 +17,9 @@ use federation::{
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId,
     RoomVersionId, UserId,
-    api::federation::membership::{create_join_event, prepare_join_event},
+    api::federation::membership::{
+        create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
+    },
     events::StateEventType,
 };
 use serde_json::value::RawValue;
@@ -139,6 +141,52 @@ async fn join_through(
             join_event,
         )
         .await?;
+    state.stream.flush().await?;
+    state.notify(stored.stream_ordering);
+    Ok(stored)
+}
+
+/// Leaves (or rejects the invite to) a room this server is not in, through `server` (the
+/// inviter's): `make_leave`, the template signed here, `send_leave`; the leave is then stored
+/// as the user's membership.
+pub async fn leave_remote(
+    state: &AppState,
+    server: &OwnedServerName,
+    room_id: &RoomId,
+    user: &UserId,
+    reason: Option<&str>,
+) -> Result<StoredEvent> {
+    let remote = state.remote()?;
+    let key = state.signing_key.key_pair();
+    let made = remote
+        .send(
+            &state.server_name,
+            key,
+            server,
+            prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned()),
+        )
+        .await?;
+    let version = made.room_version.unwrap_or(RoomVersionId::V1);
+    pdu::rules(&version).map_err(|e| Error::bad_json(e.to_string()))?;
+    let mut content = serde_json::json!({});
+    if let Some(reason) = reason {
+        content["reason"] = reason.into();
+    }
+    let mut template = fill_template(&made.event, room_id, user, &content)?;
+    if let Some(CanonicalJsonValue::Object(content)) = template.get_mut("content") {
+        content.insert("membership".into(), CanonicalJsonValue::String("leave".into()));
+    }
+    let leave = pdu::sign_template(template, &version, &state.server_name, &state.signing_key)
+        .map_err(|e| Error::bad_json(format!("the leave template from {server} cannot be signed: {e}")))?;
+    let pdu = RawValue::from_string(CanonicalJsonValue::Object(leave.json.clone()).to_string())
+        .map_err(Error::internal)?;
+    let send = create_leave_event::v2::Request::new(room_id.to_owned(), leave.event_id.clone(), pdu);
+    remote.send(&state.server_name, key, server, send).await?;
+    let parsed =
+        Pdu::from_json(leave.event_id.clone(), &leave.json).map_err(|e| Error::internal(e.to_string()))?;
+    let event = remote::stored_form(&parsed, &leave.json).map_err(Refused::into_error)?;
+    let stored =
+        state.store.store_outsider_membership(room_id, version.as_str(), &state.stream, event, None).await?;
     state.stream.flush().await?;
     state.notify(stored.stream_ordering);
     Ok(stored)

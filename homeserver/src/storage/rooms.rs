@@ -154,16 +154,17 @@ pub trait RoomStore: Send + Sync {
         state: &[(String, String, String)],
         join: NewEvent,
     ) -> StoreResult<StoredEvent>;
-    /// Stores an invite from another server to a room this server is not in: the invite as the
-    /// newest event of the room (created here if need be) and the invitee's membership, with
-    /// the stripped state (a JSON list) the invitee is shown until they join.
-    async fn receive_invite(
+    /// Stores a membership event of a room this server is not in (an invite from another
+    /// server, or the rejection of one): the event as the newest of the room (created here if
+    /// need be) and the member's membership, with for an invite the stripped state (a JSON list)
+    /// the invitee is shown until they join.
+    async fn store_outsider_membership(
         &self,
         room_id: &RoomId,
         version: &str,
         writer: &Arc<StreamWriter>,
         invite: NewEvent,
-        stripped_state: &str,
+        stripped_state: Option<&str>,
     ) -> StoreResult<StoredEvent>;
     /// The stripped state sent with `user`'s invite to a room of another server (a JSON list).
     async fn invite_state(&self, room_id: &RoomId, user: &UserId) -> StoreResult<Option<String>>;
@@ -893,18 +894,18 @@ impl RoomStore for SqlStore {
         Ok(stored)
     }
 
-    async fn receive_invite(
+    async fn store_outsider_membership(
         &self,
         room_id: &RoomId,
         version: &str,
         writer: &Arc<StreamWriter>,
         invite: NewEvent,
-        stripped_state: &str,
+        stripped_state: Option<&str>,
     ) -> StoreResult<StoredEvent> {
         if let Some(stored) = self.get_event(invite.event_id.as_str()).await? {
             return Ok(stored);
         }
-        let invitee = invite.state_key.clone().ok_or_else(|| corrupt("an invite without a state key"))?;
+        let invitee = invite.state_key.clone().ok_or_else(|| corrupt("a membership without a state key"))?;
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts, extremities, depth)
@@ -940,15 +941,17 @@ impl RoomStore for SqlStore {
             .await?;
         set_current_state(&mut tx, room_id, "m.room.member", &invitee, invite.event_id.as_str()).await?;
         insert_event(&mut tx, room_id, p, &invite, p, Written::Live).await?;
-        sqlx::query(
-            "INSERT INTO invite_states (room_id, user_id, state) VALUES ($1, $2, $3)
-             ON CONFLICT (room_id, user_id) DO UPDATE SET state = excluded.state",
-        )
-        .bind(room_id.as_str())
-        .bind(&invitee)
-        .bind(stripped_state)
-        .execute(&mut *tx)
-        .await?;
+        if let Some(stripped_state) = stripped_state {
+            sqlx::query(
+                "INSERT INTO invite_states (room_id, user_id, state) VALUES ($1, $2, $3)
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET state = excluded.state",
+            )
+            .bind(room_id.as_str())
+            .bind(&invitee)
+            .bind(stripped_state)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query("UPDATE rooms SET current_snapshot = $2 WHERE room_id = $1")
             .bind(room_id.as_str())
             .bind(p)

@@ -377,3 +377,38 @@ pub(crate) async fn invite_and_ban(
         .await;
     assert!(matches!(status, 403 | 404), "{status} {refused}; {}", context());
 }
+
+/// The third scenario: `host` invites `guest` (user id `guest_id`) to a private room and the
+/// guest rejects the invite: the host's server has the guest's leave, and the invite is gone
+/// from the guest's sync.
+pub(crate) async fn invite_rejected(
+    host: &Client<'_>,
+    guest: &Client<'_>,
+    guest_id: &str,
+    context: &dyn Fn() -> String,
+) {
+    let created = host
+        .ok("POST", "/_matrix/client/v3/createRoom", json!({"preset": "private_chat", "room_version": "12"}))
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let since = guest.sync(None).await["next_batch"].as_str().unwrap().to_owned();
+    host.ok("POST", &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)), json!({"user_id": guest_id}))
+        .await;
+    let since = sync_until(guest, since, context, |sync| {
+        sync["rooms"]["invite"].get(room.as_str()).map(|_| sync["next_batch"].as_str().unwrap().to_owned())
+    })
+    .await;
+    let (status, left) = guest
+        .request(
+            "POST",
+            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+            Some(json!({"reason": "no thanks"})),
+        )
+        .await;
+    assert_eq!(status, 200, "rejecting the invite: {left}; {}", context());
+    let member_path =
+        format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(guest_id));
+    let (status, member) = host.request("GET", &member_path, None).await;
+    assert_eq!((status, &member["membership"]), (200, &json!("leave")), "{member}; {}", context());
+    sync_until(guest, since, context, |sync| sync["rooms"]["leave"].get(room.as_str()).map(|_| ())).await;
+}

@@ -283,9 +283,11 @@ crate::on_both_backends! {
         b.stop().await;
     }
 
-    /// Two Hearths join each other's rooms by alias and by invite, chat both ways, and a kick
-    /// and a ban hold on both (the scenarios of [`crate::federated_chat`]).
-    async fn two_hearths_join_each_others_rooms_by_alias_and_invite_and_chat_both_ways(db: Db) {
+    /// Two Hearths host and join each other's rooms (by alias, by invite), read the history from
+    /// before the join, chat both ways, reject invites, and kicks, bans, power levels and
+    /// concurrent state changes hold the same on both (the scenarios of
+    /// [`crate::federated_chat`]).
+    async fn two_hearths_host_and_join_each_others_rooms_with_history_invites_kicks_bans_and_converging_state(db: Db) {
         let ca = TestCa::new();
         let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
         let alice = a.server.register("alice", "a long password").await;
@@ -296,6 +298,8 @@ crate::on_both_backends! {
         crate::federated_chat::chat(&on_b, &b.name, &on_a, "plaza", &context).await;
         crate::federated_chat::invite_and_ban(&on_a, &on_b, &bob.user_id, &context).await;
         crate::federated_chat::invite_and_ban(&on_b, &on_a, &alice.user_id, &context).await;
+        crate::federated_chat::invite_rejected(&on_a, &on_b, &bob.user_id, &context).await;
+        crate::federated_chat::invite_rejected(&on_b, &on_a, &alice.user_id, &context).await;
         a.stop().await;
         b.stop().await;
     }

@@ -259,10 +259,12 @@ async fn hearth_and_synapse_find_each_others_users_and_aliases() {
 }
 
 /// Rooms shared between Hearth and Synapse, each side hosting in turn: a user of the other
-/// server joins by alias and by invite, messages and state flow both ways, a kick and a ban
-/// hold on both ([`crate::federated_chat`]).
+/// server joins by alias and by invite and reads the history from before, messages flow both
+/// ways, invites are rejected, and kicks, bans, power levels and concurrent state changes hold
+/// the same on both ([`crate::federated_chat`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hearth_and_synapse_join_each_others_rooms_by_alias_and_invite_and_chat_both_ways() {
+async fn hearth_and_synapse_host_and_join_each_others_rooms_with_history_invites_kicks_bans_and_converging_state()
+ {
     let ca = TestCa::new();
     let synapse = Synapse::start(&ca).await;
     for (n, db) in [Db::Sqlite, Db::Postgres].into_iter().enumerate() {
@@ -277,6 +279,8 @@ async fn hearth_and_synapse_join_each_others_rooms_by_alias_and_invite_and_chat_
             .await;
         crate::federated_chat::invite_and_ban(&on_hearth, &on_synapse, &bob, &context).await;
         crate::federated_chat::invite_and_ban(&on_synapse, &on_hearth, &alice.user_id, &context).await;
+        crate::federated_chat::invite_rejected(&on_hearth, &on_synapse, &bob, &context).await;
+        crate::federated_chat::invite_rejected(&on_synapse, &on_hearth, &alice.user_id, &context).await;
         hearth.stop().await;
     }
     synapse.stop().await;

@@ -566,8 +566,20 @@ async fn leave(
     request: Ruma<leave_room::v3::Request>,
 ) -> Result<leave_room::v3::Response> {
     let user = &request.sender.user_id;
-    set_membership(&state, &request.body.room_id, user, user, "leave", request.body.reason.as_deref())
-        .await?;
+    let room_id = &request.body.room_id;
+    check_reason(request.body.reason.as_deref())?;
+    if state.remote().is_ok()
+        && !rooms::remote::servers_in_room(&state, room_id).await?.contains(&state.server_name)
+        && let Some(invite) = state.store.current_state_event(room_id, "m.room.member", user.as_str()).await?
+        && let Ok(inviter) = ruma::OwnedUserId::try_from(ClientEvent::parse(&invite)?.sender())
+        && inviter.server_name() != state.server_name
+    {
+        // Invited to a room of another server and not in it: the invite is rejected there.
+        let server = inviter.server_name().to_owned();
+        rooms::join::leave_remote(&state, &server, room_id, user, request.body.reason.as_deref()).await?;
+        return Ok(leave_room::v3::Response::new());
+    }
+    set_membership(&state, room_id, user, user, "leave", request.body.reason.as_deref()).await?;
     Ok(leave_room::v3::Response::new())
 }
 

@@ -300,7 +300,13 @@ async fn invite(
         let new_event = remote::stored_form(&pdu, &json).map_err(remote::Refused::into_error)?;
         let stored = state
             .store
-            .receive_invite(&body.room_id, version.as_str(), &state.stream, new_event, &stripped)
+            .store_outsider_membership(
+                &body.room_id,
+                version.as_str(),
+                &state.stream,
+                new_event,
+                Some(&stripped),
+            )
             .await?;
         state.stream.flush().await?;
         state.notify(stored.stream_ordering);
