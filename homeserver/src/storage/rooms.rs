@@ -72,6 +72,21 @@ pub struct NewEvent {
     pub resolved: Option<Arc<Resolved>>,
 }
 
+impl NewEvent {
+    /// The event as stored at `position` in `room_id`.
+    fn stored(position: i64, room_id: &RoomId, event: NewEvent) -> StoredEvent {
+        StoredEvent {
+            stream_ordering: position,
+            event_id: event.event_id.to_string(),
+            room_id: room_id.to_string(),
+            json: event.json,
+            redacted_by: None,
+            replaces_state: event.replaces_state,
+            txn: event.txn.map(|(_, device, txn)| (device, txn)),
+        }
+    }
+}
+
 /// The states a forked event brings (see [`NewEvent::resolved`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
@@ -338,6 +353,36 @@ enum Written {
     Backfilled,
 }
 
+/// Creates the row of a room another server hosts if this server has none, and locks it as an
+/// append does; its version must be `version`. Returns the row (version, depth, snapshot).
+async fn lock_room_of_another_server(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    room_id: &RoomId,
+    version: &str,
+    creator: &str,
+) -> StoreResult<AnyRow> {
+    sqlx::query(
+        "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts, extremities, depth)
+         VALUES ($1, $2, $3, 0, $4, '[]', 0) ON CONFLICT (room_id) DO NOTHING",
+    )
+    .bind(room_id.as_str())
+    .bind(version)
+    .bind(creator)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    let row = sqlx::query(
+        "UPDATE rooms SET depth = depth WHERE room_id = $1 RETURNING room_version, depth, current_snapshot",
+    )
+    .bind(room_id.as_str())
+    .fetch_one(&mut **tx)
+    .await?;
+    if row.try_get::<String, _>("room_version")? != version {
+        return Err(corrupt(format!("room {room_id} is here with another version than {version}")));
+    }
+    Ok(row)
+}
+
 /// Takes `n` positions below every outlier and backfilled event so far; returns the highest.
 async fn allocate_backward(tx: &mut sqlx::Transaction<'_, sqlx::Any>, n: i64) -> StoreResult<i64> {
     let row = sqlx::query("UPDATE backward_positions SET next = next - $1 WHERE id = 1 RETURNING next")
@@ -577,15 +622,7 @@ impl SqlStore {
         position.still_leased()?;
         tx.commit().await?;
         self.remember_snapshot(room_id, current_id, Arc::new(resolved.current.clone()));
-        let stored = StoredEvent {
-            stream_ordering: p,
-            event_id: event.event_id.to_string(),
-            room_id: room_id.to_string(),
-            json: event.json,
-            redacted_by: None,
-            replaces_state: event.replaces_state,
-            txn: None,
-        };
+        let stored = NewEvent::stored(p, room_id, event);
         drop(position);
         Ok(stored)
     }
@@ -756,15 +793,7 @@ impl RoomStore for SqlStore {
         if let Some(state_map) = new_snapshot {
             self.remember_snapshot(room_id, snapshot_id, state_map);
         }
-        let stored = StoredEvent {
-            stream_ordering: position.position,
-            event_id: event.event_id.to_string(),
-            room_id: room_id.to_string(),
-            json: event.json,
-            redacted_by: None,
-            replaces_state: event.replaces_state,
-            txn: event.txn.map(|(_, device, txn)| (device, txn)),
-        };
+        let stored = NewEvent::stored(position.position, room_id, event);
         drop(position);
         Ok(Ok(stored))
     }
@@ -802,25 +831,7 @@ impl RoomStore for SqlStore {
             return Ok(stored);
         }
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts, extremities, depth)
-             VALUES ($1, $2, $3, 0, $4, '[]', 0) ON CONFLICT (room_id) DO NOTHING",
-        )
-        .bind(room_id.as_str())
-        .bind(version)
-        .bind(creator)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        // Locks the room, as an append does.
-        let row =
-            sqlx::query("UPDATE rooms SET depth = depth WHERE room_id = $1 RETURNING room_version, depth")
-                .bind(room_id.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-        if row.try_get::<String, _>("room_version")? != version {
-            return Err(corrupt(format!("room {room_id} is here with another version than {version}")));
-        }
+        let row = lock_room_of_another_server(&mut tx, room_id, version, creator).await?;
         let depth: i64 = row.try_get("depth")?;
         let position = writer.allocate_in(&mut tx).await?;
         let p = position.position;
@@ -881,15 +892,7 @@ impl RoomStore for SqlStore {
         position.still_leased()?;
         tx.commit().await?;
         self.remember_snapshot(room_id, p, state_map);
-        let stored = StoredEvent {
-            stream_ordering: p,
-            event_id: join.event_id.to_string(),
-            room_id: room_id.to_string(),
-            json: join.json,
-            redacted_by: None,
-            replaces_state: join.replaces_state,
-            txn: None,
-        };
+        let stored = NewEvent::stored(p, room_id, join);
         drop(position);
         Ok(stored)
     }
@@ -907,25 +910,7 @@ impl RoomStore for SqlStore {
         }
         let invitee = invite.state_key.clone().ok_or_else(|| corrupt("a membership without a state key"))?;
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts, extremities, depth)
-             VALUES ($1, $2, $3, 0, $4, '[]', 0) ON CONFLICT (room_id) DO NOTHING",
-        )
-        .bind(room_id.as_str())
-        .bind(version)
-        .bind(&invite.sender)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        let row = sqlx::query(
-            "UPDATE rooms SET depth = depth WHERE room_id = $1 RETURNING room_version, current_snapshot",
-        )
-        .bind(room_id.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-        if row.try_get::<String, _>("room_version")? != version {
-            return Err(corrupt(format!("room {room_id} is here with another version than {version}")));
-        }
+        let row = lock_room_of_another_server(&mut tx, room_id, version, &invite.sender).await?;
         let position = writer.allocate_in(&mut tx).await?;
         let p = position.position;
         let mut state_map = match row.try_get::<Option<i64>, _>("current_snapshot")? {
@@ -960,15 +945,7 @@ impl RoomStore for SqlStore {
         position.still_leased()?;
         tx.commit().await?;
         self.remember_snapshot(room_id, p, Arc::new(state_map));
-        let stored = StoredEvent {
-            stream_ordering: p,
-            event_id: invite.event_id.to_string(),
-            room_id: room_id.to_string(),
-            json: invite.json,
-            redacted_by: None,
-            replaces_state: invite.replaces_state,
-            txn: None,
-        };
+        let stored = NewEvent::stored(p, room_id, invite);
         drop(position);
         Ok(stored)
     }
