@@ -3,8 +3,8 @@
 //! until the destination takes it.
 //!
 //! The queues are in memory: what a process had not sent when it stopped is not sent (a server
-//! missing events fetches them when a later one names them). Durable queues are federation's
-//! part 2.
+//! that fetches missing events, as Synapse does, gets them when a later one names them).
+//! Durable queues are federation's part 2.
 
 use std::{
     collections::{BTreeSet, HashMap},
