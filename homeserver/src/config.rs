@@ -86,7 +86,8 @@ pub struct ListenConfig {
     /// such a proxy: otherwise clients could pick their own IP.
     pub trust_x_forwarded_for: bool,
     /// Address of the federation listener (other servers reach it, port 8448 by convention).
-    /// Empty: no federation.
+    /// Empty: no federation. The client listener's own address: one listener serves both APIs
+    /// (behind a TLS proxy that does not route by path; `tls` then does not apply).
     pub federation: String,
 }
 
@@ -966,9 +967,15 @@ impl Config {
         self.federation.enabled && !self.listen.federation.is_empty()
     }
 
-    /// The federation listener's address, when the server federates.
+    /// Whether the client listener serves the federation API too (`listen.federation` is its
+    /// address).
+    pub fn federation_on_client_listener(&self) -> bool {
+        self.federates() && self.listen.federation == self.listen.client
+    }
+
+    /// The federation listener's address, when the server federates on a listener of its own.
     pub fn federation_listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        if !self.federates() {
+        if !self.federates() || self.federation_on_client_listener() {
             return Ok(None);
         }
         self.listen.federation.parse().map(Some).map_err(|_| {

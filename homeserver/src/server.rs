@@ -36,7 +36,10 @@ struct Listener {
 impl RunningServer {
     /// Where the federation listener listens, when the server federates.
     pub fn federation_addr(&self) -> Option<SocketAddr> {
-        self.federation.as_ref().map(|listener| listener.addr)
+        match self.state.config.federation_on_client_listener() {
+            true => Some(self.addr),
+            false => self.federation.as_ref().map(|listener| listener.addr),
+        }
     }
 
     /// Waits until the server stops (a signal, or [`RunningServer::stop`]).
@@ -211,8 +214,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         false => state.config.limits.connections_per_ip,
     };
     let connections = Arc::new(ConnectionCounts::default());
+    let with_federation = state.config.federation_on_client_listener();
     let server = HttpServer::new(move || {
         let router = api::client::router();
+        let federation_router = with_federation.then(api::federation::router);
         App::new()
             .app_data(app_state.clone())
             .wrap_fn(|req, srv| {
@@ -251,6 +256,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             )
             .configure(|cfg| router.configure(cfg))
             .configure(api::client::configure_custom)
+            // After the client's own routes: `openid/userinfo` is one of them, and a scope that
+            // matches a path's prefix answers it.
+            .configure(|cfg| {
+                if let Some(federation) = federation_router {
+                    api::federation::configure_deprecated(cfg);
+                    federation.configure(cfg);
+                }
+            })
             .default_service(web::to(unrecognized))
     })
     .on_connect(move |connection, data| {

@@ -204,6 +204,10 @@ crate::on_both_backends! {
             .get(format!("{}/_matrix/key/v2/server", a.federation_base))
             .send().await.unwrap().json().await.unwrap();
         let keys = ::federation::keys::verify_key_document(&own, &a.name).unwrap();
+        let by_id: ruma::CanonicalJsonObject = http
+            .get(format!("{}/_matrix/key/v2/server/ed25519%3Aanything", a.federation_base))
+            .send().await.unwrap().json().await.unwrap();
+        assert_eq!(::federation::keys::verify_key_document(&by_id, &a.name).unwrap().verify_keys, keys.verify_keys);
         let signing = &a.server.server.state.signing_key;
         assert_eq!(keys.verify_keys[&signing.key_id()], signing.public_key_base64());
         assert!(keys.old_verify_keys.contains_key("ed25519:retired"));
@@ -499,6 +503,35 @@ crate::on_both_backends! {
         assert_eq!(current["topic"], "carol's, newer");
         a.stop().await;
         b.stop().await;
+    }
+
+    /// With `listen.federation` set to the client listener's address, one listener serves both
+    /// APIs (for a TLS proxy that does not route by path): the key server (also at its
+    /// deprecated path with a key id) and the federation API beside the client API, whose
+    /// `openid/userinfo` still answers.
+    async fn one_listener_serves_the_client_and_federation_apis(db: Db) {
+        let port = free_port();
+        let server = TestServer::start_with(db, |config| {
+            config.server_name = format!("127.0.0.1:{port}");
+            config.listen.client = format!("127.0.0.1:{port}");
+            config.listen.federation = format!("127.0.0.1:{port}");
+        })
+        .await;
+        assert_eq!(server.server.federation_addr().map(|a| a.port()), Some(port));
+        let (status, keys) = server.get("/_matrix/key/v2/server", None).await;
+        assert_eq!((status, &keys["server_name"]), (200, &json!(format!("127.0.0.1:{port}"))), "{keys}");
+        // The deprecated form with a key id, which older servers and SyTest call: the same document.
+        let (status, by_id) = server.get("/_matrix/key/v2/server/ed25519%3Aanything", None).await;
+        assert_eq!((status, &by_id["verify_keys"]), (200, &keys["verify_keys"]), "{by_id}");
+        let (status, version) = server.get("/_matrix/federation/v1/version", None).await;
+        assert_eq!((status, &version["server"]["name"]), (200, &json!("Hearth")), "{version}");
+        let (status, unsigned) = server.get("/_matrix/federation/v1/query/profile?user_id=%40a%3Ab", None).await;
+        assert_eq!((status, unsigned["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{unsigned}");
+        let (status, openid) = server.get("/_matrix/federation/v1/openid/userinfo?access_token=nope", None).await;
+        assert_eq!((status, openid["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")), "{openid}");
+        let (status, _) = server.get("/_matrix/client/versions", None).await;
+        assert_eq!(status, 200);
+        server.stop().await;
     }
 
     /// Each server's requests are limited once their signature is checked (429 past the burst),

@@ -57,6 +57,13 @@ async fn server_keys(
     Ok(get_server_keys::v2::Response::new(raw(&own_document(&state)?)?))
 }
 
+/// GET /_matrix/key/v2/server/{keyId}: the deprecated form, which older servers and SyTest still
+/// call. The whole document is the answer, whatever the key id (as the spec has servers do).
+pub(super) async fn server_keys_by_id(state: web::Data<AppState>) -> Result<actix_web::HttpResponse> {
+    let document = ruma::CanonicalJsonValue::Object(own_document(&state)?).to_string();
+    Ok(actix_web::HttpResponse::Ok().content_type("application/json").body(document))
+}
+
 /// The key documents of `server` this server can vouch for, each also signed by this server.
 async fn notarised(state: &AppState, server: &ServerName) -> Result<Vec<Raw<ServerSigningKeys>>> {
     if server == state.server_name {

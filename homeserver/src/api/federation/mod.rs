@@ -31,8 +31,20 @@ pub fn router() -> Router {
     router
 }
 
+/// Deprecated forms of endpoints that other servers still call, which ruma has no types for.
+pub fn configure_deprecated(config: &mut web::ServiceConfig) {
+    let path = "/_matrix/key/v2/server/{keyId}";
+    config.service(
+        web::resource(path)
+            .app_data(crate::ruma_wrapper::PathTemplate(path))
+            .route(web::get().to(keys::server_keys_by_id))
+            .default_service(web::to(crate::ruma_wrapper::method_not_allowed)),
+    );
+}
+
 /// The endpoints outside ruma's types.
 pub fn configure_custom(config: &mut web::ServiceConfig) {
+    configure_deprecated(config);
     // Widgets' OpenID tokens, checked by integration managers (no X-Matrix: the token is the
     // credential). Also served on the client listener, where some deployments route it.
     let path = "/_matrix/federation/v1/openid/userinfo";
