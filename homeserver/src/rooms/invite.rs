@@ -41,15 +41,7 @@ pub async fn invite_remote(
         content["reason"] = reason.into();
     }
     let content = to_raw_value(&content).map_err(Error::internal)?;
-    let draft = Draft {
-        sender,
-        event_type: "m.room.member",
-        state_key: Some(target.as_str()),
-        content: &content,
-        redacts: None,
-        redacted_json: None,
-        txn: None,
-    };
+    let draft = Draft::membership(sender, target, &content);
     let (version, template) = super::template(state, room_id, &draft).await?;
     let signed = pdu::sign_template(template, &version, &state.server_name, &state.signing_key)
         .map_err(|e| Error::bad_json(e.to_string()))?;

@@ -80,7 +80,7 @@ async fn join_through(
             format!("room {room_id} is of version {version}, which this server does not support"),
         ));
     }
-    let template = fill_template(&made.event, room_id, user, content)?;
+    let template = fill_template(&made.event, room_id, user, content, "join")?;
     let join = pdu::sign_template(template, &version, &state.server_name, &state.signing_key)
         .map_err(|e| Error::bad_json(format!("the join template from {server} cannot be signed: {e}")))?;
     let pdu = RawValue::from_string(CanonicalJsonValue::Object(join.json.clone()).to_string())
@@ -172,10 +172,7 @@ pub async fn leave_remote(
     if let Some(reason) = reason {
         content["reason"] = reason.into();
     }
-    let mut template = fill_template(&made.event, room_id, user, &content)?;
-    if let Some(CanonicalJsonValue::Object(content)) = template.get_mut("content") {
-        content.insert("membership".into(), CanonicalJsonValue::String("leave".into()));
-    }
+    let template = fill_template(&made.event, room_id, user, &content, "leave")?;
     let leave = pdu::sign_template(template, &version, &state.server_name, &state.signing_key)
         .map_err(|e| Error::bad_json(format!("the leave template from {server} cannot be signed: {e}")))?;
     let pdu = RawValue::from_string(CanonicalJsonValue::Object(leave.json.clone()).to_string())
@@ -192,15 +189,17 @@ pub async fn leave_remote(
     Ok(stored)
 }
 
-/// The `make_join` template, checked to be the join of `user` to `room_id`, with `content`.
+/// A `make_join` or `make_leave` template, checked to be a membership event of `user` in
+/// `room_id`, with `content` and `membership`.
 fn fill_template(
     event: &RawValue,
     room_id: &RoomId,
     user: &UserId,
     content: &serde_json::Value,
+    membership: &str,
 ) -> Result<CanonicalJsonObject> {
     let mut template: CanonicalJsonObject = serde_json::from_str(event.get())
-        .map_err(|e| Error::bad_json(format!("the join template is not JSON: {e}")))?;
+        .map_err(|e| Error::bad_json(format!("the {membership} template is not JSON: {e}")))?;
     let field = |name: &str| match template.get(name) {
         Some(CanonicalJsonValue::String(value)) => Some(value.clone()),
         _ => None,
@@ -210,7 +209,7 @@ fn fill_template(
         || field("state_key").as_deref() != Some(user.as_str())
         || field("room_id").as_deref() != Some(room_id.as_str())
     {
-        return Err(Error::bad_json("the join template is not the join of this user to this room"));
+        return Err(Error::bad_json(format!("the {membership} template is not of this user in this room")));
     }
     let mut merged = match template.remove("content") {
         Some(CanonicalJsonValue::Object(content)) => content,
@@ -222,7 +221,7 @@ fn fill_template(
     for (key, value) in ours {
         merged.entry(key).or_insert(value);
     }
-    merged.insert("membership".into(), CanonicalJsonValue::String("join".into()));
+    merged.insert("membership".into(), CanonicalJsonValue::String(membership.into()));
     template.insert("content".into(), CanonicalJsonValue::Object(merged));
     let now = ruma::MilliSecondsSinceUnixEpoch::now();
     template.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ruma::Int::from(now.get())));

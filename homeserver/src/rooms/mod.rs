@@ -66,6 +66,21 @@ pub struct Draft<'a> {
     pub txn: Option<(&'a str, &'a str)>,
 }
 
+impl<'a> Draft<'a> {
+    /// `sender`'s membership event for `target` with `content`.
+    pub fn membership(sender: &'a UserId, target: &'a UserId, content: &'a RawValue) -> Self {
+        Draft {
+            sender,
+            event_type: "m.room.member",
+            state_key: Some(target.as_str()),
+            content,
+            redacts: None,
+            redacted_json: None,
+            txn: None,
+        }
+    }
+}
+
 fn forbidden(message: impl Into<String>) -> Error {
     Error::forbidden(message)
 }

@@ -131,15 +131,7 @@ async fn propagate(state: &AppState, user_id: &UserId, changes: &[(&str, Option<
             continue;
         }
         let content = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
-        let draft = Draft {
-            sender: user_id,
-            event_type: "m.room.member",
-            state_key: Some(user_id.as_str()),
-            content: &content,
-            redacts: None,
-            redacted_json: None,
-            txn: None,
-        };
+        let draft = Draft::membership(user_id, user_id, &content);
         if let Err(error) = rooms::append(state, &room_id, draft).await {
             tracing::warn!(%room_id, %error, "could not update the member event");
         }

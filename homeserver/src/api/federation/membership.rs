@@ -56,15 +56,7 @@ async fn membership_template(
     membership: &str,
 ) -> Result<(RoomVersionId, Box<RawValue>)> {
     let content = to_raw_value(&serde_json::json!({ "membership": membership })).map_err(Error::internal)?;
-    let draft = Draft {
-        sender: user_id,
-        event_type: "m.room.member",
-        state_key: Some(user_id.as_str()),
-        content: &content,
-        redacts: None,
-        redacted_json: None,
-        txn: None,
-    };
+    let draft = Draft::membership(user_id, user_id, &content);
     let (version, template) = rooms::template(state, room_id, &draft).await?;
     let event = to_raw_value(&CanonicalJsonValue::Object(template)).map_err(Error::internal)?;
     Ok((version, event))
@@ -112,13 +104,8 @@ async fn take_membership(
     pdu: &RawValue,
     membership: &str,
 ) -> Result<crate::storage::StoredEvent> {
-    let version = rooms::room_version(state, room_id).await?;
     let json: CanonicalJsonObject = serde_json::from_str(pdu.get())
         .map_err(|e| Error::bad_json(format!("the event is not a PDU: {e}")))?;
-    let id = federation::pdu::event_id_of(&json, &version).map_err(|e| Error::bad_json(e.to_string()))?;
-    if id != *event_id {
-        return Err(Error::bad_json(format!("the event's id is {id}, not {event_id}")));
-    }
     let field = |name: &str| match json.get(name) {
         Some(CanonicalJsonValue::String(value)) => Some(value.as_str()),
         _ => None,
@@ -139,10 +126,11 @@ async fn take_membership(
     {
         return Err(Error::bad_json(format!("the event is not a {membership} of its sender")));
     }
-    if sender.server_name() != origin {
-        return Err(Error::forbidden(format!("{origin} may only send the membership of its own users")));
+    let version = room_for(state, origin, room_id, &sender).await?;
+    let id = federation::pdu::event_id_of(&json, &version).map_err(|e| Error::bad_json(e.to_string()))?;
+    if id != *event_id {
+        return Err(Error::bad_json(format!("the event's id is {id}, not {event_id}")));
     }
-    room_for(state, origin, room_id, &sender).await?;
     let stored = remote::accept(state, room_id, &version, json).await.map_err(remote::Refused::into_error)?;
     // The other servers in the room learn of it from here; the joining server has it.
     remote::forward(state, room_id, &stored, Some(origin)).await?;
