@@ -299,6 +299,9 @@ impl FakeAppservice {
                 .route("/_matrix/app/v1/thirdparty/{tail:.*}", web::get().to(thirdparty))
         })
         .workers(2)
+        // A fresh connection per request: after `stop`, a pooled keep-alive connection could
+        // otherwise still reach a worker that has not shut down yet.
+        .keep_alive(actix_web::http::KeepAlive::Disabled)
         .disable_signals();
         let server = match state.tls.clone() {
             Some(tls) => server.listen_rustls_0_23(listener, tls),

@@ -222,6 +222,8 @@ impl SmsProvider {
                 .route("/2010-04-01/Accounts/{sid}/Messages.json", web::post().to(messages))
         })
         .workers(1)
+        // No pooled connection outlives `stop`: each request opens its own.
+        .keep_alive(actix_web::http::KeepAlive::Disabled)
         .disable_signals()
         .bind("127.0.0.1:0")
         .unwrap();

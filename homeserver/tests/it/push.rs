@@ -276,6 +276,8 @@ impl Gateway {
                 }))
         })
         .workers(1)
+        // No pooled connection outlives `stop`: each request opens its own.
+        .keep_alive(actix_web::http::KeepAlive::Disabled)
         .disable_signals();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let server = match tls {

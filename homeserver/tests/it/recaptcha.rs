@@ -53,6 +53,8 @@ impl Verifier {
             App::new().app_data(data.clone()).route("/recaptcha/api/siteverify", web::post().to(siteverify))
         })
         .workers(1)
+        // No pooled connection outlives `stop`: each request opens its own.
+        .keep_alive(actix_web::http::KeepAlive::Disabled)
         .disable_signals()
         .bind_rustls_0_23("127.0.0.1:0", ca.server_config())
         .unwrap();
