@@ -11,6 +11,7 @@ pub mod expiry;
 pub mod graph;
 pub mod invite;
 pub mod join;
+pub mod missing;
 pub mod recent;
 pub mod remote;
 pub mod visibility;

@@ -7,10 +7,13 @@
 //! known here; it passes the auth rules given its auth events and given the room's current
 //! state. An event that fails is refused and not stored.
 //!
-//! Not yet: fetching unknown prev or auth events (`get_missing_events`, `event_auth`),
-//! rejected and soft-failed events kept for the graph, state resolution across forks (an
-//! accepted event applies to the current state, which is what resolution gives when the fork
-//! did not change the same state).
+//! An event that follows all of the room's newest events is checked against the current state;
+//! one made on a fork against the state its own prev events resolve to, and the room's state is
+//! then resolved across the fork (state resolution v2). Unknown prev events are the caller's to
+//! fetch ([`super::missing`]).
+//!
+//! Not yet: fetching unknown auth events (`event_auth`) or the state across a long gap
+//! (`state_ids`), rejected and soft-failed events kept for the graph.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

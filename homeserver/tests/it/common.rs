@@ -132,6 +132,23 @@ pub struct TestServer {
     db: Option<TestDb>,
 }
 
+/// A server stopped by [`TestServer::halt`].
+pub struct Halted {
+    config: Config,
+    db: Option<TestDb>,
+}
+
+impl Halted {
+    /// Starts the server again as it was configured (a new port for the client listener).
+    pub async fn start(self) -> TestServer {
+        let mut config = self.config;
+        config.listen.client = "127.0.0.1:0".to_owned();
+        let server = homeserver::server::start(config).await.expect("server starts again");
+        let base = format!("http://{}", server.addr);
+        TestServer { base, http: reqwest::Client::new(), server, db: self.db }
+    }
+}
+
 /// A logged-in client.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -177,6 +194,14 @@ impl TestServer {
         let url = format!("{}/_matrix/client/v3/sync?since={since}&timeout=120000", self.base);
         let request = self.http.get(url).bearer_auth(token);
         tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
+    }
+
+    /// Stops the server, keeping its database and data directory, to be started again on them.
+    pub async fn halt(mut self) -> Halted {
+        let config = self.server.state.config.clone();
+        let db = self.db.take();
+        self.server.stop().await;
+        Halted { config, db }
     }
 
     pub async fn stop(self) {

@@ -72,6 +72,15 @@ impl Federating {
         self.server.stop().await;
     }
 
+    /// Stops this server, then starts it again on its database and federation address once
+    /// `meanwhile` is done.
+    pub(crate) async fn down_while<T>(self, meanwhile: impl Future<Output = T>) -> (Self, T) {
+        let Self { server, name, federation_base } = self;
+        let halted = server.halt().await;
+        let done = meanwhile.await;
+        (Self { server: halted.start().await, name, federation_base }, done)
+    }
+
     /// Sends `request` to `to`'s federation listener as this server; the status and body.
     pub(crate) async fn send<R>(&self, ca: &TestCa, to: &Federating, request: R) -> (u16, Value)
     where
@@ -501,6 +510,54 @@ crate::on_both_backends! {
         assert!(merged["event_id"].is_string(), "{merged}");
         let (_, current) = a.server.get(&topic_path, Some(&alice.token)).await;
         assert_eq!(current["topic"], "carol's, newer");
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// Events a server never received (it was down, and the sender lost its queue in a restart
+    /// meanwhile) are fetched from the sender (`get_missing_events`) when a later event names
+    /// them, and its users read all of them, in order.
+    async fn events_missed_while_down_are_fetched_when_a_later_one_names_them(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let bob = b.server.register("bob", "a long password").await;
+        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+        let join = format!("/_matrix/client/v3/join/{}?server_name={}", enc(&room), enc(a.name.as_str()));
+        let (status, joined) = b.server.post(&join, Some(&bob.token), json!({})).await;
+        assert_eq!(status, 200, "{joined}");
+
+        let (a, b) = a
+            .down_while(async {
+                for (txn, body) in [("m1", "missed 1"), ("m2", "missed 2")] {
+                    crate::common::send_text(&b.server, &bob, &room, txn, body).await;
+                }
+                // B's queue for A goes with the restart: A will not be sent these two.
+                let (b, ()) = b.down_while(async {}).await;
+                b
+            })
+            .await;
+        crate::common::send_text(&b.server, &bob, &room, "m3", "after the gap").await;
+
+        let started = std::time::Instant::now();
+        let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20", enc(&room));
+        let bodies = loop {
+            let (status, page) = a.server.get(&path, Some(&alice.token)).await;
+            assert_eq!(status, 200, "{page}");
+            let mut bodies: Vec<String> = page["chunk"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|event| event["content"]["body"].as_str().map(str::to_owned))
+                .collect();
+            bodies.reverse();
+            if bodies.iter().any(|body| body == "after the gap") {
+                break bodies;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "nothing arrived: {page}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        assert_eq!(bodies, ["missed 1", "missed 2", "after the gap"]);
         a.stop().await;
         b.stop().await;
     }

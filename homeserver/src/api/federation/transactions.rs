@@ -1,7 +1,8 @@
 //! Transactions from other servers: `PUT /_matrix/federation/v1/send/{txnId}`.
 //!
 //! Each PDU goes through [`crate::rooms::remote::accept`], in the order sent, and the answer
-//! says per event whether it was taken. EDUs (typing, receipts, presence, to-device) are
+//! says per event whether it was taken. One that follows events this server lacks is taken once
+//! those are fetched from the sender ([`crate::rooms::missing`]). EDUs (typing, receipts, presence, to-device) are
 //! federation's part 2 and are not read yet.
 
 use actix_web::web;
@@ -13,7 +14,7 @@ use ruma::{
 use crate::{
     error::{Error, Result},
     remote::received::Outcome,
-    rooms::remote,
+    rooms::{missing, remote},
     ruma_wrapper::{Router, Ruma},
     state::AppState,
 };
@@ -68,7 +69,18 @@ async fn send(
             outcome.insert(event_id, Err(format!("the server ACL of room {room_id} denies {origin}")));
             continue;
         }
-        let result = match remote::accept(&state, &room_id, &version, json).await {
+        let mut taken = remote::accept(&state, &room_id, &version, json.clone()).await;
+        if let Err(remote::Refused::Unknown(_)) = taken {
+            // It follows events this server never got: those are asked of the sender first.
+            if missing::fill(&state, &origin, &room_id, &version, &event_id)
+                .await
+                .map_err(remote::Refused::into_error)?
+                > 0
+            {
+                taken = remote::accept(&state, &room_id, &version, json).await;
+            }
+        }
+        let result = match taken {
             Ok(_) => Ok(()),
             Err(remote::Refused::Internal(why)) => return Err(Error::internal(why)),
             Err(refused) => {
