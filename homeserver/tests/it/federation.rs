@@ -317,6 +317,18 @@ crate::on_both_backends! {
         b.stop().await;
     }
 
+    /// matrix-nio's users on two Hearths share a room ([`crate::interop::run_federation_harness`]):
+    /// joined by alias and by invite, messages in order both ways, name, power levels and topic
+    /// set on either side, history read by a late joiner, a kick and a ban held on both.
+    async fn matrix_nio_users_of_two_hearths_share_a_room(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        crate::interop::run_federation_harness(&a.server.base, &b.server.base, &ca.ca_file(), &|| format!("{db:?}"))
+            .await;
+        a.stop().await;
+        b.stop().await;
+    }
+
     /// Events from another server are taken only when signed by the sender's server, within
     /// the auth rules and the size limit, in transactions of at most 50 PDUs, each transaction
     /// once; an event whose content no longer matches its hash is kept redacted. Nothing refused

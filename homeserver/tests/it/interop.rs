@@ -148,6 +148,23 @@ pub async fn run_e2ee_with_nio_peer(base: &str, log: &dyn Fn() -> String) {
     check_harness("js/e2ee.mjs", &output, &log());
 }
 
+/// matrix-nio's users of two federating servers share a room hosted at `host_base`
+/// (`nio/federation.py`); `ca_file` is the CA the servers' certificates come from.
+pub async fn run_federation_harness(
+    host_base: &str,
+    other_base: &str,
+    ca_file: &str,
+    log: &dyn Fn() -> String,
+) {
+    let mut command = harness("nio/federation.py", host_base, &[Path::new(other_base)]);
+    let output = command.env("HARNESS_CA_FILE", ca_file).output();
+    let output = tokio::time::timeout(Duration::from_secs(240), output)
+        .await
+        .expect("harness finished in time")
+        .expect("harness ran");
+    check_harness("nio/federation.py", &output, &log());
+}
+
 /// The command that runs a harness script with its arguments.
 fn harness(script: &str, base: &str, args: &[&Path]) -> Command {
     let program = if script.ends_with(".mjs") {

@@ -285,3 +285,19 @@ async fn hearth_and_synapse_host_and_join_each_others_rooms_with_history_invites
     }
     synapse.stop().await;
 }
+
+/// matrix-nio's users of Hearth and of Synapse share a room hosted on each side in turn
+/// ([`crate::interop::run_federation_harness`]): joined by alias and by invite, messages in
+/// order both ways, name, power levels and topic, history read by a late joiner, a kick and a
+/// ban held on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_nio_users_of_hearth_and_synapse_share_rooms_each_side_hosting() {
+    let ca = TestCa::new();
+    let synapse = Synapse::start(&ca).await;
+    let hearth = Federating::start(Db::Sqlite, &ca).await;
+    let log = || format!("synapse log:\n{}", synapse.log());
+    crate::interop::run_federation_harness(&hearth.server.base, &synapse.base, &ca.ca_file(), &log).await;
+    crate::interop::run_federation_harness(&synapse.base, &hearth.server.base, &ca.ca_file(), &log).await;
+    hearth.stop().await;
+    synapse.stop().await;
+}
