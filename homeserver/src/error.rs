@@ -124,6 +124,9 @@ impl ResponseError for Error {
                             body["body"] = text.clone().into();
                         }
                     }
+                    ErrorKind::IncompatibleRoomVersion(data) => {
+                        body["room_version"] = data.room_version.to_string().into();
+                    }
                     ErrorKind::WrongRoomKeysVersion(data) => {
                         body["current_version"] = data.current_version.clone().into();
                     }

@@ -23,7 +23,7 @@ use ruma::{
     signatures::Ed25519KeyPair,
 };
 
-use crate::{config::FederationConfig, outbound::PublicOnly};
+use crate::{config::FederationConfig, error::ErrorKind, outbound::PublicOnly};
 
 /// The largest answer read from another server, but for a room's state.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -39,8 +39,8 @@ pub enum RemoteError {
     Discovery(#[from] discovery::DiscoveryError),
     #[error("could not reach {server}: {why}")]
     Unreachable { server: String, why: String },
-    #[error("{server} answered {status}: {errcode}: {error}")]
-    Answered { server: String, status: u16, errcode: String, error: String },
+    #[error("{server} answered {status}: {}: {error}", kind.errcode())]
+    Answered { server: String, status: u16, kind: Box<ErrorKind>, error: String },
     #[error("{server} answered with something that is not what the spec describes: {why}")]
     Malformed { server: String, why: String },
 }
@@ -134,12 +134,15 @@ impl Remote {
         let body = read_limited(response, limit).await.map_err(unreachable)?;
         if status.as_u16() >= 400 {
             let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let field = |name: &str| error.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            let message = error.get("error").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            // The errcode with the fields that go with it (`room_version` of an incompatible
+            // room version, say), so that a refusal can reach the client as the other server put it.
+            let kind = serde_json::from_value::<ErrorKind>(error).unwrap_or(ErrorKind::Unknown);
             return Err(RemoteError::Answered {
                 server,
                 status: status.as_u16(),
-                errcode: field("errcode"),
-                error: field("error"),
+                kind: Box::new(kind),
+                error: message,
             });
         }
         let response = http::Response::builder()
@@ -170,20 +173,21 @@ impl std::fmt::Debug for Remote {
 }
 
 /// What a client is told when a call to another server on its behalf fails: the other server's
-/// "not found" and "forbidden" as ours, anything else as 502 (the spec's answer for an
-/// unreachable server).
+/// "not found" as ours, its refusal of the request (400 or 403: a ban, an invite-only room, a
+/// room version this server cannot join) as it gave it, anything else as 502 (the spec's answer
+/// for an unreachable server).
 impl From<RemoteError> for crate::error::Error {
     fn from(error: RemoteError) -> Self {
-        use crate::error::{Error, ErrorKind};
+        use crate::error::Error;
         use actix_web::http::StatusCode;
         match error {
             RemoteError::Disabled => Error::not_found("this server does not federate with other servers"),
             RemoteError::Answered { status: 404, error, server, .. } => {
                 Error::not_found(format!("{server} knows no such thing: {error}"))
             }
-            // The other server's refusal is the client's answer (a ban, an invite-only room).
-            RemoteError::Answered { status: 403, error, server, .. } => {
-                Error::forbidden(format!("{server} refused: {error}"))
+            RemoteError::Answered { status: status @ (400 | 403), kind, error, server } => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+                Error::new(status, *kind, format!("{server} refused: {error}"))
             }
             other => {
                 tracing::info!(error = %other, "a call to another server failed");

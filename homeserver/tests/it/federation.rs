@@ -288,6 +288,10 @@ crate::on_both_backends! {
         // Signed by A's key while claiming to come from B itself.
         let impostor = |_: &ServerName, destination: &ServerName| (destination.to_owned(), destination.to_owned());
         refused(profile_query(&ca, &a, &b, user, impostor, unchanged).await, "another server's name");
+        // A body that is not canonical JSON (a float) could not have been signed: malformed.
+        let float_body = |request: &mut http::Request<Vec<u8>>| *request.body_mut() = br#"{"x": 1.5}"#.to_vec();
+        let (status, body) = profile_query(&ca, &a, &b, user, as_is, float_body).await;
+        assert_eq!((status, body["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{body}");
 
         // Still serving.
         let (status, _) = profile_query(&ca, &a, &b, user, as_is, unchanged).await;
@@ -325,6 +329,50 @@ crate::on_both_backends! {
         let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
         crate::interop::run_federation_harness(&a.server.base, &b.server.base, &ca.ca_file(), &|| format!("{db:?}"))
             .await;
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// A join another server cannot make is refused as the spec says: this server answers a
+    /// `make_join` naming no version the room has with 400 `M_INCOMPATIBLE_ROOM_VERSION` and the
+    /// room's version, and a client joining through a server that refuses so (here a stand-in
+    /// for a server with a room version Hearth lacks) gets that refusal, not a 502.
+    async fn a_join_across_room_versions_is_refused_with_the_rooms_version(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(Db::Sqlite, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+        let mut make = prepare_join_event::v1::Request::new(
+            room.as_str().try_into().unwrap(),
+            format!("@carol:{}", b.name).as_str().try_into().unwrap(),
+        );
+        make.ver = vec![RoomVersionId::V1, RoomVersionId::V2];
+        let (status, refused) = b.send(&ca, &a, make).await;
+        assert_eq!((status, refused["errcode"].as_str()), (400, Some("M_INCOMPATIBLE_ROOM_VERSION")), "{refused}");
+        assert_eq!(refused["room_version"], "12");
+
+        let other = actix_web::HttpServer::new(|| {
+            actix_web::App::new().default_service(actix_web::web::to(|| async {
+                actix_web::HttpResponse::BadRequest().json(json!({
+                    "errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": "an unknown version", "room_version": "x-future",
+                }))
+            }))
+        })
+        .workers(1)
+        .keep_alive(actix_web::http::KeepAlive::Disabled)
+        .disable_signals()
+        .bind_rustls_0_23("127.0.0.1:0", ca.server_config())
+        .unwrap();
+        let other_name = format!("127.0.0.1:{}", other.addrs()[0].port());
+        let other = other.run();
+        let handle = other.handle();
+        tokio::spawn(other);
+        let bob = b.server.register("bob", "a long password").await;
+        let path = format!("/_matrix/client/v3/join/{}?server_name={}", enc(&format!("!future:{other_name}")), enc(&other_name));
+        let (status, refused) = b.server.post(&path, Some(&bob.token), json!({})).await;
+        assert_eq!((status, refused["errcode"].as_str()), (400, Some("M_INCOMPATIBLE_ROOM_VERSION")), "{refused}");
+        assert_eq!(refused["room_version"], "x-future");
+        handle.stop(false).await;
         a.stop().await;
         b.stop().await;
     }

@@ -6,13 +6,13 @@
 //! with 401 `M_UNAUTHORIZED` when the header is missing or malformed, names another
 //! destination, or is signed with a key the origin does not use (as it publishes them), or the
 //! signature does not match; the origin's keys are fetched when not known
-//! ([`crate::remote::keys`]).
+//! ([`crate::remote::keys`]). A body that is not canonical JSON is 400 `M_BAD_JSON`.
 
 use std::net::IpAddr;
 
 use actix_web::http::StatusCode;
 use ruma::{
-    OwnedServerName,
+    CanonicalJsonValue, OwnedServerName,
     api::federation::authentication::{ServerSignatures, XMatrix},
     serde::Base64,
     signatures::PublicKeyMap,
@@ -56,6 +56,13 @@ async fn verify(state: &AppState, incoming: Incoming<'_>) -> Result<OwnedServerN
         && *destination != state.server_name
     {
         return Err(unauthorized(format!("this request is for {destination}, not {}", state.server_name)));
+    }
+    // A body that cannot be signed (floats, integers past 2^53) cannot be verified either: it is
+    // malformed, as room versions from 6 on say, not forged.
+    if !incoming.body.is_empty() && serde_json::from_slice::<CanonicalJsonValue>(incoming.body).is_err() {
+        return Err(Error::bad_json(
+            "the body is not canonical JSON (no floats, integers within ±(2^53 - 1))",
+        ));
     }
     let origin = xmatrix.origin.clone();
     let key = state
