@@ -15,6 +15,9 @@
 //! - `to-device`: `--senders` accounts send `--messages` `sendToDevice` requests, each to one of
 //!   `--users` receiving devices that long-poll `/sync`; reports requests/s, send latency and
 //!   send→delivery latency, and counts missing and duplicated messages.
+//! - `federation`: a user of the server at `--url` sends `--messages` messages at `--rate` a
+//!   second into a room a user of the server at `--remote-url` joined over federation; reports
+//!   the join's time, send latency and send→delivery latency to the other server's `/sync`.
 
 use std::{
     sync::{
@@ -24,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod federation;
 mod rooms;
 mod to_device;
 
@@ -64,6 +68,12 @@ pub(crate) struct Args {
     /// Long-polls to hold open in the `idle-syncs` profile.
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
+    /// Messages a second for the `federation` profile.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Base URL of the other server for the `federation` profile (federating with `--url`'s).
+    #[arg(long)]
+    remote_url: Option<String>,
     /// Process id of the server, to read its memory (default: this process).
     #[arg(long)]
     server_pid: Option<u32>,
@@ -75,6 +85,7 @@ enum Profile {
     Rooms,
     IdleSyncs,
     ToDevice,
+    Federation,
 }
 
 const PASSWORD: &str = "benchmark-password";
@@ -281,6 +292,7 @@ async fn main() -> anyhow::Result<()> {
         Profile::Rooms => rooms::run(&base, &args).await,
         Profile::IdleSyncs => rooms::idle_syncs(&base, &args).await,
         Profile::ToDevice => to_device::run(&base, &args).await,
+        Profile::Federation => federation::run(&base, &args).await,
     };
     if let Some((server, dir)) = server {
         server.stop().await;
