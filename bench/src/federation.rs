@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use crate::{
     Args, Phase, post,
     rooms::{percentile, register},
+    run_phase,
 };
 
 /// Timeline limit large enough that no long-poll misses events under load.
@@ -45,6 +46,9 @@ pub async fn run(base: &str, args: &Args) -> anyhow::Result<()> {
     )
     .await?;
     let room = created["room_id"].as_str().context("room_id")?.to_owned();
+    if args.members > 0 {
+        add_members(&http, base, &room, &host, &run, args).await?;
+    }
     let joined_at = Instant::now();
     post(
         &http,
@@ -54,8 +58,19 @@ pub async fn run(base: &str, args: &Args) -> anyhow::Result<()> {
     )
     .await
     .context("joining over federation")?;
+    let joined = joined_at.elapsed();
+    let url = format!("{remote}/_matrix/client/v3/rooms/{}/send/m.room.message/first", enc(&room));
+    let first = http
+        .put(url)
+        .bearer_auth(&bob_token)
+        .json(&json!({"msgtype": "m.text", "body": "here"}))
+        .send()
+        .await?;
+    anyhow::ensure!(first.status().is_success(), "the first message after the join: {}", first.status());
     println!(
-        "federation: joined {room} over federation in {:.0} ms; {} messages at {}/s",
+        "federation: joined a room of {} members over federation in {:.0} ms, first message sent at {:.0} ms; {} messages at {}/s",
+        args.members + 1,
+        joined.as_secs_f64() * 1000.0,
         joined_at.elapsed().as_secs_f64() * 1000.0,
         args.messages,
         args.rate
@@ -77,8 +92,9 @@ pub async fn run(base: &str, args: &Args) -> anyhow::Result<()> {
             (http.clone(), remote.to_owned(), bob_token.clone(), received.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let url =
-                    format!("{remote}/_matrix/client/v3/sync?filter={SYNC_FILTER}&timeout=2000&since={since}");
+                let url = format!(
+                    "{remote}/_matrix/client/v3/sync?filter={SYNC_FILTER}&timeout=2000&since={since}"
+                );
                 let Ok(response) = http.get(url).bearer_auth(&token).send().await else { continue };
                 let Ok(body) = response.json::<Value>().await else { continue };
                 let now = Instant::now();
@@ -146,5 +162,40 @@ pub async fn run(base: &str, args: &Args) -> anyhow::Result<()> {
         percentile(&latencies, 1.0),
         args.messages.saturating_sub(received.len()),
     );
+    Ok(())
+}
+
+/// Fills the room with `--members` users of the host, made and joined by an application service
+/// (`--as-token`, users `@_bench_*`), which needs no password hashing per user.
+async fn add_members(
+    http: &reqwest::Client,
+    base: &str,
+    room: &str,
+    host: &str,
+    run: &str,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let token = Arc::new(args.as_token.clone().context("--members needs --as-token")?);
+    let (base, room, host, run) =
+        (Arc::new(base.to_owned()), Arc::new(room.to_owned()), host.to_owned(), run.to_owned());
+    let (http2, base2, token2, run2) = (http.clone(), base.clone(), token.clone(), run.clone());
+    let mut registered = run_phase("members", args.members, args.concurrency, move |n| {
+        let (http, base, token) = (http2.clone(), base2.clone(), token2.clone());
+        let body = json!({"type": "m.login.application_service", "username": format!("_bench_{run2}_{n}"), "inhibit_login": true});
+        async move {
+            post(&http, format!("{base}/_matrix/client/v3/register"), Some(&token), body).await.map(|_| ())
+        }
+    })
+    .await;
+    registered.report();
+    let http = http.clone();
+    let mut joined = run_phase("joins", args.members, args.concurrency, move |n| {
+        let user = format!("@_bench_{run}_{n}:{host}");
+        let url = format!("{base}/_matrix/client/v3/rooms/{}/join?user_id={}", enc(&room), enc(&user));
+        let (http, token) = (http.clone(), token.clone());
+        async move { post(&http, url, Some(&token), json!({})).await.map(|_| ()) }
+    })
+    .await;
+    joined.report();
     Ok(())
 }

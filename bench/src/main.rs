@@ -17,7 +17,8 @@
 //!   send→delivery latency, and counts missing and duplicated messages.
 //! - `federation`: a user of the server at `--url` sends `--messages` messages at `--rate` a
 //!   second into a room a user of the server at `--remote-url` joined over federation; reports
-//!   the join's time, send latency and send→delivery latency to the other server's `/sync`.
+//!   the join's time (of a room with `--members` members, made by an application service
+//!   with `--as-token`), send latency and send→delivery latency to the other server's `/sync`.
 
 use std::{
     sync::{
@@ -71,6 +72,13 @@ pub(crate) struct Args {
     /// Messages a second for the `federation` profile.
     #[arg(long, default_value_t = 200.0)]
     rate: f64,
+    /// Members the `federation` profile's room has before the other server's user joins,
+    /// made through an application service of the host (`--as-token`).
+    #[arg(long, default_value_t = 0)]
+    members: usize,
+    /// The `as_token` of an application service of the host whose users are `@_bench_*`.
+    #[arg(long)]
+    as_token: Option<String>,
     /// Base URL of the other server for the `federation` profile (federating with `--url`'s).
     #[arg(long)]
     remote_url: Option<String>,

@@ -167,13 +167,18 @@ async fn set_name(server: &TestServer, who: &Session, name: &str) {
 }
 
 crate::on_both_backends! {
-    async fn users_and_aliases_of_another_server_are_found_through_signed_requests(db: Db) {
+    async fn users_aliases_and_public_rooms_of_another_server_are_found_through_signed_requests(db: Db) {
         let ca = TestCa::new();
         let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
         let alice = a.server.register("alice", "a long password").await;
         let bob = b.server.register("bob", "a long password").await;
         set_name(&b.server, &bob, "Bob of B").await;
-        let room = create_room(&b.server, &bob, json!({"room_alias_name": "lobby"})).await;
+        let room = create_room(
+            &b.server,
+            &bob,
+            json!({"room_alias_name": "lobby", "visibility": "public", "name": "The Lobby"}),
+        )
+        .await;
 
         let (status, profile) =
             a.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id)), Some(&alice.token)).await;
@@ -195,6 +200,22 @@ crate::on_both_backends! {
         assert_eq!(status, 200, "{found}");
         assert_eq!(found["room_id"], room);
         assert_eq!(found["servers"], json!([b.name.to_string()]));
+
+        // B's public rooms, browsed from A (A asks B over federation, GET and POST).
+        let directory = format!("/_matrix/client/v3/publicRooms?server={}", enc(b.name.as_str()));
+        let (status, listed) = a.server.get(&directory, Some(&alice.token)).await;
+        assert_eq!(status, 200, "{listed}");
+        assert_eq!(listed["chunk"].as_array().map(Vec::len), Some(1), "{listed}");
+        assert_eq!(listed["chunk"][0]["room_id"], room);
+        assert_eq!(listed["chunk"][0]["name"], "The Lobby");
+        assert_eq!(listed["chunk"][0]["canonical_alias"], alias);
+        assert_eq!(listed["chunk"][0]["num_joined_members"], 1);
+        for (term, count) in [("lobby", 1), ("nowhere", 0)] {
+            let filter = json!({"filter": {"generic_search_term": term}});
+            let (status, searched) = a.server.post(&directory, Some(&alice.token), filter).await;
+            assert_eq!(status, 200, "{searched}");
+            assert_eq!(searched["chunk"].as_array().map(Vec::len), Some(count), "{term}: {searched}");
+        }
 
         // B checked A's signatures with A's key, which it fetched from A and kept.
         let kept = b.server.server.state.store.server_keys(a.name.as_str()).await.unwrap();

@@ -15,6 +15,7 @@ use ruma::{
         user_directory::search_users,
         voip::get_turn_server_info,
     },
+    api::federation::directory as remote_directory,
     directory::{PublicRoomsChunk, PublicRoomsChunkInit, RoomNetwork},
     room::JoinRuleKind,
 };
@@ -263,7 +264,7 @@ async fn chunk(state: &AppState, room_id: &ruma::RoomId) -> Result<PublicRoomsCh
 }
 
 /// One page of the directory: rooms matching `term`, from offset `since` (`p<n>`).
-async fn directory_page(
+pub(crate) async fn directory_page(
     state: &AppState,
     directory: Directory<'_>,
     limit: Option<UInt>,
@@ -305,12 +306,49 @@ async fn directory_page(
     Ok((page, next, prev, total))
 }
 
+/// The directory a `room_network` names: Matrix's, all of them, or one network of an
+/// application service.
+pub(crate) fn directory_of(room_network: &RoomNetwork) -> Result<Directory<'_>> {
+    Ok(match room_network {
+        RoomNetwork::Matrix => Directory::Matrix,
+        RoomNetwork::All => Directory::All,
+        // What `/thirdparty/protocols` gives as an instance's `instance_id`.
+        RoomNetwork::ThirdParty(instance) => {
+            let (appservice_id, network_id) = instance.split_once('|').ok_or_else(|| {
+                Error::invalid_param("third_party_instance_id is not an instance id this server gave")
+            })?;
+            Directory::Network { appservice_id, network_id }
+        }
+        _ => Directory::Matrix,
+    })
+}
+
+/// The other server whose directory a client asks for with `server`, if it is not this one.
+fn elsewhere<'a>(
+    state: &AppState,
+    server: Option<&'a ruma::OwnedServerName>,
+) -> Option<&'a ruma::ServerName> {
+    server.filter(|server| **server != state.server_name).map(|server| &**server)
+}
+
 /// GET /_matrix/client/v3/publicRooms
 async fn public_rooms(
     state: web::Data<AppState>,
     request: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<get_public_rooms::v3::Response> {
     let body = &request.body;
+    if let Some(server) = elsewhere(&state, body.server.as_ref()) {
+        let mut asked = remote_directory::get_public_rooms::v1::Request::new();
+        asked.limit = body.limit;
+        asked.since = body.since.clone();
+        let answer =
+            state.remote()?.send(&state.server_name, state.signing_key.key_pair(), server, asked).await?;
+        let mut response = get_public_rooms::v3::Response::new(answer.chunk);
+        response.next_batch = answer.next_batch;
+        response.prev_batch = answer.prev_batch;
+        response.total_room_count_estimate = answer.total_room_count_estimate;
+        return Ok(response);
+    }
     let (chunk, next, prev, total) =
         directory_page(&state, Directory::Matrix, body.limit, body.since.as_deref(), None).await?;
     let mut response = get_public_rooms::v3::Response::new(chunk);
@@ -326,22 +364,25 @@ async fn public_rooms_filtered(
     request: Ruma<get_public_rooms_filtered::v3::Request>,
 ) -> Result<get_public_rooms_filtered::v3::Response> {
     let body = &request.body;
+    let mut response = get_public_rooms_filtered::v3::Response::new();
+    if let Some(server) = elsewhere(&state, body.server.as_ref()) {
+        let mut asked = remote_directory::get_public_rooms_filtered::v1::Request::new();
+        asked.limit = body.limit;
+        asked.since = body.since.clone();
+        asked.filter = body.filter.clone();
+        asked.room_network = body.room_network.clone();
+        let answer =
+            state.remote()?.send(&state.server_name, state.signing_key.key_pair(), server, asked).await?;
+        response.chunk = answer.chunk;
+        response.next_batch = answer.next_batch;
+        response.prev_batch = answer.prev_batch;
+        response.total_room_count_estimate = answer.total_room_count_estimate;
+        return Ok(response);
+    }
     let term = body.filter.generic_search_term.as_deref();
-    let directory = match &body.room_network {
-        RoomNetwork::Matrix => Directory::Matrix,
-        RoomNetwork::All => Directory::All,
-        // What `/thirdparty/protocols` gives as an instance's `instance_id`.
-        RoomNetwork::ThirdParty(instance) => {
-            let (appservice_id, network_id) = instance.split_once('|').ok_or_else(|| {
-                Error::invalid_param("third_party_instance_id is not an instance id this server gave")
-            })?;
-            Directory::Network { appservice_id, network_id }
-        }
-        _ => Directory::Matrix,
-    };
+    let directory = directory_of(&body.room_network)?;
     let (chunk, next, prev, total) =
         directory_page(&state, directory, body.limit, body.since.as_deref(), term).await?;
-    let mut response = get_public_rooms_filtered::v3::Response::new();
     response.chunk = chunk;
     response.next_batch = next;
     response.prev_batch = prev;

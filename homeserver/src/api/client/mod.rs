@@ -5,7 +5,7 @@ mod admin;
 mod appservice;
 mod backup;
 mod device;
-mod directory;
+pub(crate) mod directory;
 mod discovery;
 mod ephemeral;
 mod keys;

@@ -3,6 +3,7 @@
 //! Requests from other servers are authenticated with X-Matrix ([`xmatrix`]): the handler's
 //! `sender` is the server that signed the request.
 
+mod directory;
 mod history;
 mod keys;
 mod membership;
@@ -25,6 +26,7 @@ pub fn router() -> Router {
     router.add(version);
     keys::routes(&mut router);
     query::routes(&mut router);
+    directory::routes(&mut router);
     membership::routes(&mut router);
     history::routes(&mut router);
     transactions::routes(&mut router);
