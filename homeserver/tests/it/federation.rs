@@ -9,7 +9,7 @@ use ruma::{
         federation::{
             authentication::{ServerSignatures, XMatrixSigningInput},
             event::{get_event, get_missing_events, get_room_state_ids},
-            membership::{create_join_event, prepare_join_event},
+            membership::{create_invite, create_join_event, prepare_join_event},
             query::get_profile_information,
             transactions::send_transaction_message,
         },
@@ -532,8 +532,16 @@ crate::on_both_backends! {
         assert_eq!(status, 200, "{answer}");
         refused(&answer, &denied);
         assert!(readable(&a.server, &alice, &room, denied.as_str()).await.is_none());
-        let (status, ids) = b.send(&ca, &a, get_room_state_ids::v1::Request::new(good.clone(), room_id)).await;
+        let (status, ids) =
+            b.send(&ca, &a, get_room_state_ids::v1::Request::new(good.clone(), room_id.clone())).await;
         assert_eq!((status, ids["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{ids}");
+        // Nor invite into it: refused before anything is said of the invitee.
+        let nobody = format!("@nobody:{}", a.name);
+        let (invite, invite_json) = b.sign(event(&carol, "m.room.member", Some(&nobody), json!({"membership": "invite"})));
+        let raw = RawValue::from_string(CanonicalJsonValue::Object(invite_json).to_string()).unwrap();
+        let request = create_invite::v2::Request::new(room_id, invite, RoomVersionId::V12, raw, vec![]);
+        let (status, answer) = b.send(&ca, &a, request).await;
+        assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{answer}");
         a.stop().await;
         b.stop().await;
     }

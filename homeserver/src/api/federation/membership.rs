@@ -261,6 +261,11 @@ async fn invite(
     if pdu.sender.server_name() != origin {
         return Err(Error::forbidden(format!("{origin} may only send invites from its own users")));
     }
+    // A server the room's ACL denies learns nothing, not even whether the user exists.
+    let in_room = remote::servers_in_room(&state, &body.room_id).await?.contains(&state.server_name);
+    if in_room {
+        remote::check_acl(&state, &body.room_id, origin).await?;
+    }
     if invitee.server_name() != state.server_name
         || state.store.get_user(&invitee).await?.is_none_or(|user| user.deactivated)
     {
@@ -268,10 +273,6 @@ async fn invite(
     }
     federation::pdu::add_signature(&mut json, &version, &state.server_name, &state.signing_key)
         .map_err(Error::internal)?;
-    let in_room = remote::servers_in_room(&state, &body.room_id).await?.contains(&state.server_name);
-    if in_room {
-        remote::check_acl(&state, &body.room_id, origin).await?;
-    }
     if !in_room {
         let stripped: Vec<serde_json::Value> = body
             .invite_room_state
