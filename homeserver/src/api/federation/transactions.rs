@@ -1,7 +1,8 @@
 //! Transactions from other servers: `PUT /_matrix/federation/v1/send/{txnId}`.
 //!
 //! Each PDU goes through [`crate::rooms::remote::accept`], in the order sent, and the answer
-//! says per event whether it was taken. One that follows events this server lacks is taken once
+//! has per event an error or, for one taken or rejected by the auth rules (handled either way;
+//! a rejected event is not stored), the empty result. One that follows events this server lacks is taken once
 //! those are fetched from the sender ([`crate::rooms::missing`]). EDUs (typing, receipts, presence, to-device) are
 //! federation's part 2 and are not read yet.
 
@@ -83,6 +84,12 @@ async fn send(
         let result = match taken {
             Ok(_) => Ok(()),
             Err(remote::Refused::Internal(why)) => return Err(Error::internal(why)),
+            // An event the auth rules reject was handled, though not taken: the answer is the
+            // empty result, as Synapse gives (an error is for what could not be processed).
+            Err(remote::Refused::Auth(why)) => {
+                tracing::info!(%origin, %event_id, %why, "an event from another server was rejected");
+                Ok(())
+            }
             Err(refused) => {
                 tracing::info!(%origin, %event_id, %refused, "an event from another server was refused");
                 Err(refused.to_string())
