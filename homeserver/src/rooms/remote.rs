@@ -244,7 +244,8 @@ pub async fn accept(
     let auth_keys =
         super::head_keys(version, &sender, &kind.to_string(), state_key.as_deref(), &parsed.content)
             .map_err(invalid)?;
-    let stored_form = stored_form(&parsed, &json)?;
+    let mut stored_form = stored_form(&parsed, &json)?;
+    stored_form.redaction = redaction_of(state, room_id, version, &parsed).await?;
     let rules = pdu::rules(version).map_err(invalid)?;
     let create_not_an_auth_event = pdu::room_id_is_create_hash(&rules);
     let resolves_forks = matches!(rules.state_res, ruma::room_version_rules::StateResolutionVersion::V2(_));
@@ -322,6 +323,44 @@ pub async fn accept(
         };
     }
     Err(Refused::Internal(format!("room {room_id} kept moving while {event_id} was taken")))
+}
+
+/// What a redaction from another server removes here: the event it names (at the top level,
+/// or in its content from room version 11), with that event's pruned JSON, if the event is of
+/// this room and may be redacted by the sender — a user of the same server as the event's
+/// sender, or one whose power level allows redacting others' events (from room version 3 the
+/// auth rules leave this to the server applying the redaction). A redaction that may not apply
+/// is kept, removing nothing.
+async fn redaction_of(
+    state: &AppState,
+    room_id: &RoomId,
+    version: &RoomVersionId,
+    event: &Pdu,
+) -> Result<Option<(String, String)>, Refused> {
+    if event.kind != TimelineEventType::RoomRedaction {
+        return Ok(None);
+    }
+    #[derive(serde::Deserialize)]
+    struct Content {
+        redacts: Option<OwnedEventId>,
+    }
+    let in_content = serde_json::from_str::<Content>(event.content.get()).ok().and_then(|c| c.redacts);
+    let Some(target) = event.redacts.clone().or(in_content) else { return Ok(None) };
+    let Some(target) = state.store.get_event(target.as_str()).await? else { return Ok(None) };
+    if target.room_id != room_id.as_str() {
+        return Ok(None);
+    }
+    let target_sender = super::client_event::ClientEvent::parse(&target)?.sender().to_owned();
+    let same_server = <&UserId>::try_from(target_sender.as_str())
+        .is_ok_and(|sender| sender.server_name() == event.sender.server_name());
+    if !same_server {
+        let (have, levels) = super::power(state, room_id, &event.sender).await?;
+        if have < levels["redact"].as_i64().unwrap_or(50) {
+            tracing::info!(event_id = %event.event_id, "a redaction its sender may not make removes nothing");
+            return Ok(None);
+        }
+    }
+    Ok(Some((target.event_id.clone(), super::pruned_json(version, &target.json)?)))
 }
 
 /// How often an event of a fork is worked out again because the room moved meanwhile.

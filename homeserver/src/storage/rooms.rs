@@ -383,6 +383,24 @@ async fn lock_room_of_another_server(
     Ok(row)
 }
 
+/// For a redaction: the event it removes, replaced by its pruned JSON.
+async fn apply_redaction(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    room_id: &RoomId,
+    event: &NewEvent,
+) -> StoreResult<()> {
+    if let Some((redacted, redacted_json)) = &event.redaction {
+        sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND room_id = $4")
+            .bind(redacted)
+            .bind(redacted_json)
+            .bind(event.event_id.as_str())
+            .bind(room_id.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Takes `n` positions below every outlier and backfilled event so far; returns the highest.
 async fn allocate_backward(tx: &mut sqlx::Transaction<'_, sqlx::Any>, n: i64) -> StoreResult<i64> {
     let row = sqlx::query("UPDATE backward_positions SET next = next - $1 WHERE id = 1 RETURNING next")
@@ -589,6 +607,7 @@ impl SqlStore {
                 .await?;
         }
         insert_event(&mut tx, room_id, p, &event, p, Written::Backfilled).await?;
+        apply_redaction(&mut tx, room_id, &event).await?;
         sqlx::query("DELETE FROM current_state WHERE room_id = $1")
             .bind(room_id.as_str())
             .execute(&mut *tx)
@@ -744,15 +763,7 @@ impl RoomStore for SqlStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        if let Some((redacted, redacted_json)) = &event.redaction {
-            sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND room_id = $4")
-                .bind(redacted)
-                .bind(redacted_json)
-                .bind(event.event_id.as_str())
-                .bind(room_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
+        apply_redaction(&mut tx, room_id, &event).await?;
         let mut new_extremities: Vec<&str> = head
             .extremities
             .iter()

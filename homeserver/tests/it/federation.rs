@@ -400,8 +400,9 @@ crate::on_both_backends! {
 
     /// Events from another server are taken only when signed by the sender's server, within
     /// the auth rules and the size limit, in transactions of at most 50 PDUs, each transaction
-    /// once; an event whose content no longer matches its hash is kept redacted. Nothing refused
-    /// is stored, and the server keeps serving.
+    /// once; an event whose content no longer matches its hash is kept redacted; a redaction
+    /// removes what its sender may redact only. Nothing refused is stored, and the server keeps
+    /// serving.
     async fn events_from_another_server_are_checked_and_bad_ones_refused(db: Db) {
         let ca = TestCa::new();
         let (a, b) = (Federating::start(db, &ca).await, Federating::start(Db::Sqlite, &ca).await);
@@ -519,6 +520,18 @@ crate::on_both_backends! {
         assert_eq!(status, 200, "{between}");
         // What alice's message follows, back to the join: B's good event among them.
         assert!(between["events"].as_array().unwrap().iter().any(|e| e["content"]["body"] == "hello from b"), "{between}");
+
+        // Carol takes back her own message (a redaction from its sender's server applies); her
+        // redaction of alice's is taken but removes nothing: she lacks the power to redact others'.
+        let (own, own_json) = b.sign(event(&carol, "m.room.redaction", None, json!({"redacts": good})));
+        let (theirs, theirs_json) = b.sign(event(&carol, "m.room.redaction", None, json!({"redacts": still_here})));
+        let (status, answer) = b.transaction(&ca, &a, "t7", &[own_json, theirs_json]).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["pdus"], json!({own.as_str(): {}, theirs.as_str(): {}}), "{answer}");
+        let taken_back = readable(&a.server, &alice, &room, good.as_str()).await.expect("still there, redacted");
+        assert_eq!(taken_back["content"], json!({}), "{taken_back}");
+        let untouched = readable(&a.server, &alice, &room, &still_here).await.expect("alice's message");
+        assert_eq!(untouched["content"]["body"], "still here", "{untouched}");
 
         // Once the room's server ACL denies B (an IP literal), B's events are refused and B may
         // not read the room.
