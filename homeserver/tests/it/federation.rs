@@ -94,6 +94,42 @@ impl Federating {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Sends a request that ruma has no type for, signed with X-Matrix as this server.
+    pub(crate) async fn send_raw(
+        &self,
+        ca: &TestCa,
+        to: &Federating,
+        method: &str,
+        path: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let mut signed = object(json!({
+            "method": method, "uri": path, "origin": self.name, "destination": to.name, "content": body,
+        }));
+        let state = &self.server.server.state;
+        ruma::signatures::sign_json(self.name.as_str(), state.signing_key.key_pair(), &mut signed).unwrap();
+        let key_id = state.signing_key.key_id();
+        let sig = signed["signatures"].as_object().unwrap()[self.name.as_str()].as_object().unwrap()
+            [key_id.as_str()]
+        .clone();
+        let CanonicalJsonValue::String(sig) = sig else { panic!("a signature is a string") };
+        let header = format!(
+            "X-Matrix origin=\"{}\",destination=\"{}\",key=\"{key_id}\",sig=\"{sig}\"",
+            self.name, to.name
+        );
+        let url = format!("{}{path}", to.federation_base);
+        let response = ca
+            .client()
+            .request(method.parse().unwrap(), url)
+            .header("Authorization", header)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// Hashes and signs an event as this server; its id (room version 12) and JSON.
     pub(crate) fn sign(&self, mut event: CanonicalJsonObject) -> (OwnedEventId, CanonicalJsonObject) {
         let rules = RoomVersionId::V12.rules().unwrap();
@@ -394,6 +430,51 @@ crate::on_both_backends! {
         assert_eq!((status, refused["errcode"].as_str()), (400, Some("M_INCOMPATIBLE_ROOM_VERSION")), "{refused}");
         assert_eq!(refused["room_version"], "x-future");
         handle.stop(false).await;
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// The deprecated v1 forms of `send_join` and `send_leave`, which older servers still call,
+    /// take the event as v2 does and answer `[200, body]`.
+    async fn the_v1_send_join_and_send_leave_answer_as_v1_did(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(Db::Sqlite, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+        let carol = format!("@carol:{}", b.name);
+        let sign_template = |made: &Value| {
+            let mut template = object(made["event"].clone());
+            template.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ruma::Int::from(1_700_000_000)));
+            b.sign(template)
+        };
+        let mut make = prepare_join_event::v1::Request::new(room.as_str().try_into().unwrap(), carol.as_str().try_into().unwrap());
+        make.ver = vec![RoomVersionId::V12];
+        let (status, made) = b.send(&ca, &a, make).await;
+        assert_eq!(status, 200, "{made}");
+        let (join, join_json) = sign_template(&made);
+        let path = format!("/_matrix/federation/v1/send_join/{}/{}", enc(&room), enc(join.as_str()));
+        let (status, joined) = b.send_raw(&ca, &a, "PUT", &path, serde_json::to_value(&join_json).unwrap()).await;
+        assert_eq!((status, &joined[0]), (200, &json!(200)), "{joined}");
+        assert!(joined[1]["state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.create"), "{joined}");
+        assert!(!joined[1]["auth_chain"].as_array().unwrap().is_empty(), "{joined}");
+        let (_, members) = a.server
+            .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), Some(&alice.token)).await;
+        assert!(members["joined"].get(&carol).is_some(), "{members}");
+
+        let make = ruma::api::federation::membership::prepare_leave_event::v1::Request::new(
+            room.as_str().try_into().unwrap(), carol.as_str().try_into().unwrap());
+        let (status, made) = b.send(&ca, &a, make).await;
+        assert_eq!(status, 200, "{made}");
+        let (leave, leave_json) = sign_template(&made);
+        let path = format!("/_matrix/federation/v1/send_leave/{}/{}", enc(&room), enc(leave.as_str()));
+        let (status, left) = b.send_raw(&ca, &a, "PUT", &path, serde_json::to_value(&leave_json).unwrap()).await;
+        assert_eq!((status, &left), (200, &json!([200, {}])), "{left}");
+        let (_, members) = a.server
+            .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), Some(&alice.token)).await;
+        assert!(members["joined"].get(&carol).is_none(), "{members}");
+        // Unsigned, it is refused as any federation request is.
+        let unsigned = ca.client().put(format!("{}{path}", a.federation_base)).json(&leave_json).send().await.unwrap();
+        assert_eq!(unsigned.status().as_u16(), 401);
         a.stop().await;
         b.stop().await;
     }

@@ -96,7 +96,7 @@ async fn make_leave(
 }
 
 /// Takes a signed membership event of `origin`'s user, checked to be the `membership` it must be.
-async fn take_membership(
+pub(super) async fn take_membership(
     state: &AppState,
     origin: &ServerName,
     room_id: &OwnedRoomId,
@@ -148,22 +148,36 @@ async fn send_join(
     request: Ruma<create_join_event::v2::Request>,
 ) -> Result<create_join_event::v2::Response> {
     let create_join_event::v2::Request { room_id, event_id, pdu, omit_members, .. } = request.body;
-    let stored = take_membership(&state, &request.sender, &room_id, &event_id, &pdu, "join").await?;
-    let mut state_before = remote::state_before(&state, &room_id, &stored).await?;
+    let room_state = take_join(&state, &request.sender, &room_id, &event_id, &pdu, omit_members).await?;
+    Ok(create_join_event::v2::Response::new(room_state))
+}
+
+/// Takes `origin`'s signed join and gives the room's state at it with its auth chain (v1 and
+/// v2 of `send_join`).
+pub(super) async fn take_join(
+    state: &AppState,
+    origin: &ServerName,
+    room_id: &OwnedRoomId,
+    event_id: &OwnedEventId,
+    pdu: &RawValue,
+    omit_members: bool,
+) -> Result<create_join_event::v2::RoomState> {
+    let stored = take_membership(state, origin, room_id, event_id, pdu, "join").await?;
+    let mut state_before = remote::state_before(state, room_id, &stored).await?;
     let mut room_state = create_join_event::v2::RoomState::new();
     if omit_members {
-        let kept = kept_members(&state, &room_id, &stored, &state_before).await?;
+        let kept = kept_members(state, room_id, &stored, &state_before).await?;
         state_before.retain(|event| match state_key_of_member(event) {
             Some(member) => kept.contains(&member),
             None => true,
         });
         room_state.members_omitted = true;
         room_state.servers_in_room =
-            Some(remote::servers_in_room(&state, &room_id).await?.iter().map(ToString::to_string).collect());
+            Some(remote::servers_in_room(state, room_id).await?.iter().map(ToString::to_string).collect());
     }
     let mut seeds = state_before.clone();
     seeds.push(stored.clone());
-    let mut auth_chain = rooms::graph::auth_chain(&state, &seeds).await?;
+    let mut auth_chain = rooms::graph::auth_chain(state, &seeds).await?;
     if omit_members {
         let in_state: std::collections::HashSet<&str> =
             state_before.iter().map(|e| e.event_id.as_str()).collect();
@@ -178,7 +192,7 @@ async fn send_join(
     room_state.state = raw(&state_before)?;
     room_state.auth_chain = raw(&auth_chain)?;
     room_state.event = Some(RawValue::from_string(stored.json.clone()).map_err(Error::internal)?);
-    Ok(create_join_event::v2::Response::new(room_state))
+    Ok(room_state)
 }
 
 /// The member whose membership an `m.room.member` event sets.

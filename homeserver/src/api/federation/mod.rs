@@ -9,6 +9,7 @@ mod keys;
 mod membership;
 mod query;
 mod transactions;
+mod v1;
 pub mod xmatrix;
 
 use actix_web::web;
@@ -35,6 +36,7 @@ pub fn router() -> Router {
 
 /// Deprecated forms of endpoints that other servers still call, which ruma has no types for.
 pub fn configure_deprecated(config: &mut web::ServiceConfig) {
+    v1::configure(config);
     let path = "/_matrix/key/v2/server/{keyId}";
     config.service(
         web::resource(path)

@@ -43,7 +43,7 @@ impl ServerAuth for ServerSignatures {
     }
 }
 
-async fn verify(state: &AppState, incoming: Incoming<'_>) -> Result<OwnedServerName> {
+pub(super) async fn verify(state: &AppState, incoming: Incoming<'_>) -> Result<OwnedServerName> {
     let header = incoming
         .request
         .headers()
