@@ -335,7 +335,7 @@ mod tests {
             redacted_by in prop::option::of(tricky_string()),
         ) {
             let json = write(&Value::Object(object), style);
-            let stored = StoredEvent { stream_ordering: 1, event_id, room_id: "!r:h".to_owned(), json, redacted_by, replaces_state: None, txn: None };
+            let stored = StoredEvent { stream_ordering: 1, event_id, room_id: "!r:h".to_owned(), json, redacted_by, replaces_state: None, txn: None, outlier: false };
             let event = ClientEvent::parse(&stored).unwrap();
             let served = event.to_json().unwrap();
             let parsed = parse_unbounded(served.get());
@@ -357,7 +357,7 @@ mod tests {
         #[test]
         fn parsing_any_stored_text_never_panics(text in "(?s).{0,80}", bytes in prop::collection::vec(json_byte(), 0..80)) {
             for json in [text, String::from_utf8_lossy(&bytes).into_owned()] {
-                let stored = StoredEvent { stream_ordering: 1, event_id: "$e".to_owned(), room_id: "!r:h".to_owned(), json, redacted_by: None, replaces_state: None, txn: None };
+                let stored = StoredEvent { stream_ordering: 1, event_id: "$e".to_owned(), room_id: "!r:h".to_owned(), json, redacted_by: None, replaces_state: None, txn: None, outlier: false };
                 if let Ok(event) = ClientEvent::parse(&stored) {
                     let _ = (event.kind(), event.sender(), event.state_key(), event.content_str("membership"));
                     prop_assert!(event.to_json().is_ok());

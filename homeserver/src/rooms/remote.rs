@@ -5,15 +5,17 @@
 //! the id), with keys fetched from the signing servers; a content hash that does not match
 //! means the event is kept redacted; the events it follows and names as its auth events are
 //! known here; it passes the auth rules given its auth events and given the room's current
-//! state. An event that fails is refused and not stored.
+//! state.
 //!
 //! An event that follows all of the room's newest events is checked against the current state;
 //! one made on a fork against the state its own prev events resolve to, and the room's state is
 //! then resolved across the fork (state resolution v2). Unknown prev events are the caller's to
 //! fetch ([`super::missing`]).
 //!
+//! An event the auth rules reject is kept as rejected (see migration 0028), out of sight.
+//!
 //! Not yet: fetching unknown auth events (`event_auth`) or the state across a long gap
-//! (`state_ids`), rejected and soft-failed events kept for the graph.
+//! (`state_ids`); telling soft-failed events (which pass their own auth events) apart.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -212,20 +214,31 @@ pub async fn accept(
     if let Some(stored) = state.store.get_event(event_id.as_str()).await? {
         return Ok(stored);
     }
+    if !state.store.rejected_events(&[event_id.as_str()]).await?.is_empty() {
+        return Err(Refused::Auth(format!("{event_id} was rejected before")));
+    }
     let (json, parsed) = verified(state, event_id.clone(), version, json).await?;
     if parsed.room_id.as_deref() != Some(room_id) {
         return Err(invalid(format!("the event is not of room {room_id}")));
     }
     let prev_events = parsed.prev_events.clone();
     let auth_ids = parsed.auth_events.clone();
-    let known_prev =
-        state.store.events_by_id(&prev_events.iter().map(|id| id.as_str()).collect::<Vec<_>>()).await?;
-    if known_prev.len() < prev_events.len() || known_prev.iter().any(|e| e.room_id != room_id.as_str()) {
+    // Events it follows may have been rejected: it is part of the graph all the same.
+    let prev_ids: Vec<&str> = prev_events.iter().map(|id| id.as_str()).collect();
+    let known_prev = state.store.events_by_id(&prev_ids).await?;
+    let rejected_prev = state.store.rejected_events(&prev_ids).await?;
+    if known_prev.len() + rejected_prev.len() < prev_events.len()
+        || known_prev.iter().any(|e| e.room_id != room_id.as_str())
+        || rejected_prev.iter().any(|(_, room)| room != room_id.as_str())
+    {
         return Err(Refused::Unknown(format!("prev_events of {event_id}")));
     }
-    let known_auth =
-        state.store.events_by_id(&auth_ids.iter().map(|id| id.as_str()).collect::<Vec<_>>()).await?;
-    if known_auth.len() < auth_ids.len() || known_auth.iter().any(|e| e.room_id != room_id.as_str()) {
+    let auth_id_strs: Vec<&str> = auth_ids.iter().map(|id| id.as_str()).collect();
+    let known_auth = state.store.events_by_id(&auth_id_strs).await?;
+    let rejected_auth = !state.store.rejected_events(&auth_id_strs).await?.is_empty();
+    if !rejected_auth
+        && (known_auth.len() < auth_ids.len() || known_auth.iter().any(|e| e.room_id != room_id.as_str()))
+    {
         return Err(Refused::Unknown(format!("auth_events of {event_id}")));
     }
     let mut auth_events = HashMap::new();
@@ -253,76 +266,86 @@ pub async fn accept(
     // An event that follows all of the room's extremities applies to the current state; one
     // that follows fewer (made on a fork) applies to the state its own prev events resolve to,
     // and the room's state is then resolved across the fork. The head may move meanwhile: then
-    // this is worked out again.
-    for _ in 0..MAX_FORK_ATTEMPTS {
-        let head = state
-            .store
-            .room_head(room_id, &[], false)
-            .await?
-            .ok_or_else(|| invalid(format!("this server has no room {room_id}")))?;
-        let on_fork = |extremities: &[OwnedEventId]| {
-            resolves_forks && extremities.iter().collect::<BTreeSet<_>>() != prev_set
-        };
-        let resolved = match on_fork(&head.extremities) {
-            true => {
-                Some(Arc::new(fork_state(state, version, &parsed, &auth_events, &head.extremities).await?))
-            }
-            false => None,
-        };
-        let expected = head.extremities.clone();
-        let build = |head: &RoomHead| -> Result<NewEvent, AppendError> {
-            if on_fork(&head.extremities) != resolved.is_some()
-                || (resolved.is_some() && head.extremities != expected)
-            {
-                return Err(AppendError::HeadMoved);
-            }
-            let replaces_state = state_key
-                .as_ref()
-                .and_then(|key| head.state.get(&(kind.to_string(), key.clone())))
-                .map(|(id, _)| id.clone());
-            if let Some(resolved) = &resolved {
-                // Checked against the state at the event when the fork was resolved.
-                return Ok(NewEvent {
-                    replaces_state,
-                    resolved: Some(resolved.clone()),
-                    ..stored_form.clone()
-                });
-            }
-            // Against the room's current state: an event the room has since moved past (the
-            // sender was banned meanwhile, say) is not taken.
-            let mut current: HashMap<(StateEventType, String), Pdu> = HashMap::new();
-            for ((event_type, key), (id, json)) in &head.state {
-                let id =
-                    OwnedEventId::try_from(id.as_str()).map_err(|e| AppendError::Invalid(e.to_string()))?;
-                let object: CanonicalJsonObject =
-                    crate::storage::parse_stored(json).map_err(|e| AppendError::Invalid(e.to_string()))?;
-                let pdu = Pdu::from_json(id, &object).map_err(|e| AppendError::Invalid(e.to_string()))?;
-                current.insert((StateEventType::from(event_type.as_str()), key.clone()), pdu);
-            }
-            let mut auth_events = auth_events.clone();
-            if create_not_an_auth_event
-                && let Some(create) = current.get(&(StateEventType::RoomCreate, String::new()))
-            {
-                // From room version 12 the rules still read the create event (the room id is its hash).
-                auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
-            }
-            auth::check(version, &parsed, &auth_events, &current).map_err(AppendError::Refused)?;
-            Ok(NewEvent { replaces_state, ..stored_form.clone() })
-        };
-        let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, false, &build).await?;
-        return match outcome {
-            Ok(stored) => {
-                state.stream.flush().await?;
-                state.notify(stored.stream_ordering);
-                Ok(stored)
-            }
-            Err(AppendError::HeadMoved) => continue,
-            Err(AppendError::Refused(why)) => Err(Refused::Auth(why)),
-            Err(AppendError::NoRoom) => Err(invalid(format!("this server has no room {room_id}"))),
-            Err(other) => Err(invalid(other)),
-        };
+    // this is worked out again. One the auth rules reject is kept as rejected.
+    let taken = async {
+        if rejected_auth {
+            return Err(Refused::Auth("one of its auth events was rejected".to_owned()));
+        }
+        for _ in 0..MAX_FORK_ATTEMPTS {
+            let head = state
+                .store
+                .room_head(room_id, &[], false)
+                .await?
+                .ok_or_else(|| invalid(format!("this server has no room {room_id}")))?;
+            let on_fork = |extremities: &[OwnedEventId]| {
+                resolves_forks && extremities.iter().collect::<BTreeSet<_>>() != prev_set
+            };
+            let resolved = match on_fork(&head.extremities) {
+                true => Some(Arc::new(
+                    fork_state(state, version, &parsed, &auth_events, &head.extremities).await?,
+                )),
+                false => None,
+            };
+            let expected = head.extremities.clone();
+            let build = |head: &RoomHead| -> Result<NewEvent, AppendError> {
+                if on_fork(&head.extremities) != resolved.is_some()
+                    || (resolved.is_some() && head.extremities != expected)
+                {
+                    return Err(AppendError::HeadMoved);
+                }
+                let replaces_state = state_key
+                    .as_ref()
+                    .and_then(|key| head.state.get(&(kind.to_string(), key.clone())))
+                    .map(|(id, _)| id.clone());
+                if let Some(resolved) = &resolved {
+                    // Checked against the state at the event when the fork was resolved.
+                    return Ok(NewEvent {
+                        replaces_state,
+                        resolved: Some(resolved.clone()),
+                        ..stored_form.clone()
+                    });
+                }
+                // Against the room's current state: an event the room has since moved past (the
+                // sender was banned meanwhile, say) is not taken.
+                let mut current: HashMap<(StateEventType, String), Pdu> = HashMap::new();
+                for ((event_type, key), (id, json)) in &head.state {
+                    let id = OwnedEventId::try_from(id.as_str())
+                        .map_err(|e| AppendError::Invalid(e.to_string()))?;
+                    let object: CanonicalJsonObject = crate::storage::parse_stored(json)
+                        .map_err(|e| AppendError::Invalid(e.to_string()))?;
+                    let pdu = Pdu::from_json(id, &object).map_err(|e| AppendError::Invalid(e.to_string()))?;
+                    current.insert((StateEventType::from(event_type.as_str()), key.clone()), pdu);
+                }
+                let mut auth_events = auth_events.clone();
+                if create_not_an_auth_event
+                    && let Some(create) = current.get(&(StateEventType::RoomCreate, String::new()))
+                {
+                    // From room version 12 the rules still read the create event (the room id is its hash).
+                    auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
+                }
+                auth::check(version, &parsed, &auth_events, &current).map_err(AppendError::Refused)?;
+                Ok(NewEvent { replaces_state, ..stored_form.clone() })
+            };
+            let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, false, &build).await?;
+            return match outcome {
+                Ok(stored) => {
+                    state.stream.flush().await?;
+                    state.notify(stored.stream_ordering);
+                    Ok(stored)
+                }
+                Err(AppendError::HeadMoved) => continue,
+                Err(AppendError::Refused(why)) => Err(Refused::Auth(why)),
+                Err(AppendError::NoRoom) => Err(invalid(format!("this server has no room {room_id}"))),
+                Err(other) => Err(invalid(other)),
+            };
+        }
+        Err(Refused::Internal(format!("room {room_id} kept moving while {event_id} was taken")))
     }
-    Err(Refused::Internal(format!("room {room_id} kept moving while {event_id} was taken")))
+    .await;
+    if let Err(Refused::Auth(why)) = &taken {
+        state.store.store_rejected(room_id, &stored_form, why).await?;
+    }
+    taken
 }
 
 /// What a redaction from another server removes here: the event it names (at the top level,

@@ -411,6 +411,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/postgres/0027_outliers_and_backfill.sql"),
         include_str!("../../migrations/sqlite/0027_outliers_and_backfill.sql"),
     ),
+    (
+        28,
+        "rejected events",
+        include_str!("../../migrations/postgres/0028_rejected_events.sql"),
+        include_str!("../../migrations/sqlite/0028_rejected_events.sql"),
+    ),
 ];
 
 #[derive(Debug)]

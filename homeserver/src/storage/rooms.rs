@@ -83,6 +83,7 @@ impl NewEvent {
             redacted_by: None,
             replaces_state: event.replaces_state,
             txn: event.txn.map(|(_, device, txn)| (device, txn)),
+            outlier: false,
         }
     }
 }
@@ -110,6 +111,8 @@ pub struct StoredEvent {
     pub replaces_state: Option<String>,
     /// The device that sent the event and the transaction id it used, when a client sent it.
     pub txn: Option<(String, String)>,
+    /// In no timeline: of the state or auth chain a join brought (see migration 0027).
+    pub outlier: bool,
 }
 
 /// Why an append did not happen (the room's own rules, not the database).
@@ -191,6 +194,11 @@ pub trait RoomStore: Send + Sync {
     /// everything in its timeline: an outlier among them moves into the timeline, events already
     /// in it are skipped. Returns how many joined the timeline.
     async fn store_backfilled(&self, room_id: &RoomId, events: &[NewEvent]) -> StoreResult<usize>;
+    /// Keeps an event of another server that the auth rules reject (see migration 0028): an
+    /// outlier with the room's current state as the state after it. Nothing if it is here.
+    async fn store_rejected(&self, room_id: &RoomId, event: &NewEvent, reason: &str) -> StoreResult<()>;
+    /// Those of `event_ids` kept as rejected, each with its room.
+    async fn rejected_events(&self, event_ids: &[&str]) -> StoreResult<Vec<(String, String)>>;
     /// The room state after an event (`(type, state key) → event id`), if the event is here.
     async fn state_after(&self, event_id: &str) -> StoreResult<Option<StateMap>>;
     async fn event_by_txn(
@@ -291,7 +299,7 @@ pub struct StreamEvent {
 }
 
 pub(super) const EVENT_COLUMNS: &str =
-    "stream_ordering, event_id, room_id, json, redacted_by, replaces_state, txn_device, txn_id";
+    "stream_ordering, event_id, room_id, json, redacted_by, replaces_state, txn_device, txn_id, outlier";
 
 pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<StoredEvent> {
     let device: Option<String> = row.try_get("txn_device")?;
@@ -304,6 +312,7 @@ pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<StoredEvent> {
         redacted_by: row.try_get("redacted_by")?,
         replaces_state: row.try_get("replaces_state")?,
         txn: device.zip(txn_id),
+        outlier: row.try_get::<i16, _>("outlier")? != 0,
     })
 }
 
@@ -1010,13 +1019,19 @@ impl RoomStore for SqlStore {
         // (event, whether it is here as an outlier)
         let mut new = Vec::new();
         for event in events {
-            let known = sqlx::query("SELECT outlier FROM events WHERE event_id = $1")
+            // A rejected event is skipped: it stays out of every timeline.
+            let known = sqlx::query("SELECT outlier, rejected FROM events WHERE event_id = $1")
                 .bind(event.event_id.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
             match known {
                 None => new.push((event, false)),
-                Some(row) if row.try_get::<i16, _>("outlier")? == 1 => new.push((event, true)),
+                Some(row)
+                    if row.try_get::<i16, _>("outlier")? == 1
+                        && row.try_get::<Option<String>, _>("rejected")?.is_none() =>
+                {
+                    new.push((event, true))
+                }
                 Some(_) => {}
             }
         }
@@ -1040,6 +1055,51 @@ impl RoomStore for SqlStore {
         }
         tx.commit().await?;
         Ok(new.len())
+    }
+
+    async fn store_rejected(&self, room_id: &RoomId, event: &NewEvent, reason: &str) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        // Written first, so that SQLite takes its write lock before any read (a read first
+        // would fail as busy if another writer committed meanwhile).
+        let at = allocate_backward(&mut tx, 1).await?;
+        let exists = sqlx::query("SELECT 1 FROM events WHERE event_id = $1")
+            .bind(event.event_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let snapshot = sqlx::query("SELECT current_snapshot FROM rooms WHERE room_id = $1")
+            .bind(room_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (None, Some(snapshot)) = (exists, snapshot) else { return Ok(()) };
+        let snapshot: Option<i64> = snapshot.try_get("current_snapshot")?;
+        let snapshot = snapshot.ok_or_else(|| corrupt("a room without state"))?;
+        insert_event(&mut tx, room_id, at, event, snapshot, Written::Outlier).await?;
+        sqlx::query("UPDATE events SET rejected = $2 WHERE event_id = $1")
+            .bind(event.event_id.as_str())
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rejected_events(&self, event_ids: &[&str]) -> StoreResult<Vec<(String, String)>> {
+        let mut found = Vec::new();
+        for batch in event_ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT event_id, room_id FROM events WHERE event_id IN ({}) AND rejected IS NOT NULL",
+                placeholders.join(", ")
+            ));
+            let mut query = sqlx::query(sql);
+            for id in batch {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                found.push((row.try_get("event_id")?, row.try_get("room_id")?));
+            }
+        }
+        Ok(found)
     }
 
     async fn state_after(&self, event_id: &str) -> StoreResult<Option<StateMap>> {
@@ -1071,7 +1131,9 @@ impl RoomStore for SqlStore {
     }
 
     async fn get_event(&self, event_id: &str) -> StoreResult<Option<StoredEvent>> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"));
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1 AND rejected IS NULL"
+        ));
         sqlx::query(sql)
             .bind(event_id)
             .fetch_optional(&self.pool)
@@ -1087,7 +1149,7 @@ impl RoomStore for SqlStore {
         for batch in event_ids.chunks(500) {
             let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
             let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({})",
+                "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({}) AND rejected IS NULL",
                 placeholders.join(", ")
             ));
             let mut query = sqlx::query(sql);
@@ -1191,7 +1253,7 @@ impl RoomStore for SqlStore {
     ) -> StoreResult<Vec<StoredEvent>> {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = $1 AND event_type = $2 AND state_key = $3
-             ORDER BY stream_ordering"
+             AND rejected IS NULL ORDER BY stream_ordering"
         ));
         sqlx::query(sql)
             .bind(room_id.as_str())

@@ -160,6 +160,27 @@ impl Federating {
     }
 }
 
+/// An event of `room` to sign, following `prev` and authorised by `auth`.
+fn draft(
+    room: &str,
+    sender: &str,
+    (kind, state_key): (&str, Option<&str>),
+    content: Value,
+    prev: &[&str],
+    auth: &[&str],
+    depth: u64,
+) -> CanonicalJsonObject {
+    let mut event = json!({
+        "room_id": room, "sender": sender, "type": kind, "content": content,
+        "prev_events": prev, "auth_events": auth, "depth": depth,
+        "origin_server_ts": 1_700_000_000_000u64 + depth,
+    });
+    if let Some(key) = state_key {
+        event["state_key"] = json!(key);
+    }
+    object(event)
+}
+
 /// Canonical JSON from a `json!` value.
 fn object(value: Value) -> CanonicalJsonObject {
     serde_json::from_value(value).unwrap()
@@ -498,15 +519,7 @@ crate::on_both_backends! {
         let mut depth = 10;
         let mut event = |sender: &str, kind: &str, state_key: Option<&str>, content: Value| {
             depth += 1;
-            let mut event = json!({
-                "room_id": room, "sender": sender, "type": kind, "content": content,
-                "prev_events": [join], "auth_events": [power, join], "depth": depth,
-                "origin_server_ts": 1_700_000_000_000u64 + depth,
-            });
-            if let Some(key) = state_key {
-                event["state_key"] = json!(key);
-            }
-            object(event)
+            draft(&room, sender, (kind, state_key), content, &[&join], &[&power, &join], depth)
         };
         let text = |body: &str| json!({"msgtype": "m.text", "body": body});
 
@@ -640,6 +653,60 @@ crate::on_both_backends! {
         let request = create_invite::v2::Request::new(room_id, invite, RoomVersionId::V12, raw, vec![]);
         let (status, answer) = b.send(&ca, &a, request).await;
         assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{answer}");
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// An event the auth rules reject is answered as handled and kept out of sight: not
+    /// readable, no state at it, the room's state unchanged, refused when sent again, and an
+    /// event it authorises rejected too; an event that follows it is taken all the same.
+    async fn rejected_events_are_kept_out_of_sight_but_later_events_may_follow_them(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(Db::Sqlite, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12", "topic": "alice's"})).await;
+        let carol = format!("@carol:{}", b.name);
+        let (join, power) = join_by_hand(&ca, &b, &a, &room, &carol).await;
+        let stranger = format!("@stranger:{}", b.name);
+        let text = |body: &str| json!({"msgtype": "m.text", "body": body});
+        // From a user of B who is not in the room: rejected.
+        let (rejected, rejected_json) =
+            b.sign(draft(&room, &stranger, ("m.room.message", None), text("not a member"), &[&join], &[&power], 11));
+        let (rejected_topic, rejected_topic_json) = b.sign(draft(
+            &room, &stranger, ("m.room.topic", Some("")), json!({"topic": "the stranger's"}), &[rejected.as_str()], &[&power], 12,
+        ));
+        let (status, answer) = b.transaction(&ca, &a, "r1", &[rejected_json.clone(), rejected_topic_json]).await;
+        assert_eq!((status, &answer["pdus"]), (200, &json!({rejected.as_str(): {}, rejected_topic.as_str(): {}})), "{answer}");
+        for id in [&rejected, &rejected_topic] {
+            assert!(readable(&a.server, &alice, &room, id.as_str()).await.is_none(), "{id} is readable");
+            let room_id: ruma::OwnedRoomId = room.as_str().try_into().unwrap();
+            let (status, answer) = b.send(&ca, &a, get_room_state_ids::v1::Request::new(id.clone(), room_id)).await;
+            assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{answer}");
+            let (status, answer) = b.send(&ca, &a, get_event::v1::Request::new(id.clone())).await;
+            assert_eq!(status, 404, "{answer}");
+        }
+        let topic_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room));
+        let (_, topic) = a.server.get(&topic_path, Some(&alice.token)).await;
+        assert_eq!(topic["topic"], "alice's");
+
+        // Carol's message follows the rejected topic: taken, and read in the timeline.
+        let (follows, follows_json) =
+            b.sign(draft(&room, &carol, ("m.room.message", None), text("after them"), &[rejected_topic.as_str()], &[&power, &join], 13));
+        // One authorised by a rejected event is rejected too.
+        let (tainted, tainted_json) =
+            b.sign(draft(&room, &carol, ("m.room.message", None), text("tainted"), &[&join], &[&power, &join, rejected.as_str()], 14));
+        let (status, answer) = b.transaction(&ca, &a, "r2", &[follows_json, tainted_json, rejected_json]).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["pdus"][follows.as_str()], json!({}), "{answer}");
+        assert!(readable(&a.server, &alice, &room, follows.as_str()).await.is_some(), "the follower was not taken");
+        assert!(readable(&a.server, &alice, &room, tainted.as_str()).await.is_none(), "the tainted one was taken");
+        assert!(readable(&a.server, &alice, &room, rejected.as_str()).await.is_none(), "sent again, taken");
+        let messages = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20", enc(&room));
+        let (_, page) = a.server.get(&messages, Some(&alice.token)).await;
+        let bodies: Vec<&str> = page["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+        assert_eq!(bodies, ["after them"], "{page}");
+        let (_, topic) = a.server.get(&topic_path, Some(&alice.token)).await;
+        assert_eq!(topic["topic"], "alice's");
         a.stop().await;
         b.stop().await;
     }

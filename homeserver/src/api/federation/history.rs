@@ -93,6 +93,12 @@ async fn state_at(
 ) -> Result<(Vec<StoredEvent>, Vec<StoredEvent>)> {
     joined_room(state, origin, room_id).await?;
     let at = event_in(state, room_id, event_id).await?;
+    if at.outlier {
+        // This server does not have the state at an event in no timeline (as Synapse answers).
+        return Err(Error::not_found(format!(
+            "no state is known at {event_id}, which is not in the timeline"
+        )));
+    }
     let before = remote::state_before(state, room_id, &at).await?;
     let chain = graph::auth_chain(state, &before).await?;
     Ok((before, chain))
