@@ -2,9 +2,9 @@
 //!
 //! Each PDU goes through [`crate::rooms::remote::accept`], in the order sent, and the answer
 //! has per event an error or, for one taken or rejected by the auth rules (handled either way;
-//! a rejected event is kept out of sight), the empty result. One that follows events this server lacks is taken once
-//! those are fetched from the sender ([`crate::rooms::missing`]). EDUs (typing, receipts, presence, to-device) are
-//! federation's part 2 and are not read yet.
+//! a rejected event is kept out of sight), the empty result. One that follows events this
+//! server lacks is taken once those are fetched from the sender ([`crate::rooms::missing`]).
+//! EDUs (typing, receipts, presence, to-device) are federation's part 2 and are not read yet.
 
 use actix_web::web;
 use ruma::{
