@@ -263,6 +263,28 @@ async fn chunk(state: &AppState, room_id: &ruma::RoomId) -> Result<PublicRoomsCh
     Ok(chunk)
 }
 
+/// One page of a room directory, as every public rooms answer carries it.
+pub(crate) struct Page {
+    pub chunk: Vec<PublicRoomsChunk>,
+    pub next_batch: Option<String>,
+    pub prev_batch: Option<String>,
+    pub total_room_count_estimate: Option<UInt>,
+}
+
+/// A public rooms response (client or federation API, GET or POST: ruma's four types have the
+/// same fields and no trait in common) with `$page` in it.
+macro_rules! with_page {
+    ($response:expr, $page:expr) => {{
+        let (mut response, page) = ($response, $page);
+        response.chunk = page.chunk;
+        response.next_batch = page.next_batch;
+        response.prev_batch = page.prev_batch;
+        response.total_room_count_estimate = page.total_room_count_estimate;
+        response
+    }};
+}
+pub(crate) use with_page;
+
 /// One page of the directory: rooms matching `term`, from offset `since` (`p<n>`).
 pub(crate) async fn directory_page(
     state: &AppState,
@@ -270,7 +292,7 @@ pub(crate) async fn directory_page(
     limit: Option<UInt>,
     since: Option<&str>,
     term: Option<&str>,
-) -> Result<(Vec<PublicRoomsChunk>, Option<String>, Option<String>, usize)> {
+) -> Result<Page> {
     let offset = match since {
         Some(token) => token
             .strip_prefix('p')
@@ -301,9 +323,12 @@ pub(crate) async fn directory_page(
     }
     let total = all.len();
     let page: Vec<_> = all.into_iter().skip(offset).take(limit).collect();
-    let next = (offset + page.len() < total).then(|| format!("p{}", offset + page.len()));
-    let prev = (offset > 0).then(|| format!("p{}", offset.saturating_sub(limit)));
-    Ok((page, next, prev, total))
+    Ok(Page {
+        next_batch: (offset + page.len() < total).then(|| format!("p{}", offset + page.len())),
+        prev_batch: (offset > 0).then(|| format!("p{}", offset.saturating_sub(limit))),
+        total_room_count_estimate: UInt::try_from(total as u64).ok(),
+        chunk: page,
+    })
 }
 
 /// The directory a `room_network` names: Matrix's, all of them, or one network of an
@@ -337,25 +362,17 @@ async fn public_rooms(
     request: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<get_public_rooms::v3::Response> {
     let body = &request.body;
+    let response = get_public_rooms::v3::Response::new(Vec::new());
     if let Some(server) = elsewhere(&state, body.server.as_ref()) {
         let mut asked = remote_directory::get_public_rooms::v1::Request::new();
         asked.limit = body.limit;
         asked.since = body.since.clone();
         let answer =
             state.remote()?.send(&state.server_name, state.signing_key.key_pair(), server, asked).await?;
-        let mut response = get_public_rooms::v3::Response::new(answer.chunk);
-        response.next_batch = answer.next_batch;
-        response.prev_batch = answer.prev_batch;
-        response.total_room_count_estimate = answer.total_room_count_estimate;
-        return Ok(response);
+        return Ok(with_page!(response, answer));
     }
-    let (chunk, next, prev, total) =
-        directory_page(&state, Directory::Matrix, body.limit, body.since.as_deref(), None).await?;
-    let mut response = get_public_rooms::v3::Response::new(chunk);
-    response.next_batch = next;
-    response.prev_batch = prev;
-    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
-    Ok(response)
+    let page = directory_page(&state, Directory::Matrix, body.limit, body.since.as_deref(), None).await?;
+    Ok(with_page!(response, page))
 }
 
 /// POST /_matrix/client/v3/publicRooms
@@ -364,7 +381,7 @@ async fn public_rooms_filtered(
     request: Ruma<get_public_rooms_filtered::v3::Request>,
 ) -> Result<get_public_rooms_filtered::v3::Response> {
     let body = &request.body;
-    let mut response = get_public_rooms_filtered::v3::Response::new();
+    let response = get_public_rooms_filtered::v3::Response::new();
     if let Some(server) = elsewhere(&state, body.server.as_ref()) {
         let mut asked = remote_directory::get_public_rooms_filtered::v1::Request::new();
         asked.limit = body.limit;
@@ -373,21 +390,12 @@ async fn public_rooms_filtered(
         asked.room_network = body.room_network.clone();
         let answer =
             state.remote()?.send(&state.server_name, state.signing_key.key_pair(), server, asked).await?;
-        response.chunk = answer.chunk;
-        response.next_batch = answer.next_batch;
-        response.prev_batch = answer.prev_batch;
-        response.total_room_count_estimate = answer.total_room_count_estimate;
-        return Ok(response);
+        return Ok(with_page!(response, answer));
     }
     let term = body.filter.generic_search_term.as_deref();
     let directory = directory_of(&body.room_network)?;
-    let (chunk, next, prev, total) =
-        directory_page(&state, directory, body.limit, body.since.as_deref(), term).await?;
-    response.chunk = chunk;
-    response.next_batch = next;
-    response.prev_batch = prev;
-    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
-    Ok(response)
+    let page = directory_page(&state, directory, body.limit, body.since.as_deref(), term).await?;
+    Ok(with_page!(response, page))
 }
 
 /// GET /_matrix/client/v3/directory/list/room/{roomId}

@@ -2,13 +2,10 @@
 //! for their users browsing this server's rooms: the same pages the client API gives.
 
 use actix_web::web;
-use ruma::{
-    UInt,
-    api::federation::directory::{get_public_rooms, get_public_rooms_filtered},
-};
+use ruma::api::federation::directory::{get_public_rooms, get_public_rooms_filtered};
 
 use crate::{
-    api::client::directory::{directory_of, directory_page},
+    api::client::directory::{directory_of, directory_page, with_page},
     error::Result,
     ruma_wrapper::{Router, Ruma},
     state::AppState,
@@ -25,14 +22,8 @@ async fn public_rooms(
 ) -> Result<get_public_rooms::v1::Response> {
     let body = &request.body;
     let directory = directory_of(&body.room_network)?;
-    let (chunk, next, prev, total) =
-        directory_page(&state, directory, body.limit, body.since.as_deref(), None).await?;
-    let mut response = get_public_rooms::v1::Response::new();
-    response.chunk = chunk;
-    response.next_batch = next;
-    response.prev_batch = prev;
-    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
-    Ok(response)
+    let page = directory_page(&state, directory, body.limit, body.since.as_deref(), None).await?;
+    Ok(with_page!(get_public_rooms::v1::Response::new(), page))
 }
 
 /// POST /_matrix/federation/v1/publicRooms
@@ -43,12 +34,6 @@ async fn public_rooms_filtered(
     let body = &request.body;
     let directory = directory_of(&body.room_network)?;
     let term = body.filter.generic_search_term.as_deref();
-    let (chunk, next, prev, total) =
-        directory_page(&state, directory, body.limit, body.since.as_deref(), term).await?;
-    let mut response = get_public_rooms_filtered::v1::Response::new();
-    response.chunk = chunk;
-    response.next_batch = next;
-    response.prev_batch = prev;
-    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
-    Ok(response)
+    let page = directory_page(&state, directory, body.limit, body.since.as_deref(), term).await?;
+    Ok(with_page!(get_public_rooms_filtered::v1::Response::new(), page))
 }
