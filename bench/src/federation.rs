@@ -129,7 +129,8 @@ pub async fn run(base: &str, args: &Args) -> anyhow::Result<()> {
         sends.push(tokio::spawn(async move {
             match request.await {
                 Ok(r) if r.status().is_success() => Ok(t.elapsed()),
-                _ => Err(()),
+                Ok(r) => Err(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
+                Err(e) => Err(e.to_string()),
             }
         }));
     }
@@ -137,7 +138,12 @@ pub async fn run(base: &str, args: &Args) -> anyhow::Result<()> {
     for sent in sends {
         match sent.await? {
             Ok(latency) => send.latencies.push(latency),
-            Err(()) => send.errors += 1,
+            Err(why) => {
+                if send.errors == 0 {
+                    eprintln!("send: {why}");
+                }
+                send.errors += 1;
+            }
         }
     }
     send.elapsed = started.elapsed();
@@ -150,12 +156,22 @@ pub async fn run(base: &str, args: &Args) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     syncer.abort();
     let received = received.lock().expect("lock").clone();
-    let out_of_order = received.windows(2).filter(|pair| pair[1].0 < pair[0].0).count();
+    // Sends overlap, so the origin's order is not the order they were started in: the other
+    // server's order is compared with the origin's timeline.
+    let origin_order = timeline_order(&http, base, &alice_token, &room).await?;
+    let position: HashMap<usize, usize> = origin_order.iter().enumerate().map(|(at, id)| (*id, at)).collect();
+    let out_of_order = received
+        .windows(2)
+        .filter(|pair| match (position.get(&pair[0].0), position.get(&pair[1].0)) {
+            (Some(first), Some(second)) => second < first,
+            _ => true,
+        })
+        .count();
     let mut latencies: Vec<Duration> =
         received.iter().filter_map(|(id, at)| Some(at.duration_since(*sent_at.get(id)?))).collect();
     latencies.sort_unstable();
     println!(
-        "delivery   {:>7} to the other server's /sync: p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms; missing {}, out of order {out_of_order}",
+        "delivery   {:>7} to the other server's /sync: p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms; missing {}, out of the origin's order {out_of_order}",
         latencies.len(),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
@@ -198,4 +214,32 @@ async fn add_members(
     .await;
     joined.report();
     Ok(())
+}
+
+/// The benchmark messages of `room` in the order of the timeline at `base`, oldest first.
+async fn timeline_order(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    room: &str,
+) -> anyhow::Result<Vec<usize>> {
+    let mut ids = Vec::new();
+    let mut from: Option<String> = None;
+    loop {
+        let mut url = format!("{base}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=500", enc(room));
+        if let Some(from) = &from {
+            url.push_str(&format!("&from={from}"));
+        }
+        let page: Value = http.get(url).bearer_auth(token).send().await?.json().await?;
+        let chunk = page["chunk"].as_array().cloned().unwrap_or_default();
+        ids.extend(
+            chunk.iter().filter_map(|event| event["content"]["bench_id"].as_u64().map(|id| id as usize)),
+        );
+        match page["end"].as_str() {
+            Some(end) if !chunk.is_empty() => from = Some(end.to_owned()),
+            _ => break,
+        }
+    }
+    ids.reverse();
+    Ok(ids)
 }
