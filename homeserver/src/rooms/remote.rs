@@ -226,7 +226,10 @@ pub async fn accept(
     // Events it follows may have been rejected: it is part of the graph all the same.
     let prev_ids: Vec<&str> = prev_events.iter().map(|id| id.as_str()).collect();
     let known_prev = state.store.events_by_id(&prev_ids).await?;
-    let rejected_prev = state.store.rejected_events(&prev_ids).await?;
+    let rejected_prev = match known_prev.len() < prev_ids.len() {
+        true => state.store.rejected_events(&prev_ids).await?,
+        false => Vec::new(),
+    };
     if known_prev.len() + rejected_prev.len() < prev_events.len()
         || known_prev.iter().any(|e| e.room_id != room_id.as_str())
         || rejected_prev.iter().any(|(_, room)| room != room_id.as_str())
@@ -235,7 +238,8 @@ pub async fn accept(
     }
     let auth_id_strs: Vec<&str> = auth_ids.iter().map(|id| id.as_str()).collect();
     let known_auth = state.store.events_by_id(&auth_id_strs).await?;
-    let rejected_auth = !state.store.rejected_events(&auth_id_strs).await?.is_empty();
+    let rejected_auth = known_auth.len() < auth_id_strs.len()
+        && !state.store.rejected_events(&auth_id_strs).await?.is_empty();
     if !rejected_auth
         && (known_auth.len() < auth_ids.len() || known_auth.iter().any(|e| e.room_id != room_id.as_str()))
     {
