@@ -262,7 +262,10 @@ pub async fn accept(
         super::head_keys(version, &sender, &kind.to_string(), state_key.as_deref(), &parsed.content)
             .map_err(invalid)?;
     let mut stored_form = stored_form(&parsed, &json)?;
-    stored_form.redaction = redaction_of(state, room_id, version, &parsed).await?;
+    let redaction = redaction_of(state, room_id, version, &parsed).await;
+    if let Ok(redaction) = &redaction {
+        stored_form.redaction = redaction.clone();
+    }
     let rules = pdu::rules(version).map_err(invalid)?;
     let create_not_an_auth_event = pdu::room_id_is_create_hash(&rules);
     let resolves_forks = matches!(rules.state_res, ruma::room_version_rules::StateResolutionVersion::V2(_));
@@ -275,6 +278,7 @@ pub async fn accept(
         if rejected_auth {
             return Err(Refused::Auth("one of its auth events was rejected".to_owned()));
         }
+        redaction?;
         for _ in 0..MAX_FORK_ATTEMPTS {
             let head = state
                 .store
@@ -357,7 +361,7 @@ pub async fn accept(
 /// this room and may be redacted by the sender — a user of the same server as the event's
 /// sender, or one whose power level allows redacting others' events (from room version 3 the
 /// auth rules leave this to the server applying the redaction). A redaction that may not apply
-/// is kept, removing nothing.
+/// is kept, removing nothing; one naming an event of another room is rejected.
 async fn redaction_of(
     state: &AppState,
     room_id: &RoomId,
@@ -375,7 +379,8 @@ async fn redaction_of(
     let Some(target) = event.redacts.clone().or(in_content) else { return Ok(None) };
     let Some(target) = state.store.get_event(target.as_str()).await? else { return Ok(None) };
     if target.room_id != room_id.as_str() {
-        return Ok(None);
+        // As Synapse: rejected, so that it cannot be taken for one of its own room.
+        return Err(Refused::Auth(format!("it redacts {}, an event of another room", target.event_id)));
     }
     let target_sender = super::client_event::ClientEvent::parse(&target)?.sender().to_owned();
     let same_server = <&UserId>::try_from(target_sender.as_str())

@@ -626,6 +626,15 @@ crate::on_both_backends! {
         assert_eq!(taken_back["content"], json!({}), "{taken_back}");
         let untouched = readable(&a.server, &alice, &room, &still_here).await.expect("alice's message");
         assert_eq!(untouched["content"]["body"], "still here", "{untouched}");
+        // One naming an event of another room is rejected, and that event stays as it was.
+        let elsewhere = create_room(&a.server, &alice, json!({"preset": "public_chat"})).await;
+        let other_room = crate::common::send_text(&a.server, &alice, &elsewhere, "o1", "in another room").await;
+        let (across, across_json) = b.sign(event(&carol, "m.room.redaction", None, json!({"redacts": other_room})));
+        let (status, answer) = b.transaction(&ca, &a, "t8", &[across_json]).await;
+        assert_eq!((status, &answer["pdus"][across.as_str()]), (200, &json!({})), "{answer}");
+        assert!(readable(&a.server, &alice, &room, across.as_str()).await.is_none(), "the redaction was taken");
+        let kept = readable(&a.server, &alice, &elsewhere, &other_room).await.expect("the other room's message");
+        assert_eq!(kept["content"]["body"], "in another room", "{kept}");
 
         // Once the room's server ACL denies B (an IP literal), B's events are refused and B may
         // not read the room.
