@@ -126,7 +126,7 @@ impl RemoteKeys {
         state: &AppState,
         server: &ServerName,
     ) -> Result<Vec<ServerKeyRecord>, RemoteError> {
-        let malformed = |why: String| RemoteError::Malformed { server: server.to_string(), why };
+        let malformed = |why: String| RemoteError::Unreadable { server: server.to_string(), why };
         let answer = state
             .remote()?
             .send(

@@ -41,8 +41,11 @@ pub enum RemoteError {
     Unreachable { server: String, why: String },
     #[error("{server} answered {status}: {}: {error}", kind.errcode())]
     Answered { server: String, status: u16, kind: Box<ErrorKind>, error: String },
-    #[error("{server} answered with something that is not what the spec describes: {why}")]
+    #[error("the request to {server} could not be made: {why}")]
     Malformed { server: String, why: String },
+    /// A success whose body is not what the spec describes.
+    #[error("{server} answered with something that is not what the spec describes: {why}")]
+    Unreadable { server: String, why: String },
 }
 
 /// How an endpoint's requests are authenticated, for [`Remote::send`].
@@ -148,9 +151,9 @@ impl Remote {
         let response = http::Response::builder()
             .status(status.as_u16())
             .body(body.as_slice())
-            .map_err(|e| RemoteError::Malformed { server: server.clone(), why: e.to_string() })?;
+            .map_err(|e| RemoteError::Unreadable { server: server.clone(), why: e.to_string() })?;
         <R::IncomingResponse as ruma::api::IncomingResponseExt>::try_from_http_response(response)
-            .map_err(|e| RemoteError::Malformed { server, why: e.to_string() })
+            .map_err(|e| RemoteError::Unreadable { server, why: e.to_string() })
     }
 }
 

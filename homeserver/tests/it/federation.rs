@@ -15,6 +15,7 @@ use ruma::{
         },
         path_builder::SinglePath,
     },
+    signatures::Ed25519KeyPair,
 };
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -81,17 +82,17 @@ impl Federating {
         (Self { server: halted.start().await, name, federation_base }, done)
     }
 
+    /// Who this server is to the others: its name and signing key.
+    pub(crate) fn signer(&self) -> Signer<'_> {
+        Signer { name: &self.name, key: self.server.server.state.signing_key.key_pair() }
+    }
+
     /// Sends `request` to `to`'s federation listener as this server; the status and body.
     pub(crate) async fn send<R>(&self, ca: &TestCa, to: &Federating, request: R) -> (u16, Value)
     where
         R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
     {
-        let key = self.server.server.state.signing_key.key_pair();
-        let signing = XMatrixSigningInput::new(self.name.clone(), to.name.clone(), key);
-        let request = request.try_into_http_request::<Vec<u8>>(&to.federation_base, signing, ()).unwrap();
-        let response = ca.client().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        self.signer().send(ca, to, request).await
     }
 
     /// Sends a request that ruma has no type for, signed with X-Matrix as this server.
@@ -131,12 +132,8 @@ impl Federating {
     }
 
     /// Hashes and signs an event as this server; its id (room version 12) and JSON.
-    pub(crate) fn sign(&self, mut event: CanonicalJsonObject) -> (OwnedEventId, CanonicalJsonObject) {
-        let rules = RoomVersionId::V12.rules().unwrap();
-        let key = self.server.server.state.signing_key.key_pair();
-        ruma::signatures::hash_and_sign_event(self.name.as_str(), key, &mut event, &rules.redaction).unwrap();
-        let id = ::federation::pdu::event_id_of(&event, &RoomVersionId::V12).unwrap();
-        (id, event)
+    pub(crate) fn sign(&self, event: CanonicalJsonObject) -> (OwnedEventId, CanonicalJsonObject) {
+        self.signer().sign(event)
     }
 
     /// Puts a transaction of `pdus` to `to` as this server; the status and body.
@@ -179,6 +176,114 @@ fn draft(
         event["state_key"] = json!(key);
     }
     object(event)
+}
+
+impl<'a> From<&'a Federating> for Signer<'a> {
+    fn from(server: &'a Federating) -> Self {
+        server.signer()
+    }
+}
+
+/// A stand-in for another server: it publishes a key of its own and takes every transaction,
+/// answering `{}` (without the `pdus` the spec asks for, as SyTest's servers answer).
+struct StandIn {
+    name: OwnedServerName,
+    key: Ed25519KeyPair,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl StandIn {
+    async fn start(ca: &TestCa) -> Self {
+        use actix_web::{App, HttpResponse, HttpServer, web};
+        let key = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "s".to_owned()).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let name = OwnedServerName::try_from(format!("127.0.0.1:{}", listener.local_addr().unwrap().port()))
+            .unwrap();
+        let mut document = object(json!({
+            "server_name": name,
+            "verify_keys": {"ed25519:s": {"key": ruma::serde::Base64::<ruma::serde::base64::Standard>::new(key.public_key().to_vec()).encode()}},
+            "old_verify_keys": {},
+            "valid_until_ts": 4_000_000_000_000u64,
+        }));
+        ruma::signatures::sign_json(name.as_str(), &key, &mut document).unwrap();
+        let document = CanonicalJsonValue::Object(document).to_string();
+        let received: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let taken = received.clone();
+        let server = HttpServer::new(move || {
+            let (document, taken) = (document.clone(), taken.clone());
+            App::new()
+                .route(
+                    "/_matrix/key/v2/server",
+                    web::get().to(move || {
+                        let document = document.clone();
+                        async move { HttpResponse::Ok().content_type("application/json").body(document) }
+                    }),
+                )
+                .route(
+                    "/_matrix/federation/v1/send/{txn}",
+                    web::put().to(move |body: web::Json<Value>| {
+                        let taken = taken.clone();
+                        async move {
+                            taken
+                                .lock()
+                                .unwrap()
+                                .extend(body["pdus"].as_array().cloned().unwrap_or_default());
+                            HttpResponse::Ok().json(json!({}))
+                        }
+                    }),
+                )
+        })
+        .workers(1)
+        .keep_alive(actix_web::http::KeepAlive::Disabled)
+        .disable_signals()
+        .listen_rustls_0_23(listener, ca.server_config())
+        .unwrap()
+        .run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Self { name, key, received, handle }
+    }
+
+    fn signer(&self) -> Signer<'_> {
+        Signer { name: &self.name, key: &self.key }
+    }
+
+    /// The bodies of the `m.room.message` events it was sent, in the order they came.
+    fn bodies(&self) -> Vec<String> {
+        let received = self.received.lock().unwrap();
+        received.iter().filter_map(|pdu| pdu["content"]["body"].as_str().map(str::to_owned)).collect()
+    }
+}
+
+/// A server name and its signing key: a Hearth's, or a stand-in's the test made.
+#[derive(Clone, Copy)]
+pub(crate) struct Signer<'a> {
+    pub(crate) name: &'a ServerName,
+    pub(crate) key: &'a Ed25519KeyPair,
+}
+
+impl Signer<'_> {
+    /// Sends `request` to `to`'s federation listener as this server; the status and body.
+    pub(crate) async fn send<R>(&self, ca: &TestCa, to: &Federating, request: R) -> (u16, Value)
+    where
+        R: OutgoingRequest<Authentication = ServerSignatures, PathBuilder = SinglePath>,
+    {
+        let signing = XMatrixSigningInput::new(self.name.to_owned(), to.name.clone(), self.key);
+        let request = request.try_into_http_request::<Vec<u8>>(&to.federation_base, signing, ()).unwrap();
+        let response = ca.client().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Hashes and signs an event as this server; its id (room version 12) and JSON.
+    pub(crate) fn sign(&self, mut event: CanonicalJsonObject) -> (OwnedEventId, CanonicalJsonObject) {
+        let rules = RoomVersionId::V12.rules().unwrap();
+        ruma::signatures::hash_and_sign_event(self.name.as_str(), self.key, &mut event, &rules.redaction)
+            .unwrap();
+        let id = ::federation::pdu::event_id_of(&event, &RoomVersionId::V12).unwrap();
+        (id, event)
+    }
 }
 
 /// Canonical JSON from a `json!` value.
@@ -453,6 +558,31 @@ crate::on_both_backends! {
         handle.stop(false).await;
         a.stop().await;
         b.stop().await;
+    }
+
+    /// A server that answers a transaction with a success whose body is not the spec's (`{}`,
+    /// as SyTest's servers do) has it: the next events go to it at once, not after the first is
+    /// sent again and again.
+    async fn a_transaction_answered_with_an_unexpected_success_is_not_sent_again(db: Db) {
+        let ca = TestCa::new();
+        let a = Federating::start(db, &ca).await;
+        let stand_in = StandIn::start(&ca).await;
+        let alice = a.server.register("alice", "a long password").await;
+        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+        join_by_hand(&ca, stand_in.signer(), &a, &room, &format!("@dora:{}", stand_in.name)).await;
+        let said = ["first", "second", "third"];
+        let started = std::time::Instant::now();
+        for (n, body) in said.iter().enumerate() {
+            crate::common::send_text(&a.server, &alice, &room, &format!("u{n}"), body).await;
+            // One at a time, so that each goes in a transaction of its own.
+            while !stand_in.bodies().contains(&(*body).to_owned()) {
+                assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", stand_in.bodies());
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        assert_eq!(stand_in.bodies(), said, "each sent once, in order");
+        stand_in.handle.stop(false).await;
+        a.stop().await;
     }
 
     /// The deprecated v1 forms of `send_join` and `send_leave`, which older servers still call,
@@ -885,11 +1015,12 @@ crate::on_both_backends! {
 /// here, `send_join`. Returns the join's id and the room's power levels event id.
 async fn join_by_hand(
     ca: &TestCa,
-    server: &Federating,
+    server: impl Into<Signer<'_>>,
     to: &Federating,
     room: &str,
     user: &str,
 ) -> (String, String) {
+    let server = server.into();
     let mut make = prepare_join_event::v1::Request::new(room.try_into().unwrap(), user.try_into().unwrap());
     make.ver = vec![RoomVersionId::V12];
     let (status, made) = server.send(ca, to, make).await;
