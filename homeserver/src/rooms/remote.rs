@@ -562,7 +562,9 @@ pub async fn state_before(
 }
 
 /// Hands an event to the other servers in its room (all but `except`, which has it); for a
-/// membership event, to the server of the member too, which must learn it was kicked, say.
+/// membership event, to the server of the member too, which must learn it was kicked, say — but
+/// an invite, which reached the invitee's server through `/invite` (as Synapse does: a server
+/// is sent the events of rooms it has no member in only then).
 pub async fn forward(
     state: &AppState,
     room_id: &RoomId,
@@ -576,9 +578,16 @@ pub async fn forward(
         #[serde(rename = "type")]
         kind: String,
         state_key: Option<String>,
+        #[serde(default)]
+        content: Membership,
     }
-    if let Ok(Fields { kind, state_key: Some(member) }) = serde_json::from_str::<Fields>(&event.json)
+    #[derive(serde::Deserialize, Default)]
+    struct Membership {
+        membership: Option<String>,
+    }
+    if let Ok(Fields { kind, state_key: Some(member), content }) = serde_json::from_str::<Fields>(&event.json)
         && kind == "m.room.member"
+        && content.membership.as_deref() != Some("invite")
         && let Ok(member) = <&UserId>::try_from(member.as_str())
     {
         servers.insert(member.server_name().to_owned());
