@@ -46,6 +46,9 @@ const MAX_KEYS_PER_SERVER: usize = 4;
 pub enum Refused {
     #[error("{0}")]
     Invalid(String),
+    /// Not signed as it must be: not what it claims to be.
+    #[error("{0}")]
+    Forged(String),
     #[error("the event fails the auth rules: {0}")]
     Auth(String),
     #[error("this server does not know the events it follows or is authorised by: {0}")]
@@ -77,7 +80,7 @@ async fn signing_keys(
     json: &CanonicalJsonObject,
 ) -> Result<BTreeMap<String, BTreeMap<String, String>>, Refused> {
     let Some(CanonicalJsonValue::Object(signatures)) = json.get("signatures") else {
-        return Err(invalid("the event is not signed"));
+        return Err(Refused::Forged("the event is not signed".to_owned()));
     };
     let remote = state.remote().map_err(|e| Refused::Internal(e.to_string()))?;
     let mut keys = BTreeMap::new();
@@ -193,7 +196,7 @@ pub async fn verified(
     mut json: CanonicalJsonObject,
 ) -> Result<(CanonicalJsonObject, Pdu), Refused> {
     let keys = signing_keys(state, &json).await?;
-    if !pdu::verify(&json, version, &keys).map_err(|e| invalid(format!("bad signature: {e}")))? {
+    if !pdu::verify(&json, version, &keys).map_err(|e| Refused::Forged(format!("bad signature: {e}")))? {
         // Signed as sent, altered since: kept only as a redaction would leave it.
         tracing::info!(%event_id, "an event's content hash does not match; it is kept redacted");
         json = pdu::redacted(json, version, None).map_err(invalid)?;
@@ -518,7 +521,7 @@ impl Refused {
     pub fn into_error(self) -> crate::error::Error {
         use crate::error::Error;
         match self {
-            Refused::Auth(why) => Error::forbidden(why),
+            Refused::Auth(why) | Refused::Forged(why) => Error::forbidden(why),
             Refused::Invalid(why) | Refused::Unknown(why) => Error::bad_json(why),
             Refused::Internal(why) => Error::internal(why),
         }

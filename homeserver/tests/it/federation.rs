@@ -586,7 +586,7 @@ crate::on_both_backends! {
     }
 
     /// The deprecated v1 forms of `send_join` and `send_leave`, which older servers still call,
-    /// take the event as v2 does and answer `[200, body]`.
+    /// take the event as v2 does (an unsigned one refused as forbidden) and answer `[200, body]`.
     async fn the_v1_send_join_and_send_leave_answer_as_v1_did(db: Db) {
         let ca = TestCa::new();
         let (a, b) = (Federating::start(db, &ca).await, Federating::start(Db::Sqlite, &ca).await);
@@ -604,6 +604,11 @@ crate::on_both_backends! {
         assert_eq!(status, 200, "{made}");
         let (join, join_json) = sign_template(&made);
         let path = format!("/_matrix/federation/v1/send_join/{}/{}", enc(&room), enc(join.as_str()));
+        // Unsigned, the join is not the joining server's: refused as forbidden.
+        let mut unsigned = join_json.clone();
+        unsigned.remove("signatures");
+        let (status, refused) = b.send_raw(&ca, &a, "PUT", &path, serde_json::to_value(&unsigned).unwrap()).await;
+        assert_eq!((status, refused["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{refused}");
         let (status, joined) = b.send_raw(&ca, &a, "PUT", &path, serde_json::to_value(&join_json).unwrap()).await;
         assert_eq!((status, &joined[0]), (200, &json!(200)), "{joined}");
         assert!(joined[1]["state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.create"), "{joined}");
