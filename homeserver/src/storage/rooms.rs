@@ -655,6 +655,25 @@ impl SqlStore {
         Ok(stored)
     }
 
+    /// `columns` of the events with these ids that pass `filter`, in batches that keep each
+    /// statement within every backend's limit on parameters.
+    async fn event_rows(&self, columns: &str, filter: &str, event_ids: &[&str]) -> StoreResult<Vec<AnyRow>> {
+        let mut rows = Vec::with_capacity(event_ids.len());
+        for batch in event_ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {columns} FROM events WHERE event_id IN ({}) AND {filter}",
+                placeholders.join(", ")
+            ));
+            let mut query = sqlx::query(sql);
+            for id in batch {
+                query = query.bind(*id);
+            }
+            rows.extend(query.fetch_all(&self.pool).await?);
+        }
+        Ok(rows)
+    }
+
     async fn events_by_ids(&self, ids: &[String]) -> StoreResult<Vec<StoredEvent>> {
         let mut events = Vec::with_capacity(ids.len());
         // One query per id keeps the SQL portable; state maps are small for now.
@@ -1084,22 +1103,8 @@ impl RoomStore for SqlStore {
     }
 
     async fn rejected_events(&self, event_ids: &[&str]) -> StoreResult<Vec<(String, String)>> {
-        let mut found = Vec::new();
-        for batch in event_ids.chunks(500) {
-            let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT event_id, room_id FROM events WHERE event_id IN ({}) AND rejected IS NOT NULL",
-                placeholders.join(", ")
-            ));
-            let mut query = sqlx::query(sql);
-            for id in batch {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&self.pool).await? {
-                found.push((row.try_get("event_id")?, row.try_get("room_id")?));
-            }
-        }
-        Ok(found)
+        let rows = self.event_rows("event_id, room_id", "rejected IS NOT NULL", event_ids).await?;
+        rows.iter().map(|row| Ok((row.try_get("event_id")?, row.try_get("room_id")?))).collect()
     }
 
     async fn state_after(&self, event_id: &str) -> StoreResult<Option<StateMap>> {
@@ -1144,23 +1149,8 @@ impl RoomStore for SqlStore {
     }
 
     async fn events_by_id(&self, event_ids: &[&str]) -> StoreResult<Vec<StoredEvent>> {
-        let mut events = Vec::with_capacity(event_ids.len());
-        // Bounded batches keep each statement within every backend's limit on parameters.
-        for batch in event_ids.chunks(500) {
-            let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({}) AND rejected IS NULL",
-                placeholders.join(", ")
-            ));
-            let mut query = sqlx::query(sql);
-            for id in batch {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&self.pool).await? {
-                events.push(event_from_row(&row)?);
-            }
-        }
-        Ok(events)
+        let rows = self.event_rows(EVENT_COLUMNS, "rejected IS NULL", event_ids).await?;
+        rows.iter().map(event_from_row).collect()
     }
 
     async fn room_events(

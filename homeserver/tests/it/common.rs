@@ -143,9 +143,7 @@ impl Halted {
     pub async fn start(self) -> TestServer {
         let mut config = self.config;
         config.listen.client = "127.0.0.1:0".to_owned();
-        let server = homeserver::server::start(config).await.expect("server starts again");
-        let base = format!("http://{}", server.addr);
-        TestServer { base, http: reqwest::Client::new(), server, db: self.db }
+        TestServer::run(config, self.db).await
     }
 }
 
@@ -174,18 +172,21 @@ impl TestServer {
     pub async fn start_on(db: &TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(db);
         tweak(&mut config);
+        Self::run(config, None).await
+    }
+
+    /// A server started with `config`, owning `db` if given.
+    async fn run(config: Config, db: Option<TestDb>) -> Self {
         let server = homeserver::server::start(config).await.expect("server starts");
         let base = format!("http://{}", server.addr);
-        Self { base, http: reqwest::Client::new(), server, db: None }
+        Self { base, http: reqwest::Client::new(), server, db }
     }
 
     /// Another worker on the same database and token secret, as in a scaled-out deployment.
     pub async fn another_worker(&self) -> Self {
         let mut config = self.server.state.config.clone();
         config.listen.client = "127.0.0.1:0".to_owned();
-        let server = homeserver::server::start(config).await.expect("second worker starts");
-        let base = format!("http://{}", server.addr);
-        Self { base, http: reqwest::Client::new(), server, db: None }
+        Self::run(config, None).await
     }
 
     /// Starts a `/sync` long-poll from `since` with a two-minute timeout, in the background: a

@@ -188,7 +188,7 @@ impl<'a> From<&'a Federating> for Signer<'a> {
 /// answering `{}` (without the `pdus` the spec asks for, as SyTest's servers answer).
 struct StandIn {
     name: OwnedServerName,
-    key: Ed25519KeyPair,
+    key: ::federation::signing_key::SigningKey,
     received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
     handle: actix_web::dev::ServerHandle,
 }
@@ -196,17 +196,14 @@ struct StandIn {
 impl StandIn {
     async fn start(ca: &TestCa) -> Self {
         use actix_web::{App, HttpResponse, HttpServer, web};
-        let key = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "s".to_owned()).unwrap();
+        let key_file = std::env::temp_dir()
+            .join(format!("hearth-stand-in-{}.key", homeserver::auth::tokens::random_token(10)));
+        let key = ::federation::signing_key::SigningKey::load_or_generate(&key_file).unwrap();
+        let _ = std::fs::remove_file(&key_file);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let name = OwnedServerName::try_from(format!("127.0.0.1:{}", listener.local_addr().unwrap().port()))
             .unwrap();
-        let mut document = object(json!({
-            "server_name": name,
-            "verify_keys": {"ed25519:s": {"key": ruma::serde::Base64::<ruma::serde::base64::Standard>::new(key.public_key().to_vec()).encode()}},
-            "old_verify_keys": {},
-            "valid_until_ts": 4_000_000_000_000u64,
-        }));
-        ruma::signatures::sign_json(name.as_str(), &key, &mut document).unwrap();
+        let document = ::federation::keys::own_key_document(&name, &key, &[], 4_000_000_000_000).unwrap();
         let document = CanonicalJsonValue::Object(document).to_string();
         let received: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
         let taken = received.clone();
@@ -246,7 +243,7 @@ impl StandIn {
     }
 
     fn signer(&self) -> Signer<'_> {
-        Signer { name: &self.name, key: &self.key }
+        Signer { name: &self.name, key: self.key.key_pair() }
     }
 
     /// The bodies of the `m.room.message` events it was sent, in the order they came.
@@ -914,7 +911,7 @@ crate::on_both_backends! {
 
     /// Events a server never received (it was down, and the sender lost its queue in a restart
     /// meanwhile) are fetched from the sender (`get_missing_events`) when a later event names
-    /// them, and its users read all of them, in order.
+    /// them, and its users read all of them, in order. (Also: no state is served at an outlier.)
     async fn events_missed_while_down_are_fetched_when_a_later_one_names_them(db: Db) {
         let ca = TestCa::new();
         let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
@@ -924,6 +921,12 @@ crate::on_both_backends! {
         let join = format!("/_matrix/client/v3/join/{}?server_name={}", enc(&room), enc(a.name.as_str()));
         let (status, joined) = b.server.post(&join, Some(&bob.token), json!({})).await;
         assert_eq!(status, 200, "{joined}");
+        // B keeps the state the join brought as outliers, and has no state at one of them: the
+        // create event (its id is the room's, from room version 12).
+        let create: OwnedEventId = format!("${}", &room[1..]).try_into().unwrap();
+        let ask = get_room_state_ids::v1::Request::new(create, room.as_str().try_into().unwrap());
+        let (status, answer) = a.send(&ca, &b, ask).await;
+        assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{answer}");
 
         let (a, b) = a
             .down_while(async {

@@ -6,7 +6,8 @@
 //! with 401 `M_UNAUTHORIZED` when the header is missing or malformed, names another
 //! destination, or is signed with a key the origin does not use (as it publishes them), or the
 //! signature does not match; the origin's keys are fetched when not known
-//! ([`crate::remote::keys`]). A body that is not canonical JSON is 400 `M_BAD_JSON`.
+//! ([`crate::remote::keys`]). A request from a known key whose body is not canonical JSON is
+//! 400 `M_BAD_JSON`.
 
 use std::net::IpAddr;
 
@@ -57,13 +58,6 @@ pub(super) async fn verify(state: &AppState, incoming: Incoming<'_>) -> Result<O
     {
         return Err(unauthorized(format!("this request is for {destination}, not {}", state.server_name)));
     }
-    // A body that cannot be signed (floats, integers past 2^53) cannot be verified either: it is
-    // malformed, as room versions from 6 on say, not forged.
-    if !incoming.body.is_empty() && serde_json::from_slice::<CanonicalJsonValue>(incoming.body).is_err() {
-        return Err(Error::bad_json(
-            "the body is not canonical JSON (no floats, integers within ±(2^53 - 1))",
-        ));
-    }
     let origin = xmatrix.origin.clone();
     let key = state
         .remote()?
@@ -75,9 +69,17 @@ pub(super) async fn verify(state: &AppState, incoming: Incoming<'_>) -> Result<O
     let key = Base64::parse(&key).map_err(|_| Error::internal("a stored server key is not base64"))?;
     let keys: PublicKeyMap = [(origin.to_string(), [(xmatrix.key.to_string(), key)].into())].into();
     let request = crate::ruma_wrapper::to_http_request(incoming.request, incoming.body)?;
-    xmatrix
-        .verify_http_request(&request, &state.server_name, &keys)
-        .map_err(|e| unauthorized(format!("the X-Matrix signature does not check out: {e}")))?;
+    if let Err(error) = xmatrix.verify_http_request(&request, &state.server_name, &keys) {
+        // A body that cannot be signed (floats, integers past 2^53) cannot be verified either:
+        // it is malformed, as room versions from 6 on say, not forged. Looked at only then, so
+        // that a good request's body is parsed once.
+        if !incoming.body.is_empty() && serde_json::from_slice::<CanonicalJsonValue>(incoming.body).is_err() {
+            return Err(Error::bad_json(
+                "the body is not canonical JSON (no floats, integers within ±(2^53 - 1))",
+            ));
+        }
+        return Err(unauthorized(format!("the X-Matrix signature does not check out: {error}")));
+    }
     // Per server, once it is known who asks: a busy server cannot crowd out the others.
     state.limiter.check(crate::auth::ratelimit::Action::FederationRequest, origin.as_str()).await?;
     Ok(origin)
