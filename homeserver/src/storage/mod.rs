@@ -22,6 +22,7 @@ mod reports;
 pub mod rooms;
 mod server_keys;
 mod sessions;
+mod state;
 pub mod stream;
 mod threepids;
 mod uia;
@@ -239,7 +240,7 @@ struct ImmutableCache {
     /// Room id → room version.
     room_versions: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Room id → its latest state snapshot read here (snapshots are written once, by id).
-    snapshots: std::sync::Mutex<std::collections::HashMap<String, (i64, Arc<rooms::StateMap>)>>,
+    snapshots: std::sync::Mutex<std::collections::HashMap<String, state::Snapshot>>,
 }
 
 impl ImmutableCache {
@@ -416,6 +417,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "rejected events",
         include_str!("../../migrations/postgres/0028_rejected_events.sql"),
         include_str!("../../migrations/sqlite/0028_rejected_events.sql"),
+    ),
+    (
+        29,
+        "state deltas",
+        include_str!("../../migrations/postgres/0029_state_deltas.sql"),
+        include_str!("../../migrations/sqlite/0029_state_deltas.sql"),
     ),
 ];
 

@@ -13,7 +13,11 @@ use async_trait::async_trait;
 use ruma::{OwnedEventId, RoomId, UserId};
 use sqlx::{Row, any::AnyRow};
 
-use super::{Backend, ImmutableCache, SqlStore, StoreError, StoreResult, now_ms, stream::StreamWriter};
+use super::{
+    Backend, ImmutableCache, SqlStore, StoreError, StoreResult, now_ms,
+    state::{self, Snapshot},
+    stream::StreamWriter,
+};
 
 /// `(event_type, state_key)` → event id.
 pub type StateMap = BTreeMap<(String, String), String>;
@@ -320,17 +324,6 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
-fn snapshot_to_json(state: &StateMap) -> StoreResult<String> {
-    let list: Vec<[&str; 3]> =
-        state.iter().map(|((t, k), id)| [t.as_str(), k.as_str(), id.as_str()]).collect();
-    serde_json::to_string(&list).map_err(corrupt)
-}
-
-fn snapshot_from_json(text: &str) -> StoreResult<StateMap> {
-    let list: Vec<[String; 3]> = serde_json::from_str(text).map_err(corrupt)?;
-    Ok(list.into_iter().map(|[t, k, id]| ((t, k), id)).collect())
-}
-
 /// Sets the room's current state at `(event_type, state_key)`.
 async fn set_current_state(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -500,31 +493,38 @@ impl SqlStore {
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         room_id: &RoomId,
         snapshot_id: i64,
-    ) -> StoreResult<Arc<StateMap>> {
-        if let Some((id, state)) = lock(&self.immutable.snapshots).get(room_id.as_str())
-            && *id == snapshot_id
+    ) -> StoreResult<Snapshot> {
+        if let Some(cached) = lock(&self.immutable.snapshots).get(room_id.as_str())
+            && cached.id == snapshot_id
         {
-            return Ok(state.clone());
+            return Ok(cached.clone());
         }
-        let row = sqlx::query("SELECT state FROM state_snapshots WHERE snapshot_id = $1")
-            .bind(snapshot_id)
-            .fetch_one(&mut **tx)
-            .await?;
-        let state = Arc::new(snapshot_from_json(&row.try_get::<String, _>("state")?)?);
-        self.remember_snapshot(room_id, snapshot_id, state.clone());
-        Ok(state)
+        let snapshot = state::read(tx, snapshot_id).await?;
+        self.remember_snapshot(room_id, snapshot.clone());
+        Ok(snapshot)
     }
 
-    fn remember_snapshot(&self, room_id: &RoomId, snapshot_id: i64, state: Arc<StateMap>) {
+    fn forget_snapshot(&self, room_id: &RoomId) {
+        lock(&self.immutable.snapshots).remove(room_id.as_str());
+    }
+
+    fn remember_snapshot(&self, room_id: &RoomId, snapshot: Snapshot) {
         let mut snapshots = lock(&self.immutable.snapshots);
         if snapshots.len() >= ImmutableCache::CAPACITY {
             snapshots.clear();
         }
-        snapshots.insert(room_id.to_string(), (snapshot_id, state));
+        snapshots.insert(room_id.to_string(), snapshot);
+    }
+
+    /// Snapshot `id`, read outside any transaction.
+    async fn read_snapshot(&self, id: i64) -> StoreResult<Snapshot> {
+        let mut conn = self.pool.acquire().await?;
+        state::read(&mut conn, id).await
     }
 
     /// The head of a room whose `rooms` row (version, extremities, depth, snapshot) is `row`:
-    /// the state under `auth_keys` with its JSON, and the whole state map.
+    /// the state under `auth_keys` with its JSON, and the current state snapshot (none before the
+    /// room's first event).
     async fn head_in(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -532,17 +532,19 @@ impl SqlStore {
         row: &AnyRow,
         auth_keys: &[(String, String)],
         with_extremity_json: bool,
-    ) -> StoreResult<(RoomHead, Arc<StateMap>)> {
+    ) -> StoreResult<(RoomHead, Option<Snapshot>)> {
         let room_version: String = row.try_get("room_version")?;
         let extremities: Vec<OwnedEventId> =
             serde_json::from_str(&row.try_get::<String, _>("extremities")?).map_err(corrupt)?;
         let depth: i64 = row.try_get("depth")?;
         let snapshot: Option<i64> = row.try_get("current_snapshot")?;
 
-        let state_map = match snapshot {
-            Some(snapshot) => self.snapshot(tx, room_id, snapshot).await?,
-            None => Arc::default(),
+        let snapshot = match snapshot {
+            Some(snapshot) => Some(self.snapshot(tx, room_id, snapshot).await?),
+            None => None,
         };
+        let empty = StateMap::new();
+        let state_map = snapshot.as_ref().map_or(&empty, |snapshot| &*snapshot.state);
         // Only the state the auth rules will look at (and the extremities if asked), in one query.
         let wanted: Vec<(&(String, String), &String)> =
             auth_keys.iter().filter_map(|key| state_map.get_key_value(key)).collect();
@@ -579,7 +581,7 @@ impl SqlStore {
                 extremity_json.insert(id.clone(), text.clone());
             }
         }
-        Ok((RoomHead { room_version, extremities, depth, state, extremity_json }, state_map))
+        Ok((RoomHead { room_version, extremities, depth, state, extremity_json }, snapshot))
     }
 
     /// Writes an event of a fork (see [`NewEvent::resolved`]): the state after it as its own
@@ -592,29 +594,26 @@ impl SqlStore {
         room_id: &RoomId,
         position: super::stream::PositionGuard,
         head: &RoomHead,
-        old_state: &StateMap,
+        old: Option<&Snapshot>,
         event: NewEvent,
         resolved: &Resolved,
     ) -> StoreResult<StoredEvent> {
         let p = position.position;
-        let insert_snapshot =
-            |id: i64, state: &StateMap| -> StoreResult<(i64, String)> { Ok((id, snapshot_to_json(state)?)) };
-        let mut snapshots = vec![insert_snapshot(p, &resolved.after_event)?];
-        let current_id = match resolved.current == resolved.after_event {
-            true => p,
+        let empty = StateMap::new();
+        let old_state = old.map_or(&empty, |old| &*old.state);
+        let conn = &mut *tx;
+        let after_event = Arc::new(resolved.after_event.clone());
+        let delta = state::delta_between(old_state, &after_event);
+        let after_event =
+            state::write(conn, room_id, p, old.map(|old| (old.id, old.chain)), after_event, delta).await?;
+        let current = match resolved.current == resolved.after_event {
+            true => after_event,
             false => {
-                snapshots.push(insert_snapshot(-p, &resolved.current)?);
-                -p
+                let delta = state::delta_between(&after_event.state, &resolved.current);
+                let base = Some((after_event.id, after_event.chain));
+                state::write(conn, room_id, -p, base, Arc::new(resolved.current.clone()), delta).await?
             }
         };
-        for (id, json) in snapshots {
-            sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
-                .bind(id)
-                .bind(room_id.as_str())
-                .bind(json)
-                .execute(&mut *tx)
-                .await?;
-        }
         insert_event(&mut tx, room_id, p, &event, p, Written::Backfilled).await?;
         apply_redaction(&mut tx, room_id, &event).await?;
         sqlx::query("DELETE FROM current_state WHERE room_id = $1")
@@ -644,12 +643,12 @@ impl SqlStore {
         .bind(room_id.as_str())
         .bind(serde_json::to_string(&extremities).map_err(corrupt)?)
         .bind(event.depth.max(head.depth))
-        .bind(current_id)
+        .bind(current.id)
         .execute(&mut *tx)
         .await?;
         position.still_leased()?;
         tx.commit().await?;
-        self.remember_snapshot(room_id, current_id, Arc::new(resolved.current.clone()));
+        self.remember_snapshot(room_id, current);
         let stored = NewEvent::stored(p, room_id, event);
         drop(position);
         Ok(stored)
@@ -672,17 +671,6 @@ impl SqlStore {
             rows.extend(query.fetch_all(&self.pool).await?);
         }
         Ok(rows)
-    }
-
-    async fn events_by_ids(&self, ids: &[String]) -> StoreResult<Vec<StoredEvent>> {
-        let mut events = Vec::with_capacity(ids.len());
-        // One query per id keeps the SQL portable; state maps are small for now.
-        for id in ids {
-            if let Some(event) = self.get_event(id).await? {
-                events.push(event);
-            }
-        }
-        Ok(events)
     }
 }
 
@@ -753,34 +741,40 @@ impl RoomStore for SqlStore {
         // Taken while the room is locked, so the room's events get positions in the order of its
         // graph, whichever worker writes them (see `stream.rs`).
         let position = writer.allocate_in(&mut tx).await?;
-        let (head, state_map) = self.head_in(&mut tx, room_id, &row, auth_keys, with_extremity_json).await?;
-        let snapshot: Option<i64> = row.try_get("current_snapshot")?;
+        let (head, snapshot) = self.head_in(&mut tx, room_id, &row, auth_keys, with_extremity_json).await?;
         let event = match build(&head) {
             Ok(event) => event,
             Err(refused) => return Ok(Err(refused)),
         };
 
         if let Some(resolved) = event.resolved.clone() {
-            let stored =
-                self.append_resolved(tx, room_id, position, &head, &state_map, event, &resolved).await?;
+            let stored = self
+                .append_resolved(tx, room_id, position, &head, snapshot.as_ref(), event, &resolved)
+                .await?;
             return Ok(Ok(stored));
         }
         let mut new_snapshot = None;
         let snapshot_id = match &event.state_key {
             Some(key) => {
-                let mut state_map = (*state_map).clone();
-                state_map.insert((event.event_type.clone(), key.clone()), event.event_id.to_string());
-                sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
-                    .bind(position.position)
-                    .bind(room_id.as_str())
-                    .bind(snapshot_to_json(&state_map)?)
-                    .execute(&mut *tx)
-                    .await?;
-                new_snapshot = Some(Arc::new(state_map));
+                // The room is locked, so the cached map can be taken and changed in place: a
+                // copy of it would cost as much as the room has members.
+                self.forget_snapshot(room_id);
+                let (base, mut state_map) = match snapshot {
+                    Some(Snapshot { id, chain, state }) => (Some((id, chain)), state),
+                    None => (None, Arc::default()),
+                };
+                let (event_type, event_id) = (event.event_type.clone(), event.event_id.to_string());
+                Arc::make_mut(&mut state_map).insert((event_type.clone(), key.clone()), event_id.clone());
+                let delta = vec![(event_type, key.clone(), Some(event_id))];
+                let written =
+                    state::write(&mut tx, room_id, position.position, base, state_map, delta).await?;
+                new_snapshot = Some(written);
                 set_current_state(&mut tx, room_id, &event.event_type, key, event.event_id.as_str()).await?;
                 position.position
             }
-            None => snapshot.ok_or_else(|| corrupt("a non-state event in a room without state"))?,
+            None => snapshot
+                .map(|snapshot| snapshot.id)
+                .ok_or_else(|| corrupt("a non-state event in a room without state"))?,
         };
         insert_event(&mut tx, room_id, position.position, &event, snapshot_id, Written::Live).await?;
         if let Some(expires_ts) = event.expires_ts {
@@ -829,8 +823,8 @@ impl RoomStore for SqlStore {
         }
         position.still_leased()?;
         tx.commit().await?;
-        if let Some(state_map) = new_snapshot {
-            self.remember_snapshot(room_id, snapshot_id, state_map);
+        if let Some(snapshot) = new_snapshot {
+            self.remember_snapshot(room_id, snapshot);
         }
         let stored = NewEvent::stored(position.position, room_id, event);
         drop(position);
@@ -910,13 +904,7 @@ impl RoomStore for SqlStore {
         let key = join.state_key.clone().unwrap_or_default();
         state_map.insert((join.event_type.clone(), key.clone()), join.event_id.to_string());
         set_current_state(&mut tx, room_id, &join.event_type, &key, join.event_id.as_str()).await?;
-        let state_map = Arc::new(state_map);
-        sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
-            .bind(p)
-            .bind(room_id.as_str())
-            .bind(snapshot_to_json(&state_map)?)
-            .execute(&mut *tx)
-            .await?;
+        let snapshot = state::write(&mut tx, room_id, p, None, Arc::new(state_map), Vec::new()).await?;
         insert_event(&mut tx, room_id, p, &join, p, Written::Live).await?;
         let extremities = serde_json::to_string(&[join.event_id.as_str()]).map_err(corrupt)?;
         sqlx::query(
@@ -930,7 +918,7 @@ impl RoomStore for SqlStore {
         .await?;
         position.still_leased()?;
         tx.commit().await?;
-        self.remember_snapshot(room_id, p, state_map);
+        self.remember_snapshot(room_id, snapshot);
         let stored = NewEvent::stored(p, room_id, join);
         drop(position);
         Ok(stored)
@@ -952,17 +940,17 @@ impl RoomStore for SqlStore {
         let row = lock_room_of_another_server(&mut tx, room_id, version, &invite.sender).await?;
         let position = writer.allocate_in(&mut tx).await?;
         let p = position.position;
-        let mut state_map = match row.try_get::<Option<i64>, _>("current_snapshot")? {
-            Some(snapshot) => (*self.snapshot(&mut tx, room_id, snapshot).await?).clone(),
-            None => StateMap::new(),
+        let (base, mut state_map) = match row.try_get::<Option<i64>, _>("current_snapshot")? {
+            Some(snapshot) => {
+                let Snapshot { id, chain, state } = self.snapshot(&mut tx, room_id, snapshot).await?;
+                (Some((id, chain)), state)
+            }
+            None => (None, Arc::default()),
         };
-        state_map.insert(("m.room.member".to_owned(), invitee.clone()), invite.event_id.to_string());
-        sqlx::query("INSERT INTO state_snapshots (snapshot_id, room_id, state) VALUES ($1, $2, $3)")
-            .bind(p)
-            .bind(room_id.as_str())
-            .bind(snapshot_to_json(&state_map)?)
-            .execute(&mut *tx)
-            .await?;
+        let key = ("m.room.member".to_owned(), invitee.clone());
+        Arc::make_mut(&mut state_map).insert(key.clone(), invite.event_id.to_string());
+        let delta = vec![(key.0, key.1, Some(invite.event_id.to_string()))];
+        let snapshot = state::write(&mut tx, room_id, p, base, state_map, delta).await?;
         set_current_state(&mut tx, room_id, "m.room.member", &invitee, invite.event_id.as_str()).await?;
         insert_event(&mut tx, room_id, p, &invite, p, Written::Live).await?;
         if let Some(stripped_state) = stripped_state {
@@ -983,7 +971,7 @@ impl RoomStore for SqlStore {
             .await?;
         position.still_leased()?;
         tx.commit().await?;
-        self.remember_snapshot(room_id, p, Arc::new(state_map));
+        self.remember_snapshot(room_id, snapshot);
         let stored = NewEvent::stored(p, room_id, invite);
         drop(position);
         Ok(stored)
@@ -1108,14 +1096,13 @@ impl RoomStore for SqlStore {
     }
 
     async fn state_after(&self, event_id: &str) -> StoreResult<Option<StateMap>> {
-        let row = sqlx::query(
-            "SELECT s.state FROM events e JOIN state_snapshots s ON s.snapshot_id = e.state_snapshot
-             WHERE e.event_id = $1",
-        )
-        .bind(event_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| snapshot_from_json(&row.try_get::<String, _>("state")?)).transpose()
+        let row = sqlx::query("SELECT state_snapshot FROM events WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let snapshot = self.read_snapshot(row.try_get("state_snapshot")?).await?;
+        Ok(Some(Arc::unwrap_or_clone(snapshot.state)))
     }
 
     async fn event_by_txn(
@@ -1185,17 +1172,22 @@ impl RoomStore for SqlStore {
 
     async fn state_at(&self, room_id: &RoomId, at: i64) -> StoreResult<Vec<StoredEvent>> {
         let row = sqlx::query(
-            "SELECT s.state FROM events e JOIN state_snapshots s ON s.snapshot_id = e.state_snapshot
-             WHERE e.room_id = $1 AND e.stream_ordering <= $2 ORDER BY e.stream_ordering DESC LIMIT 1",
+            "SELECT state_snapshot FROM events
+             WHERE room_id = $1 AND stream_ordering <= $2 ORDER BY stream_ordering DESC LIMIT 1",
         )
         .bind(room_id.as_str())
         .bind(at)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(Vec::new()) };
-        let map = snapshot_from_json(&row.try_get::<String, _>("state")?)?;
-        let ids: Vec<String> = map.into_values().collect();
-        self.events_by_ids(&ids).await
+        let snapshot = self.read_snapshot(row.try_get("state_snapshot")?).await?;
+        // In the map's (type, state key) order, as readers have always had them.
+        let order: std::collections::HashMap<&str, usize> =
+            snapshot.state.values().enumerate().map(|(n, id)| (id.as_str(), n)).collect();
+        let ids: Vec<&str> = order.keys().copied().collect();
+        let mut events = self.events_by_id(&ids).await?;
+        events.sort_by_key(|event| order.get(event.event_id.as_str()).copied());
+        Ok(events)
     }
 
     async fn current_state(&self, room_id: &RoomId) -> StoreResult<Vec<StoredEvent>> {

@@ -536,4 +536,55 @@ crate::on_both_backends! {
         assert_eq!(json["depth"], ruma::CanonicalJsonValue::Integer(ruma::Int::from(7u32)), "after the room's 6 creation events");
         server.stop().await;
     }
+
+    async fn the_state_at_every_event_survives_delta_chains_and_a_restart(db: Db) {
+        let server = TestServer::start(db).await;
+        let alice = server.register("alice", PW).await;
+        let room = create(&server, &alice, json!({})).await;
+        let slot = "org.example.slot";
+        // 240 state events: past two rollovers of a delta chain (100), with slot 0 rewritten
+        // every 50 so that deltas replace what is under them.
+        let (mut expected, mut at_event) = (BTreeMap::new(), Vec::new());
+        for n in 0..240 {
+            let key = if n % 50 == 49 { "0".to_owned() } else { n.to_string() };
+            let id = crate::common::put_state(&server, &alice, &room, slot, &key, json!({"n": n})).await;
+            expected.insert(key, id.clone());
+            at_event.push((id, expected.clone()));
+        }
+        let slots_at = |state: &homeserver::storage::StateMap| -> BTreeMap<String, String> {
+            state.iter().filter(|((t, _), _)| t == slot).map(|((_, k), id)| (k.clone(), id.clone())).collect()
+        };
+        for (id, expected) in &at_event {
+            let state = server.server.state.store.state_after(id).await.unwrap().expect("stored");
+            assert_eq!(&slots_at(&state), expected, "the state after {id}");
+        }
+        // Deltas, not a whole map per state event: the rows together hold about one entry per
+        // event (a whole map every 100 events and the room's creation), not 240 × 120 entries.
+        let db = homeserver::storage::SqlStore::connect(&server.server.state.config.database.url, 1).await.unwrap();
+        let stored: i64 = sqlx::query_scalar("SELECT CAST(SUM(LENGTH(state)) AS BIGINT) FROM state_snapshots")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        db.close().await;
+        let whole = 240 * 120 * 70;
+        assert!(stored < whole / 20, "{stored} bytes of snapshots for what whole maps would store in {whole}");
+
+        // Started again (nothing in memory), the current state is read back through its chain.
+        let server = server.halt().await.start().await;
+        let last = crate::common::put_state(&server, &alice, &room, slot, "last", json!({})).await;
+        expected.insert("last".to_owned(), last.clone());
+        let state = server.server.state.store.state_after(&last).await.unwrap().expect("stored");
+        assert_eq!(slots_at(&state), expected);
+        let (status, context) = server.get(&room_path(&room, &format!("context/{}?limit=0", percent(&last))), Some(&alice.token)).await;
+        assert_eq!(status, 200, "{context}");
+        let served: BTreeMap<String, String> = context["state"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|event| event["type"] == slot)
+            .map(|event| (event["state_key"].as_str().unwrap().to_owned(), event["event_id"].as_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(served, expected, "/context serves the state at the event");
+        server.stop().await;
+    }
 }
