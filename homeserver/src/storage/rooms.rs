@@ -324,25 +324,76 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
-/// Sets the room's current state at `(event_type, state_key)`.
-async fn set_current_state(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    room_id: &RoomId,
-    event_type: &str,
-    state_key: &str,
-    event_id: &str,
+/// A value bound into a statement built for many rows.
+#[derive(Debug, Clone, Copy)]
+enum Bound<'a> {
+    Text(Option<&'a str>),
+    Int(i64),
+    Small(i16),
+}
+
+/// The most parameters one statement of [`insert_many`] binds: under every backend's limit
+/// (SQLite's is 32,766, Postgres's 65,535).
+const MAX_PARAMETERS: usize = 10_000;
+
+/// `INSERT INTO {into} VALUES (…), (…) {tail}` for every row, in as few statements as the
+/// backends' limits on parameters allow: a send_join answer brings thousands of rows.
+async fn insert_many(
+    conn: &mut sqlx::AnyConnection,
+    into: &str,
+    tail: &str,
+    rows: &[Vec<Bound<'_>>],
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
-    )
-    .bind(room_id.as_str())
-    .bind(event_type)
-    .bind(state_key)
-    .bind(event_id)
-    .execute(&mut **tx)
-    .await?;
+    let Some(width) = rows.first().map(Vec::len) else { return Ok(()) };
+    for chunk in rows.chunks((MAX_PARAMETERS / width.max(1)).max(1)) {
+        let mut n = 0;
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|row| {
+                let placeholders: Vec<String> = row
+                    .iter()
+                    .map(|_| {
+                        n += 1;
+                        format!("${n}")
+                    })
+                    .collect();
+                format!("({})", placeholders.join(", "))
+            })
+            .collect();
+        let sql = sqlx::AssertSqlSafe(format!("INSERT INTO {into} VALUES {} {tail}", values.join(", ")));
+        let mut query = sqlx::query(sql);
+        for value in chunk.iter().flatten() {
+            query = match *value {
+                Bound::Text(text) => query.bind(text),
+                Bound::Int(n) => query.bind(n),
+                Bound::Small(n) => query.bind(n),
+            };
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
+}
+
+/// Sets the room's current state at each `(event_type, state_key, event_id)`; each key at most
+/// once (one statement cannot update a row twice).
+async fn set_current_state(
+    conn: &mut sqlx::AnyConnection,
+    room_id: &RoomId,
+    entries: &[(&str, &str, &str)],
+) -> StoreResult<()> {
+    let rows: Vec<Vec<Bound>> = entries
+        .iter()
+        .map(|(kind, key, id)| {
+            [room_id.as_str(), kind, key, id].into_iter().map(|text| Bound::Text(Some(text))).collect()
+        })
+        .collect();
+    insert_many(
+        conn,
+        "current_state (room_id, event_type, state_key, event_id)",
+        "ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
+        &rows,
+    )
+    .await
 }
 
 /// How an event is written: live (in the timeline, its membership applied), as an outlier (in
@@ -412,73 +463,149 @@ async fn allocate_backward(tx: &mut sqlx::Transaction<'_, sqlx::Any>, n: i64) ->
     Ok(row.try_get::<i64, _>("next")? + n)
 }
 
-/// Writes an event's row at `position` with the state after it (see [`Written`]).
+/// An event to write at `position` with the state after it (see [`Written`]).
+struct EventRow<'a> {
+    position: i64,
+    event: &'a NewEvent,
+    snapshot_id: i64,
+    written: Written,
+}
+
+/// Writes the rows of events, and the memberships of those written live.
+async fn insert_events(
+    conn: &mut sqlx::AnyConnection,
+    room_id: &RoomId,
+    events: &[EventRow<'_>],
+) -> StoreResult<()> {
+    let rows: Vec<Vec<Bound>> = events
+        .iter()
+        .map(|EventRow { position, event, snapshot_id, written }| {
+            let txn = event.txn.as_ref();
+            vec![
+                Bound::Int(*position),
+                Bound::Text(Some(event.event_id.as_str())),
+                Bound::Text(Some(room_id.as_str())),
+                Bound::Text(Some(&event.sender)),
+                Bound::Text(Some(&event.event_type)),
+                Bound::Text(event.state_key.as_deref()),
+                Bound::Int(event.depth),
+                Bound::Int(event.origin_server_ts),
+                Bound::Text(Some(&event.json)),
+                Bound::Int(*snapshot_id),
+                Bound::Text(event.replaces_state.as_deref()),
+                Bound::Text(txn.map(|(_, device, _)| device.as_str())),
+                Bound::Text(txn.map(|(_, _, txn)| txn.as_str())),
+                Bound::Small(i16::from(*written == Written::Outlier)),
+            ]
+        })
+        .collect();
+    insert_many(
+        &mut *conn,
+        "events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth, origin_server_ts,
+             json, state_snapshot, replaces_state, txn_device, txn_id, outlier)",
+        "",
+        &rows,
+    )
+    .await?;
+    let memberships: Vec<Membership> = events
+        .iter()
+        .filter(|row| row.written == Written::Live)
+        .filter_map(|EventRow { position, event, .. }| match (&event.membership, &event.state_key) {
+            (Some(membership), Some(user)) => {
+                Some(Membership { user, membership, event_id: event.event_id.as_str(), position: *position })
+            }
+            _ => None,
+        })
+        .collect();
+    set_memberships(conn, room_id, &memberships).await
+}
+
+/// Writes one event (see [`insert_events`]).
 async fn insert_event(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    conn: &mut sqlx::AnyConnection,
     room_id: &RoomId,
     position: i64,
     event: &NewEvent,
     snapshot_id: i64,
     written: Written,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
-             origin_server_ts, json, state_snapshot, replaces_state, txn_device, txn_id, outlier)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    insert_events(conn, room_id, &[EventRow { position, event, snapshot_id, written }]).await
+}
+
+/// A user's membership of a room, set by the event at `event_id`.
+struct Membership<'a> {
+    user: &'a str,
+    membership: &'a str,
+    event_id: &'a str,
+    position: i64,
+}
+
+/// Sets memberships, each user at most once; the state an invite came with goes once the user
+/// is no longer invited.
+async fn set_memberships(
+    conn: &mut sqlx::AnyConnection,
+    room_id: &RoomId,
+    memberships: &[Membership<'_>],
+) -> StoreResult<()> {
+    let rows: Vec<Vec<Bound>> = memberships
+        .iter()
+        .map(|m| {
+            vec![
+                Bound::Text(Some(room_id.as_str())),
+                Bound::Text(Some(m.user)),
+                Bound::Text(Some(m.membership)),
+                Bound::Text(Some(m.event_id)),
+                Bound::Int(m.position),
+            ]
+        })
+        .collect();
+    insert_many(
+        &mut *conn,
+        "memberships (room_id, user_id, membership, event_id, stream_ordering)",
+        "ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+             event_id = excluded.event_id, stream_ordering = excluded.stream_ordering",
+        &rows,
     )
-    .bind(position)
-    .bind(event.event_id.as_str())
-    .bind(room_id.as_str())
-    .bind(&event.sender)
-    .bind(&event.event_type)
-    .bind(event.state_key.as_deref())
-    .bind(event.depth)
-    .bind(event.origin_server_ts)
-    .bind(&event.json)
-    .bind(snapshot_id)
-    .bind(event.replaces_state.as_deref())
-    .bind(event.txn.as_ref().map(|(_, device, _)| device.as_str()))
-    .bind(event.txn.as_ref().map(|(_, _, txn)| txn.as_str()))
-    .bind(i16::from(written == Written::Outlier))
-    .execute(&mut **tx)
     .await?;
-    if written == Written::Live
-        && let (Some(membership), Some(user)) = (&event.membership, &event.state_key)
-    {
-        set_membership(tx, room_id, user, membership, event.event_id.as_str(), position).await?;
+    let not_invited: Vec<&str> =
+        memberships.iter().filter(|m| m.membership != "invite").map(|m| m.user).collect();
+    for users in not_invited.chunks(MAX_PARAMETERS) {
+        let placeholders: Vec<String> = (2..=users.len() + 1).map(|n| format!("${n}")).collect();
+        let sql = sqlx::AssertSqlSafe(format!(
+            "DELETE FROM invite_states WHERE room_id = $1 AND user_id IN ({})",
+            placeholders.join(", ")
+        ));
+        let mut query = sqlx::query(sql).bind(room_id.as_str());
+        for user in users {
+            query = query.bind(*user);
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(())
 }
 
-async fn set_membership(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    room_id: &RoomId,
-    user: &str,
-    membership: &str,
-    event_id: &str,
-    position: i64,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
-             event_id = excluded.event_id, stream_ordering = excluded.stream_ordering",
-    )
-    .bind(room_id.as_str())
-    .bind(user)
-    .bind(membership)
-    .bind(event_id)
-    .bind(position)
-    .execute(&mut **tx)
-    .await?;
-    if membership != "invite" {
-        sqlx::query("DELETE FROM invite_states WHERE room_id = $1 AND user_id = $2")
-            .bind(room_id.as_str())
-            .bind(user)
-            .execute(&mut **tx)
-            .await?;
+/// `columns` of the events with these ids that pass `filter`, in batches that keep each
+/// statement within every backend's limit on parameters.
+async fn rows_by_ids(
+    conn: &mut sqlx::AnyConnection,
+    columns: &str,
+    filter: &str,
+    event_ids: &[&str],
+) -> StoreResult<Vec<AnyRow>> {
+    let mut rows = Vec::with_capacity(event_ids.len());
+    for batch in event_ids.chunks(500) {
+        let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {columns} FROM events WHERE event_id IN ({}) AND {filter}",
+            placeholders.join(", ")
+        ));
+        let mut query = sqlx::query(sql);
+        for id in batch {
+            query = query.bind(*id);
+        }
+        rows.extend(query.fetch_all(&mut *conn).await?);
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// Locks a cache, shrugging off poisoning (a cache holds no invariant a panic could break).
@@ -620,16 +747,24 @@ impl SqlStore {
             .bind(room_id.as_str())
             .execute(&mut *tx)
             .await?;
-        for ((kind, key), id) in &resolved.current {
-            set_current_state(&mut tx, room_id, kind, key, id).await?;
-            let changed = old_state.get(&(kind.clone(), key.clone())) != Some(id);
-            if kind == "m.room.member"
-                && changed
-                && let Some(membership) = resolved.memberships.get(id)
-            {
-                set_membership(&mut tx, room_id, key, membership, id, p).await?;
-            }
-        }
+        let entries: Vec<(&str, &str, &str)> = resolved
+            .current
+            .iter()
+            .map(|((kind, key), id)| (kind.as_str(), key.as_str(), id.as_str()))
+            .collect();
+        set_current_state(&mut tx, room_id, &entries).await?;
+        let changed: Vec<Membership> = resolved
+            .current
+            .iter()
+            .filter(|((kind, key), id)| {
+                kind == "m.room.member" && old_state.get(&(kind.clone(), key.clone())) != Some(*id)
+            })
+            .filter_map(|((_, user), id)| {
+                let membership = resolved.memberships.get(id)?;
+                Some(Membership { user, membership, event_id: id, position: p })
+            })
+            .collect();
+        set_memberships(&mut tx, room_id, &changed).await?;
         let mut extremities: Vec<&str> = head
             .extremities
             .iter()
@@ -654,23 +789,10 @@ impl SqlStore {
         Ok(stored)
     }
 
-    /// `columns` of the events with these ids that pass `filter`, in batches that keep each
-    /// statement within every backend's limit on parameters.
+    /// `columns` of the events with these ids that pass `filter` (see [`rows_by_ids`]).
     async fn event_rows(&self, columns: &str, filter: &str, event_ids: &[&str]) -> StoreResult<Vec<AnyRow>> {
-        let mut rows = Vec::with_capacity(event_ids.len());
-        for batch in event_ids.chunks(500) {
-            let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {columns} FROM events WHERE event_id IN ({}) AND {filter}",
-                placeholders.join(", ")
-            ));
-            let mut query = sqlx::query(sql);
-            for id in batch {
-                query = query.bind(*id);
-            }
-            rows.extend(query.fetch_all(&self.pool).await?);
-        }
-        Ok(rows)
+        let mut conn = self.pool.acquire().await?;
+        rows_by_ids(&mut conn, columns, filter, event_ids).await
     }
 }
 
@@ -769,7 +891,8 @@ impl RoomStore for SqlStore {
                 let written =
                     state::write(&mut tx, room_id, position.position, base, state_map, delta).await?;
                 new_snapshot = Some(written);
-                set_current_state(&mut tx, room_id, &event.event_type, key, event.event_id.as_str()).await?;
+                set_current_state(&mut tx, room_id, &[(&event.event_type, key, event.event_id.as_str())])
+                    .await?;
                 position.position
             }
             None => snapshot
@@ -869,41 +992,50 @@ impl RoomStore for SqlStore {
         let position = writer.allocate_in(&mut tx).await?;
         let p = position.position;
 
+        // The events of the answer this server does not have yet, written as outliers in one go.
+        let ids: Vec<&str> = outliers.iter().map(|event| event.event_id.as_str()).collect();
         let mut stored_at = std::collections::HashMap::new();
-        let mut next = allocate_backward(&mut tx, i64::try_from(outliers.len()).map_err(corrupt)?).await?;
-        for event in outliers {
-            let exists = sqlx::query("SELECT stream_ordering FROM events WHERE event_id = $1")
-                .bind(event.event_id.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let at = match exists {
-                Some(row) => row.try_get::<i64, _>("stream_ordering")?,
-                None => {
-                    let at = next;
-                    next -= 1;
-                    insert_event(&mut tx, room_id, at, event, p, Written::Outlier).await?;
-                    at
-                }
-            };
-            stored_at.insert(event.event_id.as_str(), (at, event));
+        for row in rows_by_ids(&mut tx, "event_id, stream_ordering", "1 = 1", &ids).await? {
+            stored_at
+                .insert(row.try_get::<String, _>("event_id")?, row.try_get::<i64, _>("stream_ordering")?);
         }
-        let mut state_map = StateMap::new();
+        let new: Vec<&NewEvent> =
+            outliers.iter().filter(|event| !stored_at.contains_key(event.event_id.as_str())).collect();
+        let mut next = allocate_backward(&mut tx, i64::try_from(new.len()).map_err(corrupt)?).await?;
+        let mut rows = Vec::with_capacity(new.len());
+        for event in new {
+            if stored_at.insert(event.event_id.to_string(), next).is_none() {
+                rows.push(EventRow { position: next, event, snapshot_id: p, written: Written::Outlier });
+                next -= 1;
+            }
+        }
+        insert_events(&mut tx, room_id, &rows).await?;
+
+        // The room's state: the answer's, and the join.
+        let mut state_map: StateMap =
+            state.iter().map(|(kind, key, id)| ((kind.clone(), key.clone()), id.clone())).collect();
+        let memberships_of: std::collections::HashMap<&str, &str> = outliers
+            .iter()
+            .filter_map(|event| Some((event.event_id.as_str(), event.membership.as_deref()?)))
+            .collect();
+        let members: Vec<Membership> = state_map
+            .iter()
+            .filter(|((kind, _), _)| kind == "m.room.member")
+            .filter_map(|((_, user), id)| {
+                let (membership, position) = (memberships_of.get(id.as_str())?, stored_at.get(id)?);
+                Some(Membership { user, membership, event_id: id, position: *position })
+            })
+            .collect();
+        set_memberships(&mut tx, room_id, &members).await?;
+        let key = join.state_key.clone().unwrap_or_default();
+        state_map.insert((join.event_type.clone(), key), join.event_id.to_string());
         sqlx::query("DELETE FROM current_state WHERE room_id = $1")
             .bind(room_id.as_str())
             .execute(&mut *tx)
             .await?;
-        for (event_type, state_key, event_id) in state {
-            state_map.insert((event_type.clone(), state_key.clone()), event_id.clone());
-            set_current_state(&mut tx, room_id, event_type, state_key, event_id).await?;
-            if let Some((at, NewEvent { membership: Some(membership), .. })) =
-                stored_at.get(event_id.as_str())
-            {
-                set_membership(&mut tx, room_id, state_key, membership, event_id, *at).await?;
-            }
-        }
-        let key = join.state_key.clone().unwrap_or_default();
-        state_map.insert((join.event_type.clone(), key.clone()), join.event_id.to_string());
-        set_current_state(&mut tx, room_id, &join.event_type, &key, join.event_id.as_str()).await?;
+        let entries: Vec<(&str, &str, &str)> =
+            state_map.iter().map(|((kind, key), id)| (kind.as_str(), key.as_str(), id.as_str())).collect();
+        set_current_state(&mut tx, room_id, &entries).await?;
         let snapshot = state::write(&mut tx, room_id, p, None, Arc::new(state_map), Vec::new()).await?;
         insert_event(&mut tx, room_id, p, &join, p, Written::Live).await?;
         let extremities = serde_json::to_string(&[join.event_id.as_str()]).map_err(corrupt)?;
@@ -951,7 +1083,7 @@ impl RoomStore for SqlStore {
         Arc::make_mut(&mut state_map).insert(key.clone(), invite.event_id.to_string());
         let delta = vec![(key.0, key.1, Some(invite.event_id.to_string()))];
         let snapshot = state::write(&mut tx, room_id, p, base, state_map, delta).await?;
-        set_current_state(&mut tx, room_id, "m.room.member", &invitee, invite.event_id.as_str()).await?;
+        set_current_state(&mut tx, room_id, &[("m.room.member", &invitee, invite.event_id.as_str())]).await?;
         insert_event(&mut tx, room_id, p, &invite, p, Written::Live).await?;
         if let Some(stripped_state) = stripped_state {
             sqlx::query(
