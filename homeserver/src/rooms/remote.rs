@@ -214,42 +214,52 @@ pub async fn accept(
     json: CanonicalJsonObject,
 ) -> Result<StoredEvent, Refused> {
     let event_id = checked_id(&json, version)?;
-    if let Some(stored) = state.store.get_event(event_id.as_str()).await? {
-        return Ok(stored);
+    // The event, the events it follows and its auth events, as far as this server has them, in
+    // two queries (one for those taken, one for those rejected): every PDU of a busy room
+    // comes this way.
+    // (Read before the signatures are checked, only to look them up: what is used is read
+    // again from the verified event.)
+    let (prev_events, auth_ids) = Pdu::from_json(event_id.clone(), &json)
+        .map(|unverified| (unverified.prev_events, unverified.auth_events))
+        .unwrap_or_default();
+    let mut wanted: Vec<&str> = vec![event_id.as_str()];
+    wanted.extend(prev_events.iter().chain(&auth_ids).map(|id| id.as_str()));
+    let known: HashMap<String, StoredEvent> = state
+        .store
+        .events_by_id(&wanted)
+        .await?
+        .into_iter()
+        .map(|event| (event.event_id.clone(), event))
+        .collect();
+    if let Some(stored) = known.get(event_id.as_str()) {
+        return Ok(stored.clone());
     }
-    if !state.store.rejected_events(&[event_id.as_str()]).await?.is_empty() {
+    wanted.retain(|id| !known.contains_key(*id));
+    let rejected: HashMap<String, String> = state.store.rejected_events(&wanted).await?.into_iter().collect();
+    if rejected.contains_key(event_id.as_str()) {
         return Err(Refused::Auth(format!("{event_id} was rejected before")));
     }
     let (json, parsed) = verified(state, event_id.clone(), version, json).await?;
     if parsed.room_id.as_deref() != Some(room_id) {
         return Err(invalid(format!("the event is not of room {room_id}")));
     }
-    let prev_events = parsed.prev_events.clone();
-    let auth_ids = parsed.auth_events.clone();
-    // Events it follows may have been rejected: it is part of the graph all the same.
-    let prev_ids: Vec<&str> = prev_events.iter().map(|id| id.as_str()).collect();
-    let known_prev = state.store.events_by_id(&prev_ids).await?;
-    let rejected_prev = match known_prev.len() < prev_ids.len() {
-        true => state.store.rejected_events(&prev_ids).await?,
-        false => Vec::new(),
+    let (prev_events, auth_ids) = (parsed.prev_events.clone(), parsed.auth_events.clone());
+    let of_room = |id: &OwnedEventId| match (known.get(id.as_str()), rejected.get(id.as_str())) {
+        (Some(event), _) => Some(event.room_id == room_id.as_str()),
+        (None, Some(room)) => Some(room == room_id.as_str()),
+        (None, None) => None,
     };
-    if known_prev.len() + rejected_prev.len() < prev_events.len()
-        || known_prev.iter().any(|e| e.room_id != room_id.as_str())
-        || rejected_prev.iter().any(|(_, room)| room != room_id.as_str())
-    {
+    // Events it follows may have been rejected: it is part of the graph all the same.
+    if prev_events.iter().any(|id| of_room(id) != Some(true)) {
         return Err(Refused::Unknown(format!("prev_events of {event_id}")));
     }
-    let auth_id_strs: Vec<&str> = auth_ids.iter().map(|id| id.as_str()).collect();
-    let known_auth = state.store.events_by_id(&auth_id_strs).await?;
-    let rejected_auth = known_auth.len() < auth_id_strs.len()
-        && !state.store.rejected_events(&auth_id_strs).await?.is_empty();
-    if !rejected_auth
-        && (known_auth.len() < auth_ids.len() || known_auth.iter().any(|e| e.room_id != room_id.as_str()))
-    {
+    let rejected_auth = auth_ids.iter().any(|id| rejected.contains_key(id.as_str()));
+    if !rejected_auth && auth_ids.iter().any(|id| of_room(id) != Some(true)) {
         return Err(Refused::Unknown(format!("auth_events of {event_id}")));
     }
+    let known_auth: Vec<&StoredEvent> = auth_ids.iter().filter_map(|id| known.get(id.as_str())).collect();
     let mut auth_events = HashMap::new();
-    for event in &known_auth {
+    for event in known_auth {
         let id =
             OwnedEventId::try_from(event.event_id.as_str()).map_err(|e| Refused::Internal(e.to_string()))?;
         let object: CanonicalJsonObject =
@@ -275,33 +285,32 @@ pub async fn accept(
     let prev_set: BTreeSet<&OwnedEventId> = prev_events.iter().collect();
     // An event that follows all of the room's extremities applies to the current state; one
     // that follows fewer (made on a fork) applies to the state its own prev events resolve to,
-    // and the room's state is then resolved across the fork. The head may move meanwhile: then
-    // this is worked out again. One the auth rules reject is kept as rejected.
+    // and the room's state is then resolved across the fork. It is first tried as following
+    // them all (the common case, in one transaction); the head it finds otherwise, or that
+    // moved meanwhile, is worked out and tried again. One the auth rules reject is kept as
+    // rejected.
+    let on_fork = |extremities: &[OwnedEventId]| {
+        resolves_forks && extremities.iter().collect::<BTreeSet<_>>() != prev_set
+    };
     let taken = async {
         if rejected_auth {
             return Err(Refused::Auth("one of its auth events was rejected".to_owned()));
         }
         redaction?;
+        // The extremities the event was last found to be on a fork of.
+        let mut fork_of: Option<Vec<OwnedEventId>> = None;
+        let found_head = std::sync::Mutex::new(None);
         for _ in 0..MAX_FORK_ATTEMPTS {
-            let head = state
-                .store
-                .room_head(room_id, &[], false)
-                .await?
-                .ok_or_else(|| invalid(format!("this server has no room {room_id}")))?;
-            let on_fork = |extremities: &[OwnedEventId]| {
-                resolves_forks && extremities.iter().collect::<BTreeSet<_>>() != prev_set
+            let resolved = match &fork_of {
+                Some(extremities) => {
+                    Some(Arc::new(fork_state(state, version, &parsed, &auth_events, extremities).await?))
+                }
+                None => None,
             };
-            let resolved = match on_fork(&head.extremities) {
-                true => Some(Arc::new(
-                    fork_state(state, version, &parsed, &auth_events, &head.extremities).await?,
-                )),
-                false => None,
-            };
-            let expected = head.extremities.clone();
             let build = |head: &RoomHead| -> Result<NewEvent, AppendError> {
-                if on_fork(&head.extremities) != resolved.is_some()
-                    || (resolved.is_some() && head.extremities != expected)
-                {
+                let fork = on_fork(&head.extremities).then_some(&head.extremities);
+                if fork != fork_of.as_ref() {
+                    *found_head.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fork.cloned();
                     return Err(AppendError::HeadMoved);
                 }
                 let replaces_state = state_key
@@ -344,7 +353,10 @@ pub async fn accept(
                     state.notify(stored.stream_ordering);
                     Ok(stored)
                 }
-                Err(AppendError::HeadMoved) => continue,
+                Err(AppendError::HeadMoved) => {
+                    fork_of = found_head.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                    continue;
+                }
                 Err(AppendError::Refused(why)) => Err(Refused::Auth(why)),
                 Err(AppendError::NoRoom) => Err(invalid(format!("this server has no room {room_id}"))),
                 Err(other) => Err(invalid(other)),
