@@ -205,9 +205,23 @@ pub async fn verified(
     Ok((json, parsed))
 }
 
-/// Checks a PDU received from another server and appends it to `room_id`. An event already
-/// here is answered as stored.
+/// Checks a PDU received from another server and appends it to `room_id`, then makes it seen
+/// (the stream position published, syncs woken). An event already here is answered as stored.
 pub async fn accept(
+    state: &AppState,
+    room_id: &RoomId,
+    version: &RoomVersionId,
+    json: CanonicalJsonObject,
+) -> Result<StoredEvent, Refused> {
+    let stored = take(state, room_id, version, json).await?;
+    state.stream.flush().await?;
+    state.notify(stored.stream_ordering);
+    Ok(stored)
+}
+
+/// [`accept`] but for making it seen, which the caller does, once for all the events it takes
+/// in a row (a transaction's).
+pub async fn take(
     state: &AppState,
     room_id: &RoomId,
     version: &RoomVersionId,
@@ -348,11 +362,7 @@ pub async fn accept(
             };
             let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, false, &build).await?;
             return match outcome {
-                Ok(stored) => {
-                    state.stream.flush().await?;
-                    state.notify(stored.stream_ordering);
-                    Ok(stored)
-                }
+                Ok(stored) => Ok(stored),
                 Err(AppendError::HeadMoved) => {
                     fork_of = found_head.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
                     continue;

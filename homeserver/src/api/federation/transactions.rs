@@ -1,14 +1,15 @@
 //! Transactions from other servers: `PUT /_matrix/federation/v1/send/{txnId}`.
 //!
-//! Each PDU goes through [`crate::rooms::remote::accept`], in the order sent, and the answer
-//! has per event an error or, for one taken or rejected by the auth rules (handled either way;
-//! a rejected event is kept out of sight), the empty result. One that follows events this
-//! server lacks is taken once those are fetched from the sender ([`crate::rooms::missing`]).
+//! Each PDU goes through [`crate::rooms::remote::take`], in the order sent (those taken are made
+//! seen together at the end), and the answer has per event an error or, for one taken or
+//! rejected by the auth rules (handled either way; a rejected event is kept out of sight), the
+//! empty result. One that follows events this server lacks is taken once those are fetched
+//! from the sender ([`crate::rooms::missing`]).
 //! EDUs (typing, receipts, presence, to-device) are federation's part 2 and are not read yet.
 
 use actix_web::web;
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, RoomId, RoomVersionId,
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomId, RoomVersionId,
     api::federation::transactions::send_transaction_message,
 };
 
@@ -52,53 +53,81 @@ async fn send(
         return Ok(send_transaction_message::v1::Response::new(outcome));
     }
     let mut outcome = Outcome::new();
+    // The PDUs taken are made seen together, once the transaction is through (or fails).
+    let (mut newest, mut failed) = (None, None);
     for pdu in &body.pdus {
-        let Ok(json) = serde_json::from_str::<CanonicalJsonObject>(pdu.get()) else {
-            // Without a valid body there is no event id to answer for.
-            tracing::info!(%origin, "a PDU that is not canonical JSON was dropped");
-            continue;
-        };
-        let Some((room_id, version)) = room_of(&state, &json).await? else {
-            tracing::info!(%origin, "a PDU of a room this server is not in was dropped");
-            continue;
-        };
-        let Ok(event_id) = federation::pdu::event_id_of(&json, &version) else {
-            tracing::info!(%origin, "a PDU without a valid event id was dropped");
-            continue;
-        };
-        if !remote::acl_allows(&state, &room_id, &origin).await? {
-            outcome.insert(event_id, Err(format!("the server ACL of room {room_id} denies {origin}")));
-            continue;
-        }
-        let mut taken = remote::accept(&state, &room_id, &version, json.clone()).await;
-        if let Err(remote::Refused::Unknown(_)) = taken {
-            // It follows events this server never got: those are asked of the sender first.
-            if missing::fill(&state, &origin, &room_id, &version, &event_id)
-                .await
-                .map_err(remote::Refused::into_error)?
-                > 0
-            {
-                taken = remote::accept(&state, &room_id, &version, json).await;
+        match take_pdu(&state, &origin, pdu).await {
+            Ok(Some((event_id, result))) => {
+                newest = newest.max(result.as_ref().ok().copied().flatten());
+                outcome.insert(event_id, result.map(|_| ()));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                failed = Some(error);
+                break;
             }
         }
-        let result = match taken {
-            Ok(_) => Ok(()),
-            Err(remote::Refused::Internal(why)) => return Err(Error::internal(why)),
-            // An event the auth rules reject was handled, though not taken: the answer is the
-            // empty result, as Synapse gives (an error is for what could not be processed).
-            Err(remote::Refused::Auth(why)) => {
-                tracing::info!(%origin, %event_id, %why, "an event from another server was rejected");
-                Ok(())
-            }
-            Err(refused) => {
-                tracing::info!(%origin, %event_id, %refused, "an event from another server was refused");
-                Err(refused.to_string())
-            }
-        };
-        outcome.insert(event_id, result);
+    }
+    if let Some(newest) = newest {
+        state.stream.flush().await?;
+        state.notify(newest);
+    }
+    if let Some(error) = failed {
+        return Err(error);
     }
     received.remember(origin, body.transaction_id, outcome.clone());
     Ok(send_transaction_message::v1::Response::new(outcome))
+}
+
+/// Takes one PDU of `origin`'s transaction: its id and the answer for it (with the position it
+/// was taken at, if it was), or nothing for one without an id to answer for.
+async fn take_pdu(
+    state: &AppState,
+    origin: &ruma::ServerName,
+    pdu: &serde_json::value::RawValue,
+) -> Result<Option<(OwnedEventId, std::result::Result<Option<i64>, String>)>> {
+    let Ok(json) = serde_json::from_str::<CanonicalJsonObject>(pdu.get()) else {
+        // Without a valid body there is no event id to answer for.
+        tracing::info!(%origin, "a PDU that is not canonical JSON was dropped");
+        return Ok(None);
+    };
+    let Some((room_id, version)) = room_of(state, &json).await? else {
+        tracing::info!(%origin, "a PDU of a room this server is not in was dropped");
+        return Ok(None);
+    };
+    let Ok(event_id) = federation::pdu::event_id_of(&json, &version) else {
+        tracing::info!(%origin, "a PDU without a valid event id was dropped");
+        return Ok(None);
+    };
+    if !remote::acl_allows(state, &room_id, origin).await? {
+        return Ok(Some((event_id, Err(format!("the server ACL of room {room_id} denies {origin}")))));
+    }
+    let mut taken = remote::take(state, &room_id, &version, json.clone()).await;
+    if let Err(remote::Refused::Unknown(_)) = taken {
+        // It follows events this server never got: those are asked of the sender first.
+        if missing::fill(state, origin, &room_id, &version, &event_id)
+            .await
+            .map_err(remote::Refused::into_error)?
+            > 0
+        {
+            taken = remote::take(state, &room_id, &version, json).await;
+        }
+    }
+    let result = match taken {
+        Ok(stored) => Ok(Some(stored.stream_ordering)),
+        Err(remote::Refused::Internal(why)) => return Err(Error::internal(why)),
+        // An event the auth rules reject was handled, though not taken: the answer is the
+        // empty result, as Synapse gives (an error is for what could not be processed).
+        Err(remote::Refused::Auth(why)) => {
+            tracing::info!(%origin, %event_id, %why, "an event from another server was rejected");
+            Ok(None)
+        }
+        Err(refused) => {
+            tracing::info!(%origin, %event_id, %refused, "an event from another server was refused");
+            Err(refused.to_string())
+        }
+    };
+    Ok(Some((event_id, result)))
 }
 
 /// The room a PDU is of, with its version, if this server has it.
