@@ -126,6 +126,42 @@ pub fn verify_key_document(
     Ok(ServerKeys { verify_keys, old_verify_keys, valid_until_ts })
 }
 
+/// Checks that `notary` vouches for a key document: it carries a signature by one of `keys`
+/// (key id → public key, unpadded base64), and every signature by those keys holds. The
+/// document's own signatures are [`verify_key_document`]'s.
+pub fn verify_notary_signature(
+    document: &CanonicalJsonObject,
+    notary: &ServerName,
+    keys: &BTreeMap<String, String>,
+) -> Result<(), KeyError> {
+    let by_notary = match document.get("signatures") {
+        Some(CanonicalJsonValue::Object(all)) => match all.get(notary.as_str()) {
+            Some(CanonicalJsonValue::Object(by_key)) => by_key.clone(),
+            _ => CanonicalJsonObject::new(),
+        },
+        _ => CanonicalJsonObject::new(),
+    };
+    let known: CanonicalJsonObject = by_notary.into_iter().filter(|(id, _)| keys.contains_key(id)).collect();
+    if known.is_empty() {
+        return Err(KeyError::BadSignature(format!("no signature of {notary} by a key it is trusted with")));
+    }
+    let mut vouched = document.clone();
+    vouched.insert(
+        "signatures".into(),
+        CanonicalJsonObject::from([(notary.to_string(), CanonicalJsonValue::Object(known))]).into(),
+    );
+    let set: PublicKeySet = keys
+        .iter()
+        .map(|(id, key)| {
+            ruma::serde::Base64::parse(key)
+                .map(|key| (id.clone(), key))
+                .map_err(|e| KeyError::Malformed(format!("the key {id} of {notary}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let map: PublicKeyMap = BTreeMap::from([(notary.to_string(), set)]);
+    ruma::signatures::verify_json(&map, &vouched).map_err(|e| KeyError::BadSignature(e.to_string()))
+}
+
 fn as_str(value: &CanonicalJsonValue) -> Option<&str> {
     match value {
         CanonicalJsonValue::String(text) => Some(text),
@@ -172,6 +208,32 @@ mod tests {
         // Signed by a key it does not list.
         let stranger = key_pair_document(server);
         assert!(matches!(verify_key_document(&stranger, server), Err(KeyError::BadSignature(_))));
+    }
+
+    #[test]
+    fn a_notary_vouches_only_with_a_key_it_is_trusted_with() {
+        let (server, notary) =
+            (<&ServerName>::try_from("a.example").unwrap(), <&ServerName>::try_from("n.example").unwrap());
+        let (own, notary_key, stranger) = (key(), key(), key());
+        let mut document = own_key_document(server, &own, &[], 1_000).unwrap();
+        let trusted = BTreeMap::from([(notary_key.key_id(), notary_key.public_key_base64())]);
+        assert!(
+            matches!(verify_notary_signature(&document, notary, &trusted), Err(KeyError::BadSignature(_))),
+            "unsigned by the notary"
+        );
+        ruma::signatures::sign_json(notary.as_str(), notary_key.key_pair(), &mut document).unwrap();
+        verify_notary_signature(&document, notary, &trusted).unwrap();
+        verify_key_document(&document, server).unwrap();
+        let other = BTreeMap::from([(notary_key.key_id(), stranger.public_key_base64())]);
+        assert!(
+            matches!(verify_notary_signature(&document, notary, &other), Err(KeyError::BadSignature(_))),
+            "another key"
+        );
+        document.insert("valid_until_ts".into(), int(9_999_999).unwrap());
+        assert!(
+            matches!(verify_notary_signature(&document, notary, &trusted), Err(KeyError::BadSignature(_))),
+            "altered"
+        );
     }
 
     /// A document listing one key and signed by another.

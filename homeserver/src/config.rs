@@ -118,6 +118,19 @@ pub struct FederationConfig {
     /// Keys this server signed with before, still published (`old_verify_keys`) so that what it
     /// signed with them can be checked.
     pub old_signing_keys: Vec<OldSigningKey>,
+    /// Notaries asked for another server's keys when that server cannot be asked itself, in this
+    /// order (`/_matrix/key/v2/query`).
+    pub trusted_key_servers: Vec<TrustedKeyServer>,
+}
+
+/// A notary: a server trusted to vouch for other servers' keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustedKeyServer {
+    pub server_name: String,
+    /// Its keys (key id → public key, unpadded base64), one of which must have signed what it
+    /// vouches for. Empty: its keys are fetched from it like any server's.
+    pub verify_keys: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for FederationConfig {
@@ -128,6 +141,7 @@ impl Default for FederationConfig {
             allow_private_addresses: false,
             request_timeout_secs: 30,
             old_signing_keys: Vec::new(),
+            trusted_key_servers: Vec::new(),
         }
     }
 }
@@ -881,14 +895,33 @@ impl Config {
         if !(1..=300).contains(&self.federation.request_timeout_secs) {
             return Err(invalid("federation.request_timeout_secs", "must be from 1 to 300"));
         }
+        let is_key = |key_id: &str, public_key: &str| {
+            key_id.starts_with("ed25519:")
+                && ruma::serde::Base64::<ruma::serde::base64::Standard>::parse(public_key)
+                    .is_ok_and(|key| key.as_bytes().len() == 32)
+        };
         for old in &self.federation.old_signing_keys {
-            let valid = old.key_id.starts_with("ed25519:")
-                && ruma::serde::Base64::<ruma::serde::base64::Standard>::parse(&old.public_key)
-                    .is_ok_and(|key| key.as_bytes().len() == 32);
-            if !valid {
+            if !is_key(&old.key_id, &old.public_key) {
                 return Err(invalid(
                     "federation.old_signing_keys",
                     format!("`{}` needs an ed25519:<version> id and a 32-byte base64 public key", old.key_id),
+                ));
+            }
+        }
+        for notary in &self.federation.trusted_key_servers {
+            if ruma::ServerName::parse(&notary.server_name).is_err() {
+                return Err(invalid(
+                    "federation.trusted_key_servers",
+                    format!("`{}` is not a server name", notary.server_name),
+                ));
+            }
+            if let Some((key_id, _)) = notary.verify_keys.iter().find(|(id, key)| !is_key(id, key)) {
+                return Err(invalid(
+                    "federation.trusted_key_servers",
+                    format!(
+                        "`{key_id}` of {} needs an ed25519:<version> id and a 32-byte base64 public key",
+                        notary.server_name
+                    ),
                 ));
             }
         }

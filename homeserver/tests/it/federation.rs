@@ -426,6 +426,40 @@ crate::on_both_backends! {
         b.stop().await;
     }
 
+    async fn the_keys_of_a_server_that_does_not_answer_come_from_a_trusted_notary(db: Db) {
+        let ca = TestCa::new();
+        let notary = Federating::start(db, &ca).await;
+        let stand_in = StandIn::start(&ca).await;
+        // The notary learns the stand-in's keys while the stand-in answers; then it answers nobody.
+        let answer = ca.client().get(format!("{}/_matrix/key/v2/query/{}", notary.federation_base, stand_in.name)).send().await.unwrap();
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["server_keys"].as_array().map(Vec::len), Some(1), "{body}");
+        stand_in.handle.stop(true).await;
+
+        let key = &notary.server.server.state.signing_key;
+        let notary_with = |public_key: String| homeserver::config::TrustedKeyServer {
+            server_name: notary.name.to_string(),
+            verify_keys: std::collections::BTreeMap::from([(key.key_id(), public_key)]),
+        };
+        let trusting = notary_with(key.public_key_base64());
+        let a = Federating::start_with(db, &ca, |c| c.federation.trusted_key_servers = vec![trusting]).await;
+        // B holds a key for the notary that is not the notary's.
+        let mistaken = notary_with("l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ".to_owned());
+        let b = Federating::start_with(db, &ca, |c| c.federation.trusted_key_servers = vec![mistaken]).await;
+        let (alice, bob) = (a.server.register("alice", "a long password").await, b.server.register("bob", "a long password").await);
+        let query = |user: &str| get_profile_information::v1::Request::new(user.try_into().unwrap());
+
+        let (status, body) = stand_in.signer().send(&ca, &a, query(&alice.user_id)).await;
+        assert_eq!(status, 200, "A takes the stand-in's key on the notary's word: {body}");
+        let kept = a.server.server.state.store.server_keys(stand_in.name.as_str()).await.unwrap();
+        assert!(kept.iter().any(|k| k.public_key == stand_in.key.public_key_base64()), "{kept:?}");
+        let (status, body) = stand_in.signer().send(&ca, &b, query(&bob.user_id)).await;
+        assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "B cannot check the notary's word: {body}");
+        for server in [a, b, notary] {
+            server.stop().await;
+        }
+    }
+
     async fn requests_that_are_not_properly_signed_are_refused(db: Db) {
         let ca = TestCa::new();
         let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
