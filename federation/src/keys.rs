@@ -150,16 +150,20 @@ pub fn verify_notary_signature(
         "signatures".into(),
         CanonicalJsonObject::from([(notary.to_string(), CanonicalJsonValue::Object(known))]).into(),
     );
-    let set: PublicKeySet = keys
-        .iter()
+    let set = public_key_set(keys).map_err(|e| KeyError::Malformed(format!("a key of {notary}: {e}")))?;
+    let map: PublicKeyMap = BTreeMap::from([(notary.to_string(), set)]);
+    ruma::signatures::verify_json(&map, &vouched).map_err(|e| KeyError::BadSignature(e.to_string()))
+}
+
+/// Keys as ruma checks signatures with them, from key id → public key (unpadded base64).
+pub fn public_key_set(keys: &BTreeMap<String, String>) -> Result<PublicKeySet, String> {
+    keys.iter()
         .map(|(id, key)| {
             ruma::serde::Base64::parse(key)
                 .map(|key| (id.clone(), key))
-                .map_err(|e| KeyError::Malformed(format!("the key {id} of {notary}: {e}")))
+                .map_err(|e| format!("bad key {id}: {e}"))
         })
-        .collect::<Result<_, _>>()?;
-    let map: PublicKeyMap = BTreeMap::from([(notary.to_string(), set)]);
-    ruma::signatures::verify_json(&map, &vouched).map_err(|e| KeyError::BadSignature(e.to_string()))
+        .collect()
 }
 
 fn as_str(value: &CanonicalJsonValue) -> Option<&str> {

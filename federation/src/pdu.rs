@@ -301,15 +301,7 @@ pub fn verify(
     let rules = rules(version)?;
     let mut map = PublicKeyMap::new();
     for (server, server_keys) in keys {
-        let set = server_keys
-            .iter()
-            .map(|(id, key)| {
-                ruma::serde::Base64::parse(key)
-                    .map(|key| (id.clone(), key))
-                    .map_err(|e| PduError::Signature(format!("bad key {id}: {e}")))
-            })
-            .collect::<Result<_, _>>()?;
-        map.insert(server.clone(), set);
+        map.insert(server.clone(), crate::keys::public_key_set(server_keys).map_err(PduError::Signature)?);
     }
     match verify_event(&map, json, &rules).map_err(|e| PduError::Signature(e.to_string()))? {
         Verified::All => Ok(true),

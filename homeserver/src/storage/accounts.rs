@@ -46,9 +46,6 @@ pub trait AccountStore: Send + Sync {
     async fn erased_among(&self, user_ids: &[&str]) -> StoreResult<std::collections::HashSet<String>>;
 }
 
-/// Ids bound in one `IN (...)` list: far below every backend's limit on parameters.
-const IN_CHUNK: usize = 500;
-
 fn user_from_row(row: &sqlx::any::AnyRow) -> StoreResult<UserRecord> {
     Ok(UserRecord {
         user_id: parse_id(row.try_get("user_id")?)?,
@@ -160,11 +157,10 @@ impl AccountStore for SqlStore {
 
     async fn erased_among(&self, user_ids: &[&str]) -> StoreResult<std::collections::HashSet<String>> {
         let mut erased = std::collections::HashSet::new();
-        for chunk in user_ids.chunks(IN_CHUNK) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+        for chunk in user_ids.chunks(super::IN_CHUNK) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT user_id FROM users WHERE erased = 1 AND user_id IN ({})",
-                placeholders.join(", ")
+                super::placeholders(1, chunk.len())
             ));
             let mut query = sqlx::query(sql);
             for user in chunk {

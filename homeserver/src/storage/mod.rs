@@ -58,6 +58,14 @@ pub use self::{
     user_data::{AccountDataRecord, ReceiptRecord, UserDataStore},
 };
 
+/// Ids bound in one `IN (...)` list: far below every backend's limit on parameters.
+pub(super) const IN_CHUNK: usize = 500;
+
+/// `$first, $first+1, …`: `count` numbered parameters, for an `IN (...)` list or a row of values.
+pub(super) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+}
+
 /// Parses JSON that Hearth stored itself, into a recursive structure, without serde_json's
 /// recursion limit. Safe because stored JSON is bounded: new writes by [`crate::json::MAX_JSON_DEPTH`], and
 /// those of older versions by serde_json's own limit of 128 when they were written — which an

@@ -14,7 +14,7 @@ use ruma::{OwnedEventId, RoomId, UserId};
 use sqlx::{Row, any::AnyRow};
 
 use super::{
-    Backend, ImmutableCache, SqlStore, StoreError, StoreResult, now_ms,
+    Backend, IN_CHUNK, ImmutableCache, SqlStore, StoreError, StoreResult, now_ms, placeholders,
     state::{self, Snapshot},
     stream::StreamWriter,
 };
@@ -346,20 +346,8 @@ async fn insert_many(
 ) -> StoreResult<()> {
     let Some(width) = rows.first().map(Vec::len) else { return Ok(()) };
     for chunk in rows.chunks((MAX_PARAMETERS / width.max(1)).max(1)) {
-        let mut n = 0;
-        let values: Vec<String> = chunk
-            .iter()
-            .map(|row| {
-                let placeholders: Vec<String> = row
-                    .iter()
-                    .map(|_| {
-                        n += 1;
-                        format!("${n}")
-                    })
-                    .collect();
-                format!("({})", placeholders.join(", "))
-            })
-            .collect();
+        let values: Vec<String> =
+            (0..chunk.len()).map(|row| format!("({})", placeholders(row * width + 1, width))).collect();
         let sql = sqlx::AssertSqlSafe(format!("INSERT INTO {into} VALUES {} {tail}", values.join(", ")));
         let mut query = sqlx::query(sql);
         for value in chunk.iter().flatten() {
@@ -570,10 +558,9 @@ async fn set_memberships(
     let not_invited: Vec<&str> =
         memberships.iter().filter(|m| m.membership != "invite").map(|m| m.user).collect();
     for users in not_invited.chunks(MAX_PARAMETERS) {
-        let placeholders: Vec<String> = (2..=users.len() + 1).map(|n| format!("${n}")).collect();
         let sql = sqlx::AssertSqlSafe(format!(
             "DELETE FROM invite_states WHERE room_id = $1 AND user_id IN ({})",
-            placeholders.join(", ")
+            placeholders(2, users.len())
         ));
         let mut query = sqlx::query(sql).bind(room_id.as_str());
         for user in users {
@@ -593,11 +580,10 @@ async fn rows_by_ids(
     event_ids: &[&str],
 ) -> StoreResult<Vec<AnyRow>> {
     let mut rows = Vec::with_capacity(event_ids.len());
-    for batch in event_ids.chunks(500) {
-        let placeholders: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
+    for batch in event_ids.chunks(IN_CHUNK) {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {columns} FROM events WHERE event_id IN ({}) AND {filter}",
-            placeholders.join(", ")
+            placeholders(1, batch.len())
         ));
         let mut query = sqlx::query(sql);
         for id in batch {
@@ -681,10 +667,9 @@ impl SqlStore {
         }
         let mut json: BTreeMap<String, String> = BTreeMap::new();
         if !ids.is_empty() {
-            let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT event_id, json FROM events WHERE event_id IN ({})",
-                placeholders.join(", ")
+                placeholders(1, ids.len())
             ));
             let mut query = sqlx::query(sql);
             for event_id in &ids {

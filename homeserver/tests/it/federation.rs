@@ -426,7 +426,7 @@ crate::on_both_backends! {
         b.stop().await;
     }
 
-    async fn the_keys_of_a_server_that_does_not_answer_come_from_a_trusted_notary(db: Db) {
+    async fn the_keys_of_a_server_that_does_not_answer_come_from_a_notary_whose_own_key_checks_out(db: Db) {
         let ca = TestCa::new();
         let notary = Federating::start(db, &ca).await;
         let stand_in = StandIn::start(&ca).await;
@@ -446,7 +446,11 @@ crate::on_both_backends! {
         // B holds a key for the notary that is not the notary's.
         let mistaken = notary_with("l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ".to_owned());
         let b = Federating::start_with(db, &ca, |c| c.federation.trusted_key_servers = vec![mistaken]).await;
+        // C names no key for the notary: it takes the keys the notary publishes.
+        let unkeyed = homeserver::config::TrustedKeyServer { server_name: notary.name.to_string(), verify_keys: Default::default() };
+        let c = Federating::start_with(db, &ca, |c| c.federation.trusted_key_servers = vec![unkeyed]).await;
         let (alice, bob) = (a.server.register("alice", "a long password").await, b.server.register("bob", "a long password").await);
+        let carol = c.server.register("carol", "a long password").await;
         let query = |user: &str| get_profile_information::v1::Request::new(user.try_into().unwrap());
 
         let (status, body) = stand_in.signer().send(&ca, &a, query(&alice.user_id)).await;
@@ -455,7 +459,9 @@ crate::on_both_backends! {
         assert!(kept.iter().any(|k| k.public_key == stand_in.key.public_key_base64()), "{kept:?}");
         let (status, body) = stand_in.signer().send(&ca, &b, query(&bob.user_id)).await;
         assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "B cannot check the notary's word: {body}");
-        for server in [a, b, notary] {
+        let (status, body) = stand_in.signer().send(&ca, &c, query(&carol.user_id)).await;
+        assert_eq!(status, 200, "C checks the notary's word with the keys the notary publishes: {body}");
+        for server in [a, b, c, notary] {
             server.stop().await;
         }
     }
