@@ -125,7 +125,6 @@ impl RemoteKeys {
         true
     }
 
-    /// Fetches and checks `server`'s key document from the server itself.
     /// `server`'s keys, from the server itself or, when it cannot be asked, from the notaries
     /// configured (`federation.trusted_key_servers`), in their order.
     async fn fetch(

@@ -229,10 +229,9 @@ pub async fn take(
 ) -> Result<StoredEvent, Refused> {
     let event_id = checked_id(&json, version)?;
     // The event, the events it follows and its auth events, as far as this server has them, in
-    // two queries (one for those taken, one for those rejected): every PDU of a busy room
-    // comes this way.
-    // (Read before the signatures are checked, only to look them up: what is used is read
-    // again from the verified event.)
+    // two queries (one for those taken, one for those rejected): every PDU of a busy room comes
+    // this way. The references are read before the signatures are checked, only to look them
+    // up; what is used is read again from the verified event.
     let (prev_events, auth_ids) = Pdu::from_json(event_id.clone(), &json)
         .map(|unverified| (unverified.prev_events, unverified.auth_events))
         .unwrap_or_default();

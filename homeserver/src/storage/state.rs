@@ -48,8 +48,8 @@ pub fn delta_between(base: &StateMap, new: &StateMap) -> Delta {
 }
 
 /// Stores `state` as snapshot `id`: as `delta` from `base` while that keeps the chain short and
-/// the row smaller than the whole map would be, else whole. `delta` must be what turns `base`'s
-/// map into `state`.
+/// the delta has under half as many entries as the map, else whole. `delta` must be what turns
+/// `base`'s map into `state`.
 pub async fn write(
     conn: &mut sqlx::AnyConnection,
     room_id: &RoomId,
