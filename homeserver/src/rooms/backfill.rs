@@ -3,15 +3,12 @@
 //!
 //! Each event is checked as any event from another server is (size, signatures, content hash —
 //! the other server serves redacted what this one may not see — and room), then against the
-//! auth rules given its own auth events; one that fails is dropped. Kept events join the
+//! auth rules given its own auth events ([`fetched::check_batch`]); one that fails is dropped. Kept events join the
 //! timeline below everything before them ([`crate::storage::RoomStore::store_backfilled`]).
 
-use std::collections::HashMap;
-
-use federation::auth::Pdu;
 use ruma::{OwnedEventId, RoomId, UInt, api::federation::backfill::get_backfill};
 
-use super::{graph, remote};
+use super::{fetched, graph, remote};
 use crate::{error::Result, state::AppState};
 
 /// How many servers are asked before giving up for this page.
@@ -49,55 +46,19 @@ pub async fn fill(state: &AppState, room_id: &RoomId, limit: usize) -> Result<us
                 continue;
             }
         };
-        // Checked oldest first, so an event's auth events from the same answer are known.
-        let mut received: Vec<(OwnedEventId, ruma::CanonicalJsonObject, Pdu)> = Vec::new();
-        for raw in &answer.pdus {
-            let Ok(json) = serde_json::from_str::<ruma::CanonicalJsonObject>(raw.get()) else { continue };
-            let Ok(event_id) = remote::checked_id(&json, &version) else { continue };
-            match remote::verified(state, event_id.clone(), &version, json).await {
-                Ok((json, pdu)) if pdu.room_id.as_deref() == Some(room_id) => {
-                    received.push((event_id, json, pdu))
-                }
-                Ok(_) => {}
-                Err(remote::Refused::Internal(why)) => return Err(crate::error::Error::internal(why)),
-                Err(refused) => tracing::info!(%event_id, %refused, "a backfilled event was dropped"),
-            }
-        }
-        received.sort_by_key(|(_, _, pdu)| pdu.depth);
-        let mut known: HashMap<OwnedEventId, Pdu> = HashMap::new();
-        let mut kept = Vec::new();
-        for (event_id, json, pdu) in received {
-            let mut auth_events = HashMap::new();
-            let wanted: Vec<&str> =
-                pdu.auth_events.iter().filter(|id| !known.contains_key(*id)).map(|id| id.as_str()).collect();
-            for stored in state.store.events_by_id(&wanted).await? {
-                if let Some((id, stored_pdu)) = stored_pdu(&stored) {
-                    auth_events.insert(id, stored_pdu);
-                }
-            }
-            for id in &pdu.auth_events {
-                if let Some(found) = known.get(id) {
-                    auth_events.insert(id.clone(), found.clone());
-                }
-            }
-            if let Err(why) =
-                remote::check_with_own_auth_events(state, room_id, &version, &pdu, auth_events).await
-            {
-                tracing::info!(%event_id, %why, "a backfilled event failing the auth rules was dropped");
-                continue;
-            }
-            known.insert(event_id, pdu.clone());
-            kept.push(remote::stored_form(&pdu, &json).map_err(remote::Refused::into_error)?);
-        }
+        let events = answer.pdus.iter().filter_map(|raw| serde_json::from_str(raw.get()).ok()).collect();
+        let checked = fetched::check_batch(state, room_id, &version, events)
+            .await
+            .map_err(remote::Refused::into_error)?;
+        // Those the auth rules reject are dropped: the past keeps no rejected events.
+        let mut kept: Vec<_> = checked
+            .into_iter()
+            .filter(|checked| checked.rejected.is_none())
+            .map(|checked| checked.event)
+            .collect();
         // Newest first, as they are stored downwards.
         kept.reverse();
         return Ok(state.store.store_backfilled(room_id, &kept).await?);
     }
     Ok(0)
-}
-
-fn stored_pdu(event: &crate::storage::StoredEvent) -> Option<(OwnedEventId, Pdu)> {
-    let id = OwnedEventId::try_from(event.event_id.as_str()).ok()?;
-    let object: ruma::CanonicalJsonObject = crate::storage::parse_stored(&event.json).ok()?;
-    Some((id.clone(), Pdu::from_json(id, &object).ok()?))
 }

@@ -1,27 +1,80 @@
-//! Events another server sends that follow events this server never received (it was down, or
-//! the sender lost its queue): the events in between are asked for with
-//! `/_matrix/federation/v1/get_missing_events` from the server that sent the event — between the
-//! room's newest events here and the new one — and taken oldest first through the checks every
-//! event from another server goes through ([`remote::accept`]).
+//! Events another server sends that this server cannot check yet, because it lacks events they
+//! follow or name as auth events (it was down, the sender lost its queue, or the room's history
+//! forked long ago): what is lacking is asked of the server that sent the event.
 //!
-//! A gap longer than [`MAX_MISSING`] events is not filled, and the event after it is refused:
-//! fetching the room's state across such a gap (`state_ids`), as Synapse does, is not done yet.
+//! - Events it follows: the events in between, with `get_missing_events` (between the room's
+//!   newest events here and the new one, at most [`MAX_MISSING`]), taken oldest first through
+//!   the checks every event from another server goes through ([`remote::take`]).
+//! - Events still lacking after that (a longer gap): the room's state at each of them, with
+//!   `state_ids` ([`fetched::state_at`]), so that the event can be checked against the state
+//!   they resolve to, as Synapse does. The gap itself stays: `/messages` shows the history here
+//!   from both sides of it.
+//! - Auth events: the event's auth chain, with `event_auth` ([`fetched::auth_chain`]).
 
 use ruma::{
     CanonicalJsonObject, OwnedEventId, RoomId, RoomVersionId, ServerName, UInt,
     api::federation::event::get_missing_events,
 };
 
-use super::remote::{self, Refused};
-use crate::state::AppState;
+use super::{
+    fetched,
+    remote::{self, Refused},
+};
+use crate::{state::AppState, storage::StoredEvent};
 
 /// The most events fetched to fill one gap.
 pub const MAX_MISSING: u32 = 20;
+/// The most events whose state is fetched for one event (an event follows at most 20).
+const MAX_STATES: usize = 10;
+
+/// Takes an event `origin` sent, first fetching from it what this server lacks to check it (see
+/// the module's comment). Events taken on the way are made seen; the event itself is the
+/// caller's to make seen, as with [`remote::take`].
+pub async fn take_from(
+    state: &AppState,
+    origin: &ServerName,
+    room_id: &RoomId,
+    version: &RoomVersionId,
+    json: CanonicalJsonObject,
+) -> Result<StoredEvent, Refused> {
+    match remote::take(state, room_id, version, json.clone()).await {
+        Err(Refused::Missing { prev, .. }) if !prev.is_empty() => {
+            let event_id = remote::checked_id(&json, version)?;
+            fill(state, origin, room_id, version, &event_id).await?;
+            take_filling(state, origin, room_id, version, json).await
+        }
+        Err(Refused::Missing { .. }) => take_filling(state, origin, room_id, version, json).await,
+        taken => taken,
+    }
+}
+
+/// Takes an event, fetching the auth events it names and the state at the events it follows
+/// that this server lacks.
+async fn take_filling(
+    state: &AppState,
+    origin: &ServerName,
+    room_id: &RoomId,
+    version: &RoomVersionId,
+    json: CanonicalJsonObject,
+) -> Result<StoredEvent, Refused> {
+    let (prev, auth) = match remote::take(state, room_id, version, json.clone()).await {
+        Err(Refused::Missing { prev, auth }) => (prev, auth),
+        taken => return taken,
+    };
+    let event_id = remote::checked_id(&json, version)?;
+    if !auth.is_empty() {
+        fetched::auth_chain(state, origin, room_id, version, &event_id).await?;
+    }
+    for at in prev.iter().take(MAX_STATES) {
+        fetched::state_at(state, origin, room_id, version, at).await?;
+    }
+    remote::take(state, room_id, version, json).await
+}
 
 /// Fetches from `origin` the events between this server's newest events of `room_id` and
 /// `latest` (an event `origin` sent whose prev events are unknown here), and takes those that
 /// pass the checks. Returns how many were taken.
-pub async fn fill(
+async fn fill(
     state: &AppState,
     origin: &ServerName,
     room_id: &RoomId,
@@ -60,17 +113,24 @@ pub async fn fill(
         fetched.push((depth, json));
     }
     fetched.sort_by_key(|(depth, _)| *depth);
-    let mut taken = 0;
+    let (mut taken, mut newest) = (0, None);
     for (_, json) in fetched {
         let event_id = match remote::checked_id(&json, version) {
             Ok(id) if id != *latest => id,
             _ => continue,
         };
-        match remote::accept(state, room_id, version, json).await {
-            Ok(_) => taken += 1,
+        match take_filling(state, origin, room_id, version, json).await {
+            Ok(stored) => {
+                taken += 1;
+                newest = newest.max(Some(stored.stream_ordering));
+            }
             Err(Refused::Internal(why)) => return Err(Refused::Internal(why)),
             Err(refused) => tracing::info!(%origin, %event_id, %refused, "a missing event was refused"),
         }
+    }
+    if let Some(newest) = newest {
+        state.stream.flush().await?;
+        state.notify(newest);
     }
     Ok(taken)
 }

@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod client_event;
 pub mod ephemeral;
 pub mod expiry;
+pub mod fetched;
 pub mod graph;
 pub mod invite;
 pub mod join;
@@ -437,7 +438,7 @@ async fn append_at(
         Err(AppendError::DuplicateTxn) => Err(Error::internal("transaction id used, but its event is gone")),
         Err(AppendError::HeadMoved) => Err(Error::internal("the room moved while a local event was built")),
         Err(AppendError::NoRoom) => Err(Error::not_found("no such room")),
-        Err(AppendError::Refused(why)) => Err(forbidden(why)),
+        Err(AppendError::Refused(why) | AppendError::SoftFailed(why)) => Err(forbidden(why)),
         Err(AppendError::Invalid(why)) => {
             if why.contains("larger than") {
                 Err(Error::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::TooLarge, why))

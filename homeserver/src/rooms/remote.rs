@@ -7,15 +7,19 @@
 //! known here; it passes the auth rules given its auth events and given the room's current
 //! state.
 //!
-//! An event that follows all of the room's newest events is checked against the current state;
-//! one made on a fork against the state its own prev events resolve to, and the room's state is
-//! then resolved across the fork (state resolution v2). Unknown prev events are the caller's to
-//! fetch ([`super::missing`]).
+//! The auth rules are applied as the spec's "Checks performed on receipt of a PDU" say: given
+//! the event's own auth events, then given the state before it, then given the room's current
+//! state. An event that follows all of the room's newest events applies to the current state;
+//! one made on a fork to the state its own prev events resolve to, and the room's state is then
+//! resolved across the fork (state resolution v2). Events it follows or names as auth events
+//! that this server lacks are the caller's to fetch ([`super::missing`]): the event is refused
+//! as [`Refused::Missing`] until they are here.
 //!
-//! An event the auth rules reject is kept as rejected (see migration 0028), out of sight.
-//!
-//! Not yet: fetching unknown auth events (`event_auth`) or the state across a long gap
-//! (`state_ids`); telling soft-failed events (which pass their own auth events) apart.
+//! An event failing either of the first two checks is rejected: kept as rejected (see migration
+//! 0028), out of sight, and events naming it as an auth event are rejected too. One failing only
+//! the last (made on a fork, and the room has since moved past what allowed it: its sender was
+//! banned meanwhile, say) is soft-failed: kept out of the timeline and the room's state, as an
+//! outlier with the state after it, so that events following it can still be checked.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -33,7 +37,7 @@ use ruma::{
 
 use crate::{
     state::AppState,
-    storage::{AppendError, NewEvent, Resolved, RoomHead, StateMap, StoredEvent},
+    storage::{AppendError, NewEvent, Outlier, Resolved, RoomHead, StateMap, StoredEvent},
 };
 
 /// The most servers and keys per server whose signatures on one event are checked: a PDU
@@ -51,8 +55,13 @@ pub enum Refused {
     Forged(String),
     #[error("the event fails the auth rules: {0}")]
     Auth(String),
-    #[error("this server does not know the events it follows or is authorised by: {0}")]
-    Unknown(String),
+    /// Allowed where it was made, not by the room's current state: kept out of sight.
+    #[error("the event fails the auth rules against the room's current state: {0}")]
+    SoftFailed(String),
+    /// Events it follows (`prev`) or names as auth events (`auth`) that this server does not
+    /// have (or, for `prev`, has without the state after them).
+    #[error("this server lacks events the event follows ({prev:?}) or is authorised by ({auth:?})")]
+    Missing { prev: Vec<OwnedEventId>, auth: Vec<OwnedEventId> },
     #[error("{0}")]
     Internal(String),
 }
@@ -263,12 +272,24 @@ pub async fn take(
         (None, None) => None,
     };
     // Events it follows may have been rejected: it is part of the graph all the same.
-    if prev_events.iter().any(|id| of_room(id) != Some(true)) {
-        return Err(Refused::Unknown(format!("prev_events of {event_id}")));
+    if prev_events.iter().any(|id| of_room(id) == Some(false)) {
+        return Err(invalid(format!("{event_id} follows an event of another room")));
     }
-    let rejected_auth = auth_ids.iter().any(|id| rejected.contains_key(id.as_str()));
-    if !rejected_auth && auth_ids.iter().any(|id| of_room(id) != Some(true)) {
-        return Err(Refused::Unknown(format!("auth_events of {event_id}")));
+    // Why its auth events reject it: one was rejected, or is of another room.
+    let rejected_auth = if auth_ids.iter().any(|id| rejected.contains_key(id.as_str())) {
+        Some("one of its auth events was rejected")
+    } else {
+        auth_ids
+            .iter()
+            .any(|id| of_room(id) == Some(false))
+            .then_some("one of its auth events is of another room")
+    };
+    let lacking = |ids: &[OwnedEventId]| -> Vec<OwnedEventId> {
+        ids.iter().filter(|id| of_room(id).is_none()).cloned().collect()
+    };
+    let missing_auth = if rejected_auth.is_some() { Vec::new() } else { lacking(&auth_ids) };
+    if !lacking(&prev_events).is_empty() || !missing_auth.is_empty() {
+        return Err(Refused::Missing { prev: lacking(&prev_events), auth: missing_auth });
     }
     let known_auth: Vec<&StoredEvent> = auth_ids.iter().filter_map(|id| known.get(id.as_str())).collect();
     let mut auth_events = HashMap::new();
@@ -306,8 +327,8 @@ pub async fn take(
         resolves_forks && extremities.iter().collect::<BTreeSet<_>>() != prev_set
     };
     let taken = async {
-        if rejected_auth {
-            return Err(Refused::Auth("one of its auth events was rejected".to_owned()));
+        if let Some(why) = rejected_auth {
+            return Err(Refused::Auth(why.to_owned()));
         }
         redaction?;
         // The extremities the event was last found to be on a fork of.
@@ -330,16 +351,7 @@ pub async fn take(
                     .as_ref()
                     .and_then(|key| head.state.get(&(kind.to_string(), key.clone())))
                     .map(|(id, _)| id.clone());
-                if let Some(resolved) = &resolved {
-                    // Checked against the state at the event when the fork was resolved.
-                    return Ok(NewEvent {
-                        replaces_state,
-                        resolved: Some(resolved.clone()),
-                        ..stored_form.clone()
-                    });
-                }
-                // Against the room's current state: an event the room has since moved past (the
-                // sender was banned meanwhile, say) is not taken.
+                // The room's current state, as far as the rules read it for this event.
                 let mut current: HashMap<(StateEventType, String), Pdu> = HashMap::new();
                 for ((event_type, key), (id, json)) in &head.state {
                     let id = OwnedEventId::try_from(id.as_str())
@@ -356,8 +368,24 @@ pub async fn take(
                     // From room version 12 the rules still read the create event (the room id is its hash).
                     auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
                 }
-                auth::check(version, &parsed, &auth_events, &current).map_err(AppendError::Refused)?;
-                Ok(NewEvent { replaces_state, ..stored_form.clone() })
+                check_given_auth_events(version, &parsed, &auth_events).map_err(AppendError::Refused)?;
+                let against_current = auth::check(version, &parsed, &auth_events, &current);
+                match &resolved {
+                    // Checked against the state before it when the fork was resolved.
+                    Some(resolved) => {
+                        against_current.map_err(AppendError::SoftFailed)?;
+                        Ok(NewEvent {
+                            replaces_state,
+                            resolved: Some(resolved.clone()),
+                            ..stored_form.clone()
+                        })
+                    }
+                    // The current state is the state before it.
+                    None => {
+                        against_current.map_err(AppendError::Refused)?;
+                        Ok(NewEvent { replaces_state, ..stored_form.clone() })
+                    }
+                }
             };
             let outcome = state.store.append_event(room_id, &state.stream, &auth_keys, false, &build).await?;
             return match outcome {
@@ -367,6 +395,12 @@ pub async fn take(
                     continue;
                 }
                 Err(AppendError::Refused(why)) => Err(Refused::Auth(why)),
+                Err(AppendError::SoftFailed(why)) => {
+                    let state_after = resolved.map(|resolved| resolved.after_event.clone());
+                    let outlier = Outlier { event: stored_form.clone(), state_after, rejected: None };
+                    state.store.store_outliers(room_id, &[outlier]).await?;
+                    Err(Refused::SoftFailed(why))
+                }
                 Err(AppendError::NoRoom) => Err(invalid(format!("this server has no room {room_id}"))),
                 Err(other) => Err(invalid(other)),
             };
@@ -375,7 +409,8 @@ pub async fn take(
     }
     .await;
     if let Err(Refused::Auth(why)) = &taken {
-        state.store.store_rejected(room_id, &stored_form, why).await?;
+        let outlier = Outlier { event: stored_form, state_after: None, rejected: Some(why.clone()) };
+        state.store.store_outliers(room_id, &[outlier]).await?;
     }
     taken
 }
@@ -435,7 +470,8 @@ async fn fork_state(
     let mut before_prev = Vec::new();
     for prev in &event.prev_events {
         let after = state.store.state_after(prev.as_str()).await?;
-        before_prev.push(after.ok_or_else(|| Refused::Unknown(format!("the state after {prev}")))?);
+        before_prev
+            .push(after.ok_or_else(|| Refused::Missing { prev: vec![prev.clone()], auth: Vec::new() })?);
     }
     let before = resolve_states(state, version, before_prev, None).await?;
     let mut before_pdus: HashMap<(StateEventType, String), Pdu> = HashMap::new();
@@ -542,8 +578,9 @@ impl Refused {
     pub fn into_error(self) -> crate::error::Error {
         use crate::error::Error;
         match self {
-            Refused::Auth(why) | Refused::Forged(why) => Error::forbidden(why),
-            Refused::Invalid(why) | Refused::Unknown(why) => Error::bad_json(why),
+            Refused::Auth(why) | Refused::SoftFailed(why) | Refused::Forged(why) => Error::forbidden(why),
+            missing @ Refused::Missing { .. } => Error::bad_json(missing.to_string()),
+            Refused::Invalid(why) => Error::bad_json(why),
             Refused::Internal(why) => Error::internal(why),
         }
     }

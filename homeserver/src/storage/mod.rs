@@ -49,7 +49,8 @@ pub use self::{
     registration_tokens::RegistrationTokenStore,
     reports::{ReportRecord, ReportStore},
     rooms::{
-        AppendError, Directory, NewEvent, Resolved, RoomHead, RoomStore, StateMap, StoredEvent, StreamEvent,
+        AppendError, Directory, NewEvent, Outlier, Resolved, RoomHead, RoomStore, StateMap, StoredEvent,
+        StreamEvent,
     },
     server_keys::{ServerKeyRecord, ServerKeyStore},
     sessions::{SessionRecord, SessionStore},

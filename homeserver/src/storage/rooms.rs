@@ -103,6 +103,16 @@ pub struct Resolved {
     pub memberships: BTreeMap<String, String>,
 }
 
+/// An event to keep in no timeline (see [`RoomStore::store_outliers`]).
+#[derive(Debug, Clone)]
+pub struct Outlier {
+    pub event: NewEvent,
+    /// The state after it, when known.
+    pub state_after: Option<StateMap>,
+    /// Why the auth rules reject it, if they do.
+    pub rejected: Option<String>,
+}
+
 /// A stored event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -134,6 +144,9 @@ pub enum AppendError {
     /// The room's head is not the one the event was worked out for (see `rooms::remote`).
     #[error("the room moved meanwhile")]
     HeadMoved,
+    /// Allowed by the state it was made at, not by the room's current state (see `rooms::remote`).
+    #[error("{0}")]
+    SoftFailed(String),
 }
 
 #[async_trait]
@@ -198,12 +211,17 @@ pub trait RoomStore: Send + Sync {
     /// everything in its timeline: an outlier among them moves into the timeline, events already
     /// in it are skipped. Returns how many joined the timeline.
     async fn store_backfilled(&self, room_id: &RoomId, events: &[NewEvent]) -> StoreResult<usize>;
-    /// Keeps an event of another server that the auth rules reject (see migration 0028): an
-    /// outlier with the room's current state as the state after it. Nothing if it is here.
-    async fn store_rejected(&self, room_id: &RoomId, event: &NewEvent, reason: &str) -> StoreResult<()>;
+    /// Keeps events of another server that are in no timeline (outliers): those fetched to fill
+    /// a gap or an auth chain, those the auth rules reject (see migration 0028) and those that
+    /// fail against the room's current state only (soft-failed). One given the state after it
+    /// keeps that state, so that events following it can be checked; the others get the room's
+    /// current state. An event here already is left as it is, but that an outlier without a
+    /// state of its own gets the one given.
+    async fn store_outliers(&self, room_id: &RoomId, outliers: &[Outlier]) -> StoreResult<()>;
     /// Those of `event_ids` kept as rejected, each with its room.
     async fn rejected_events(&self, event_ids: &[&str]) -> StoreResult<Vec<(String, String)>>;
-    /// The room state after an event (`(type, state key) → event id`), if the event is here.
+    /// The room state after an event (`(type, state key) → event id`), if the event is here
+    /// with a state of its own: in a timeline, rejected, or an outlier given one.
     async fn state_after(&self, event_id: &str) -> StoreResult<Option<StateMap>>;
     async fn event_by_txn(
         &self,
@@ -1181,28 +1199,82 @@ impl RoomStore for SqlStore {
         Ok(new.len())
     }
 
-    async fn store_rejected(&self, room_id: &RoomId, event: &NewEvent, reason: &str) -> StoreResult<()> {
+    async fn store_outliers(&self, room_id: &RoomId, outliers: &[Outlier]) -> StoreResult<()> {
+        if outliers.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         // Written first, so that SQLite takes its write lock before any read (a read first
         // would fail as busy if another writer committed meanwhile).
-        let at = allocate_backward(&mut tx, 1).await?;
-        let exists = sqlx::query("SELECT 1 FROM events WHERE event_id = $1")
-            .bind(event.event_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let mut next = allocate_backward(&mut tx, i64::try_from(outliers.len()).map_err(corrupt)?).await?;
         let snapshot = sqlx::query("SELECT current_snapshot FROM rooms WHERE room_id = $1")
             .bind(room_id.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-        let (None, Some(snapshot)) = (exists, snapshot) else { return Ok(()) };
-        let snapshot: Option<i64> = snapshot.try_get("current_snapshot")?;
-        let snapshot = snapshot.ok_or_else(|| corrupt("a room without state"))?;
-        insert_event(&mut tx, room_id, at, event, snapshot, Written::Outlier).await?;
-        sqlx::query("UPDATE events SET rejected = $2 WHERE event_id = $1")
-            .bind(event.event_id.as_str())
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+        let Some(snapshot) = snapshot else { return Ok(()) };
+        let current: i64 = snapshot
+            .try_get::<Option<i64>, _>("current_snapshot")?
+            .ok_or_else(|| corrupt("a room without state"))?;
+        let ids: Vec<&str> = outliers.iter().map(|outlier| outlier.event.event_id.as_str()).collect();
+        // Those here: their position, and whether they are outliers without a state of their own.
+        let mut here = std::collections::HashMap::new();
+        let columns = "event_id, stream_ordering, state_snapshot, outlier, rejected";
+        for row in rows_by_ids(&mut tx, columns, "1 = 1", &ids).await? {
+            let position: i64 = row.try_get("stream_ordering")?;
+            let stateless = row.try_get::<i16, _>("outlier")? == 1
+                && row.try_get::<Option<String>, _>("rejected")?.is_none()
+                && row.try_get::<i64, _>("state_snapshot")? != position;
+            here.insert(row.try_get::<String, _>("event_id")?, (position, stateless));
+        }
+        let mut rows = Vec::new();
+        let mut rejected = Vec::new();
+        for outlier in outliers {
+            let id = outlier.event.event_id.as_str();
+            let (position, new) = match here.get(id) {
+                Some((position, true)) if outlier.state_after.is_some() => (*position, false),
+                Some(_) => continue,
+                None => {
+                    next -= 1;
+                    (next + 1, true)
+                }
+            };
+            here.insert(id.to_owned(), (position, false));
+            // A state of its own is a snapshot numbered as the event's position, which no other
+            // snapshot has: those of the timeline are positive, outliers' negative.
+            let snapshot_id = match &outlier.state_after {
+                Some(state_after) => {
+                    let state_after = Arc::new(state_after.clone());
+                    state::write(&mut tx, room_id, position, None, state_after, Vec::new()).await?;
+                    position
+                }
+                None => current,
+            };
+            if new {
+                rows.push(EventRow {
+                    position,
+                    event: &outlier.event,
+                    snapshot_id,
+                    written: Written::Outlier,
+                });
+                if let Some(reason) = &outlier.rejected {
+                    rejected.push((id, reason));
+                }
+            } else {
+                sqlx::query("UPDATE events SET state_snapshot = $2 WHERE event_id = $1")
+                    .bind(id)
+                    .bind(snapshot_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        insert_events(&mut tx, room_id, &rows).await?;
+        for (id, reason) in rejected {
+            sqlx::query("UPDATE events SET rejected = $2 WHERE event_id = $1")
+                .bind(id)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -1213,12 +1285,23 @@ impl RoomStore for SqlStore {
     }
 
     async fn state_after(&self, event_id: &str) -> StoreResult<Option<StateMap>> {
-        let row = sqlx::query("SELECT state_snapshot FROM events WHERE event_id = $1")
-            .bind(event_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT state_snapshot, stream_ordering, outlier, rejected FROM events WHERE event_id = $1",
+        )
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(row) = row else { return Ok(None) };
-        let snapshot = self.read_snapshot(row.try_get("state_snapshot")?).await?;
+        let snapshot: i64 = row.try_get("state_snapshot")?;
+        // An outlier of a join's state or of an auth chain carries the room's state at the time
+        // it was stored, not its own.
+        if row.try_get::<i16, _>("outlier")? == 1
+            && row.try_get::<Option<String>, _>("rejected")?.is_none()
+            && snapshot != row.try_get::<i64, _>("stream_ordering")?
+        {
+            return Ok(None);
+        }
+        let snapshot = self.read_snapshot(snapshot).await?;
         Ok(Some(Arc::unwrap_or_clone(snapshot.state)))
     }
 

@@ -144,21 +144,12 @@ impl Federating {
         txn: &str,
         pdus: &[CanonicalJsonObject],
     ) -> (u16, Value) {
-        let mut request = send_transaction_message::v1::Request::new(
-            txn.into(),
-            self.name.clone(),
-            ruma::MilliSecondsSinceUnixEpoch::now(),
-        );
-        request.pdus = pdus
-            .iter()
-            .map(|pdu| RawValue::from_string(CanonicalJsonValue::Object(pdu.clone()).to_string()).unwrap())
-            .collect();
-        self.send(ca, to, request).await
+        self.signer().transaction(ca, to, txn, pdus).await
     }
 }
 
 /// An event of `room` to sign, following `prev` and authorised by `auth`.
-fn draft(
+pub(crate) fn draft(
     room: &str,
     sender: &str,
     (kind, state_key): (&str, Option<&str>),
@@ -184,17 +175,21 @@ impl<'a> From<&'a Federating> for Signer<'a> {
     }
 }
 
-/// A stand-in for another server: it publishes a key of its own and takes every transaction,
-/// answering `{}` (without the `pdus` the spec asks for, as SyTest's servers answer).
-struct StandIn {
-    name: OwnedServerName,
+/// A stand-in for another server: it publishes a key of its own, takes every transaction,
+/// answering `{}` (without the `pdus` the spec asks for, as SyTest's servers answer), and
+/// answers the GET requests the test set an answer for ([`StandIn::answer`]).
+pub(crate) struct StandIn {
+    pub(crate) name: OwnedServerName,
     key: ::federation::signing_key::SigningKey,
     received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
-    handle: actix_web::dev::ServerHandle,
+    /// Path (decoded) → answer, and the paths asked for.
+    answers: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub(crate) handle: actix_web::dev::ServerHandle,
 }
 
 impl StandIn {
-    async fn start(ca: &TestCa) -> Self {
+    pub(crate) async fn start(ca: &TestCa) -> Self {
         use actix_web::{App, HttpResponse, HttpServer, web};
         let key_file = std::env::temp_dir()
             .join(format!("hearth-stand-in-{}.key", homeserver::auth::tokens::random_token(10)));
@@ -207,9 +202,27 @@ impl StandIn {
         let document = CanonicalJsonValue::Object(document).to_string();
         let received: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
         let taken = received.clone();
+        let answers: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>> =
+            Default::default();
+        let asked: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let (canned, asks) = (answers.clone(), asked.clone());
         let server = HttpServer::new(move || {
             let (document, taken) = (document.clone(), taken.clone());
+            let (canned, asks) = (canned.clone(), asks.clone());
             App::new()
+                .default_service(web::to(move |request: actix_web::HttpRequest| {
+                    let path =
+                        percent_encoding::percent_decode_str(request.path()).decode_utf8_lossy().into_owned();
+                    asks.lock().unwrap().push(path.clone());
+                    let answer = canned.lock().unwrap().get(&path).cloned();
+                    async move {
+                        match answer {
+                            Some(answer) => HttpResponse::Ok().json(answer),
+                            None => HttpResponse::NotFound()
+                                .json(json!({"errcode": "M_NOT_FOUND", "error": path})),
+                        }
+                    }
+                }))
                 .route(
                     "/_matrix/key/v2/server",
                     web::get().to(move || {
@@ -239,11 +252,21 @@ impl StandIn {
         .run();
         let handle = server.handle();
         tokio::spawn(server);
-        Self { name, key, received, handle }
+        Self { name, key, received, answers, asked, handle }
     }
 
-    fn signer(&self) -> Signer<'_> {
+    pub(crate) fn signer(&self) -> Signer<'_> {
         Signer { name: &self.name, key: self.key.key_pair() }
+    }
+
+    /// Answers GET `path` (not percent-encoded) with `answer` from now on.
+    pub(crate) fn answer(&self, path: &str, answer: Value) {
+        self.answers.lock().unwrap().insert(path.to_owned(), answer);
+    }
+
+    /// The paths it was asked for besides transactions and its key, decoded, in order.
+    pub(crate) fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
     }
 
     /// The bodies of the `m.room.message` events it was sent, in the order they came.
@@ -273,6 +296,26 @@ impl Signer<'_> {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Puts a transaction of `pdus` to `to` as this server; the status and body.
+    pub(crate) async fn transaction(
+        &self,
+        ca: &TestCa,
+        to: &Federating,
+        txn: &str,
+        pdus: &[CanonicalJsonObject],
+    ) -> (u16, Value) {
+        let mut request = send_transaction_message::v1::Request::new(
+            txn.into(),
+            self.name.to_owned(),
+            ruma::MilliSecondsSinceUnixEpoch::now(),
+        );
+        request.pdus = pdus
+            .iter()
+            .map(|pdu| RawValue::from_string(CanonicalJsonValue::Object(pdu.clone()).to_string()).unwrap())
+            .collect();
+        self.send(ca, to, request).await
+    }
+
     /// Hashes and signs an event as this server; its id (room version 12) and JSON.
     pub(crate) fn sign(&self, mut event: CanonicalJsonObject) -> (OwnedEventId, CanonicalJsonObject) {
         let rules = RoomVersionId::V12.rules().unwrap();
@@ -284,7 +327,7 @@ impl Signer<'_> {
 }
 
 /// Canonical JSON from a `json!` value.
-fn object(value: Value) -> CanonicalJsonObject {
+pub(crate) fn object(value: Value) -> CanonicalJsonObject {
     serde_json::from_value(value).unwrap()
 }
 
@@ -1061,7 +1104,7 @@ crate::on_both_backends! {
 
 /// `server`'s user `user` in `room` on `to`, joined by hand: `make_join`, the template signed
 /// here, `send_join`. Returns the join's id and the room's power levels event id.
-async fn join_by_hand(
+pub(crate) async fn join_by_hand(
     ca: &TestCa,
     server: impl Into<Signer<'_>>,
     to: &Federating,
@@ -1091,7 +1134,7 @@ async fn join_by_hand(
 }
 
 /// Whether `who` can read event `id` of `room` on `server`.
-async fn readable(server: &TestServer, who: &Session, room: &str, id: &str) -> Option<Value> {
+pub(crate) async fn readable(server: &TestServer, who: &Session, room: &str, id: &str) -> Option<Value> {
     let (status, event) = server
         .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room), enc(id)), Some(&who.token))
         .await;

@@ -17,6 +17,7 @@ mod faults;
 mod features;
 mod federated_chat;
 mod federation;
+mod federation_intake;
 mod guests;
 mod hardening;
 mod interop;

@@ -3,8 +3,8 @@
 //! Each PDU goes through [`crate::rooms::remote::take`], in the order sent (those taken are made
 //! seen together at the end), and the answer has per event an error or, for one taken or
 //! rejected by the auth rules (handled either way; a rejected event is kept out of sight), the
-//! empty result. One that follows events this server lacks is taken once those are fetched
-//! from the sender ([`crate::rooms::missing`]).
+//! empty result (soft-failed ones too). One that follows or names events this server lacks is
+//! taken once what it lacks is fetched from the sender ([`crate::rooms::missing`]).
 //! EDUs (typing, receipts, presence, to-device) are federation's part 2 and are not read yet.
 
 use actix_web::web;
@@ -102,24 +102,17 @@ async fn take_pdu(
     if !remote::acl_allows(state, &room_id, origin).await? {
         return Ok(Some((event_id, Err(format!("the server ACL of room {room_id} denies {origin}")))));
     }
-    let mut taken = remote::take(state, &room_id, &version, json.clone()).await;
-    if let Err(remote::Refused::Unknown(_)) = taken {
-        // It follows events this server never got: those are asked of the sender first.
-        if missing::fill(state, origin, &room_id, &version, &event_id)
-            .await
-            .map_err(remote::Refused::into_error)?
-            > 0
-        {
-            taken = remote::take(state, &room_id, &version, json).await;
-        }
-    }
-    let result = match taken {
+    let result = match missing::take_from(state, origin, &room_id, &version, json).await {
         Ok(stored) => Ok(Some(stored.stream_ordering)),
         Err(remote::Refused::Internal(why)) => return Err(Error::internal(why)),
         // An event the auth rules reject was handled, though not taken: the answer is the
         // empty result, as Synapse gives (an error is for what could not be processed).
         Err(remote::Refused::Auth(why)) => {
             tracing::info!(%origin, %event_id, %why, "an event from another server was rejected");
+            Ok(None)
+        }
+        Err(remote::Refused::SoftFailed(why)) => {
+            tracing::info!(%origin, %event_id, %why, "an event from another server was soft-failed");
             Ok(None)
         }
         Err(refused) => {
