@@ -121,6 +121,9 @@ pub struct FederationConfig {
     /// Notaries asked for another server's keys when that server cannot be asked itself, in this
     /// order (`/_matrix/key/v2/query`).
     pub trusted_key_servers: Vec<TrustedKeyServer>,
+    /// DNS servers (`ip:port`) that resolve other servers' names (SRV and address records)
+    /// instead of the system's (`/etc/resolv.conf`). Empty: the system's.
+    pub nameservers: Vec<String>,
 }
 
 /// A notary: a server trusted to vouch for other servers' keys.
@@ -142,6 +145,7 @@ impl Default for FederationConfig {
             request_timeout_secs: 30,
             old_signing_keys: Vec::new(),
             trusted_key_servers: Vec::new(),
+            nameservers: Vec::new(),
         }
     }
 }
@@ -907,6 +911,11 @@ impl Config {
                     format!("`{}` needs an ed25519:<version> id and a 32-byte base64 public key", old.key_id),
                 ));
             }
+        }
+        if let Some(bad) =
+            self.federation.nameservers.iter().find(|server| server.parse::<std::net::SocketAddr>().is_err())
+        {
+            return Err(invalid("federation.nameservers", format!("`{bad}` is not an ip:port address")));
         }
         for notary in &self.federation.trusted_key_servers {
             if ruma::ServerName::parse(&notary.server_name).is_err() {

@@ -3,19 +3,33 @@
 //! In the spec's order: an IP literal is the address (port 8448 unless given); a host name with
 //! an explicit port is that host and port; otherwise `https://<name>/.well-known/matrix/server`
 //! may delegate to another host (itself resolved the same way, without a second delegation);
-//! otherwise the name on port 8448. SRV records (`_matrix-fed._tcp`, then `_matrix._tcp`) are
-//! not looked up yet: a name served through SRV alone is tried on 8448.
+//! otherwise, for the name (or the delegated host, without a port), the SRV records
+//! `_matrix-fed._tcp.<host>` then `_matrix._tcp.<host>`: the target of the lowest priority, on
+//! the record's port; otherwise the host on port 8448.
+//!
+//! Through SRV, the request still goes to `https://<host>:<port>`, so that the certificate is
+//! checked for the host and the Host header names it (the spec's rules), but the connection is
+//! made to the target's addresses: the client's resolver ([`Resolver`]) looks the target up in
+//! place of the host. Until the host is resolved again, every connection to it goes there.
 //!
 //! What is found is cached: a delegation for as long as the well-known answer allows (one day
-//! without `Cache-Control`, at most two), the lack of one for an hour.
+//! without `Cache-Control`, at most two), the lack of one for an hour; DNS answers (SRV and
+//! addresses) for as long as their TTL, by the DNS resolver, which uses the system's servers or
+//! `federation.nameservers`.
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
-    sync::Mutex,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use hickory_resolver::{
+    TokioResolver,
+    config::{NameServerConfig, NameServerConfigGroup, ResolverConfig},
+    name_server::TokioConnectionProvider,
+    proto::xfer::Protocol,
+};
 use ruma::ServerName;
 
 /// The port federation is served on unless a name or delegation says otherwise.
@@ -35,12 +49,15 @@ const CACHE_CAPACITY: usize = 10_000;
 pub struct Destination {
     /// `https://host:port`, the host being the name the certificate must be for.
     pub base_url: String,
+    /// The Host header, when it is not the URL's host and port: the host alone, for a server
+    /// found through SRV.
+    pub host_header: Option<String>,
 }
 
 impl Destination {
     fn at(host: &str, port: Option<u16>) -> Self {
         // IPv6 literals keep their brackets in a URL.
-        Self { base_url: format!("https://{host}:{}", port.unwrap_or(DEFAULT_PORT)) }
+        Self { base_url: format!("https://{host}:{}", port.unwrap_or(DEFAULT_PORT)), host_header: None }
     }
 }
 
@@ -58,10 +75,20 @@ fn ip_literal(host: &str) -> Option<IpAddr> {
     host.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
+/// Host names whose connections go to another host (an SRV target): host → target.
+type Targets = Arc<Mutex<HashMap<String, String>>>;
+
 /// Resolves server names, with a cache of well-known delegations.
-#[derive(Debug, Default)]
 pub struct Discovery {
     delegations: Mutex<HashMap<String, (Option<String>, Instant)>>,
+    dns: Arc<TokioResolver>,
+    targets: Targets,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery").finish_non_exhaustive()
+    }
 }
 
 /// Why a name cannot be called.
@@ -74,6 +101,31 @@ pub enum DiscoveryError {
 }
 
 impl Discovery {
+    /// Resolves with the DNS servers `nameservers` (`ip:port`), or the system's when there are
+    /// none. Returns the resolver the HTTP client is to connect with (see the module's comment).
+    pub fn new(nameservers: &[String], allow_private: bool) -> anyhow::Result<(Self, Resolver)> {
+        let provider = TokioConnectionProvider::default();
+        let builder = if nameservers.is_empty() {
+            TokioResolver::builder_tokio()
+                .unwrap_or_else(|_| TokioResolver::builder_with_config(ResolverConfig::default(), provider))
+        } else {
+            let mut servers = Vec::new();
+            for server in nameservers {
+                let address: SocketAddr = server.parse().map_err(|_| {
+                    anyhow::anyhow!("federation.nameservers: `{server}` is not an ip:port address")
+                })?;
+                servers.push(NameServerConfig::new(address, Protocol::Udp));
+                servers.push(NameServerConfig::new(address, Protocol::Tcp));
+            }
+            let group = NameServerConfigGroup::from(servers);
+            TokioResolver::builder_with_config(ResolverConfig::from_parts(None, Vec::new(), group), provider)
+        };
+        let dns = Arc::new(builder.build());
+        let targets = Targets::default();
+        let resolver = Resolver { dns: dns.clone(), targets: targets.clone(), allow_private };
+        Ok((Self { delegations: Mutex::default(), dns, targets }, resolver))
+    }
+
     /// Where `server` is reached. `http` fetches the well-known document (its resolver keeps
     /// names to allowed addresses); `allow_private` lets IP literals be private.
     pub async fn resolve(
@@ -89,11 +141,43 @@ impl Discovery {
         }
         let delegated = self.delegation(http, host).await;
         match delegated.as_deref().and_then(split) {
-            Some((host, port)) => {
-                Ok(direct(host, port, allow_private)?.unwrap_or_else(|| Destination::at(host, None)))
-            }
-            None => Ok(Destination::at(host, None)),
+            Some((host, port)) => match direct(host, port, allow_private)? {
+                Some(destination) => Ok(destination),
+                None => Ok(self.service(host).await),
+            },
+            None => Ok(self.service(host).await),
         }
+    }
+
+    /// A host name without a port: where its SRV records point, or the host on port 8448.
+    async fn service(&self, host: &str) -> Destination {
+        for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
+            let Ok(found) = self.dns.srv_lookup(format!("{service}.{host}.")).await else { continue };
+            // The lowest priority, the heaviest among equals (a client may pick at random by
+            // weight; one choice that does not change between requests keeps one connection).
+            let Some(record) =
+                found.iter().min_by_key(|record| (record.priority(), u16::MAX - record.weight()))
+            else {
+                continue;
+            };
+            let target = record.target().to_utf8();
+            let target = target.trim_end_matches('.');
+            if target.is_empty() {
+                // "." as the target: the service is decidedly not offered there.
+                break;
+            }
+            let mut targets = self.targets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if targets.len() >= CACHE_CAPACITY {
+                targets.clear();
+            }
+            targets.insert(host.to_owned(), target.to_owned());
+            return Destination {
+                base_url: format!("https://{host}:{}", record.port()),
+                host_header: Some(host.to_owned()),
+            };
+        }
+        self.targets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(host);
+        Destination::at(host, None)
     }
 
     /// The well-known delegation of `host`, cached.
@@ -118,6 +202,38 @@ impl Discovery {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Option<String>, Instant)>> {
         self.delegations.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The HTTP client's name resolution for calls to other servers: a host found through SRV is
+/// looked up as its target; only public addresses unless private ones are allowed (checked as
+/// names resolve, so a name cannot pass as public and then connect to a private address).
+pub struct Resolver {
+    dns: Arc<TokioResolver>,
+    targets: Targets,
+    allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let (dns, allow_private) = (self.dns.clone(), self.allow_private);
+        let host = name.as_str().to_owned();
+        let target =
+            self.targets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&host).cloned();
+        Box::pin(async move {
+            let lookup = target.unwrap_or(host);
+            let found = dns.lookup_ip(format!("{lookup}.")).await?;
+            let kept: Vec<SocketAddr> = found
+                .iter()
+                .filter(|ip| allow_private || crate::outbound::is_public(*ip))
+                .map(|ip| SocketAddr::new(ip, 0))
+                .collect();
+            if kept.is_empty() {
+                return Err(Box::new(crate::outbound::RefusedAddress(lookup))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 

@@ -23,7 +23,7 @@ use ruma::{
     signatures::Ed25519KeyPair,
 };
 
-use crate::{config::FederationConfig, error::ErrorKind, outbound::PublicOnly};
+use crate::{config::FederationConfig, error::ErrorKind};
 
 /// The largest answer read from another server, but for a room's state.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -75,19 +75,21 @@ pub struct Remote {
 impl Remote {
     pub fn new(config: &FederationConfig) -> anyhow::Result<Self> {
         let timeout = Duration::from_secs(config.request_timeout_secs);
+        let (discovery, resolver) =
+            discovery::Discovery::new(&config.nameservers, config.allow_private_addresses)?;
         let builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .dns_resolver(Arc::new(PublicOnly::new(config.allow_private_addresses)));
+            .dns_resolver(Arc::new(resolver));
         let http = crate::outbound::trust_extra_ca(builder, Some(&config.extra_ca_file))
             .map_err(|e| e.context("federation.extra_ca_file"))?
             .build()?;
         Ok(Self {
             http,
             allow_private: config.allow_private_addresses,
-            discovery: discovery::Discovery::default(),
+            discovery,
             keys: keys::RemoteKeys::default(),
             received: received::Received::default(),
         })
@@ -128,8 +130,11 @@ impl Remote {
         let request = request.try_into_http_request::<Vec<u8>>(&target.base_url, input, ()).map_err(|e| {
             RemoteError::Malformed { server: server.clone(), why: format!("building the request: {e}") }
         })?;
-        let request = reqwest::Request::try_from(request)
+        let mut request = reqwest::Request::try_from(request)
             .map_err(|e| RemoteError::Malformed { server: server.clone(), why: e.to_string() })?;
+        if let Some(host) = target.host_header.as_deref().and_then(|host| host.parse().ok()) {
+            request.headers_mut().insert(reqwest::header::HOST, host);
+        }
         let unreachable = |why: String| RemoteError::Unreachable { server: server.clone(), why };
         let response =
             self.http.execute(request).await.map_err(|e| unreachable(e.without_url().to_string()))?;

@@ -45,14 +45,26 @@ impl Federating {
         ca: &TestCa,
         tweak: impl FnOnce(&mut homeserver::config::Config),
     ) -> Self {
+        Self::start_named(db, ca, None, tweak).await
+    }
+
+    /// [`Federating::start_with`], named `name` (a name under `hearth.test`, which the test's
+    /// DNS must lead to its listener) instead of its address.
+    pub(crate) async fn start_named(
+        db: Db,
+        ca: &TestCa,
+        name: Option<&str>,
+        tweak: impl FnOnce(&mut homeserver::config::Config),
+    ) -> Self {
         let port = free_port();
-        let name = OwnedServerName::try_from(format!("127.0.0.1:{port}")).unwrap();
+        let name = OwnedServerName::try_from(name.map_or_else(|| format!("127.0.0.1:{port}"), str::to_owned))
+            .unwrap();
         let (certificate, private_key) = ca.server_files();
         let ca_file = ca.ca_file();
         let server_name = name.to_string();
         let server = TestServer::start_with(db, move |config| {
-            config.server_name = server_name.clone();
-            config.listen.federation = server_name;
+            config.server_name = server_name;
+            config.listen.federation = format!("127.0.0.1:{port}");
             config.tls.certificate = certificate;
             config.tls.private_key = private_key;
             config.federation.extra_ca_file = ca_file;
@@ -180,23 +192,31 @@ impl<'a> From<&'a Federating> for Signer<'a> {
 /// answers the GET requests the test set an answer for ([`StandIn::answer`]).
 pub(crate) struct StandIn {
     pub(crate) name: OwnedServerName,
+    pub(crate) port: u16,
     key: ::federation::signing_key::SigningKey,
     received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
     /// Path (decoded) → answer, and the paths asked for.
     answers: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>,
-    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// (Host header, path) of each request.
+    asked: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
     pub(crate) handle: actix_web::dev::ServerHandle,
 }
 
 impl StandIn {
     pub(crate) async fn start(ca: &TestCa) -> Self {
+        Self::start_named(ca, None).await
+    }
+
+    /// [`StandIn::start`], named `name` instead of its address (see [`Federating::start_named`]).
+    pub(crate) async fn start_named(ca: &TestCa, name: Option<&str>) -> Self {
         use actix_web::{App, HttpResponse, HttpServer, web};
         let key_file = std::env::temp_dir()
             .join(format!("hearth-stand-in-{}.key", homeserver::auth::tokens::random_token(10)));
         let key = ::federation::signing_key::SigningKey::load_or_generate(&key_file).unwrap();
         let _ = std::fs::remove_file(&key_file);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let name = OwnedServerName::try_from(format!("127.0.0.1:{}", listener.local_addr().unwrap().port()))
+        let port = listener.local_addr().unwrap().port();
+        let name = OwnedServerName::try_from(name.map_or_else(|| format!("127.0.0.1:{port}"), str::to_owned))
             .unwrap();
         let document = ::federation::keys::own_key_document(&name, &key, &[], 4_000_000_000_000).unwrap();
         let document = CanonicalJsonValue::Object(document).to_string();
@@ -204,7 +224,7 @@ impl StandIn {
         let taken = received.clone();
         let answers: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>> =
             Default::default();
-        let asked: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let asked: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
         let (canned, asks) = (answers.clone(), asked.clone());
         let server = HttpServer::new(move || {
             let (document, taken) = (document.clone(), taken.clone());
@@ -213,7 +233,9 @@ impl StandIn {
                 .default_service(web::to(move |request: actix_web::HttpRequest| {
                     let path =
                         percent_encoding::percent_decode_str(request.path()).decode_utf8_lossy().into_owned();
-                    asks.lock().unwrap().push(path.clone());
+                    let host =
+                        request.headers().get("host").and_then(|host| host.to_str().ok()).unwrap_or_default();
+                    asks.lock().unwrap().push((host.to_owned(), path.clone()));
                     let answer = canned.lock().unwrap().get(&path).cloned();
                     async move {
                         match answer {
@@ -252,7 +274,7 @@ impl StandIn {
         .run();
         let handle = server.handle();
         tokio::spawn(server);
-        Self { name, key, received, answers, asked, handle }
+        Self { name, port, key, received, answers, asked, handle }
     }
 
     pub(crate) fn signer(&self) -> Signer<'_> {
@@ -266,7 +288,12 @@ impl StandIn {
 
     /// The paths it was asked for besides transactions and its key, decoded, in order.
     pub(crate) fn asked(&self) -> Vec<String> {
-        self.asked.lock().unwrap().clone()
+        self.asked.lock().unwrap().iter().map(|(_, path)| path.clone()).collect()
+    }
+
+    /// The Host headers of those requests, in order.
+    pub(crate) fn hosts(&self) -> Vec<String> {
+        self.asked.lock().unwrap().iter().map(|(host, _)| host.clone()).collect()
     }
 
     /// The bodies of the `m.room.message` events it was sent, in the order they came.

@@ -10,6 +10,8 @@ mod cli;
 mod cluster;
 mod common;
 mod directory;
+mod discovery;
+mod dns;
 mod durability;
 mod e2ee;
 mod errors;

@@ -1,5 +1,5 @@
 //! A throwaway certificate authority for tests of outbound HTTPS: a CA, a certificate for
-//! 127.0.0.1 that it signed, and the CA as a PEM file for Hearth's `extra_ca_file` settings.
+//! 127.0.0.1 (and `*.hearth.test`) that it signed, and the CA as a PEM file for Hearth's `extra_ca_file` settings.
 
 use std::path::PathBuf;
 
@@ -22,8 +22,10 @@ impl TestCa {
         let issuer = Issuer::new(ca_params, ca_key);
 
         let key = KeyPair::generate().unwrap();
-        let leaf =
-            CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+        // Also for names under `hearth.test`, which tests of server discovery serve from their
+        // own DNS server.
+        let names = vec!["127.0.0.1".to_owned(), "*.hearth.test".to_owned()];
+        let leaf = CertificateParams::new(names).unwrap().signed_by(&key, &issuer).unwrap();
         let server = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(
