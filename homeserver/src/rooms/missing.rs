@@ -5,10 +5,13 @@
 //! - Events it follows: the events in between, with `get_missing_events` (between the room's
 //!   newest events here and the new one, at most [`MAX_MISSING`]), taken oldest first through
 //!   the checks every event from another server goes through ([`remote::take`]).
-//! - Events still lacking after that (a longer gap): the room's state at each of them, with
-//!   `state_ids` ([`fetched::state_at`]), so that the event can be checked against the state
-//!   they resolve to, as Synapse does. The gap itself stays: `/messages` shows the history here
-//!   from both sides of it.
+//! - Events the oldest of those follow that are still lacking (a longer gap): the room's state
+//!   at each of them, with `state_ids` ([`fetched::state_at`]), so that the event can be checked
+//!   against the state they resolve to, as Synapse does. The gap itself stays: `/messages`
+//!   shows the history here from both sides of it. The event that was sent (pushed) is never
+//!   taken on the strength of a state its sender gives: if the events it follows cannot be
+//!   had, it is refused (as Synapse does: it could become the room's only newest event, with a
+//!   state its sender made up).
 //! - Auth events: the event's auth chain, with `event_auth` ([`fetched::auth_chain`]).
 
 use ruma::{
@@ -41,31 +44,37 @@ pub async fn take_from(
         Err(Refused::Missing { prev, .. }) if !prev.is_empty() => {
             let event_id = remote::checked_id(&json, version)?;
             fill(state, origin, room_id, version, &event_id).await?;
-            take_filling(state, origin, room_id, version, json).await
+            take_filling(state, origin, room_id, version, json, false).await
         }
-        Err(Refused::Missing { .. }) => take_filling(state, origin, room_id, version, json).await,
+        Err(Refused::Missing { .. }) => take_filling(state, origin, room_id, version, json, false).await,
         taken => taken,
     }
 }
 
-/// Takes an event, fetching the auth events it names and the state at the events it follows
-/// that this server lacks.
+/// Takes an event, fetching the auth events it names that this server lacks, and with
+/// `with_states` (an event this server asked for) the state at the events it follows that it
+/// lacks.
 async fn take_filling(
     state: &AppState,
     origin: &ServerName,
     room_id: &RoomId,
     version: &RoomVersionId,
     json: CanonicalJsonObject,
+    with_states: bool,
 ) -> Result<StoredEvent, Refused> {
     let (prev, auth) = match remote::take(state, room_id, version, json.clone()).await {
         Err(Refused::Missing { prev, auth }) => (prev, auth),
         taken => return taken,
     };
+    let states = if with_states { prev.len().min(MAX_STATES) } else { 0 };
+    if auth.is_empty() && states == 0 {
+        return Err(Refused::Missing { prev, auth });
+    }
     let event_id = remote::checked_id(&json, version)?;
     if !auth.is_empty() {
         fetched::auth_chain(state, origin, room_id, version, &event_id).await?;
     }
-    for at in prev.iter().take(MAX_STATES) {
+    for at in &prev[..states] {
         fetched::state_at(state, origin, room_id, version, at).await?;
     }
     remote::take(state, room_id, version, json).await
@@ -119,7 +128,7 @@ async fn fill(
             Ok(id) if id != *latest => id,
             _ => continue,
         };
-        match take_filling(state, origin, room_id, version, json).await {
+        match take_filling(state, origin, room_id, version, json, true).await {
             Ok(stored) => {
                 taken += 1;
                 newest = newest.max(Some(stored.stream_ordering));

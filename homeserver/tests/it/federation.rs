@@ -296,8 +296,14 @@ impl StandIn {
         self.asked.lock().unwrap().iter().map(|(host, _)| host.clone()).collect()
     }
 
+    /// The types of the events it was sent, in the order they came.
+    pub(crate) fn received_types(&self) -> Vec<String> {
+        let received = self.received.lock().unwrap();
+        received.iter().filter_map(|pdu| pdu["type"].as_str().map(str::to_owned)).collect()
+    }
+
     /// The bodies of the `m.room.message` events it was sent, in the order they came.
-    fn bodies(&self) -> Vec<String> {
+    pub(crate) fn bodies(&self) -> Vec<String> {
         let received = self.received.lock().unwrap();
         received.iter().filter_map(|pdu| pdu["content"]["body"].as_str().map(str::to_owned)).collect()
     }

@@ -202,4 +202,33 @@ crate::on_both_backends! {
         a.stop().await;
         b.stop().await;
     }
+
+    /// An event sent to a server that follows events its sender does not give (`get_missing_events`
+    /// answers none) is refused: the server does not ask for the state there, which the sender
+    /// could make up, as it does for events it fetched itself.
+    async fn a_sent_event_whose_prev_events_cannot_be_had_is_refused_without_asking_for_the_state(db: Db) {
+        let ca = TestCa::new();
+        let a = Federating::start(db, &ca).await;
+        let stand_in = StandIn::start(&ca).await;
+        let alice = a.server.register("alice", "a long password").await;
+        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+        let carol = format!("@carol:{}", stand_in.name);
+        let (join, power) = join_by_hand(&ca, stand_in.signer(), &a, &room, &carol).await;
+        let signer = stand_in.signer();
+        let (unsent, _) =
+            signer.sign(draft(&room, &carol, ("m.room.message", None), text("never given"), &[&join], &[&power, &join], 11));
+        let (sent, sent_json) =
+            signer.sign(draft(&room, &carol, ("m.room.message", None), text("sent"), &[unsent.as_str()], &[&power, &join], 12));
+        let missing_path = format!("/_matrix/federation/v1/get_missing_events/{room}");
+        stand_in.answer(&missing_path, json!({"events": []}));
+        let (status, answer) = signer.transaction(&ca, &a, "g1", &[sent_json]).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer["pdus"][sent.as_str()]["error"].is_string(), "{answer}");
+        assert!(readable(&a.server, &alice, &room, sent.as_str()).await.is_none());
+        let asked = stand_in.asked();
+        assert!(asked.contains(&missing_path), "{asked:?}");
+        assert!(!asked.iter().any(|path| path.contains("/state")), "the state was asked for: {asked:?}");
+        stand_in.handle.stop(false).await;
+        a.stop().await;
+    }
 }
