@@ -6,6 +6,7 @@
 //! (see [`crate::outbound`]). Redirects are not followed and no proxy is used.
 
 pub mod discovery;
+pub mod edu;
 pub mod keys;
 pub mod outbox;
 pub mod received;

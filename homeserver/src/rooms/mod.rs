@@ -13,6 +13,7 @@ pub mod graph;
 pub mod invite;
 pub mod join;
 pub mod missing;
+pub mod receipts;
 pub mod recent;
 pub mod remote;
 pub mod visibility;

@@ -337,6 +337,18 @@ impl Signer<'_> {
         txn: &str,
         pdus: &[CanonicalJsonObject],
     ) -> (u16, Value) {
+        self.transaction_with(ca, to, txn, pdus, &[]).await
+    }
+
+    /// [`Signer::transaction`] with `edus` too.
+    pub(crate) async fn transaction_with(
+        &self,
+        ca: &TestCa,
+        to: &Federating,
+        txn: &str,
+        pdus: &[CanonicalJsonObject],
+        edus: &[Value],
+    ) -> (u16, Value) {
         let mut request = send_transaction_message::v1::Request::new(
             txn.into(),
             self.name.to_owned(),
@@ -345,6 +357,10 @@ impl Signer<'_> {
         request.pdus = pdus
             .iter()
             .map(|pdu| RawValue::from_string(CanonicalJsonValue::Object(pdu.clone()).to_string()).unwrap())
+            .collect();
+        request.edus = edus
+            .iter()
+            .map(|edu| ruma::serde::Raw::from_json(RawValue::from_string(edu.to_string()).unwrap()))
             .collect();
         self.send(ca, to, request).await
     }

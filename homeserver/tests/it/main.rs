@@ -19,6 +19,7 @@ mod faults;
 mod features;
 mod federated_chat;
 mod federation;
+mod federation_edus;
 mod federation_intake;
 mod guests;
 mod hardening;

@@ -21,46 +21,10 @@ use crate::{
     rooms,
     ruma_wrapper::{Router, Ruma},
     state::AppState,
-    storage::ReceiptRecord,
 };
 
 pub(super) fn routes(router: &mut Router) {
     router.add(receipt).add(read_markers).add(typing).add(set_presence).add(get_presence);
-}
-
-/// Stores a receipt for an event of the room.
-async fn put_receipt(
-    state: &AppState,
-    room_id: &ruma::RoomId,
-    user: &ruma::UserId,
-    receipt_type: &str,
-    event_id: &ruma::EventId,
-    thread: Option<String>,
-) -> Result<()> {
-    rooms::require_joined(state, room_id, user).await?;
-    let event = state.store.get_event(event_id.as_str()).await?;
-    if event.is_none_or(|e| e.room_id != room_id.as_str()) {
-        return Err(Error::not_found("no such event in this room"));
-    }
-    rooms::at_new_position(state, |position| async move {
-        let record = ReceiptRecord {
-            room_id: room_id.to_string(),
-            user_id: user.to_string(),
-            receipt_type: receipt_type.to_owned(),
-            thread_id: thread,
-            event_id: event_id.to_string(),
-            ts: 0,
-            stream_ordering: position,
-        };
-        state.store.put_receipt(&record).await.map_err(Into::into)
-    })
-    .await?;
-    if matches!(receipt_type, "m.read" | "m.read.private") {
-        // The user's unread count moved: their push gateways get the new badge.
-        state.store.mark_badge(user).await?;
-        state.push.wake();
-    }
-    Ok(())
 }
 
 /// POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}
@@ -109,7 +73,7 @@ async fn receipt(
         }
         ReceiptType::Read | ReceiptType::ReadPrivate => {
             let kind = body.receipt_type.as_str();
-            put_receipt(&state, &body.room_id, user, kind, &body.event_id, thread).await?;
+            rooms::receipts::put(&state, &body.room_id, user, kind, &body.event_id, thread).await?;
         }
         ref other => {
             return Err(Error::invalid_param(format!(
@@ -143,10 +107,10 @@ async fn read_markers(
         .await?;
     }
     if let Some(event_id) = &body.read_receipt {
-        put_receipt(&state, &body.room_id, user, "m.read", event_id, None).await?;
+        rooms::receipts::put(&state, &body.room_id, user, "m.read", event_id, None).await?;
     }
     if let Some(event_id) = &body.private_read_receipt {
-        put_receipt(&state, &body.room_id, user, "m.read.private", event_id, None).await?;
+        rooms::receipts::put(&state, &body.room_id, user, "m.read.private", event_id, None).await?;
     }
     Ok(set_read_marker::v3::Response::new())
 }
@@ -178,6 +142,7 @@ async fn typing(
         Ok(())
     })
     .await?;
+    crate::remote::edu::send_typing(&state, &body.room_id, user, timeout.is_some()).await?;
     Ok(create_typing_event::v3::Response::new())
 }
 
@@ -199,14 +164,16 @@ pub(super) async fn note_syncing(state: &AppState, user: &ruma::UserId, wanted: 
     if wanted == "offline" || state.ephemeral.presence(user).is_some_and(|p| p.state == wanted) {
         return Ok(());
     }
+    let status_msg = state.ephemeral.presence(user).and_then(|p| p.status_msg);
+    let sent = status_msg.clone();
     rooms::at_new_position(state, |position| async move {
-        let status_msg = state.ephemeral.presence(user).and_then(|p| p.status_msg);
         let update =
             Update::Presence { user_id: user.to_owned(), state: wanted.to_owned(), status_msg, position };
         state.share(update);
         Ok(())
     })
-    .await
+    .await?;
+    crate::remote::edu::send_presence(state, user, wanted, sent).await
 }
 
 /// A user's presence as the legacy endpoints (`/initialSync`, `/events`) send it: an
@@ -250,6 +217,8 @@ async fn set_presence(
         Ok(())
     })
     .await?;
+    crate::remote::edu::send_presence(&state, &body.user_id, body.presence.as_str(), body.status_msg.clone())
+        .await?;
     Ok(set_presence::v3::Response::new())
 }
 
@@ -259,7 +228,12 @@ async fn get_presence(
     request: Ruma<get_presence::v3::Request>,
 ) -> Result<get_presence::v3::Response> {
     let user = &request.body.user_id;
-    if state.store.get_user(user).await?.is_none() {
+    // Another server's user is known here while they share a room with this server.
+    let known = match user.server_name() == state.server_name {
+        true => state.store.get_user(user).await?.is_some(),
+        false => state.store.user_rooms(user).await?.iter().any(|(_, membership, _)| membership == "join"),
+    };
+    if !known {
         return Err(Error::not_found("no such user"));
     }
     let Some(presence) = state.ephemeral.presence(user) else {

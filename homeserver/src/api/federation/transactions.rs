@@ -5,7 +5,7 @@
 //! rejected by the auth rules (handled either way; a rejected event is kept out of sight), the
 //! empty result (soft-failed ones too). One that follows or names events this server lacks is
 //! taken once what it lacks is fetched from the sender ([`crate::rooms::missing`]).
-//! EDUs (typing, receipts, presence, to-device) are federation's part 2 and are not read yet.
+//! Then its EDUs ([`crate::remote::edu`]).
 
 use actix_web::web;
 use ruma::{
@@ -75,6 +75,8 @@ async fn send(
     if let Some(error) = failed {
         return Err(error);
     }
+    // After the PDUs, so that a receipt can name an event of the same transaction.
+    crate::remote::edu::receive(&state, &origin, &body.edus).await;
     received.remember(origin, body.transaction_id, outcome.clone());
     Ok(send_transaction_message::v1::Response::new(outcome))
 }

@@ -1,0 +1,167 @@
+//! Typing notifications, read receipts and presence between two Hearths (EDUs), and EDUs a
+//! server may not send ignored.
+
+use serde_json::{Value, json};
+
+use crate::{
+    common::{Db, Session, TestServer, create_room, enc, put_ok, send_text},
+    federation::Federating,
+    tls::TestCa,
+};
+
+/// Syncs as `who` until a response satisfies `found`; that response.
+async fn sync_until(server: &TestServer, who: &Session, what: &str, found: impl Fn(&Value) -> bool) -> Value {
+    let started = std::time::Instant::now();
+    let mut since = String::new();
+    loop {
+        let path = format!("/_matrix/client/v3/sync?timeout=500{since}");
+        let (status, body) = server.get(&path, Some(&who.token)).await;
+        assert_eq!(status, 200, "{body}");
+        if found(&body) {
+            return body;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{what} never came: {body}");
+        since = format!("&since={}", body["next_batch"].as_str().unwrap());
+    }
+}
+
+/// The ephemeral events of `room` in a sync response.
+fn ephemeral<'a>(body: &'a Value, room: &str) -> Vec<&'a Value> {
+    body["rooms"]["join"][room]["ephemeral"]["events"].as_array().into_iter().flatten().collect()
+}
+
+fn typing_users(body: &Value, room: &str) -> Option<Vec<String>> {
+    let typing = ephemeral(body, room).into_iter().find(|event| event["type"] == "m.typing")?;
+    Some(
+        typing["content"]["user_ids"]
+            .as_array()?
+            .iter()
+            .filter_map(|u| u.as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+fn has_receipt(body: &Value, room: &str, event_id: &str, user: &str) -> bool {
+    ephemeral(body, room)
+        .into_iter()
+        .any(|event| event["type"] == "m.receipt" && event["content"][event_id]["m.read"][user].is_object())
+}
+
+fn presence_of<'a>(body: &'a Value, user: &str) -> Option<&'a Value> {
+    body["presence"]["events"]
+        .as_array()?
+        .iter()
+        .find(|event| event["sender"] == user)
+        .map(|event| &event["content"])
+}
+
+/// A room of alice (on A) that bob (on B) joined, with a message of alice's; the message's id.
+async fn shared_room(a: &Federating, b: &Federating, alice: &Session, bob: &Session) -> (String, String) {
+    let room = create_room(&a.server, alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+    let join = format!("/_matrix/client/v3/join/{}?server_name={}", enc(&room), enc(a.name.as_str()));
+    let (status, joined) = b.server.post(&join, Some(&bob.token), json!({})).await;
+    assert_eq!(status, 200, "{joined}");
+    let message = send_text(&a.server, alice, &room, "hello", "hello bob").await;
+    sync_until(&b.server, bob, "alice's message", |body| body.to_string().contains("hello bob")).await;
+    (room, message)
+}
+
+crate::on_both_backends! {
+    /// Typing, read receipts and presence set on one server reach the other server's users in
+    /// their `/sync`, both ways; a private read receipt stays home.
+    async fn typing_receipts_and_presence_reach_the_other_server_both_ways(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let bob = b.server.register("bob", "a long password").await;
+        let (room, message) = shared_room(&a, &b, &alice, &bob).await;
+        let typing = |user: &str| format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(user));
+
+        put_ok(&a.server, &alice, &typing(&alice.user_id), json!({"typing": true, "timeout": 20000})).await;
+        sync_until(&b.server, &bob, "alice typing", |body| typing_users(body, &room) == Some(vec![alice.user_id.clone()])).await;
+        put_ok(&b.server, &bob, &typing(&bob.user_id), json!({"typing": true, "timeout": 20000})).await;
+        sync_until(&a.server, &alice, "bob typing", |body| {
+            typing_users(body, &room).is_some_and(|users| users.contains(&bob.user_id))
+        })
+        .await;
+        put_ok(&a.server, &alice, &typing(&alice.user_id), json!({"typing": false})).await;
+        sync_until(&b.server, &bob, "alice stopping", |body| {
+            typing_users(body, &room).is_some_and(|users| !users.contains(&alice.user_id))
+        })
+        .await;
+
+        // Bob's private receipt first: alice never sees it; his public one she does.
+        let receipt = |kind: &str| format!("/_matrix/client/v3/rooms/{}/receipt/{kind}/{}", enc(&room), enc(&message));
+        let (status, _) = b.server.post(&receipt("m.read.private"), Some(&bob.token), json!({})).await;
+        assert_eq!(status, 200);
+        let (status, _) = b.server.post(&receipt("m.read"), Some(&bob.token), json!({})).await;
+        assert_eq!(status, 200);
+        sync_until(&a.server, &alice, "bob's receipt", |body| has_receipt(body, &room, &message, &bob.user_id)).await;
+        let (_, whole) = a.server.get("/_matrix/client/v3/sync", Some(&alice.token)).await;
+        assert!(!whole.to_string().contains("m.read.private"), "{whole}");
+        // Alice's receipt of bob's message reaches bob.
+        let reply = send_text(&b.server, &bob, &room, "reply", "hello alice").await;
+        sync_until(&a.server, &alice, "bob's reply", |body| body.to_string().contains("hello alice")).await;
+        let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&reply));
+        let (status, _) = a.server.post(&path, Some(&alice.token), json!({})).await;
+        assert_eq!(status, 200);
+        sync_until(&b.server, &bob, "alice's receipt", |body| has_receipt(body, &room, &reply, &alice.user_id)).await;
+
+        let presence = |user: &str| format!("/_matrix/client/v3/presence/{}/status", enc(user));
+        put_ok(&a.server, &alice, &presence(&alice.user_id), json!({"presence": "online", "status_msg": "at the hearth"})).await;
+        sync_until(&b.server, &bob, "alice's presence", |body| {
+            presence_of(body, &alice.user_id)
+                .is_some_and(|content| content["presence"] == "online" && content["status_msg"] == "at the hearth")
+        })
+        .await;
+        put_ok(&b.server, &bob, &presence(&bob.user_id), json!({"presence": "unavailable"})).await;
+        sync_until(&a.server, &alice, "bob's presence", |body| {
+            presence_of(body, &bob.user_id).is_some_and(|content| content["presence"] == "unavailable")
+        })
+        .await;
+        let (status, got) = b.server.get(&presence(&alice.user_id), Some(&bob.token)).await;
+        assert_eq!((status, &got["presence"]), (200, &json!("online")), "{got}");
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// EDUs a server may not send are ignored, the transaction taken all the same: typing and
+    /// presence for users of another server, typing for a user of the sender who is not in the
+    /// room, a receipt for an event the room does not have; the one allowed EDU among them
+    /// takes effect.
+    async fn edus_about_other_servers_users_or_rooms_they_are_not_in_are_ignored(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let bob = b.server.register("bob", "a long password").await;
+        let carol = a.server.register("carol", "a long password").await;
+        let (room, message) = shared_room(&a, &b, &alice, &bob).await;
+        let (status, _) = a.server.post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(&carol.token), json!({})).await;
+        assert_eq!(status, 200);
+        let outsider = format!("@outsider:{}", b.name);
+        let typing = |user: &str| json!({"edu_type": "m.typing", "content": {"room_id": room, "user_id": user, "typing": true}});
+        let receipt = |user: &str, event: &str| json!({"edu_type": "m.receipt", "content": {room.clone(): {"m.read": {user: {"data": {"ts": 1}, "event_ids": [event]}}}}});
+        let presence = |user: &str| json!({"edu_type": "m.presence", "content": {"push": [{"user_id": user, "presence": "online", "last_active_ago": 0}]}});
+        let edus = [
+            typing(&carol.user_id),
+            typing(&outsider),
+            presence(&carol.user_id),
+            presence(&outsider),
+            receipt(&bob.user_id, "$nothere"),
+            receipt(&carol.user_id, &message),
+            json!({"edu_type": "m.typing", "content": "not an object"}),
+            typing(&bob.user_id),
+        ];
+        let (status, answer) = b.signer().transaction_with(&ca, &a, "e1", &[], &edus).await;
+        assert_eq!((status, &answer["pdus"]), (200, &json!({})), "{answer}");
+        let body = sync_until(&a.server, &alice, "bob typing", |body| typing_users(body, &room).is_some_and(|users| users.contains(&bob.user_id))).await;
+        assert_eq!(typing_users(&body, &room).unwrap(), std::slice::from_ref(&bob.user_id), "{body}");
+        let (_, whole) = a.server.get("/_matrix/client/v3/sync", Some(&alice.token)).await;
+        assert!(!has_receipt(&whole, &room, &message, &carol.user_id), "{whole}");
+        assert!(!whole.to_string().contains("$nothere"), "{whole}");
+        assert!(presence_of(&whole, &carol.user_id).is_none_or(|content| content["presence"] != "online"), "{whole}");
+        assert!(presence_of(&whole, &outsider).is_none(), "{whole}");
+        a.stop().await;
+        b.stop().await;
+    }
+}
