@@ -6,7 +6,10 @@
   when it returns; with a control directory, Hearth is killed (-9) and restarted while it is away.
 
 Usage: e2ee.py BASE_URL [CONTROL_DIR]. With CONTROL_DIR the script writes CONTROL_DIR/kill when
-the device is away and waits for CONTROL_DIR/restarted before bringing it back.
+the device is away and waits for CONTROL_DIR/restarted before bringing it back. With
+HARNESS_OTHER_BASE set, bob and his devices are users of that server, which federates with the
+first: the same checks then hold across servers (the keys asked of bob's server, the room keys
+sent to his devices there, his second device announced to alice's server).
 Prints "ALL CHECKS PASSED" when every check held.
 """
 
@@ -34,6 +37,7 @@ from nio import (
 
 BASE = sys.argv[1]
 CONTROL = sys.argv[2] if len(sys.argv) > 2 else None
+OTHER_BASE = os.environ.get("HARNESS_OTHER_BASE") or BASE
 PASSWORD = "nio-password-" + secrets.token_hex(4)
 STORE = tempfile.mkdtemp(prefix="hearth-nio-e2ee-")
 # A timeline long enough that a returning device sees everything it missed.
@@ -47,13 +51,13 @@ def check(condition: bool, what: str, detail: object = "") -> None:
     print(f"ok: {what}", flush=True)
 
 
-def client_for(name: str, device: str) -> AsyncClient:
+def client_for(name: str, device: str, base: str = BASE) -> AsyncClient:
     store = os.path.join(STORE, f"{name}-{device}")
     os.makedirs(store, exist_ok=True)
     config = AsyncClientConfig(
         encryption_enabled=True, store_sync_tokens=True, max_limit_exceeded=0, max_timeouts=2, request_timeout=30
     )
-    return AsyncClient(BASE, name, store_path=store, config=config)
+    return AsyncClient(base, name, store_path=store, config=config)
 
 
 async def maintain_keys(client: AsyncClient) -> None:
@@ -104,7 +108,7 @@ async def send(client: AsyncClient, room_id: str, body: str) -> None:
 
 async def main() -> None:
     alice = client_for("alice" + secrets.token_hex(3), "laptop")
-    bob = client_for("bob" + secrets.token_hex(3), "laptop")
+    bob = client_for("bob" + secrets.token_hex(3), "laptop", OTHER_BASE)
     for client in (alice, bob):
         registered = await client.register(client.user, PASSWORD, device_name="nio laptop")
         check(isinstance(registered, RegisterResponse), f"register {client.user}", registered)
@@ -121,7 +125,7 @@ async def main() -> None:
     )
     check(isinstance(created, RoomCreateResponse), "alice creates an encrypted room", created)
     room_id = created.room_id
-    for _ in range(10):
+    for _ in range(15):
         await sync(bob, timeout=1000)
         if room_id in bob.invited_rooms:
             break
@@ -143,11 +147,11 @@ async def main() -> None:
     check("hello alice, also in secret" in got, "alice decrypts bob's message")
 
     # Bob's second device: alice learns of it through her sync's device list and shares with it.
-    phone = client_for(bob.user, "phone")
+    phone = client_for(bob.user, "phone", OTHER_BASE)
     logged_in = await phone.login(PASSWORD, device_name="nio phone")
     check(isinstance(logged_in, LoginResponse), "bob logs in on a second device", logged_in)
     await sync(phone)
-    for _ in range(10):
+    for _ in range(15):
         await sync(alice, timeout=1000)
         if phone.device_id in alice.device_store[bob.user_id]:
             break

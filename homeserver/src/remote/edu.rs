@@ -1,24 +1,29 @@
-//! Ephemeral data between servers (the server-server API's EDUs): typing notifications, read
-//! receipts and presence, both ways.
+//! Ephemeral data between servers (the server-server API's EDUs), both ways: typing
+//! notifications, read receipts, presence, to-device messages and device-list updates.
 //!
 //! Out: sent as they happen, in the next transaction to each server ([`super::outbox`]), to the
-//! servers with a member joined to the room (typing, receipts; not those the room's ACL denies)
-//! or sharing a room with the user (presence). Private read receipts never leave the server.
+//! servers with a member joined to the room (typing, receipts; not those the room's ACL denies),
+//! sharing a room with the user (presence, device-list updates), or of the recipients
+//! (to-device). Private read receipts never leave the server.
 //!
 //! In (from `/send` transactions): an EDU has no answer, so one that may not be taken is ignored
 //! (and logged), as the spec says: it must be about a user of the sending server, who for typing
-//! and receipts is joined to a room here whose ACL lets that server in, and for presence shares
-//! a room with this server's users. A receipt names an event of that room that is here.
+//! and receipts is joined to a room here whose ACL lets that server in, and for presence and
+//! device lists shares a room with this server's users. A receipt names an event of that room
+//! that is here. To-device messages go to this server's users' devices, queued as local ones
+//! are, once per sender and message id. A device-list update makes the users sharing a room
+//! with its user query that user's keys again (asked of their server: remote device lists are
+//! not cached here, so `prev_id` needs no tracking).
 //!
-//! To-device messages and device-list and cross-signing updates are the next part (they need
-//! the durable queue); such EDUs are ignored for now.
+//! Cross-signing key updates (`m.signing_key_update`) are not taken yet.
 
 use std::{collections::BTreeMap, collections::BTreeSet, time::Duration};
 
 use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedServerName, RoomId, ServerName, UInt, UserId,
     api::federation::transactions::edu::{
-        Edu, PresenceContent, PresenceUpdate, ReceiptContent, ReceiptData, ReceiptMap, TypingContent,
+        DeviceListUpdateContent, DirectDeviceContent, Edu, PresenceContent, PresenceUpdate, ReceiptContent,
+        ReceiptData, ReceiptMap, TypingContent,
     },
     events::receipt::{Receipt, ReceiptThread},
     presence::PresenceState,
@@ -73,13 +78,7 @@ pub async fn send_presence(
     if state.outbox().is_none() {
         return Ok(());
     }
-    let mut servers = BTreeSet::new();
-    for (room, membership, _) in state.store.user_rooms(user).await? {
-        let Ok(room) = <&RoomId>::try_from(room.as_str()) else { continue };
-        if membership == "join" {
-            servers.extend(remote::servers_in_room(state, room).await?);
-        }
-    }
+    let servers = servers_sharing_a_room(state, user).await?;
     let mut update = PresenceUpdate::new(user.to_owned(), PresenceState::from(presence), UInt::MIN);
     update.status_msg = status_msg;
     update.currently_active = presence == "online";
@@ -98,6 +97,41 @@ async fn to_room(state: &AppState, room_id: &RoomId, edu: &Edu) -> Result<()> {
         }
     }
     send(state, servers, edu)
+}
+
+/// Sends `edu` to `server`.
+pub fn send_to_server(state: &AppState, server: OwnedServerName, edu: &Edu) -> Result<()> {
+    send(state, BTreeSet::from([server]), edu)
+}
+
+/// Tells the servers sharing a room with `user` (of this server) that `device` was added or
+/// changed, or with `deleted`, removed.
+pub async fn send_device_list_update(
+    state: &AppState,
+    user: &UserId,
+    device: &ruma::DeviceId,
+    deleted: bool,
+) -> Result<()> {
+    if state.outbox().is_none() {
+        return Ok(());
+    }
+    let servers = servers_sharing_a_room(state, user).await?;
+    let stream_id = UInt::try_from(state.recent.upto().max(0)).unwrap_or(UInt::MIN);
+    let mut update = DeviceListUpdateContent::new(user.to_owned(), device.to_owned(), stream_id);
+    update.deleted = deleted.then_some(true);
+    send(state, servers, &Edu::DeviceListUpdate(update))
+}
+
+/// The servers with a member joined to a room `user` is joined to.
+async fn servers_sharing_a_room(state: &AppState, user: &UserId) -> Result<BTreeSet<OwnedServerName>> {
+    let mut servers = BTreeSet::new();
+    for (room, membership, _) in state.store.user_rooms(user).await? {
+        let Ok(room) = <&RoomId>::try_from(room.as_str()) else { continue };
+        if membership == "join" {
+            servers.extend(remote::servers_in_room(state, room).await?);
+        }
+    }
+    Ok(servers)
 }
 
 fn send(state: &AppState, mut servers: BTreeSet<OwnedServerName>, edu: &Edu) -> Result<()> {
@@ -123,6 +157,8 @@ pub async fn receive(state: &AppState, origin: &ServerName, edus: &[Raw<Edu>]) {
             Edu::Typing(typing) => take_typing(state, origin, typing).await,
             Edu::Receipt(receipts) => take_receipts(state, origin, receipts).await,
             Edu::Presence(presence) => take_presence(state, origin, presence).await,
+            Edu::DirectToDevice(messages) => take_to_device(state, origin, messages).await,
+            Edu::DeviceListUpdate(update) => take_device_list_update(state, origin, update).await,
             _ => Err(Ignored("of a kind not taken yet".to_owned()).into()),
         };
         if let Err(error) = taken {
@@ -198,11 +234,6 @@ async fn take_receipts(state: &AppState, origin: &ServerName, receipts: ReceiptC
 async fn take_presence(state: &AppState, origin: &ServerName, presence: PresenceContent) -> Result<()> {
     for update in presence.push {
         let user = &update.user_id;
-        let shares_a_room = || async {
-            Ok::<_, Error>(
-                state.store.user_rooms(user).await?.iter().any(|(_, membership, _)| membership == "join"),
-            )
-        };
         let kind = update.presence.to_string();
         let why = if user.server_name() != origin {
             Some(format!("{user} is not a user of {origin}"))
@@ -210,7 +241,7 @@ async fn take_presence(state: &AppState, origin: &ServerName, presence: Presence
             Some(format!("presence `{kind}` is not one of online, offline, unavailable"))
         } else if update.status_msg.as_ref().is_some_and(|status| status.len() > MAX_STATUS_BYTES) {
             Some(format!("a status message longer than {MAX_STATUS_BYTES} bytes"))
-        } else if !shares_a_room().await? {
+        } else if !shares_a_room(state, user).await? {
             Some(format!("{user} shares no room with this server"))
         } else {
             None
@@ -232,4 +263,40 @@ async fn take_presence(state: &AppState, origin: &ServerName, presence: Presence
         .await?;
     }
     Ok(())
+}
+
+/// Whether `user` is joined to a room here.
+async fn shares_a_room(state: &AppState, user: &UserId) -> Result<bool> {
+    Ok(state.store.user_rooms(user).await?.iter().any(|(_, membership, _)| membership == "join"))
+}
+
+async fn take_to_device(state: &AppState, origin: &ServerName, messages: DirectDeviceContent) -> Result<()> {
+    use crate::api::client::to_device;
+    let sender = &messages.sender;
+    if sender.server_name() != origin {
+        return Err(Ignored(format!("{sender} is not a user of {origin}")).into());
+    }
+    let ours: to_device::Messages =
+        messages.messages.into_iter().filter(|(user, _)| user.server_name() == state.server_name).collect();
+    let event_type = messages.ev_type.to_string();
+    let envelopes = to_device::envelopes(state, sender, &event_type, &ours).await?;
+    // The sending server's messages are told apart by their id: a device id that no device of
+    // this server can have stands for it.
+    let from = <&ruma::DeviceId>::from("~federation");
+    to_device::deliver(state, sender, from, messages.message_id.as_str(), &envelopes).await
+}
+
+async fn take_device_list_update(
+    state: &AppState,
+    origin: &ServerName,
+    update: DeviceListUpdateContent,
+) -> Result<()> {
+    let user = &update.user_id;
+    if user.server_name() != origin {
+        return Err(Ignored(format!("{user} is not a user of {origin}")).into());
+    }
+    if !shares_a_room(state, user).await? {
+        return Err(Ignored(format!("{user} shares no room with this server")).into());
+    }
+    crate::api::client::keys::mark_device_list_changed(state, user).await
 }

@@ -1,5 +1,5 @@
-//! Typing notifications, read receipts and presence between two Hearths (EDUs), and EDUs a
-//! server may not send ignored.
+//! Typing notifications, read receipts, presence, to-device messages and device lists between
+//! two Hearths (EDUs), end-to-end encryption across them, and EDUs a server may not send ignored.
 
 use serde_json::{Value, json};
 
@@ -161,6 +161,66 @@ crate::on_both_backends! {
         assert!(!whole.to_string().contains("$nothere"), "{whole}");
         assert!(presence_of(&whole, &carol.user_id).is_none_or(|content| content["presence"] != "online"), "{whole}");
         assert!(presence_of(&whole, &outsider).is_none(), "{whole}");
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// matrix-nio users of two Hearths chat in an encrypted room (each side's keys asked of the
+    /// other server, room keys sent to the other server's devices), both ways; bob's second
+    /// device, announced to alice's server, decrypts what alice sends after it appeared, and
+    /// messages sent while it was away, each in a Megolm session of its own.
+    async fn matrix_nio_users_of_two_hearths_chat_encrypted_and_a_new_device_decrypts_what_follows(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        crate::interop::run_e2ee_across(&a.server.base, &b.server.base, &|| format!("{db:?}")).await;
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// To-device messages to a user of the other server reach each of their devices once, also
+    /// when the client retries its request; a message to a device that does not exist reaches no
+    /// one; one relayed by a server for a user of another server is ignored.
+    async fn to_device_messages_reach_the_other_servers_devices_once(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let bob = b.server.register("bob", "a long password").await;
+        let (_room, _) = shared_room(&a, &b, &alice, &bob).await;
+        let path = |txn: &str| format!("/_matrix/client/v3/sendToDevice/m.test/{txn}");
+        let messages = json!({"messages": {bob.user_id.clone(): {
+            bob.device_id.clone(): {"n": 1},
+            "NOSUCHDEVICE": {"n": 2},
+        }}});
+        put_ok(&a.server, &alice, &path("t1"), messages.clone()).await;
+        put_ok(&a.server, &alice, &path("t1"), messages).await;
+        put_ok(&a.server, &alice, &path("t2"), json!({"messages": {bob.user_id.clone(): {"*": {"n": 3}}}})).await;
+        let to_device = |body: &Value| -> Vec<Value> {
+            body["to_device"]["events"].as_array().into_iter().flatten().cloned().collect()
+        };
+        let mut got = Vec::new();
+        let started = std::time::Instant::now();
+        let mut since = String::new();
+        while got.len() < 2 && started.elapsed() < std::time::Duration::from_secs(20) {
+            let (_, body) = b.server.get(&format!("/_matrix/client/v3/sync?timeout=500{since}"), Some(&bob.token)).await;
+            got.extend(to_device(&body));
+            since = format!("&since={}", body["next_batch"].as_str().unwrap());
+        }
+        // A moment more for a duplicate to show.
+        let (_, body) = b.server.get(&format!("/_matrix/client/v3/sync?timeout=1000{since}"), Some(&bob.token)).await;
+        got.extend(to_device(&body));
+        let numbers: Vec<&Value> = got.iter().map(|event| &event["content"]["n"]).collect();
+        assert_eq!(numbers, [&json!(1), &json!(3)], "{got:?}");
+        assert!(got.iter().all(|event| event["sender"] == json!(alice.user_id) && event["type"] == "m.test"), "{got:?}");
+
+        // B relays a message "from" a user of A: ignored.
+        let forged = json!({"edu_type": "m.direct_to_device", "content": {
+            "sender": alice.user_id, "type": "m.test", "message_id": "forged",
+            "messages": {alice.user_id.clone(): {"*": {"n": 4}}},
+        }});
+        let (status, _) = b.signer().transaction_with(&ca, &a, "f1", &[], &[forged]).await;
+        assert_eq!(status, 200);
+        let (_, body) = a.server.get("/_matrix/client/v3/sync?timeout=1000", Some(&alice.token)).await;
+        assert!(to_device(&body).is_empty(), "{body}");
         a.stop().await;
         b.stop().await;
     }

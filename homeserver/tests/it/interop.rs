@@ -165,6 +165,18 @@ pub async fn run_federation_harness(
     check_harness("nio/federation.py", &output, &log());
 }
 
+/// matrix-nio's encrypted chat (`nio/e2ee.py`) with alice on the server at `base` and bob, with
+/// both his devices, on the one at `other_base`.
+pub async fn run_e2ee_across(base: &str, other_base: &str, log: &dyn Fn() -> String) {
+    let mut command = harness("nio/e2ee.py", base, &[]);
+    let output = command.env("HARNESS_OTHER_BASE", other_base).output();
+    let output = tokio::time::timeout(Duration::from_secs(240), output)
+        .await
+        .expect("harness finished in time")
+        .expect("harness ran");
+    check_harness("nio/e2ee.py", &output, &log());
+}
+
 /// The command that runs a harness script with its arguments.
 fn harness(script: &str, base: &str, args: &[&Path]) -> Command {
     let program = if script.ends_with(".mjs") {

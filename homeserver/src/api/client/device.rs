@@ -59,7 +59,11 @@ pub(super) async fn remove_devices(state: &AppState, user: &UserId, which: Remov
     for device in &gone {
         state.queue.forget_device(user, device).await?;
     }
-    super::keys::device_list_changed(state, user).await
+    super::keys::mark_device_list_changed(state, user).await?;
+    for device in &gone {
+        crate::remote::edu::send_device_list_update(state, user, device, true).await?;
+    }
+    Ok(())
 }
 
 fn to_ruma(record: DeviceRecord) -> device::Device {
@@ -109,7 +113,7 @@ async fn update_device(
     }
     // The name is part of what `keys/query` shows of the device (`unsigned`): those who share a
     // room learn of the change through `device_lists`, as Synapse tells them.
-    super::keys::device_list_changed(&state, &request.sender.user_id).await?;
+    super::keys::device_list_changed(&state, &request.sender.user_id, &request.body.device_id, false).await?;
     Ok(update_device::v3::Response::new())
 }
 

@@ -239,6 +239,10 @@ async fn upload_keys(
         })
         .await?;
         match outcome {
+            // New device keys: the other servers sharing a room with the user are told.
+            Ok(()) if device_keys.is_some() => {
+                crate::remote::edu::send_device_list_update(&state, user, device, false).await?;
+            }
             Ok(()) => {}
             Err(KeyConflict::DeviceKeys) => {
                 return Err(bad_key("this device already has different identity keys"));
@@ -262,11 +266,6 @@ fn to_counts(counts: &BTreeMap<String, u64>) -> BTreeMap<OneTimeKeyAlgorithm, UI
     out
 }
 
-/// The failure entry for users on other servers, until federation carries key requests.
-fn remote_failure() -> Value {
-    json!({"status": 503, "message": "keys of users on other servers are not available yet"})
-}
-
 fn check_request_size(devices: usize) -> Result<()> {
     if devices > MAX_DEVICES_PER_REQUEST {
         return Err(Error::invalid_param(format!("at most {MAX_DEVICES_PER_REQUEST} devices per request")));
@@ -274,7 +273,67 @@ fn check_request_size(devices: usize) -> Result<()> {
     Ok(())
 }
 
+/// The keys of a user of this server.
+#[derive(Default)]
+pub(crate) struct UserKeys {
+    pub(crate) devices: BTreeMap<ruma::OwnedDeviceId, Raw<ruma::encryption::DeviceKeys>>,
+    pub(crate) master: Option<Raw<ruma::encryption::CrossSigningKey>>,
+    pub(crate) self_signing: Option<Raw<ruma::encryption::CrossSigningKey>>,
+    pub(crate) user_signing: Option<Raw<ruma::encryption::CrossSigningKey>>,
+}
+
+/// The keys of `user` (of this server) for `devices` (none: all), as `requester` is shown them:
+/// their user-signing key only to themselves, and on the master key their own signatures of it.
+/// `None`: another server asking, shown what any of its users may see.
+pub(crate) async fn local_keys(
+    state: &AppState,
+    user: &UserId,
+    devices: &[ruma::OwnedDeviceId],
+    requester: Option<&UserId>,
+) -> Result<UserKeys> {
+    let wanted: Vec<String> = devices.iter().map(ToString::to_string).collect();
+    let names: BTreeMap<String, Option<String>> = state
+        .store
+        .list_devices(user)
+        .await?
+        .into_iter()
+        .map(|d| (d.device_id.to_string(), d.display_name))
+        .collect();
+    let mut keys = UserKeys::default();
+    for (device, json) in state.store.device_keys(user, &wanted).await? {
+        let mut value: Value = serde_json::from_str(&json).map_err(Error::internal)?;
+        // Always there, as Synapse has it (SyTest reads it), with the name when there is one.
+        value["unsigned"] = match names.get(&device) {
+            Some(Some(name)) => json!({"device_display_name": name}),
+            _ => json!({}),
+        };
+        keys.devices.insert(ruma::OwnedDeviceId::from(device), raw(&value)?);
+    }
+    for (usage, json) in state.store.cross_signing_keys(user).await? {
+        let mut value: Value = serde_json::from_str(&json).map_err(Error::internal)?;
+        match usage.as_str() {
+            "master" => {
+                // The requester's own signatures of this user's master key are theirs to see.
+                if let Some(requester) = requester.filter(|requester| *requester != user) {
+                    for (key_id, signature) in state.store.user_signatures(requester, user).await? {
+                        value["signatures"][requester.as_str()][key_id] = signature.into();
+                    }
+                }
+                keys.master = Some(raw(&value)?);
+            }
+            "self_signing" => keys.self_signing = Some(raw(&value)?),
+            // A user-signing key is only ever shown to its owner.
+            "user_signing" if requester == Some(user) => keys.user_signing = Some(raw(&value)?),
+            _ => {}
+        }
+    }
+    Ok(keys)
+}
+
 /// POST /_matrix/client/v3/keys/query
+///
+/// Users of other servers are asked of their servers, all at once, each within the request's
+/// `timeout` (10 s by default); a server that does not answer is listed in `failures`.
 async fn get_keys(
     state: web::Data<AppState>,
     request: Ruma<get_keys::v3::Request>,
@@ -282,56 +341,108 @@ async fn get_keys(
     let body = &request.body;
     check_request_size(body.device_keys.values().map(|d| d.len().max(1)).sum())?;
     let mut response = get_keys::v3::Response::new();
+    let mut remote: BTreeMap<ruma::OwnedServerName, BTreeMap<OwnedUserId, Vec<ruma::OwnedDeviceId>>> =
+        BTreeMap::new();
     for (user, devices) in &body.device_keys {
         if user.server_name() != state.server_name {
-            response.failures.insert(user.server_name().to_string(), remote_failure());
+            remote.entry(user.server_name().to_owned()).or_default().insert(user.clone(), devices.clone());
             continue;
         }
-        let wanted: Vec<String> = devices.iter().map(ToString::to_string).collect();
-        let names: BTreeMap<String, Option<String>> = state
-            .store
-            .list_devices(user)
-            .await?
-            .into_iter()
-            .map(|d| (d.device_id.to_string(), d.display_name))
-            .collect();
-        let mut keys = BTreeMap::new();
-        for (device, json) in state.store.device_keys(user, &wanted).await? {
-            let mut value: Value = serde_json::from_str(&json).map_err(Error::internal)?;
-            // Always there, as Synapse has it (SyTest reads it), with the name when there is one.
-            value["unsigned"] = match names.get(&device) {
-                Some(Some(name)) => json!({"device_display_name": name}),
-                _ => json!({}),
-            };
-            let device = ruma::OwnedDeviceId::from(device);
-            keys.insert(device, raw(&value)?);
+        let keys = local_keys(&state, user, devices, Some(&request.sender.user_id)).await?;
+        response.device_keys.insert(user.clone(), keys.devices);
+        if let Some(key) = keys.master {
+            response.master_keys.insert(user.clone(), key);
         }
-        response.device_keys.insert(user.clone(), keys);
-        for (usage, json) in state.store.cross_signing_keys(user).await? {
-            let mut value: Value = serde_json::from_str(&json).map_err(Error::internal)?;
-            let requester = &request.sender.user_id;
-            match usage.as_str() {
-                "master" => {
-                    // The requester's own signatures of this user's master key are theirs to see.
-                    if requester != user {
-                        for (key_id, signature) in state.store.user_signatures(requester, user).await? {
-                            value["signatures"][requester.as_str()][key_id] = signature.into();
-                        }
-                    }
-                    response.master_keys.insert(user.clone(), raw(&value)?);
-                }
-                "self_signing" => {
-                    response.self_signing_keys.insert(user.clone(), raw(&value)?);
-                }
-                // A user-signing key is only ever shown to its owner.
-                "user_signing" if requester == user => {
-                    response.user_signing_keys.insert(user.clone(), raw(&value)?);
-                }
-                _ => {}
+        if let Some(key) = keys.self_signing {
+            response.self_signing_keys.insert(user.clone(), key);
+        }
+        if let Some(key) = keys.user_signing {
+            response.user_signing_keys.insert(user.clone(), key);
+        }
+    }
+    let timeout = body.timeout.unwrap_or(REMOTE_TIMEOUT).min(REMOTE_TIMEOUT);
+    let asked = remote.into_iter().map(|(server, users)| {
+        let state = &state;
+        async move {
+            let request = ruma::api::federation::keys::get_keys::v1::Request::new(users);
+            (server.clone(), ask(state, &server, request, timeout).await)
+        }
+    });
+    for (server, answer) in futures_util::future::join_all(asked).await {
+        match answer {
+            // Only the keys of that server's own users are taken from it.
+            Ok(answer) => {
+                let of_server = |user: &OwnedUserId| user.server_name() == server;
+                response
+                    .device_keys
+                    .extend(answer.device_keys.into_iter().filter(|(user, _)| of_server(user)));
+                response
+                    .master_keys
+                    .extend(answer.master_keys.into_iter().filter(|(user, _)| of_server(user)));
+                response
+                    .self_signing_keys
+                    .extend(answer.self_signing_keys.into_iter().filter(|(user, _)| of_server(user)));
+            }
+            Err(failure) => {
+                response.failures.insert(server.to_string(), failure);
             }
         }
     }
     Ok(response)
+}
+
+/// The longest another server is waited for, for keys.
+const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends `request` to `server` within `timeout`; a failure as `failures` lists it.
+async fn ask<R>(
+    state: &AppState,
+    server: &ruma::ServerName,
+    request: R,
+    timeout: std::time::Duration,
+) -> std::result::Result<R::IncomingResponse, Value>
+where
+    R: ruma::api::OutgoingRequest<PathBuilder = ruma::api::path_builder::SinglePath>,
+    R::Authentication: crate::remote::RequestAuth,
+{
+    let failure = |status: u16, message: String| json!({"status": status, "message": message});
+    let remote = state.remote().map_err(|e| failure(503, e.to_string()))?;
+    let sent = remote.send(&state.server_name, state.signing_key.key_pair(), server, request);
+    match tokio::time::timeout(timeout, sent).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(error)) => Err(failure(502, error.to_string())),
+        Err(_) => Err(failure(504, format!("{server} did not answer in time"))),
+    }
+}
+
+/// Claims one key per `(user, device, algorithm)` of this server's users; unknown users and
+/// devices, and devices without keys left, have none to give.
+pub(crate) async fn claim_local(
+    state: &AppState,
+    wanted: Vec<(OwnedUserId, ruma::OwnedDeviceId, String)>,
+) -> Result<BTreeMap<OwnedUserId, claim_keys::v3::OneTimeKeys>> {
+    let store = &state.store;
+    let claimed: Vec<(OwnedUserId, ruma::OwnedDeviceId, ClaimedKey)> = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        rooms::at_new_position(state, |position| async move {
+            let mut claimed = Vec::new();
+            for (user, device, algorithm) in wanted {
+                if let Some(key) = store.claim_key(&user, &device, &algorithm, position).await? {
+                    claimed.push((user, device, key));
+                }
+            }
+            Ok(claimed)
+        })
+        .await?
+    };
+    let mut one_time_keys: BTreeMap<OwnedUserId, claim_keys::v3::OneTimeKeys> = BTreeMap::new();
+    for (user, device, key) in claimed {
+        let raw = serde_json::value::RawValue::from_string(key.json).map_err(Error::internal)?;
+        let id = ruma::OwnedOneTimeKeyId::try_from(key.id.as_str()).map_err(Error::internal)?;
+        one_time_keys.entry(user).or_default().entry(device).or_default().insert(id, Raw::from_json(raw));
+    }
+    Ok(one_time_keys)
 }
 
 /// Checks a cross-signing key object of `user` for `usage`; returns its key id and public key.
@@ -548,47 +659,47 @@ async fn sign_one(
 }
 
 /// POST /_matrix/client/v3/keys/claim
+///
+/// Keys of other servers' users are claimed from their servers, as `keys/query` asks them.
 async fn claim_keys(
     state: web::Data<AppState>,
     request: Ruma<claim_keys::v3::Request>,
 ) -> Result<claim_keys::v3::Response> {
     let body = &request.body;
     check_request_size(body.one_time_keys.values().map(BTreeMap::len).sum())?;
-    let mut failures = BTreeMap::new();
     let mut local = Vec::new();
+    let mut remote: BTreeMap<
+        ruma::OwnedServerName,
+        ruma::api::federation::keys::claim_keys::v1::OneTimeKeyClaims,
+    > = BTreeMap::new();
     for (user, devices) in &body.one_time_keys {
         if user.server_name() != state.server_name {
-            failures.insert(user.server_name().to_string(), remote_failure());
+            remote.entry(user.server_name().to_owned()).or_default().insert(user.clone(), devices.clone());
             continue;
         }
         for (device, algorithm) in devices {
             local.push((user.clone(), device.clone(), algorithm.to_string()));
         }
     }
-    let store = &state.store;
-    let claimed: Vec<(OwnedUserId, ruma::OwnedDeviceId, ClaimedKey)> = if local.is_empty() {
-        Vec::new()
-    } else {
-        rooms::at_new_position(&state, |position| async move {
-            let mut claimed = Vec::new();
-            for (user, device, algorithm) in local {
-                // Unknown users and devices simply have no keys to give.
-                if let Some(key) = store.claim_key(&user, &device, &algorithm, position).await? {
-                    claimed.push((user, device, key));
-                }
+    let mut response = claim_keys::v3::Response::new(claim_local(&state, local).await?);
+    let timeout = body.timeout.unwrap_or(REMOTE_TIMEOUT).min(REMOTE_TIMEOUT);
+    let asked = remote.into_iter().map(|(server, claims)| {
+        let state = &state;
+        async move {
+            let request = ruma::api::federation::keys::claim_keys::v1::Request::new(claims);
+            (server.clone(), ask(state, &server, request, timeout).await)
+        }
+    });
+    for (server, answer) in futures_util::future::join_all(asked).await {
+        match answer {
+            Ok(answer) => response
+                .one_time_keys
+                .extend(answer.one_time_keys.into_iter().filter(|(user, _)| user.server_name() == server)),
+            Err(failure) => {
+                response.failures.insert(server.to_string(), failure);
             }
-            Ok(claimed)
-        })
-        .await?
-    };
-    let mut one_time_keys: BTreeMap<OwnedUserId, claim_keys::v3::OneTimeKeys> = BTreeMap::new();
-    for (user, device, key) in claimed {
-        let raw = serde_json::value::RawValue::from_string(key.json).map_err(Error::internal)?;
-        let id = ruma::OwnedOneTimeKeyId::try_from(key.id.as_str()).map_err(Error::internal)?;
-        one_time_keys.entry(user).or_default().entry(device).or_default().insert(id, Raw::from_json(raw));
+        }
     }
-    let mut response = claim_keys::v3::Response::new(one_time_keys);
-    response.failures = failures;
     Ok(response)
 }
 
@@ -681,8 +792,21 @@ pub(super) async fn device_list_updates(
     Ok((changed.into_iter().filter_map(parse).collect(), left.filter_map(parse).collect()))
 }
 
-/// Tells everyone who shares a room with `user` that their devices changed (a device went).
-pub(super) async fn device_list_changed(state: &AppState, user: &UserId) -> Result<()> {
+/// Tells everyone who shares a room with `user` that their devices changed (`device` went, or
+/// was renamed); here, and on the other servers sharing a room with them.
+pub(super) async fn device_list_changed(
+    state: &AppState,
+    user: &UserId,
+    device: &DeviceId,
+    deleted: bool,
+) -> Result<()> {
+    mark_device_list_changed(state, user).await?;
+    crate::remote::edu::send_device_list_update(state, user, device, deleted).await
+}
+
+/// Tells this server's users who share a room with `user` (of any server) that `user`'s devices
+/// changed: their next sync lists `user` in `device_lists.changed`.
+pub(crate) async fn mark_device_list_changed(state: &AppState, user: &UserId) -> Result<()> {
     let store = &state.store;
     rooms::at_new_position(
         state,

@@ -8,7 +8,7 @@ mod device;
 pub(crate) mod directory;
 mod discovery;
 mod ephemeral;
-mod keys;
+pub(crate) mod keys;
 mod openid;
 pub use directory::resolve as resolve_alias;
 pub use openid::userinfo as openid_userinfo;
@@ -24,7 +24,7 @@ mod sync_wire;
 mod tags;
 mod thirdparty;
 mod threepid;
-mod to_device;
+pub(crate) mod to_device;
 mod upgrade;
 mod user_data;
 

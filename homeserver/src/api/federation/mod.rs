@@ -4,6 +4,7 @@
 //! `sender` is the server that signed the request.
 
 mod directory;
+mod e2ee;
 mod history;
 mod keys;
 mod membership;
@@ -31,6 +32,7 @@ pub fn router() -> Router {
     membership::routes(&mut router);
     history::routes(&mut router);
     transactions::routes(&mut router);
+    e2ee::routes(&mut router);
     router
 }
 
