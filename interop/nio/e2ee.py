@@ -9,13 +9,15 @@ Usage: e2ee.py BASE_URL [CONTROL_DIR]. With CONTROL_DIR the script writes CONTRO
 the device is away and waits for CONTROL_DIR/restarted before bringing it back. With
 HARNESS_OTHER_BASE set, bob and his devices are users of that server, which federates with the
 first: the same checks then hold across servers (the keys asked of bob's server, the room keys
-sent to his devices there, his second device announced to alice's server).
+sent to his devices there, his second device announced to alice's server); HARNESS_CA_FILE is
+the CA a server's certificate comes from when it is not from the system's roots.
 Prints "ALL CHECKS PASSED" when every check held.
 """
 
 import asyncio
 import os
 import secrets
+import ssl
 import sys
 import tempfile
 import time
@@ -57,7 +59,10 @@ def client_for(name: str, device: str, base: str = BASE) -> AsyncClient:
     config = AsyncClientConfig(
         encryption_enabled=True, store_sync_tokens=True, max_limit_exceeded=0, max_timeouts=2, request_timeout=30
     )
-    return AsyncClient(base, name, store_path=store, config=config)
+    # HARNESS_CA_FILE: the CA of a server whose certificate is not from the system's roots.
+    ca_file = os.environ.get("HARNESS_CA_FILE")
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    return AsyncClient(base, name, store_path=store, config=config, ssl=context)
 
 
 async def maintain_keys(client: AsyncClient) -> None:

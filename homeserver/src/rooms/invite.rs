@@ -28,17 +28,22 @@ pub const INVITE_STATE: &[&str] = &[
     "m.room.encryption",
 ];
 
-/// Invites `target`, a user of another server, to `room_id` as `sender`.
+/// Invites `target`, a user of another server, to `room_id` as `sender`; `is_direct` marks a
+/// direct chat (`createRoom`'s).
 pub async fn invite_remote(
     state: &AppState,
     room_id: &RoomId,
     sender: &UserId,
     target: &UserId,
     reason: Option<&str>,
+    is_direct: bool,
 ) -> Result<StoredEvent> {
     let mut content = serde_json::json!({"membership": "invite"});
     if let Some(reason) = reason {
         content["reason"] = reason.into();
+    }
+    if is_direct {
+        content["is_direct"] = true.into();
     }
     let content = to_raw_value(&content).map_err(Error::internal)?;
     let draft = Draft::membership(sender, target, &content);

@@ -172,7 +172,7 @@ crate::on_both_backends! {
     async fn matrix_nio_users_of_two_hearths_chat_encrypted_and_a_new_device_decrypts_what_follows(db: Db) {
         let ca = TestCa::new();
         let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
-        crate::interop::run_e2ee_across(&a.server.base, &b.server.base, &|| format!("{db:?}")).await;
+        crate::interop::run_e2ee_across(&a.server.base, &b.server.base, &ca.ca_file(), &|| format!("{db:?}")).await;
         a.stop().await;
         b.stop().await;
     }

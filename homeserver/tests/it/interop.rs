@@ -166,10 +166,11 @@ pub async fn run_federation_harness(
 }
 
 /// matrix-nio's encrypted chat (`nio/e2ee.py`) with alice on the server at `base` and bob, with
-/// both his devices, on the one at `other_base`.
-pub async fn run_e2ee_across(base: &str, other_base: &str, log: &dyn Fn() -> String) {
+/// both his devices, on the one at `other_base`; `ca_file` is the CA the servers' certificates
+/// come from.
+pub async fn run_e2ee_across(base: &str, other_base: &str, ca_file: &str, log: &dyn Fn() -> String) {
     let mut command = harness("nio/e2ee.py", base, &[]);
-    let output = command.env("HARNESS_OTHER_BASE", other_base).output();
+    let output = command.env("HARNESS_OTHER_BASE", other_base).env("HARNESS_CA_FILE", ca_file).output();
     let output = tokio::time::timeout(Duration::from_secs(240), output)
         .await
         .expect("harness finished in time")

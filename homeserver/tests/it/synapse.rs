@@ -301,3 +301,19 @@ async fn matrix_nio_users_of_hearth_and_synapse_share_rooms_each_side_hosting() 
     hearth.stop().await;
     synapse.stop().await;
 }
+
+/// matrix-nio users of Hearth and of Synapse chat in an encrypted room, each side hosting it in
+/// turn (nio's `e2ee.py` with bob on the other server): keys asked across, room keys sent to the
+/// other server's devices, a second device of bob's announced across and decrypting what
+/// follows, and messages sent while it was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_nio_users_of_hearth_and_synapse_chat_encrypted_each_side_hosting() {
+    let ca = TestCa::new();
+    let synapse = Synapse::start(&ca).await;
+    let hearth = Federating::start(Db::Sqlite, &ca).await;
+    let log = || format!("synapse log:\n{}", synapse.log());
+    crate::interop::run_e2ee_across(&hearth.server.base, &synapse.base, &ca.ca_file(), &log).await;
+    crate::interop::run_e2ee_across(&synapse.base, &hearth.server.base, &ca.ca_file(), &log).await;
+    hearth.stop().await;
+    synapse.stop().await;
+}

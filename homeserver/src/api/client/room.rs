@@ -250,6 +250,11 @@ async fn create_room(
         append_json(&state, &room_id, creator, event_type, Some(key), content).await?;
     }
     for user in &body.invite {
+        if user.server_name() != state.server_name {
+            // Another server's user: that server signs the invite too, as for `/invite`.
+            rooms::invite::invite_remote(&state, &room_id, creator, user, None, body.is_direct).await?;
+            continue;
+        }
         let mut content = json!({"membership": "invite"});
         if body.is_direct {
             content["is_direct"] = true.into();
@@ -551,6 +556,7 @@ async fn invite(
             &request.sender.user_id,
             &target,
             reason.as_deref(),
+            false,
         )
         .await?;
         return Ok(invite_user::v3::Response::new());
