@@ -11,11 +11,9 @@
 //! and receipts is joined to a room here whose ACL lets that server in, and for presence and
 //! device lists shares a room with this server's users. A receipt names an event of that room
 //! that is here. To-device messages go to this server's users' devices, queued as local ones
-//! are, once per sender and message id. A device-list update makes the users sharing a room
-//! with its user query that user's keys again (asked of their server: remote device lists are
-//! not cached here, so `prev_id` needs no tracking).
-//!
-//! Cross-signing key updates (`m.signing_key_update`) are not taken yet.
+//! are, once per sender and message id. A device-list or cross-signing key update makes the
+//! users sharing a room with its user query that user's keys again (asked of their server:
+//! remote device lists are not cached here, so `prev_id` needs no tracking).
 
 use std::{collections::BTreeMap, collections::BTreeSet, time::Duration};
 
@@ -23,7 +21,7 @@ use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedServerName, RoomId, ServerName, UInt, UserId,
     api::federation::transactions::edu::{
         DeviceListUpdateContent, DirectDeviceContent, Edu, PresenceContent, PresenceUpdate, ReceiptContent,
-        ReceiptData, ReceiptMap, TypingContent,
+        ReceiptData, ReceiptMap, SigningKeyUpdateContent, TypingContent,
     },
     events::receipt::{Receipt, ReceiptThread},
     presence::PresenceState,
@@ -122,6 +120,27 @@ pub async fn send_device_list_update(
     send(state, servers, &Edu::DeviceListUpdate(update))
 }
 
+/// Tells the servers sharing a room with `user` (of this server) their new master and
+/// self-signing keys (JSON; either may be absent).
+pub async fn send_signing_key_update(
+    state: &AppState,
+    user: &UserId,
+    master: Option<&str>,
+    self_signing: Option<&str>,
+) -> Result<()> {
+    if state.outbox().is_none() || (master.is_none() && self_signing.is_none()) {
+        return Ok(());
+    }
+    let key = |json: &str| {
+        serde_json::value::RawValue::from_string(json.to_owned()).map(Raw::from_json).map_err(Error::internal)
+    };
+    let mut update = SigningKeyUpdateContent::new(user.to_owned());
+    update.master_key = master.map(key).transpose()?;
+    update.self_signing_key = self_signing.map(key).transpose()?;
+    let servers = servers_sharing_a_room(state, user).await?;
+    send(state, servers, &Edu::SigningKeyUpdate(update))
+}
+
 /// The servers with a member joined to a room `user` is joined to.
 async fn servers_sharing_a_room(state: &AppState, user: &UserId) -> Result<BTreeSet<OwnedServerName>> {
     let mut servers = BTreeSet::new();
@@ -158,7 +177,8 @@ pub async fn receive(state: &AppState, origin: &ServerName, edus: &[Raw<Edu>]) {
             Edu::Receipt(receipts) => take_receipts(state, origin, receipts).await,
             Edu::Presence(presence) => take_presence(state, origin, presence).await,
             Edu::DirectToDevice(messages) => take_to_device(state, origin, messages).await,
-            Edu::DeviceListUpdate(update) => take_device_list_update(state, origin, update).await,
+            Edu::DeviceListUpdate(update) => keys_changed(state, origin, &update.user_id).await,
+            Edu::SigningKeyUpdate(update) => keys_changed(state, origin, &update.user_id).await,
             _ => Err(Ignored("of a kind not taken yet".to_owned()).into()),
         };
         if let Err(error) = taken {
@@ -286,12 +306,8 @@ async fn take_to_device(state: &AppState, origin: &ServerName, messages: DirectD
     to_device::deliver(state, sender, from, messages.message_id.as_str(), &envelopes).await
 }
 
-async fn take_device_list_update(
-    state: &AppState,
-    origin: &ServerName,
-    update: DeviceListUpdateContent,
-) -> Result<()> {
-    let user = &update.user_id;
+/// A device-list or cross-signing key update about `user`, of `origin`.
+async fn keys_changed(state: &AppState, origin: &ServerName, user: &UserId) -> Result<()> {
     if user.server_name() != origin {
         return Err(Ignored(format!("{user} is not a user of {origin}")).into());
     }

@@ -72,7 +72,7 @@ impl DeviceKey {
 
 /// A cross-signing key of `owner` for `usage`, named after its own public key, signed by
 /// `signed_by` (the master key) if given.
-fn cross_key(owner: &str, usage: &str, signed_by: Option<&DeviceKey>) -> (DeviceKey, Value) {
+pub(crate) fn cross_key(owner: &str, usage: &str, signed_by: Option<&DeviceKey>) -> (DeviceKey, Value) {
     let key = DeviceKey::with_name(str::to_owned);
     let object =
         json!({"user_id": owner, "usage": [usage], "keys": {format!("ed25519:{}", key.public): key.public}});
@@ -94,7 +94,7 @@ fn made_up_with(who: &Session, ed25519: &str) -> Value {
     })
 }
 
-async fn upload(server: &TestServer, who: &Session, body: Value) -> (u16, Value) {
+pub(crate) async fn upload(server: &TestServer, who: &Session, body: Value) -> (u16, Value) {
     server.post("/_matrix/client/v3/keys/upload", Some(&who.token), body).await
 }
 

@@ -224,4 +224,70 @@ crate::on_both_backends! {
         a.stop().await;
         b.stop().await;
     }
+
+    /// Device keys and cross-signing keys uploaded on one server are announced to the other
+    /// (its users see the owner in `device_lists.changed`) and fetched from it by `keys/query`:
+    /// the master and self-signing keys, never the user-signing key. A server that does not
+    /// answer a query or a claim is listed in `failures`.
+    async fn the_other_servers_device_and_cross_signing_keys_are_announced_and_queried(db: Db) {
+        use crate::e2ee::{DeviceKey, cross_key, upload};
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let bob = b.server.register("bob", "a long password").await;
+        shared_room(&a, &b, &alice, &bob).await;
+        let (_, start) = b.server.get("/_matrix/client/v3/sync", Some(&bob.token)).await;
+        let changed = |body: &Value| {
+            body["device_lists"]["changed"].as_array().is_some_and(|users| users.contains(&json!(alice.user_id)))
+        };
+        let next_change = |since: String| {
+            let (server, bob, changed) = (&b.server, &bob, &changed);
+            async move {
+                let started = std::time::Instant::now();
+                let mut since = since;
+                loop {
+                    let (_, body) = server.get(&format!("/_matrix/client/v3/sync?timeout=500&since={since}"), Some(&bob.token)).await;
+                    since = body["next_batch"].as_str().unwrap().to_owned();
+                    if changed(&body) {
+                        return since;
+                    }
+                    assert!(started.elapsed() < std::time::Duration::from_secs(20), "no device list change: {body}");
+                }
+            }
+        };
+        let device = DeviceKey::new(&alice.device_id);
+        assert_eq!(upload(&a.server, &alice, json!({"device_keys": device.device_keys(&alice)})).await.0, 200);
+        let since = next_change(start["next_batch"].as_str().unwrap().to_owned()).await;
+        let (master, master_json) = cross_key(&alice.user_id, "master", None);
+        let (_, ssk_json) = cross_key(&alice.user_id, "self_signing", Some(&master));
+        let (_, usk_json) = cross_key(&alice.user_id, "user_signing", Some(&master));
+        let keys = json!({"master_key": master_json, "self_signing_key": ssk_json, "user_signing_key": usk_json});
+        let (status, body) = a.server.post("/_matrix/client/v3/keys/device_signing/upload", Some(&alice.token), keys).await;
+        assert_eq!(status, 200, "{body}");
+        next_change(since).await;
+
+        let query = json!({"device_keys": {alice.user_id.clone(): []}});
+        let (status, found) = b.server.post("/_matrix/client/v3/keys/query", Some(&bob.token), query).await;
+        assert_eq!(status, 200, "{found}");
+        assert!(found["failures"].as_object().is_none_or(serde_json::Map::is_empty), "{found}");
+        let keys_of = |field: &str| found[field][&alice.user_id].clone();
+        assert_eq!(keys_of("device_keys")[&alice.device_id]["keys"], device.device_keys(&alice)["keys"], "{found}");
+        assert_eq!(keys_of("master_keys")["keys"], master_json["keys"], "{found}");
+        assert_eq!(keys_of("self_signing_keys")["keys"], ssk_json["keys"], "{found}");
+        assert!(found["user_signing_keys"].get(&alice.user_id).is_none(), "{found}");
+        assert_ne!(keys_of("self_signing_keys")["keys"], usk_json["keys"]);
+
+        // A server that does not answer is listed in `failures`; the others' keys still come.
+        let gone = format!("127.0.0.1:{}", crate::interop::free_port());
+        let query = json!({"device_keys": {alice.user_id.clone(): [], format!("@x:{gone}"): []}, "timeout": 3000});
+        let (status, found) = b.server.post("/_matrix/client/v3/keys/query", Some(&bob.token), query).await;
+        assert_eq!(status, 200, "{found}");
+        assert!(found["failures"][&gone]["status"].is_number(), "{found}");
+        assert!(found["device_keys"][&alice.user_id][&alice.device_id].is_object(), "{found}");
+        let claim = json!({"one_time_keys": {format!("@x:{gone}"): {"DEV": "signed_curve25519"}}, "timeout": 3000});
+        let (status, claimed) = b.server.post("/_matrix/client/v3/keys/claim", Some(&bob.token), claim).await;
+        assert_eq!((status, claimed["failures"][&gone]["status"].is_number()), (200, true), "{claimed}");
+        a.stop().await;
+        b.stop().await;
+    }
 }

@@ -514,11 +514,15 @@ async fn upload_signing_keys(
         }
     }
     if !keys.is_empty() {
-        let store = &state.store;
+        let (store, written) = (&state.store, &keys);
         rooms::at_new_position(&state, |position| async move {
-            Ok(store.put_cross_signing_keys(user, &keys, position).await?)
+            Ok(store.put_cross_signing_keys(user, written, position).await?)
         })
         .await?;
+        // The keys other servers' users may see (not the user-signing key) go to their servers.
+        let public = |usage: &str| keys.iter().find(|(u, _)| u == usage).map(|(_, json)| json.as_str());
+        crate::remote::edu::send_signing_key_update(&state, user, public("master"), public("self_signing"))
+            .await?;
     }
     Ok(upload_signing_keys::v3::Response::new())
 }
