@@ -124,6 +124,10 @@ pub struct FederationConfig {
     /// DNS servers (`ip:port`) that resolve other servers' names (SRV and address records)
     /// instead of the system's (`/etc/resolv.conf`). Empty: the system's.
     pub nameservers: Vec<String>,
+    /// While a server fails, the newest events kept queued for it (older ones it fetches when
+    /// newer ones name them), and the newest EDUs.
+    pub max_backlog_pdus: usize,
+    pub max_backlog_edus: usize,
 }
 
 /// A notary: a server trusted to vouch for other servers' keys.
@@ -146,6 +150,8 @@ impl Default for FederationConfig {
             old_signing_keys: Vec::new(),
             trusted_key_servers: Vec::new(),
             nameservers: Vec::new(),
+            max_backlog_pdus: crate::remote::outbox::MAX_BACKLOG_PDUS,
+            max_backlog_edus: crate::remote::outbox::MAX_BACKLOG_EDUS,
         }
     }
 }
@@ -911,6 +917,12 @@ impl Config {
                     format!("`{}` needs an ed25519:<version> id and a 32-byte base64 public key", old.key_id),
                 ));
             }
+        }
+        if self.federation.max_backlog_pdus == 0 || self.federation.max_backlog_edus == 0 {
+            return Err(invalid(
+                "federation.max_backlog_pdus",
+                "max_backlog_pdus and max_backlog_edus must be at least 1",
+            ));
         }
         if let Some(bad) =
             self.federation.nameservers.iter().find(|server| server.parse::<std::net::SocketAddr>().is_err())

@@ -80,7 +80,7 @@ pub async fn send_presence(
     let mut update = PresenceUpdate::new(user.to_owned(), PresenceState::from(presence), UInt::MIN);
     update.status_msg = status_msg;
     update.currently_active = presence == "online";
-    send(state, servers, &Edu::Presence(PresenceContent::new(vec![update])))
+    send(state, servers, &Edu::Presence(PresenceContent::new(vec![update]))).await
 }
 
 /// Sends `edu` to the servers in `room_id` that its ACL lets in.
@@ -94,12 +94,12 @@ async fn to_room(state: &AppState, room_id: &RoomId, edu: &Edu) -> Result<()> {
             servers.insert(server);
         }
     }
-    send(state, servers, edu)
+    send(state, servers, edu).await
 }
 
 /// Sends `edu` to `server`.
-pub fn send_to_server(state: &AppState, server: OwnedServerName, edu: &Edu) -> Result<()> {
-    send(state, BTreeSet::from([server]), edu)
+pub async fn send_to_server(state: &AppState, server: OwnedServerName, edu: &Edu) -> Result<()> {
+    send(state, BTreeSet::from([server]), edu).await
 }
 
 /// Tells the servers sharing a room with `user` (of this server) that `device` was added or
@@ -117,7 +117,7 @@ pub async fn send_device_list_update(
     let stream_id = UInt::try_from(state.recent.upto().max(0)).unwrap_or(UInt::MIN);
     let mut update = DeviceListUpdateContent::new(user.to_owned(), device.to_owned(), stream_id);
     update.deleted = deleted.then_some(true);
-    send(state, servers, &Edu::DeviceListUpdate(update))
+    send(state, servers, &Edu::DeviceListUpdate(update)).await
 }
 
 /// Tells the servers sharing a room with `user` (of this server) their new master and
@@ -138,7 +138,7 @@ pub async fn send_signing_key_update(
     update.master_key = master.map(key).transpose()?;
     update.self_signing_key = self_signing.map(key).transpose()?;
     let servers = servers_sharing_a_room(state, user).await?;
-    send(state, servers, &Edu::SigningKeyUpdate(update))
+    send(state, servers, &Edu::SigningKeyUpdate(update)).await
 }
 
 /// The servers with a member joined to a room `user` is joined to.
@@ -153,11 +153,11 @@ async fn servers_sharing_a_room(state: &AppState, user: &UserId) -> Result<BTree
     Ok(servers)
 }
 
-fn send(state: &AppState, mut servers: BTreeSet<OwnedServerName>, edu: &Edu) -> Result<()> {
+async fn send(state: &AppState, mut servers: BTreeSet<OwnedServerName>, edu: &Edu) -> Result<()> {
     servers.remove(&state.server_name);
     let Some(outbox) = state.outbox() else { return Ok(()) };
     if !servers.is_empty() {
-        outbox.send_edu(servers, serde_json::to_string(edu).map_err(Error::internal)?);
+        outbox.send_edu(state, servers, &serde_json::to_string(edu).map_err(Error::internal)?).await?;
     }
     Ok(())
 }

@@ -664,9 +664,8 @@ pub async fn forward(
             allowed.insert(server);
         }
     }
-    let servers = allowed;
-    if !servers.is_empty() {
-        outbox.send(servers, event);
+    if !allowed.is_empty() {
+        outbox.send(state, allowed, event).await?;
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ mod deployment;
 mod devices;
 pub mod keys;
 mod openid;
+pub mod outbox;
 pub mod push;
 mod registration_tokens;
 mod reports;
@@ -98,6 +99,7 @@ pub trait Storage:
     + AppserviceStore
     + DeploymentStore
     + ServerKeyStore
+    + outbox::OutboxStore
 {
 }
 
@@ -165,6 +167,7 @@ impl<T> Storage for T where
         + AppserviceStore
         + DeploymentStore
         + ServerKeyStore
+        + outbox::OutboxStore
 {
 }
 
@@ -432,6 +435,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         "state deltas",
         include_str!("../../migrations/postgres/0029_state_deltas.sql"),
         include_str!("../../migrations/sqlite/0029_state_deltas.sql"),
+    ),
+    (
+        30,
+        "federation outbox",
+        include_str!("../../migrations/postgres/0030_federation_outbox.sql"),
+        include_str!("../../migrations/sqlite/0030_federation_outbox.sql"),
     ),
 ];
 

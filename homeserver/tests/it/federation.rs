@@ -1041,12 +1041,13 @@ crate::on_both_backends! {
         b.stop().await;
     }
 
-    /// Events a server never received (it was down, and the sender lost its queue in a restart
-    /// meanwhile) are fetched from the sender (`get_missing_events`) when a later event names
+    /// Events a server never received (it was down long enough for the sender to drop them from
+    /// its queue) are fetched from the sender (`get_missing_events`) when a later event names
     /// them, and its users read all of them, in order. (Also: no state is served at an outlier.)
     async fn events_missed_while_down_are_fetched_when_a_later_one_names_them(db: Db) {
         let ca = TestCa::new();
-        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let a = Federating::start(db, &ca).await;
+        let b = Federating::start_with(db, &ca, |config| config.federation.max_backlog_pdus = 1).await;
         let alice = a.server.register("alice", "a long password").await;
         let bob = b.server.register("bob", "a long password").await;
         let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
@@ -1065,7 +1066,8 @@ crate::on_both_backends! {
                 for (txn, body) in [("m1", "missed 1"), ("m2", "missed 2")] {
                     crate::common::send_text(&b.server, &bob, &room, txn, body).await;
                 }
-                // B's queue for A goes with the restart: A will not be sent these two.
+                // B keeps only its newest event for A while A fails (across its own restart too):
+                // A is sent "missed 2", never "missed 1".
                 let (b, ()) = b.down_while(async {}).await;
                 b
             })

@@ -290,4 +290,49 @@ crate::on_both_backends! {
         a.stop().await;
         b.stop().await;
     }
+
+    /// What is queued for a server that is down stays queued across a restart of the sender:
+    /// once it is back, its user gets the messages in the order sent and a to-device message,
+    /// each once.
+    async fn what_is_queued_for_a_server_that_is_down_survives_the_senders_restart_and_arrives_once(db: Db) {
+        let ca = TestCa::new();
+        let (a, b) = (Federating::start(db, &ca).await, Federating::start(db, &ca).await);
+        let alice = a.server.register("alice", "a long password").await;
+        let bob = b.server.register("bob", "a long password").await;
+        let (room, _) = shared_room(&a, &b, &alice, &bob).await;
+        let (_, start) = b.server.get("/_matrix/client/v3/sync", Some(&bob.token)).await;
+        let said = ["queued 1", "queued 2", "queued 3"];
+        let (b, a) = b
+            .down_while(async {
+                for (n, body) in said.iter().enumerate() {
+                    send_text(&a.server, &alice, &room, &format!("q{n}"), body).await;
+                }
+                let to_device = json!({"messages": {bob.user_id.clone(): {bob.device_id.clone(): {"kept": true}}}});
+                put_ok(&a.server, &alice, "/_matrix/client/v3/sendToDevice/m.test/d1", to_device).await;
+                let (a, ()) = a.down_while(async {}).await;
+                a
+            })
+            .await;
+        let mut since = start["next_batch"].as_str().unwrap().to_owned();
+        let (mut bodies, mut to_device) = (Vec::new(), Vec::new());
+        let started = std::time::Instant::now();
+        while (bodies.len() < said.len() || to_device.is_empty()) && started.elapsed() < std::time::Duration::from_secs(40) {
+            let (_, body) = b.server.get(&format!("/_matrix/client/v3/sync?timeout=1000&since={since}"), Some(&bob.token)).await;
+            since = body["next_batch"].as_str().unwrap().to_owned();
+            for event in body["rooms"]["join"][&room]["timeline"]["events"].as_array().into_iter().flatten() {
+                if let Some(text) = event["content"]["body"].as_str() {
+                    bodies.push(text.to_owned());
+                }
+            }
+            to_device.extend(body["to_device"]["events"].as_array().into_iter().flatten().cloned());
+        }
+        // A moment more for a duplicate to show.
+        let (_, body) = b.server.get(&format!("/_matrix/client/v3/sync?timeout=1000&since={since}"), Some(&bob.token)).await;
+        to_device.extend(body["to_device"]["events"].as_array().into_iter().flatten().cloned());
+        assert_eq!(bodies, said, "{body}");
+        assert_eq!(to_device.len(), 1, "{to_device:?}");
+        assert_eq!(to_device[0]["content"]["kept"], json!(true), "{to_device:?}");
+        a.stop().await;
+        b.stop().await;
+    }
 }

@@ -71,7 +71,7 @@ async fn send_to_device(
             message_id.as_str().into(),
         );
         content.messages = messages;
-        crate::remote::edu::send_to_server(&state, server, &Edu::DirectToDevice(content))?;
+        crate::remote::edu::send_to_server(&state, server, &Edu::DirectToDevice(content)).await?;
     }
     Ok(send_event_to_device::v3::Response::new())
 }

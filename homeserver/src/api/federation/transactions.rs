@@ -47,6 +47,9 @@ async fn send(
             "a transaction holds at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs"
         )));
     }
+    if let Some(outbox) = state.outbox() {
+        outbox.heard_from(&origin);
+    }
     let received = &state.remote()?.received;
     let _turn = received.one_at_a_time(&origin).await;
     if let Some(outcome) = received.answered(&origin, &body.transaction_id) {
