@@ -167,6 +167,30 @@ pub fn stored_pdu(event: &StoredEvent) -> Option<(OwnedEventId, Pdu)> {
     Some((id.clone(), Pdu::from_json(id, &object).ok()?))
 }
 
+/// `origin`'s answer to `request` (up to [`crate::remote::MAX_STATE_BYTES`]), or `None` if it
+/// cannot be had (logged, naming `what` was asked).
+pub(super) async fn ask<R>(
+    state: &AppState,
+    origin: &ServerName,
+    request: R,
+    what: &str,
+) -> Result<Option<R::IncomingResponse>, Refused>
+where
+    R: ruma::api::OutgoingRequest<PathBuilder = ruma::api::path_builder::SinglePath>,
+    R::Authentication: crate::remote::RequestAuth,
+{
+    let remote = state.remote().map_err(|e| Refused::Internal(e.to_string()))?;
+    let key = state.signing_key.key_pair();
+    match remote.send_limited(&state.server_name, key, origin, request, crate::remote::MAX_STATE_BYTES).await
+    {
+        Ok(answer) => Ok(Some(answer)),
+        Err(error) => {
+            tracing::info!(%origin, %error, "{what} could not be fetched");
+            Ok(None)
+        }
+    }
+}
+
 /// Fetches from `origin` the auth chain of its event `event_id` and keeps what checks out.
 pub async fn auth_chain(
     state: &AppState,
@@ -175,23 +199,9 @@ pub async fn auth_chain(
     version: &RoomVersionId,
     event_id: &EventId,
 ) -> Result<(), Refused> {
-    let remote = state.remote().map_err(|e| Refused::Internal(e.to_string()))?;
     let request = get_event_authorization::v1::Request::new(room_id.to_owned(), event_id.to_owned());
-    let answer = match remote
-        .send_limited(
-            &state.server_name,
-            state.signing_key.key_pair(),
-            origin,
-            request,
-            crate::remote::MAX_STATE_BYTES,
-        )
-        .await
-    {
-        Ok(answer) => answer,
-        Err(error) => {
-            tracing::info!(%origin, %event_id, %error, "the auth chain of an event could not be fetched");
-            return Ok(());
-        }
+    let Some(answer) = ask(state, origin, request, "the auth chain of an event").await? else {
+        return Ok(());
     };
     let events = answer.auth_chain.iter().filter_map(|raw| serde_json::from_str(raw.get()).ok()).collect();
     let checked = check_batch(state, room_id, version, events).await?;
@@ -213,15 +223,8 @@ pub async fn state_at(
 ) -> Result<(), Refused> {
     let remote = state.remote().map_err(|e| Refused::Internal(e.to_string()))?;
     let (server_name, key) = (&state.server_name, state.signing_key.key_pair());
-    let limit = crate::remote::MAX_STATE_BYTES;
     let request = get_room_state_ids::v1::Request::new(at.to_owned(), room_id.to_owned());
-    let ids = match remote.send_limited(server_name, key, origin, request, limit).await {
-        Ok(ids) => ids,
-        Err(error) => {
-            tracing::info!(%origin, %at, %error, "the state at an event could not be fetched");
-            return Ok(());
-        }
-    };
+    let Some(ids) = ask(state, origin, request, "the state at an event").await? else { return Ok(()) };
     let mut wanted: BTreeSet<&EventId> =
         ids.pdu_ids.iter().chain(&ids.auth_chain_ids).map(|id| &**id).collect();
     wanted.insert(at);
@@ -240,19 +243,9 @@ pub async fn state_at(
     let mut fetched: Vec<CanonicalJsonObject> = Vec::new();
     if lacking.len() > MAX_SINGLE_FETCHES {
         let request = get_room_state::v1::Request::new(at.to_owned(), room_id.to_owned());
-        match remote.send_limited(server_name, key, origin, request, limit).await {
-            Ok(answer) => fetched.extend(
-                answer
-                    .pdus
-                    .iter()
-                    .chain(&answer.auth_chain)
-                    .filter_map(|raw| serde_json::from_str(raw.get()).ok()),
-            ),
-            Err(error) => {
-                tracing::info!(%origin, %at, %error, "the state at an event could not be fetched");
-                return Ok(());
-            }
-        }
+        let Some(answer) = ask(state, origin, request, "the state at an event").await? else { return Ok(()) };
+        let events = answer.pdus.iter().chain(&answer.auth_chain);
+        fetched.extend(events.filter_map(|raw| serde_json::from_str(raw.get()).ok()));
     }
     let one_by_one: Vec<&EventId> = match fetched.is_empty() {
         true => lacking,

@@ -90,27 +90,11 @@ async fn fill(
     version: &RoomVersionId,
     latest: &OwnedEventId,
 ) -> Result<usize, Refused> {
-    let remote = state.remote().map_err(|e| Refused::Internal(e.to_string()))?;
     let Some(head) = state.store.room_head(room_id, &[], false).await? else { return Ok(0) };
     let mut request =
         get_missing_events::v1::Request::new(room_id.to_owned(), head.extremities, vec![latest.clone()]);
     request.limit = UInt::from(MAX_MISSING);
-    let answer = match remote
-        .send_limited(
-            &state.server_name,
-            state.signing_key.key_pair(),
-            origin,
-            request,
-            crate::remote::MAX_STATE_BYTES,
-        )
-        .await
-    {
-        Ok(answer) => answer,
-        Err(error) => {
-            tracing::info!(%origin, %room_id, %error, "missing events could not be fetched");
-            return Ok(0);
-        }
-    };
+    let Some(answer) = fetched::ask(state, origin, request, "missing events").await? else { return Ok(0) };
     // Each with its depth, to be taken oldest first: an event's prev events before it.
     let mut fetched: Vec<(u64, CanonicalJsonObject)> = Vec::new();
     for raw in answer.events.iter().take(MAX_MISSING as usize) {
