@@ -5,7 +5,8 @@
 //! restart loses nothing queued: senders start again for every destination with items waiting.
 //!
 //! - One worker sends a destination's queue at a time: it holds a lease on the destination in
-//!   the database, renewed with every transaction; another takes over once a lease runs out. A
+//!   the database, renewed with every transaction and released when the queue is empty; another
+//!   worker with items for it looks every second and takes over once the lease is free. A
 //!   worker is known by its host and data directory, so that one restarted (after `kill -9`,
 //!   say) takes its own leases back at once.
 //! - A transaction's id is made of its first and last items' ids: sent again after a restart, it
@@ -52,6 +53,8 @@ pub const MAX_BACKLOG_EDUS: usize = 100_000;
 /// How long a worker's hold on a destination lasts without being renewed: longer than one
 /// transaction may take.
 const LEASE: Duration = Duration::from_secs(120);
+/// How often a worker with items for a destination another worker holds looks again.
+const ELSEWHERE_LOOK: Duration = Duration::from_secs(1);
 
 /// Why a destination's sender is woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +68,6 @@ enum Wake {
 /// Queues what is to be sent; a task per destination sends it.
 pub struct Outbox {
     wake: mpsc::UnboundedSender<(OwnedServerName, Wake)>,
-    backlog: (usize, usize),
 }
 
 impl Outbox {
@@ -87,8 +89,7 @@ impl Outbox {
                 Err(error) => tracing::warn!(%error, "the federation outbox could not be read"),
             }
         });
-        let federation = &state.config.federation;
-        Self { wake, backlog: (federation.max_backlog_pdus, federation.max_backlog_edus) }
+        Self { wake }
     }
 
     /// Queues `event` for each of `servers`.
@@ -203,14 +204,20 @@ async fn deliver(
         };
         let Some(items) = items else {
             drop(state);
-            if !wait(&mut wakes, LEASE / 4, false).await {
+            // Items queued here are in the same table: the other worker sends them, unless it
+            // has gone idle or away, which this worker finds out at its next look.
+            if !wait(&mut wakes, ELSEWHERE_LOOK, false).await {
                 return;
             }
             continue;
         };
         let Some(last) = items.last().map(|item| item.id) else {
+            // Nothing waits: another worker that queues something for the destination may send
+            // it, and this one waits until something is queued here.
+            if let Err(error) = state.store.release_destination(destination.as_str(), &worker).await {
+                tracing::warn!(%destination, %error, "a federation sender's hold was not released");
+            }
             drop(state);
-            // Nothing waits: until something is queued.
             if wakes.recv().await.is_none() {
                 return;
             }
@@ -243,7 +250,8 @@ async fn deliver(
 
 /// Drops what `destination`'s queue holds beyond the backlog (see the module's comment).
 async fn trim(state: &AppState, destination: &ServerName) {
-    let (pdus, edus) = state.outbox().map_or((MAX_BACKLOG_PDUS, MAX_BACKLOG_EDUS), |outbox| outbox.backlog);
+    // From the configuration, not the outbox: a sender may start before the outbox is in place.
+    let (pdus, edus) = (state.config.federation.max_backlog_pdus, state.config.federation.max_backlog_edus);
     match state.store.trim_outbound(destination.as_str(), pdus, edus).await {
         Ok(0) => {}
         Ok(dropped) => {

@@ -68,6 +68,8 @@ pub trait OutboxStore: Send + Sync {
         now_ms: i64,
         until_ts: i64,
     ) -> StoreResult<bool>;
+    /// Ends `worker`'s hold on `destination`, if it has it.
+    async fn release_destination(&self, destination: &str, worker: &str) -> StoreResult<()>;
 }
 
 #[async_trait]
@@ -195,5 +197,14 @@ impl OutboxStore for SqlStore {
         .await?
         .rows_affected();
         Ok(taken == 1)
+    }
+
+    async fn release_destination(&self, destination: &str, worker: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE federation_senders SET until_ts = 0 WHERE destination = $1 AND worker = $2")
+            .bind(destination)
+            .bind(worker)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
