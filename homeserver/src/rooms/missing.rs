@@ -40,29 +40,30 @@ pub async fn take_from(
     version: &RoomVersionId,
     json: CanonicalJsonObject,
 ) -> Result<StoredEvent, Refused> {
-    match remote::take(state, room_id, version, json.clone()).await {
-        Err(Refused::Missing { prev, .. }) if !prev.is_empty() => {
-            let event_id = remote::checked_id(&json, version)?;
-            fill(state, origin, room_id, version, &event_id).await?;
-            take_filling(state, origin, room_id, version, json, false).await
-        }
-        Err(Refused::Missing { .. }) => take_filling(state, origin, room_id, version, json, false).await,
-        taken => taken,
+    let mut taken = remote::take(state, room_id, version, json.clone()).await;
+    if let Err(Refused::Missing { prev, .. }) = &taken
+        && !prev.is_empty()
+    {
+        let event_id = remote::checked_id(&json, version)?;
+        fill(state, origin, room_id, version, &event_id).await?;
+        taken = remote::take(state, room_id, version, json.clone()).await;
     }
+    take_filling(state, origin, room_id, version, json, taken, false).await
 }
 
-/// Takes an event, fetching the auth events it names that this server lacks, and with
-/// `with_states` (an event this server asked for) the state at the events it follows that it
-/// lacks.
+/// What came of taking an event (`taken`); if it lacked something, taken again once the auth
+/// events it names that this server lacks are fetched, and with `with_states` (an event this
+/// server asked for) the state at the events it follows that it lacks.
 async fn take_filling(
     state: &AppState,
     origin: &ServerName,
     room_id: &RoomId,
     version: &RoomVersionId,
     json: CanonicalJsonObject,
+    taken: Result<StoredEvent, Refused>,
     with_states: bool,
 ) -> Result<StoredEvent, Refused> {
-    let (prev, auth) = match remote::take(state, room_id, version, json.clone()).await {
+    let (prev, auth) = match taken {
         Err(Refused::Missing { prev, auth }) => (prev, auth),
         taken => return taken,
     };
@@ -112,7 +113,8 @@ async fn fill(
             Ok(id) if id != *latest => id,
             _ => continue,
         };
-        match take_filling(state, origin, room_id, version, json, true).await {
+        let first = remote::take(state, room_id, version, json.clone()).await;
+        match take_filling(state, origin, room_id, version, json, first, true).await {
             Ok(stored) => {
                 taken += 1;
                 newest = newest.max(Some(stored.stream_ordering));

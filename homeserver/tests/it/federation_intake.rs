@@ -34,6 +34,31 @@ async fn bodies_through(server: &TestServer, who: &Session, room: &str, last: &s
     }
 }
 
+/// A Hearth with alice's public room (version 12), which carol of a stand-in server joined by
+/// hand: her join's id and the room's power levels' id.
+struct Joined {
+    a: Federating,
+    stand_in: StandIn,
+    alice: Session,
+    room: String,
+    carol: String,
+    join: String,
+    power: String,
+}
+
+impl Joined {
+    async fn start(db: Db, ca: &TestCa) -> Self {
+        let a = Federating::start(db, ca).await;
+        let stand_in = StandIn::start(ca).await;
+        let alice = a.server.register("alice", "a long password").await;
+        let room =
+            create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
+        let carol = format!("@carol:{}", stand_in.name);
+        let (join, power) = join_by_hand(ca, stand_in.signer(), &a, &room, &carol).await;
+        Self { a, stand_in, alice, room, carol, join, power }
+    }
+}
+
 fn text(body: &str) -> Value {
     json!({"msgtype": "m.text", "body": body})
 }
@@ -97,12 +122,7 @@ crate::on_both_backends! {
     /// server is refused, and that auth event is not kept.
     async fn auth_events_a_server_lacks_are_fetched_from_the_sender_and_checked(db: Db) {
         let ca = TestCa::new();
-        let a = Federating::start(db, &ca).await;
-        let stand_in = StandIn::start(&ca).await;
-        let alice = a.server.register("alice", "a long password").await;
-        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
-        let carol = format!("@carol:{}", stand_in.name);
-        let (join, power) = join_by_hand(&ca, stand_in.signer(), &a, &room, &carol).await;
+        let Joined { a, stand_in, alice, room, carol, join, power } = Joined::start(db, &ca).await;
         let signer = stand_in.signer();
         let (_, room_state) = a.server.get(&format!("/_matrix/client/v3/rooms/{}/state", enc(&room)), Some(&alice.token)).await;
         let join_rules = room_state.as_array().unwrap().iter().find(|e| e["type"] == "m.room.join_rules").unwrap();
@@ -209,12 +229,7 @@ crate::on_both_backends! {
     /// could make up, as it does for events it fetched itself.
     async fn a_sent_event_whose_prev_events_cannot_be_had_is_refused_without_asking_for_the_state(db: Db) {
         let ca = TestCa::new();
-        let a = Federating::start(db, &ca).await;
-        let stand_in = StandIn::start(&ca).await;
-        let alice = a.server.register("alice", "a long password").await;
-        let room = create_room(&a.server, &alice, json!({"preset": "public_chat", "room_version": "12"})).await;
-        let carol = format!("@carol:{}", stand_in.name);
-        let (join, power) = join_by_hand(&ca, stand_in.signer(), &a, &room, &carol).await;
+        let Joined { a, stand_in, alice, room, carol, join, power } = Joined::start(db, &ca).await;
         let signer = stand_in.signer();
         let (unsent, _) =
             signer.sign(draft(&room, &carol, ("m.room.message", None), text("never given"), &[&join], &[&power, &join], 11));
